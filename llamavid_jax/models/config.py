@@ -1,0 +1,149 @@
+"""Typed model configuration.
+
+Every behaviour of the model is a typed field here (no substring flags). The
+`configs/*.py` recipe files build these dataclasses; the checkpoint converter builds
+them from a release `config.json` plus the weights' shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """EVA-ViT-g (LAVIS layout). Defaults are the released encoder."""
+  image_size: int = 224
+  patch_size: int = 14
+  width: int = 1408
+  depth: int = 39
+  num_heads: int = 16            # head size 88
+  mlp_dim: int = 6144            # int(1408 * 4.3637)
+  ln_eps: float = 1e-6
+  # Grid of the stored position embedding; inputs of another size interpolate it
+  # (bicubic, torch semantics) on the fly. None = image_size // patch_size.
+  pos_embed_grid: int | None = None
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:   # CLS + patches
+    return self.grid**2 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class QFormerConfig:
+  """Instruction-aware Q-Former (InstructBLIP text decoder, BERT-base shaped)."""
+  vocab_size: int = 30523        # bert-base-uncased + [DEC]
+  hidden: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  ln_eps: float = 1e-12
+  max_positions: int = 512
+  num_query: int = 32
+  cross_attention_freq: int = 2  # layers 0, 2, 4, ... cross-attend to the image
+  vision_width: int = 1408       # width of the keys/values of cross-attention
+  vision_ln_eps: float = 1e-5    # `vlm_att_ln` on the visual input
+  max_text_len: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmConfig:
+  """LLaMA / Vicuna decoder. Defaults are Vicuna-7B v1.5."""
+  vocab_size: int = 32000
+  d_model: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  mlp_dim: int = 11008
+  rms_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: float = 1.0      # linear: positions / factor (16 for 64K long video)
+  max_positions: int = 4096
+  tie_embeddings: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaVidConfig:
+  vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
+  llm: LlmConfig = dataclasses.field(default_factory=LlmConfig)
+  # Content token(s): "mean" (1 per frame: video models), "grid:N" (N*N avg pool),
+  # or "none" (all patches: image models without compression).
+  compress_type: str = "mean"
+  mm_projector_type: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+  image_token_id: int = -200
+  # Disable the context token (ablation: content tokens only).
+  use_context_token: bool = True
+  # Numerics and memory.
+  dtype: str = "float32"          # compute dtype ("bfloat16" on accelerators)
+  param_dtype: str = "float32"
+  attention_impl: str = "xla"     # see llamavid_jax/ops/attention.py
+  # Layer stacks are always nn.scan'ned; each layer is rematerialised with this
+  # jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...) or "none".
+  remat_policy: str = "nothing_saveable"
+
+  @property
+  def mm_hidden(self) -> int:
+    return self.vision.width
+
+  @property
+  def content_tokens_per_frame(self) -> int:
+    n = self.vision.grid
+    if self.compress_type == "mean":
+      return 1
+    if self.compress_type.startswith("grid:"):
+      g = int(self.compress_type.split(":")[1])
+      return g * g
+    if self.compress_type == "none":
+      return n * n
+    raise ValueError(f"compress_type {self.compress_type!r}: expected 'mean', 'grid:N' or 'none'")
+
+  @property
+  def tokens_per_frame(self) -> int:
+    return int(self.use_context_token) + self.content_tokens_per_frame
+
+
+def replace(cfg, **kw):
+  """dataclasses.replace that also takes dotted keys: replace(cfg, **{"llm.num_layers": 2})."""
+  nested: dict[str, dict] = {}
+  flat = {}
+  for k, v in kw.items():
+    if "." in k:
+      head, rest = k.split(".", 1)
+      nested.setdefault(head, {})[rest] = v
+    else:
+      flat[k] = v
+  for head, sub in nested.items():
+    flat[head] = replace(getattr(cfg, head), **sub)
+  return dataclasses.replace(cfg, **flat)
+
+
+def to_dict(cfg) -> dict:
+  """Nested plain dict (JSON-able) of a config dataclass."""
+  return dataclasses.asdict(cfg)
+
+
+def from_dict(d) -> LlamaVidConfig:
+  """LlamaVidConfig from a nested mapping (a dict, or an ml_collections ConfigDict)."""
+  d = dict(d)
+  sub = {"vision": VisionConfig, "qformer": QFormerConfig, "llm": LlmConfig}
+  kw = {}
+  for k, v in d.items():
+    if k in sub:
+      kw[k] = sub[k](**dict(v))
+    else:
+      kw[k] = v
+  names = {f.name for f in dataclasses.fields(LlamaVidConfig)}
+  unknown = set(kw) - names
+  if unknown:
+    raise ValueError(f"unknown model config fields {sorted(unknown)}")
+  return LlamaVidConfig(**kw)

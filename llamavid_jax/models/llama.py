@@ -1,0 +1,126 @@
+"""LLaMA / Vicuna decoder: RMSNorm, RoPE (linear scaling), SwiGLU, grouped-query
+attention, and a KV cache for decoding.
+
+The decoder runs on embeddings (so visual tokens can be spliced in first):
+`embed(ids)` -> float[B, S, D]; `__call__(x, positions, ...)` -> hidden and cache;
+`logits(h)` -> float[B, S, V].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llamavid_jax.models.config import LlmConfig
+from llamavid_jax.models.layers import dense, partitioned, scan_stack
+from llamavid_jax.ops.attention import attention
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", partitioned(nn.initializers.ones_init(), ("embed",)), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (scale * y.astype(self.dtype)).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: float) -> jax.Array:
+  """x: float[B, S, H, Dh]; positions: int32[B, S]. HF LLaMA's half-split rotation,
+  with linear scaling (positions / scaling)."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)           # [Dh/2]
+  ang = (positions.astype(jnp.float32) / scaling)[..., None] * inv_freq            # [B, S, Dh/2]
+  cos, sin = jnp.cos(ang)[:, :, None], jnp.sin(ang)[:, :, None]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class LlamaBlock(nn.Module):
+  cfg: LlmConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache, cache_index):
+    """x: float[B, S, D]; positions: int32[B, S]; mask: bool[B, 1, S, T];
+    cache: None or (k, v) float[B, T, K, Dh] of this layer, written at slot
+    `cache_index` (T = S without cache) -> (x, updated (k, v) or None)."""
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = RMSNorm(c.rms_eps, name="input_norm", **kw)(x)
+    q = dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), use_bias=False, name="q_proj", **kw)(h)
+    k = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), use_bias=False, name="k_proj", **kw)(h)
+    v = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), use_bias=False, name="v_proj", **kw)(h)
+    q = rope(q, positions, c.rope_theta, c.rope_scaling)
+    k = rope(k, positions, c.rope_theta, c.rope_scaling)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
+      cache = (k, v)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    y = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask, impl=self.attention_impl)
+    x = x + dense(c.d_model, ("heads", "kv", "embed"), axis=(-2, -1), use_bias=False, name="o_proj", **kw)(y)
+    h = RMSNorm(c.rms_eps, name="post_attention_norm", **kw)(x)
+    gate = dense(c.mlp_dim, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(h)
+    up = dense(c.mlp_dim, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(h)
+    y = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    x = x + dense(c.d_model, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(y)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, cache
+
+
+class Llama(nn.Module):
+  cfg: LlmConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+  remat_policy: str = "nothing_saveable"
+
+  def setup(self):
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embed_tokens = nn.Embed(c.vocab_size, c.d_model, **kw,
+                                 embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))
+    self.layers = scan_stack(LlamaBlock, c.num_layers, self.remat_policy, (nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                             cfg=c, attention_impl=self.attention_impl, **kw)
+    self.norm = RMSNorm(c.rms_eps, **kw)
+    if not c.tie_embeddings:
+      self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+
+  def embed(self, ids: jax.Array) -> jax.Array:
+    """int32[B, S] -> float[B, S, D]; negative ids (placeholders) embed as id 0."""
+    return self.embed_tokens(jnp.maximum(ids, 0))
+
+  def __call__(self, x, positions, mask, cache=None, cache_index=0):
+    """x: float[B, S, D]; positions: int32[B, S]; mask: bool[B, 1, S, T];
+    cache: None or dict(k, v) of float[layers, B, T, K, Dh] ->
+    (final-normed hidden float[B, S, D], updated cache or None)."""
+    x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
+    kv = None if cache is None else (cache["k"], cache["v"])
+    x, kv = self.layers(x, positions, mask, kv, cache_index)
+    return self.norm(x), (None if kv is None else {"k": kv[0], "v": kv[1]})
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """float[B, S, D] -> float32[B, S, V]."""
+    out = self.embed_tokens.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
+    return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+    """Zero KV cache: dict(k, v) of float[layers, B, max_len, K, Dh]."""
+    c = self.cfg
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def causal_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
+  """q_slots: int32[B, S] cache slot of each query; kv_valid: bool[B, T] ->
+  bool[B, 1, S, T]: a query sees the valid slots at or before its own."""
+  t = jnp.arange(kv_valid.shape[1])
+  return (kv_valid[:, None, None, :] & (t[None, None, None, :] <= q_slots[:, None, :, None]))

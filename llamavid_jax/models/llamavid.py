@@ -1,0 +1,160 @@
+"""LLaMA-VID: frames (or precomputed ViT features) + instruction + text -> logits.
+
+Every frame becomes `[context, content...]` tokens (token_gen.py); the frame tokens of
+a sample, in time order, replace its one `<image>` placeholder (id -200) in the text
+embeddings. Splicing is a gather with static shapes: no Python loop over the batch,
+padding frames (frame_mask False, always after the valid ones) drop out.
+
+Decoding follows big_vision: `prefill_cache` then `extend_cache` one token at a time.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llamavid_jax.models.config import LlamaVidConfig
+from llamavid_jax.models.eva_vit import EvaViT
+from llamavid_jax.models.llama import Llama, causal_mask
+from llamavid_jax.models.qformer import QFormer
+from llamavid_jax.models.token_gen import TokenGenerator
+
+IGNORE = -100
+
+
+class Layout(NamedTuple):
+  """Where each of the S' = S - 1 + T*tokens_per_frame LLM positions comes from."""
+  text_idx: jax.Array   # int32[B, S'] index into the text ids
+  vis_idx: jax.Array    # int32[B, S'] index into the frame tokens
+  is_vis: jax.Array     # bool[B, S']
+  valid: jax.Array      # bool[B, S'] a real token (text or visual), not padding
+
+
+def splice_layout(input_ids: jax.Array, text_mask: jax.Array, frame_mask: jax.Array,
+                  tokens_per_frame: int, image_token_id: int = -200) -> Layout:
+  """input_ids, text_mask: [B, S]; frame_mask: bool[B, T] -> Layout over S' positions.
+
+  A sample without the placeholder keeps its text (a text-only sample)."""
+  b, s = input_ids.shape
+  k = frame_mask.shape[1] * tokens_per_frame
+  s_out = s - 1 + k if k else s
+  is_img = input_ids == image_token_id
+  has = is_img.any(axis=1, keepdims=True)                                  # [B, 1]
+  p = jnp.argmax(is_img, axis=1)[:, None]                                  # placeholder position
+  nv = jnp.where(has, frame_mask.sum(axis=1, keepdims=True) * tokens_per_frame, 0)
+  j = jnp.arange(s_out)[None, :]
+  is_vis = has & (j >= p) & (j < p + nv)
+  after = has & (j >= p + nv)
+  text_idx = jnp.where(after, j - nv + 1, j)
+  in_range = text_idx < s
+  text_idx = jnp.clip(text_idx, 0, s - 1)
+  text_ok = in_range & ~is_vis & jnp.take_along_axis(text_mask.astype(bool), text_idx, 1)
+  text_ok &= ~jnp.take_along_axis(is_img, text_idx, 1)
+  vis_idx = jnp.clip(j - p, 0, max(k - 1, 0))
+  return Layout(text_idx.astype(jnp.int32), vis_idx.astype(jnp.int32), is_vis, is_vis | text_ok)
+
+
+def splice_labels(labels: jax.Array, layout: Layout) -> jax.Array:
+  """int32[B, S] text labels -> int32[B, S'] (IGNORE on visual tokens and padding)."""
+  out = jnp.take_along_axis(labels, layout.text_idx, 1)
+  return jnp.where(layout.valid & ~layout.is_vis, out, IGNORE)
+
+
+class LlamaVid(nn.Module):
+  cfg: LlamaVidConfig
+
+  def setup(self):
+    c = self.cfg
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    self.vit = EvaViT(c.vision, attention_impl=c.attention_impl, remat_policy=c.remat_policy, **kw)
+    if c.use_context_token:
+      self.qformer = QFormer(c.qformer, attention_impl=c.attention_impl, remat_policy=c.remat_policy, **kw)
+    self.token_gen = TokenGenerator(c.llm.d_model, c.compress_type, c.mm_projector_type,
+                                    use_context=c.use_context_token, **kw)
+    self.llm = Llama(c.llm, attention_impl=c.attention_impl, remat_policy=c.remat_policy, **kw)
+
+  def encode_visual(self, frame_mask, qformer_ids, qformer_mask, frames=None, features=None):
+    """frames: float[B, T, H, W, 3] or features: float[B, T, N+1, C] (ViT output with
+    CLS); qformer_ids/mask: [B, L] -> (float[B, T*tokens_per_frame, D] frame tokens,
+    float32[B, T, M, N] context-attention weights or None)."""
+    if (frames is None) == (features is None):
+      raise ValueError("pass exactly one of frames or features")
+    if features is None:
+      b, t = frames.shape[:2]
+      features = self.vit(frames.reshape((b * t,) + frames.shape[2:]))
+      features = features.reshape((b, t) + features.shape[1:])
+    b, t, n1, c = features.shape
+    x = jax.lax.stop_gradient(features).reshape(b * t, n1, c)            # the ViT is frozen
+    queries = None
+    if self.cfg.use_context_token:
+      rep = lambda a: jnp.repeat(a, t, axis=0)                             # same instruction per frame
+      queries = self.qformer(rep(qformer_ids), rep(qformer_mask), x)     # [B*T, M, Dq]
+    tokens, weights = self.token_gen(queries, x[:, 1:])                   # [B*T, tpf, D]
+    tokens = tokens.reshape(b, t * tokens.shape[1], tokens.shape[-1])
+    tokens = nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
+    if weights is not None:
+      weights = weights.reshape((b, t) + weights.shape[1:])
+    return tokens, weights
+
+  def embed_inputs(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
+                   frames=None, features=None):
+    """-> (float[B, S', D] spliced embeddings, Layout, out dict)."""
+    layout = splice_layout(input_ids, text_mask, frame_mask, self.cfg.tokens_per_frame, self.cfg.image_token_id)
+    x = jnp.take_along_axis(self.llm.embed(input_ids), layout.text_idx[..., None], 1)
+    out = {"layout": layout}
+    if frame_mask.shape[1]:
+      vis, weights = self.encode_visual(frame_mask, qformer_ids, qformer_mask, frames, features)
+      v = jnp.take_along_axis(vis, layout.vis_idx[..., None], 1).astype(x.dtype)
+      x = jnp.where(layout.is_vis[..., None], v, x)
+      out["context_attention"] = weights
+    x = jnp.where(layout.valid[..., None], x, 0)
+    return x, layout, out
+
+  def __call__(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
+               frames=None, features=None):
+    """input_ids: int32[B, S] with one -200 placeholder per multimodal sample;
+    text_mask: bool[B, S]; frame_mask: bool[B, T]; qformer_ids, qformer_mask: [B, L];
+    frames: float[B, T, H, W, 3] or features: float[B, T, N+1, C].
+    -> (float32[B, S', V] logits with S' = S - 1 + T*tokens_per_frame, out dict with
+    `layout` (use `splice_labels`), `context_attention`, `hidden`)."""
+    x, layout, out = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
+    positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0)
+    slots = jnp.broadcast_to(jnp.arange(x.shape[1]), positions.shape)
+    h, _ = self.llm(x, positions, causal_mask(slots, layout.valid))
+    out["hidden"] = h
+    return self.llm.logits(h), out
+
+  # --- decoding (big_vision style) ------------------------------------------------
+  def prefill_cache(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
+                    frames=None, features=None, *, max_len: int):
+    """Runs the prompt into a fresh cache of `max_len` slots -> (float32[B, V] logits of
+    each sample's last real token, cache dict(k, v, valid bool[B, max_len],
+    index int32[] next free slot, pos int32[B] next position))."""
+    x, layout, _ = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
+    b, s = layout.valid.shape
+    if s > max_len:
+      raise ValueError(f"prompt of {s} positions does not fit a cache of {max_len}")
+    valid = jnp.zeros((b, max_len), bool).at[:, :s].set(layout.valid)
+    positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0)
+    slots = jnp.broadcast_to(jnp.arange(s), (b, s))
+    kv = self.llm.init_cache(b, max_len, x.dtype)
+    h, kv = self.llm(x, positions, causal_mask(slots, valid), kv, 0)
+    n = layout.valid.sum(axis=1)
+    last = jnp.take_along_axis(h, jnp.maximum(n - 1, 0)[:, None, None], 1)[:, 0]
+    cache = dict(kv, valid=valid, index=jnp.int32(s), pos=n.astype(jnp.int32))
+    return self.llm.logits(last), cache
+
+  def extend_cache(self, token: jax.Array, cache: dict):
+    """token: int32[B] -> (float32[B, V] next-token logits, cache with it appended)."""
+    b = token.shape[0]
+    idx = cache["index"]
+    valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], jnp.ones((b, 1), bool), idx, axis=1)
+    x = self.llm.embed(token[:, None])
+    slots = jnp.full((b, 1), idx)
+    h, kv = self.llm(x, cache["pos"][:, None], causal_mask(slots, valid),
+                     {"k": cache["k"], "v": cache["v"]}, idx)
+    cache = dict(kv, valid=valid, index=idx + 1, pos=cache["pos"] + 1)
+    return self.llm.logits(h[:, 0]), cache

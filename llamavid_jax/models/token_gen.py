@@ -1,0 +1,82 @@
+"""Token generation (paper §3.1): the context token (Eq. 1) and the content token(s).
+
+context = val_proj( mean_M( softmax_N( Q K(X)^T / sqrt(C) ) X ) )   one token per frame
+content = mm_projector( pool(X) )                                    1, N*N grid or all
+with Q = vlm_att_projector(Q-Former queries) and X the ViT patches without CLS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llamavid_jax.models.layers import dense, gelu
+
+
+def pool_content(x: jax.Array, compress_type: str) -> jax.Array:
+  """x: float[B, N, C] patches (N = G*G) -> float[B, K, C] by `compress_type`:
+  "mean" (K=1), "grid:g" (avg pool, kernel = stride = G//g, as torch avg_pool2d), "none"."""
+  if compress_type == "none":
+    return x
+  if compress_type == "mean":
+    return x.mean(axis=1, keepdims=True)
+  if compress_type.startswith("grid:"):
+    g = int(compress_type.split(":")[1])
+    b, n, c = x.shape
+    side = int(round(n**0.5))
+    k = side // g
+    if g < 2 or k < 1:
+      raise ValueError(f"compress_type {compress_type!r} on a {side}x{side} patch grid")
+    out = (side - k) // k + 1                       # torch floor mode, no padding
+    x = x.reshape(b, side, side, c)[:, :out * k, :out * k]
+    return x.reshape(b, out, k, out, k, c).mean(axis=(2, 4)).reshape(b, out * out, c)
+  raise ValueError(f"compress_type {compress_type!r}: expected 'mean', 'grid:N' or 'none'")
+
+
+class Projector(nn.Module):
+  """`mm_projector`: "linear" or "mlp2x_gelu" (Linear, GELU, Linear)."""
+  out_dim: int
+  kind: str = "mlp2x_gelu"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.kind == "linear":
+      return dense(self.out_dim, (None, "embed"), name="fc1", **kw)(x)
+    if self.kind == "mlp2x_gelu":
+      x = gelu(dense(self.out_dim, (None, "embed"), name="fc1", **kw)(x))
+      return dense(self.out_dim, ("mlp", "embed"), name="fc2", **kw)(x)
+    raise ValueError(f"mm_projector_type {self.kind!r}: expected 'linear' or 'mlp2x_gelu'")
+
+
+class TokenGenerator(nn.Module):
+  llm_dim: int
+  compress_type: str = "mean"
+  projector: str = "mlp2x_gelu"
+  use_context: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, queries: jax.Array, patches: jax.Array):
+    """queries: float[B, M, Dq] Q-Former outputs; patches: float[B, N, C] ViT patches
+    (no CLS) -> (float[B, tokens_per_frame, d_llm] with the context token first,
+    float32[B, M, N] context-attention weights or None)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c = patches.shape[-1]
+    tokens, weights = [], None
+    if self.use_context:
+      q = dense(c, (None, "embed"), name="vlm_att_projector", **kw)(queries)          # [B, M, C]
+      k = dense(c, (None, "embed"), name="vlm_att_key_projector", **kw)(patches)      # [B, N, C]
+      scores = jnp.einsum("bmc,bnc->bmn", q, k) / jnp.sqrt(jnp.float32(c)).astype(q.dtype)
+      weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)                  # [B, M, N]
+      ctx = jnp.einsum("bmn,bnc->bc", weights.astype(patches.dtype), patches) / weights.shape[1]
+      tokens.append(dense(self.llm_dim, (None, "embed"), name="vlm_att_val_projector", **kw)(ctx)[:, None])
+    content = pool_content(patches, self.compress_type)                              # [B, K, C]
+    tokens.append(Projector(self.llm_dim, self.projector, name="mm_projector", **kw)(content))
+    return jnp.concatenate(tokens, axis=1), weights

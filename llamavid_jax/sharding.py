@@ -1,0 +1,65 @@
+"""Logical axis names -> mesh axes: the one table, and mesh construction.
+
+Modules name their parameter and activation axes logically (`embed`, `mlp`, ...);
+only this file knows the mesh. Flax applies rules in order and never uses a mesh
+axis twice in one array, so an activation `(batch, length, embed)` shards `batch`
+over (data, fsdp) and leaves `embed` whole, while a parameter `(embed, mlp)` puts
+`embed` on fsdp.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),     # LLM sequence (ring attention shards it)
+    ("frames", "sequence"),     # long video: frames spread over the sequence axis
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),          # parameters only: activations already used fsdp on batch
+    ("kv", None),               # head dim
+    ("layers", None),           # scanned layer axis
+)
+
+
+def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh over (data, fsdp, tensor, sequence); a size of -1 takes the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {shape}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh {shape}: {len(devices)} devices not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+  try:
+    arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
+  except Exception:  # fake CPU devices / odd shapes: plain order is fine
+    arr = np.asarray(devices).reshape(sizes)
+  return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:
+  return nn.logical_to_mesh_axes(tuple(names), rules)
+
+
+def param_shardings(abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
+  """NamedShardings for a (boxed, `nn.Partitioned`) parameter tree from `jax.eval_shape(init)`."""
+  specs = nn.get_partition_spec(abstract_params)
+  specs = nn.logical_to_mesh(specs, rules)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
