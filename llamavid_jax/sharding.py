@@ -57,9 +57,26 @@ def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:
   return nn.logical_to_mesh_axes(tuple(names), rules)
 
 
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops the mesh axes of any dim they do not divide (e.g. 2 kv heads on tensor=4):
+  that dim is replicated instead of failing. Real configs divide evenly."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else (axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    out.append(axes if size and dim % size == 0 else None)
+  return P(*out)
+
+
 def param_shardings(abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
-  """NamedShardings for a (boxed, `nn.Partitioned`) parameter tree from `jax.eval_shape(init)`."""
-  specs = nn.get_partition_spec(abstract_params)
-  specs = nn.logical_to_mesh(specs, rules)
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  """NamedShardings for a boxed (`nn.Partitioned`) parameter tree, e.g. from
+  `jax.eval_shape(model.init, ...)`; works on any pytree of boxed leaves."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+
+  def one(leaf):
+    if not is_box(leaf):
+      return NamedSharding(mesh, P())
+    spec = logical_to_spec(leaf.names, rules)
+    return NamedSharding(mesh, fit_spec(spec, leaf.value.shape, mesh))
+
+  return jax.tree.map(one, abstract_params, is_leaf=is_box)

@@ -1,0 +1,178 @@
+"""The whole model: splicing, padding frames, token counts, gradients, logical axes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from llamavid_jax import sharding
+from llamavid_jax.models import LlamaVid, splice_labels
+from llamavid_jax.models import config as C
+
+B, S, L = 2, 10, 6
+
+
+def make_batch(cfg, t, rng, placeholder_at=(3, 5), valid_frames=None, size=None):
+  size = size or cfg.vision.image_size
+  ids = rng.randint(3, cfg.llm.vocab_size, (B, S)).astype(np.int32)
+  for b, p in enumerate(placeholder_at):
+    if p is not None:
+      ids[b, p] = cfg.image_token_id
+  text_mask = np.ones((B, S), bool)
+  text_mask[1, 8:] = False
+  frame_mask = np.ones((B, t), bool)
+  for b, n in enumerate(valid_frames or []):
+    frame_mask[b, n:] = False
+  return dict(input_ids=ids, text_mask=text_mask, frame_mask=frame_mask,
+              qformer_ids=rng.randint(1, cfg.qformer.vocab_size, (B, L)).astype(np.int32),
+              qformer_mask=np.arange(L)[None] < np.array([[L], [4]]),
+              frames=rng.randn(B, t, size, size, 3).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def video(tiny_cfg):
+  model = LlamaVid(tiny_cfg)
+  batch = make_batch(tiny_cfg, 3, np.random.RandomState(0), valid_frames=[3, 2])
+  params = nn.unbox(model.init(jax.random.key(0), **batch)["params"])
+  return model, params, batch
+
+
+def test_video_logits_have_two_tokens_per_frame(video, tiny_cfg):
+  model, params, batch = video
+  logits, out = jax.jit(model.apply)({"params": params}, **batch)
+  assert tiny_cfg.tokens_per_frame == 2
+  assert logits.shape == (B, S - 1 + 3 * 2, tiny_cfg.llm.vocab_size)
+  # sample 0: 3 frames -> 6 visual tokens at positions 3..8; sample 1: 2 valid frames
+  # -> 4 visual tokens at 5..8, and its 2 padded text tokens + 2 unused slots are padding.
+  lay = out["layout"]
+  np.testing.assert_array_equal(np.where(lay.is_vis[0])[0], np.arange(3, 9))
+  np.testing.assert_array_equal(np.where(lay.is_vis[1])[0], np.arange(5, 9))
+  assert lay.valid[0].sum() == S - 1 + 6 and lay.valid[1].sum() == 8 - 1 + 4
+  assert out["context_attention"].shape == (B, 3, tiny_cfg.qformer.num_query, tiny_cfg.vision.grid**2)
+  np.testing.assert_allclose(out["context_attention"].sum(-1), 1.0, rtol=1e-5)
+  labels = np.arange(S)[None].repeat(B, 0).astype(np.int32)
+  spliced = np.asarray(splice_labels(jnp.asarray(labels), lay))
+  np.testing.assert_array_equal(spliced[0], [0, 1, 2] + [-100] * 6 + [4, 5, 6, 7, 8, 9])
+  np.testing.assert_array_equal(spliced[1], [0, 1, 2, 3, 4] + [-100] * 4 + [6, 7] + [-100] * 4)
+
+
+def test_splice_matches_python_loop_reference(video, tiny_cfg):
+  """The gather-based splice equals the release's per-sample concatenation."""
+  model, params, batch = video
+  x, lay, _ = model.apply({"params": params}, **batch, method=LlamaVid.embed_inputs)
+  vis, _ = model.apply({"params": params}, batch["frame_mask"], batch["qformer_ids"], batch["qformer_mask"],
+                       batch["frames"], method=LlamaVid.encode_visual)
+  emb = np.asarray(params["llm"]["embed_tokens"]["embedding"])
+  for b in range(B):
+    ids = batch["input_ids"][b][batch["text_mask"][b]]
+    p = int(np.where(ids == -200)[0][0])
+    nv = batch["frame_mask"][b].sum() * 2
+    want = np.concatenate([emb[ids[:p]], np.asarray(vis[b, :nv]), emb[ids[p + 1:]]])
+    np.testing.assert_allclose(np.asarray(x[b, :len(want)]), want, atol=1e-6)
+    assert not np.asarray(x[b, len(want):]).any()
+
+
+def test_padding_frames_do_not_change_the_answer(video, tiny_cfg):
+  """Sample 1 (2 valid of 3 frames) gives the same logits as alone with T=2."""
+  model, params, batch = video
+  logits, out = model.apply({"params": params}, **batch)
+  alone = {k: v[1:] for k, v in batch.items()}
+  alone["frame_mask"] = alone["frame_mask"][:, :2]
+  alone["frames"] = alone["frames"][:, :2]
+  logits2, out2 = model.apply({"params": params}, **alone)
+  n = int(out2["layout"].valid[0].sum())
+  np.testing.assert_allclose(logits[1, :n], logits2[0, :n], atol=1e-5)
+
+
+def test_image_without_compression_gives_one_plus_grid_tokens():
+  cfg = C.replace(C.from_dict(__import__("configs.tiny", fromlist=["x"]).get_config("image").model))
+  model = LlamaVid(cfg)
+  batch = make_batch(cfg, 1, np.random.RandomState(1))
+  params = model.init(jax.random.key(0), **batch)["params"]
+  logits, out = model.apply({"params": params}, **batch)
+  assert cfg.tokens_per_frame == 1 + cfg.vision.grid**2 == 5
+  assert logits.shape == (B, S - 1 + 5, cfg.llm.vocab_size)
+
+
+def test_text_only_sample_next_to_a_video_sample(video, tiny_cfg):
+  model, params, batch = video
+  batch = dict(batch, input_ids=batch["input_ids"].copy())
+  batch["input_ids"][1, 5] = 7          # no placeholder: a text-only sample
+  logits, out = model.apply({"params": params}, **batch)
+  assert not out["layout"].is_vis[1].any() and out["layout"].valid[1].sum() == 8
+  ids = batch["input_ids"][1:, :8]
+  text_only = dict(input_ids=ids, text_mask=np.ones_like(ids, bool), frame_mask=np.zeros((1, 0), bool),
+                   qformer_ids=batch["qformer_ids"][1:], qformer_mask=batch["qformer_mask"][1:],
+                   features=np.zeros((1, 0, 5, tiny_cfg.mm_hidden), np.float32))
+  logits2, _ = model.apply({"params": params}, **text_only)
+  np.testing.assert_allclose(logits[1, :8], logits2[0], atol=1e-5)
+
+
+def test_gradient_reaches_every_trained_part(video, tiny_cfg):
+  """Non-zero gradient in every leaf (every layer slice) the release trains; zero in the
+  frozen ViT. The one exception, as in the release: the Q-Former's last layer's text
+  FFN, whose outputs are discarded (only query positions leave the Q-Former)."""
+  model, params, batch = video
+  labels = np.where(batch["text_mask"], batch["input_ids"], -100).clip(-100)
+
+  def loss(p):
+    logits, out = model.apply({"params": p}, **batch)
+    y = splice_labels(jnp.asarray(labels), out["layout"])[:, 1:]
+    lp = jax.nn.log_softmax(logits[:, :-1])
+    nll = -jnp.take_along_axis(lp, jnp.maximum(y, 0)[..., None], -1)[..., 0]
+    return jnp.sum(nll * (y >= 0)) / jnp.sum(y >= 0)
+
+  grads = jax.grad(loss)(params)
+  zero = []
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    name = "/".join(k.key for k in path)
+    g = np.asarray(g)
+    stacked = "/layers/" in name or "/blocks/" in name
+    slices = [g[i] for i in range(g.shape[0])] if stacked else [g]
+    for i, s in enumerate(slices):
+      if not np.abs(s).max() > 0:
+        zero.append(f"{name}[{i}]" if stacked else name)
+  n_groups = tiny_cfg.qformer.num_layers // tiny_cfg.qformer.cross_attention_freq
+  last = f"layer_{tiny_cfg.qformer.cross_attention_freq - 1}"
+  expected_qformer = sorted(f"qformer/layers/{last}/ffn/{m}[{n_groups - 1}]" for m in
+                            ("intermediate/bias", "intermediate/kernel", "ln/bias", "ln/scale",
+                             "output/bias", "output/kernel"))
+  assert sorted(z for z in zero if not z.startswith("vit/")) == expected_qformer
+  vit_leaves = sum(1 for _ in jax.tree_util.tree_leaves(grads["vit"]))
+  assert all(not np.asarray(g).any() for g in jax.tree_util.tree_leaves(grads["vit"])) and vit_leaves > 0
+
+
+def test_every_parameter_has_logical_axis_names(tiny_cfg):
+  model = LlamaVid(tiny_cfg)
+  batch = make_batch(tiny_cfg, 2, np.random.RandomState(0))
+  boxed = jax.eval_shape(model.init, jax.random.key(0), **batch)["params"]
+  leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+  for path, leaf in leaves:
+    assert isinstance(leaf, nn.Partitioned), f"{jax.tree_util.keystr(path)} has no logical axis names"
+    assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
+    if any(getattr(k, "key", None) in ("layers", "blocks") for k in path):
+      assert leaf.names[0] == "layers", jax.tree_util.keystr(path)
+
+
+def test_sharded_forward_on_2x4_mesh_equals_one_device(video, tiny_cfg):
+  model, params, batch = video
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+  boxed = jax.eval_shape(model.init, jax.random.key(0), **batch)["params"]
+  shards = sharding.param_shardings(boxed, mesh)
+  sharded = jax.device_put(params, shards)
+  P = jax.sharding.PartitionSpec
+  assert sharded["llm"]["layers"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert sharded["llm"]["layers"]["k_proj"]["kernel"].sharding.spec == P(None, "fsdp", None, None)  # 2 kv heads
+  with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    got, _ = jax.jit(model.apply)({"params": sharded}, **batch)
+  want, _ = model.apply({"params": params}, **batch)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_fp32(video, tiny_cfg):
+  model, params, batch = video
+  want, _ = model.apply({"params": params}, **batch)
+  got, _ = LlamaVid(C.replace(tiny_cfg, dtype="bfloat16")).apply({"params": params}, **batch)
+  assert got.dtype == jnp.float32 and np.isfinite(got).all()
+  assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
