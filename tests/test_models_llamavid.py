@@ -176,3 +176,14 @@ def test_bfloat16_compute_stays_close_to_fp32(video, tiny_cfg):
   got, _ = LlamaVid(C.replace(tiny_cfg, dtype="bfloat16")).apply({"params": params}, **batch)
   assert got.dtype == jnp.float32 and np.isfinite(got).all()
   assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_frame_chunks_equal_all_frames_at_once(tiny_cfg):
+  """frame_chunk (nn.scan over chunks of frames, for long videos) changes nothing."""
+  model = LlamaVid(tiny_cfg)
+  batch = make_batch(tiny_cfg, 4, np.random.RandomState(3), valid_frames=[4, 3])
+  params = model.init(jax.random.key(0), **batch)["params"]
+  want, out = model.apply({"params": params}, **batch)
+  got, out2 = LlamaVid(C.replace(tiny_cfg, frame_chunk=2)).apply({"params": params}, **batch)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(out2["context_attention"], out["context_attention"], atol=1e-6)

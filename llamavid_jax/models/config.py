@@ -90,6 +90,9 @@ class LlamaVidConfig:
   # Layer stacks are always nn.scan'ned; each layer is rematerialised with this
   # jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...) or "none".
   remat_policy: str = "nothing_saveable"
+  # Frames per step through the Q-Former and token generator (nn.scan over chunks),
+  # bounding activation memory on long videos; 0 = all frames at once.
+  frame_chunk: int = 0
 
   @property
   def mm_hidden(self) -> int:

@@ -86,15 +86,33 @@ class LlamaVid(nn.Module):
       b, t = frames.shape[:2]
       features = self.vit(frames.reshape((b * t,) + frames.shape[2:]))
       features = features.reshape((b, t) + features.shape[1:])
+    features = jax.lax.stop_gradient(features)                            # the ViT is frozen
+    b, t = features.shape[:2]
+    chunk = self.cfg.frame_chunk
+    if not chunk or chunk >= t:
+      tokens, weights = self._frame_tokens(features, qformer_ids, qformer_mask)
+    else:  # long video: scan over chunks of frames, one compiled step, bounded memory
+      if t % chunk:
+        raise ValueError(f"{t} frames are not a multiple of frame_chunk={chunk}")
+      xs = jnp.moveaxis(features.reshape((b, t // chunk, chunk) + features.shape[2:]), 1, 0)
+      step = lambda mdl, carry, x: (carry, mdl._frame_tokens(x, qformer_ids, qformer_mask))
+      _, (tokens, weights) = nn.scan(step, variable_broadcast="params", split_rngs={"params": False},
+                                     length=t // chunk)(self, None, xs)
+      merge = lambda a: None if a is None else jnp.moveaxis(a, 0, 1).reshape((b, t) + a.shape[3:])
+      tokens, weights = merge(tokens), merge(weights)
+    tokens = tokens.reshape(b, -1, tokens.shape[-1])                       # [B, T*tpf, D]
+    return nn.with_logical_constraint(tokens, ("batch", "length", "embed")), weights
+
+  def _frame_tokens(self, features, qformer_ids, qformer_mask):
+    """features: float[B, T, N+1, C] -> (float[B, T, tpf, D], float32[B, T, M, N] | None)."""
     b, t, n1, c = features.shape
-    x = jax.lax.stop_gradient(features).reshape(b * t, n1, c)            # the ViT is frozen
+    x = features.reshape(b * t, n1, c)
     queries = None
     if self.cfg.use_context_token:
       rep = lambda a: jnp.repeat(a, t, axis=0)                             # same instruction per frame
       queries = self.qformer(rep(qformer_ids), rep(qformer_mask), x)     # [B*T, M, Dq]
     tokens, weights = self.token_gen(queries, x[:, 1:])                   # [B*T, tpf, D]
-    tokens = tokens.reshape(b, t * tokens.shape[1], tokens.shape[-1])
-    tokens = nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
+    tokens = tokens.reshape((b, t) + tokens.shape[1:])
     if weights is not None:
       weights = weights.reshape((b, t) + weights.shape[1:])
     return tokens, weights
