@@ -164,7 +164,7 @@ def test_sharded_forward_on_2x4_mesh_equals_one_device(video, tiny_cfg):
   P = jax.sharding.PartitionSpec
   assert sharded["llm"]["layers"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
   assert sharded["llm"]["layers"]["k_proj"]["kernel"].sharding.spec == P(None, "fsdp", None, None)  # 2 kv heads
-  with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     got, _ = jax.jit(model.apply)({"params": sharded}, **batch)
   want, _ = model.apply({"params": params}, **batch)
   np.testing.assert_allclose(got, want, atol=1e-5)

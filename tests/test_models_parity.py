@@ -10,7 +10,7 @@ from flax import linen as nn
 from llamavid_jax.checkpoint import mapping
 from llamavid_jax.models import config as C
 from llamavid_jax.models.eva_vit import EvaViT, bicubic_matrix
-from llamavid_jax.models.llama import Llama, causal_mask
+from llamavid_jax.models.llama import Llama
 from llamavid_jax.models.llamavid import LlamaVid
 from llamavid_jax.models.qformer import QFormer
 from llamavid_jax.models.token_gen import TokenGenerator, pool_content
@@ -91,7 +91,7 @@ def test_qformer_matches_instructblip_qformer(tiny_cfg):
 
 def llm_forward(m, ids):
   pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-  h, _ = m(m.embed(ids), pos, causal_mask(pos, jnp.ones(ids.shape, bool)))
+  h, _ = m(m.embed(ids), pos, pos, jnp.ones(ids.shape, bool))
   return m.logits(h)
 
 

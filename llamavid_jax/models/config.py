@@ -86,7 +86,8 @@ class LlamaVidConfig:
   # Numerics and memory.
   dtype: str = "float32"          # compute dtype ("bfloat16" on accelerators)
   param_dtype: str = "float32"
-  attention_impl: str = "xla"     # see llamavid_jax/ops/attention.py
+  attention_impl: str = "xla"          # the LLM's; see llamavid_jax/ops/attention.py
+  vision_attention_impl: str = "xla"   # the ViT's and the Q-Former's (short sequences)
   # Layer stacks are always nn.scan'ned; each layer is rematerialised with this
   # jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...) or "none".
   remat_policy: str = "nothing_saveable"

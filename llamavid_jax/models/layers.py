@@ -16,14 +16,39 @@ def partitioned(init, names: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(names))
 
 
+class DenseGeneral(nn.Module):
+  """x @ W over `axis` -> `features`, W of shape in_dims + features created at its full
+  shape with logical axis `names` (Flax's own DenseGeneral initialises a flattened
+  2-D kernel, which breaks logical sharding constraints of multi-dim kernels)."""
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]
+  axis: tuple[int, ...] = (-1,)
+  use_bias: bool = True
+  std: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    axis = tuple(a % x.ndim for a in self.axis)
+    in_dims = tuple(x.shape[a] for a in axis)
+    kernel = self.param("kernel", partitioned(nn.initializers.normal(self.std), self.names),
+                        in_dims + self.features, self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", partitioned(nn.initializers.zeros_init(), self.names[len(axis):]),
+                        self.features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense(features, names: Sequence[str | None], *, axis=-1, use_bias=True, dtype=jnp.float32,
-          param_dtype=jnp.float32, std=0.02, name=None) -> nn.DenseGeneral:
-  """DenseGeneral whose kernel carries logical axis `names` (inputs then outputs)."""
-  n_out = len(features) if isinstance(features, (tuple, list)) else 1
-  return nn.DenseGeneral(
-      features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=partitioned(nn.initializers.normal(std), names),
-      bias_init=partitioned(nn.initializers.zeros_init(), names[-n_out:]), name=name)
+          param_dtype=jnp.float32, std=0.02, name=None) -> DenseGeneral:
+  """A DenseGeneral whose kernel carries logical axis `names` (inputs then outputs)."""
+  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  axis = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  return DenseGeneral(features, tuple(names), axis, use_bias, std, dtype, param_dtype, name=name)
 
 
 def layer_norm(eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32, name=None) -> nn.LayerNorm:

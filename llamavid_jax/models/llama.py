@@ -50,8 +50,9 @@ class LlamaBlock(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache, cache_index):
-    """x: float[B, S, D]; positions: int32[B, S]; mask: bool[B, 1, S, T];
+  def __call__(self, x, positions, q_slots, kv_valid, cache, cache_index):
+    """x: float[B, S, D]; positions: int32[B, S] (RoPE); q_slots: int32[B, S] each
+    query's slot (causal: it sees key slots <= its own); kv_valid: bool[B, T];
     cache: None or (k, v) float[B, T, K, Dh] of this layer, written at slot
     `cache_index` (T = S without cache) -> (x, updated (k, v) or None)."""
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -66,7 +67,8 @@ class LlamaBlock(nn.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
       cache = (k, v)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    y = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask, impl=self.attention_impl)
+    y = attention(q, k.astype(self.dtype), v.astype(self.dtype), kv_valid=kv_valid, q_slots=q_slots,
+                  impl=self.attention_impl)
     x = x + dense(c.d_model, ("heads", "kv", "embed"), axis=(-2, -1), use_bias=False, name="o_proj", **kw)(y)
     h = RMSNorm(c.rms_eps, name="post_attention_norm", **kw)(x)
     gate = dense(c.mlp_dim, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(h)
@@ -88,7 +90,7 @@ class Llama(nn.Module):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed_tokens = nn.Embed(c.vocab_size, c.d_model, **kw,
                                  embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))
-    self.layers = scan_stack(LlamaBlock, c.num_layers, self.remat_policy, (nn.broadcast, nn.broadcast, 0, nn.broadcast),
+    self.layers = scan_stack(LlamaBlock, c.num_layers, self.remat_policy, (nn.broadcast,) * 3 + (0, nn.broadcast),
                              cfg=c, attention_impl=self.attention_impl, **kw)
     self.norm = RMSNorm(c.rms_eps, **kw)
     if not c.tie_embeddings:
@@ -98,13 +100,13 @@ class Llama(nn.Module):
     """int32[B, S] -> float[B, S, D]; negative ids (placeholders) embed as id 0."""
     return self.embed_tokens(jnp.maximum(ids, 0))
 
-  def __call__(self, x, positions, mask, cache=None, cache_index=0):
-    """x: float[B, S, D]; positions: int32[B, S]; mask: bool[B, 1, S, T];
+  def __call__(self, x, positions, q_slots, kv_valid, cache=None, cache_index=0):
+    """x: float[B, S, D]; positions: int32[B, S]; q_slots: int32[B, S]; kv_valid: bool[B, T];
     cache: None or dict(k, v) of float[layers, B, T, K, Dh] ->
     (final-normed hidden float[B, S, D], updated cache or None)."""
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
     kv = None if cache is None else (cache["k"], cache["v"])
-    x, kv = self.layers(x, positions, mask, kv, cache_index)
+    x, kv = self.layers(x, positions, q_slots, kv_valid, kv, cache_index)
     return self.norm(x), (None if kv is None else {"k": kv[0], "v": kv[1]})
 
   def logits(self, h: jax.Array) -> jax.Array:
@@ -118,9 +120,3 @@ class Llama(nn.Module):
     shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-
-def causal_mask(q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
-  """q_slots: int32[B, S] cache slot of each query; kv_valid: bool[B, T] ->
-  bool[B, 1, S, T]: a query sees the valid slots at or before its own."""
-  t = jnp.arange(kv_valid.shape[1])
-  return (kv_valid[:, None, None, :] & (t[None, None, None, :] <= q_slots[:, None, :, None]))

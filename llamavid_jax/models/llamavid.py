@@ -18,7 +18,7 @@ from flax import linen as nn
 
 from llamavid_jax.models.config import LlamaVidConfig
 from llamavid_jax.models.eva_vit import EvaViT
-from llamavid_jax.models.llama import Llama, causal_mask
+from llamavid_jax.models.llama import Llama
 from llamavid_jax.models.qformer import QFormer
 from llamavid_jax.models.token_gen import TokenGenerator
 
@@ -69,9 +69,9 @@ class LlamaVid(nn.Module):
   def setup(self):
     c = self.cfg
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-    self.vit = EvaViT(c.vision, attention_impl=c.attention_impl, remat_policy=c.remat_policy, **kw)
+    self.vit = EvaViT(c.vision, attention_impl=c.vision_attention_impl, remat_policy=c.remat_policy, **kw)
     if c.use_context_token:
-      self.qformer = QFormer(c.qformer, attention_impl=c.attention_impl, remat_policy=c.remat_policy, **kw)
+      self.qformer = QFormer(c.qformer, attention_impl=c.vision_attention_impl, remat_policy=c.remat_policy, **kw)
     self.token_gen = TokenGenerator(c.llm.d_model, c.compress_type, c.mm_projector_type,
                                     use_context=c.use_context_token, **kw)
     self.llm = Llama(c.llm, attention_impl=c.attention_impl, remat_policy=c.remat_policy, **kw)
@@ -141,7 +141,7 @@ class LlamaVid(nn.Module):
     x, layout, out = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
     positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0)
     slots = jnp.broadcast_to(jnp.arange(x.shape[1]), positions.shape)
-    h, _ = self.llm(x, positions, causal_mask(slots, layout.valid))
+    h, _ = self.llm(x, positions, slots, layout.valid)
     out["hidden"] = h
     return self.llm.logits(h), out
 
@@ -159,7 +159,7 @@ class LlamaVid(nn.Module):
     positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0)
     slots = jnp.broadcast_to(jnp.arange(s), (b, s))
     kv = self.llm.init_cache(b, max_len, x.dtype)
-    h, kv = self.llm(x, positions, causal_mask(slots, valid), kv, 0)
+    h, kv = self.llm(x, positions, slots, valid, kv, 0)
     n = layout.valid.sum(axis=1)
     last = jnp.take_along_axis(h, jnp.maximum(n - 1, 0)[:, None, None], 1)[:, 0]
     cache = dict(kv, valid=valid, index=jnp.int32(s), pos=n.astype(jnp.int32))
@@ -172,7 +172,6 @@ class LlamaVid(nn.Module):
     valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], jnp.ones((b, 1), bool), idx, axis=1)
     x = self.llm.embed(token[:, None])
     slots = jnp.full((b, 1), idx)
-    h, kv = self.llm(x, cache["pos"][:, None], causal_mask(slots, valid),
-                     {"k": cache["k"], "v": cache["v"]}, idx)
+    h, kv = self.llm(x, cache["pos"][:, None], slots, valid, {"k": cache["k"], "v": cache["v"]}, idx)
     cache = dict(kv, valid=valid, index=idx + 1, pos=cache["pos"] + 1)
     return self.llm.logits(h[:, 0]), cache

@@ -29,15 +29,15 @@ class BertAttention(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, kv, mask):
-    """x: float[B, Q, D]; kv: float[B, K, Ckv]; mask: bool[B, 1, Q|1, K] -> float[B, Q, D]."""
+  def __call__(self, x, kv, kv_valid):
+    """x: float[B, Q, D]; kv: float[B, K, Ckv]; kv_valid: bool[B, K] or None -> float[B, Q, D]."""
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h, dh = c.num_heads, c.hidden // c.num_heads
     kv_names = ("embed",) if self.kv_width == c.hidden else (None,)
     q = dense((h, dh), ("embed", "heads", "kv"), name="query", **kw)(x)
     k = dense((h, dh), kv_names + ("heads", "kv"), name="key", **kw)(kv)
     v = dense((h, dh), kv_names + ("heads", "kv"), name="value", **kw)(kv)
-    y = attention(q, k, v, mask=mask, impl=self.attention_impl)            # [B, Q, H, Dh]
+    y = attention(q, k, v, kv_valid=kv_valid, impl=self.attention_impl)            # [B, Q, H, Dh]
     y = dense(c.hidden, ("heads", "kv", "embed"), axis=(-2, -1), name="out", **kw)(y)
     return layer_norm(c.ln_eps, name="ln", **kw)(y + x)
 
@@ -63,15 +63,16 @@ class QFormerLayer(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, self_mask, image, image_mask):
-    """x: float[B, M+L, D] (queries first); image: float[B, N, Cv] -> float[B, M+L, D]."""
+  def __call__(self, x, keys_valid, image):
+    """x: float[B, M+L, D] (queries first); keys_valid: bool[B, M+L];
+    image: float[B, N, Cv] -> float[B, M+L, D]."""
     c = self.cfg
     kw = dict(cfg=c, dtype=self.dtype, param_dtype=self.param_dtype)
-    x = BertAttention(kv_width=c.hidden, attention_impl=self.attention_impl, name="attention", **kw)(x, x, self_mask)
+    x = BertAttention(kv_width=c.hidden, attention_impl=self.attention_impl, name="attention", **kw)(x, x, keys_valid)
     q, t = x[:, :c.num_query], x[:, c.num_query:]
     if self.cross_attention:
       q = BertAttention(kv_width=c.vision_width, attention_impl=self.attention_impl,
-                        name="crossattention", **kw)(q, image, image_mask)
+                        name="crossattention", **kw)(q, image, None)
     q = BertFFN(name="ffn_query", **kw)(q)
     t = BertFFN(name="ffn", **kw)(t)
     return jnp.concatenate([q, t], axis=1)
@@ -85,10 +86,10 @@ class QFormerGroup(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, self_mask, image, image_mask):
+  def __call__(self, x, keys_valid, image):
     for i in range(self.cfg.cross_attention_freq):
       x = QFormerLayer(self.cfg, cross_attention=(i == 0), dtype=self.dtype, param_dtype=self.param_dtype,
-                       attention_impl=self.attention_impl, name=f"layer_{i}")(x, self_mask, image, image_mask)
+                       attention_impl=self.attention_impl, name=f"layer_{i}")(x, keys_valid, image)
     return x, None
 
 
@@ -118,8 +119,7 @@ class QFormer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(queries, (b,) + queries.shape[1:]).astype(text.dtype), text], 1)
     x = layer_norm(c.ln_eps, name="embed_ln", **kw)(x)                   # [B, M+L, D]
     keys_valid = jnp.concatenate([jnp.ones((b, c.num_query), bool), mask.astype(bool)], 1)
-    self_mask = keys_valid[:, None, None, :]                            # [B, 1, 1, M+L]
     x, _ = scan_stack(QFormerGroup, c.num_layers // c.cross_attention_freq, self.remat_policy,
-                      (nn.broadcast,) * 3, "layers", cfg=c, attention_impl=self.attention_impl,
-                      **kw)(x, self_mask, image, None)
+                      (nn.broadcast,) * 2, "layers", cfg=c, attention_impl=self.attention_impl,
+                      **kw)(x, keys_valid, image)
     return x[:, :c.num_query]

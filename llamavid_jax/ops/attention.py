@@ -1,53 +1,280 @@
 """The one attention entry point of every model.
 
-Modules call `attention(q, k, v, mask=..., impl=cfg.attention_impl)`; the
-implementation is picked by name from `IMPLS`, so memory-efficient or
-sequence-sharded (ring) kernels are added here without touching any model.
+Modules call `attention(q, k, v, kv_valid=..., q_slots=..., impl=cfg.attention_impl)`;
+the implementation is picked by name from `IMPLS`, so kernels are added here without
+touching any model.
 
 Shapes: q float[B, S, H, Dh]; k, v float[B, T, K, Dh] with H % K == 0 (grouped-query
-attention); mask bool[B, 1 | H, S, T] (True = attend) or None.
+attention). The mask is structured, never a dense [S, T] input, so that blockwise and
+sequence-sharded kernels can build it per block:
+  kv_valid bool[B, T]   keys that exist (padding is False), or None
+  q_slots  int32[B, S]  causal: query i sees key slots t <= q_slots[i]; None = no causality
+
+Implementations:
+  xla, cudnn  jax.nn.dot_product_attention on a dense mask (short sequences)
+  reference   plain fp32 einsum (the numerical reference)
+  chunked     blockwise online softmax over key blocks, O(S * block) memory, flash-style
+              recomputing backward (custom_vjp); pure JAX on any backend
+  ring        `chunked` sequence-sharded over the mesh axis `sequence` (ring attention,
+              Liu et al. 2023): each device keeps its query chunk while key/value chunks
+              travel around the ring; the backward pass sends dK/dV around with them.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+NEG = -1e30   # finite "minus infinity": fully masked rows stay NaN-free
 
 
-def _xla(q, k, v, mask, scale):
+def dense_mask(kv_valid, q_slots, s: int, t: int):
+  """bool[B, 1, S, T] (or None) from the structured mask."""
+  mask = None if kv_valid is None else kv_valid[:, None, None, :]
+  if q_slots is not None:
+    causal = jnp.arange(t)[None, None, None, :] <= q_slots[:, None, :, None]
+    mask = causal if mask is None else mask & causal
+  return mask
+
+
+def _xla(q, k, v, kv_valid, q_slots, scale):
   # jax.nn.dot_product_attention handles GQA and computes the softmax in fp32.
+  mask = dense_mask(kv_valid, q_slots, q.shape[1], k.shape[1])
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
 
-def _cudnn(q, k, v, mask, scale):
+def _cudnn(q, k, v, kv_valid, q_slots, scale):
+  mask = dense_mask(kv_valid, q_slots, q.shape[1], k.shape[1])
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
 
 
-def _reference(q, k, v, mask, scale):
-  """Plain einsum attention in fp32: the numerical reference for the kernels."""
+def _reference(q, k, v, kv_valid, q_slots, scale):
   b, s, h, d = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, s, kh, h // kh, d).astype(jnp.float32)
   logits = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(jnp.float32)) * scale
+  mask = dense_mask(kv_valid, q_slots, s, k.shape[1])
   if mask is not None:
-    m = jnp.broadcast_to(mask, (b, h, s, mask.shape[-1])).reshape(b, kh, h // kh, s, -1)
-    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, :, None], logits, NEG)
   w = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    w = jnp.where(mask[:, :, None], w, 0.0)
   out = jnp.einsum("bkgst,btkd->bskgd", w, v.astype(jnp.float32))
   return out.reshape(b, s, h, d).astype(q.dtype)
 
 
-IMPLS: dict[str, Callable] = {"xla": _xla, "cudnn": _cudnn, "reference": _reference}
+# --- blockwise kernel shared by `chunked` and `ring` ----------------------------------
+# Layout inside: q float32[b, s, K, G, d] (pre-scaled), k/v float32[b, t, K, d];
+# statistics m, l float32[b, K, G, s]; accumulators as q.
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-              impl: str = "xla", scale: float | None = None) -> jax.Array:
-  """Scaled dot-product attention -> float[B, S, H, Dh]."""
+def _block_mask(q_slots, k_slots, k_valid):
+  """-> bool[b, 1, 1, s, t]."""
+  m = k_valid[:, None, None, None, :]
+  if q_slots is not None:
+    m = m & (k_slots[:, None, None, None, :] <= q_slots[:, None, None, :, None])
+  return m
+
+
+def _kv_blocks(x, block):
+  """[b, t, ...] -> [t/block, b, block, ...] for a scan over key blocks."""
+  b, t = x.shape[:2]
+  return jnp.moveaxis(x.reshape((b, t // block, block) + x.shape[2:]), 1, 0)
+
+
+def _fwd_chunk(q, k, v, q_slots, k_slots, k_valid, carry, block):
+  """Folds one key/value chunk into the online-softmax state (o, m, l)."""
+  def step(carry, kv):
+    o, m, l = carry
+    kb, vb, sb, valb = kv
+    s = jnp.einsum("bqkgd,btkd->bkgqt", q, kb)
+    mask = _block_mask(q_slots, sb, valb)
+    s = jnp.where(mask, s, NEG)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    l = l * corr + p.sum(-1)
+    o = o * jnp.moveaxis(corr, -1, 1)[..., None] + jnp.einsum("bkgqt,btkd->bqkgd", p, vb)
+    return (o, m_new, l), None
+
+  xs = tuple(_kv_blocks(a, block) for a in (k, v, k_slots, k_valid))
+  carry, _ = jax.lax.scan(step, carry, xs)
+  return carry
+
+
+def _bwd_chunk(q, k, v, q_slots, k_slots, k_valid, do, lse, delta, block):
+  """Gradients of one key/value chunk: (dq contribution, dk, dv), flash-attention-2 style."""
+  def step(dq, kv):
+    kb, vb, sb, valb = kv
+    s = jnp.einsum("bqkgd,btkd->bkgqt", q, kb)
+    mask = _block_mask(q_slots, sb, valb)
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)              # [b, K, G, s, blk]
+    dv = jnp.einsum("bkgqt,bqkgd->btkd", p, do)
+    dp = jnp.einsum("bqkgd,btkd->bkgqt", do, vb)
+    ds = p * (dp - delta[..., None])
+    dq = dq + jnp.einsum("bkgqt,btkd->bqkgd", ds, kb)
+    dk = jnp.einsum("bkgqt,bqkgd->btkd", ds, q)
+    return dq, (dk, dv)
+
+  xs = tuple(_kv_blocks(a, block) for a in (k, v, k_slots, k_valid))
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(q), xs)
+  unblock = lambda a: jnp.moveaxis(a, 0, 1).reshape(k.shape)
+  return dq, unblock(dk), unblock(dv)
+
+
+def _ring_shift(xs, axis):
+  if axis is None:
+    return xs
+  n = jax.lax.axis_size(axis)
+  return jax.lax.ppermute(xs, axis, [(i, (i + 1) % n) for i in range(n)])
+
+
+def _chunk_owner(axis, step):
+  if axis is None:
+    return 0
+  return (jax.lax.axis_index(axis) - step) % jax.lax.axis_size(axis)
+
+
+def _local_fwd(q, k, v, q_slots, kv_valid, *, scale, axis, block):
+  """Per-device forward. q: [b, s, H, d] (the local query chunk); k, v, kv_valid: the
+  local key chunk. Returns (o float32[b, s, K, G, d], lse float32[b, K, G, s])."""
+  b, s, h, d = q.shape
+  t, kh = k.shape[1], k.shape[2]
+  n = 1 if axis is None else jax.lax.axis_size(axis)
+  qf = q.reshape(b, s, kh, h // kh, d).astype(jnp.float32) * scale
+  o = jnp.zeros_like(qf)
+  m = jnp.full((b, kh, h // kh, s), NEG, jnp.float32)
+  l = jnp.zeros_like(m)
+  kv = (k.astype(jnp.float32), v.astype(jnp.float32), kv_valid)
+  for i in range(n):   # static: n = ring size
+    k_slots = jnp.broadcast_to(_chunk_owner(axis, i) * t + jnp.arange(t), (b, t))
+    o, m, l = _fwd_chunk(qf, kv[0], kv[1], q_slots, k_slots, kv[2], (o, m, l), block)
+    if i + 1 < n:
+      kv = _ring_shift(kv, axis)
+  safe_l = jnp.where(l > 0, l, 1.0)
+  o = o / jnp.moveaxis(safe_l, -1, 1)[..., None]
+  return o, m + jnp.log(safe_l)
+
+
+def _local_bwd(q, k, v, q_slots, kv_valid, o, lse, do, *, scale, axis, block):
+  b, s, h, d = q.shape
+  t, kh = k.shape[1], k.shape[2]
+  n = 1 if axis is None else jax.lax.axis_size(axis)
+  qf = q.reshape(b, s, kh, h // kh, d).astype(jnp.float32) * scale
+  do = do.reshape(qf.shape).astype(jnp.float32)
+  delta = jnp.moveaxis(jnp.sum(do * o, -1), 1, -1)                      # [b, K, G, s]
+  dq = jnp.zeros_like(qf)
+  travel = (k.astype(jnp.float32), v.astype(jnp.float32), kv_valid,
+            jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  for i in range(n):
+    kf, vf, valid, dk, dv = travel
+    k_slots = jnp.broadcast_to(_chunk_owner(axis, i) * t + jnp.arange(t), (b, t))
+    dq_i, dk_i, dv_i = _bwd_chunk(qf, kf, vf, q_slots, k_slots, valid, do, lse, delta, block)
+    dq = dq + dq_i
+    travel = _ring_shift((kf, vf, valid, dk + dk_i, dv + dv_i), axis)  # n shifts: dK/dV come home
+  dk, dv = travel[3], travel[4]
+  return (dq * scale).reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _specs(q, k, mesh, axis):
+  """PartitionSpecs of q/k/v, kv_valid and q_slots from the active logical rules."""
+  from llamavid_jax import sharding   # leaf module; imported late to keep ops standalone
+  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
+  qs = sharding.fit_spec(sharding.logical_to_spec(("batch", "length", "heads", "kv"), rules), q.shape, mesh)
+  ks = sharding.fit_spec(sharding.logical_to_spec(("batch", "length", "kv_heads", "kv"), rules), k.shape, mesh)
+  if qs[1] != axis or ks[1] != axis:
+    raise ValueError(f"ring attention: the sequence must be sharded over {axis!r}, got {qs} / {ks}")
+  if qs[2] != ks[2]:   # q heads reshape to (K, G) locally: shard both or neither
+    qs, ks = P(*qs[:2], None, None), P(*ks[:2], None, None)
+  return qs, ks, P(qs[0], qs[1]), P(ks[0], ks[1])
+
+
+def _current_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    from jax._src import mesh as mesh_lib   # the `with mesh:` context of older code
+    mesh = mesh_lib.thread_resources.env.physical_mesh
+  return None if mesh.empty else mesh
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _blockwise(q, k, v, kv_valid, q_slots, scale, axis, block, mesh):
+  return _blockwise_fwd(q, k, v, kv_valid, q_slots, scale, axis, block, mesh)[0]
+
+
+def _blockwise_fwd(q, k, v, kv_valid, q_slots, scale, axis, block, mesh):
+  fwd = functools.partial(_local_fwd, scale=scale, axis=axis, block=block)
+  if axis is not None:
+    qs, ks, qsl, kvl = _specs(q, k, mesh, axis)
+    stat = P(qs[0], qs[2], None, qs[1])
+    fwd = jax.shard_map(fwd, mesh=mesh, in_specs=(qs, ks, ks, qsl, kvl),
+                        out_specs=(P(*qs[:3], None, None), stat), check_vma=False)
+  o, lse = fwd(q, k, v, q_slots, kv_valid)
+  out = o.reshape(q.shape).astype(q.dtype)
+  return out, (q, k, v, kv_valid, q_slots, o, lse)
+
+
+def _blockwise_bwd(scale, axis, block, mesh, res, g):
+  q, k, v, kv_valid, q_slots, o, lse = res
+  bwd = functools.partial(_local_bwd, scale=scale, axis=axis, block=block)
+  if axis is not None:
+    qs, ks, qsl, kvl = _specs(q, k, mesh, axis)
+    stat = P(qs[0], qs[2], None, qs[1])
+    bwd = jax.shard_map(bwd, mesh=mesh, in_specs=(qs, ks, ks, qsl, kvl, P(*qs[:3], None, None), stat, qs),
+                        out_specs=(qs, ks, ks), check_vma=False)
+  dq, dk, dv = bwd(q, k, v, q_slots, kv_valid, o, lse, g)
+  return dq, dk, dv, None, None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+BLOCK = 512   # keys per inner block of `chunked` / `ring`
+
+
+def _prepare(q, k, kv_valid, q_slots, block):
+  b, s, t = q.shape[0], q.shape[1], k.shape[1]
+  kv_valid = jnp.ones((b, t), bool) if kv_valid is None else kv_valid
+  causal = q_slots is not None
+  q_slots = q_slots if causal else jnp.full((b, s), t, jnp.int32)   # sees every slot
+  return kv_valid, q_slots.astype(jnp.int32), min(block, t)
+
+
+def _chunked(q, k, v, kv_valid, q_slots, scale, block=BLOCK):
+  kv_valid, q_slots, block = _prepare(q, k, kv_valid, q_slots, block)
+  pad = -k.shape[1] % block          # pad keys to whole blocks; padded keys are invalid
+  if pad:
+    k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
+    kv_valid = jnp.pad(kv_valid, ((0, 0), (0, pad)))
+  return _blockwise(q, k, v, kv_valid, q_slots, scale, None, block, None)
+
+
+def _ring(q, k, v, kv_valid, q_slots, scale, block=BLOCK, axis="sequence"):
+  mesh = _current_mesh()
+  if mesh is None or mesh.shape.get(axis, 1) == 1:
+    return _chunked(q, k, v, kv_valid, q_slots, scale, block)
+  kv_valid, q_slots, _ = _prepare(q, k, kv_valid, q_slots, block)
+  local_t = k.shape[1] // mesh.shape[axis]
+  block = min(block, local_t)
+  if k.shape[1] % (mesh.shape[axis] * block):
+    raise ValueError(f"ring attention: {k.shape[1]} keys do not split into {mesh.shape[axis]} chunks of blocks of {block}")
+  return _blockwise(q, k, v, kv_valid, q_slots, scale, axis, block, mesh)
+
+
+IMPLS: dict[str, Callable] = {"xla": _xla, "cudnn": _cudnn, "reference": _reference,
+                              "chunked": _chunked, "ring": _ring}
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid: jax.Array | None = None,
+              q_slots: jax.Array | None = None, impl: str = "xla", scale: float | None = None) -> jax.Array:
+  """Scaled dot-product attention -> float[B, S, H, Dh] (see the module docstring)."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl {impl!r}: expected one of {sorted(IMPLS)}")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  return IMPLS[impl](q, k, v, mask, scale)
+  return IMPLS[impl](q, k, v, kv_valid, q_slots, scale)
