@@ -187,3 +187,20 @@ def test_frame_chunks_equal_all_frames_at_once(tiny_cfg):
   got, out2 = LlamaVid(C.replace(tiny_cfg, frame_chunk=2)).apply({"params": params}, **batch)
   np.testing.assert_allclose(got, want, atol=1e-5)
   np.testing.assert_allclose(out2["context_attention"], out["context_attention"], atol=1e-6)
+
+
+def test_generate_greedy_equals_argmax_of_full_forward(video, tiny_cfg):
+  """Cached greedy decoding picks, at every step, the argmax of a full forward pass
+  over the prompt plus the tokens chosen so far."""
+  from llamavid_jax.generate import generate
+  model, params, batch = video
+  batch = dict(batch, text_mask=np.ones_like(batch["text_mask"]))
+  new = np.asarray(generate(model, params, batch, max_new_tokens=4, eos_id=-1))
+  assert new.shape == (B, 4)
+  ids = batch["input_ids"]
+  for k in range(4):
+    full = dict(batch, input_ids=np.concatenate([ids, new[:, :k]], 1),
+                text_mask=np.ones((B, S + k), bool))
+    logits, out = model.apply({"params": params}, **full)
+    last = np.asarray(out["layout"].valid).sum(1) - 1       # sample 1 has a padding frame
+    np.testing.assert_array_equal(np.argmax(np.asarray(logits)[np.arange(B), last], -1), new[:, k])
