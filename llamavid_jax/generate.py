@@ -21,7 +21,9 @@ def generate(model: LlamaVid, params, batch: dict, rng: jax.Array | None = None,
   qformer_mask, frames | features) -> int32[B, max_new_tokens] new tokens; after a
   sample's `eos_id` every further token is `eos_id`. temperature 0 = greedy."""
   inputs = {k: v for k, v in batch.items() if k in _INPUTS}
-  s_out = model.cfg.tokens_per_frame * inputs["frame_mask"].shape[1] + inputs["input_ids"].shape[1] - 1
+  k = model.cfg.tokens_per_frame * inputs["frame_mask"].shape[1]
+  prompts = inputs["qformer_ids"].shape[1] if inputs["qformer_ids"].ndim == 3 else 1
+  s_out = inputs["input_ids"].shape[1] + (prompts * (k - 1) if k else 0)
   logits, cache = model.apply({"params": params}, **inputs, max_len=s_out + max_new_tokens,
                               method=LlamaVid.prefill_cache)
   rng = jax.random.key(0) if rng is None else rng

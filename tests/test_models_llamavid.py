@@ -49,7 +49,7 @@ def test_video_logits_have_two_tokens_per_frame(video, tiny_cfg):
   np.testing.assert_array_equal(np.where(lay.is_vis[0])[0], np.arange(3, 9))
   np.testing.assert_array_equal(np.where(lay.is_vis[1])[0], np.arange(5, 9))
   assert lay.valid[0].sum() == S - 1 + 6 and lay.valid[1].sum() == 8 - 1 + 4
-  assert out["context_attention"].shape == (B, 3, tiny_cfg.qformer.num_query, tiny_cfg.vision.grid**2)
+  assert out["context_attention"].shape == (B, 1, 3, tiny_cfg.qformer.num_query, tiny_cfg.vision.grid**2)
   np.testing.assert_allclose(out["context_attention"].sum(-1), 1.0, rtol=1e-5)
   labels = np.arange(S)[None].repeat(B, 0).astype(np.int32)
   spliced = np.asarray(splice_labels(jnp.asarray(labels), lay))
@@ -68,9 +68,49 @@ def test_splice_matches_python_loop_reference(video, tiny_cfg):
     ids = batch["input_ids"][b][batch["text_mask"][b]]
     p = int(np.where(ids == -200)[0][0])
     nv = batch["frame_mask"][b].sum() * 2
-    want = np.concatenate([emb[ids[:p]], np.asarray(vis[b, :nv]), emb[ids[p + 1:]]])
+    want = np.concatenate([emb[ids[:p]], np.asarray(vis[b, 0, :nv]), emb[ids[p + 1:]]])
     np.testing.assert_allclose(np.asarray(x[b, :len(want)]), want, atol=1e-6)
     assert not np.asarray(x[b, len(want):]).any()
+
+
+def test_one_placeholder_per_turn_each_with_its_own_instruction(video, tiny_cfg):
+  """imgsp_v1: every human turn has an <image> and its own Q-Former instruction; the
+  r-th placeholder gets the frame tokens made with the r-th instruction. Sample 0 has
+  three placeholders, sample 1 one (its second and third instruction slots unused)."""
+  model, params, batch = video
+  tg = dict(params["token_gen"])     # sharpen the context attention (near uniform at init)
+  for name in ("vlm_att_projector", "vlm_att_key_projector"):
+    tg[name] = dict(tg[name], kernel=tg[name]["kernel"] * 30)
+  params = dict(params, token_gen=tg)
+  rng = np.random.RandomState(5)
+  ids = rng.randint(3, tiny_cfg.llm.vocab_size, (B, 12)).astype(np.int32)
+  ids[0, [1, 5, 9]] = -200
+  ids[1, 4] = -200
+  text_mask = np.ones((B, 12), bool)
+  text_mask[1, 10:] = False
+  qids = rng.randint(1, tiny_cfg.qformer.vocab_size, (B, 3, L)).astype(np.int32)
+  qmask = np.ones((B, 3, L), bool)
+  qmask[0, 1, 4:] = False
+  multi = dict(batch, input_ids=ids, text_mask=text_mask, qformer_ids=qids, qformer_mask=qmask)
+  x, lay, _ = model.apply({"params": params}, **multi, method=LlamaVid.embed_inputs)
+  assert x.shape[1] == 12 + 3 * (3 * 2 - 1)
+  vis, w = model.apply({"params": params}, multi["frame_mask"], qids, qmask, multi["frames"],
+                       method=LlamaVid.encode_visual)
+  assert vis.shape == (B, 3, 6, tiny_cfg.llm.d_model) and w.shape[:3] == (B, 3, 3)
+  vis = np.asarray(vis)
+  assert np.abs(vis[0, 0, 0] - vis[0, 1, 0]).max() > 1e-4      # context tokens follow the instruction
+  np.testing.assert_array_equal(vis[0, 0, 1::2], vis[0, 1, 1::2])  # content tokens do not
+  emb = np.asarray(params["llm"]["embed_tokens"]["embedding"])
+  for b in range(B):
+    nv, pieces, r = int(multi["frame_mask"][b].sum()) * 2, [], 0
+    for tok in ids[b][text_mask[b]]:
+      if tok == -200:
+        pieces.append(vis[b, r, :nv]); r += 1
+      else:
+        pieces.append(emb[tok][None])
+    want = np.concatenate(pieces)
+    np.testing.assert_allclose(np.asarray(x[b, :len(want)]), want, atol=1e-6)
+    assert int(lay.valid[b].sum()) == len(want) and not np.asarray(x[b, len(want):]).any()
 
 
 def test_padding_frames_do_not_change_the_answer(video, tiny_cfg):

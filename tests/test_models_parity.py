@@ -141,36 +141,41 @@ def test_llama_forward_and_cached_decoding(tiny_cfg, variant):
 @pytest.mark.parametrize("compress,projector", [("mean", "mlp2x_gelu"), ("grid:2", "linear"),
                                                 ("grid:3", "mlp2x_gelu"), ("none", "linear")])
 def test_token_generation_matches_numpy(compress, projector):
+  """Eq. 1 and the content pooling against numpy, per (sample, instruction, frame)."""
   rng = np.random.RandomState(0)
-  bt, m, n_side, c, dq, d = 3, 4, 7, 12, 8, 16
-  queries = rng.randn(bt, m, dq).astype(np.float32)
-  x = rng.randn(bt, n_side * n_side, c).astype(np.float32)
+  b, p, t, m, n_side, c, dq, d = 2, 2, 3, 4, 7, 12, 8, 16
+  queries = rng.randn(b, p, t, m, dq).astype(np.float32)
+  x = rng.randn(b, t, n_side * n_side, c).astype(np.float32)
   gen = TokenGenerator(d, compress, projector)
   params = nn.unbox(gen.init(jax.random.key(1), queries, x)["params"])
-  params = jax.tree.map(lambda a: np.asarray(a) + rng.randn(*a.shape).astype(np.float32) * 0.1, params)
+  params = jax.tree.map(lambda a: np.asarray(a) + rng.randn(*a.shape).astype(np.float32) * 0.3, params)
   tokens, weights = gen.apply({"params": params}, queries, x)
 
   lin = lambda p, a: a @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
   gelu = lambda a: 0.5 * a * (1 + np.vectorize(__import__("math").erf)(a / np.sqrt(2)))
-  xq = x.astype(np.float64)
-  qq = lin(params["vlm_att_projector"], queries.astype(np.float64))
-  kk = lin(params["vlm_att_key_projector"], xq)
-  scores = qq @ kk.transpose(0, 2, 1) / np.sqrt(c)
-  w = np.exp(scores - scores.max(-1, keepdims=True))
-  w /= w.sum(-1, keepdims=True)
-  ctx = lin(params["vlm_att_val_projector"], (w @ xq).mean(1))[:, None]       # Eq. 1
-  if compress == "mean":
-    pooled = xq.mean(1, keepdims=True)
-  elif compress == "none":
-    pooled = xq
-  else:   # torch avg_pool2d, kernel = stride = 7 // g, floor mode
-    g = int(compress.split(":")[1]); k = n_side // g; o = (n_side - k) // k + 1
-    grid = xq.reshape(bt, n_side, n_side, c)
-    pooled = np.stack([grid[:, i * k:(i + 1) * k, j * k:(j + 1) * k].mean((1, 2))
-                       for i in range(o) for j in range(o)], 1)
   mp = params["mm_projector"]
-  content = lin(mp["fc1"], pooled) if projector == "linear" else lin(mp["fc2"], gelu(lin(mp["fc1"], pooled)))
-  want = np.concatenate([ctx, content], 1)
-  assert tokens.shape == want.shape
-  report(f"token_gen[{compress},{projector}]", float(max(np.abs(tokens - want).max(), np.abs(weights - w).max())))
-  assert pool_content(jnp.asarray(x), compress).shape[1] == want.shape[1] - 1
+  diff = 0.0
+  for bi in range(b):
+    for ti in range(t):
+      xq = x[bi, ti].astype(np.float64)                                   # [N, C]
+      if compress == "mean":
+        pooled = xq.mean(0, keepdims=True)
+      elif compress == "none":
+        pooled = xq
+      else:   # torch avg_pool2d, kernel = stride = 7 // g, floor mode
+        g = int(compress.split(":")[1]); k = n_side // g; o = (n_side - k) // k + 1
+        grid = xq.reshape(n_side, n_side, c)
+        pooled = np.stack([grid[i * k:(i + 1) * k, j * k:(j + 1) * k].mean((0, 1))
+                           for i in range(o) for j in range(o)])
+      content = lin(mp["fc1"], pooled) if projector == "linear" else lin(mp["fc2"], gelu(lin(mp["fc1"], pooled)))
+      for pi in range(p):
+        qq = lin(params["vlm_att_projector"], queries[bi, pi, ti].astype(np.float64))   # [M, C]
+        kk = lin(params["vlm_att_key_projector"], xq)                                    # [N, C]
+        scores = qq @ kk.T / np.sqrt(c)
+        w = np.exp(scores - scores.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        ctx = lin(params["vlm_att_val_projector"], (w @ xq).mean(0))[None]              # Eq. 1
+        want = np.concatenate([ctx, content])
+        assert tokens.shape[3] == want.shape[0]
+        diff = max(diff, np.abs(tokens[bi, pi, ti] - want).max(), np.abs(weights[bi, pi, ti] - w).max())
+  report(f"token_gen[{compress},{projector}]", float(diff))

@@ -1,9 +1,11 @@
-"""LLaMA-VID: frames (or precomputed ViT features) + instruction + text -> logits.
+"""LLaMA-VID: frames (or precomputed ViT features) + instructions + text -> logits.
 
-Every frame becomes `[context, content...]` tokens (token_gen.py); the frame tokens of
-a sample, in time order, replace its one `<image>` placeholder (id -200) in the text
-embeddings. Splicing is a gather with static shapes: no Python loop over the batch,
-padding frames (frame_mask False, always after the valid ones) drop out.
+Every frame becomes `[context, content...]` tokens (token_gen.py). A sample has P
+instruction slots (the release's `imgsp_v1` puts an `<image>` placeholder in every
+human turn and uses that turn's question as the Q-Former instruction): the r-th
+placeholder (id -200) of a sample is replaced by the frame tokens made with its r-th
+instruction, in time order. Splicing is a gather with static shapes: no Python loop
+over the batch; padding frames (frame_mask False, always after the valid ones) drop out.
 
 Decoding follows big_vision: `prefill_cache` then `extend_cache` one token at a time.
 """
@@ -26,41 +28,51 @@ IGNORE = -100
 
 
 class Layout(NamedTuple):
-  """Where each of the S' = S - 1 + T*tokens_per_frame LLM positions comes from."""
+  """Where each of the S' = S + P*(T*tokens_per_frame - 1) LLM positions comes from."""
   text_idx: jax.Array   # int32[B, S'] index into the text ids
-  vis_idx: jax.Array    # int32[B, S'] index into the frame tokens
+  prompt_idx: jax.Array  # int32[B, S'] which placeholder / instruction (visual positions)
+  vis_idx: jax.Array    # int32[B, S'] index into that instruction's frame tokens
   is_vis: jax.Array     # bool[B, S']
   valid: jax.Array      # bool[B, S'] a real token (text or visual), not padding
 
 
 def splice_layout(input_ids: jax.Array, text_mask: jax.Array, frame_mask: jax.Array,
-                  tokens_per_frame: int, image_token_id: int = -200) -> Layout:
+                  tokens_per_frame: int, image_token_id: int = -200, num_prompts: int = 1) -> Layout:
   """input_ids, text_mask: [B, S]; frame_mask: bool[B, T] -> Layout over S' positions.
 
-  A sample without the placeholder keeps its text (a text-only sample)."""
+  Each placeholder (at most `num_prompts` per sample) expands to the sample's
+  valid_frames * tokens_per_frame visual tokens; a sample without one keeps its text."""
   b, s = input_ids.shape
   k = frame_mask.shape[1] * tokens_per_frame
-  s_out = s - 1 + k if k else s
-  is_img = input_ids == image_token_id
-  has = is_img.any(axis=1, keepdims=True)                                  # [B, 1]
-  p = jnp.argmax(is_img, axis=1)[:, None]                                  # placeholder position
-  nv = jnp.where(has, frame_mask.sum(axis=1, keepdims=True) * tokens_per_frame, 0)
-  j = jnp.arange(s_out)[None, :]
-  is_vis = has & (j >= p) & (j < p + nv)
-  after = has & (j >= p + nv)
-  text_idx = jnp.where(after, j - nv + 1, j)
-  in_range = text_idx < s
-  text_idx = jnp.clip(text_idx, 0, s - 1)
-  text_ok = in_range & ~is_vis & jnp.take_along_axis(text_mask.astype(bool), text_idx, 1)
-  text_ok &= ~jnp.take_along_axis(is_img, text_idx, 1)
-  vis_idx = jnp.clip(j - p, 0, max(k - 1, 0))
-  return Layout(text_idx.astype(jnp.int32), vis_idx.astype(jnp.int32), is_vis, is_vis | text_ok)
+  s_out = s + num_prompts * (k - 1) if k else s
+  text_mask = text_mask.astype(bool)
+  is_img = (input_ids == image_token_id) & text_mask
+  nv = (frame_mask.sum(axis=1) * tokens_per_frame)[:, None] if k else jnp.zeros((b, 1), jnp.int32)
+  before = jnp.cumsum(is_img, axis=1) - is_img                        # placeholders before i
+  start = jnp.arange(s)[None] + before * (nv - 1)                       # output position of i
+  j = jnp.arange(s_out)
+  src = jax.vmap(lambda st: jnp.searchsorted(st, j, side="right") - 1)(start)   # [B, S']
+  src = jnp.clip(src, 0, s - 1)
+  offset = j[None] - jnp.take_along_axis(start, src, 1)
+  src_img = jnp.take_along_axis(is_img, src, 1)
+  is_vis = src_img & (offset < nv)
+  is_text = ~src_img & (offset == 0) & jnp.take_along_axis(text_mask, src, 1)
+  prompt = jnp.clip(jnp.take_along_axis(before, src, 1), 0, num_prompts - 1)
+  return Layout(src.astype(jnp.int32), prompt.astype(jnp.int32), jnp.clip(offset, 0, max(k - 1, 0)).astype(jnp.int32),
+                is_vis, is_vis | is_text)
 
 
 def splice_labels(labels: jax.Array, layout: Layout) -> jax.Array:
   """int32[B, S] text labels -> int32[B, S'] (IGNORE on visual tokens and padding)."""
   out = jnp.take_along_axis(labels, layout.text_idx, 1)
   return jnp.where(layout.valid & ~layout.is_vis, out, IGNORE)
+
+
+def _prompts(qformer_ids, qformer_mask):
+  """[B, L] (one instruction) or [B, P, L] -> [B, P, L]."""
+  if qformer_ids.ndim == 2:
+    return qformer_ids[:, None], qformer_mask[:, None]
+  return qformer_ids, qformer_mask
 
 
 class LlamaVid(nn.Module):
@@ -78,10 +90,12 @@ class LlamaVid(nn.Module):
 
   def encode_visual(self, frame_mask, qformer_ids, qformer_mask, frames=None, features=None):
     """frames: float[B, T, H, W, 3] or features: float[B, T, N+1, C] (ViT output with
-    CLS); qformer_ids/mask: [B, L] -> (float[B, T*tokens_per_frame, D] frame tokens,
-    float32[B, T, M, N] context-attention weights or None)."""
+    CLS); qformer_ids/mask: [B, P, L] (or [B, L] for one instruction) ->
+    (float[B, P, T*tokens_per_frame, D] frame tokens per instruction,
+    float32[B, P, T, M, N] context-attention weights or None)."""
     if (frames is None) == (features is None):
       raise ValueError("pass exactly one of frames or features")
+    qformer_ids, qformer_mask = _prompts(qformer_ids, qformer_mask)
     if features is None:
       b, t = frames.shape[:2]
       features = self.vit(frames.reshape((b * t,) + frames.shape[2:]))
@@ -98,45 +112,49 @@ class LlamaVid(nn.Module):
       step = lambda mdl, carry, x: (carry, mdl._frame_tokens(x, qformer_ids, qformer_mask))
       _, (tokens, weights) = nn.scan(step, variable_broadcast="params", split_rngs={"params": False},
                                      length=t // chunk)(self, None, xs)
-      merge = lambda a: None if a is None else jnp.moveaxis(a, 0, 1).reshape((b, t) + a.shape[3:])
+      merge = lambda a: None if a is None else jnp.moveaxis(a, 0, 2).reshape(a.shape[1:3] + (t,) + a.shape[4:])
       tokens, weights = merge(tokens), merge(weights)
-    tokens = tokens.reshape(b, -1, tokens.shape[-1])                       # [B, T*tpf, D]
-    return nn.with_logical_constraint(tokens, ("batch", "length", "embed")), weights
+    tokens = tokens.reshape(tokens.shape[:2] + (-1, tokens.shape[-1]))      # [B, P, T*tpf, D]
+    return nn.with_logical_constraint(tokens, ("batch", None, "length", "embed")), weights
 
   def _frame_tokens(self, features, qformer_ids, qformer_mask):
-    """features: float[B, T, N+1, C] -> (float[B, T, tpf, D], float32[B, T, M, N] | None)."""
+    """features: float[B, T, N+1, C]; qformer_ids/mask [B, P, L] ->
+    (float[B, P, T, tpf, D], float32[B, P, T, M, N] | None)."""
     b, t, n1, c = features.shape
-    x = features.reshape(b * t, n1, c)
+    p, l = qformer_ids.shape[1:]
     queries = None
     if self.cfg.use_context_token:
-      rep = lambda a: jnp.repeat(a, t, axis=0)                             # same instruction per frame
-      queries = self.qformer(rep(qformer_ids), rep(qformer_mask), x)     # [B*T, M, Dq]
-    tokens, weights = self.token_gen(queries, x[:, 1:])                   # [B*T, tpf, D]
-    tokens = tokens.reshape((b, t) + tokens.shape[1:])
-    if weights is not None:
-      weights = weights.reshape((b, t) + weights.shape[1:])
-    return tokens, weights
+      # every (sample, instruction, frame) is one Q-Former input
+      image = jnp.broadcast_to(features[:, None], (b, p, t, n1, c)).reshape(b * p * t, n1, c)
+      rep = lambda a: jnp.broadcast_to(a[:, :, None], (b, p, t, l)).reshape(b * p * t, l)
+      queries = self.qformer(rep(qformer_ids), rep(qformer_mask), image)   # [B*P*T, M, Dq]
+      queries = queries.reshape((b, p, t) + queries.shape[1:])
+    return self.token_gen(queries, features[:, :, 1:])
 
   def embed_inputs(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
                    frames=None, features=None):
     """-> (float[B, S', D] spliced embeddings, Layout, out dict)."""
-    layout = splice_layout(input_ids, text_mask, frame_mask, self.cfg.tokens_per_frame, self.cfg.image_token_id)
+    qformer_ids, qformer_mask = _prompts(qformer_ids, qformer_mask)
+    layout = splice_layout(input_ids, text_mask, frame_mask, self.cfg.tokens_per_frame,
+                           self.cfg.image_token_id, qformer_ids.shape[1])
     x = jnp.take_along_axis(self.llm.embed(input_ids), layout.text_idx[..., None], 1)
     out = {"layout": layout}
     if frame_mask.shape[1]:
       vis, weights = self.encode_visual(frame_mask, qformer_ids, qformer_mask, frames, features)
-      v = jnp.take_along_axis(vis, layout.vis_idx[..., None], 1).astype(x.dtype)
-      x = jnp.where(layout.is_vis[..., None], v, x)
+      flat = vis.reshape(vis.shape[0], -1, vis.shape[-1])                   # [B, P*K, D]
+      v = jnp.take_along_axis(flat, (layout.prompt_idx * vis.shape[2] + layout.vis_idx)[..., None], 1)
+      x = jnp.where(layout.is_vis[..., None], v.astype(x.dtype), x)
       out["context_attention"] = weights
     x = jnp.where(layout.valid[..., None], x, 0)
     return x, layout, out
 
   def __call__(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
                frames=None, features=None):
-    """input_ids: int32[B, S] with one -200 placeholder per multimodal sample;
-    text_mask: bool[B, S]; frame_mask: bool[B, T]; qformer_ids, qformer_mask: [B, L];
+    """input_ids: int32[B, S] with up to P -200 placeholders per sample; text_mask:
+    bool[B, S]; frame_mask: bool[B, T]; qformer_ids, qformer_mask: [B, P, L] (the r-th
+    instruction serves the r-th placeholder) or [B, L] for one;
     frames: float[B, T, H, W, 3] or features: float[B, T, N+1, C].
-    -> (float32[B, S', V] logits with S' = S - 1 + T*tokens_per_frame, out dict with
+    -> (float32[B, S', V] logits with S' = S + P*(T*tokens_per_frame - 1), out dict with
     `layout` (use `splice_labels`), `context_attention`, `hidden`)."""
     x, layout, out = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
     positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0)

@@ -63,20 +63,25 @@ class TokenGenerator(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, queries: jax.Array, patches: jax.Array):
-    """queries: float[B, M, Dq] Q-Former outputs; patches: float[B, N, C] ViT patches
-    (no CLS) -> (float[B, tokens_per_frame, d_llm] with the context token first,
-    float32[B, M, N] context-attention weights or None)."""
+  def __call__(self, queries: jax.Array | None, patches: jax.Array):
+    """queries: float[B, P, T, M, Dq] Q-Former outputs, one set per prompt P (None
+    without context token); patches: float[B, T, N, C] ViT patches (no CLS) ->
+    (float[B, P, T, tokens_per_frame, d_llm], context first; float32[B, P, T, M, N]
+    context-attention weights or None). K(X) and the content tokens do not depend on
+    the prompt and are computed once per frame."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    c = patches.shape[-1]
-    tokens, weights = [], None
-    if self.use_context:
-      q = dense(c, (None, "embed"), name="vlm_att_projector", **kw)(queries)          # [B, M, C]
-      k = dense(c, (None, "embed"), name="vlm_att_key_projector", **kw)(patches)      # [B, N, C]
-      scores = jnp.einsum("bmc,bnc->bmn", q, k) / jnp.sqrt(jnp.float32(c)).astype(q.dtype)
-      weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)                  # [B, M, N]
-      ctx = jnp.einsum("bmn,bnc->bc", weights.astype(patches.dtype), patches) / weights.shape[1]
-      tokens.append(dense(self.llm_dim, (None, "embed"), name="vlm_att_val_projector", **kw)(ctx)[:, None])
-    content = pool_content(patches, self.compress_type)                              # [B, K, C]
-    tokens.append(Projector(self.llm_dim, self.projector, name="mm_projector", **kw)(content))
-    return jnp.concatenate(tokens, axis=1), weights
+    b, t, n, c = patches.shape
+    content = pool_content(patches.reshape(b * t, n, c), self.compress_type)        # [B*T, K, C]
+    content = Projector(self.llm_dim, self.projector, name="mm_projector", **kw)(content)
+    content = content.reshape(b, 1, t, -1, self.llm_dim)                            # [B, 1, T, K, D]
+    if not self.use_context:
+      return content, None
+    p = queries.shape[1]
+    q = dense(c, (None, "embed"), name="vlm_att_projector", **kw)(queries)          # [B, P, T, M, C]
+    k = dense(c, (None, "embed"), name="vlm_att_key_projector", **kw)(patches)      # [B, T, N, C]
+    scores = jnp.einsum("bptmc,btnc->bptmn", q, k) / jnp.sqrt(jnp.float32(c)).astype(q.dtype)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)                  # [B, P, T, M, N]
+    ctx = jnp.einsum("bptmn,btnc->bptc", weights.astype(patches.dtype), patches) / weights.shape[3]
+    ctx = dense(self.llm_dim, (None, "embed"), name="vlm_att_val_projector", **kw)(ctx)  # [B, P, T, D]
+    content = jnp.broadcast_to(content, (b, p) + content.shape[2:])
+    return jnp.concatenate([ctx[:, :, :, None].astype(content.dtype), content], axis=3), weights
