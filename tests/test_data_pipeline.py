@@ -1,0 +1,266 @@
+"""grain pipeline: batch contract, buckets, determinism, restore, sharding, bad input."""
+
+import collections
+import io
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from llamavid_jax.data import DataError
+from llamavid_jax.data import image as im
+from llamavid_jax.data import pipeline as pl
+from tests import data_fixtures as fx
+
+S = fx.SYSTEM_IDS
+IMG_IDS = [1, *S, 25, 27, -200, 28, 29, 30, 31, 26, 3, 32, 2]  # "<image>\nWhat is this?" / "A cat."
+IMG_LABELS = [-100] * 32 + [3, 32, 2]
+TEXT_IDS = [1, *S, 25, 35, 26, 36, 2]  # "Hello" / "Hi."
+# Buckets (text, frames); with 2 tokens per frame: text-only samples (29 tokens) -> 0,
+# images (35 tokens, 1 frame) -> 1, features (35 tokens, 3 steps) -> 2.
+BUCKETS = ((32, 1), (36, 1), (40, 4))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("data"))
+  fx.make_llm_tokenizer(os.path.join(root, "llm"))
+  fx.make_bert_tokenizer(os.path.join(root, "bert"))
+  os.makedirs(os.path.join(root, "videos"))
+  return root
+
+
+def _config(root, path, **kw):
+  base = dict(data_path=path, image_folder=os.path.join(root, "images"),
+              video_folder=os.path.join(root, "videos"), llm_tokenizer=os.path.join(root, "llm"),
+              qformer_tokenizer=os.path.join(root, "bert"), template="vicuna_v1", buckets=BUCKETS,
+              batch_size=2, image_size=16, max_len=64, qformer_max_len=8, feature_shape=(5, 8),
+              max_frames=4, read_threads=0, max_skip_rate=0.5, min_samples_for_skip_rate=1)
+  return pl.PipelineConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def good(root):
+  """6 images (RGB/RGBA/P/L, odd sizes), 3 text-only, 1 .npy and 1 .safetensors feature file."""
+  from safetensors.numpy import save_file
+
+  samples = fx.image_samples(root, 6)
+  samples += [{"id": f"txt{i}", "conversations": fx.qa("Hello", "Hi.")} for i in range(3)]
+  feats = np.arange(3 * 5 * 8, dtype=np.float32).reshape(3, 5, 8)
+  np.save(os.path.join(root, "videos", "f0.npy"), feats)
+  save_file({"features": feats[:2] + 1}, os.path.join(root, "videos", "f1.safetensors"),
+            metadata={"prompt": "Describe it."})
+  q = fx.qa("<image>\nWhat is this?", "A cat.")
+  samples += [{"id": "feat0", "video": "f0.npy", "conversations": q},
+              {"id": "feat1", "video": "f1.safetensors", "conversations": q}]
+  return fx.write_dataset(os.path.join(root), samples)
+
+
+def _run(pipeline):
+  it = iter(pipeline)
+  out = list(it)
+  it.close()
+  return out
+
+
+def test_batch_contract(root, good):
+  p = pl.make_pipeline(_config(root, good), shard_index=0, shard_count=1)
+  batches = _run(p)
+  assert len(batches) == len(p) == 3 + 2 + 1  # 6 images / 2, 3 texts -> 2, 2 features -> 1
+  by_index = {}
+  for key, b in zip((k for k, _ in p.plan.batches), batches):
+    text_len, frames = BUCKETS[key[1]]
+    vis = (frames, 16, 16, 3) if key[0] == "frames" else (frames, 5, 8)
+    assert {k: v.shape for k, v in b.items()} == {
+        "input_ids": (2, text_len), "labels": (2, text_len), "text_mask": (2, text_len),
+        key[0]: (2, *vis), "frame_mask": (2, frames), "qformer_ids": (2, 8),
+        "qformer_mask": (2, 8), "sample_index": (2,)}
+    assert b["input_ids"].dtype == np.int32 and b["frame_mask"].dtype == bool
+    assert b["sample_index"].dtype == np.int64
+    for r, i in enumerate(b["sample_index"]):
+      by_index[int(i)] = {k: v[r] for k, v in b.items()}
+  assert sorted(by_index) == [-1] + list(range(11))
+  # An RGBA image sample (index 1): exact ids, labels, masks, pixels, Q-Former ids.
+  row = by_index[1]
+  assert row["input_ids"].tolist() == IMG_IDS + [0]
+  assert row["labels"].tolist() == IMG_LABELS + [-100]
+  assert row["text_mask"].tolist() == [True] * 35 + [False]
+  assert row["frame_mask"].tolist() == [True]
+  from PIL import Image
+  ref = im.preprocess_image(Image.open(os.path.join(root, "images", "img1.png")), size=16)
+  np.testing.assert_array_equal(row["frames"][0], ref)
+  assert row["qformer_ids"].tolist() == [2, 5, 6, 7, 8, 3, 0, 0]
+  assert row["qformer_mask"].tolist() == [True] * 6 + [False] * 2
+  # Text only: no placeholder, no frames.
+  row = by_index[6]
+  assert row["input_ids"].tolist() == TEXT_IDS + [0, 0, 0]
+  assert row["labels"].tolist() == [-100] * 27 + [36, 2] + [-100] * 3
+  assert not row["frame_mask"].any() and not row["frames"].any()
+  # Features: .npy (3 steps, first-turn instruction), .safetensors (2 steps, stored prompt).
+  row = by_index[9]
+  assert row["frame_mask"].tolist() == [True, True, True, False]
+  np.testing.assert_array_equal(row["features"][:3], np.arange(120, dtype=np.float32).reshape(3, 5, 8))
+  assert not row["features"][3].any()
+  row = by_index[10]
+  assert row["frame_mask"].tolist() == [True, True, False, False]
+  assert row["qformer_ids"].tolist() == [2, 9, 10, 11, 3, 0, 0, 0]  # "Describe it."
+  # The padding row of the short text batch.
+  row = by_index[-1]
+  assert not row["text_mask"].any() and not row["frame_mask"].any() and not row["qformer_mask"].any()
+  assert (row["labels"] == -100).all()
+  assert len(p.batch_shapes) == 3
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restore_mid_epoch_yields_exactly_the_rest(root, good, workers):
+  cfg = _config(root, good, worker_count=workers, seed=3)
+  p = pl.make_pipeline(cfg, shard_index=0, shard_count=1)
+  it = iter(p)
+  first = [next(it) for _ in range(2)]
+  state = it.get_state()
+  rest = list(it)
+  it.close()
+  assert len(first) + len(rest) == 6
+  it2 = iter(pl.make_pipeline(cfg, shard_index=0, shard_count=1))
+  it2.set_state(state)
+  restored = list(it2)
+  it2.close()
+  _assert_same(restored, rest)
+  # And the whole run equals a fresh run with 0 workers (worker count changes nothing).
+  _assert_same(first + rest, _run(pl.make_pipeline(_config(root, good, seed=3), shard_index=0,
+                                                    shard_count=1)))
+
+
+def test_seed_determinism_and_epochs(root, good):
+  plan = lambda **kw: pl.make_pipeline(_config(root, good, **kw), shard_index=0, shard_count=1).plan
+  rows = lambda p: [r.tolist() for _, r in p.batches]
+  assert rows(plan(seed=1)) == rows(plan(seed=1))
+  assert rows(plan(seed=1)) != rows(plan(seed=2))
+  two = plan(seed=1, num_epochs=2)
+  counts = collections.Counter(i for _, r in two.batches for i in r.tolist())
+  assert counts == {i: 2 for i in range(11)}
+  assert len(two.batches) == 11  # 12 images / 2, 6 texts / 2, 4 features / 2
+
+
+def test_sharding_by_process(root, good):
+  plans = [pl.make_pipeline(_config(root, good, batch_size=1), shard_index=k, shard_count=2).plan
+           for k in range(2)]
+  keys = [[k for k, _ in p.batches] for p in plans]
+  assert keys[0] == keys[1]  # every step has the same bucket (shape) on both processes
+  seen = [i for p in plans for _, r in p.batches for i in r.tolist() if i >= 0]
+  assert sorted(seen) == list(range(11))
+  assert len(plans[0].batches) == 6
+
+
+# ---- bad input --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad(root):
+  """Two good images and every kind of bad sample."""
+  samples = fx.image_samples(root, 2)
+  q = fx.qa("<image>\nWhat is this?", "A cat.")
+  buf = io.BytesIO()
+  fx.random_image(np.random.default_rng(0), 40, 30).save(buf, format="PNG")
+  with open(os.path.join(root, "images", "cut.png"), "wb") as f:
+    f.write(buf.getvalue()[:200])
+  with open(os.path.join(root, "videos", "junk.mp4"), "wb") as f:
+    f.write(b"\x00not a video" * 10)
+  fx.write_video(os.path.join(root, "videos", "empty.mp4"), frames=0)
+  with open(os.path.join(root, "videos", "old.pkl"), "wb") as f:
+    f.write(b"\x80\x04K\x01.")
+  samples += [
+      {"id": "missing", "image": "nope.png", "conversations": q},
+      {"id": "truncated", "image": "cut.png", "conversations": q},
+      {"id": "junkvideo", "video": "junk.mp4", "conversations": q},
+      {"id": "emptyvideo", "video": "empty.mp4", "conversations": q},
+      {"id": "pickle", "video": "old.pkl", "conversations": q},
+      {"id": "nogpt", "conversations": fx.qa("Hello", "x")[:1]},
+      {"id": "long", "conversations": fx.qa("Hello " * 40, "Hi.")},
+  ]
+  path = os.path.join(root, "bad.json")
+  import json
+  with open(path, "w") as f:
+    json.dump(samples, f)
+  return path
+
+
+def test_every_bad_input_is_counted_and_named(root, bad, caplog):
+  caplog.set_level(logging.WARNING, logger="llamavid_jax.data.pipeline")
+  p = pl.make_pipeline(_config(root, bad, max_skip_rate=0.9), shard_index=0, shard_count=1)
+  v = os.path.join(root, "videos")
+  planned = {s.id: s for s in p.plan.skips}
+  assert {k: (s.reason, s.field) for k, s in planned.items()} == {
+      "missing": ("missing_file", "image"),
+      "junkvideo": ("unreadable_video", "video"),
+      "emptyvideo": ("empty_video", "video"),
+      "pickle": ("pickle_features", "video"),
+      "nogpt": ("no_gpt_turn", "conversations"),
+      "long": ("too_long", "conversations"),
+  }
+  assert planned["missing"].message() == (
+      f"sample 'missing' (index 2) field 'image' (file {root}/images/nope.png): "
+      "missing_file: file not found")
+  assert planned["emptyvideo"].message() == (
+      f"sample 'emptyvideo' (index 5) field 'video' (file {v}/empty.mp4): empty_video: "
+      "no video stream")
+  assert planned["long"].message() == (
+      "sample 'long' (index 8) field 'conversations': too_long: 69 text tokens > max_len 64")
+  assert planned["junkvideo"].message().startswith(
+      f"sample 'junkvideo' (index 4) field 'video' (file {v}/junk.mp4): unreadable_video: "
+      "InvalidDataError")
+  assert planned["nogpt"].message() == (
+      "sample 'nogpt' (index 7) field 'conversations': no_gpt_turn: no gpt turn (roles ['human'])")
+  # The truncated image fails in the worker: its row is padding, the skip is counted.
+  it = iter(p)
+  batches = list(it)
+  assert it.skip_counts == {"unreadable_image": 1} and it.seen == 3
+  indices = sorted(i for b in batches for i in b["sample_index"].tolist())
+  assert indices == [-1, -1, 0, 1]  # the truncated image and the padding row
+  logged = "\n".join(r.getMessage() for r in caplog.records)
+  for sid in ["missing", "truncated", "junkvideo", "emptyvideo", "pickle", "nogpt", "long"]:
+    assert f"sample '{sid}'" in logged
+  assert f"sample 'truncated' (index 3) field 'image' (file {root}/images/cut.png): unreadable_image:" in logged
+  # State carries the counters.
+  assert it.get_state()["skips"] == {"unreadable_image": 1}
+
+
+def test_skip_rate_bound_while_planning(root, bad):
+  with pytest.raises(DataError, match=r"skip rate 6/9 = 0\.667 exceeds max_skip_rate 0\.5 while "
+                     r"planning; last: sample 'pickle' \(index 6\) field 'video' \(file .*old\.pkl\): "
+                     r"pickle_features: .*; by reason: \{'missing_file': 1, 'unreadable_video': 1, "
+                     r"'empty_video': 1, 'no_gpt_turn': 1, 'too_long': 1, 'pickle_features': 1\}"):
+    pl.make_pipeline(_config(root, bad), shard_index=0, shard_count=1)
+
+
+def test_skip_rate_bound_at_run_time(root):
+  samples = fx.image_samples(root, 1) + [
+      {"id": "truncated", "image": "cut.png", "conversations": fx.qa("<image>\nWhat is this?", "A cat.")}]
+  path = fx.write_dataset(os.path.join(root, "videos"), samples)  # a second JSON file
+  p = pl.make_pipeline(_config(root, path, batch_size=1, seed=0, max_skip_rate=0.4),
+                       shard_index=0, shard_count=1)
+  with pytest.raises(DataError, match=r"skip rate 1/\d = \d\.\d+ exceeds max_skip_rate 0\.4; last: "
+                     r"sample 'truncated' \(index 1\) field 'image' \(file .*cut\.png\): "
+                     r"unreadable_image: .*by reason: \{'unreadable_image': 1\}"):
+    list(iter(p))
+
+
+def test_video_sample(root):
+  """A real clip through part B's decoder (skipped until llamavid_jax.data.video exists)."""
+  pytest.importorskip("llamavid_jax.data.video")
+  fx.write_video(os.path.join(root, "videos", "clip.mp4"), frames=12, fps=4)  # 3 s -> 3 frames
+  path = fx.write_dataset(os.path.join(root, "videos"), [
+      {"id": "clip", "video": "clip.mp4", "conversations": fx.qa("<image>\nWhat is this?", "A cat.")}])
+  p = pl.make_pipeline(_config(root, path, batch_size=1), shard_index=0, shard_count=1)
+  (b,) = _run(p)
+  assert b["frame_mask"].tolist() == [[True, True, True, False]]
+  assert b["input_ids"][0, :35].tolist() == IMG_IDS
