@@ -128,6 +128,9 @@ def model_rules(cfg: LlamaVidConfig) -> dict[str, Rule]:
 
 
 def _to_flax_leaf(t: np.ndarray, rule: Rule, shape: tuple[int, ...]) -> np.ndarray:
+  want = torch_shape(rule, shape)
+  if tuple(t.shape) != want:
+    raise ValueError(f"expected torch shape {want}")
   if rule.kind == "linear":
     t = t.T
   elif rule.kind == "conv":           # [D, C, p, p] -> [p, p, C, D]
@@ -196,3 +199,46 @@ def iter_torch(rules: Mapping[str, Rule], params) -> Iterator[tuple[str, np.ndar
     if rule.layer is not None:
       leaf = leaf[rule.layer]
     yield key, _to_torch_leaf(leaf, rule)
+
+
+def torch_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The torch tensor shape that `rule` turns into our (per-layer) leaf `shape`;
+  the exact inverse of `_to_torch_leaf`'s layout."""
+  if rule.kind == "linear":
+    return (int(np.prod(shape[rule.n_in:])), int(np.prod(shape[:rule.n_in])))
+  if rule.kind == "conv":             # [p, p, C, D] -> [D, C, p, p]
+    return (shape[3], shape[2], shape[0], shape[1])
+  if rule.path[-1] in ("bias", "scale", "q_bias", "v_bias"):
+    return (int(np.prod(shape)),)
+  return tuple(shape)
+
+
+# Tensors of the release files that are buffers, not parameters: skipped by name,
+# counted and logged. Anything else without a rule is an error.
+NON_PARAMETER_SUFFIXES = (
+    "embeddings.position_ids",        # BERT position-id buffer (Q-Former)
+    "rotary_emb.inv_freq",            # LLaMA RoPE frequencies (older transformers saves)
+)
+
+
+def is_non_parameter(key: str) -> bool:
+  return key.endswith(NON_PARAMETER_SUFFIXES)
+
+
+# InstructBLIP `instruct_blip_vicuna7b_trimmed.pth` ("model" dict) -> the release's
+# names, as the release's `initialize_attention_modules(pretrain_qformer=...)` loads it:
+# only the BERT encoder, the query tokens and `ln_vision` are used.
+INSTRUCTBLIP_RENAMES = (
+    ("Qformer.bert.", QFORMER_PREFIX),
+    ("query_tokens", "model.vlm_att_query"),
+    ("ln_vision.", "model.vlm_att_ln."),
+)
+
+
+def instructblip_key(key: str) -> str | None:
+  """Release key for an InstructBLIP checkpoint key, or None if the release ignores it
+  (`llm_proj`, `Qformer.cls`, the ViT copy, ...)."""
+  for src, dst in INSTRUCTBLIP_RENAMES:
+    if key.startswith(src):
+      return dst + key[len(src):]
+  return None

@@ -1,0 +1,93 @@
+"""A converted JAX checkpoint -> the release's PyTorch layout.
+
+  python -m llamavid_jax.export --ckpt OUT --out DIR [--max-shard-gb 5] [--no-pth]
+
+DIR gets `config.json` (the release config recorded at conversion), the LLaMA
+tokenizer files, `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`
+with the release's key names (LLM, projectors, Q-Former), and the ViT as
+`eva_vit_g.safetensors` (and `eva_vit_g.pth` when torch is installed). Each tensor is
+cast back to the dtype it had in the source files, so convert -> export reproduces
+every parameter tensor bit for bit when conversion kept the source dtypes (the
+default). Non-parameter buffers skipped at conversion (`position_ids`, `inv_freq`)
+are not written.
+
+Note: the release's own loader (`initialize_attention_modules`) reads
+`pytorch_model.bin.index.json` to find the Q-Former weights; to feed this export back
+to the release code, re-save the safetensors as `.bin` shards there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+
+from llamavid_jax.checkpoint import mapping, orbax_io, torch_io
+from llamavid_jax.checkpoint.stream import _progress
+
+log = logging.getLogger("llamavid_jax.export")
+
+
+def _dtype(name: str):
+  if name == "bfloat16":
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name)
+
+
+def torch_tensors(params, rules, source_dtypes: dict):
+  """(release key, numpy tensor in its source dtype) for every rule, in rule order."""
+  for key, t in _progress(mapping.iter_torch(rules, params), desc="tensors", total=len(rules), unit="tensor"):
+    want = source_dtypes.get(key)
+    yield key, (t.astype(_dtype(want)) if want and t.dtype != _dtype(want) else t)
+
+
+def export(ckpt: str, out: str, *, max_shard_bytes: int = 5 << 30, write_pth: bool = True) -> list[str]:
+  """Writes the release layout of converted checkpoint `ckpt` into `out`; returns the
+  written weight file names."""
+  cfg = orbax_io.load_config(ckpt)
+  conv = orbax_io.load_conversion(ckpt)
+  params = orbax_io.restore(ckpt, cfg=cfg)
+  os.makedirs(out, exist_ok=True)
+  dtypes = conv.get("source_dtypes", {})
+  names = torch_io.write_safetensors_shards(torch_tensors(params, mapping.model_rules(cfg), dtypes), out,
+                                            max_shard_bytes)
+  if "vit" in params:
+    vit = dict(torch_tensors(params, mapping.vit_rules(cfg), dtypes))
+    from safetensors.numpy import save_file
+    save_file(vit, os.path.join(out, "eva_vit_g.safetensors"))
+    names.append("eva_vit_g.safetensors")
+    if write_pth:
+      try:
+        import torch
+      except ImportError:
+        log.warning("torch not installed: eva_vit_g.pth not written (safetensors only)")
+      else:
+        torch.save({k: torch_io.numpy_to_torch(v) for k, v in vit.items()}, os.path.join(out, "eva_vit_g.pth"))
+        names.append("eva_vit_g.pth")
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(conv["release_config"], f, indent=2)
+  tok = os.path.join(ckpt, orbax_io.TOKENIZER)
+  for n in os.listdir(tok):
+    shutil.copyfile(os.path.join(tok, n), os.path.join(out, n))
+  log.info("wrote %s: %s", out, names)
+  return names
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--ckpt", required=True, help="converted checkpoint directory")
+  p.add_argument("--out", required=True, help="release-layout output directory")
+  p.add_argument("--max-shard-gb", type=float, default=5.0)
+  p.add_argument("--no-pth", action="store_true", help="do not write eva_vit_g.pth")
+  a = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  export(a.ckpt, a.out, max_shard_bytes=int(a.max_shard_gb * (1 << 30)), write_pth=not a.no_pth)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,251 @@
+"""Release checkpoint conversion: parity with a PyTorch forward, bit-exact export,
+sharded restore, refused pickles, and the error messages."""
+
+import json
+import os
+import shutil
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+
+from llamavid_jax import convert, export, sharding
+from llamavid_jax.checkpoint import orbax_io, torch_io
+from llamavid_jax.checkpoint.stream import ConversionError
+from llamavid_jax.models import LlamaVid
+from tests import torch_llamavid as tl
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory):
+  """Tiny release files: .bin (fp32) and safetensors (bf16) model dirs, eva_vit_g.pth,
+  a sentencepiece LLaMA tokenizer and a BERT vocab; plus the torch reference."""
+  root = tmp_path_factory.mktemp("release")
+  tok = str(root / "sp")
+  llm_vocab = tl.write_sp_tokenizer(tok)
+  bert = str(root / "bert")
+  bert_vocab = tl.write_bert_vocab(bert)
+  ref = tl.TorchLlamaVid(tl.tiny_config(llm_vocab, bert_vocab))
+  vit = str(root / "eva_vit_g.pth")
+  torch.save({k: torch.from_numpy(v) for k, v in ref.vit_state().items()}, vit)
+  return dict(root=root, ref=ref, tok=tok, bert=bert, vit=vit,
+              bin=tl.write_release(str(root / "bin"), ref, tok, fmt="bin"),
+              st=tl.write_release(str(root / "st"), ref, tok, fmt="safetensors", dtype=ml_dtypes.bfloat16))
+
+
+@pytest.fixture(scope="session")
+def converted(release):
+  out = str(release["root"] / "out_bin")
+  cfg = convert.convert_release(release["bin"], release["vit"], release["bert"], out, image_size=42)
+  return out, cfg
+
+
+def test_config_read_off_config_json_and_weights(converted, release):
+  out, cfg = converted
+  assert cfg == release["ref"].cfg      # every size inferred: heads 176/88, 128/64, cross every 2nd layer
+  assert cfg.vision.pos_embed_grid == 2 and cfg.llm.rope_scaling == 2.0
+  from llamavid_jax.data.tokenizer import load_llm_tokenizer, load_qformer_tokenizer
+  assert len(load_llm_tokenizer(os.path.join(out, "tokenizer"))) == cfg.llm.vocab_size
+  qtok = load_qformer_tokenizer(os.path.join(out, "qformer_tokenizer"))
+  assert len(qtok) == cfg.qformer.vocab_size and qtok.bos_token == "[DEC]"
+  assert json.load(open(os.path.join(out, "conversion.json")))["skipped"] == {"position_ids": 1, "inv_freq": 1}
+
+
+def _batch(cfg, rng):
+  """Two samples: 10 and 8 text tokens (placeholder at 3 / 5), 2 and 1 valid frames,
+  instructions of 5 and 3 tokens."""
+  ids = rng.randint(3, cfg.llm.vocab_size, (2, 10)).astype(np.int32)
+  ids[0, 3] = ids[1, 5] = cfg.image_token_id
+  text_mask = np.arange(10)[None] < np.array([[10], [8]])
+  qids = rng.randint(5, cfg.qformer.vocab_size, (2, 5)).astype(np.int32)
+  qmask = np.arange(5)[None] < np.array([[5], [3]])
+  frames = rng.randn(2, 2, 42, 42, 3).astype(np.float32)
+  return dict(input_ids=ids, text_mask=text_mask, frame_mask=np.array([[True, True], [True, False]]),
+              qformer_ids=qids, qformer_mask=qmask, frames=frames)
+
+
+def test_converted_logits_match_torch_reference(converted, release):
+  out, cfg = converted
+  params = orbax_io.restore(out)
+  batch = _batch(cfg, np.random.RandomState(0))
+  logits, lay = jax.jit(LlamaVid(cfg).apply)({"params": params}, **batch)
+  logits, valid = np.asarray(logits), np.asarray(lay["layout"].valid)
+  ref, diff = release["ref"], 0.0
+  for b, (n_text, n_frames, n_q) in enumerate([(10, 2, 5), (8, 1, 3)]):
+    vis = ref.frame_tokens(batch["frames"][b, :n_frames], batch["qformer_ids"][b, :n_q].tolist())
+    want = ref.logits(batch["input_ids"][b, :n_text].tolist(), vis)
+    assert want.shape[0] == valid[b].sum() == n_text - 1 + 2 * n_frames
+    diff = max(diff, float(np.abs(logits[b, valid[b]] - want).max()))
+  print(f"PARITY converted release vs torch LLaMA-VID: max abs diff {diff:.3e}")
+  assert diff <= TOL
+
+
+def _source_tensors(model_dir, vit):
+  out = {}
+  for f in torch_io.shard_files(model_dir) + [vit]:
+    out.update(torch_io.read_file(f))
+  return out
+
+
+@pytest.mark.parametrize("variant", ["bin", "st"])
+def test_convert_export_is_bit_exact(converted, release, tmp_path, variant):
+  if variant == "bin":
+    out = converted[0]
+  else:   # bf16 safetensors, dtype kept
+    out = str(tmp_path / "out")
+    convert.convert_release(release["st"], release["vit"], release["bert"], out, image_size=42)
+  names = export.export(out, str(tmp_path / "exported"), max_shard_bytes=200_000)
+  assert sum(n.startswith("model-") for n in names) >= 2 and "eva_vit_g.pth" in names
+  src = _source_tensors(release[variant], release["vit"])
+  got = _source_tensors(str(tmp_path / "exported"), str(tmp_path / "exported" / "eva_vit_g.pth"))
+  assert set(src) - set(got) == set(tl.BUFFERS) and not set(got) - set(src)
+  for k, v in got.items():
+    assert v.dtype == src[k].dtype and v.shape == src[k].shape, k
+    assert v.tobytes() == src[k].tobytes(), f"{k} differs"
+  assert {v.dtype.name for k, v in got.items() if k.startswith("model.")} == {"float32" if variant == "bin" else "bfloat16"}
+  vit_st = torch_io.read_file(str(tmp_path / "exported" / "eva_vit_g.safetensors"))
+  assert all(vit_st[k].tobytes() == got[k].tobytes() for k in vit_st)
+  assert json.load(open(tmp_path / "exported" / "config.json")) == tl.release_config(release["ref"].cfg)
+  assert os.path.exists(tmp_path / "exported" / "tokenizer.model")
+
+
+def test_restore_sharded_on_mesh_in_bf16(converted):
+  out, cfg = converted
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+  host = orbax_io.restore(out)
+  params = orbax_io.restore(out, mesh=mesh, dtype=jax.numpy.bfloat16)
+  boxed = orbax_io.abstract_params(cfg)
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  specs = jax.tree.map(lambda b: sharding.fit_spec(sharding.logical_to_spec(b.names), b.value.shape, mesh),
+                       boxed, is_leaf=is_box)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  assert len(flat) == len(jax.tree.leaves(host)) > 50
+  used = set()
+  for path, arr in flat:
+    spec = specs
+    for k in path:
+      spec = spec[k.key]
+    name = jax.tree_util.keystr(path)
+    assert arr.sharding.mesh == mesh and arr.sharding.spec == spec, (name, arr.sharding.spec, spec)
+    assert arr.dtype == jax.numpy.bfloat16, name
+    want = host
+    for k in path:
+      want = want[k.key]
+    np.testing.assert_array_equal(np.asarray(arr), np.asarray(want).astype(ml_dtypes.bfloat16), err_msg=name)
+    used |= {a for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes)}
+    shard_shape = arr.addressable_shards[0].data.shape
+    assert shard_shape == arr.sharding.shard_shape(arr.shape), name
+  assert used == {"fsdp", "tensor"}
+
+
+class _RunsCode:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.makedirs, (self.marker,))
+
+
+def test_pickle_that_runs_code_is_refused(release, tmp_path):
+  model = str(tmp_path / "evil")
+  shutil.copytree(release["bin"], model)
+  marker = str(tmp_path / "code_ran")
+  shard = os.path.join(model, "pytorch_model-00002-of-00002.bin")
+  sd = torch.load(shard, weights_only=True)
+  sd["model.norm.weight"] = _RunsCode(marker)
+  torch.save(sd, shard)
+  with pytest.raises(torch_io.UnsafePickleError, match="pytorch_model-00002-of-00002.bin: refused"):
+    convert.convert_release(model, release["vit"], release["bert"], str(tmp_path / "out"), image_size=42)
+  assert not os.path.exists(marker)
+
+
+def _broken(release, tmp_path, edit):
+  """A safetensors copy of the release model with `edit(state_dict)` applied."""
+  sd = {}
+  for f in torch_io.shard_files(release["st"]):
+    sd.update(torch_io.read_file(f))
+  edit(sd)
+  return tl.write_release(str(tmp_path / "broken"), release["ref"], release["tok"], fmt="safetensors", sd=sd)
+
+
+K = "model.layers.1.mlp.down_proj.weight"   # torch [D, F] = (32, 64)
+
+
+@pytest.mark.parametrize("case,edit,pattern", [
+    ("missing", lambda sd: sd.pop(K), rf"missing key.*'{K}' \(expected shape \(32, 64\), found: none\)"),
+    ("unexpected", lambda sd: sd.update({"model.extra_proj.weight": np.zeros((3, 5), np.float32)}),
+     r"unexpected key 'model.extra_proj.weight' with shape \(3, 5\).*expected shape: none"),
+    ("shape", lambda sd: sd.update({K: np.zeros((64, 32), np.float32)}),
+     rf"shape mismatch for '{K}': checkpoint has \(64, 32\), the model expects \(32, 64\)"),
+])
+def test_conversion_errors_name_key_and_shapes(release, tmp_path, case, edit, pattern):
+  model = _broken(release, tmp_path, edit)
+  with pytest.raises(ConversionError, match=pattern):
+    convert.convert_release(model, release["vit"], release["bert"], str(tmp_path / "out"), image_size=42)
+
+
+def test_stage1_from_hf_llama_and_instructblip(converted, release, tmp_path):
+  """Plain HF LLaMA dir + InstructBLIP .pth -> same LLM / Q-Former / ViT params as the
+  release conversion of the same weights; fresh projectors of the right shapes."""
+  ref = release["ref"]
+  llm = tmp_path / "vicuna"
+  llm.mkdir()
+  ref.llama.config.to_json_file(str(llm / "config.json"))
+  torch.save({k: torch.from_numpy(v) for k, v in tl.torch_ref.state(ref.llama).items()}, llm / "pytorch_model.bin")
+  for n in os.listdir(release["tok"]):
+    shutil.copyfile(os.path.join(release["tok"], n), llm / n)
+  blip = {"Qformer." + k[len("model.vlm_att_encoder."):]: v for k, v in tl.torch_ref.qformer_state(ref.qformer).items()}
+  blip |= {"query_tokens": ref.extra["model.vlm_att_query"].numpy(), "Qformer.bert.embeddings.position_ids":
+           np.arange(64)[None], "ln_vision.weight": ref.extra["model.vlm_att_ln.weight"].numpy(),
+           "ln_vision.bias": ref.extra["model.vlm_att_ln.bias"].numpy(), "llm_proj.weight": np.zeros((4, 128), np.float32)}
+  torch.save({"model": {k: torch.from_numpy(np.asarray(v)) for k, v in blip.items()}}, tmp_path / "blip.pth")
+  out = str(tmp_path / "stage1")
+  cfg = convert.convert_stage1(str(llm), str(tmp_path / "blip.pth"), release["vit"], release["bert"], out,
+                               image_size=42)
+  assert cfg.qformer == ref.cfg.qformer and cfg.llm == ref.cfg.llm
+  got, want = orbax_io.restore(out), orbax_io.restore(converted[0])
+  for part in ("llm", "qformer", "vit"):
+    jax.tree.map(np.testing.assert_array_equal, got[part], want[part])
+  assert jax.tree.map(np.shape, got["token_gen"]) == jax.tree.map(np.shape, want["token_gen"])
+  assert json.load(open(os.path.join(out, "conversion.json")))["skipped"] == {"position_ids": 1, "unused:llm_proj": 1}
+
+
+def test_score_cli_matches_torch_reference(converted, release, tmp_path, capsys):
+  """eval.score on stored ViT features: the release prompt, and the answer's summed
+  log-probability equal to the torch reference's on the same ids."""
+  from eval import score
+  out, cfg = converted
+  ref = release["ref"]
+  frames = np.random.RandomState(1).randn(2, 42, 42, 3).astype(np.float32)
+  with torch.no_grad():
+    feats = ref.vit(torch.from_numpy(frames).permute(0, 3, 1, 2), output_hidden_states=True,
+                    interpolate_pos_encoding=True).hidden_states[-1]
+  np.save(tmp_path / "feats.npy", feats.numpy())
+  question, answer = "what is in the video?", "a cat runs on the grass."
+  score.main(["--ckpt", out, "--features", str(tmp_path / "feats.npy"), "--question", question,
+              "--answer", answer])
+  got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+  scorer = score.Scorer(out)
+  ids, n_prompt = scorer.token_ids(question, answer)
+  assert score.inference_prompt(question) == (
+      "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+      "detailed, and polite answers to the user's questions. USER: <image>\nwhat is in the video? ASSISTANT:")
+  tok = scorer.tokenizer
+  before, after = score.inference_prompt(question).split("<image>")
+  assert ids[:n_prompt] == tok(before).input_ids + [-200] + tok(after).input_ids[1:]
+  assert ids.count(-200) == 1 and tok.decode(ids[n_prompt:]).strip() == answer
+  qids = scorer.qtokenizer(question).input_ids
+  logits = torch.from_numpy(ref.logits(ids, ref.tokens_from_features(feats, qids)))
+  logp = logits.log_softmax(-1)
+  shift = 2 * 2 - 1                                   # 2 frames x 2 tokens replace one placeholder
+  want = [float(logp[i + shift - 1, ids[i]]) for i in range(n_prompt, len(ids))]
+  assert got["num_tokens"] == len(want) == len(ids) - n_prompt > 3
+  np.testing.assert_allclose(got["token_logprobs"], want, atol=TOL)
+  assert abs(got["logprob"] - sum(want)) <= 10 * TOL
+  print(f"SCORE logprob {got['logprob']:.5f} vs torch {sum(want):.5f}")
