@@ -1,0 +1,89 @@
+"""Video decoding: the release's 1-fps frame choice on generated clips whose frames
+carry their index, seeking == sequential decoding, the frame cap, VFR, bad files."""
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from llamavid_jax.data.video import VideoError, frame_indices, load_video
+from tests.video_fixtures import read_counter, write_counter_clip
+
+RATES = {"24": 24, "25": 25, "30": 30, "29.97": Fraction(30000, 1001)}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+  root = tmp_path_factory.mktemp("clips")
+  return {k: write_counter_clip(str(root / f"{k}.mp4"), 250, r) for k, r in RATES.items()}
+
+
+@pytest.mark.parametrize("rate,step", [("24", 24), ("25", 25), ("30", 30), ("29.97", 30)])
+def test_one_fps_picks_every_round_avg_fps_th_frame(clips, rate, step):
+  want = list(range(0, 250, step))             # decord: range(0, len(vr), round(avg_fps))
+  for seek in (False, True):
+    frames, info = load_video(clips[rate], fps=1.0, seek=seek)
+    assert info["indices"] == want and info["num_frames"] == 250
+    assert [read_counter(f) for f in frames] == want
+    assert frames.shape == (len(want), 48, 64, 3) and frames.dtype == np.uint8
+
+
+def test_seeking_and_sequential_decoding_give_identical_frames(clips):
+  a, ia = load_video(clips["30"], fps=1.0, seek=False)
+  b, ib = load_video(clips["30"], fps=1.0, seek=True)
+  np.testing.assert_array_equal(a, b)
+  assert ib["decoded"] < ia["decoded"]         # seeking skips most of the decoding
+  assert load_video(clips["30"], fps=1.0)[1]["seek"]   # auto: frames 30 apart, keyframes 12 apart
+
+
+def test_other_rates_and_every_frame(clips):
+  frames, info = load_video(clips["25"], fps=2.0)    # step round(25 / 2) = 12
+  assert [read_counter(f) for f in frames] == list(range(0, 250, 12))
+  frames, _ = load_video(clips["24"], fps=None)
+  assert [read_counter(f) for f in frames] == list(range(250))
+
+
+def test_frame_cap_resamples_uniformly(clips):
+  frames, info = load_video(clips["30"], fps=1.0, max_frames=4)
+  # 9 one-fps frames [0, 30, ..., 240] -> linspace(0, 8, 4).round() = [0, 3, 5, 8]
+  assert info["indices"] == [0, 90, 150, 240] == [read_counter(f) for f in frames]
+  assert frame_indices(9, 1.0, 1.0, 9) == list(range(9))
+
+
+def test_variable_frame_rate_counts_frames_in_presentation_order(tmp_path):
+  gaps = np.where(np.arange(120) % 2, 20, 60)          # 50 fps and 16.7 fps alternating
+  pts = np.concatenate([[0], np.cumsum(gaps)[:-1]])
+  path = write_counter_clip(str(tmp_path / "vfr.mp4"), 120, 25, pts=pts)
+  frames, info = load_video(path, fps=1.0)
+  step = max(1, round(info["avg_fps"]))
+  assert info["indices"] == list(range(0, 120, step)) == [read_counter(f) for f in frames]
+  np.testing.assert_allclose(info["timestamps"], pts[info["indices"]] / 1000, atol=1e-6)
+
+
+def test_bad_files_name_the_file_and_reason(tmp_path):
+  missing = str(tmp_path / "nope.mp4")
+  with pytest.raises(VideoError, match="nope.mp4.*file not found"):
+    load_video(missing)
+  junk = tmp_path / "junk.mp4"
+  junk.write_bytes(b"this is not a video" * 10)
+  with pytest.raises(VideoError, match="junk.mp4.*cannot open"):
+    load_video(str(junk))
+  empty = str(tmp_path / "empty.mp4")
+  with av.open(empty, "w") as out:              # a header without frames
+    s = out.add_stream("mpeg4", rate=4)
+    s.width, s.height, s.pix_fmt = 32, 24, "yuv420p"
+    out.start_encoding()
+  with pytest.raises(VideoError, match="empty.mp4.*(no frames|no video stream)"):
+    load_video(empty)
+  audio = str(tmp_path / "audio.mp4")
+  with av.open(audio, "w") as out:
+    s = out.add_stream("aac", rate=8000)
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+    frame.sample_rate = 8000
+    for p in s.encode(frame):
+      out.mux(p)
+    for p in s.encode():
+      out.mux(p)
+  with pytest.raises(VideoError, match="audio.mp4.*no video stream"):
+    load_video(audio)
