@@ -1,0 +1,227 @@
+"""Synthetic video QA, no downloads: clips of moving coloured shapes with questions
+whose answers need the right object, written as real mp4 files + LLaVA-format JSON +
+small tokenizers in transformers' format, so they run the same code path as real data.
+
+  python -m llamavid_jax.data.synthetic --out DIR [--num-train 2000] [--num-eval 200]
+      [--seed 0] [--size 64] [--frames 4] [--questions color,shape,count,motion] [--long 4]
+
+Short clips: 2-3 objects (distinct shapes and distinct colours) moving in straight
+lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
+`frames` of them. Questions (single-word answers from a closed set):
+  color   "What color is the {shape}?"                       -> red, green, ...
+  shape   "What shape is the {color} object?"                -> circle, square, triangle
+  count   "How many objects are there?"                      -> two, three
+  motion  "Which direction does the {color} {shape} move?"   -> left, right, up, down
+Long clips (`--long N`): `--long-frames` frames at 1 fps with one "needle": a shape
+that appears for 3 frames at a chosen depth; "What color is the shape that appears?".
+
+Out: DIR/{train,heldout,long}.json, DIR/videos/*.mp4, DIR/manifest.json (ground truth),
+DIR/tokenizers/{llm,qformer}. Same seed -> same JSON and the same decoded frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import av
+import numpy as np
+
+COLORS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (40, 70, 235), "yellow": (240, 230, 30),
+          "purple": (160, 40, 200), "orange": (250, 140, 20), "white": (245, 245, 245), "cyan": (30, 225, 230)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+COUNTS = {2: "two", 3: "three"}
+QUESTION_TYPES = ("color", "shape", "count", "motion")
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+BACKGROUND = 40
+
+
+def draw(size: int, objects: list[dict], t: float) -> np.ndarray:
+  """uint8[size, size, 3]: every object at its position at time t."""
+  img = np.full((size, size, 3), BACKGROUND, np.uint8)
+  yy, xx = np.mgrid[:size, :size]
+  r = size / 7
+  for o in objects:
+    cy, cx = np.asarray(o["start"]) + t * np.asarray(o["velocity"])
+    dy, dx = yy - cy, xx - cx
+    if o["shape"] == "circle":
+      m = dy ** 2 + dx ** 2 <= r * r
+    elif o["shape"] == "square":
+      m = (np.abs(dy) <= r * 0.9) & (np.abs(dx) <= r * 0.9)
+    else:
+      m = (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    img[m] = COLORS[o["color"]]
+  return img
+
+
+def write_mp4(path: str, frames: list[np.ndarray], fps: int) -> None:
+  """H.264 (yuv420p, near-lossless) mp4 of uint8[H, W, 3] frames."""
+  h, w = frames[0].shape[:2]
+  with av.open(path, "w") as out:
+    s = out.add_stream("libx264", rate=fps)
+    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+    s.options = {"crf": "12", "preset": "ultrafast", "g": str(max(2 * fps, 2))}
+    for f in frames:
+      for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        out.mux(p)
+    for p in s.encode():
+      out.mux(p)
+
+
+def make_clip(rng: np.random.Generator, size: int, frames: int) -> list[dict]:
+  """2-3 objects with distinct shapes and colours, each moving one way, kept in view."""
+  n = int(rng.integers(2, 4))
+  shapes = rng.choice(SHAPES, n, replace=False)
+  colors = rng.choice(list(COLORS), n, replace=False)
+  dirs = rng.choice(list(DIRECTIONS), n)
+  cells = rng.permutation(4)[:n]                       # quadrants: objects never overlap at t=0
+  span = size / 4                                      # distance covered over the clip
+  objects = []
+  for s, c, d, cell in zip(shapes, colors, dirs, cells):
+    cy, cx = (cell // 2 + 0.5) * size / 2, (cell % 2 + 0.5) * size / 2
+    vy, vx = DIRECTIONS[d]
+    start = (cy - vy * span / 2, cx - vx * span / 2)
+    objects.append(dict(shape=str(s), color=str(c), direction=str(d), start=start,
+                        velocity=(vy * span / max(frames - 1, 1), vx * span / max(frames - 1, 1))))
+  return objects
+
+
+def question(rng: np.random.Generator, objects: list[dict], kinds) -> tuple[str, str, str]:
+  kind = str(rng.choice(kinds))
+  o = objects[int(rng.integers(len(objects)))]
+  if kind == "color":
+    return kind, f"What color is the {o['shape']}?", o["color"]
+  if kind == "shape":
+    return kind, f"What shape is the {o['color']} object?", o["shape"]
+  if kind == "count":
+    return kind, "How many objects are there?", COUNTS[len(objects)]
+  return kind, f"Which direction does the {o['color']} {o['shape']} move?", o["direction"]
+
+
+def sample_json(sid: str, video: str, q: str, a: str) -> dict:
+  return {"id": sid, "video": video, "conversations": [
+      {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
+
+
+def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int, kinds) -> tuple[list, list]:
+  samples, truth = [], []
+  for i in range(n):
+    objects = make_clip(rng, size, frames)
+    # 2 fps, 2 * frames frames: the 1-fps rule keeps frames 0, 2, 4, ... (t = 0, 1, 2, ...)
+    clip = [draw(size, objects, k / 2) for k in range(2 * frames)]
+    rel = f"videos/{split}_{i:05d}.mp4"
+    write_mp4(os.path.join(out, rel), clip, fps=2)
+    kind, q, a = question(rng, objects, kinds)
+    samples.append(sample_json(f"{split}_{i:05d}", rel, q, a))
+    truth.append(dict(id=f"{split}_{i:05d}", kind=kind, answer=a, objects=objects))
+  return samples, truth
+
+
+def generate_long(out: str, n: int, rng, *, size: int, frames: int) -> tuple[list, list]:
+  """Needle-in-a-haystack clips: a still scene; one shape appears for 3 frames."""
+  samples, truth = [], []
+  for i in range(n):
+    depth = float(rng.uniform(0.05, 0.95))
+    at = int(depth * (frames - 3))
+    needle = dict(shape=str(rng.choice(SHAPES)), color=str(rng.choice(list(COLORS))),
+                  start=(size / 2, size / 2), velocity=(0.0, 0.0))
+    clip = [draw(size, [needle] if at <= k < at + 3 else [], 0) for k in range(frames)]
+    rel = f"videos/long_{i:05d}.mp4"
+    write_mp4(os.path.join(out, rel), clip, fps=1)
+    samples.append(sample_json(f"long_{i:05d}", rel, "What color is the shape that appears?", needle["color"]))
+    truth.append(dict(id=f"long_{i:05d}", kind="needle", answer=needle["color"], depth=depth, frame=at))
+  return samples, truth
+
+
+def vocabulary() -> list[str]:
+  """Every word of the templates, questions and answers (punctuation attached)."""
+  words = SYSTEM.split() + ["USER:", "ASSISTANT:"]
+  words += "What color is the shape object? How many objects are there? Which direction does move?".split()
+  words += [f"{s}?" for s in SHAPES] + list(SHAPES) + list(COLORS) + list(DIRECTIONS) + list(COUNTS.values())
+  words += ["appears?"]
+  return list(dict.fromkeys(words))
+
+
+def build_llm_tokenizer(out_dir: str, words: list[str]) -> None:
+  """A LLaMA-like word-level tokenizer (<unk>=0, <s>=1, </s>=2, bos added, Metaspace
+  words, newline its own piece) saved as a transformers PreTrainedTokenizerFast."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast
+
+  pieces = ["<unk>", "<s>", "</s>", "▁", "▁\n", "\n"] + ["▁" + w for w in words]
+  vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split("\n", "isolated"),
+      pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+  tok.decoder = decoders.Metaspace()
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+  PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                          pad_token="<unk>").save_pretrained(out_dir)
+
+
+def build_qformer_tokenizer(out_dir: str, words: list[str]) -> None:
+  """A WordPiece vocab.txt (lower case, punctuation split off) for BertTokenizerFast."""
+  os.makedirs(out_dir, exist_ok=True)
+  plain = sorted({w.lower().strip("?.,:'") for w in words} - {""})
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", ".", ",", ":", "'"] + plain
+  with open(os.path.join(out_dir, "vocab.txt"), "w") as f:
+    f.write("\n".join(vocab) + "\n")
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump({"do_lower_case": True, "tokenizer_class": "BertTokenizer"}, f)
+
+
+def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: int = 64, frames: int = 4,
+             questions=QUESTION_TYPES, num_long: int = 0, long_frames: int = 300) -> dict:
+  """Writes the dataset (see the module docstring); returns the manifest."""
+  unknown = set(questions) - set(QUESTION_TYPES)
+  if unknown:
+    raise ValueError(f"unknown question types {sorted(unknown)}; known: {QUESTION_TYPES}")
+  if size % 2:
+    raise ValueError(f"size {size}: H.264 yuv420p needs even dimensions")
+  os.makedirs(os.path.join(out, "videos"), exist_ok=True)
+  rng = np.random.default_rng(seed)
+  manifest = dict(seed=seed, size=size, frames=frames, questions=list(questions), splits={})
+  splits = [("train", num_train), ("heldout", num_eval)]
+  for split, n in splits:
+    samples, truth = generate_split(out, split, n, rng, size=size, frames=frames, kinds=list(questions))
+    _dump(os.path.join(out, f"{split}.json"), samples)
+    manifest["splits"][split] = truth
+  if num_long:
+    samples, truth = generate_long(out, num_long, rng, size=size, frames=long_frames)
+    _dump(os.path.join(out, "long.json"), samples)
+    manifest["splits"]["long"] = truth
+  words = vocabulary()
+  build_llm_tokenizer(os.path.join(out, "tokenizers", "llm"), words)
+  build_qformer_tokenizer(os.path.join(out, "tokenizers", "qformer"), words)
+  _dump(os.path.join(out, "manifest.json"), manifest)
+  return manifest
+
+
+def _dump(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--num-train", type=int, default=2000)
+  ap.add_argument("--num-eval", type=int, default=200)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--size", type=int, default=64)
+  ap.add_argument("--frames", type=int, default=4)
+  ap.add_argument("--questions", default=",".join(QUESTION_TYPES))
+  ap.add_argument("--long", type=int, default=0, help="number of long needle clips")
+  ap.add_argument("--long-frames", type=int, default=300)
+  a = ap.parse_args(argv)
+  m = generate(a.out, num_train=a.num_train, num_eval=a.num_eval, seed=a.seed, size=a.size, frames=a.frames,
+               questions=a.questions.split(","), num_long=a.long, long_frames=a.long_frames)
+  print(f"wrote {sum(len(v) for v in m['splits'].values())} clips to {a.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,91 @@
+"""The synthetic video-QA generator: deterministic, answers true to the decoded mp4s,
+tokenizers that load like real ones and keep every answer one token."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from llamavid_jax.data import IGNORE_INDEX, synthetic
+from llamavid_jax.data.conversation import encode_conversation
+from llamavid_jax.data.tokenizer import load_llm_tokenizer, load_qformer_tokenizer
+from llamavid_jax.data.video import load_video
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("syn"))
+  return out, synthetic.generate(out, num_train=24, num_eval=8, seed=3, size=64, frames=4, num_long=1,
+                                 long_frames=40)
+
+
+def nearest_color(rgb) -> str:
+  names = list(synthetic.COLORS)
+  d = [np.abs(np.asarray(synthetic.COLORS[n], float) - rgb).sum() for n in names]
+  return names[int(np.argmin(d))]
+
+
+def object_mask(frame, color):
+  return np.abs(frame.astype(float) - synthetic.COLORS[color]).sum(-1) < 90
+
+
+def test_same_seed_same_json_and_frames(data, tmp_path):
+  out, _ = data
+  again = str(tmp_path / "again")
+  synthetic.generate(again, num_train=24, num_eval=8, seed=3, size=64, frames=4, num_long=1, long_frames=40)
+  for name in ("train.json", "heldout.json", "long.json", "manifest.json"):
+    assert open(os.path.join(out, name)).read() == open(os.path.join(again, name)).read()
+  a, _ = load_video(os.path.join(out, "videos/train_00005.mp4"))
+  b, _ = load_video(os.path.join(again, "videos/train_00005.mp4"))
+  np.testing.assert_array_equal(a, b)
+  train = {s["id"] for s in json.load(open(os.path.join(out, "train.json")))}
+  held = {s["id"] for s in json.load(open(os.path.join(out, "heldout.json")))}
+  assert len(train) == 24 and len(held) == 8 and not train & held
+
+
+def test_answers_are_true_to_the_decoded_video(data):
+  out, manifest = data
+  kinds = set()
+  for truth in manifest["splits"]["train"] + manifest["splits"]["heldout"]:
+    split = truth["id"].split("_")[0]
+    frames, info = load_video(os.path.join(out, "videos", truth["id"] + ".mp4"), fps=1.0)
+    assert len(frames) == 4 and info["indices"] == [0, 2, 4, 6]      # 2 fps -> every 2nd frame
+    objs = truth["objects"]
+    seen = {nearest_color(frames[0][object_mask(frames[0], o["color"])].mean(0)) for o in objs}
+    assert seen == {o["color"] for o in objs}, truth["id"]           # colours survive H.264
+    for o in objs:                                                    # and motion goes the stated way
+      first, last = [np.argwhere(object_mask(f, o["color"])).mean(0) for f in (frames[0], frames[-1])]
+      dy, dx = last - first
+      want = {"left": dx < -5, "right": dx > 5, "up": dy < -5, "down": dy > 5}[o["direction"]]
+      assert want, (truth["id"], o["direction"], dy, dx)
+    kinds.add(truth["kind"])
+    if truth["kind"] == "count":
+      assert truth["answer"] == synthetic.COUNTS[len(objs)]
+  assert kinds == set(synthetic.QUESTION_TYPES)
+
+
+def test_needle_appears_at_its_depth(data):
+  out, manifest = data
+  (truth,) = manifest["splits"]["long"]
+  frames, _ = load_video(os.path.join(out, "videos", truth["id"] + ".mp4"), fps=1.0)
+  lit = [k for k, f in enumerate(frames) if object_mask(f, truth["answer"]).sum() > 20]
+  assert lit == [truth["frame"], truth["frame"] + 1, truth["frame"] + 2]
+
+
+def test_tokenizers_load_like_real_ones_and_answers_are_single_tokens(data):
+  out, _ = data
+  llm = load_llm_tokenizer(os.path.join(out, "tokenizers", "llm"))
+  assert llm("red").input_ids[0] == llm.bos_token_id == 1 and llm.eos_token_id == 2 and llm.pad_token_id == 0
+  answers = list(synthetic.COLORS) + list(synthetic.SHAPES) + list(synthetic.DIRECTIONS) + list(synthetic.COUNTS.values())
+  for a in answers:
+    assert len(llm(a, add_special_tokens=False).input_ids) == 1, a
+  qf = load_qformer_tokenizer(os.path.join(out, "tokenizers", "qformer"))
+  for s in json.load(open(os.path.join(out, "train.json"))):
+    conv = s["conversations"]
+    q = conv[0]["value"].replace("<image>\n", "")
+    assert qf.unk_token_id not in qf(q).input_ids, q
+    enc = encode_conversation(conv, llm, "vicuna_v1", has_media=True)
+    assert llm.unk_token_id not in enc.input_ids.tolist()
+    sup = enc.labels[enc.labels != IGNORE_INDEX].tolist()
+    assert sup == llm(conv[1]["value"], add_special_tokens=False).input_ids + [2]   # answer + </s>
