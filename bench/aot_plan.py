@@ -1,0 +1,125 @@
+"""Plans TPU memory and FLOPs of a training step by AOT compilation against libtpu's
+topology description: no TPU needed, only the `libtpu` package (the `tpu` extra).
+
+  python bench/aot_plan.py --config configs/stage2_instruct_7b.py --topology v5p:2x2x2 \
+      --batch 16 --text-len 2048 --frames 64 [--set mesh.fsdp=-1 ...]
+
+Prints per-device memory (arguments, temporaries, outputs) against the chip's HBM,
+the step's FLOPs from XLA's cost analysis, and the step time this implies at 100%
+and at 50% MFU. FLOPs are the model's analytic count (train/metrics.py): XLA's cost
+analysis counts a scanned layer's loop body once, not once per layer.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the host compiles; TPUs are only described
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.experimental import topologies
+from jax.sharding import NamedSharding
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llamavid_jax import sharding  # noqa: E402
+from train import metrics, optim, step as S  # noqa: E402
+from train.train import build  # noqa: E402
+
+# HBM per chip (GiB) and bf16 peak TFLOP/s, from Google Cloud's TPU pages.
+CHIPS = {"TPU v4": (32, 275), "TPU v5 lite": (16, 197), "TPU v5": (95, 459), "TPU v6 lite": (32, 918)}
+
+
+def load_config(spec: str, overrides: list[str]):
+  from ml_collections import config_flags  # noqa: F401  (ConfigDict import side effects)
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("cfg", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  c = mod.get_config(arg or None)
+  for kv in overrides:
+    k, v = kv.split("=", 1)
+    node, *keys = k.split(".")
+    target = c[node] if keys else c
+    for part in keys[:-1]:
+      target = target[part]
+    last = keys[-1] if keys else node
+    target[last] = type(target[last])(v) if target[last] is not None else v
+  return c
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--config", required=True)
+  ap.add_argument("--topology", default="v5p:2x2x1", help="libtpu topology name, e.g. v4:2x2x1, v5p:4x4x4")
+  ap.add_argument("--batch", type=int, default=None, help="global batch per step (default: the config's)")
+  ap.add_argument("--text-len", type=int, default=None)
+  ap.add_argument("--frames", type=int, default=None)
+  ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+  args = ap.parse_args()
+
+  c = load_config(args.config, args.set)
+  if args.text_len:
+    c.data.text_len = args.text_len
+  if args.frames:
+    c.data.num_frames = args.frames
+  batch = args.batch or c.batch_size
+  topo = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+  devices = topo.devices
+  kind = devices[0].device_kind
+  mesh = sharding.make_mesh(dict(c.mesh), devices)
+  d = c.data
+  text_len, num_frames = d.text_len, d.num_frames
+  with c.unlocked():   # parameter shapes do not depend on the sequence: build on a short one
+    d.text_len, d.num_frames = 8, 1
+    b = build(c, mesh)
+    d.text_len, d.num_frames = text_len, num_frames
+  small = S.dummy_inputs(b.model_cfg, 1, 8, 1, d.qformer_len, d.use_features)
+  small["labels"] = small["input_ids"]
+  shapes = {k: (batch,) + v.shape[1:] for k, v in small.items()}
+  for k in ("input_ids", "text_mask", "labels"):
+    shapes[k] = (batch, text_len)
+  shapes["frame_mask"] = (batch, num_frames)
+  for k in ("frames", "features"):
+    if k in shapes:
+      shapes[k] = (batch, num_frames) + small[k].shape[2:]
+  abstract_batch = {k: jax.ShapeDtypeStruct(shapes[k], v.dtype, sharding=S.batch_sharding(mesh, v.ndim))
+                    for k, v in small.items()}
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       nn.unbox(b.abstract), b.shardings)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    compiled = b.trainer.jitted(abstract_batch).lower(state, abstract_batch).compile()
+  secs = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  trains = {tower: any(l == optim.TRAINABLE for l in jax.tree.leaves(b.labels[tower]))
+            for tower in b.labels}
+  flops = metrics.flops_per_step(b.model_cfg, batch, d.text_len, d.num_frames, d.qformer_len,
+                                 d.use_features, trains) / len(devices)
+  hbm, peak = CHIPS.get(kind, (None, None))
+  gib = 1 << 30
+  total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+           - mem.alias_size_in_bytes) / gib
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(b.abstract)["params"]))
+  tokens = batch * (d.text_len + d.num_frames * b.model_cfg.tokens_per_frame - 1)
+  print(f"config {args.config} on {args.topology} ({len(devices)} x {kind}), mesh {dict(mesh.shape)}")
+  print(f"params {n_params / 1e9:.2f} B; global batch {batch} x text {d.text_len} + {d.num_frames} frames "
+        f"(~{tokens} LLM tokens/step), accum {c.accum_steps}; compile {secs:.0f} s on the host")
+  print(f"per device: arguments {mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
+        f"{mem.temp_size_in_bytes / gib:.2f} GiB, outputs {mem.output_size_in_bytes / gib:.2f} GiB, "
+        f"aliased {mem.alias_size_in_bytes / gib:.2f} GiB -> peak ~{total:.2f} GiB"
+        + (f" of {hbm} GiB HBM ({'fits' if total < hbm else 'DOES NOT FIT'})" if hbm else ""))
+  print(f"model FLOPs per device per step: {flops / 1e12:.1f} TFLOP (trains: "
+        f"{', '.join(t for t, on in trains.items() if on)})")
+  if peak:
+    print(f"step time at 100% / 50% MFU of {peak} TFLOP/s: {flops / (peak * 1e12):.2f} s / "
+          f"{2 * flops / (peak * 1e12):.2f} s")
+
+
+if __name__ == "__main__":
+  main()
