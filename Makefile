@@ -21,7 +21,7 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 demo: venv
-	@echo "make demo arrives with the training issue (#5): nothing to run yet." && exit 1
+	$(BIN)/python -m train.demo --workdir workdir/demo
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,143 @@
+"""Fault tolerance and multi-process training, through the real entry point
+(`python -m train.train`) in subprocesses: SIGKILL + resume is bitwise identical to
+an uninterrupted run, SIGTERM saves before exiting, a NaN loss stops the run naming
+the step and samples, and 2 processes x 4 CPU devices (jax.distributed, gloo) match
+one process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import demo
+from train.train import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/demo.py:toy,tiny"
+
+
+def env(devices=8):
+  e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+  return e
+
+
+def launch(workdir, *overrides, devices=8):
+  cmd = [sys.executable, "-m", "train.train", f"--config={CONFIG}", f"--config.workdir={workdir}",
+         *[f"--config.{o}" for o in overrides]]
+  return subprocess.Popen(cmd, cwd=REPO, env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def restore_params(workdir, step):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
+    return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+
+
+def config(workdir, **kw):
+  c = demo.get_config("toy,tiny")
+  c.workdir = str(workdir)
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """6 uninterrupted steps in this process (the same 8 devices and flags)."""
+  wd = tmp_path_factory.mktemp("ref")
+  out = train(config(wd))
+  return out["losses"], jax.tree.map(np.asarray, out["state"]["params"]), wd
+
+
+def test_sigkill_after_save_then_resume_is_bitwise_identical(reference, tmp_path):
+  ref_losses, ref_params, _ = reference
+  p = launch(tmp_path, "debug.kill_after_save_step=4")
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == -signal.SIGKILL, out[-3000:]
+  killed = metrics(tmp_path)
+  assert [m["step"] for m in killed] == [1, 2, 3, 4]
+  p = launch(tmp_path)
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out[-3000:]
+  resumed = metrics(tmp_path)[4:]
+  assert [m["step"] for m in resumed] == [5, 6]                  # it resumed at 4, not from scratch
+  got = {m["step"]: m["loss"] for m in killed + resumed}
+  assert got == ref_losses                                       # bitwise: float equality
+  params = restore_params(tmp_path, 6)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_sigterm_saves_before_exiting(tmp_path):
+  p = launch(tmp_path, "total_steps=100000", "ckpt.every=100000")
+  path = os.path.join(tmp_path, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and p.poll() is None:
+    if os.path.exists(path) and len(open(path).readlines()) >= 3:
+      break
+    time.sleep(0.2)
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == 0, out[-3000:]
+  assert "(preempted)" in out
+  last = metrics(tmp_path)[-1]["step"]
+  assert last >= 3
+  steps = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints")).all_steps()
+  assert max(steps) == last, (steps, last)            # saved at the step it stopped, not a periodic one
+  with open(os.path.join(tmp_path, "checkpoints", str(last), "data", "process_0-of-1.json")) as f:
+    assert json.loads(f.read())["index"] == last       # the data iterator's position travels with it
+
+
+def test_nan_loss_stops_naming_step_and_samples(tmp_path):
+  c = config(tmp_path, total_steps=4)
+  c.data.nan_batch = 2                                  # third batch (step 3): NaN frames
+  with pytest.raises(FloatingPointError, match=r"at step 3 .*sample ids of the batch: \[32, 33, .*, 47\]"):
+    train(c)
+  assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(reference, tmp_path):
+  ref_losses = reference[0]
+  port = _free_port()
+  procs = [launch(tmp_path, "total_steps=3", "mesh.data=2", "mesh.fsdp=4",
+                  "distributed.num_processes=2", f"distributed.process_id={i}",
+                  f"distributed.coordinator=localhost:{port}", devices=4) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  got = [m["loss"] for m in metrics(tmp_path)]           # written by process 0
+  np.testing.assert_allclose(got, [ref_losses[s] for s in (1, 2, 3)], atol=1e-5, rtol=0)
+
+
+def test_next_stage_starts_from_the_previous_stages_parameters(reference, tmp_path):
+  """init_from = the previous stage's checkpoints/: its parameters, a fresh optimizer
+  (stage 3's trainable set) and step 0."""
+  _, ref_params, ref_wd = reference
+  c = config(tmp_path, total_steps=0)
+  c.init_from = os.path.join(ref_wd, "checkpoints")
+  c.optim.trainable = [r"llm/", r"token_gen/mm_projector/"]
+  out = train(c)
+  assert int(out["state"]["step"]) == 0
+  for a, b in zip(jax.tree.leaves(out["state"]["params"]), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(np.asarray(a), b)

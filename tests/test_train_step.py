@@ -1,0 +1,144 @@
+"""Train step: loss normalisation, mesh equivalence, per-stage trainable parts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo, stage1_align_7b, stage2_instruct_7b, stage3_long_video_7b
+from llamavid_jax import sharding
+from train import optim
+from train import step as S
+from train.toy_data import ToyBatches
+from train.train import build
+from llamavid_jax.models import splice_labels
+
+
+def tiny_config(**kw):
+  """The tiny test config (configs/demo.py:toy,tiny) with dotted overrides; no warmup,
+  so that the first step already moves the parameters."""
+  c = demo.get_config("toy,tiny")
+  kw = {"optim.warmup_steps": 0, **kw}
+  with c.unlocked():
+    for k, v in kw.items():
+      target = c
+      for part in k.split(".")[:-1]:
+        target = target[part]
+      target[k.split(".")[-1]] = v
+  return c
+
+
+def run_steps(c, mesh, n=3):
+  b = build(c, mesh)
+  state = b.init(c.seed)
+  data = ToyBatches(b.model_cfg, c.batch_size, c.data.text_len, c.data.num_frames, c.data.qformer_len,
+                    c.data.use_features, seed=c.seed)
+  losses = []
+  for _ in range(n):
+    state, m = b.trainer(state, next(data))
+    losses.append(float(m["loss"]))
+  return losses, state
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  c = tiny_config()
+  return run_steps(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("shape", [{"data": 1, "fsdp": 8}, {"data": 2, "tensor": 4}, {"data": 8}],
+                         ids=["1x8", "2x4", "8x1"])
+def test_meshes_give_the_losses_of_one_device(shape, one_device):
+  c = tiny_config()
+  losses, state = run_steps(c, sharding.make_mesh(shape))
+  ref_losses, ref_state = one_device
+  np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  if shape.get("tensor") == 4:
+    q = state["params"]["llm"]["layers"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    mu = state["opt_state"].inner_states["trainable"].inner_state[1][0].mu
+    assert mu["llm"]["layers"]["q_proj"]["kernel"].sharding.spec == q.sharding.spec
+
+
+def test_loss_is_the_token_mean_of_the_global_batch(one_device):
+  """Accumulating 2 micro-batches (the tiny config) = one batch of 16: the loss and the
+  update are token-weighted over the global batch (not a mean of per-micro-batch means),
+  and the loss equals a direct float64 computation."""
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  c1 = tiny_config(accum_steps=1)
+  l1, s1 = run_steps(c1, mesh, n=3)
+  l2, s2 = one_device
+  b = build(c1, mesh)
+  params = b.init(c1.seed)["params"]
+  batch = next(ToyBatches(b.model_cfg, c1.batch_size, c1.data.text_len, c1.data.num_frames, c1.data.qformer_len))
+  inputs = {k: batch[k] for k in S.MODEL_INPUTS if k in batch}
+  logits, out = jax.jit(b.model.apply)({"params": params}, **inputs)
+  tgt = np.asarray(splice_labels(jnp.asarray(batch["labels"]), out["layout"]))[:, 1:]
+  lp = np.asarray(logits[:, :-1], np.float64)
+  lp = lp - lp.max(-1, keepdims=True)
+  lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+  m = tgt != -100
+  per_tok = -np.take_along_axis(lp, np.where(m, tgt, 0)[..., None], -1)[..., 0]
+  want = per_tok[m].mean()
+  # the step's micro-batch a holds rows a, a + 2, ... (see make_train_step)
+  mean_of_means = np.mean([per_tok[0::2][m[0::2]].mean(), per_tok[1::2][m[1::2]].mean()])
+  assert abs(want - mean_of_means) > 1e-4, "toy batch should have unequal token counts per micro-batch"
+  np.testing.assert_allclose(l1[0], want, rtol=1e-6)
+  np.testing.assert_allclose(l2[0], want, rtol=1e-6)
+  # and three steps later (same lr, gradients normalised the same way) still the same
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for a, b_ in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=2e-5)  # Adam: sign of ~0 grads
+
+
+# Trainable parts of the release per stage (DESIGN.md §2), as path prefixes of our tree.
+STAGES = {
+    "stage1": (stage1_align_7b, ("token_gen/",)),
+    "stage2": (stage2_instruct_7b, ("llm/", "token_gen/", "qformer/")),
+    "stage3": (stage3_long_video_7b, ("llm/", "token_gen/mm_projector/")),
+}
+# Zero gradient by construction: the Q-Former's last layer's text-position FFN (only
+# the query positions of its output are used).
+ZERO_GRAD = ("qformer/layers/layer_1/ffn/",)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_trains_exactly_the_release_parts(stage):
+  module, prefixes = STAGES[stage]
+  s = module.get_config()
+  c = tiny_config(**{"optim.trainable": list(s.optim.trainable), "optim.warmup_steps": 0, "optim.lr": 1e-2,
+                     "data.use_features": s.data.use_features, "accum_steps": 1})
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  b = build(c, mesh)
+  state = b.init(c.seed)
+  before = jax.tree.map(np.asarray, state["params"])
+  data = ToyBatches(b.model_cfg, c.batch_size, c.data.text_len, c.data.num_frames, c.data.qformer_len, c.data.use_features)
+  batch = next(data)
+  # full gradient (nothing stopped except the model's own ViT stop_gradient)
+  inputs = {k: v for k, v in batch.items() if k != "sample_index"}
+  grads = jax.jit(jax.grad(lambda p: S.loss_sums(b.model, p, inputs)[0]))(state["params"])
+  state, _ = b.trainer(state, batch)
+  after = jax.tree.map(np.asarray, state["params"])
+  flat = lambda t: {optim.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  before, after, grads = flat(before), flat(after), flat(grads)
+  n_trainable = 0
+  for path in before:
+    trainable = path.startswith(prefixes)
+    changed = not np.array_equal(before[path], after[path])
+    if not trainable:
+      assert not changed, f"{stage}: frozen {path} changed"
+      continue
+    n_trainable += 1
+    g_nonzero = bool(np.any(np.asarray(grads[path]) != 0))
+    assert changed == g_nonzero, f"{stage}: trainable {path} changed={changed} but grad nonzero={g_nonzero}"
+    if path.startswith(ZERO_GRAD):
+      assert not g_nonzero
+    elif not path.startswith("vit/"):
+      assert g_nonzero, f"{stage}: {path} has zero gradient"
+  assert n_trainable == sum(p.startswith(prefixes) for p in before) > 0
+  # frozen leaves keep no optimizer state: AdamW moments exist for trainable leaves only
+  adam = state["opt_state"].inner_states["trainable"].inner_state[1][0]
+  n_mu = len(jax.tree.leaves(adam.mu))
+  assert n_mu == n_trainable, (n_mu, n_trainable)

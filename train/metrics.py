@@ -1,0 +1,157 @@
+"""Training logs: a console line + TensorBoard scalars per logging step, a progress
+bar, and a loss-curve PNG at the end; model FLOPs for MFU.
+
+FLOPs are counted per matmul, 2 per multiply-add, per tower, separately for the
+forward pass (2 x params x tokens), the activation gradients (another 2x, needed
+whenever anything *upstream* of the tower trains) and the weight gradients (2x, only
+for towers that train): a frozen LLM in stage 1 still costs 4x, the frozen ViT 2x.
+Attention scores add 4 x layers x width x tokens^2 per forward (PaLM's 12 L d T per
+token for fwd + bwd, counted without a causal discount).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+# Dense bf16 peak per device in TFLOP/s, by `device_kind` prefix (vendor figures).
+PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
+               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5": 459.0, "TPU v6": 918.0}
+
+
+def peak_flops_per_device(override_tflops: float | None = None) -> float | None:
+  if override_tflops:
+    return override_tflops * 1e12
+  kind = jax.devices()[0].device_kind
+  for k, v in PEAK_TFLOPS.items():
+    if kind.startswith(k):
+      return v * 1e12
+  return None   # CPU: no meaningful peak; MFU is not reported
+
+
+def _tower(params_per_token, tokens, attn, trains, upstream_trains):
+  """forward, + activation grads if it or anything upstream trains, + weight grads if it trains."""
+  fwd = 2 * params_per_token * tokens + attn
+  return fwd * (1 + int(trains or upstream_trains) + int(trains))
+
+
+def flops_per_step(cfg, batch: int, text_len: int, num_frames: int, qformer_len: int,
+                   use_features: bool, trains: dict[str, bool]) -> float:
+  """Model FLOPs of one optimizer step over `batch` sequences. trains: tower name
+  (vit, qformer, token_gen, llm) -> whether any of its parameters train."""
+  l, v, q = cfg.llm, cfg.vision, cfg.qformer
+  frames = batch * num_frames
+  # LLM (embedding lookup is free; the LM head is a matmul).
+  s = text_len - 1 + num_frames * cfg.tokens_per_frame
+  hd = l.head_dim
+  per_tok = l.num_layers * (l.d_model * hd * (2 * l.num_heads + 2 * l.num_kv_heads) + 3 * l.d_model * l.mlp_dim) \
+      + l.d_model * l.vocab_size
+  attn = 4 * l.num_layers * l.d_model * s * s * batch
+  upstream_llm = trains.get("token_gen", False) or trains.get("qformer", False)
+  total = _tower(per_tok, batch * s, attn, trains.get("llm", False), upstream_llm)
+  # Token generation (projectors; tiny) + Q-Former on M + L tokens per frame.
+  n = v.grid ** 2
+  tg = 2 * frames * (cfg.mm_hidden * l.d_model + l.d_model ** 2)   # mm_projector (mean: 1 token)
+  if cfg.use_context_token:
+    tg += 2 * frames * (q.num_query * q.hidden * cfg.mm_hidden + n * cfg.mm_hidden ** 2 + cfg.mm_hidden * l.d_model)
+    tg += 4 * frames * q.num_query * n * cfg.mm_hidden
+    qt = q.num_query + qformer_len
+    per_q = q.num_layers * (4 * q.hidden ** 2 + 2 * q.hidden * q.mlp_dim)
+    ncross = math.ceil(q.num_layers / q.cross_attention_freq)
+    qf = 2 * frames * (per_q * qt + ncross * (2 * q.hidden ** 2 * q.num_query + 2 * q.vision_width * q.hidden * (n + 1)))
+    qf += 4 * frames * q.num_layers * q.hidden * qt * qt + 4 * frames * ncross * q.hidden * q.num_query * (n + 1)
+    total += qf * (3 if trains.get("qformer") else 1)   # nothing upstream of it trains
+  total += tg * (3 if trains.get("token_gen") else (2 if trains.get("qformer") else 1))
+  # ViT: always frozen and behind stop_gradient -> forward only, unless features are given.
+  if not use_features:
+    nt = n + 1
+    per_v = v.depth * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) + 3 * v.patch_size ** 2 * v.width
+    total += 2 * per_v * nt * frames + 4 * v.depth * v.width * nt * nt * frames
+  return float(total)
+
+
+class MetricLogger:
+  """Only process 0 writes; every process keeps the in-memory history."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int, every: int,
+               flops_per_step: float | None = None, peak_flops: float | None = None, progress: bool = True):
+    self.every, self.flops, self.peak = every, flops_per_step, peak_flops
+    self.history: list[tuple[int, float]] = []
+    self.main = jax.process_index() == 0
+    self.workdir = workdir
+    self.tb = self.bar = self.jsonl = None
+    if self.main:
+      os.makedirs(workdir, exist_ok=True)
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      if progress:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
+                        dynamic_ncols=True, mininterval=1.0)
+    self._t = time.perf_counter()
+    self._tokens = 0
+    self._steps = 0
+
+  def step(self, step: int, m: dict):
+    """step: 1-based count of finished steps; m: host scalars (loss, lr, grad_norm, tokens)."""
+    self.history.append((step, m["loss"]))
+    if self.jsonl is not None:   # every step, full precision (resume tests compare bitwise)
+      self.jsonl.write(json.dumps(dict(m, step=step)) + "\n")
+      self.jsonl.flush()
+    self._tokens += m["tokens"]
+    self._steps += 1
+    if self.bar is not None:
+      self.bar.update(1)
+    if step % self.every:
+      return
+    now = time.perf_counter()
+    dt = (now - self._t) / self._steps
+    out = dict(m, step_time=dt, tokens_per_s=self._tokens / (now - self._t))
+    if self.flops and self.peak:
+      out["mfu"] = self.flops / dt / (self.peak * jax.device_count())
+    self._t, self._tokens, self._steps = now, 0, 0
+    if self.main:
+      line = (f"step {step}: loss {out['loss']:.4f} lr {out['lr']:.3g} grad_norm {out['grad_norm']:.3f} "
+              f"tokens/s {out['tokens_per_s']:.0f} step_time {dt * 1e3:.1f}ms"
+              + (f" mfu {out['mfu']:.1%}" if "mfu" in out else ""))
+      (self.bar.write if self.bar is not None else print)(line)
+      for k, v in out.items():
+        self.tb.add_scalar(f"train/{k}", v, step)
+
+  def close(self, png: str | None = "loss.png"):
+    if not self.main:
+      return
+    if self.bar is not None:
+      self.bar.close()
+    self.tb.close()
+    self.jsonl.close()
+    if png and self.history:
+      save_loss_curve(self.history, os.path.join(self.workdir, png))
+
+
+def save_loss_curve(history, path: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  steps, losses = np.array(history).T
+  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+  ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
+  k = max(1, len(losses) // 20)
+  if k > 1:
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"mean of {k}")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

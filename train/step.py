@@ -1,0 +1,173 @@
+"""Loss, train state and the jitted train step with explicit shardings.
+
+Loss: next-token cross entropy, logits[:, :-1] against the spliced labels[:, 1:],
+summed over every non-ignored token of the global batch and divided by their count.
+With gradient accumulation the step scans over micro-batches accumulating the *sums*
+(loss and gradients) and token counts, and divides once at the end, so the result is
+exactly the large-batch mean (not a mean of per-micro-batch means). That is why we do
+not use `optax.MultiSteps`: it averages per-micro-step gradients with equal weights,
+and it would also make one "step" of ours several optimizer calls, putting the
+schedule, logging and checkpoints out of step with the data.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llamavid_jax import sharding
+from llamavid_jax.models import LlamaVid, splice_labels
+from llamavid_jax.models.llamavid import IGNORE
+from train.optim import TRAINABLE
+
+MODEL_INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
+BATCH_AXES = ("data", "fsdp")   # the mesh axes the global batch is split over
+
+
+def loss_sums(model: LlamaVid, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """-> (float32[] summed cross entropy, int32[] number of target tokens)."""
+  logits, out = model.apply({"params": params}, **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+  targets = splice_labels(batch["labels"], out["layout"])[:, 1:]          # [B, S'-1]
+  mask = targets != IGNORE
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1].astype(jnp.float32), jnp.where(mask, targets, 0))
+  return jnp.sum(jnp.where(mask, ce, 0.0)), mask.sum().astype(jnp.int32)
+
+
+def _split(labels, tree):
+  """-> (trainable subtree, frozen subtree) with None in the other's places."""
+  t = jax.tree.map(lambda l, p: p if l == TRAINABLE else None, labels, tree)
+  f = jax.tree.map(lambda l, p: None if l == TRAINABLE else p, labels, tree)
+  return t, f
+
+
+def _merge(labels, t, f):
+  return jax.tree.map(lambda l, a, b: a if l == TRAINABLE else b, labels, t, f, is_leaf=lambda x: x is None)
+
+
+def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule, labels, accum_steps: int = 1):
+  """-> train_step(state, batch) -> (state, metrics). Only trainable leaves are
+  differentiated (frozen ones are constants of the loss), and only they are accumulated."""
+
+  def grads_of(trainable, frozen, mb):
+    f = lambda t: loss_sums(model, _merge(labels, t, frozen), mb)
+    (s, n), g = jax.value_and_grad(f, has_aux=True)(trainable)
+    return s, n, g
+
+  def train_step(state, batch):
+    params = state["params"]
+    trainable, frozen = _split(labels, params)
+    if accum_steps == 1:
+      s, n, g = grads_of(trainable, frozen, batch)
+    else:
+      # Global batch G = A * m rows, each device holding a contiguous block: view it as
+      # [m, A] and scan over A, so every micro-batch is spread over all devices.
+      def micro(x):
+        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, P(None, BATCH_AXES))
+      mbs = jax.tree.map(micro, batch)
+
+      def body(acc, mb):
+        return jax.tree.map(jnp.add, acc, grads_of(trainable, frozen, mb)), None
+
+      zero = (jnp.float32(0), jnp.int32(0), jax.tree.map(jnp.zeros_like, trainable))
+      (s, n, g), _ = jax.lax.scan(body, zero, mbs)
+    denom = jnp.maximum(n, 1).astype(jnp.float32)
+    g = jax.tree.map(lambda x: x / denom, g)
+    grad_norm = optax.tree.norm(g)
+    full = _merge(labels, g, jax.tree.map(jnp.zeros_like, frozen))       # set_to_zero ignores these
+    updates, opt_state = tx.update(full, state["opt_state"], params)
+    new = dict(step=state["step"] + 1, params=optax.apply_updates(params, updates), opt_state=opt_state)
+    metrics = dict(loss=s / denom, tokens=n, grad_norm=grad_norm, lr=schedule(state["step"]))
+    return new, metrics
+
+  return train_step
+
+
+# --- shardings and state --------------------------------------------------------------
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def dummy_inputs(cfg, batch: int, text_len: int, num_frames: int, qformer_len: int, use_features: bool):
+  """Zero model inputs of the given shapes (for init and eval_shape)."""
+  d = dict(input_ids=np.zeros((batch, text_len), np.int32), text_mask=np.ones((batch, text_len), bool),
+           frame_mask=np.ones((batch, num_frames), bool), qformer_ids=np.zeros((batch, qformer_len), np.int32),
+           qformer_mask=np.ones((batch, qformer_len), bool))
+  d["input_ids"][:, 0] = cfg.image_token_id
+  v = cfg.vision
+  if use_features:
+    d["features"] = np.zeros((batch, num_frames, v.num_tokens, v.width), np.float32)
+  else:
+    d["frames"] = np.zeros((batch, num_frames, v.image_size, v.image_size, 3), np.float32)
+  return d
+
+
+def abstract_state(model, tx, inputs: dict):
+  """-> (boxed abstract state, for shardings) from the model's init on `inputs`."""
+  def init(rng):
+    boxed = model.init(rng, **inputs)["params"]
+    return dict(step=jnp.int32(0), params=boxed, opt_state=tx.init(boxed))
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def state_shardings(boxed_abstract, mesh):
+  """NamedShardings by the logical rules for params and optimizer moments (optax maps
+  over `nn.Partitioned` boxes, so AdamW's moments carry the params' axis names)."""
+  return sharding.param_shardings(boxed_abstract, mesh)
+
+
+def init_state(model, tx, inputs: dict, rng, shardings) -> dict:
+  """Initialises params and optimizer state directly into their shardings."""
+  def init(rng):
+    params = nn.unbox(model.init(rng, **inputs)["params"])
+    return dict(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+class Trainer:
+  """The jitted step bound to a mesh: `trainer(state, local_batch) -> (state, metrics)`.
+
+  Each process passes its own rows of the global batch (numpy); they are assembled
+  into global arrays sharded over (data, fsdp)."""
+
+  def __init__(self, model, tx, schedule, labels, mesh, shardings, accum_steps: int = 1):
+    self.mesh = mesh
+    self.shardings = shardings
+    self.accum_steps = accum_steps
+    self._step = make_train_step(model, tx, schedule, labels, accum_steps)
+    self._jits = {}   # one per batch signature (frames vs features)
+
+  def check_batch(self, global_batch: int, accum_steps: int):
+    n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if global_batch % (accum_steps * n):
+      raise ValueError(f"global batch {global_batch} must be a multiple of accum_steps ({accum_steps}) x "
+                       f"data x fsdp ({n}): every micro-batch is split over all batch shards")
+
+  def jitted(self, batch: dict):
+    key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
+    if key not in self._jits:
+      bs = {k: batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
+      self._jits[key] = jax.jit(self._step, in_shardings=(self.shardings, bs),
+                                out_shardings=(self.shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
+    return self._jits[key]
+
+  def global_batch(self, local: dict) -> dict:
+    out = {}
+    for k, v in local.items():
+      if k == "sample_index":
+        continue
+      v = np.asarray(v)
+      out[k] = jax.make_array_from_process_local_data(batch_sharding(self.mesh, v.ndim), v)
+    return out
+
+  def __call__(self, state, local_batch: dict):
+    batch = self.global_batch(local_batch)
+    self.check_batch(batch["input_ids"].shape[0], self.accum_steps)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      return self.jitted(batch)(state, batch)

@@ -1,0 +1,187 @@
+"""Training entry point.
+
+  python -m train.train --config configs/demo.py [--config.total_steps=100 ...]
+  python -m train.train --config configs/stage2_instruct_7b.py:size=13b --config.workdir=/ckpt/s2
+
+Several processes (one per host, or 2 x 4 CPU devices on localhost for tests):
+  --config.distributed.num_processes=2 --config.distributed.process_id=I
+  --config.distributed.coordinator=localhost:12345   (auto=True: let JAX detect the cluster)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import types
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+
+
+def init_distributed(d) -> None:
+  if not (d.get("auto") or d.get("num_processes", 1) > 1):
+    return
+  if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if d.get("auto"):
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id)
+
+
+def make_data(c, model_cfg):
+  """The process-local batch iterator (each process yields its rows of the global batch)."""
+  pi, pc = jax.process_index(), jax.process_count()
+  d = c.data
+  if d.kind == "toy":
+    from train.toy_data import ToyBatches
+    return ToyBatches(model_cfg, c.batch_size, d.text_len, d.num_frames, d.qformer_len, d.use_features,
+                      seed=c.seed, process_index=pi, process_count=pc, nan_batch=d.get("nan_batch", -1))
+  if d.kind == "pipeline":
+    import dataclasses
+    from llamavid_jax.data import pipeline
+    known = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
+    kw = {k: v for k, v in d.items() if k in known}
+    kw.setdefault("buckets", ((d.text_len, d.num_frames),))
+    kw["buckets"] = tuple(tuple(b) for b in kw["buckets"])
+    if "feature_shape" in kw:
+      kw["feature_shape"] = tuple(kw["feature_shape"])
+    kw.update(batch_size=c.batch_size // pc, seed=c.seed, image_size=model_cfg.vision.image_size,
+              tokens_per_frame=model_cfg.tokens_per_frame, qformer_max_len=d.qformer_len)
+    if not kw.get("num_epochs"):   # 0 = as many epochs as total_steps needs
+      kw["num_epochs"] = 1
+      n = len(pipeline.make_pipeline(pipeline.PipelineConfig(**kw), shard_index=pi, shard_count=pc))
+      kw["num_epochs"] = -(-c.total_steps // max(n, 1))
+    return iter(pipeline.make_pipeline(pipeline.PipelineConfig(**kw), shard_index=pi, shard_count=pc))
+  raise ValueError(f"config.data.kind={d.kind!r}: expected 'toy' or 'pipeline'")
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the end of the current step and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def build(c, mesh=None) -> types.SimpleNamespace:
+  """Model, optimizer, shardings and the jitted step for config `c` on `mesh`
+  (default: from `c.mesh` over all devices)."""
+  from llamavid_jax import sharding
+  from llamavid_jax.models import LlamaVid
+  from llamavid_jax.models.config import from_dict
+  from train import optim, step as S
+
+  model_cfg = from_dict(c.model)
+  model = LlamaVid(model_cfg)
+  mesh = mesh if mesh is not None else sharding.make_mesh(dict(c.mesh))
+  d = c.data
+  inputs = S.dummy_inputs(model_cfg, 1, d.text_len, d.num_frames, d.qformer_len, d.use_features)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))["params"]
+  tx, schedule = optim.make_optimizer(c.optim, boxed, c.total_steps)
+  labels = optim.param_labels(boxed, c.optim.trainable)
+  abstract = S.abstract_state(model, tx, inputs)
+  shardings = S.state_shardings(abstract, mesh)
+  trainer = S.Trainer(model, tx, schedule, labels, mesh, shardings, c.accum_steps)
+  init = lambda seed: S.init_state(model, tx, inputs, jax.random.key(seed), shardings)
+  return types.SimpleNamespace(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx, schedule=schedule,
+                               labels=labels, abstract=abstract, shardings=shardings, trainer=trainer, init=init)
+
+
+def train(c) -> dict:
+  """Runs (or resumes) training. -> dict(step, losses {step: loss}, state, preempted)."""
+  from flax import linen as nn
+  from train import checkpointing, metrics, optim
+
+  b = build(c)
+  model_cfg, d, shardings, abstract = b.model_cfg, c.data, b.shardings, b.abstract
+  data = make_data(c, model_cfg)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(c.workdir, "checkpoints"), c.ckpt.every, c.ckpt.keep,
+                                    c.ckpt.async_save)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(checkpointing.abstract_like(shardings, nn.unbox(abstract)), data)
+    logging.info("resumed from step %d", int(state["step"]))
+  else:
+    state = b.init(c.seed)
+    if c.init_from:
+      params, n = checkpointing.load_init_params(c.init_from, state["params"], b.mesh, model_cfg)
+      state = dict(state, params=params)
+      logging.warning("init_from %s: %d of %d parameter arrays loaded", c.init_from, n,
+                      len(jax.tree.leaves(params)))
+  start = int(state["step"])
+
+  trains = {t: any(l == optim.TRAINABLE for l in jax.tree.leaves(b.labels[t])) for t in b.labels}
+  flops = metrics.flops_per_step(model_cfg, c.batch_size, d.text_len, d.num_frames, d.qformer_len,
+                                 d.use_features, trains)
+  log = metrics.MetricLogger(c.workdir, c.total_steps, start, c.log.every, flops,
+                             metrics.peak_flops_per_device(c.log.get("peak_tflops")), c.log.progress)
+  trainer = b.trainer
+  preempt = _Preemption()
+  losses, preempted = {}, False
+  try:
+    state, preempted = _loop(c, trainer, state, data, ckpt, log, preempt, losses, start)
+  finally:
+    preempt.restore()
+    ckpt.close()
+    log.close()
+  return dict(step=start + len(losses), losses=losses, state=state, preempted=preempted)
+
+
+def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start):
+  """Steps `start` .. total_steps - 1; fills `losses`. -> (state, preempted)."""
+  for i in range(start, c.total_steps):
+    try:
+      batch = next(data)
+    except StopIteration:
+      raise RuntimeError(f"the data ran out after {i} steps of {c.total_steps}: "
+                         f"raise config.data.num_epochs (0 = as many as needed)") from None
+    state, m = trainer(state, batch)
+    # A host sync per step: the loss must be checked before this state is saved.
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not np.isfinite(m["loss"]):
+      ids = np.asarray(batch.get("sample_index", []))
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        ids = multihost_utils.process_allgather(ids, tiled=True)
+      raise FloatingPointError(f"non-finite loss {m['loss']} at step {i + 1} (0-based batch {i}); "
+                               f"sample ids of the batch: {sorted(int(x) for x in ids if x >= 0)}")
+    losses[i + 1] = m["loss"]
+    log.step(i + 1, m)
+    ckpt.save(i + 1, state, data)
+    if i + 1 == c.debug.get("kill_after_save_step", -1):   # fault injection for the resume test
+      ckpt.wait()
+      os.kill(os.getpid(), signal.SIGKILL)
+    if preempt.requested or ckpt.reached_preemption(i + 1):
+      ckpt.save(i + 1, state, data, force=True)
+      logging.warning("preempted: saved step %d, exiting", i + 1)
+      return state, True
+  if c.total_steps > start:
+    ckpt.save(c.total_steps, state, data, force=True)
+  return state, False
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+  c = _CONFIG.value
+  init_distributed(c.distributed)
+  logging.info("devices: %s x %d processes", jax.device_count(), jax.process_count())
+  out = train(c)
+  print(f"finished at step {out['step']}" + (" (preempted)" if out["preempted"] else ""), flush=True)
+
+
+if __name__ == "__main__":
+  # Defined here, not at import: tests, the demo and bench/ import this module.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file[:arg]", lock_config=True)
+  app.run(main)
