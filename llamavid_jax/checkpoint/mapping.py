@@ -146,9 +146,7 @@ def _to_torch_leaf(x: np.ndarray, rule: Rule) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(n_in, -1).T)
   if rule.kind == "conv":
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-  if rule.path[-1] in ("bias", "scale", "q_bias", "v_bias"):   # 1-D in torch
-    return x.reshape(-1)
-  return x
+  return x.reshape(torch_shape(rule, x.shape))   # raw: 1-D biases / norms, others as they are
 
 
 def _get(tree, path):
