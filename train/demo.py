@@ -94,7 +94,7 @@ def load_params(c):
   from train import checkpointing
   from train.train import build
   b = build(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-  with ocp.CheckpointManager(os.path.join(c.workdir, "checkpoints")) as m:
+  with ocp.CheckpointManager(os.path.abspath(os.path.join(c.workdir, "checkpoints"))) as m:
     step = m.latest_step()
     state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
         checkpointing.abstract_like(b.shardings, nn.unbox(b.abstract)))))["state"]
