@@ -142,3 +142,19 @@ def test_stage_trains_exactly_the_release_parts(stage):
   adam = state["opt_state"].inner_states["trainable"].inner_state[1][0]
   n_mu = len(jax.tree.leaves(adam.mu))
   assert n_mu == n_trainable, (n_mu, n_trainable)
+
+
+def test_trainable_vit_needs_freeze_vision_off():
+  c = tiny_config(**{"optim.trainable": ["vit/", "llm/"]})
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  with pytest.raises(ValueError, match="freeze_vision"):
+    build(c, mesh)
+  c = tiny_config(**{"optim.trainable": ["vit/"], "model.freeze_vision": False, "accum_steps": 1,
+                     "optim.lr": 1e-2})
+  b = build(c, mesh)
+  state = b.init(c.seed)
+  before = np.asarray(state["params"]["vit"]["patch_embed"]["kernel"])
+  data = ToyBatches(b.model_cfg, c.batch_size, c.data.text_len, c.data.num_frames, c.data.qformer_len,
+                    c.data.use_features)
+  state, _ = b.trainer(state, next(data))
+  assert not np.array_equal(before, np.asarray(state["params"]["vit"]["patch_embed"]["kernel"]))

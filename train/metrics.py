@@ -68,11 +68,12 @@ def flops_per_step(cfg, batch: int, text_len: int, num_frames: int, qformer_len:
     qf += 4 * frames * q.num_layers * q.hidden * qt * qt + 4 * frames * ncross * q.hidden * q.num_query * (n + 1)
     total += qf * (3 if trains.get("qformer") else 1)   # nothing upstream of it trains
   total += tg * (3 if trains.get("token_gen") else (2 if trains.get("qformer") else 1))
-  # ViT: always frozen and behind stop_gradient -> forward only, unless features are given.
+  # ViT: forward only behind the release's stop_gradient (freeze_vision); none with features.
   if not use_features:
     nt = n + 1
     per_v = v.depth * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) + 3 * v.patch_size ** 2 * v.width
-    total += 2 * per_v * nt * frames + 4 * v.depth * v.width * nt * nt * frames
+    vit = 2 * per_v * nt * frames + 4 * v.depth * v.width * nt * nt * frames
+    total += vit * (1 if cfg.freeze_vision else 1 + 2 * int(trains.get("vit", False)))
   return float(total)
 
 

@@ -89,6 +89,10 @@ def build(c, mesh=None) -> types.SimpleNamespace:
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))["params"]
   tx, schedule = optim.make_optimizer(c.optim, boxed, c.total_steps)
   labels = optim.param_labels(boxed, c.optim.trainable)
+  if model_cfg.freeze_vision and any(
+      lab == optim.TRAINABLE for lab in jax.tree.leaves(labels.get("vit", {}))):
+    raise ValueError("optim.trainable matches vit/ parameters but model.freeze_vision is True "
+                     "(the ViT output is behind stop_gradient): set model.freeze_vision=False")
   abstract = S.abstract_state(model, tx, inputs)
   shardings = S.state_shardings(abstract, mesh)
   trainer = S.Trainer(model, tx, schedule, labels, mesh, shardings, c.accum_steps)

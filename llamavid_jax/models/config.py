@@ -83,6 +83,10 @@ class LlamaVidConfig:
   image_token_id: int = -200
   # Disable the context token (ablation: content tokens only).
   use_context_token: bool = True
+  # The release never trains the ViT: its output goes through stop_gradient, so no
+  # activation memory or backward is spent on it. False lets it train (the CPU demo
+  # learns from scratch, with no pretrained EVA to start from).
+  freeze_vision: bool = True
   # Numerics and memory.
   dtype: str = "float32"          # compute dtype ("bfloat16" on accelerators)
   param_dtype: str = "float32"

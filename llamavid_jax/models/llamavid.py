@@ -100,7 +100,8 @@ class LlamaVid(nn.Module):
       b, t = frames.shape[:2]
       features = self.vit(frames.reshape((b * t,) + frames.shape[2:]))
       features = features.reshape((b, t) + features.shape[1:])
-    features = jax.lax.stop_gradient(features)                            # the ViT is frozen
+      if self.cfg.freeze_vision:
+        features = jax.lax.stop_gradient(features)                        # the release's frozen ViT
     b, t = features.shape[:2]
     chunk = self.cfg.frame_chunk
     if not chunk or chunk >= t:
