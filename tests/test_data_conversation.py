@@ -38,11 +38,84 @@ MULTI_IDS = [1, *S, 25, 27, IMG, 28, 29, 30, 31, 26, 3, 32, 2, 25, 29, 33, 26, 3
 MULTI_LABELS = [X] * 32 + [3, 32, 2] + [X] * 4 + [34, 2]
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1", "imgsp_v1"])
-def test_v1_multi_turn_with_image(llm, name):
-  enc = conv.encode_conversation(MULTI_TURN, llm, name, has_media=True)
+def test_v1_multi_turn_with_image(llm):
+  enc = conv.encode_conversation(MULTI_TURN, llm, "vicuna_v1", has_media=True)
   _check(enc, MULTI_IDS, MULTI_LABELS, "What is this?")
-  assert len(MULTI_IDS) == 41 and enc.has_image
+  assert len(MULTI_IDS) == 41 and enc.has_image and enc.instructions == ("What is this?",)
+
+
+class Coin:
+  """A stand-in for np.random.Generator: `integers(2)` always gives `side`."""
+
+  def __init__(self, side):
+    self.side, self.calls = side, 0
+
+  def integers(self, n):
+    assert n == 2
+    self.calls += 1
+    return self.side
+
+
+# imgsp_v1: the second human turn gets its own <image>, at its start (coin 0) ...
+# SYS USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: <image>\nWhat color? ASSISTANT: Red.</s>
+IMGSP_START_IDS = [1, *S, 25, 27, IMG, 28, 29, 30, 31, 26, 3, 32, 2, 25, 27, IMG, 28, 29, 33, 26, 34, 2]
+# ... or at its end (coin 1): "USER: What color?\n<image> ASSISTANT: Red.</s>" (this
+# tokenizer reads the chunk " ASSISTANT: ..." after the image as "▁ASSISTANT:").
+IMGSP_END_IDS = [1, *S, 25, 27, IMG, 28, 29, 30, 31, 26, 3, 32, 2, 25, 29, 33, 28, IMG, 26, 34, 2]
+# Round 1: 34 tokens, the first 31 after bos masked; round 2: 9 (8) tokens, its bos
+# standing for round 1's </s>, 7 (6) masked ("USER:" .. "ASSISTANT:"), "Red.</s>" supervised.
+IMGSP_START_LABELS = [X] * 32 + [3, 32, 2] + [X] * 7 + [34, 2]
+IMGSP_END_LABELS = [X] * 32 + [3, 32, 2] + [X] * 6 + [34, 2]
+
+
+@pytest.mark.parametrize("side,ids,labels", [(0, IMGSP_START_IDS, IMGSP_START_LABELS),
+                                             (1, IMGSP_END_IDS, IMGSP_END_LABELS)])
+def test_imgsp_v1_image_and_instruction_per_turn(llm, side, ids, labels):
+  coin = Coin(side)
+  enc = conv.encode_conversation(MULTI_TURN, llm, "imgsp_v1", has_media=True, rng=coin)
+  _check(enc, ids, labels, "What is this?")
+  assert coin.calls == 1 and enc.num_images == 2
+  assert enc.instructions == ("What is this?", "What color?")
+
+
+def test_imgsp_v1_instruction_text_and_default_side(llm):
+  """Each instruction is its turn with <image> and newlines removed (lines joined as the
+  release joins them); the first turn's <image> moves to the start; rng=None -> start."""
+  turns = fx.qa("Hello\nWhat is this? <image>", "A cat.", "What\ncolor?", "Red.", "Hello", "Hi.")
+  enc = conv.encode_conversation(turns, llm, "imgsp_v1", has_media=True)
+  assert enc.instructions == ("HelloWhat is this?", "Whatcolor?", "Hello")
+  assert enc.num_images == 3
+  prompt = conv.build_prompt(conv.TEMPLATES["imgsp_v1"], conv.add_turn_images(
+      conv.normalize_turns(turns, has_media=True, per_turn_images=True), None))
+  assert prompt == (fx.SYSTEM + " USER: <image>\nHello\nWhat is this? ASSISTANT: A cat.</s>"
+                    "USER: <image>\nWhat\ncolor? ASSISTANT: Red.</s>USER: <image>\nHello ASSISTANT: Hi.</s>")
+
+
+def test_imgsp_v1_text_only_and_single_turn(llm):
+  """Without media nothing is added (ids as vicuna_v1); one turn: the same as vicuna_v1."""
+  multi = fx.qa("Hello", "Hi.", "What color?", "Red.")
+  a = conv.encode_conversation(multi, llm, "imgsp_v1", has_media=False, rng=Coin(1))
+  b = conv.encode_conversation(multi, llm, "vicuna_v1", has_media=False)
+  assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+  assert a.num_images == 0 and a.instructions == ("Hello", "What color?")
+  one = fx.qa("What is this?\n<image>", "A cat.")
+  a = conv.encode_conversation(one, llm, "imgsp_v1", has_media=True, rng=Coin(1))
+  assert a.input_ids.tolist() == MULTI_IDS[:35] and a.instructions == ("What is this?",)
+
+
+def test_imgsp_v1_placeholder_per_turn_rules(llm):
+  # A turn may carry its own <image> (kept, moved to its start); two in one turn, or
+  # one in a reply, are errors; vicuna_v1 allows one per sample.
+  two = fx.qa("<image>\nWhat is this?", "A cat.", "What color? <image>", "Red.")
+  enc = conv.encode_conversation(two, llm, "imgsp_v1", has_media=True, rng=Coin(1))
+  assert enc.input_ids.tolist() == IMGSP_START_IDS
+  for turns, template, reason in [
+      (two, "vicuna_v1", "multiple_image_tokens"),
+      (fx.qa("<image>\nWhat <image>", "A cat."), "imgsp_v1", "multiple_image_tokens"),
+      (fx.qa("<image>\nWhat is this?", "A <image> cat."), "imgsp_v1", "image_token_in_reply")]:
+    with pytest.raises(SampleError) as e:
+      conv.encode_conversation(turns, llm, template, has_media=True)
+    assert e.value.reason == reason and e.value.field == "conversations"
 
 
 def test_v1_prompt_text():
@@ -144,6 +217,12 @@ def test_llm_tokenizer_from_sentencepiece_dir(tmp_path):
   # Supervised: exactly the two replies and their </s>.
   sup = [i for i, l in zip(ids, labels) if l != X]
   assert tok.decode(sup) == "A cat.</s> Red.</s>"
+  # imgsp_v1's <image> at either end of turn 2: the rounds still line up.
+  for side in (0, 1):
+    enc = conv.encode_conversation(MULTI_TURN, tok, "imgsp_v1", has_media=True, rng=Coin(side))
+    ids, labels = enc.input_ids.tolist(), enc.labels.tolist()
+    assert ids.count(IMG) == 2
+    assert tok.decode([i for i, l in zip(ids, labels) if l != X]) == "A cat.</s> Red.</s>"
   # Without legacy spacing (transformers' default for this config) round 2 is one token off.
   from transformers import AutoTokenizer
   with pytest.raises(SampleError, match="rounds tokenize to 67 tokens but the whole prompt to 68"):

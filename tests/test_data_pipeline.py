@@ -74,8 +74,8 @@ def test_batch_contract(root, good):
     vis = (frames, 16, 16, 3) if key[0] == "frames" else (frames, 5, 8)
     assert {k: v.shape for k, v in b.items()} == {
         "input_ids": (2, text_len), "labels": (2, text_len), "text_mask": (2, text_len),
-        key[0]: (2, *vis), "frame_mask": (2, frames), "qformer_ids": (2, 8),
-        "qformer_mask": (2, 8), "sample_index": (2,)}
+        key[0]: (2, *vis), "frame_mask": (2, frames), "qformer_ids": (2, 1, 8),
+        "qformer_mask": (2, 1, 8), "sample_index": (2,)}
     assert b["input_ids"].dtype == np.int32 and b["frame_mask"].dtype == bool
     assert b["sample_index"].dtype == np.int64
     for r, i in enumerate(b["sample_index"]):
@@ -90,13 +90,13 @@ def test_batch_contract(root, good):
   from PIL import Image
   ref = im.preprocess_image(Image.open(os.path.join(root, "images", "img1.png")), size=16)
   np.testing.assert_array_equal(row["frames"][0], ref)
-  assert row["qformer_ids"].tolist() == [2, 5, 6, 7, 8, 3, 0, 0]
-  assert row["qformer_mask"].tolist() == [True] * 6 + [False] * 2
+  assert row["qformer_ids"].tolist() == [[2, 5, 6, 7, 8, 3, 0, 0]]
+  assert row["qformer_mask"].tolist() == [[True] * 6 + [False] * 2]
   # Text only: no placeholder, no frames.
   row = by_index[6]
   assert row["input_ids"].tolist() == TEXT_IDS + [0, 0, 0]
   assert row["labels"].tolist() == [-100] * 27 + [36, 2] + [-100] * 3
-  assert not row["frame_mask"].any() and not row["frames"].any()
+  assert not row["frame_mask"].any() and not row["frames"].any() and not row["qformer_mask"].any()
   # Features: .npy (3 steps, first-turn instruction), .safetensors (2 steps, stored prompt).
   row = by_index[9]
   assert row["frame_mask"].tolist() == [True, True, True, False]
@@ -104,7 +104,7 @@ def test_batch_contract(root, good):
   assert not row["features"][3].any()
   row = by_index[10]
   assert row["frame_mask"].tolist() == [True, True, False, False]
-  assert row["qformer_ids"].tolist() == [2, 9, 10, 11, 3, 0, 0, 0]  # "Describe it."
+  assert row["qformer_ids"].tolist() == [[2, 9, 10, 11, 3, 0, 0, 0]]  # "Describe it."
   # The padding row of the short text batch.
   row = by_index[-1]
   assert not row["text_mask"].any() and not row["frame_mask"].any() and not row["qformer_mask"].any()
@@ -264,3 +264,51 @@ def test_video_sample(root):
   (b,) = _run(p)
   assert b["frame_mask"].tolist() == [[True, True, True, False]]
   assert b["input_ids"][0, :35].tolist() == IMG_IDS
+
+
+def test_imgsp_v1_multi_turn_batch_runs_the_model(root, tiny_cfg, tmp_path):
+  """imgsp_v1 end to end: a two-turn image sample gets two placeholders and two
+  instruction slots (each turn's question), a three-turn one fits no bucket with
+  P = 2 (`too_many_turns`), and a tiny LlamaVid takes the batch: every supervised
+  label survives the splice, in order, and the loss is finite."""
+  import jax
+  import jax.numpy as jnp
+
+  from llamavid_jax.models.llamavid import LlamaVid, splice_labels
+  samples = fx.image_samples(str(tmp_path), 3, seed=1)
+  samples[0]["conversations"] = fx.qa("What is this?\n<image>", "A cat.", "What color?", "Red.")
+  samples[1]["conversations"] = fx.qa("<image>\nWhat is this?", "A cat.", "What color?", "Red.",
+                                      "Hello", "Hi.")
+  path = fx.write_dataset(str(tmp_path), samples)
+  cfg = _config(root, path, template="imgsp_v1", buckets=((56, 1, 2),), image_size=tiny_cfg.vision.image_size,
+                image_folder=str(tmp_path / "images"))
+  p = pl.make_pipeline(cfg, shard_index=0, shard_count=1)
+  assert [(s.id, s.reason) for s in p.plan.skips] == [("img1", "too_many_turns")]
+  assert "3 <image> placeholders (one per human turn) fit no bucket's instruction slots" in p.plan.skips[0].detail
+  (batch,) = _run(p)
+  rows = {int(i): r for r, i in enumerate(batch["sample_index"])}
+  two, one = rows[0], rows[2]
+  ids = batch["input_ids"][two].tolist()
+  assert ids.count(-200) == 2 and batch["input_ids"][one].tolist().count(-200) == 1
+  # the second turn's <image> sits at its start or its end, the same side on every run
+  assert ids[:43] in ([1, *S, 25, 27, -200, 28, 29, 30, 31, 26, 3, 32, 2, 25, 27, -200, 28, 29, 33, 26, 34],
+                      [1, *S, 25, 27, -200, 28, 29, 30, 31, 26, 3, 32, 2, 25, 29, 33, 28, -200, 26, 34, 2])
+  assert _run(pl.make_pipeline(cfg, shard_index=0, shard_count=1))[0]["input_ids"][two].tolist() == ids
+  assert batch["qformer_ids"].shape == (2, 2, 8)
+  assert batch["qformer_ids"][two].tolist() == [[2, 5, 6, 7, 8, 3, 0, 0], [2, 5, 12, 8, 3, 0, 0, 0]]
+  assert batch["qformer_mask"][one].tolist() == [[True] * 6 + [False] * 2, [False] * 8]
+
+  model = LlamaVid(tiny_cfg)
+  inputs = {k: jnp.asarray(batch[k]) for k in
+            ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames")}
+  params = model.init(jax.random.key(0), **inputs)["params"]
+  logits, out = model.apply({"params": params}, **inputs)
+  assert logits.shape[1] == 56 + 2 * (1 * tiny_cfg.tokens_per_frame - 1)
+  labels = np.asarray(splice_labels(jnp.asarray(batch["labels"]), out["layout"]))
+  for r in range(2):
+    assert labels[r][labels[r] != -100].tolist() == batch["labels"][r][batch["labels"][r] != -100].tolist()
+  assert labels[two][labels[two] != -100].tolist() == [3, 32, 2, 34, 2]
+  logp = jax.nn.log_softmax(logits[:, :-1])
+  tgt = jnp.asarray(labels[:, 1:])
+  nll = -jnp.take_along_axis(logp, jnp.maximum(tgt, 0)[..., None], -1)[..., 0]
+  assert np.isfinite(float(jnp.where(tgt != -100, nll, 0).sum()))

@@ -3,13 +3,13 @@
 A LLaVA sample's `conversations` is a list of `{"from": "human"|"gpt", "value": str}`.
 `encode_conversation` turns it into
 
-  input_ids  int32[L]   LLM ids, `<image>` -> IMAGE_TOKEN_INDEX (-200), at most one
-  labels     int32[L]   IGNORE_INDEX (-100) except assistant replies (+ their `</s>`)
-  instruction str       the Q-Former text: the first human turn without `<image>`
-                        and without newlines
+  input_ids     int32[L]   LLM ids, each `<image>` -> IMAGE_TOKEN_INDEX (-200)
+  labels        int32[L]   IGNORE_INDEX (-100) except assistant replies (+ their `</s>`)
+  instructions  tuple[str] the Q-Former texts; the r-th `<image>` of `input_ids` is
+                           encoded with the r-th instruction
 
 with the release's exact token ids and label masks (`preprocess_v1`,
-`preprocess_plain_guided` and LLaVA's `tokenizer_image_token`):
+`preprocess_imgsp_v1`, `preprocess_plain_guided` and LLaVA's `tokenizer_image_token`):
 
 - The prompt is tokenized in chunks split at `<image>`; each chunk is tokenized on
   its own (so the text after `<image>` starts a fresh sentencepiece word), the
@@ -21,14 +21,19 @@ with the release's exact token ids and label masks (`preprocess_v1`,
   that bos and the token of the trailing space). Where these lengths do not add up
   to the sequence length, the release silently trains on nothing (all labels
   -100); here it is a `SampleError("tokenization_mismatch")`, counted and logged.
+- `vicuna_v1`: one `<image>` (moved to the start of its turn, `<image>\\n` + text);
+  the instruction is the first human turn (the release's inference prompt).
+- `imgsp_v1` (stage 2): once a human turn has had an `<image>`, every later human
+  turn gets one too, at its start (`<image>\\n` + text) or end (text + `\\n<image>`)
+  by a coin flip; there is one instruction per human turn: its text as written in
+  the sample, `<image>` and newlines removed (lines joined without a space). The
+  release flips with the global `random` module, differently on every load; here
+  the coin is an explicit `rng` (the pipeline seeds it with (seed, sample index),
+  so a sample gets the same sides in planning, in workers and after a restore).
+  The release's `refine_prompt` option is not offered: it looks for a newline in
+  the instruction after removing all of them, so it never changes anything.
 - `plain_guided` (stage 1): prompt `<image>` + reply + `\\n`; the first two tokens
-  (bos, image) are masked.
-
-Deviation: the release's `imgsp_v1` inserts a second, third, ... `<image>` into
-every later human turn (at a random side) and gives each its own Q-Former prompt.
-The batch contract here has one placeholder per sample, so `imgsp_v1` encodes like
-`vicuna_v1` (same system text and separators; identical ids and labels for
-samples with one `<image>`), with the first human turn as the instruction.
+  (bos, image) are masked; the instruction is the human turn.
 """
 
 from __future__ import annotations
@@ -78,15 +83,25 @@ TEMPLATES: dict[str, Template] = {
 
 @dataclasses.dataclass(frozen=True)
 class EncodedText:
-  """Tokenized conversation: `input_ids`, `labels` int32[L]; Q-Former `instruction`."""
+  """Tokenized conversation: `input_ids`, `labels` int32[L]; the Q-Former
+  `instructions`, one per placeholder slot (see the module docstring)."""
 
   input_ids: np.ndarray
   labels: np.ndarray
-  instruction: str
+  instructions: tuple[str, ...]
+
+  @property
+  def instruction(self) -> str:
+    """The first instruction (the only one outside `imgsp_v1`)."""
+    return self.instructions[0]
+
+  @property
+  def num_images(self) -> int:
+    return int((self.input_ids == IMAGE_TOKEN_INDEX).sum())
 
   @property
   def has_image(self) -> bool:
-    return bool((self.input_ids == IMAGE_TOKEN_INDEX).any())
+    return self.num_images > 0
 
 
 def get_template(name: str) -> Template:
@@ -95,15 +110,17 @@ def get_template(name: str) -> Template:
   return TEMPLATES[name]
 
 
-def normalize_turns(conversations: Any, *, has_media: bool) -> list[str]:
+def normalize_turns(conversations: Any, *, has_media: bool, per_turn_images: bool = False) -> list[str]:
   """Validates a LLaVA `conversations` list; returns the turn texts, human first.
 
   Like the release: a leading gpt turn is dropped, and for a sample with media
-  the (single) `<image>` is moved to the start of its turn (`<image>\\n` + text).
+  each `<image>` is moved to the start of its turn (`<image>\\n` + text).
   Unlike the release (which asserts, crashes and retries a random other sample),
   every violation raises `SampleError` with field `conversations`:
   `bad_conversations`, `bad_roles`, `no_gpt_turn`, `empty_message`,
-  `missing_image_token`, `multiple_image_tokens`, `unexpected_image_token`.
+  `missing_image_token`, `multiple_image_tokens` (more than one per sample, or with
+  `per_turn_images` more than one in a turn), `image_token_in_reply`,
+  `unexpected_image_token`.
   """
   if not isinstance(conversations, (list, tuple)) or not all(
       isinstance(t, dict) and isinstance(t.get("value"), str) for t in conversations):
@@ -122,23 +139,36 @@ def normalize_turns(conversations: Any, *, has_media: bool) -> list[str]:
   values = [t["value"] for t in turns]
   if any(not v.strip() for v in values):
     raise SampleError("empty_message", "conversations", "a turn has an empty value")
-  n_images = sum(v.count(IMAGE_TOKEN) for v in values)
+  counts = [v.count(IMAGE_TOKEN) for v in values]
   if not has_media:
-    if n_images:
+    if any(counts):
       raise SampleError("unexpected_image_token", "conversations",
                         f"{IMAGE_TOKEN} in a sample without image or video")
     return values
-  if n_images == 0:
+  if not any(counts):
     raise SampleError("missing_image_token", "conversations",
                       f"sample has media but no {IMAGE_TOKEN} in its turns")
-  if n_images > 1:
+  if any(counts[1::2]):
+    raise SampleError("image_token_in_reply", "conversations",
+                      f"{IMAGE_TOKEN} in gpt turn {counts[1::2].index(max(counts[1::2])) + 1}")
+  if max(counts) > 1 or (not per_turn_images and sum(counts) > 1):
     raise SampleError("multiple_image_tokens", "conversations",
-                      f"{n_images} {IMAGE_TOKEN} placeholders; one per sample is supported")
-  out = []
-  for v in values:
-    if IMAGE_TOKEN in v:
-      v = (IMAGE_TOKEN + "\n" + v.replace(IMAGE_TOKEN, "").strip()).strip()
-    out.append(v)
+                      f"{sum(counts)} {IMAGE_TOKEN} placeholders (per human turn: {counts[0::2]}); "
+                      + ("one per human turn is supported" if per_turn_images else "one per sample is supported"))
+  return [(IMAGE_TOKEN + "\n" + v.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in v else v
+          for v in values]
+
+
+def add_turn_images(turns: Sequence[str], rng: np.random.Generator | None) -> list[str]:
+  """`imgsp_v1`: every human turn after the first with an `<image>` gets one, at its
+  start or end by a fair coin from `rng` (None: always at the start)."""
+  out, seen = [], False
+  for i, text in enumerate(turns):
+    seen = seen or IMAGE_TOKEN in text
+    if i % 2 == 0 and seen and IMAGE_TOKEN not in text:
+      end = rng is not None and int(rng.integers(2)) == 1
+      text = text + "\n" + IMAGE_TOKEN if end else IMAGE_TOKEN + "\n" + text
+    out.append(text)
   return out
 
 
@@ -172,13 +202,13 @@ def tokenize_with_image(text: str, tokenizer) -> list[int]:
   return ids
 
 
-def qformer_instruction(turns: Sequence[str]) -> str:
-  """The release's guided prompt: first human turn, `<image>` and newlines removed."""
-  return turns[0].replace(IMAGE_TOKEN, "").replace("\n", "")
+def qformer_instruction(turn: str) -> str:
+  """The release's guided prompt of a human turn: `<image>` and newlines removed."""
+  return turn.replace(IMAGE_TOKEN, "").replace("\n", "")
 
 
 def encode_conversation(conversations: Any, tokenizer, template: Template | str, *,
-                        has_media: bool) -> EncodedText:
+                        has_media: bool, rng: np.random.Generator | None = None) -> EncodedText:
   """Tokenizes one sample's conversations with `template` (see module docstring).
 
   Args:
@@ -186,18 +216,24 @@ def encode_conversation(conversations: Any, tokenizer, template: Template | str,
     tokenizer: a transformers tokenizer that adds bos (`tokenizer(s).input_ids`).
     template: a `Template` or its name.
     has_media: whether the sample has an image, video or features.
+    rng: `imgsp_v1`'s coin for the side of each added `<image>` (None: start).
 
   Returns:
-    `EncodedText` with int32[L] `input_ids` and `labels`.
+    `EncodedText` with int32[L] `input_ids` and `labels`, and the instructions.
 
   Raises:
     SampleError: invalid conversations or a tokenization mismatch.
   """
   template = get_template(template) if isinstance(template, str) else template
-  turns = normalize_turns(conversations, has_media=has_media)
+  per_turn = template.name == "imgsp_v1"
+  turns = normalize_turns(conversations, has_media=has_media, per_turn_images=per_turn)
   if template.style == "plain" and not has_media:
     raise SampleError("missing_media", "conversations",
                       f"template {template.name} needs an image or video")
+  # Instructions come from the turns before imgsp_v1 adds its placeholders.
+  instructions = tuple(qformer_instruction(t) for t in (turns[0::2] if per_turn else turns[:1]))
+  if per_turn:
+    turns = add_turn_images(turns, rng)
   prompt = build_prompt(template, turns)
   ids = np.asarray(tokenize_with_image(prompt, tokenizer), np.int32)
   labels = ids.copy()
@@ -205,7 +241,7 @@ def encode_conversation(conversations: Any, tokenizer, template: Template | str,
     labels[: len(tokenize_with_image(IMAGE_TOKEN, tokenizer))] = IGNORE_INDEX
   else:
     _mask_rounds_v1(prompt, template, tokenizer, labels)
-  return EncodedText(ids, labels, qformer_instruction(turns))
+  return EncodedText(ids, labels, instructions)
 
 
 def _mask_rounds_v1(prompt: str, template: Template, tokenizer, labels: np.ndarray) -> None:

@@ -26,16 +26,17 @@ Design (why batches are planned up front):
   counts it, logs it and raises `DataError` once skips / samples > max_skip_rate.
   Iterator state = grain's state + these counters (`get_state` / `set_state`).
 
-Batch (B = batch_size, S = bucket text length, T = bucket frames, Lq =
-qformer_max_len):
-  input_ids     int32[B, S]    LLM ids, one -200 image placeholder per media sample
+Batch (B = batch_size, S = bucket text length, T = bucket frames, P = bucket
+instruction slots, Lq = qformer_max_len):
+  input_ids     int32[B, S]    LLM ids, -200 image placeholders (at most P per row)
   labels        int32[B, S]    -100 = ignored
   text_mask     bool[B, S]
   frames        float32[B, T, H, W, 3]   CLIP-normalized (frame buckets), or
   features      float32[B, T, N+1, C]    precomputed ViT features (feature buckets)
   frame_mask    bool[B, T]     valid frames first; all False for text-only rows
-  qformer_ids   int32[B, Lq]   BERT ids of the instruction (left-truncated)
-  qformer_mask  bool[B, Lq]
+  qformer_ids   int32[B, P, Lq]  BERT ids of each placeholder's instruction
+                                 (left-truncated); the r-th -200 of a row uses slot r
+  qformer_mask  bool[B, P, Lq]   all False in unused slots
   sample_index  int64[B]       index into the source; -1 for padding rows
 """
 
@@ -67,7 +68,11 @@ class PipelineConfig:
     tfds_dir: a dataset built by `tfds_builder` (its version directory).
     llm_tokenizer, qformer_tokenizer: local tokenizer directories.
     template: `vicuna_v1`, `imgsp_v1` or `plain_guided`.
-    buckets: (max_text_len, max_frames) pairs; a sample goes to the smallest fit.
+    buckets: (max_text_len, max_frames[, prompts]) tuples; a sample goes to the
+      smallest fit. `prompts` (default 1) is P, the instruction slots: `imgsp_v1`
+      gives one placeholder per human turn, so multi-turn image data wants P > 1;
+      each slot costs a Q-Former pass per frame and T * tokens_per_frame - 1 LLM
+      positions in the model's spliced sequence.
     batch_size: rows per batch on this process.
     seed: shuffle seed.
     num_epochs: passes over the data (each reshuffled).
@@ -147,6 +152,14 @@ class Plan:
   num_samples: int
 
 
+def _bucket(b) -> tuple[int, int, int]:
+  """(S, T) or (S, T, P) -> (S, T, P); P defaults to 1."""
+  b = tuple(int(x) for x in b)
+  if len(b) not in (2, 3) or (len(b) == 3 and b[2] < 1):
+    raise ValueError(f"bucket {b}: expected (max_text_len, max_frames[, prompts])")
+  return b if len(b) == 3 else (*b, 1)
+
+
 class SampleProcessor:
   """Turns source samples into padded rows and batches; picklable for workers."""
 
@@ -155,30 +168,39 @@ class SampleProcessor:
     self.config, self.source = config, source
     self.template = conv_lib.get_template(config.template)
     self.llm_tok, self.q_tok = llm_tokenizer, qformer_tokenizer
-    self.buckets = [tuple(b) for b in config.buckets]
+    self.buckets = [_bucket(b) for b in config.buckets]   # (S, T, P)
 
   # ---- metadata (planning) ----------------------------------------------------------
 
   def encode_text(self, sample: sources_lib.RawSample) -> conv_lib.EncodedText:
+    # imgsp_v1's coin flips: the same for a sample in planning, in workers, after restore
+    rng = np.random.default_rng([self.config.seed, sample.index])
     return conv_lib.encode_conversation(sample.conversations, self.llm_tok, self.template,
-                                        has_media=sample.has_media)
+                                        has_media=sample.has_media, rng=rng)
 
   def bucket_of(self, sample: sources_lib.RawSample) -> tuple[str, int]:
     """The bucket key of `sample`; raises `SampleError` (too long, bad text, ...)."""
     cfg = self.config
-    text_len = len(self.encode_text(sample).input_ids)
+    enc = self.encode_text(sample)
+    text_len, n_img = len(enc.input_ids), enc.num_images
     frames = self.source.num_frames(sample, fps=cfg.video_fps, max_frames=cfg.max_frames)
-    full_len = text_len - 1 + frames * cfg.tokens_per_frame if sample.has_media else text_len
+    full_len = text_len + n_img * (frames * cfg.tokens_per_frame - 1)
     if full_len > cfg.max_len:
-      visual = (f" + {frames} frames x {cfg.tokens_per_frame} tokens - 1 placeholder = {full_len}"
-                if sample.has_media else "")
+      visual = (f" + {n_img} placeholder(s) x ({frames} frames x {cfg.tokens_per_frame} tokens - 1) = {full_len}"
+                if n_img else "")
       raise SampleError("too_long", "conversations",
                         f"{text_len} text tokens{visual} > max_len {cfg.max_len}")
-    fits = [i for i, (s, t) in enumerate(self.buckets) if text_len <= s and frames <= t]
+    fits = [i for i, (s, t, _) in enumerate(self.buckets) if text_len <= s and frames <= t]
     if not fits:
       raise SampleError("too_long", "conversations",
                         f"{text_len} text tokens, {frames} frames fit no bucket {self.buckets}")
-    best = min(fits, key=lambda i: (self.buckets[i][0] + self.buckets[i][1] * cfg.tokens_per_frame, i))
+    fits = [i for i in fits if n_img <= self.buckets[i][2]]
+    if not fits:
+      raise SampleError("too_many_turns", "conversations",
+                        f"{n_img} {conv_lib.IMAGE_TOKEN} placeholders (one per human turn) fit no "
+                        f"bucket's instruction slots {self.buckets}")
+    s_out = lambda i: self.buckets[i][0] + self.buckets[i][2] * (self.buckets[i][1] * cfg.tokens_per_frame - 1)
+    best = min(fits, key=lambda i: (s_out(i), self.buckets[i], i))
     return ("features" if sample.kind == "features" else "frames", best)
 
   # ---- per-sample work (workers) ------------------------------------------------------
@@ -220,7 +242,7 @@ class SampleProcessor:
 
   def _empty_row(self, key: tuple[str, int]) -> dict[str, np.ndarray]:
     cfg = self.config
-    text_len, frames = self.buckets[key[1]]
+    text_len, frames, prompts = self.buckets[key[1]]
     vis_shape = ((frames, *cfg.feature_shape) if key[0] == "features"
                  else (frames, cfg.image_size, cfg.image_size, 3))
     return {
@@ -229,8 +251,8 @@ class SampleProcessor:
         "text_mask": np.zeros(text_len, bool),
         key[0]: np.zeros(vis_shape, np.float32),
         "frame_mask": np.zeros(frames, bool),
-        "qformer_ids": np.zeros(cfg.qformer_max_len, np.int32),
-        "qformer_mask": np.zeros(cfg.qformer_max_len, bool),
+        "qformer_ids": np.zeros((prompts, cfg.qformer_max_len), np.int32),
+        "qformer_mask": np.zeros((prompts, cfg.qformer_max_len), bool),
         "sample_index": np.int64(-1),
     }
 
@@ -239,13 +261,15 @@ class SampleProcessor:
     sample = self.source[index]
     enc = self.encode_text(sample)
     row = self._empty_row(key)
-    text_len, max_frames = self.buckets[key[1]]
-    if len(enc.input_ids) > text_len:  # the plan said it fits: the source changed
-      raise SampleError("too_long", "conversations", f"{len(enc.input_ids)} > bucket {text_len}")
-    instruction = enc.instruction
+    text_len, max_frames, prompts = self.buckets[key[1]]
+    if len(enc.input_ids) > text_len or enc.num_images > prompts:  # the plan said it fits: the source changed
+      raise SampleError("too_long", "conversations", f"{len(enc.input_ids)} tokens, {enc.num_images} "
+                        f"placeholders > bucket {self.buckets[key[1]]}")
+    instructions = enc.instructions[: enc.num_images]
     if sample.has_media:
       vis, prompt = self._visual(sample)
-      instruction = prompt if prompt is not None else instruction
+      if prompt is not None:   # stored with long-video features: the release's one prompt for all
+        instructions = (prompt,) * enc.num_images
       if len(vis) > max_frames:
         raise SampleError("frame_count_mismatch", "video",
                           f"{len(vis)} frames decoded, {max_frames} planned from metadata", sample.path)
@@ -253,8 +277,9 @@ class SampleProcessor:
       row["frame_mask"][: len(vis)] = True
     n = len(enc.input_ids)
     row["input_ids"][:n], row["labels"][:n], row["text_mask"][:n] = enc.input_ids, enc.labels, True
-    q = self.q_tok(instruction, truncation=True, max_length=self.config.qformer_max_len).input_ids
-    row["qformer_ids"][: len(q)], row["qformer_mask"][: len(q)] = q, True
+    for r, text in enumerate(instructions):
+      q = self.q_tok(text, truncation=True, max_length=self.config.qformer_max_len).input_ids
+      row["qformer_ids"][r, : len(q)], row["qformer_mask"][r, : len(q)] = q, True
     row["sample_index"] = np.int64(index)
     return row
 
