@@ -4,6 +4,7 @@ small tokenizers in transformers' format, so they run the same code path as real
 
   python -m llamavid_jax.data.synthetic --out DIR [--num-train 2000] [--num-eval 200]
       [--seed 0] [--size 64] [--frames 4] [--questions color,shape,count,motion] [--long 4]
+      [--train-turns 1]
 
 Short clips: 2-3 objects (distinct shapes and distinct colours) moving in straight
 lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
@@ -12,6 +13,10 @@ lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
   shape   "What shape is the {color} object?"                -> circle, square, triangle
   count   "How many objects are there?"                      -> two, three
   motion  "Which direction does the {color} {shape} move?"   -> left, right, up, down
+With `--train-turns K` every training clip is one K-turn conversation, one question
+of each of K different types (the release's multi-turn LLaVA layout; with `imgsp_v1`
+each turn gets its own `<image>` and Q-Former instruction); held-out clips always
+have one question, so exact match is unambiguous.
 Long clips (`--long N`): `--long-frames` frames at 1 fps with one "needle": a shape
 that appears for 3 frames at a chosen depth; "What color is the shape that appears?".
 
@@ -89,8 +94,8 @@ def make_clip(rng: np.random.Generator, size: int, frames: int) -> list[dict]:
   return objects
 
 
-def question(rng: np.random.Generator, objects: list[dict], kinds) -> tuple[str, str, str]:
-  kind = str(rng.choice(kinds))
+def question(rng: np.random.Generator, objects: list[dict], kinds, kind: str | None = None) -> tuple[str, str, str]:
+  kind = kind or str(rng.choice(kinds))
   o = objects[int(rng.integers(len(objects)))]
   if kind == "color":
     return kind, f"What color is the {o['shape']}?", o["color"]
@@ -101,12 +106,16 @@ def question(rng: np.random.Generator, objects: list[dict], kinds) -> tuple[str,
   return kind, f"Which direction does the {o['color']} {o['shape']} move?", o["direction"]
 
 
-def sample_json(sid: str, video: str, q: str, a: str) -> dict:
-  return {"id": sid, "video": video, "conversations": [
-      {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
+def sample_json(sid: str, video: str, qa: list[tuple[str, str]]) -> dict:
+  """A LLaVA sample; the first question carries the `<image>`."""
+  turns = []
+  for i, (q, a) in enumerate(qa):
+    turns += [{"from": "human", "value": f"<image>\n{q}" if i == 0 else q}, {"from": "gpt", "value": a}]
+  return {"id": sid, "video": video, "conversations": turns}
 
 
-def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int, kinds) -> tuple[list, list]:
+def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int, kinds,
+                   turns: int = 1) -> tuple[list, list]:
   samples, truth = [], []
   for i in range(n):
     objects = make_clip(rng, size, frames)
@@ -114,9 +123,13 @@ def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int,
     clip = [draw(size, objects, k / 2) for k in range(2 * frames)]
     rel = f"videos/{split}_{i:05d}.mp4"
     write_mp4(os.path.join(out, rel), clip, fps=2)
-    kind, q, a = question(rng, objects, kinds)
-    samples.append(sample_json(f"{split}_{i:05d}", rel, q, a))
-    truth.append(dict(id=f"{split}_{i:05d}", kind=kind, answer=a, objects=objects))
+    if turns == 1:
+      qas = [question(rng, objects, kinds)]
+    else:
+      qas = [question(rng, objects, kinds, str(k)) for k in rng.permutation(kinds)[:turns]]
+    samples.append(sample_json(f"{split}_{i:05d}", rel, [(q, a) for _, q, a in qas]))
+    truth.append(dict(id=f"{split}_{i:05d}", kind=qas[0][0], answer=qas[0][2], objects=objects,
+                      qa=[dict(kind=k, question=q, answer=a) for k, q, a in qas]))
   return samples, truth
 
 
@@ -131,7 +144,7 @@ def generate_long(out: str, n: int, rng, *, size: int, frames: int) -> tuple[lis
     clip = [draw(size, [needle] if at <= k < at + 3 else [], 0) for k in range(frames)]
     rel = f"videos/long_{i:05d}.mp4"
     write_mp4(os.path.join(out, rel), clip, fps=1)
-    samples.append(sample_json(f"long_{i:05d}", rel, "What color is the shape that appears?", needle["color"]))
+    samples.append(sample_json(f"long_{i:05d}", rel, [("What color is the shape that appears?", needle["color"])]))
     truth.append(dict(id=f"long_{i:05d}", kind="needle", answer=needle["color"], depth=depth, frame=at))
   return samples, truth
 
@@ -175,19 +188,23 @@ def build_qformer_tokenizer(out_dir: str, words: list[str]) -> None:
 
 
 def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: int = 64, frames: int = 4,
-             questions=QUESTION_TYPES, num_long: int = 0, long_frames: int = 300) -> dict:
+             questions=QUESTION_TYPES, num_long: int = 0, long_frames: int = 300, train_turns: int = 1) -> dict:
   """Writes the dataset (see the module docstring); returns the manifest."""
   unknown = set(questions) - set(QUESTION_TYPES)
   if unknown:
     raise ValueError(f"unknown question types {sorted(unknown)}; known: {QUESTION_TYPES}")
+  if not 1 <= train_turns <= len(questions):
+    raise ValueError(f"train_turns={train_turns}: between 1 and the {len(questions)} question types")
   if size % 2:
     raise ValueError(f"size {size}: H.264 yuv420p needs even dimensions")
   os.makedirs(os.path.join(out, "videos"), exist_ok=True)
   rng = np.random.default_rng(seed)
-  manifest = dict(seed=seed, size=size, frames=frames, questions=list(questions), splits={})
+  manifest = dict(seed=seed, size=size, frames=frames, questions=list(questions), train_turns=train_turns,
+                  splits={})
   splits = [("train", num_train), ("heldout", num_eval)]
   for split, n in splits:
-    samples, truth = generate_split(out, split, n, rng, size=size, frames=frames, kinds=list(questions))
+    samples, truth = generate_split(out, split, n, rng, size=size, frames=frames, kinds=list(questions),
+                                    turns=train_turns if split == "train" else 1)
     _dump(os.path.join(out, f"{split}.json"), samples)
     manifest["splits"][split] = truth
   if num_long:
@@ -217,9 +234,11 @@ def main(argv=None):
   ap.add_argument("--questions", default=",".join(QUESTION_TYPES))
   ap.add_argument("--long", type=int, default=0, help="number of long needle clips")
   ap.add_argument("--long-frames", type=int, default=300)
+  ap.add_argument("--train-turns", type=int, default=1, help="questions per training clip (multi-turn)")
   a = ap.parse_args(argv)
   m = generate(a.out, num_train=a.num_train, num_eval=a.num_eval, seed=a.seed, size=a.size, frames=a.frames,
-               questions=a.questions.split(","), num_long=a.long, long_frames=a.long_frames)
+               questions=a.questions.split(","), num_long=a.long, long_frames=a.long_frames,
+               train_turns=a.train_turns)
   print(f"wrote {sum(len(v) for v in m['splits'].values())} clips to {a.out}")
 
 
