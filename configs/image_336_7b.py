@@ -6,7 +6,8 @@ bicubically to 24 x 24; no `compress_type` is passed by the release's image scri
 so every one of the 576 patches becomes a content token ("none"), plus one context
 token per image. Two recipes (the `arg` picks one):
   stage=1  LLaVA-558K captions (`plain_guided`), projectors only, lr 1e-3, batch 256, len 2048
-  stage=2  LLaVA-665K mix (`imgsp_v1`), LLM + projectors + Q-Former, lr 2e-5, batch 128
+  stage=2  LLaVA-665K mix split to at most 6 rounds (921K samples; `imgsp_v1`: an image
+           and an instruction per turn), LLM + projectors + Q-Former, lr 2e-5, batch 128
            (8 per device x 8 GPUs x 2 accumulation), len 4096 (`model_max_length 4096`)
 
   python -m train.train --config configs/image_336_7b.py:stage=2[,size=13b]
@@ -25,8 +26,10 @@ STAGES = {
             aspect="crop", trainable=[r"token_gen/"],
             data_path="data/LLaMA-VID-Pretrain/blip_laion_cc_sbu_558k.json",
             image_folder="data/LLaMA-VID-Pretrain/images"),
-    2: dict(samples=665_298, batch=128, accum=2, lr=2e-5, max_len=4096, template="imgsp_v1",
+    2: dict(samples=921_000, batch=128, accum=2, lr=2e-5, max_len=4096, template="imgsp_v1",
             aspect="pad", trainable=[r"llm/", r"token_gen/", r"qformer/"],
+            # imgsp_v1: one image (577 tokens) per human turn, at most 6 rounds in this file
+            buckets=((1024, 1, 6), (4096 - 577, 1, 1)),
             data_path="data/LLaMA-VID-Finetune/llava_v1_5_mix665k_maxround_6_total_921k.json",
             image_folder="data/LLaMA-VID-Finetune"),
 }
@@ -55,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 qformer_tokenizer="model_zoo/bert-base-uncased", image_aspect=s["aspect"],
                 text_len=s["max_len"] - 577, num_frames=1, qformer_len=256, use_features=False,
                 worker_count=4, max_len=s["max_len"], max_frames=1)
+  if "buckets" in s:
+    c.data.buckets = s["buckets"]
   c.optim = dict(lr=s["lr"], warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
                  trainable=s["trainable"])
   c.ckpt = dict(every=1000, keep=1, async_save=True)

@@ -1,7 +1,13 @@
 """LLaMA-VID stage 2 (instruction tuning), as the release's
 scripts/video/train/stage_1_2_full_v7b_224_fps_1.sh (second command).
 
-Data: LLaVA-665K mix + Video-ChatGPT-98K (`imgsp_v1` = vicuna_v1 prompting).
+Data: LLaVA-665K mix + Video-ChatGPT-98K with `imgsp_v1` (vicuna_v1 prompting, plus an
+`<image>` and its own Q-Former instruction in every human turn). Buckets: images by
+text length with up to 64 instruction slots (the 665K mix has up to ~40 rounds; each
+slot costs one Q-Former pass and one LLM position per image), videos with 1 slot (all
+Video-ChatGPT samples are single-turn) by frame count. Videos are sampled at 1 fps as in
+the release, capped at 512 frames by uniform resampling (the release keeps every
+1-fps frame and truncates the sequence at 2048; 512 frames are 1024 tokens).
 Trains the LLM, the projectors and the whole Q-Former (`qformer_pretrain`: its BERT
 encoder, query tokens and vision LayerNorm); the ViT stays frozen. lr 2e-5, global
 batch 128 (release: 4 per device x 8 GPUs x 4 accumulation), max len 2048, AdamW (no
@@ -41,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 image_folder="data/LLaMA-VID-Finetune", video_folder="data/LLaMA-VID-Finetune",
                 template="imgsp_v1", llm_tokenizer="model_zoo/LLM/vicuna/7B-V1.5",
                 qformer_tokenizer="model_zoo/bert-base-uncased", video_fps=1.0, image_aspect="pad",
-                text_len=2048, num_frames=64, qformer_len=256, use_features=False, worker_count=4, max_len=MAX_LEN)
+                text_len=2048, num_frames=64, qformer_len=256, use_features=False, worker_count=4, max_len=MAX_LEN,
+                max_frames=512, buckets=((512, 1, 8), (2048, 1, 64), (1024, 128, 1), (1024, 512, 1)))
   c.optim = dict(lr=2e-5, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
                  trainable=[r"llm/", r"token_gen/", r"qformer/"])
   c.ckpt = dict(every=1000, keep=1, async_save=True)
