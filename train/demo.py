@@ -113,7 +113,7 @@ def evaluate(c, heldout_json: str, batch: int = 64, show: int = 0):
   llm_tok = tok_lib.load_llm_tokenizer(d.llm_tokenizer)
   q_tok = tok_lib.load_qformer_tokenizer(d.qformer_tokenizer, max_length=d.qformer_len)
   known = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
-  pcfg = pipeline.PipelineConfig(**{k: v for k, v in d.items() if k in known},
+  pcfg = pipeline.PipelineConfig(**{k: v for k, v in d.items() if k in known and k != "buckets"},
                                  buckets=((d.text_len, d.num_frames),), batch_size=batch,
                                  image_size=b.model_cfg.vision.image_size,
                                  tokens_per_frame=b.model_cfg.tokens_per_frame, qformer_max_len=d.qformer_len)
