@@ -89,3 +89,22 @@ def test_tokenizers_load_like_real_ones_and_answers_are_single_tokens(data):
     assert llm.unk_token_id not in enc.input_ids.tolist()
     sup = enc.labels[enc.labels != IGNORE_INDEX].tolist()
     assert sup == llm(conv[1]["value"], add_special_tokens=False).input_ids + [2]   # answer + </s>
+
+
+def test_multi_turn_conversations_never_give_an_answer_away():
+  """--train-turns 4: one question of every kind per clip, answers true to the objects,
+  and no question's text names another turn's answer (except the shared count words)."""
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    objects = synthetic.make_clip(rng, 64, 4)
+    qas = synthetic.conversation(rng, objects, synthetic.QUESTION_TYPES, 4)
+    assert sorted(k for k, _, _ in qas) == sorted(synthetic.QUESTION_TYPES)
+    for kind, q, a in qas:
+      others = " ".join(q2 for k2, q2, _ in qas if k2 != kind)
+      if kind != "count":
+        assert a not in others.replace("?", " ").split(), (q, a, others)
+    by = {k: (q, a) for k, q, a in qas}
+    o = next(o for o in objects if o["shape"] in by["color"][0])
+    assert by["color"][1] == o["color"]
+    o = next(o for o in objects if o["color"] in by["shape"][0])
+    assert by["shape"][1] == o["shape"]

@@ -12,11 +12,12 @@ lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
   color   "What color is the {shape}?"                       -> red, green, ...
   shape   "What shape is the {color} object?"                -> circle, square, triangle
   count   "How many objects are there?"                      -> two, three
-  motion  "Which direction does the {color} {shape} move?"   -> left, right, up, down
+  motion  "Which direction does the {color} object move?"    -> left, right, up, down
 With `--train-turns K` every training clip is one K-turn conversation, one question
 of each of K different types (the release's multi-turn LLaVA layout; with `imgsp_v1`
-each turn gets its own `<image>` and Q-Former instruction); held-out clips always
-have one question, so exact match is unambiguous.
+each turn gets its own `<image>` and Q-Former instruction), chosen so that no question
+names another's answer (else later turns could copy it from the text instead of
+looking); held-out clips always have one question, so exact match is unambiguous.
 Long clips (`--long N`): `--long-frames` frames at 1 fps with one "needle": a shape
 that appears for 3 frames at a chosen depth; "What color is the shape that appears?".
 
@@ -94,16 +95,26 @@ def make_clip(rng: np.random.Generator, size: int, frames: int) -> list[dict]:
   return objects
 
 
-def question(rng: np.random.Generator, objects: list[dict], kinds, kind: str | None = None) -> tuple[str, str, str]:
+def question(rng: np.random.Generator, objects: list[dict], kinds, kind: str | None = None,
+             obj: dict | None = None) -> tuple[str, str, str]:
   kind = kind or str(rng.choice(kinds))
-  o = objects[int(rng.integers(len(objects)))]
+  o = obj or objects[int(rng.integers(len(objects)))]
   if kind == "color":
     return kind, f"What color is the {o['shape']}?", o["color"]
   if kind == "shape":
     return kind, f"What shape is the {o['color']} object?", o["shape"]
   if kind == "count":
     return kind, "How many objects are there?", COUNTS[len(objects)]
-  return kind, f"Which direction does the {o['color']} {o['shape']} move?", o["direction"]
+  return kind, f"Which direction does the {o['color']} object move?", o["direction"]
+
+
+def conversation(rng: np.random.Generator, objects: list[dict], kinds, turns: int) -> list[tuple[str, str, str]]:
+  """`turns` questions of distinct kinds in random order, none giving away another's
+  answer: the colour question is about one object (naming its shape), the shape and
+  motion questions about another (naming its colour only)."""
+  a, b = rng.permutation(len(objects))[:2]
+  about = {"color": objects[a], "shape": objects[b], "motion": objects[b]}
+  return [question(rng, objects, kinds, str(k), about.get(str(k))) for k in rng.permutation(kinds)[:turns]]
 
 
 def sample_json(sid: str, video: str, qa: list[tuple[str, str]]) -> dict:
@@ -126,7 +137,7 @@ def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int,
     if turns == 1:
       qas = [question(rng, objects, kinds)]
     else:
-      qas = [question(rng, objects, kinds, str(k)) for k in rng.permutation(kinds)[:turns]]
+      qas = conversation(rng, objects, kinds, turns)
     samples.append(sample_json(f"{split}_{i:05d}", rel, [(q, a) for _, q, a in qas]))
     truth.append(dict(id=f"{split}_{i:05d}", kind=qas[0][0], answer=qas[0][2], objects=objects,
                       qa=[dict(kind=k, question=q, answer=a) for k, q, a in qas]))
@@ -152,7 +163,7 @@ def generate_long(out: str, n: int, rng, *, size: int, frames: int) -> tuple[lis
 def vocabulary() -> list[str]:
   """Every word of the templates, questions and answers (punctuation attached)."""
   words = SYSTEM.split() + ["USER:", "ASSISTANT:"]
-  words += "What color is the shape object? How many objects are there? Which direction does move?".split()
+  words += "What color is the shape object object? How many objects are there? Which direction does move?".split()
   words += [f"{s}?" for s in SHAPES] + list(SHAPES) + list(COLORS) + list(DIRECTIONS) + list(COUNTS.values())
   words += ["appears?"]
   return list(dict.fromkeys(words))
