@@ -28,8 +28,9 @@ STAGES = {
             image_folder="data/LLaMA-VID-Pretrain/images"),
     2: dict(samples=921_000, batch=128, accum=2, lr=2e-5, max_len=4096, template="imgsp_v1",
             aspect="pad", trainable=[r"llm/", r"token_gen/", r"qformer/"],
-            # imgsp_v1: one image (577 tokens) per human turn, at most 6 rounds in this file
-            buckets=((1024, 1, 6), (4096 - 577, 1, 1)),
+            # imgsp_v1: one image (576 tokens + 1 context token) per human turn, at most 6
+            # rounds in this file; every bucket is exactly 4096 LLM positions
+            buckets=((640, 1, 6), (1792, 1, 4), (2944, 1, 2), (4096 - 576, 1, 1)),
             data_path="data/LLaMA-VID-Finetune/llava_v1_5_mix665k_maxround_6_total_921k.json",
             image_folder="data/LLaMA-VID-Finetune"),
 }

@@ -42,8 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 image_folder="data/LLaMA-VID-Pretrain/images", video_folder="data/LLaMA-VID-Pretrain/videos",
                 template="plain_guided", llm_tokenizer="model_zoo/LLM/vicuna/7B-V1.5",
                 qformer_tokenizer="model_zoo/bert-base-uncased", video_fps=1.0, image_aspect="crop",
-                text_len=2048, num_frames=64, qformer_len=256, use_features=False, worker_count=4, max_len=MAX_LEN,
-                max_frames=64)   # WebVid clips average 18 s; longer ones are resampled to 64 frames
+                text_len=512, num_frames=64, qformer_len=256, use_features=False, worker_count=4, max_len=MAX_LEN,
+                max_frames=64,   # WebVid clips average 18 s; longer ones are resampled to 64 frames
+                # short captions: images (1 frame) and videos (<= 64 frames) by text length
+                buckets=((128, 1), (512, 1), (128, 64), (512, 64), (MAX_LEN - 127, 64)))
   c.optim = dict(lr=1e-3, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
                  trainable=[r"token_gen/"])
   c.ckpt = dict(every=1000, keep=1, async_save=True)

@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 template="imgsp_v1", llm_tokenizer="model_zoo/LLM/vicuna/7B-V1.5",
                 qformer_tokenizer="model_zoo/bert-base-uncased", video_fps=1.0, image_aspect="pad",
                 text_len=2048, num_frames=64, qformer_len=256, use_features=False, worker_count=4, max_len=MAX_LEN,
-                max_frames=512, buckets=((512, 1, 8), (2048, 1, 64), (1024, 128, 1), (1024, 512, 1)))
+                max_frames=512, buckets=((512, 1, 8), (1984, 1, 64), (1024, 128, 1), (1024, 512, 1)))
   c.optim = dict(lr=2e-5, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
                  trainable=[r"llm/", r"token_gen/", r"qformer/"])
   c.ckpt = dict(every=1000, keep=1, async_save=True)

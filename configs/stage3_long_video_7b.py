@@ -40,12 +40,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.workdir = f"workdir/stage3_long_video_{size}"
   c.init_from = f"workdir/stage2_instruct_{size}/checkpoints"
-  # text_len - 1 + 2 * num_frames <= MAX_LEN: 4096 text tokens + 30720 frames (8.5 h at 1 fps).
+  # The LLM sees text_len - 1 + 2 * num_frames = MAX_LEN positions (the <image> gives way to the
+  # frame tokens): 4097 text tokens + 30720 frames (8.5 h at 1 fps). Ring attention needs the
+  # length to split into sequence x 512-blocks, so it must be exactly 65536, not 65535.
   c.data = dict(kind="pipeline", data_path="data/LLaMA-VID-Finetune/long_videoqa.json",
                 image_folder="data/LLaMA-VID-Finetune", video_folder="data/LLaMA-VID-Finetune",
                 template="imgsp_v1", llm_tokenizer="model_zoo/LLM/vicuna/7B-V1.5",
                 qformer_tokenizer="model_zoo/bert-base-uncased", video_fps=1.0, image_aspect="pad",
-                text_len=4096, num_frames=30720, qformer_len=256, use_features=True, worker_count=1, max_len=MAX_LEN,
+                text_len=4097, num_frames=30720, qformer_len=256, use_features=True, worker_count=1, max_len=MAX_LEN,
                 max_frames=30720)
   c.optim = dict(lr=2e-5, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
                  trainable=[r"llm/", r"token_gen/mm_projector/"])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo, stage1_align_7b, stage2_instruct_7b, stage3_long_video_7b
+from configs import demo, image_336_7b, stage1_align_7b, stage2_instruct_7b, stage3_long_video_7b
 from llamavid_jax import sharding
 from train import optim
 from train import step as S
@@ -60,6 +60,22 @@ def test_meshes_give_the_losses_of_one_device(shape, one_device):
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     mu = state["opt_state"].inner_states["trainable"].inner_state[1][0].mu
     assert mu["llm"]["layers"]["q_proj"]["kernel"].sharding.spec == q.sharding.spec
+
+
+def test_frames_split_over_sequence_give_the_losses_of_one_device():
+  """Long-video layout: frames sharded over `sequence` and encoded in strided chunks
+  (each chunk spread over the sequence devices), with gradient accumulation."""
+  c = tiny_config(**{"data.num_frames": 4, "model.frame_chunk": 2})
+  ref, _ = run_steps(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]), n=2)
+  mesh = sharding.make_mesh({"fsdp": 4, "sequence": 2})
+  b = build(c, mesh)
+  data = ToyBatches(b.model_cfg, c.batch_size, c.data.text_len, 4, c.data.qformer_len, False, seed=c.seed)
+  batch = next(data)
+  g = b.trainer.global_batch(batch)
+  assert g["frames"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "sequence", None, None, None)
+  assert g["frames"].addressable_shards[0].data.shape[1] == 2
+  losses, _ = run_steps(c, mesh, n=2)
+  np.testing.assert_allclose(losses, ref, atol=1e-5, rtol=0)
 
 
 def test_loss_is_the_token_mean_of_the_global_batch(one_device):
@@ -158,3 +174,23 @@ def test_trainable_vit_needs_freeze_vision_off():
                     c.data.use_features)
   state, _ = b.trainer(state, next(data))
   assert not np.array_equal(before, np.asarray(state["params"]["vit"]["patch_embed"]["kernel"]))
+
+
+@pytest.mark.parametrize("module,arg", [(stage1_align_7b, None), (stage2_instruct_7b, None),
+                                        (stage3_long_video_7b, None), (image_336_7b, "stage=1"),
+                                        (image_336_7b, "stage=2")],
+                         ids=["stage1", "stage2", "stage3", "image1", "image2"])
+def test_stage_buckets_fit_the_model_and_the_ring(module, arg):
+  """Every bucket's LLM length (text + slots x (frames x tokens_per_frame - 1)) stays
+  within max_len, and with ring attention it splits into sequence-size chunks of whole
+  blocks (else the step fails to trace)."""
+  from llamavid_jax.models.config import from_dict
+  from llamavid_jax.ops.attention import BLOCK
+  c = module.get_config(arg)
+  d, tpf = c.data, from_dict(c.model).tokens_per_frame
+  for bucket in d.get("buckets") or ((d.text_len, d.num_frames),):
+    s, t, p = (tuple(bucket) + (1,))[:3]
+    assert s + p * (t * tpf - 1) <= d.max_len, (bucket, s + p * (t * tpf - 1))
+  if c.model.get("attention_impl") == "ring":
+    length = d.text_len + d.num_frames * tpf - 1
+    assert length == d.max_len and length % (c.mesh.sequence * BLOCK) == 0, length
