@@ -88,7 +88,7 @@ def main():
   for k in ("frames", "features"):
     if k in shapes:
       shapes[k] = (batch, num_frames) + small[k].shape[2:]
-  abstract_batch = {k: jax.ShapeDtypeStruct(shapes[k], v.dtype, sharding=S.batch_sharding(mesh, v.ndim))
+  abstract_batch = {k: jax.ShapeDtypeStruct(shapes[k], v.dtype, sharding=S.batch_sharding(mesh, k, shapes[k]))
                     for k, v in small.items()}
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        nn.unbox(b.abstract), b.shardings)

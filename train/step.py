@@ -12,6 +12,7 @@ schedule, logging and checkpoints out of step with the data.
 
 from __future__ import annotations
 
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from train.optim import TRAINABLE
 
 MODEL_INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
 BATCH_AXES = ("data", "fsdp")   # the mesh axes the global batch is split over
+FRAME_KEYS = ("frames", "features", "frame_mask")   # [B, T, ...]: T is split over `sequence`
 
 
 def loss_sums(model: LlamaVid, params, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -67,10 +69,10 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
     else:
       # Global batch G = A * m rows, each device holding a contiguous block: view it as
       # [m, A] and scan over A, so every micro-batch is spread over all devices.
-      def micro(x):
+      def micro(k, x):
         x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, P(None, BATCH_AXES))
-      mbs = jax.tree.map(micro, batch)
+        return jax.lax.with_sharding_constraint(x, P(None, *batch_spec(k, x.shape[1:], mesh_shape())))
+      mbs = {k: micro(k, v) for k, v in batch.items()}
 
       def body(acc, mb):
         return jax.tree.map(jnp.add, acc, grads_of(trainable, frozen, mb)), None
@@ -90,8 +92,24 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
 
 
 # --- shardings and state --------------------------------------------------------------
-def batch_sharding(mesh, ndim: int) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_spec(key: str, shape, mesh_shape) -> P:
+  """Rows over (data, fsdp); for frame inputs also the frame axis over `sequence`
+  when it divides T: each sequence device then holds, and runs the Q-Former on, its
+  T / sequence frames of a long video instead of all of them."""
+  spec = [BATCH_AXES] + [None] * (len(shape) - 1)
+  seq = mesh_shape.get("sequence", 1)
+  if key in FRAME_KEYS and len(shape) > 1 and seq > 1 and shape[1] % seq == 0:
+    spec[1] = "sequence"
+  return P(*spec)
+
+
+def batch_sharding(mesh, key: str, shape) -> NamedSharding:
+  return NamedSharding(mesh, batch_spec(key, shape, dict(mesh.shape)))
+
+
+def mesh_shape() -> dict:
+  """The mesh axis sizes inside `jax.set_mesh` (the jitted step runs under it)."""
+  return dict(jax.sharding.get_abstract_mesh().shape)
 
 
 def dummy_inputs(cfg, batch: int, text_len: int, num_frames: int, qformer_len: int, use_features: bool):
@@ -150,20 +168,28 @@ class Trainer:
                        f"data x fsdp ({n}): every micro-batch is split over all batch shards")
 
   def jitted(self, batch: dict):
-    key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
+    key = tuple(sorted((k, v.ndim, batch_spec(k, v.shape, dict(self.mesh.shape))) for k, v in batch.items()))
     if key not in self._jits:
-      bs = {k: batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
+      bs = {k: batch_sharding(self.mesh, k, v.shape) for k, v in batch.items()}
       self._jits[key] = jax.jit(self._step, in_shardings=(self.shardings, bs),
                                 out_shardings=(self.shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
     return self._jits[key]
 
   def global_batch(self, local: dict) -> dict:
+    """Process-local rows (every column: full T, full length) -> global arrays. The
+    global shape is explicit because a frame axis split over `sequence` may span
+    processes; jax then takes each device's slice of T from the local rows."""
+    rows = BATCH_AXES
+    shards = math.prod(self.mesh.shape[a] for a in rows)
+    row_sharding = NamedSharding(self.mesh, P(rows))
+    local_shards = len({idx[0].start for idx in row_sharding.addressable_devices_indices_map((shards,)).values()})
     out = {}
     for k, v in local.items():
       if k == "sample_index":
         continue
       v = np.asarray(v)
-      out[k] = jax.make_array_from_process_local_data(batch_sharding(self.mesh, v.ndim), v)
+      shape = (v.shape[0] * shards // local_shards,) + v.shape[1:]
+      out[k] = jax.make_array_from_process_local_data(batch_sharding(self.mesh, k, shape), v, shape)
     return out
 
   def __call__(self, state, local_batch: dict):

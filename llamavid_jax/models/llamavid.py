@@ -109,12 +109,19 @@ class LlamaVid(nn.Module):
     else:  # long video: scan over chunks of frames, one compiled step, bounded memory
       if t % chunk:
         raise ValueError(f"{t} frames are not a multiple of frame_chunk={chunk}")
-      xs = jnp.moveaxis(features.reshape((b, t // chunk, chunk) + features.shape[2:]), 1, 0)
+      # Strided chunks: step i takes frames i, i + n, i + 2n, ... (n = T / chunk). With
+      # T split over `sequence` in contiguous blocks, every step's chunk is then spread
+      # over all sequence devices (each encodes its own frames, none idles or gathers).
+      n = t // chunk
+      xs = jnp.moveaxis(features.reshape((b, chunk, n) + features.shape[2:]), 2, 0)   # [n, B, chunk, N+1, C]
+      xs = nn.with_logical_constraint(xs, (None, "batch", "frames", None, None))
       step = lambda mdl, carry, x: (carry, mdl._frame_tokens(x, qformer_ids, qformer_mask))
       _, (tokens, weights) = nn.scan(step, variable_broadcast="params", split_rngs={"params": False},
-                                     length=t // chunk)(self, None, xs)
-      merge = lambda a: None if a is None else jnp.moveaxis(a, 0, 2).reshape(a.shape[1:3] + (t,) + a.shape[4:])
+                                     length=n)(self, None, xs)
+      # [n, B, P, chunk, ...] -> [B, P, chunk, n, ...] -> [B, P, T, ...] (frame c * n + i)
+      merge = lambda a: None if a is None else jnp.moveaxis(a, 0, 3).reshape(a.shape[1:3] + (t,) + a.shape[4:])
       tokens, weights = merge(tokens), merge(weights)
+    tokens = nn.with_logical_constraint(tokens, ("batch", None, "frames", None, None))   # [B, P, T, tpf, D]
     tokens = tokens.reshape(tokens.shape[:2] + (-1, tokens.shape[-1]))      # [B, P, T*tpf, D]
     return nn.with_logical_constraint(tokens, ("batch", None, "length", "embed")), weights
 
