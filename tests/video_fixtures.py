@@ -19,12 +19,16 @@ def read_counter(frame: np.ndarray) -> int:
   return sum(int(frame[:, b * 8 + 2:(b + 1) * 8 - 2].mean() > 128) << b for b in range(8))
 
 
-def write_counter_clip(path: str, n: int, rate, *, gop: int = 12, pts=None, size=(64, 48)) -> str:
-  """H.264 clip of n counter frames at `rate` fps; `pts` (ms) makes it variable-rate."""
+def write_counter_clip(path: str, n: int, rate, *, gop: int = 12, pts=None, size=(64, 48),
+                       codec: str = "libx264", bframes: int = 0) -> str:
+  """A clip of n counter frames at `rate` fps (container from the path's suffix); `pts`
+  (ms) makes it variable-rate."""
   with av.open(path, "w") as out:
-    s = out.add_stream("libx264", rate=rate)
+    s = out.add_stream(codec, rate=rate)
     s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
-    s.options = {"g": str(gop), "crf": "10", "preset": "ultrafast", "bf": "0"}
+    s.options = {"g": str(gop), "bf": str(bframes)}
+    if codec == "libx264":
+      s.options |= {"crf": "10", "preset": "ultrafast" if not bframes else "medium"}
     if pts is not None:
       s.codec_context.time_base = Fraction(1, 1000)
     for i in range(n):

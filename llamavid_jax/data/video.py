@@ -6,10 +6,13 @@ range(0, num_frames, step) (at fps=1: every round(avg_fps)-th frame). `fps=None`
 keeps every frame. A `max_frames` cap resamples the chosen indices uniformly
 (np.linspace over them, rounded to the nearest).
 
-Decoding: the packets are demuxed once (no decoding) to learn every frame's pts and
-the keyframes; the wanted frames are then decoded either sequentially or by seeking
-to the keyframe before a wanted frame when the next wanted frame lies beyond the
-next keyframe. Both paths return the same frames (tested).
+Decoding: the packets are demuxed once (no decoding) to learn the frame count, every
+frame's pts and the keyframes. The wanted frames are then decoded either in order
+from the start, counting the decoder's output (right whatever the container's time
+stamps say), or, when they are sparse, by seeking to the keyframe before each one and
+matching pts. Seeking is never used for AVI (no presentation stamps), and falls back
+to decoding in order when the stamps prove untrustworthy. Both paths return the same
+frames (tested on mp4, mkv, webm, mov and AVI, with and without B-frames).
 """
 
 from __future__ import annotations
@@ -93,36 +96,50 @@ def load_video(path: str, *, fps: float | None = 1.0, max_frames: int | None = N
     if vi.avg_fps <= 0:
       raise VideoError(path, "unknown frame rate")
     idx = frame_indices(len(vi.pts), vi.avg_fps, fps, max_frames)
-    wanted = [vi.pts[i] for i in idx]
     gop = len(vi.pts) / max(len(vi.keyframes), 1)
-    gap = len(vi.pts) / max(len(wanted), 1)
+    gap = len(vi.pts) / max(len(idx), 1)
+    # AVI stores no presentation times (PyAV reports decode-order stamps), so a seek
+    # cannot be aimed at a frame there: always decode from the start.
     use_seek = (gap > 2 * gop) if seek is None else seek
-    frames, decoded = (_decode_seeking if use_seek else _decode_all)(container, vi, wanted, path)
+    use_seek = use_seek and "avi" not in container.format.name.split(",")
+    got = _decode_seeking(container, vi, idx) if use_seek else None
   finally:
     container.close()
+  fallback = use_seek and got is None
+  frames, decoded = got if got is not None else _decode_in_order(path, idx)
   info = dict(avg_fps=vi.avg_fps, num_frames=len(vi.pts), indices=idx,
-              timestamps=[(p - vi.pts[0]) * vi.time_base for p in wanted], decoded=decoded, seek=use_seek)
+              timestamps=[(vi.pts[i] - vi.pts[0]) * vi.time_base for i in idx], decoded=decoded,
+              seek=use_seek and not fallback, seek_fallback=fallback)
   return np.stack(frames), info
 
 
-def _decode_all(container, vi: VideoIndex, wanted: list[int], path: str):
+def _decode_in_order(path: str, idx: list[int]):
+  """The frames at presentation positions `idx`: decode from the start and count the
+  decoder's output (decoders emit presentation order whatever the container's stamps)."""
+  container = _open(path)
   stream = container.streams.video[0]
-  container.seek(vi.pts[0], stream=stream, backward=True, any_frame=False)
-  want, out, decoded = set(wanted), {}, 0
+  want, out, decoded = set(idx), {}, 0
   try:
     for frame in container.decode(stream):
+      if decoded in want:
+        out[decoded] = frame.to_ndarray(format="rgb24")
       decoded += 1
-      if frame.pts in want:
-        out[frame.pts] = frame.to_ndarray(format="rgb24")
-        if len(out) == len(want):
-          break
+      if len(out) == len(want):
+        break
   except av.error.FFmpegError as e:
     raise VideoError(path, f"decoding failed: {e}") from None
-  return _in_order(out, wanted, path), decoded
+  finally:
+    container.close()
+  return _in_order(out, idx, path), decoded
 
 
-def _decode_seeking(container, vi: VideoIndex, wanted: list[int], path: str):
+def _decode_seeking(container, vi: VideoIndex, idx: list[int]):
+  """The frames at presentation positions `idx`, found by pts after seeking to the
+  keyframe before each one (when the decoder is not already on its way there).
+  None when the stream's stamps cannot be trusted (a wanted pts never comes out, or
+  stamps go backwards): the caller then decodes in order."""
   stream = container.streams.video[0]
+  wanted = [vi.pts[i] for i in idx]
   out, decoded, frames, last = {}, 0, None, None
   try:
     for target in wanted:
@@ -133,23 +150,27 @@ def _decode_seeking(container, vi: VideoIndex, wanted: list[int], path: str):
       key = vi.keyframes[max(k, 0)]
       if frames is None or last is None or last >= target or key > last:
         container.seek(key, stream=stream, backward=True, any_frame=False)
-        frames = container.decode(stream)
+        frames, last = container.decode(stream), None
       for frame in frames:
         decoded += 1
+        if frame.pts is None or (last is not None and frame.pts <= last):
+          return None
         last = frame.pts
         if frame.pts == target:
           out[target] = frame.to_ndarray(format="rgb24")
           break
-        if frame.pts is not None and frame.pts > target:
-          break
-  except av.error.FFmpegError as e:
-    raise VideoError(path, f"decoding failed: {e}") from None
-  return _in_order(out, wanted, path), decoded
+        if frame.pts > target:
+          return None
+  except av.error.FFmpegError:
+    return None
+  if len(out) < len(set(wanted)):
+    return None
+  return [out[p] for p in wanted], decoded
 
 
 def _in_order(out: dict, wanted: list[int], path: str) -> list[np.ndarray]:
   missing = [p for p in wanted if p not in out]
   if missing:
     raise VideoError(path, f"{len(missing)} of {len(wanted)} wanted frames could not be decoded "
-                     f"(first pts {missing[0]})")
+                     f"(first: frame {missing[0]})")
   return [out[p] for p in wanted]
