@@ -39,9 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.workdir = "workdir/demo" + ("_content_only" if "content_only" in args else "")
   c.init_from = ""
+  # 4-turn training clips (one question of each kind, imgsp_v1: every turn has its own
+  # instruction slot) carry at most 75 text tokens; held-out clips are single-turn.
   c.data = dict(kind="toy" if "toy" in args else "pipeline", root="workdir/demo_data",
-                text_len=48, num_frames=4, qformer_len=24, use_features=False, template="vicuna_v1",
-                num_epochs=0, worker_count=0, max_len=512, video_fps=None, max_frames=4, nan_batch=-1)
+                text_len=80, num_frames=4, qformer_len=24, use_features=False, template="imgsp_v1",
+                buckets=((80, 4, 4),), num_epochs=0, worker_count=0, max_len=512, video_fps=None,
+                max_frames=4, nan_batch=-1)
   c.optim = dict(lr=2e-3, warmup_ratio=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
                  trainable=[r"llm/", r"token_gen/"] + ([r"qformer/"] if "content_only" not in args else []))
   c.ckpt = dict(every=200, keep=2, async_save=True)
@@ -50,6 +53,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.debug = dict(kill_after_save_step=-1)
   if "tiny" in args:
     c.batch_size, c.total_steps, c.accum_steps = 16, 6, 2
-    c.data.update(text_len=12, num_frames=2, qformer_len=6)
+    c.data.update(text_len=12, num_frames=2, qformer_len=6, buckets=((12, 2, 1),))
     c.log.every, c.log.progress, c.ckpt.every = 1, False, 2
   return c

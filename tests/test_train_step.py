@@ -178,8 +178,8 @@ def test_trainable_vit_needs_freeze_vision_off():
 
 @pytest.mark.parametrize("module,arg", [(stage1_align_7b, None), (stage2_instruct_7b, None),
                                         (stage3_long_video_7b, None), (image_336_7b, "stage=1"),
-                                        (image_336_7b, "stage=2")],
-                         ids=["stage1", "stage2", "stage3", "image1", "image2"])
+                                        (image_336_7b, "stage=2"), (demo, None)],
+                         ids=["stage1", "stage2", "stage3", "image1", "image2", "demo"])
 def test_stage_buckets_fit_the_model_and_the_ring(module, arg):
   """Every bucket's LLM length (text + slots x (frames x tokens_per_frame - 1)) stays
   within max_len, and with ring attention it splits into sequence-size chunks of whole
