@@ -1,5 +1,7 @@
 """The whole model: splicing, padding frames, token counts, gradients, logical axes."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,32 @@ def test_one_placeholder_per_turn_each_with_its_own_instruction(video, tiny_cfg)
     want = np.concatenate(pieces)
     np.testing.assert_allclose(np.asarray(x[b, :len(want)]), want, atol=1e-6)
     assert int(lay.valid[b].sum()) == len(want) and not np.asarray(x[b, len(want):]).any()
+
+
+def test_content_only_gives_every_placeholder_the_same_frame_tokens(tiny_cfg):
+  """use_context_token=False with several placeholders (imgsp_v1 multi-turn): each
+  placeholder gets the frames' content tokens (the instructions do not matter)."""
+  cfg = dataclasses.replace(tiny_cfg, use_context_token=False)
+  model = LlamaVid(cfg)
+  rng = np.random.RandomState(6)
+  batch = make_batch(cfg, 3, rng, valid_frames=[3, 2])
+  ids = rng.randint(3, cfg.llm.vocab_size, (B, 12)).astype(np.int32)
+  ids[0, [1, 5, 9]] = -200
+  ids[1, 4] = -200
+  qids = rng.randint(1, cfg.qformer.vocab_size, (B, 3, L)).astype(np.int32)
+  multi = dict(batch, input_ids=ids, text_mask=np.ones((B, 12), bool), qformer_ids=qids,
+               qformer_mask=np.ones((B, 3, L), bool))
+  params = nn.unbox(model.init(jax.random.key(0), **multi)["params"])
+  x, lay, _ = model.apply({"params": params}, **multi, method=LlamaVid.embed_inputs)
+  vis, _ = model.apply({"params": params}, batch["frame_mask"], qids[:, :1], multi["qformer_mask"][:, :1],
+                       batch["frames"], method=LlamaVid.encode_visual)
+  vis, emb = np.asarray(vis), np.asarray(params["llm"]["embed_tokens"]["embedding"])
+  for b in range(B):
+    nv = int(batch["frame_mask"][b].sum())
+    want = np.concatenate([vis[b, 0, :nv] if t == -200 else emb[t][None] for t in ids[b]])
+    np.testing.assert_allclose(np.asarray(x[b, :len(want)]), want, atol=1e-6)
+  logits, _ = model.apply({"params": params}, **multi)
+  assert np.isfinite(np.asarray(logits)).all()
 
 
 def test_padding_frames_do_not_change_the_answer(video, tiny_cfg):

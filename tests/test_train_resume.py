@@ -106,7 +106,7 @@ def test_sigterm_saves_before_exiting(tmp_path):
 def test_nan_loss_stops_naming_step_and_samples(tmp_path):
   c = config(tmp_path, total_steps=4)
   c.data.nan_batch = 2                                  # third batch (step 3): NaN frames
-  with pytest.raises(FloatingPointError, match=r"at step 3 .*sample ids of the batch: \[32, 33, .*, 47\]"):
+  with pytest.raises(FloatingPointError, match=r"at step 3 .*sample indices \(rows of the data file\) in the batch: \[32, 33, .*, 47\]"):
     train(c)
   assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
 

@@ -157,8 +157,9 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start):
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         ids = multihost_utils.process_allgather(ids, tiled=True)
+      rows = sorted(int(x) for x in ids if x >= 0)
       raise FloatingPointError(f"non-finite loss {m['loss']} at step {i + 1} (0-based batch {i}); "
-                               f"sample ids of the batch: {sorted(int(x) for x in ids if x >= 0)}")
+                               f"sample indices (rows of the data file) in the batch: {rows}")
     losses[i + 1] = m["loss"]
     log.step(i + 1, m)
     ckpt.save(i + 1, state, data)

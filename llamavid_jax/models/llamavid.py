@@ -137,7 +137,9 @@ class LlamaVid(nn.Module):
       rep = lambda a: jnp.broadcast_to(a[:, :, None], (b, p, t, l)).reshape(b * p * t, l)
       queries = self.qformer(rep(qformer_ids), rep(qformer_mask), image)   # [B*P*T, M, Dq]
       queries = queries.reshape((b, p, t) + queries.shape[1:])
-    return self.token_gen(queries, features[:, :, 1:])
+    tokens, weights = self.token_gen(queries, features[:, :, 1:])
+    # content only: one set of tokens [B, 1, T, tpf, D], the same for every placeholder
+    return jnp.broadcast_to(tokens, (b, p) + tokens.shape[2:]), weights
 
   def embed_inputs(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
                    frames=None, features=None):
