@@ -234,6 +234,23 @@ def test_every_bad_input_is_counted_and_named(root, bad, caplog):
   assert it.get_state()["skips"] == {"unreadable_image": 1}
 
 
+def test_a_second_plan_reuses_the_first_ones_verdicts(root, bad, caplog, monkeypatch):
+  """train.make_data plans one epoch to count batches, then the real run: the second
+  plan (3 epochs) probes no sample again and logs no skip twice, yet counts them."""
+  caplog.set_level(logging.WARNING, logger="llamavid_jax.data.pipeline")
+  one = pl.make_pipeline(_config(root, bad, max_skip_rate=0.9), shard_index=0, shard_count=1)
+  probed = []
+  monkeypatch.setattr(pl.SampleProcessor, "bucket_of", lambda self, s: probed.append(s.index))
+  three = pl.make_pipeline(_config(root, bad, max_skip_rate=0.9, num_epochs=3), shard_index=0,
+                           shard_count=1, processor=one.processor)
+  assert probed == []
+  assert [s.id for s in three.plan.skips] == [s.id for s in one.plan.skips] and len(one.plan.skips) == 6
+  assert sum("sample 'missing'" in r.getMessage() for r in caplog.records) == 1
+  assert sorted(i for _, rows in three.plan.batches for i in rows.tolist() if i >= 0) == [0, 0, 0, 1, 1, 1, 3, 3, 3]
+  with pytest.raises(ValueError, match="buckets differ"):
+    one.processor.with_config(_config(root, bad, buckets=((64, 1),)))
+
+
 def test_skip_rate_bound_while_planning(root, bad):
   with pytest.raises(DataError, match=r"skip rate 6/9 = 0\.667 exceeds max_skip_rate 0\.5 while "
                      r"planning; last: sample 'pickle' \(index 6\) field 'video' \(file .*old\.pkl\): "

@@ -169,6 +169,19 @@ class SampleProcessor:
     self.template = conv_lib.get_template(config.template)
     self.llm_tok, self.q_tok = llm_tokenizer, qformer_tokenizer
     self.buckets = [_bucket(b) for b in config.buckets]   # (S, T, P)
+    self.planned: dict[int, tuple[str, int] | Skip] = {}   # planning's per-sample verdicts
+
+  def with_config(self, config: PipelineConfig) -> SampleProcessor:
+    """The same processor for other settings of equal buckets, sharing the planning
+    verdicts (a second plan, e.g. for more epochs, re-reads no sample)."""
+    if tuple(config.buckets) != tuple(self.config.buckets):
+      raise ValueError("with_config: the buckets differ, the planning verdicts would not hold")
+    other = object.__new__(SampleProcessor)   # not copy.copy: __getstate__ drops the verdicts
+    other.__dict__.update(self.__dict__, config=config)
+    return other
+
+  def __getstate__(self):   # workers need no planning verdicts
+    return {**self.__dict__, "planned": {}}
 
   # ---- metadata (planning) ----------------------------------------------------------
 
@@ -309,23 +322,26 @@ def plan_batches(config: PipelineConfig, processor: SampleProcessor, *, shard_in
   if n == 0:
     raise DataError("the data source is empty")
   order = grain.MapDataset.range(n).seed(config.seed).shuffle().repeat(config.num_epochs)
-  keys: dict[int, tuple[str, int] | None] = {}
+  verdicts = processor.planned     # index -> bucket key or Skip, kept across plans
   skips: list[Skip] = []
+  skipped: set[int] = set()
   global_bs = config.batch_size * shard_count
   pending: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
   global_batches: list[tuple[tuple[str, int], list[int]]] = []
   for i in range(len(order)):
     index = int(order[i])
-    if index not in keys:
+    if index not in verdicts:
       sample = processor.source[index]
       try:
-        keys[index] = processor.bucket_of(sample)
+        verdicts[index] = processor.bucket_of(sample)
       except SampleError as e:
-        keys[index] = None
-        skips.append(Skip.of(sample, e))
-        log.warning("skipped %s", skips[-1].message())
-    key = keys[index]
-    if key is None:
+        verdicts[index] = Skip.of(sample, e)
+        log.warning("skipped %s", verdicts[index].message())
+    key = verdicts[index]
+    if isinstance(key, Skip):
+      if index not in skipped:
+        skipped.add(index)
+        skips.append(key)
       continue
     pending[key].append(index)
     if len(pending[key]) == global_bs:
@@ -432,7 +448,7 @@ def _ensure_absl_flags_parsed() -> None:
 
 def make_pipeline(config: PipelineConfig, *, source: sources_lib.Source | None = None,
                   llm_tokenizer=None, qformer_tokenizer=None, shard_index: int | None = None,
-                  shard_count: int | None = None) -> Pipeline:
+                  shard_count: int | None = None, processor: SampleProcessor | None = None) -> Pipeline:
   """Builds the pipeline of this process.
 
   Args:
@@ -443,12 +459,16 @@ def make_pipeline(config: PipelineConfig, *, source: sources_lib.Source | None =
       config's directories.
     shard_index, shard_count: default: this JAX process and the process count
       (grain's `ShardByJaxProcess`).
+    processor: an earlier pipeline's `processor` (same source, tokenizers and buckets):
+      its planning verdicts are reused, so no sample is probed or logged twice.
 
   Raises:
     DataError: unreadable dataset, or a planning-time skip rate above the bound.
   """
   from llamavid_jax.data import tokenizer as tok_lib
 
+  if processor is not None:
+    return _planned_pipeline(config, processor.with_config(config), shard_index, shard_count)
   if source is None:
     if config.tfds_dir:
       from llamavid_jax.data import tfds_builder
@@ -460,10 +480,14 @@ def make_pipeline(config: PipelineConfig, *, source: sources_lib.Source | None =
   llm_tokenizer = llm_tokenizer or tok_lib.load_llm_tokenizer(config.llm_tokenizer)
   qformer_tokenizer = qformer_tokenizer or tok_lib.load_qformer_tokenizer(
       config.qformer_tokenizer, max_length=config.qformer_max_len)
+  processor = SampleProcessor(config, source, llm_tokenizer, qformer_tokenizer)
+  return _planned_pipeline(config, processor, shard_index, shard_count)
+
+
+def _planned_pipeline(config, processor, shard_index, shard_count) -> Pipeline:
   if shard_index is None or shard_count is None:
     shard = grain.sharding.ShardByJaxProcess()
     shard_index, shard_count = shard.shard_index, shard.shard_count
-  processor = SampleProcessor(config, source, llm_tokenizer, qformer_tokenizer)
   plan = plan_batches(config, processor, shard_index=shard_index, shard_count=shard_count)
   _check_plan_skips(config, plan)
   return Pipeline(config, processor, plan)
