@@ -65,6 +65,29 @@ def test_answers_are_true_to_the_decoded_video(data):
   assert kinds == set(synthetic.QUESTION_TYPES)
 
 
+def test_grid_clips_keep_each_object_in_one_cell_and_step_its_way(tmp_path):
+  """--grid 4 at 56 px (the demo ViT's 4x4 patches of 14): in every kept frame each
+  object's pixels lie in one cell, never shared; it moves one cell its way at mid-clip."""
+  m = synthetic.generate(str(tmp_path), num_train=12, num_eval=0, seed=1, size=56, frames=4, grid=4)
+  steps = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+  for truth in m["splits"]["train"]:
+    frames, _ = load_video(os.path.join(tmp_path, "videos", truth["id"] + ".mp4"), fps=1.0)
+    cells = {}
+    for o in truth["objects"]:
+      cells[o["color"]] = []
+      for f in frames:
+        ys, xs = np.nonzero(object_mask(f, o["color"]))
+        assert len(ys) > 25, truth["id"]
+        cell = {(int(y) // 14, int(x) // 14) for y, x in zip(ys, xs)}
+        assert len(cell) == 1, (truth["id"], o["color"], cell)
+        cells[o["color"]].append(cell.pop())
+      (y0, x0), (y1, x1) = cells[o["color"]][0], cells[o["color"]][-1]
+      assert cells[o["color"]][:2] == [(y0, x0)] * 2 and cells[o["color"]][2:] == [(y1, x1)] * 2
+      assert (y1 - y0, x1 - x0) == steps[o["direction"]], (truth["id"], o["direction"])
+    for k in range(4):
+      assert len({c[k] for c in cells.values()}) == len(cells)
+
+
 def test_needle_appears_at_its_depth(data):
   out, manifest = data
   (truth,) = manifest["splits"]["long"]

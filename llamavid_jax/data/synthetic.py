@@ -4,7 +4,7 @@ small tokenizers in transformers' format, so they run the same code path as real
 
   python -m llamavid_jax.data.synthetic --out DIR [--num-train 2000] [--num-eval 200]
       [--seed 0] [--size 64] [--frames 4] [--questions color,shape,count,motion] [--long 4]
-      [--train-turns 1]
+      [--train-turns 1] [--grid 0]
 
 Short clips: 2-3 objects (distinct shapes and distinct colours) moving in straight
 lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
@@ -13,6 +13,10 @@ lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
   shape   "What shape is the {color} object?"                -> circle, square, triangle
   count   "How many objects are there?"                      -> two, three
   motion  "Which direction does the {color} object move?"    -> left, right, up, down
+With `--grid G` every object fills one cell of a G x G grid and steps one cell its
+way halfway through the clip: set G to the ViT's patch grid and each object is seen
+whole by one patch (what a randomly initialised, frozen ViT needs to tell shapes apart;
+a pretrained one does not).
 With `--train-turns K` every training clip is one K-turn conversation, one question
 of each of K different types (the release's multi-turn LLaVA layout; with `imgsp_v1`
 each turn gets its own `<image>` and Q-Former instruction), chosen so that no question
@@ -49,9 +53,11 @@ def draw(size: int, objects: list[dict], t: float) -> np.ndarray:
   """uint8[size, size, 3]: every object at its position at time t."""
   img = np.full((size, size, 3), BACKGROUND, np.uint8)
   yy, xx = np.mgrid[:size, :size]
-  r = size / 7
   for o in objects:
+    r = o.get("radius", size / 7)
     cy, cx = np.asarray(o["start"]) + t * np.asarray(o["velocity"])
+    if o.get("cell"):       # grid clips: the object sits in the cell its path is in
+      cy, cx = (np.floor(np.array([cy, cx]) / o["cell"]) + 0.5) * o["cell"]
     dy, dx = yy - cy, xx - cx
     if o["shape"] == "circle":
       m = dy ** 2 + dx ** 2 <= r * r
@@ -77,12 +83,17 @@ def write_mp4(path: str, frames: list[np.ndarray], fps: int) -> None:
       out.mux(p)
 
 
-def make_clip(rng: np.random.Generator, size: int, frames: int) -> list[dict]:
-  """2-3 objects with distinct shapes and colours, each moving one way, kept in view."""
+def make_clip(rng: np.random.Generator, size: int, frames: int, grid: int = 0) -> list[dict]:
+  """2-3 objects with distinct shapes and colours, each moving one way, kept in view.
+  grid=G: the image is G x G cells (match the ViT's patch grid) and every object fills
+  one cell, stepping to the next cell its way halfway through the clip; no two objects
+  share a cell at any time."""
   n = int(rng.integers(2, 4))
   shapes = rng.choice(SHAPES, n, replace=False)
   colors = rng.choice(list(COLORS), n, replace=False)
   dirs = rng.choice(list(DIRECTIONS), n)
+  if grid:
+    return _grid_clip(rng, size, frames, grid, shapes, colors, dirs)
   cells = rng.permutation(4)[:n]                       # quadrants: objects never overlap at t=0
   span = size / 4                                      # distance covered over the clip
   objects = []
@@ -92,6 +103,20 @@ def make_clip(rng: np.random.Generator, size: int, frames: int) -> list[dict]:
     start = (cy - vy * span / 2, cx - vx * span / 2)
     objects.append(dict(shape=str(s), color=str(c), direction=str(d), start=start,
                         velocity=(vy * span / max(frames - 1, 1), vx * span / max(frames - 1, 1))))
+  return objects
+
+
+def _grid_clip(rng, size, frames, grid, shapes, colors, dirs) -> list[dict]:
+  cell, used, objects = size / grid, set(), []
+  for s, c, d in zip(shapes, colors, dirs):
+    vy, vx = DIRECTIONS[d]
+    free = [(y, x) for y in range(grid) for x in range(grid)
+            if 0 <= y + vy < grid and 0 <= x + vx < grid and not {(y, x), (y + vy, x + vx)} & used]
+    y, x = free[int(rng.integers(len(free)))]
+    used |= {(y, x), (y + vy, x + vx)}
+    objects.append(dict(shape=str(s), color=str(c), direction=str(d), start=((y + 0.5) * cell, (x + 0.5) * cell),
+                        velocity=(vy * cell / max(frames - 1, 1), vx * cell / max(frames - 1, 1)),
+                        cell=cell, radius=0.42 * cell))
   return objects
 
 
@@ -126,10 +151,10 @@ def sample_json(sid: str, video: str, qa: list[tuple[str, str]]) -> dict:
 
 
 def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int, kinds,
-                   turns: int = 1) -> tuple[list, list]:
+                   turns: int = 1, grid: int = 0) -> tuple[list, list]:
   samples, truth = [], []
   for i in range(n):
-    objects = make_clip(rng, size, frames)
+    objects = make_clip(rng, size, frames, grid)
     # 2 fps, 2 * frames frames: the 1-fps rule keeps frames 0, 2, 4, ... (t = 0, 1, 2, ...)
     clip = [draw(size, objects, k / 2) for k in range(2 * frames)]
     rel = f"videos/{split}_{i:05d}.mp4"
@@ -199,7 +224,8 @@ def build_qformer_tokenizer(out_dir: str, words: list[str]) -> None:
 
 
 def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: int = 64, frames: int = 4,
-             questions=QUESTION_TYPES, num_long: int = 0, long_frames: int = 300, train_turns: int = 1) -> dict:
+             questions=QUESTION_TYPES, num_long: int = 0, long_frames: int = 300, train_turns: int = 1,
+             grid: int = 0) -> dict:
   """Writes the dataset (see the module docstring); returns the manifest."""
   unknown = set(questions) - set(QUESTION_TYPES)
   if unknown:
@@ -208,14 +234,16 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
     raise ValueError(f"train_turns={train_turns}: between 1 and the {len(questions)} question types")
   if size % 2:
     raise ValueError(f"size {size}: H.264 yuv420p needs even dimensions")
+  if grid and (size % grid or grid < 2):
+    raise ValueError(f"grid {grid}: must be >= 2 and divide size {size}")
   os.makedirs(os.path.join(out, "videos"), exist_ok=True)
   rng = np.random.default_rng(seed)
   manifest = dict(seed=seed, size=size, frames=frames, questions=list(questions), train_turns=train_turns,
-                  splits={})
+                  grid=grid, splits={})
   splits = [("train", num_train), ("heldout", num_eval)]
   for split, n in splits:
     samples, truth = generate_split(out, split, n, rng, size=size, frames=frames, kinds=list(questions),
-                                    turns=train_turns if split == "train" else 1)
+                                    turns=train_turns if split == "train" else 1, grid=grid)
     _dump(os.path.join(out, f"{split}.json"), samples)
     manifest["splits"][split] = truth
   if num_long:
@@ -246,10 +274,12 @@ def main(argv=None):
   ap.add_argument("--long", type=int, default=0, help="number of long needle clips")
   ap.add_argument("--long-frames", type=int, default=300)
   ap.add_argument("--train-turns", type=int, default=1, help="questions per training clip (multi-turn)")
+  ap.add_argument("--grid", type=int, default=0,
+                  help="objects fill cells of a GxG grid (set to the ViT's patch grid, e.g. 4 at 56 px / 14)")
   a = ap.parse_args(argv)
   m = generate(a.out, num_train=a.num_train, num_eval=a.num_eval, seed=a.seed, size=a.size, frames=a.frames,
                questions=a.questions.split(","), num_long=a.long, long_frames=a.long_frames,
-               train_turns=a.train_turns)
+               train_turns=a.train_turns, grid=a.grid)
   print(f"wrote {sum(len(v) for v in m['splits'].values())} clips to {a.out}")
 
 
