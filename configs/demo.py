@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
   c.batch_size = 32
   c.accum_steps = 1
-  c.total_steps = 1000
+  c.total_steps = 800
   c.seed = 0
   c.workdir = "workdir/demo" + ("_content_only" if "content_only" in args else "")
   c.init_from = ""

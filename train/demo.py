@@ -158,8 +158,8 @@ def main():
   ap.add_argument("--steps", type=int, default=None, help="override configs/demo.py total_steps")
   ap.add_argument("--variants", default="context,content_only")
   ap.add_argument("--set", action="append", default=[], help="config override, e.g. optim.lr=3e-3")
-  ap.add_argument("--synthetic_args", default="--num-train 10000 --num-eval 200 --train-turns 4",
-                  help="arguments for the synthetic generator (10K clips: 3K memorise, see train/demo.py)")
+  ap.add_argument("--synthetic_args", default="--num-train 10000 --num-eval 200 --train-turns 4 --size 56 --grid 4",
+                  help="arguments for the synthetic generator (see the measurements above)")
   a = ap.parse_args()
   from absl import logging
   logging.set_verbosity(logging.WARNING)
