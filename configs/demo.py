@@ -5,7 +5,8 @@
   python -m train.train --config configs/demo.py:toy             (random in-memory batches)
 
 Unlike the release recipe, everything except the ViT trains (there is no pretrained
-LLM or Q-Former to start from); the ViT stays frozen at its random init.
+LLM or Q-Former to start from); the ViT stays frozen at its random init. Data and
+measurements: train/demo.py.
 """
 
 import ml_collections

@@ -82,7 +82,7 @@ def test_one_placeholder_per_turn_each_with_its_own_instruction(video, tiny_cfg)
   model, params, batch = video
   tg = dict(params["token_gen"])     # sharpen the context attention (near uniform at init)
   for name in ("vlm_att_projector", "vlm_att_key_projector"):
-    tg[name] = dict(tg[name], kernel=tg[name]["kernel"] * 30)
+    tg[name] = dict(tg[name], kernel=tg[name]["kernel"] * 5)
   params = dict(params, token_gen=tg)
   rng = np.random.RandomState(5)
   ids = rng.randint(3, tiny_cfg.llm.vocab_size, (B, 12)).astype(np.int32)

@@ -7,6 +7,8 @@ with Q = vlm_att_projector(Q-Former queries) and X the ViT patches without CLS.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import jax
@@ -36,6 +38,14 @@ def pool_content(x: jax.Array, compress_type: str) -> jax.Array:
   raise ValueError(f"compress_type {compress_type!r}: expected 'mean', 'grid:N' or 'none'")
 
 
+def torch_std(x) -> float:
+  """Init std of a new torch nn.Linear reading x's last axis, 1/sqrt(3 fan_in): the
+  release creates these layers after the LLM's own init, so they keep torch's default.
+  (A flat 0.02 makes the context attention's q.k start near zero in a small model, and
+  training sits on a long plateau before the attention learns to pick an object.)"""
+  return 1.0 / math.sqrt(3 * x.shape[-1])
+
+
 class Projector(nn.Module):
   """`mm_projector`: "linear" or "mlp2x_gelu" (Linear, GELU, Linear)."""
   out_dim: int
@@ -47,10 +57,10 @@ class Projector(nn.Module):
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.kind == "linear":
-      return dense(self.out_dim, (None, "embed"), name="fc1", **kw)(x)
+      return dense(self.out_dim, (None, "embed"), name="fc1", std=torch_std(x), **kw)(x)
     if self.kind == "mlp2x_gelu":
-      x = gelu(dense(self.out_dim, (None, "embed"), name="fc1", **kw)(x))
-      return dense(self.out_dim, ("mlp", "embed"), name="fc2", **kw)(x)
+      x = gelu(dense(self.out_dim, (None, "embed"), name="fc1", std=torch_std(x), **kw)(x))
+      return dense(self.out_dim, ("mlp", "embed"), name="fc2", std=torch_std(x), **kw)(x)
     raise ValueError(f"mm_projector_type {self.kind!r}: expected 'linear' or 'mlp2x_gelu'")
 
 
@@ -77,11 +87,11 @@ class TokenGenerator(nn.Module):
     if not self.use_context:
       return content, None
     p = queries.shape[1]
-    q = dense(c, (None, "embed"), name="vlm_att_projector", **kw)(queries)          # [B, P, T, M, C]
-    k = dense(c, (None, "embed"), name="vlm_att_key_projector", **kw)(patches)      # [B, T, N, C]
+    q = dense(c, (None, "embed"), name="vlm_att_projector", std=torch_std(queries), **kw)(queries)          # [B, P, T, M, C]
+    k = dense(c, (None, "embed"), name="vlm_att_key_projector", std=torch_std(patches), **kw)(patches)  # [B, T, N, C]
     scores = jnp.einsum("bptmc,btnc->bptmn", q, k) / jnp.sqrt(jnp.float32(c)).astype(q.dtype)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)                  # [B, P, T, M, N]
     ctx = jnp.einsum("bptmn,btnc->bptc", weights.astype(patches.dtype), patches) / weights.shape[3]
-    ctx = dense(self.llm_dim, (None, "embed"), name="vlm_att_val_projector", **kw)(ctx)  # [B, P, T, D]
+    ctx = dense(self.llm_dim, (None, "embed"), name="vlm_att_val_projector", std=torch_std(ctx), **kw)(ctx)  # [B, P, T, D]
     content = jnp.broadcast_to(content, (b, p) + content.shape[2:])
     return jnp.concatenate([ctx[:, :, :, None].astype(content.dtype), content], axis=3), weights
