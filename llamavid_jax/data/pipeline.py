@@ -176,8 +176,8 @@ class SampleProcessor:
     verdicts (a second plan, e.g. for more epochs, re-reads no sample)."""
     if tuple(config.buckets) != tuple(self.config.buckets):
       raise ValueError("with_config: the buckets differ, the planning verdicts would not hold")
-    other = object.__new__(SampleProcessor)   # not copy.copy: __getstate__ drops the verdicts
-    other.__dict__.update(self.__dict__, config=config)
+    other = SampleProcessor(config, self.source, self.llm_tok, self.q_tok)
+    other.planned = self.planned
     return other
 
   def __getstate__(self):   # workers need no planning verdicts

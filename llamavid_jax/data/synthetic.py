@@ -234,8 +234,11 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
     raise ValueError(f"train_turns={train_turns}: between 1 and the {len(questions)} question types")
   if size % 2:
     raise ValueError(f"size {size}: H.264 yuv420p needs even dimensions")
-  if grid and (size % grid or grid < 2):
-    raise ValueError(f"grid {grid}: must be >= 2 and divide size {size}")
+  # 4 x 4 is the least that always leaves 3 objects a free start and end cell each
+  # (the first two objects take 4 cells, which rule out at most 8 of the 12 cell pairs
+  # along any one direction)
+  if grid and (size % grid or grid < 4):
+    raise ValueError(f"grid {grid}: must be >= 4 and divide size {size}")
   os.makedirs(os.path.join(out, "videos"), exist_ok=True)
   rng = np.random.default_rng(seed)
   manifest = dict(seed=seed, size=size, frames=frames, questions=list(questions), train_turns=train_turns,

@@ -8,7 +8,6 @@ with Q = vlm_att_projector(Q-Former queries) and X the ViT patches without CLS.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import jax
@@ -87,11 +86,14 @@ class TokenGenerator(nn.Module):
     if not self.use_context:
       return content, None
     p = queries.shape[1]
-    q = dense(c, (None, "embed"), name="vlm_att_projector", std=torch_std(queries), **kw)(queries)          # [B, P, T, M, C]
-    k = dense(c, (None, "embed"), name="vlm_att_key_projector", std=torch_std(patches), **kw)(patches)  # [B, T, N, C]
+    q = dense(c, (None, "embed"), name="vlm_att_projector", std=torch_std(queries),
+              **kw)(queries)                                                        # [B, P, T, M, C]
+    k = dense(c, (None, "embed"), name="vlm_att_key_projector", std=torch_std(patches),
+              **kw)(patches)                                                        # [B, T, N, C]
     scores = jnp.einsum("bptmc,btnc->bptmn", q, k) / jnp.sqrt(jnp.float32(c)).astype(q.dtype)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)                  # [B, P, T, M, N]
     ctx = jnp.einsum("bptmn,btnc->bptc", weights.astype(patches.dtype), patches) / weights.shape[3]
-    ctx = dense(self.llm_dim, (None, "embed"), name="vlm_att_val_projector", std=torch_std(ctx), **kw)(ctx)  # [B, P, T, D]
+    ctx = dense(self.llm_dim, (None, "embed"), name="vlm_att_val_projector", std=torch_std(ctx),
+                **kw)(ctx)                                                          # [B, P, T, D]
     content = jnp.broadcast_to(content, (b, p) + content.shape[2:])
     return jnp.concatenate([ctx[:, :, :, None].astype(content.dtype), content], axis=3), weights
