@@ -7,6 +7,10 @@ which masks every inner transform: AdamW holds `MaskedNode`s (no moments) for th
 frozen leaves, so a frozen 7B LLM costs no optimizer memory. The training step also
 stops gradients into frozen leaves (`stop_frozen`), so XLA never computes their
 weight gradients.
+
+`lr_mults`: optional (pattern, factor) pairs scaling the learning rate (and with it the
+decoupled weight decay, as in torch param groups) of the trainable leaves whose path
+matches; the first matching pattern wins, unmatched leaves keep factor 1.
 """
 
 from __future__ import annotations
@@ -68,6 +72,27 @@ def make_schedule(c, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, warmup + 1), end_value=c.lr * c.get("end_lr_ratio", 0.0))
 
 
+def lr_multipliers(params, lr_mults: Sequence[tuple[str, float]]):
+  """Tree of floats with the structure of `params`: the factor of the first pattern in
+  `lr_mults` that matches each path (1.0 if none). Raises if a pattern matches nothing."""
+  pats = [(re.compile(p), float(f)) for p, f in lr_mults]
+  hits = [0] * len(pats)
+
+  def one(path, _):
+    s = path_str(path)
+    for i, (p, f) in enumerate(pats):
+      if p.match(s):
+        hits[i] += 1
+        return f
+    return 1.0
+
+  mults = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_box)
+  unused = [p.pattern for (p, _), n in zip(pats, hits) if not n]
+  if unused:
+    raise ValueError(f"optim.lr_mults patterns {unused} match no parameter")
+  return mults
+
+
 def make_optimizer(c, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """-> (transformation, schedule). `params` may be boxed or abstract: only paths are read."""
   schedule = make_schedule(c, total_steps)
@@ -79,5 +104,12 @@ def make_optimizer(c, params, total_steps: int) -> tuple[optax.GradientTransform
       optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
                   mask=decay_mask if c.weight_decay else None),
   )
+  if c.get("lr_mults"):
+    mults = lr_multipliers(params, c.lr_mults)
+    # Inside multi_transform the frozen leaves are MaskedNodes (no leaves), so map over
+    # the updates' own paths rather than zipping with `mults`.
+    by_path = {path_str(p): f for p, f in jax.tree_util.tree_leaves_with_path(mults)}
+    trainable = optax.chain(trainable, optax.stateless(
+        lambda updates, _: jax.tree_util.tree_map_with_path(lambda p, u: u * by_path[path_str(p)], updates)))
   labels = param_labels(params, c.trainable)
   return optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels), schedule
