@@ -49,6 +49,7 @@ class QFormerConfig:
   vision_width: int = 1408       # width of the keys/values of cross-attention
   vision_ln_eps: float = 1e-5    # `vlm_att_ln` on the visual input
   max_text_len: int = 256
+  initializer_range: float = 0.02   # init std of new weights (HF's name); loaded weights replace them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class LlmConfig:
   rope_scaling: float = 1.0      # linear: positions / factor (16 for 64K long video)
   max_positions: int = 4096
   tie_embeddings: bool = False
+  initializer_range: float = 0.02   # init std of new weights (HF's name); loaded weights replace them
 
   @property
   def head_dim(self) -> int:

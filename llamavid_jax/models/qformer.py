@@ -32,13 +32,13 @@ class BertAttention(nn.Module):
   def __call__(self, x, kv, kv_valid):
     """x: float[B, Q, D]; kv: float[B, K, Ckv]; kv_valid: bool[B, K] or None -> float[B, Q, D]."""
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h, dh = c.num_heads, c.hidden // c.num_heads
+    h, dh, std = c.num_heads, c.hidden // c.num_heads, c.initializer_range
     kv_names = ("embed",) if self.kv_width == c.hidden else (None,)
-    q = dense((h, dh), ("embed", "heads", "kv"), name="query", **kw)(x)
-    k = dense((h, dh), kv_names + ("heads", "kv"), name="key", **kw)(kv)
-    v = dense((h, dh), kv_names + ("heads", "kv"), name="value", **kw)(kv)
+    q = dense((h, dh), ("embed", "heads", "kv"), name="query", std=std, **kw)(x)
+    k = dense((h, dh), kv_names + ("heads", "kv"), name="key", std=std, **kw)(kv)
+    v = dense((h, dh), kv_names + ("heads", "kv"), name="value", std=std, **kw)(kv)
     y = attention(q, k, v, kv_valid=kv_valid, impl=self.attention_impl)            # [B, Q, H, Dh]
-    y = dense(c.hidden, ("heads", "kv", "embed"), axis=(-2, -1), name="out", **kw)(y)
+    y = dense(c.hidden, ("heads", "kv", "embed"), axis=(-2, -1), name="out", std=std, **kw)(y)
     return layer_norm(c.ln_eps, name="ln", **kw)(y + x)
 
 
@@ -50,8 +50,8 @@ class BertFFN(nn.Module):
   @nn.compact
   def __call__(self, x):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = gelu(dense(c.mlp_dim, ("embed", "mlp"), name="intermediate", **kw)(x))
-    y = dense(c.hidden, ("mlp", "embed"), name="output", **kw)(y)
+    y = gelu(dense(c.mlp_dim, ("embed", "mlp"), name="intermediate", std=c.initializer_range, **kw)(x))
+    y = dense(c.hidden, ("mlp", "embed"), name="output", std=c.initializer_range, **kw)(y)
     return layer_norm(c.ln_eps, name="ln", **kw)(y + x)
 
 
@@ -109,11 +109,11 @@ class QFormer(nn.Module):
       raise ValueError(f"Q-Former: {c.num_layers} layers are not groups of {c.cross_attention_freq}")
     b, l = ids.shape
     image = layer_norm(c.vision_ln_eps, name="vision_ln", **kw)(image)   # vlm_att_ln
-    queries = self.param("query_tokens", partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
+    queries = self.param("query_tokens", partitioned(nn.initializers.normal(c.initializer_range), (None, None, "embed")),
                          (1, c.num_query, c.hidden), self.param_dtype)
     words = nn.Embed(c.vocab_size, c.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="word_embeddings",
-                     embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))(ids)
-    pos = self.param("position_embeddings", partitioned(nn.initializers.normal(0.02), (None, "embed")),
+                     embedding_init=partitioned(nn.initializers.normal(c.initializer_range), ("vocab", "embed")))(ids)
+    pos = self.param("position_embeddings", partitioned(nn.initializers.normal(c.initializer_range), (None, "embed")),
                      (c.max_positions, c.hidden), self.param_dtype)
     text = words + pos[None, :l]            # text positions start at 0; queries have none
     x = jnp.concatenate([jnp.broadcast_to(queries, (b,) + queries.shape[1:]).astype(text.dtype), text], 1)
