@@ -65,27 +65,28 @@ def test_answers_are_true_to_the_decoded_video(data):
   assert kinds == set(synthetic.QUESTION_TYPES)
 
 
-def test_grid_clips_keep_each_object_in_one_cell_and_step_its_way(tmp_path):
+def test_grid_clips_keep_each_object_in_its_own_cell_moving_its_way(tmp_path):
   """--grid 4 at 56 px (the demo ViT's 4x4 patches of 14): in every kept frame each
-  object's pixels lie in one cell, never shared; it moves one cell its way at mid-clip."""
+  object's pixels lie in one cell (but for an edge row at the ends of its path), a cell
+  no other object uses; inside it the object moves 0.3 cell (4.2 px) its way."""
   m = synthetic.generate(str(tmp_path), num_train=12, num_eval=0, seed=1, size=56, frames=4, grid=4)
   steps = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
   for truth in m["splits"]["train"]:
     frames, _ = load_video(os.path.join(tmp_path, "videos", truth["id"] + ".mp4"), fps=1.0)
-    cells = {}
+    cells = []
     for o in truth["objects"]:
-      cells[o["color"]] = []
+      centres = []
       for f in frames:
         ys, xs = np.nonzero(object_mask(f, o["color"]))
         assert len(ys) > 25, truth["id"]
-        cell = {(int(y) // 14, int(x) // 14) for y, x in zip(ys, xs)}
-        assert len(cell) == 1, (truth["id"], o["color"], cell)
-        cells[o["color"]].append(cell.pop())
-      (y0, x0), (y1, x1) = cells[o["color"]][0], cells[o["color"]][-1]
-      assert cells[o["color"]][:2] == [(y0, x0)] * 2 and cells[o["color"]][2:] == [(y1, x1)] * 2
-      assert (y1 - y0, x1 - x0) == steps[o["direction"]], (truth["id"], o["direction"])
-    for k in range(4):
-      assert len({c[k] for c in cells.values()}) == len(cells)
+        cell_of = [(int(y) // 14, int(x) // 14) for y, x in zip(ys, xs)]
+        home = max(set(cell_of), key=cell_of.count)
+        assert cell_of.count(home) >= 0.9 * len(cell_of), (truth["id"], o["color"])
+        cells.append(home)
+        centres.append((ys.mean(), xs.mean()))
+      move = np.subtract(centres[-1], centres[0])
+      assert np.allclose(move, np.multiply(steps[o["direction"]], 0.3 * 14), atol=1.0), (truth["id"], o, move)
+    assert len(set(cells)) == len(truth["objects"]), truth["id"]   # one cell each, the same in every frame
 
 
 def test_needle_appears_at_its_depth(data):
@@ -131,3 +132,13 @@ def test_multi_turn_conversations_never_give_an_answer_away():
     assert by["color"][1] == o["color"]
     o = next(o for o in objects if o["color"] in by["shape"][0])
     assert by["shape"][1] == o["shape"]
+
+
+def test_worker_processes_write_the_same_files(tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  a = synthetic.generate(one, num_train=6, num_eval=2, seed=3, size=56, grid=4, workers=1)
+  b = synthetic.generate(two, num_train=6, num_eval=2, seed=3, size=56, grid=4, workers=2)
+  assert a == b
+  for name in sorted(os.listdir(os.path.join(one, "videos"))):
+    with open(os.path.join(one, "videos", name), "rb") as f, open(os.path.join(two, "videos", name), "rb") as g:
+      assert f.read() == g.read(), name

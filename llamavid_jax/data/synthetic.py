@@ -4,7 +4,7 @@ small tokenizers in transformers' format, so they run the same code path as real
 
   python -m llamavid_jax.data.synthetic --out DIR [--num-train 2000] [--num-eval 200]
       [--seed 0] [--size 64] [--frames 4] [--questions color,shape,count,motion] [--long 4]
-      [--train-turns 1] [--grid 0]
+      [--train-turns 1] [--grid 0] [--workers CPUS]
 
 Short clips: 2-3 objects (distinct shapes and distinct colours) moving in straight
 lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
@@ -13,10 +13,13 @@ lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
   shape   "What shape is the {color} object?"                -> circle, square, triangle
   count   "How many objects are there?"                      -> two, three
   motion  "Which direction does the {color} object move?"    -> left, right, up, down
-With `--grid G` every object fills one cell of a G x G grid and steps one cell its
-way halfway through the clip: set G to the ViT's patch grid and each object is seen
-whole by one patch (what a randomly initialised, frozen ViT needs to tell shapes apart;
-a pretrained one does not).
+With `--grid G` every object has a cell of its own in a G x G grid and moves inside it
+(0.3 of a cell over the kept frames): set G to the ViT's patch grid and each object is
+seen whole by one patch, its motion as a shift inside that patch. A randomly
+initialised, frozen ViT needs both: it tells shapes apart only when an object is whole
+in one patch, and its tiny position embeddings barely say which patch that is, so an
+object stepping from cell to cell looks the same in every frame (a pretrained ViT
+needs neither).
 With `--train-turns K` every training clip is one K-turn conversation, one question
 of each of K different types (the release's multi-turn LLaVA layout; with `imgsp_v1`
 each turn gets its own `<image>` and Q-Former instruction), chosen so that no question
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 
 import av
@@ -47,6 +51,9 @@ QUESTION_TYPES = ("color", "shape", "count", "motion")
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 BACKGROUND = 40
+# Grid clips, in cells: object radius, and the distance it moves over the kept frames
+# (an object's pixels stay in its cell but for an edge row at the ends of its path).
+GRID_RADIUS, GRID_SPAN = 0.42, 0.3
 
 
 def draw(size: int, objects: list[dict], t: float) -> np.ndarray:
@@ -56,8 +63,6 @@ def draw(size: int, objects: list[dict], t: float) -> np.ndarray:
   for o in objects:
     r = o.get("radius", size / 7)
     cy, cx = np.asarray(o["start"]) + t * np.asarray(o["velocity"])
-    if o.get("cell"):       # grid clips: the object sits in the cell its path is in
-      cy, cx = (np.floor(np.array([cy, cx]) / o["cell"]) + 0.5) * o["cell"]
     dy, dx = yy - cy, xx - cx
     if o["shape"] == "circle":
       m = dy ** 2 + dx ** 2 <= r * r
@@ -85,9 +90,8 @@ def write_mp4(path: str, frames: list[np.ndarray], fps: int) -> None:
 
 def make_clip(rng: np.random.Generator, size: int, frames: int, grid: int = 0) -> list[dict]:
   """2-3 objects with distinct shapes and colours, each moving one way, kept in view.
-  grid=G: the image is G x G cells (match the ViT's patch grid) and every object fills
-  one cell, stepping to the next cell its way halfway through the clip; no two objects
-  share a cell at any time."""
+  grid=G: the image is G x G cells (match the ViT's patch grid); every object has a
+  cell of its own and moves inside it."""
   n = int(rng.integers(2, 4))
   shapes = rng.choice(SHAPES, n, replace=False)
   colors = rng.choice(list(COLORS), n, replace=False)
@@ -107,16 +111,15 @@ def make_clip(rng: np.random.Generator, size: int, frames: int, grid: int = 0) -
 
 
 def _grid_clip(rng, size, frames, grid, shapes, colors, dirs) -> list[dict]:
-  cell, used, objects = size / grid, set(), []
-  for s, c, d in zip(shapes, colors, dirs):
+  cell, objects = size / grid, []
+  span = GRID_SPAN * cell                                # distance covered by the kept frames
+  for s, c, d, k in zip(shapes, colors, dirs, rng.permutation(grid * grid)):
     vy, vx = DIRECTIONS[d]
-    free = [(y, x) for y in range(grid) for x in range(grid)
-            if 0 <= y + vy < grid and 0 <= x + vx < grid and not {(y, x), (y + vy, x + vx)} & used]
-    y, x = free[int(rng.integers(len(free)))]
-    used |= {(y, x), (y + vy, x + vx)}
-    objects.append(dict(shape=str(s), color=str(c), direction=str(d), start=((y + 0.5) * cell, (x + 0.5) * cell),
-                        velocity=(vy * cell / max(frames - 1, 1), vx * cell / max(frames - 1, 1)),
-                        cell=cell, radius=0.42 * cell))
+    cy, cx = (k // grid + 0.5) * cell, (k % grid + 0.5) * cell
+    objects.append(dict(shape=str(s), color=str(c), direction=str(d),
+                        start=(cy - vy * span / 2, cx - vx * span / 2),
+                        velocity=(vy * span / max(frames - 1, 1), vx * span / max(frames - 1, 1)),
+                        radius=GRID_RADIUS * cell))
   return objects
 
 
@@ -150,15 +153,21 @@ def sample_json(sid: str, video: str, qa: list[tuple[str, str]]) -> dict:
   return {"id": sid, "video": video, "conversations": turns}
 
 
+def _write_clip(job: tuple[str, int, list[dict], int]) -> None:
+  path, size, objects, frames = job
+  # 2 fps, 2 * frames frames: the 1-fps rule keeps frames 0, 2, 4, ... (t = 0, 1, 2, ...)
+  write_mp4(path, [draw(size, objects, k / 2) for k in range(2 * frames)], fps=2)
+
+
 def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int, kinds,
-                   turns: int = 1, grid: int = 0) -> tuple[list, list]:
-  samples, truth = [], []
+                   turns: int = 1, grid: int = 0, workers: int = 1) -> tuple[list, list]:
+  """Draws every clip and question in order (the seed fixes them), then writes the mp4s,
+  in `workers` processes when > 1."""
+  samples, truth, jobs = [], [], []
   for i in range(n):
     objects = make_clip(rng, size, frames, grid)
-    # 2 fps, 2 * frames frames: the 1-fps rule keeps frames 0, 2, 4, ... (t = 0, 1, 2, ...)
-    clip = [draw(size, objects, k / 2) for k in range(2 * frames)]
     rel = f"videos/{split}_{i:05d}.mp4"
-    write_mp4(os.path.join(out, rel), clip, fps=2)
+    jobs.append((os.path.join(out, rel), size, objects, frames))
     if turns == 1:
       qas = [question(rng, objects, kinds)]
     else:
@@ -166,6 +175,13 @@ def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int,
     samples.append(sample_json(f"{split}_{i:05d}", rel, [(q, a) for _, q, a in qas]))
     truth.append(dict(id=f"{split}_{i:05d}", kind=qas[0][0], answer=qas[0][2], objects=objects,
                       qa=[dict(kind=k, question=q, answer=a) for k, q, a in qas]))
+  if workers > 1:
+    # spawn, not fork: callers (tests) may have JAX's threads running
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      pool.map(_write_clip, jobs, chunksize=64)
+  else:
+    for job in jobs:
+      _write_clip(job)
   return samples, truth
 
 
@@ -225,8 +241,9 @@ def build_qformer_tokenizer(out_dir: str, words: list[str]) -> None:
 
 def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: int = 64, frames: int = 4,
              questions=QUESTION_TYPES, num_long: int = 0, long_frames: int = 300, train_turns: int = 1,
-             grid: int = 0) -> dict:
-  """Writes the dataset (see the module docstring); returns the manifest."""
+             grid: int = 0, workers: int = 1) -> dict:
+  """Writes the dataset (see the module docstring); returns the manifest. `workers`
+  processes write the mp4s (the files do not depend on it)."""
   unknown = set(questions) - set(QUESTION_TYPES)
   if unknown:
     raise ValueError(f"unknown question types {sorted(unknown)}; known: {QUESTION_TYPES}")
@@ -234,11 +251,8 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
     raise ValueError(f"train_turns={train_turns}: between 1 and the {len(questions)} question types")
   if size % 2:
     raise ValueError(f"size {size}: H.264 yuv420p needs even dimensions")
-  # 4 x 4 is the least that always leaves 3 objects a free start and end cell each
-  # (the first two objects take 4 cells, which rule out at most 8 of the 12 cell pairs
-  # along any one direction)
-  if grid and (size % grid or grid < 4):
-    raise ValueError(f"grid {grid}: must be >= 4 and divide size {size}")
+  if grid and (size % grid or grid < 2):   # 2 x 2 has a cell for each of 3 objects
+    raise ValueError(f"grid {grid}: must be >= 2 and divide size {size}")
   os.makedirs(os.path.join(out, "videos"), exist_ok=True)
   rng = np.random.default_rng(seed)
   manifest = dict(seed=seed, size=size, frames=frames, questions=list(questions), train_turns=train_turns,
@@ -246,7 +260,7 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
   splits = [("train", num_train), ("heldout", num_eval)]
   for split, n in splits:
     samples, truth = generate_split(out, split, n, rng, size=size, frames=frames, kinds=list(questions),
-                                    turns=train_turns if split == "train" else 1, grid=grid)
+                                    turns=train_turns if split == "train" else 1, grid=grid, workers=workers)
     _dump(os.path.join(out, f"{split}.json"), samples)
     manifest["splits"][split] = truth
   if num_long:
@@ -278,11 +292,13 @@ def main(argv=None):
   ap.add_argument("--long-frames", type=int, default=300)
   ap.add_argument("--train-turns", type=int, default=1, help="questions per training clip (multi-turn)")
   ap.add_argument("--grid", type=int, default=0,
-                  help="objects fill cells of a GxG grid (set to the ViT's patch grid, e.g. 4 at 56 px / 14)")
+                  help="one object per cell of a GxG grid, moving inside it (set to the ViT's patch grid, "
+                       "e.g. 4 at 56 px / 14)")
+  ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing the mp4s")
   a = ap.parse_args(argv)
   m = generate(a.out, num_train=a.num_train, num_eval=a.num_eval, seed=a.seed, size=a.size, frames=a.frames,
                questions=a.questions.split(","), num_long=a.long, long_frames=a.long_frames,
-               train_turns=a.train_turns, grid=a.grid)
+               train_turns=a.train_turns, grid=a.grid, workers=a.workers)
   print(f"wrote {sum(len(v) for v in m['splits'].values())} clips to {a.out}")
 
 
