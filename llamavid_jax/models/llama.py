@@ -56,10 +56,11 @@ class LlamaBlock(nn.Module):
     cache: None or (k, v) float[B, T, K, Dh] of this layer, written at slot
     `cache_index` (T = S without cache) -> (x, updated (k, v) or None)."""
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = dict(kw, use_bias=False, std=c.initializer_range)
     h = RMSNorm(c.rms_eps, name="input_norm", **kw)(x)
-    q = dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), use_bias=False, name="q_proj", std=c.initializer_range, **kw)(h)
-    k = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), use_bias=False, name="k_proj", std=c.initializer_range, **kw)(h)
-    v = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), use_bias=False, name="v_proj", std=c.initializer_range, **kw)(h)
+    q = dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), name="q_proj", **proj)(h)
+    k = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), name="k_proj", **proj)(h)
+    v = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), name="v_proj", **proj)(h)
     q = rope(q, positions, c.rope_theta, c.rope_scaling)
     k = rope(k, positions, c.rope_theta, c.rope_scaling)
     if cache is not None:
@@ -69,12 +70,12 @@ class LlamaBlock(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     y = attention(q, k.astype(self.dtype), v.astype(self.dtype), kv_valid=kv_valid, q_slots=q_slots,
                   impl=self.attention_impl)
-    x = x + dense(c.d_model, ("heads", "kv", "embed"), axis=(-2, -1), use_bias=False, name="o_proj", std=c.initializer_range, **kw)(y)
+    x = x + dense(c.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **proj)(y)
     h = RMSNorm(c.rms_eps, name="post_attention_norm", **kw)(x)
-    gate = dense(c.mlp_dim, ("embed", "mlp"), use_bias=False, name="gate_proj", std=c.initializer_range, **kw)(h)
-    up = dense(c.mlp_dim, ("embed", "mlp"), use_bias=False, name="up_proj", std=c.initializer_range, **kw)(h)
+    gate = dense(c.mlp_dim, ("embed", "mlp"), name="gate_proj", **proj)(h)
+    up = dense(c.mlp_dim, ("embed", "mlp"), name="up_proj", **proj)(h)
     y = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    x = x + dense(c.d_model, ("mlp", "embed"), use_bias=False, name="down_proj", std=c.initializer_range, **kw)(y)
+    x = x + dense(c.d_model, ("mlp", "embed"), name="down_proj", **proj)(y)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, cache
 
@@ -88,8 +89,8 @@ class Llama(nn.Module):
 
   def setup(self):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.embed_tokens = nn.Embed(c.vocab_size, c.d_model, **kw,
-                                 embedding_init=partitioned(nn.initializers.normal(c.initializer_range), ("vocab", "embed")))
+    init = nn.initializers.normal(c.initializer_range)
+    self.embed_tokens = nn.Embed(c.vocab_size, c.d_model, **kw, embedding_init=partitioned(init, ("vocab", "embed")))
     self.layers = scan_stack(LlamaBlock, c.num_layers, self.remat_policy, (nn.broadcast,) * 3 + (0, nn.broadcast),
                              cfg=c, attention_impl=self.attention_impl, **kw)
     self.norm = RMSNorm(c.rms_eps, **kw)

@@ -109,11 +109,12 @@ class QFormer(nn.Module):
       raise ValueError(f"Q-Former: {c.num_layers} layers are not groups of {c.cross_attention_freq}")
     b, l = ids.shape
     image = layer_norm(c.vision_ln_eps, name="vision_ln", **kw)(image)   # vlm_att_ln
-    queries = self.param("query_tokens", partitioned(nn.initializers.normal(c.initializer_range), (None, None, "embed")),
+    init = nn.initializers.normal(c.initializer_range)
+    queries = self.param("query_tokens", partitioned(init, (None, None, "embed")),
                          (1, c.num_query, c.hidden), self.param_dtype)
     words = nn.Embed(c.vocab_size, c.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="word_embeddings",
-                     embedding_init=partitioned(nn.initializers.normal(c.initializer_range), ("vocab", "embed")))(ids)
-    pos = self.param("position_embeddings", partitioned(nn.initializers.normal(c.initializer_range), (None, "embed")),
+                     embedding_init=partitioned(init, ("vocab", "embed")))(ids)
+    pos = self.param("position_embeddings", partitioned(init, (None, "embed")),
                      (c.max_positions, c.hidden), self.param_dtype)
     text = words + pos[None, :l]            # text positions start at 0; queries have none
     x = jnp.concatenate([jnp.broadcast_to(queries, (b,) + queries.shape[1:]).astype(text.dtype), text], 1)
