@@ -34,27 +34,31 @@ def _is_box(x) -> bool:
   return isinstance(x, nn.Partitioned)
 
 
+def _first_match(params, patterns: Sequence[str]):
+  """-> (tree like `params` (boxed or not) of the index of the first pattern that
+  `re.match`es each leaf's path, -1 for none; the patterns that match no path at all)."""
+  pats = [re.compile(p) for p in patterns]
+  hit = [False] * len(pats)
+
+  def one(path, _):
+    s = path_str(path)
+    found = [i for i, p in enumerate(pats) if p.match(s)]
+    for i in found:
+      hit[i] = True
+    return found[0] if found else -1
+
+  first = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_box)
+  return first, [p.pattern for p, h in zip(pats, hit) if not h]
+
+
 def param_labels(params, trainable: Sequence[str]):
   """Tree of TRAINABLE/FROZEN labels with the structure of `params` (boxed or not).
 
   Raises if a pattern matches nothing: a typo must not silently freeze the model."""
-  pats = [re.compile(p) for p in trainable]
-  hits = [0] * len(pats)
-
-  def one(path, _):
-    s = path_str(path)
-    ok = False
-    for i, p in enumerate(pats):
-      if p.match(s):
-        hits[i] += 1
-        ok = True
-    return TRAINABLE if ok else FROZEN
-
-  labels = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_box)
-  unused = [p.pattern for p, n in zip(pats, hits) if not n]
+  first, unused = _first_match(params, trainable)
   if unused:
     raise ValueError(f"optim.trainable patterns {unused} match no parameter")
-  return labels
+  return jax.tree.map(lambda i: TRAINABLE if i >= 0 else FROZEN, first)
 
 
 def stop_frozen(params, labels):
@@ -72,25 +76,16 @@ def make_schedule(c, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, warmup + 1), end_value=c.lr * c.get("end_lr_ratio", 0.0))
 
 
-def lr_multipliers(params, lr_mults: Sequence[tuple[str, float]]):
-  """Tree of floats with the structure of `params`: the factor of the first pattern in
-  `lr_mults` that matches each path (1.0 if none). Raises if a pattern matches nothing."""
-  pats = [(re.compile(p), float(f)) for p, f in lr_mults]
-  hits = [0] * len(pats)
-
-  def one(path, _):
-    s = path_str(path)
-    for i, (p, f) in enumerate(pats):
-      if p.match(s):
-        hits[i] += 1
-        return f
-    return 1.0
-
-  mults = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_box)
-  unused = [p.pattern for (p, _), n in zip(pats, hits) if not n]
+def lr_multipliers(params, lr_mults: Sequence[tuple[str, float]]) -> dict[str, float]:
+  """{leaf path: factor of the first pattern in `lr_mults` matching it, 1.0 if none}.
+  Raises if a pattern is the first match of no parameter."""
+  first, _ = _first_match(params, [p for p, _ in lr_mults])
+  leaves = [(path_str(path), i) for path, i in jax.tree_util.tree_leaves_with_path(first)]
+  used = {i for _, i in leaves if i >= 0}
+  unused = [p for i, (p, _) in enumerate(lr_mults) if i not in used]
   if unused:
     raise ValueError(f"optim.lr_mults patterns {unused} match no parameter")
-  return mults
+  return {path: float(lr_mults[i][1]) if i >= 0 else 1.0 for path, i in leaves}
 
 
 def make_optimizer(c, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -105,10 +100,9 @@ def make_optimizer(c, params, total_steps: int) -> tuple[optax.GradientTransform
                   mask=decay_mask if c.weight_decay else None),
   )
   if c.get("lr_mults"):
-    mults = lr_multipliers(params, c.lr_mults)
-    # Inside multi_transform the frozen leaves are MaskedNodes (no leaves), so map over
-    # the updates' own paths rather than zipping with `mults`.
-    by_path = {path_str(p): f for p, f in jax.tree_util.tree_leaves_with_path(mults)}
+    # Inside multi_transform the frozen leaves are MaskedNodes (no leaves), so look the
+    # factors up by the updates' own paths rather than zipping trees.
+    by_path = lr_multipliers(params, c.lr_mults)
     trainable = optax.chain(trainable, optax.stateless(
         lambda updates, _: jax.tree_util.tree_map_with_path(lambda p, u: u * by_path[path_str(p)], updates)))
   labels = param_labels(params, c.trainable)
