@@ -189,17 +189,28 @@ def build_prompt(template: Template, turns: Sequence[str]) -> str:
 
 def tokenize_with_image(text: str, tokenizer) -> list[int]:
   """LLaVA's `tokenizer_image_token`: chunks split at `<image>`, one bos, -200 between."""
-  chunks = [tokenizer(c).input_ids for c in text.split(IMAGE_TOKEN)]
-  ids: list[int] = []
-  offset = 0
-  if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
-    offset = 1
-    ids.append(chunks[0][0])
-  for i, chunk in enumerate(chunks):
-    if i:
-      ids.append(IMAGE_TOKEN_INDEX)
-    ids.extend(chunk[offset:])
-  return ids
+  return tokenize_many([text], tokenizer)[0]
+
+
+def tokenize_many(texts: Sequence[str], tokenizer) -> list[list[int]]:
+  """`tokenize_with_image` of each text, all chunks in one batched tokenizer call (a
+  call per chunk costs ~60 us of Python in transformers, more than the tokenizing)."""
+  splits = [t.split(IMAGE_TOKEN) for t in texts]
+  flat = tokenizer([c for s in splits for c in s]).input_ids if texts else []
+  out, k = [], 0
+  for s in splits:
+    chunks, k = flat[k: k + len(s)], k + len(s)
+    ids: list[int] = []
+    offset = 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+      offset = 1
+      ids.append(chunks[0][0])
+    for i, chunk in enumerate(chunks):
+      if i:
+        ids.append(IMAGE_TOKEN_INDEX)
+      ids.extend(chunk[offset:])
+    out.append(ids)
+  return out
 
 
 def qformer_instruction(turn: str) -> str:
@@ -247,16 +258,19 @@ def encode_conversation(conversations: Any, tokenizer, template: Template | str,
 def _mask_rounds_v1(prompt: str, template: Template, tokenizer, labels: np.ndarray) -> None:
   """The release's `preprocess_v1` masking, in place; raises on a length mismatch."""
   sep = template.sep + template.roles[1] + ": "
-  cur = 1  # bos
-  labels[:cur] = IGNORE_INDEX
+  texts = []   # per round: the round, and its instruction up to "ASSISTANT: "
   for rnd in prompt.split(template.sep2):
     if not rnd:
       break
     parts = rnd.split(sep)
     if len(parts) != 2:
       break
-    round_len = len(tokenize_with_image(rnd, tokenizer))
-    instruction_len = len(tokenize_with_image(parts[0] + sep, tokenizer)) - 2
+    texts += [rnd, parts[0] + sep]
+  lengths = [len(ids) for ids in tokenize_many(texts, tokenizer)]
+  cur = 1  # bos
+  labels[:cur] = IGNORE_INDEX
+  for round_len, instruction_len in zip(lengths[0::2], lengths[1::2]):
+    instruction_len -= 2
     labels[cur: cur + instruction_len] = IGNORE_INDEX
     cur += round_len
   labels[cur:] = IGNORE_INDEX

@@ -290,8 +290,9 @@ class SampleProcessor:
       row["frame_mask"][: len(vis)] = True
     n = len(enc.input_ids)
     row["input_ids"][:n], row["labels"][:n], row["text_mask"][:n] = enc.input_ids, enc.labels, True
-    for r, text in enumerate(instructions):
-      q = self.q_tok(text, truncation=True, max_length=self.config.qformer_max_len).input_ids
+    qs = (self.q_tok(list(instructions), truncation=True, max_length=self.config.qformer_max_len).input_ids
+          if instructions else [])
+    for r, q in enumerate(qs):
       row["qformer_ids"][r, : len(q)], row["qformer_mask"][r, : len(q)] = q, True
     row["sample_index"] = np.int64(index)
     return row
