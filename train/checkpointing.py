@@ -69,6 +69,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step, ...)` would save without `force`."""
+    return step not in self.mngr.all_steps() and self.mngr.should_save(step)
+
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     """Saves if `step` is due (or `force`); returns whether a save started."""
     if step in self.mngr.all_steps():

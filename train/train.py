@@ -144,7 +144,11 @@ def train(c) -> dict:
 
 
 def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start):
-  """Steps `start` .. total_steps - 1; fills `losses`. -> (state, preempted)."""
+  """Steps `start` .. total_steps - 1; fills `losses`. -> (state, preempted).
+
+  A step's metrics reach the host while the next step runs (no host sync between
+  steps), except before a save: the loss of the saved state is checked first."""
+  pending = None   # (1-based step, device metrics, batch sample ids) not yet checked
   for i in range(start, c.total_steps):
     try:
       batch = next(data)
@@ -152,29 +156,38 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start):
       raise RuntimeError(f"the data ran out after {i} steps of {c.total_steps}: "
                          f"raise config.data.num_epochs (0 = as many as needed)") from None
     state, m = trainer(state, batch)
-    # A host sync per step: the loss must be checked before this state is saved.
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    if not np.isfinite(m["loss"]):
-      ids = np.asarray(batch.get("sample_index", []))
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        ids = multihost_utils.process_allgather(ids, tiled=True)
-      rows = sorted(int(x) for x in ids if x >= 0)
-      raise FloatingPointError(f"non-finite loss {m['loss']} at step {i + 1} (0-based batch {i}); "
-                               f"sample indices (rows of the data file) in the batch: {rows}")
-    losses[i + 1] = m["loss"]
-    log.step(i + 1, m)
-    ckpt.save(i + 1, state, data)
-    if i + 1 == c.debug.get("kill_after_save_step", -1):   # fault injection for the resume test
+    if pending is not None:
+      _check_and_log(*pending, losses, log)
+    pending = (i + 1, m, batch.get("sample_index"))
+    kill = i + 1 == c.debug.get("kill_after_save_step", -1)   # fault injection for the resume test
+    stop = preempt.requested or ckpt.reached_preemption(i + 1)
+    if not (ckpt.due(i + 1) or kill or stop or i + 1 == c.total_steps):
+      continue
+    _check_and_log(*pending, losses, log)
+    pending = None
+    ckpt.save(i + 1, state, data, force=stop or i + 1 == c.total_steps)
+    if kill:
       ckpt.wait()
       os.kill(os.getpid(), signal.SIGKILL)
-    if preempt.requested or ckpt.reached_preemption(i + 1):
-      ckpt.save(i + 1, state, data, force=True)
+    if stop:
       logging.warning("preempted: saved step %d, exiting", i + 1)
       return state, True
-  if c.total_steps > start:
-    ckpt.save(c.total_steps, state, data, force=True)
   return state, False
+
+
+def _check_and_log(step, m, sample_index, losses, log):
+  """Host-syncs one step's metrics; a non-finite loss stops the run naming the batch."""
+  m = {k: float(v) for k, v in jax.device_get(m).items()}
+  if not np.isfinite(m["loss"]):
+    ids = np.asarray(sample_index if sample_index is not None else [])
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      ids = multihost_utils.process_allgather(ids, tiled=True)
+    rows = sorted(int(x) for x in ids if x >= 0)
+    raise FloatingPointError(f"non-finite loss {m['loss']} at step {step} (0-based batch {step - 1}); "
+                             f"sample indices (rows of the data file) in the batch: {rows}")
+  losses[step] = m["loss"]
+  log.step(step, m)
 
 
 def main(argv):
