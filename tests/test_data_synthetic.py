@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from llamavid_jax.data import IGNORE_INDEX, synthetic
+from llamavid_jax.data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, synthetic
 from llamavid_jax.data.conversation import encode_conversation
 from llamavid_jax.data.tokenizer import load_llm_tokenizer, load_qformer_tokenizer
 from llamavid_jax.data.video import load_video
@@ -142,3 +142,24 @@ def test_worker_processes_write_the_same_files(tmp_path):
   for name in sorted(os.listdir(os.path.join(one, "videos"))):
     with open(os.path.join(one, "videos", name), "rb") as f, open(os.path.join(two, "videos", name), "rb") as g:
       assert f.read() == g.read(), name
+
+
+def test_image_every_turn_puts_the_image_before_every_question(tmp_path):
+  """--image-every-turn: every human turn starts with `<image>`, so imgsp_v1 has no
+  side to flip (the same ids whatever its coin); without it, the coin moves some."""
+  llm = None
+  encoded = {}
+  for every in (False, True):
+    out = str(tmp_path / str(every))
+    synthetic.generate(out, num_train=8, num_eval=1, seed=0, size=56, grid=4, train_turns=4, workers=1,
+                       image_every_turn=every)
+    llm = llm or load_llm_tokenizer(os.path.join(out, "tokenizers", "llm"))
+    samples = json.load(open(os.path.join(out, "train.json")))
+    human = [t["value"] for s in samples for t in s["conversations"] if t["from"] == "human"]
+    assert len(human) == 32 and sum(h.startswith("<image>\n") for h in human) == (32 if every else 8)
+    encoded[every] = [[encode_conversation(s["conversations"], llm, "imgsp_v1", has_media=True,
+                                           rng=np.random.default_rng(seed)).input_ids.tolist()
+                       for seed in (0, 1, 2)] for s in samples]
+  for ids in encoded[True]:
+    assert ids[0] == ids[1] == ids[2] and ids[0].count(IMAGE_TOKEN_INDEX) == 4
+  assert any(ids[0] != ids[1] or ids[0] != ids[2] for ids in encoded[False])

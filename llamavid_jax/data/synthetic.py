@@ -4,7 +4,7 @@ small tokenizers in transformers' format, so they run the same code path as real
 
   python -m llamavid_jax.data.synthetic --out DIR [--num-train 2000] [--num-eval 200]
       [--seed 0] [--size 64] [--frames 4] [--questions color,shape,count,motion] [--long 4]
-      [--train-turns 1] [--grid 0] [--workers CPUS]
+      [--train-turns 1] [--grid 0] [--image-every-turn] [--workers CPUS]
 
 Short clips: 2-3 objects (distinct shapes and distinct colours) moving in straight
 lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
@@ -25,6 +25,9 @@ of each of K different types (the release's multi-turn LLaVA layout; with `imgsp
 each turn gets its own `<image>` and Q-Former instruction), chosen so that no question
 names another's answer (else later turns could copy it from the text instead of
 looking); held-out clips always have one question, so exact match is unambiguous.
+`--image-every-turn` starts every question with `<image>`, as held-out questions do
+(`imgsp_v1` would put the later turns' at the start or the end by a coin flip); such
+samples need `imgsp_v1` (`vicuna_v1` takes one `<image>` per sample).
 Long clips (`--long N`): `--long-frames` frames at 1 fps with one "needle": a shape
 that appears for 3 frames at a chosen depth; "What color is the shape that appears?".
 
@@ -145,11 +148,12 @@ def conversation(rng: np.random.Generator, objects: list[dict], kinds, turns: in
   return [question(rng, objects, kinds, str(k), about.get(str(k))) for k in rng.permutation(kinds)[:turns]]
 
 
-def sample_json(sid: str, video: str, qa: list[tuple[str, str]]) -> dict:
-  """A LLaVA sample; the first question carries the `<image>`."""
+def sample_json(sid: str, video: str, qa: list[tuple[str, str]], every_turn: bool = False) -> dict:
+  """A LLaVA sample; the first question (`every_turn`: every one) starts with `<image>`."""
   turns = []
   for i, (q, a) in enumerate(qa):
-    turns += [{"from": "human", "value": f"<image>\n{q}" if i == 0 else q}, {"from": "gpt", "value": a}]
+    image = "<image>\n" if i == 0 or every_turn else ""
+    turns += [{"from": "human", "value": image + q}, {"from": "gpt", "value": a}]
   return {"id": sid, "video": video, "conversations": turns}
 
 
@@ -160,7 +164,8 @@ def _write_clip(job: tuple[str, int, list[dict], int]) -> None:
 
 
 def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int, kinds,
-                   turns: int = 1, grid: int = 0, workers: int = 1) -> tuple[list, list]:
+                   turns: int = 1, grid: int = 0, workers: int = 1,
+                   image_every_turn: bool = False) -> tuple[list, list]:
   """Draws every clip and question in order (the seed fixes them), then writes the mp4s,
   in `workers` processes when > 1."""
   samples, truth, jobs = [], [], []
@@ -172,7 +177,7 @@ def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int,
       qas = [question(rng, objects, kinds)]
     else:
       qas = conversation(rng, objects, kinds, turns)
-    samples.append(sample_json(f"{split}_{i:05d}", rel, [(q, a) for _, q, a in qas]))
+    samples.append(sample_json(f"{split}_{i:05d}", rel, [(q, a) for _, q, a in qas], image_every_turn))
     truth.append(dict(id=f"{split}_{i:05d}", kind=qas[0][0], answer=qas[0][2], objects=objects,
                       qa=[dict(kind=k, question=q, answer=a) for k, q, a in qas]))
   if workers > 1:
@@ -241,7 +246,7 @@ def build_qformer_tokenizer(out_dir: str, words: list[str]) -> None:
 
 def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: int = 64, frames: int = 4,
              questions=QUESTION_TYPES, num_long: int = 0, long_frames: int = 300, train_turns: int = 1,
-             grid: int = 0, workers: int = 1) -> dict:
+             grid: int = 0, workers: int = 1, image_every_turn: bool = False) -> dict:
   """Writes the dataset (see the module docstring); returns the manifest. `workers`
   processes write the mp4s (the files do not depend on it)."""
   unknown = set(questions) - set(QUESTION_TYPES)
@@ -256,11 +261,12 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
   os.makedirs(os.path.join(out, "videos"), exist_ok=True)
   rng = np.random.default_rng(seed)
   manifest = dict(seed=seed, size=size, frames=frames, questions=list(questions), train_turns=train_turns,
-                  grid=grid, splits={})
+                  grid=grid, image_every_turn=image_every_turn, splits={})
   splits = [("train", num_train), ("heldout", num_eval)]
   for split, n in splits:
     samples, truth = generate_split(out, split, n, rng, size=size, frames=frames, kinds=list(questions),
-                                    turns=train_turns if split == "train" else 1, grid=grid, workers=workers)
+                                    turns=train_turns if split == "train" else 1, grid=grid, workers=workers,
+                                    image_every_turn=image_every_turn)
     _dump(os.path.join(out, f"{split}.json"), samples)
     manifest["splits"][split] = truth
   if num_long:
@@ -294,11 +300,14 @@ def main(argv=None):
   ap.add_argument("--grid", type=int, default=0,
                   help="one object per cell of a GxG grid, moving inside it (set to the ViT's patch grid, "
                        "e.g. 4 at 56 px / 14)")
+  ap.add_argument("--image-every-turn", action="store_true",
+                  help="multi-turn clips: an <image> at the start of every question (imgsp_v1 data), "
+                       "not only the first")
   ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing the mp4s")
   a = ap.parse_args(argv)
   m = generate(a.out, num_train=a.num_train, num_eval=a.num_eval, seed=a.seed, size=a.size, frames=a.frames,
                questions=a.questions.split(","), num_long=a.long, long_frames=a.long_frames,
-               train_turns=a.train_turns, grid=a.grid, workers=a.workers)
+               train_turns=a.train_turns, grid=a.grid, workers=a.workers, image_every_turn=a.image_every_turn)
   print(f"wrote {sum(len(v) for v in m['splits'].values())} clips to {a.out}")
 
 
