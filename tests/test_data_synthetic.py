@@ -163,3 +163,39 @@ def test_image_every_turn_puts_the_image_before_every_question(tmp_path):
   for ids in encoded[True]:
     assert ids[0] == ids[1] == ids[2] and ids[0].count(IMAGE_TOKEN_INDEX) == 4
   assert any(ids[0] != ids[1] or ids[0] != ids[2] for ids in encoded[False])
+
+
+def test_single_object_clips_are_training_only_and_give_no_answer_away(tmp_path):
+  m = synthetic.generate(str(tmp_path), num_train=40, num_eval=10, seed=0, size=56, grid=4, train_turns=4,
+                         workers=1, single_object=0.5)
+  singles = [t for t in m["splits"]["train"] if len(t["objects"]) == 1]
+  assert 8 <= len(singles) <= 32
+  assert all(len(t["objects"]) in (2, 3) for t in m["splits"]["heldout"])
+  for t in singles:
+    kinds = [qa["kind"] for qa in t["qa"]]
+    assert "count" not in kinds and not {"color", "shape"} <= set(kinds) and "motion" in kinds, kinds
+    o = t["objects"][0]
+    assert all(qa["answer"] == o[{"color": "color", "shape": "shape", "motion": "direction"}[qa["kind"]]]
+               for qa in t["qa"])
+
+
+def test_attention_on_asked_finds_the_asked_objects_patches_in_the_decoded_frames(tmp_path):
+  """Maps that put all mass on the 14-px patch holding most of each asked object's
+  pixels (from the decoded mp4, not the manifest) score 1.0; uniform maps 1/16 per object."""
+  m = synthetic.generate(str(tmp_path), num_train=1, num_eval=24, seed=2, size=56, frames=4, grid=4)
+  heldout = m["splits"]["heldout"]
+  maps = np.zeros((len(heldout), 4, 16))
+  for i, truth in enumerate(heldout):
+    asked = synthetic.asked_objects(truth)
+    assert len(asked) == (len(truth["objects"]) if truth["kind"] == "count" else 1), truth
+    frames, _ = load_video(os.path.join(tmp_path, "videos", truth["id"] + ".mp4"), fps=1.0)
+    for t, f in enumerate(frames):
+      for o in asked:
+        ys, xs = np.nonzero(object_mask(f, o["color"]))
+        patches = [(int(y) // 14) * 4 + int(x) // 14 for y, x in zip(ys, xs)]
+        maps[i, t, max(set(patches), key=patches.count)] += 1 / len(asked) if truth["kind"] == "count" else 1
+  got = synthetic.attention_on_asked(m, maps, 4)
+  assert set(got) == set(synthetic.QUESTION_TYPES) and all(abs(v - 1) < 1e-9 for v in got.values()), got
+  uniform = synthetic.attention_on_asked(m, np.full((len(heldout), 4, 16), 1 / 16), 4)
+  count_objects = np.mean([len(t["objects"]) for t in heldout if t["kind"] == "count"])
+  assert abs(uniform["color"] - 1 / 16) < 1e-9 and abs(uniform["count"] - count_objects / 16) < 1e-9

@@ -4,7 +4,7 @@ small tokenizers in transformers' format, so they run the same code path as real
 
   python -m llamavid_jax.data.synthetic --out DIR [--num-train 2000] [--num-eval 200]
       [--seed 0] [--size 64] [--frames 4] [--questions color,shape,count,motion] [--long 4]
-      [--train-turns 1] [--grid 0] [--image-every-turn] [--workers CPUS]
+      [--train-turns 1] [--grid 0] [--image-every-turn] [--single-object 0] [--workers CPUS]
 
 Short clips: 2-3 objects (distinct shapes and distinct colours) moving in straight
 lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
@@ -28,6 +28,8 @@ looking); held-out clips always have one question, so exact match is unambiguous
 `--image-every-turn` starts every question with `<image>`, as held-out questions do
 (`imgsp_v1` would put the later turns' at the start or the end by a coin flip); such
 samples need `imgsp_v1` (`vicuna_v1` takes one `<image>` per sample).
+`--single-object F`: a fraction F of the training clips show one object, asked about
+its motion and its colour or shape (no count); held-out clips always have 2-3.
 Long clips (`--long N`): `--long-frames` frames at 1 fps with one "needle": a shape
 that appears for 3 frames at a chosen depth; "What color is the shape that appears?".
 
@@ -91,11 +93,12 @@ def write_mp4(path: str, frames: list[np.ndarray], fps: int) -> None:
       out.mux(p)
 
 
-def make_clip(rng: np.random.Generator, size: int, frames: int, grid: int = 0) -> list[dict]:
-  """2-3 objects with distinct shapes and colours, each moving one way, kept in view.
-  grid=G: the image is G x G cells (match the ViT's patch grid); every object has a
-  cell of its own and moves inside it."""
-  n = int(rng.integers(2, 4))
+def make_clip(rng: np.random.Generator, size: int, frames: int, grid: int = 0,
+              n: int | None = None) -> list[dict]:
+  """n (default: 2-3, drawn) objects with distinct shapes and colours, each moving one
+  way, kept in view. grid=G: the image is G x G cells (match the ViT's patch grid);
+  every object has a cell of its own and moves inside it."""
+  n = int(rng.integers(2, 4)) if n is None else n
   shapes = rng.choice(SHAPES, n, replace=False)
   colors = rng.choice(list(COLORS), n, replace=False)
   dirs = rng.choice(list(DIRECTIONS), n)
@@ -148,6 +151,31 @@ def conversation(rng: np.random.Generator, objects: list[dict], kinds, turns: in
   return [question(rng, objects, kinds, str(k), about.get(str(k))) for k in rng.permutation(kinds)[:turns]]
 
 
+def asked_objects(truth: dict) -> list[dict]:
+  """The objects a held-out question (its manifest entry) is about: all for count."""
+  words = truth["qa"][0]["question"].replace("?", "").split()
+  if truth["kind"] == "count":
+    return list(truth["objects"])
+  key = "shape" if truth["kind"] == "color" else "color"
+  return [o for o in truth["objects"] if o[key] in words]
+
+
+def attention_on_asked(manifest: dict, maps: np.ndarray, patch_grid: int) -> dict[str, float]:
+  """Mean attention mass on the patches of the asked objects, by question kind.
+
+  maps: float[n, T, G*G] per held-out question (manifest order), frame and patch
+  (row-major G x G grid over the square frame), e.g. a model's context attention."""
+  mass: dict[str, list[float]] = {}
+  scale = patch_grid / manifest["size"]
+  for truth, w in zip(manifest["splits"]["heldout"], maps):
+    per_frame = []
+    for t in range(len(w)):
+      centres = [np.add(o["start"], np.multiply(t, o["velocity"])) for o in asked_objects(truth)]
+      per_frame.append(sum(w[t, int(y * scale) * patch_grid + int(x * scale)] for y, x in centres))
+    mass.setdefault(truth["kind"], []).append(float(np.mean(per_frame)))
+  return {k: float(np.mean(v)) for k, v in mass.items()}
+
+
 def sample_json(sid: str, video: str, qa: list[tuple[str, str]], every_turn: bool = False) -> dict:
   """A LLaVA sample; the first question (`every_turn`: every one) starts with `<image>`."""
   turns = []
@@ -155,6 +183,21 @@ def sample_json(sid: str, video: str, qa: list[tuple[str, str]], every_turn: boo
     image = "<image>\n" if i == 0 or every_turn else ""
     turns += [{"from": "human", "value": image + q}, {"from": "gpt", "value": a}]
   return {"id": sid, "video": video, "conversations": turns}
+
+
+def single_object_questions(rng: np.random.Generator, objects: list[dict], kinds,
+                            turns: int) -> list[tuple[str, str, str]]:
+  """Up to `turns` questions about a clip's only object, in random order: no count (the
+  answers are "two" and "three"), and colour or shape but not both (each names the
+  other's answer)."""
+  ks, named = [], False
+  for k in rng.permutation([k for k in kinds if k != "count"]):
+    if k in ("color", "shape"):
+      if named:
+        continue
+      named = True
+    ks.append(str(k))
+  return [question(rng, objects, kinds, k, objects[0]) for k in ks[:turns]]
 
 
 def _write_clip(job: tuple[str, int, list[dict], int]) -> None:
@@ -165,15 +208,19 @@ def _write_clip(job: tuple[str, int, list[dict], int]) -> None:
 
 def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int, kinds,
                    turns: int = 1, grid: int = 0, workers: int = 1,
-                   image_every_turn: bool = False) -> tuple[list, list]:
+                   image_every_turn: bool = False, single_object: float = 0.0) -> tuple[list, list]:
   """Draws every clip and question in order (the seed fixes them), then writes the mp4s,
-  in `workers` processes when > 1."""
+  in `workers` processes when > 1. A `single_object` fraction of the clips (drawn per
+  clip) have one object."""
   samples, truth, jobs = [], [], []
   for i in range(n):
-    objects = make_clip(rng, size, frames, grid)
+    single = single_object > 0 and rng.random() < single_object
+    objects = make_clip(rng, size, frames, grid, n=1 if single else None)
     rel = f"videos/{split}_{i:05d}.mp4"
     jobs.append((os.path.join(out, rel), size, objects, frames))
-    if turns == 1:
+    if single:
+      qas = single_object_questions(rng, objects, kinds, turns)
+    elif turns == 1:
       qas = [question(rng, objects, kinds)]
     else:
       qas = conversation(rng, objects, kinds, turns)
@@ -246,7 +293,8 @@ def build_qformer_tokenizer(out_dir: str, words: list[str]) -> None:
 
 def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: int = 64, frames: int = 4,
              questions=QUESTION_TYPES, num_long: int = 0, long_frames: int = 300, train_turns: int = 1,
-             grid: int = 0, workers: int = 1, image_every_turn: bool = False) -> dict:
+             grid: int = 0, workers: int = 1, image_every_turn: bool = False,
+             single_object: float = 0.0) -> dict:
   """Writes the dataset (see the module docstring); returns the manifest. `workers`
   processes write the mp4s (the files do not depend on it)."""
   unknown = set(questions) - set(QUESTION_TYPES)
@@ -261,12 +309,13 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
   os.makedirs(os.path.join(out, "videos"), exist_ok=True)
   rng = np.random.default_rng(seed)
   manifest = dict(seed=seed, size=size, frames=frames, questions=list(questions), train_turns=train_turns,
-                  grid=grid, image_every_turn=image_every_turn, splits={})
+                  grid=grid, image_every_turn=image_every_turn, single_object=single_object, splits={})
   splits = [("train", num_train), ("heldout", num_eval)]
   for split, n in splits:
     samples, truth = generate_split(out, split, n, rng, size=size, frames=frames, kinds=list(questions),
                                     turns=train_turns if split == "train" else 1, grid=grid, workers=workers,
-                                    image_every_turn=image_every_turn)
+                                    image_every_turn=image_every_turn,
+                                    single_object=single_object if split == "train" else 0.0)
     _dump(os.path.join(out, f"{split}.json"), samples)
     manifest["splits"][split] = truth
   if num_long:
@@ -303,11 +352,15 @@ def main(argv=None):
   ap.add_argument("--image-every-turn", action="store_true",
                   help="multi-turn clips: an <image> at the start of every question (imgsp_v1 data), "
                        "not only the first")
+  ap.add_argument("--single-object", type=float, default=0.0,
+                  help="fraction of training clips with one object (no count question; held-out clips "
+                       "always have 2-3)")
   ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing the mp4s")
   a = ap.parse_args(argv)
   m = generate(a.out, num_train=a.num_train, num_eval=a.num_eval, seed=a.seed, size=a.size, frames=a.frames,
                questions=a.questions.split(","), num_long=a.long, long_frames=a.long_frames,
-               train_turns=a.train_turns, grid=a.grid, workers=a.workers, image_every_turn=a.image_every_turn)
+               train_turns=a.train_turns, grid=a.grid, workers=a.workers, image_every_turn=a.image_every_turn,
+               single_object=a.single_object)
   print(f"wrote {sum(len(v) for v in m['splits'].values())} clips to {a.out}")
 
 
