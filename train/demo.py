@@ -44,7 +44,10 @@ starts to pick objects swings by hundreds of steps between settings.
   default, + `<image>` before every question (imgsp_v1 flips a coin for the later
     turns' side, held-out questions always follow theirs): 0.81 (0.66 / 1.00 / 0.69 / 0.84);
     seed 1: 0.59 (0.61 / 0.36 / 0.69 / 0.69); 2000 steps: 0.70 (0.95 / 0.68 / 0.58 / 0.63).
-    The spread between seeds is as large as any change tried: single runs rank little.
+    seed 2: 0.82 (0.75 / 0.92 / 0.77 / 0.80). `make demo` from a fresh clone: 0.81, content-only
+    0.32 (0.39 / 0.19 / 0.52 / 0.20), 12 min 43 s (venv ~60 s, data 30 s, training 401 s +
+    256 s, evals 15 s). The spread between seeds is as large as any change tried: single
+    runs rank little.
     + a quarter of the training clips with one object (`--single-object 0.25`): 0.77
       (0.87 / 1.00 / 0.43 / 0.80); + context attention q / k at 3x lr: 0.62
   Diagnosis (the 16 x 1600 grid-stepping model): a least-squares probe reads shape 1.00,
