@@ -177,6 +177,8 @@ def test_single_object_clips_are_training_only_and_give_no_answer_away(tmp_path)
     o = t["objects"][0]
     assert all(qa["answer"] == o[{"color": "color", "shape": "shape", "motion": "direction"}[qa["kind"]]]
                for qa in t["qa"])
+  with pytest.raises(ValueError, match="single_object"):
+    synthetic.generate(str(tmp_path / "bad"), num_train=2, num_eval=1, questions=["count"], single_object=0.5)
 
 
 def test_attention_on_asked_finds_the_asked_objects_patches_in_the_decoded_frames(tmp_path):

@@ -302,6 +302,9 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
     raise ValueError(f"unknown question types {sorted(unknown)}; known: {QUESTION_TYPES}")
   if not 1 <= train_turns <= len(questions):
     raise ValueError(f"train_turns={train_turns}: between 1 and the {len(questions)} question types")
+  if not 0 <= single_object < 1 or (single_object and not set(questions) - {"count"}):
+    raise ValueError(f"single_object={single_object}: a fraction in [0, 1), with a question type "
+                     f"other than count to ask (questions: {list(questions)})")
   if size % 2:
     raise ValueError(f"size {size}: H.264 yuv420p needs even dimensions")
   if grid and (size % grid or grid < 2):   # 2 x 2 has a cell for each of 3 objects
