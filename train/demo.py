@@ -43,8 +43,8 @@ starts to pick objects swings by hundreds of steps between settings.
     (0.43 / 0.21 / 0.48 / 0.25); batch 8 x 3200 steps: 0.52
   default, + `<image>` before every question (imgsp_v1 flips a coin for the later
     turns' side, held-out questions always follow theirs): 0.81 (0.66 / 1.00 / 0.69 / 0.84);
-    seed 1: 0.59 (0.61 / 0.36 / 0.69 / 0.69); 2000 steps: 0.70 (0.95 / 0.68 / 0.58 / 0.63).
-    seed 2: 0.82 (0.75 / 0.92 / 0.77 / 0.80). `make demo` from a fresh clone: 0.81, content-only
+    seed 1: 0.59 (0.61 / 0.36 / 0.69 / 0.69); seed 2: 0.82 (0.75 / 0.92 / 0.77 / 0.80);
+    2000 steps: 0.70 (0.95 / 0.68 / 0.58 / 0.63). `make demo` from a fresh clone: 0.81, content-only
     0.32 (0.39 / 0.19 / 0.52 / 0.20), 12 min 43 s (venv ~60 s, data 30 s, training 401 s +
     256 s, evals 15 s). The spread between seeds is as large as any change tried: single
     runs rank little.

@@ -168,9 +168,10 @@ def attention_on_asked(manifest: dict, maps: np.ndarray, patch_grid: int) -> dic
   mass: dict[str, list[float]] = {}
   scale = patch_grid / manifest["size"]
   for truth, w in zip(manifest["splits"]["heldout"], maps):
+    asked = asked_objects(truth)
     per_frame = []
     for t in range(len(w)):
-      centres = [np.add(o["start"], np.multiply(t, o["velocity"])) for o in asked_objects(truth)]
+      centres = [np.add(o["start"], np.multiply(t, o["velocity"])) for o in asked]
       per_frame.append(sum(w[t, int(y * scale) * patch_grid + int(x * scale)] for y, x in centres))
     mass.setdefault(truth["kind"], []).append(float(np.mean(per_frame)))
   return {k: float(np.mean(v)) for k, v in mass.items()}
