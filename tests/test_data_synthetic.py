@@ -115,6 +115,19 @@ def test_tokenizers_load_like_real_ones_and_answers_are_single_tokens(data):
     assert sup == llm(conv[1]["value"], add_special_tokens=False).input_ids + [2]   # answer + </s>
 
 
+def test_every_question_fits_the_demo_qformer_instruction_slot(data):
+  """configs/demo.py sizes the Q-Former instruction for the longest synthetic question
+  ([CLS] + words + [SEP]); a longer one would be cut from the left and lose its start."""
+  from configs import demo
+  qf = load_qformer_tokenizer(os.path.join(data[0], "tokenizers", "qformer"))
+  rng = np.random.default_rng(0)
+  lengths = {q: len(qf(q).input_ids)
+             for c in synthetic.COLORS for s in synthetic.SHAPES for kind in synthetic.QUESTION_TYPES
+             for _, q, _ in [synthetic.question(rng, [dict(color=c, shape=s, direction="up")] * 2,
+                                                synthetic.QUESTION_TYPES, kind)]}
+  assert max(lengths.values()) <= demo.get_config().data.qformer_len, max(lengths, key=lengths.get)
+
+
 def test_multi_turn_conversations_never_give_an_answer_away():
   """--train-turns 4: one question of every kind per clip, answers true to the objects,
   and no question's text names another turn's answer (except the shared count words)."""

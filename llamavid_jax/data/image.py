@@ -56,6 +56,8 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_COLOR) -
 def resize_center_crop(img: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
   """Shortest edge -> `size` (bicubic), center crop `size`: uint8[size, size, 3]."""
   if isinstance(img, np.ndarray):
+    if img.shape == (size, size, 3) and img.dtype == np.uint8:
+      return img          # what PIL's resize does at the same size (a copy), without the round trip
     img = Image.fromarray(img)
   if img.mode != "RGB":
     img = img.convert("RGB")
