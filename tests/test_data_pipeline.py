@@ -291,7 +291,7 @@ def test_imgsp_v1_multi_turn_batch_runs_the_model(root, tiny_cfg, tmp_path):
   import jax
   import jax.numpy as jnp
 
-  from llamavid_jax.models.llamavid import LlamaVid, splice_labels
+  from llamavid_jax.models import LlamaVid, splice_labels
   samples = fx.image_samples(str(tmp_path), 3, seed=1)
   samples[0]["conversations"] = fx.qa("What is this?\n<image>", "A cat.", "What color?", "Red.")
   samples[1]["conversations"] = fx.qa("<image>\nWhat is this?", "A cat.", "What color?", "Red.",

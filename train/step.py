@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llamavid_jax import sharding
 from llamavid_jax.models import LlamaVid, splice_labels
-from llamavid_jax.models.llamavid import IGNORE
+from llamavid_jax.models.splice import IGNORE
 from train.optim import TRAINABLE
 
 MODEL_INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")

@@ -74,6 +74,15 @@ class LlmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InputSpec:
+  """What the data side needs to know of a model: derived from `LlamaVidConfig.input_spec`,
+  never restated in a data config."""
+  tokens_per_frame: int               # LLM tokens per frame ([context,] content...)
+  image_size: int                     # square ViT input side
+  feature_shape: tuple[int, int]      # (N+1, C) of precomputed ViT features (CLS first)
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaVidConfig:
   vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
   qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
@@ -120,6 +129,11 @@ class LlamaVidConfig:
   @property
   def tokens_per_frame(self) -> int:
     return int(self.use_context_token) + self.content_tokens_per_frame
+
+  @property
+  def input_spec(self) -> InputSpec:
+    v = self.vision
+    return InputSpec(self.tokens_per_frame, v.image_size, (v.num_tokens, v.width))
 
 
 def replace(cfg, **kw):

@@ -12,8 +12,6 @@ Decoding follows big_vision: `prefill_cache` then `extend_cache` one token at a 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -22,50 +20,8 @@ from llamavid_jax.models.config import LlamaVidConfig
 from llamavid_jax.models.eva_vit import EvaViT
 from llamavid_jax.models.llama import Llama
 from llamavid_jax.models.qformer import QFormer
+from llamavid_jax.models.splice import splice_layout
 from llamavid_jax.models.token_gen import TokenGenerator
-
-IGNORE = -100
-
-
-class Layout(NamedTuple):
-  """Where each of the S' = S + P*(T*tokens_per_frame - 1) LLM positions comes from."""
-  text_idx: jax.Array   # int32[B, S'] index into the text ids
-  prompt_idx: jax.Array  # int32[B, S'] which placeholder / instruction (visual positions)
-  vis_idx: jax.Array    # int32[B, S'] index into that instruction's frame tokens
-  is_vis: jax.Array     # bool[B, S']
-  valid: jax.Array      # bool[B, S'] a real token (text or visual), not padding
-
-
-def splice_layout(input_ids: jax.Array, text_mask: jax.Array, frame_mask: jax.Array,
-                  tokens_per_frame: int, image_token_id: int = -200, num_prompts: int = 1) -> Layout:
-  """input_ids, text_mask: [B, S]; frame_mask: bool[B, T] -> Layout over S' positions.
-
-  Each placeholder (at most `num_prompts` per sample) expands to the sample's
-  valid_frames * tokens_per_frame visual tokens; a sample without one keeps its text."""
-  b, s = input_ids.shape
-  k = frame_mask.shape[1] * tokens_per_frame
-  s_out = s + num_prompts * (k - 1) if k else s
-  text_mask = text_mask.astype(bool)
-  is_img = (input_ids == image_token_id) & text_mask
-  nv = (frame_mask.sum(axis=1) * tokens_per_frame)[:, None] if k else jnp.zeros((b, 1), jnp.int32)
-  before = jnp.cumsum(is_img, axis=1) - is_img                        # placeholders before i
-  start = jnp.arange(s)[None] + before * (nv - 1)                       # output position of i
-  j = jnp.arange(s_out)
-  src = jax.vmap(lambda st: jnp.searchsorted(st, j, side="right") - 1)(start)   # [B, S']
-  src = jnp.clip(src, 0, s - 1)
-  offset = j[None] - jnp.take_along_axis(start, src, 1)
-  src_img = jnp.take_along_axis(is_img, src, 1)
-  is_vis = src_img & (offset < nv)
-  is_text = ~src_img & (offset == 0) & jnp.take_along_axis(text_mask, src, 1)
-  prompt = jnp.clip(jnp.take_along_axis(before, src, 1), 0, num_prompts - 1)
-  return Layout(src.astype(jnp.int32), prompt.astype(jnp.int32), jnp.clip(offset, 0, max(k - 1, 0)).astype(jnp.int32),
-                is_vis, is_vis | is_text)
-
-
-def splice_labels(labels: jax.Array, layout: Layout) -> jax.Array:
-  """int32[B, S] text labels -> int32[B, S'] (IGNORE on visual tokens and padding)."""
-  out = jnp.take_along_axis(labels, layout.text_idx, 1)
-  return jnp.where(layout.valid & ~layout.is_vis, out, IGNORE)
 
 
 def _prompts(qformer_ids, qformer_mask):
