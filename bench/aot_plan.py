@@ -2,7 +2,7 @@
 topology description: no TPU needed, only the `libtpu` package (the `tpu` extra).
 
   python bench/aot_plan.py --config configs/stage2_instruct_7b.py --topology v5p:2x2x2 \
-      --batch 16 --text-len 2048 --frames 64 [--set mesh.fsdp=-1 ...]
+      --config.batch_size=16 --config.data.text_len=2048 --config.data.num_frames=64 [--config.mesh.fsdp=-1 ...]
 
 Prints per-device memory (arguments, temporaries, outputs) against the chip's HBM,
 the step's FLOPs from XLA's cost analysis, and the step time this implies at 100%
@@ -10,17 +10,21 @@ and at 50% MFU. FLOPs are the model's analytic count (train/metrics.py): XLA's c
 analysis counts a scanned layer's loop body once, not once per layer.
 """
 
-import argparse
 import os
 import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the host compiles; TPUs are only described
+# Without a TPU VM around it, libtpu waits forever for the metadata server unless told not to.
+for k, v in dict(TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost", TPU_WORKER_ID="0").items():
+  os.environ.setdefault(k, v)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import linen as nn
+from ml_collections import config_flags
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
@@ -34,42 +38,15 @@ from train.train import build  # noqa: E402
 CHIPS = {"TPU v4": (32, 275), "TPU v5 lite": (16, 197), "TPU v5": (95, 459), "TPU v6 lite": (32, 918)}
 
 
-def load_config(spec: str, overrides: list[str]):
-  from ml_collections import config_flags  # noqa: F401  (ConfigDict import side effects)
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("cfg", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  c = mod.get_config(arg or None)
-  for kv in overrides:
-    k, v = kv.split("=", 1)
-    node, *keys = k.split(".")
-    target = c[node] if keys else c
-    for part in keys[:-1]:
-      target = target[part]
-    last = keys[-1] if keys else node
-    target[last] = type(target[last])(v) if target[last] is not None else v
-  return c
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file[:arg] (--config.KEY=V overrides)")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "libtpu topology name, e.g. v4:2x2x1, v5p:4x4x4")
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--config", required=True)
-  ap.add_argument("--topology", default="v5p:2x2x1", help="libtpu topology name, e.g. v4:2x2x1, v5p:4x4x4")
-  ap.add_argument("--batch", type=int, default=None, help="global batch per step (default: the config's)")
-  ap.add_argument("--text-len", type=int, default=None)
-  ap.add_argument("--frames", type=int, default=None)
-  ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
-  args = ap.parse_args()
-
-  c = load_config(args.config, args.set)
-  if args.text_len:
-    c.data.text_len = args.text_len
-  if args.frames:
-    c.data.num_frames = args.frames
-  batch = args.batch or c.batch_size
-  topo = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+def main(argv):
+  del argv
+  c = _CONFIG.value
+  batch = c.batch_size
+  topo = topologies.get_topology_desc(topology_name=_TOPOLOGY.value, platform="tpu")
   devices = topo.devices
   kind = devices[0].device_kind
   mesh = sharding.make_mesh(dict(c.mesh), devices)
@@ -107,7 +84,7 @@ def main():
            - mem.alias_size_in_bytes) / gib
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(b.abstract)["params"]))
   tokens = batch * (d.text_len + d.num_frames * b.model_cfg.tokens_per_frame - 1)
-  print(f"config {args.config} on {args.topology} ({len(devices)} x {kind}), mesh {dict(mesh.shape)}")
+  print(f"config {flags.FLAGS['config'].config_filename} on {_TOPOLOGY.value} ({len(devices)} x {kind}), mesh {dict(mesh.shape)}")
   print(f"params {n_params / 1e9:.2f} B; global batch {batch} x text {d.text_len} + {d.num_frames} frames "
         f"(~{tokens} LLM tokens/step), accum {c.accum_steps}; compile {secs:.0f} s on the host")
   print(f"per device: arguments {mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
@@ -122,4 +99,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  flags.mark_flag_as_required("config")
+  app.run(main)

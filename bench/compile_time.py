@@ -29,8 +29,9 @@ def batch_for(cfg, b=2, t=3, s=16, l=6):
 
 
 def compile_seconds(depth: int) -> tuple[float, float]:
-  cfg = C.replace(tiny.model_config(), **{"llm.num_layers": depth, "vision.depth": depth,
-                                         "qformer.num_layers": depth})
+  m = tiny.get_config().model
+  m.llm.num_layers = m.vision.depth = m.qformer.num_layers = depth
+  cfg = C.from_dict(m)
   model, batch = LlamaVid(cfg), batch_for(cfg)
   params = jax.eval_shape(model.init, jax.random.key(0), **batch)["params"]
 

@@ -18,41 +18,25 @@ decay), 3% warmup, cosine, bf16, one epoch. Starts from stage 1 (`init_from`).
 
 import math
 
-import ml_collections
+from configs import common
 
-LLM = {
-    "7b": dict(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32, mlp_dim=11008),
-    "13b": dict(vocab_size=32000, d_model=5120, num_layers=40, num_heads=40, num_kv_heads=40, mlp_dim=13824),
-}
 MAX_LEN = 2048
 NUM_SAMPLES = 665_298 + 98_145   # one epoch
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = dict(kv.split("=") for kv in (arg or "size=7b").split(","))
-  size = args.get("size", "7b")
-  c = ml_collections.ConfigDict()
-  c.model = dict(vision=dict(), qformer=dict(), llm=dict(LLM[size], max_positions=4096),
-                 compress_type="mean", mm_projector_type="mlp2x_gelu",
-                 dtype="bfloat16", param_dtype="float32", attention_impl="cudnn",
-                 remat_policy="nothing_saveable")
-  c.mesh = dict(data=1, fsdp=-1, tensor=1, sequence=1)
+def get_config(arg: str | None = None):
+  a = common.parse_arg(arg, size="7b")
+  c = common.defaults()
+  c.model = common.release_model(a.size)
   c.batch_size = 128
   c.accum_steps = 4       # the release's gradient_accumulation_steps; normalised over all 128 samples
   c.total_steps = math.ceil(NUM_SAMPLES / c.batch_size)
-  c.seed = 0
-  c.workdir = f"workdir/stage2_instruct_{size}"
-  c.init_from = f"workdir/stage1_align_{size}/checkpoints"
+  c.workdir = f"workdir/stage2_instruct_{a.size}"
+  c.init_from = f"workdir/stage1_align_{a.size}/checkpoints"
   c.data = dict(kind="pipeline", data_path="data/LLaMA-VID-Finetune/llava_v1_5_mix665k_with_video_chatgpt.json",
                 image_folder="data/LLaMA-VID-Finetune", video_folder="data/LLaMA-VID-Finetune",
-                template="imgsp_v1", llm_tokenizer="model_zoo/LLM/vicuna/7B-V1.5",
-                qformer_tokenizer="model_zoo/bert-base-uncased", video_fps=1.0, image_aspect="pad",
+                template="imgsp_v1", **common.TOKENIZERS, video_fps=1.0, image_aspect="pad",
                 text_len=2048, num_frames=64, qformer_len=256, use_features=False, worker_count=4, max_len=MAX_LEN,
                 max_frames=512, buckets=((512, 1, 8), (1984, 1, 64), (1024, 128, 1), (1024, 512, 1)))
-  c.optim = dict(lr=2e-5, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
-                 trainable=[r"llm/", r"token_gen/", r"qformer/"])
-  c.ckpt = dict(every=1000, keep=1, async_save=True)
-  c.log = dict(every=1, progress=True, peak_tflops=None)
-  c.distributed = dict(auto=False, num_processes=1, process_id=0, coordinator="")
-  c.debug = dict(kill_after_save_step=-1)
+  c.optim = common.optim(2e-5, trainable=[r"llm/", r"token_gen/", r"qformer/"])
   return c

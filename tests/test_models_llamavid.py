@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from llamavid_jax import sharding
 from llamavid_jax.models import LlamaVid, splice_labels
-from llamavid_jax.models import config as C
+from configs import tiny
 
 B, S, L = 2, 10, 6
 
@@ -154,7 +154,7 @@ def test_padding_frames_do_not_change_the_answer(video, tiny_cfg):
 
 
 def test_image_without_compression_gives_one_plus_grid_tokens():
-  cfg = C.replace(C.from_dict(__import__("configs.tiny", fromlist=["x"]).get_config("image").model))
+  cfg = tiny.model_config("image")
   model = LlamaVid(cfg)
   batch = make_batch(cfg, 1, np.random.RandomState(1))
   params = model.init(jax.random.key(0), **batch)["params"]
@@ -241,7 +241,7 @@ def test_sharded_forward_on_2x4_mesh_equals_one_device(video, tiny_cfg):
 def test_bfloat16_compute_stays_close_to_fp32(video, tiny_cfg):
   model, params, batch = video
   want, _ = model.apply({"params": params}, **batch)
-  got, _ = LlamaVid(C.replace(tiny_cfg, dtype="bfloat16")).apply({"params": params}, **batch)
+  got, _ = LlamaVid(dataclasses.replace(tiny_cfg, dtype="bfloat16")).apply({"params": params}, **batch)
   assert got.dtype == jnp.float32 and np.isfinite(got).all()
   assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
 
@@ -252,7 +252,7 @@ def test_frame_chunks_equal_all_frames_at_once(tiny_cfg):
   batch = make_batch(tiny_cfg, 4, np.random.RandomState(3), valid_frames=[4, 3])
   params = model.init(jax.random.key(0), **batch)["params"]
   want, out = model.apply({"params": params}, **batch)
-  got, out2 = LlamaVid(C.replace(tiny_cfg, frame_chunk=2)).apply({"params": params}, **batch)
+  got, out2 = LlamaVid(dataclasses.replace(tiny_cfg, frame_chunk=2)).apply({"params": params}, **batch)
   np.testing.assert_allclose(got, want, atol=1e-5)
   np.testing.assert_allclose(out2["context_attention"], out["context_attention"], atol=1e-6)
 

@@ -1,5 +1,7 @@
 """Parity of every tower with transformers' PyTorch modules (same weights, fp32)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import torch
 from flax import linen as nn
 
 from llamavid_jax.checkpoint import mapping
+from configs import tiny
 from llamavid_jax.models import config as C
 from llamavid_jax.models.eva_vit import EvaViT, bicubic_matrix
 from llamavid_jax.models.llama import Llama
@@ -37,10 +40,12 @@ def report(name, diff):
 
 @pytest.mark.parametrize("image_size", [56, 84])   # 84: pos-embed 4x4 -> 6x6 (as 224 -> 336)
 def test_vit_matches_instructblip_vision(tiny_cfg, image_size):
-  cfg = C.replace(tiny_cfg, **{"vision.image_size": 56})
+  m = tiny.get_config().model
+  m.vision.image_size = 56
+  cfg = C.from_dict(m)
   ref = torch_ref.hf_vision(cfg)
   sd = torch_ref.vision_state(ref)
-  vit = EvaViT(C.replace(cfg.vision, image_size=image_size, pos_embed_grid=4), remat_policy="none")
+  vit = EvaViT(dataclasses.replace(cfg.vision, image_size=image_size, pos_embed_grid=4), remat_policy="none")
   x = np.random.RandomState(0).randn(2, image_size, image_size, 3).astype(np.float32)
   params = load(mapping.vit_rules(cfg), sd, shapes_of(vit, x, root="vit"), "vit")
   ours = vit.apply({"params": params}, x)
@@ -61,7 +66,9 @@ def test_bicubic_matches_torch_interpolate():
 
 
 def test_qformer_matches_instructblip_qformer(tiny_cfg):
-  cfg = C.replace(tiny_cfg, **{"qformer.num_layers": 4, "qformer.vision_width": 24, "vision.width": 24})
+  m = tiny.get_config().model
+  m.qformer.num_layers, m.qformer.vision_width, m.vision.width = 4, 24, 24
+  cfg = C.from_dict(m)
   q = cfg.qformer
   ref = torch_ref.hf_qformer(cfg)
   sd = torch_ref.qformer_state(ref)
@@ -108,7 +115,7 @@ LLM_VARIANTS = {"mha": dict(num_kv_heads=4), "gqa": dict(num_kv_heads=2),
 
 @pytest.mark.parametrize("variant", sorted(LLM_VARIANTS))
 def test_llama_forward_and_cached_decoding(tiny_cfg, variant):
-  cfg = C.replace(tiny_cfg, llm=C.replace(tiny_cfg.llm, **LLM_VARIANTS[variant]))
+  cfg = dataclasses.replace(tiny_cfg, llm=dataclasses.replace(tiny_cfg.llm, **LLM_VARIANTS[variant]))
   ref = torch_ref.hf_llama(cfg)
   model, params = llama_params(cfg, ref)
   rng = np.random.RandomState(0)

@@ -1,6 +1,8 @@
 """Blockwise (`chunked`) and sequence-sharded (`ring`) attention against the fp32
 reference: outputs and gradients, with GQA, causality and key padding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,6 @@ from flax import linen as nn
 
 from llamavid_jax import sharding
 from llamavid_jax.models import LlamaVid
-from llamavid_jax.models import config as C
 from llamavid_jax.ops import attention as A
 
 
@@ -59,7 +60,7 @@ def test_ring_matches_reference_on_a_mesh(mesh_shape):
 
 def test_llamavid_with_ring_attention_equals_xla(tiny_cfg):
   """The whole model on a (fsdp 2, sequence 4) mesh with ring attention in the LLM."""
-  cfg = C.replace(tiny_cfg, attention_impl="ring")
+  cfg = dataclasses.replace(tiny_cfg, attention_impl="ring")
   rng = np.random.RandomState(0)
   b, s, t = 2, 11, 3                      # S' = 11 - 1 + 3 * 2 = 16 = 4 chunks of 4
   ids = rng.randint(3, cfg.llm.vocab_size, (b, s)).astype(np.int32)

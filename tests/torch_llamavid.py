@@ -9,6 +9,7 @@ converted checkpoint's Flax logits are checked against a separate implementation
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -50,7 +51,7 @@ class TorchLlamaVid:
 
   def __init__(self, cfg: C.LlamaVidConfig, seed: int = 0):
     self.cfg = cfg
-    stored = C.replace(cfg, **{"vision.image_size": cfg.vision.patch_size * cfg.vision.pos_embed_grid})
+    stored = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=cfg.vision.patch_size * cfg.vision.pos_embed_grid))
     self.vit = torch_ref.hf_vision(stored, seed)
     self.qformer = torch_ref.hf_qformer(cfg, seed + 1)
     self.llama = torch_ref.hf_llama(cfg, seed + 2)

@@ -1,11 +1,14 @@
 """`make demo`: synthetic video QA -> a tiny LLaMA-VID trained from scratch on CPU ->
 held-out exact-match accuracy, with and without the context token -> one answer.
 
-  python -m train.demo [--workdir workdir/demo] [--steps N]
+  python -m train.demo [--workdir workdir/demo] [--config configs/demo.py] [--config.total_steps=N]
+  python -m train.demo --data_only          (only step 1: then `python -m train.train --config configs/demo.py`)
 
-1. generates the dataset with `python -m llamavid_jax.data.synthetic` (once),
-2. trains configs/demo.py (context + content tokens) and configs/demo.py:content_only
-   (`use_context_token=False`, same recipe otherwise), each saving an orbax checkpoint,
+1. generates the dataset with `python -m llamavid_jax.data.synthetic` (once) into the
+   config's data folder (`config.data.video_folder`, workdir/demo/data),
+2. trains the config (configs/demo.py: context + content tokens) and its content-only
+   ablation (`configs.demo.content_only`: `use_context_token=False`, same recipe
+   otherwise) into WORKDIR/context and WORKDIR/content_only, each saving an orbax checkpoint,
 3. restores each checkpoint and answers every held-out question by greedy decoding
    (`LlamaVid.prefill_cache` / `extend_cache` through `llamavid_jax.generate`),
 4. prints `heldout_accuracy=... content_only_accuracy=...`, one answered question, and
@@ -92,9 +95,6 @@ os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", 
                                  os.environ.get("XLA_FLAGS", "")).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
-import ast  # noqa: E402
-import glob  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -102,50 +102,25 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from configs import demo as demo_config  # noqa: E402
 
 
-def generate_data(out: str, args) -> None:
-  if glob.glob(os.path.join(out, "*.json")):
+def generate_data(c, args: str) -> None:
+  """Writes the synthetic dataset into the config's data folder unless its training JSON exists."""
+  out = c.data.video_folder
+  if os.path.exists(c.data.data_path):
     print(f"[demo] dataset: {out} (exists)", flush=True)
     return
-  cmd = [sys.executable, "-m", "llamavid_jax.data.synthetic", "--out", out, *args]
+  cmd = [sys.executable, "-m", "llamavid_jax.data.synthetic", "--out", out, *args.split()]
   print("[demo] generating:", " ".join(cmd), flush=True)
   subprocess.run(cmd, check=True)
-
-
-def find_splits(out: str) -> tuple[str, str]:
-  files = sorted(glob.glob(os.path.join(out, "*.json")))
-  train = [f for f in files if "train" in os.path.basename(f)]
-  held = [f for f in files if re.search(r"heldout|held_out|test|eval|val", os.path.basename(f))]
-  if not train or not held:
-    raise FileNotFoundError(f"{out}: expected a train and a held-out JSON, found {files}")
-  return train[0], held[0]
-
-
-def demo_config(variant: str, data_dir: str, train_json: str, workdir: str, steps: int | None,
-                overrides=()):
-  from configs import demo
-  c = demo.get_config(variant)
-  with c.unlocked():
-    c.workdir = os.path.join(workdir, variant or "context")
-    c.data.data_path = train_json
-    c.data.video_folder = c.data.image_folder = data_dir
-    c.data.llm_tokenizer = os.path.join(data_dir, "tokenizers", "llm")
-    c.data.qformer_tokenizer = os.path.join(data_dir, "tokenizers", "qformer")
-    if steps:
-      c.total_steps = steps
-    for o in overrides:   # key.sub=value, value parsed as a Python literal when it is one
-      k, v = o.split("=", 1)
-      *parents, leaf = k.split(".")
-      node = c
-      for p in parents:
-        node = node[p]
-      try:
-        v = ast.literal_eval(v)
-      except (ValueError, SyntaxError):
-        pass
-      node[leaf] = v
-  return c
+  for path in (c.data.data_path, c.eval.heldout_path):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"the synthetic generator wrote no {path} (config.data.data_path / "
+                              f"config.eval.heldout_path must be in --out {out})")
 
 
 def load_params(c):
@@ -221,38 +196,43 @@ def evaluate(c, heldout_json: str, batch: int = 64, show: int = 0):
   return correct / max(total, 1), examples, (np.concatenate(maps) if maps else None)
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", default="workdir/demo")
-  ap.add_argument("--steps", type=int, default=None, help="override configs/demo.py total_steps")
-  ap.add_argument("--variants", default="context,content_only")
-  ap.add_argument("--set", action="append", default=[], help="config override, e.g. optim.lr=3e-3")
-  ap.add_argument("--synthetic_args",
-                  default="--num-train 10000 --num-eval 200 --train-turns 4 --size 56 --grid 4 --image-every-turn",
-                  help="arguments for the synthetic generator (see the measurements above)")
-  a = ap.parse_args()
-  from absl import logging
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "runs go to WORKDIR/context and WORKDIR/content_only")
+_VARIANTS = flags.DEFINE_list("variants", ["context", "content_only"], "which models to train and evaluate")
+_DATA_ONLY = flags.DEFINE_bool("data_only", False, "generate the dataset and exit")
+_SYNTHETIC_ARGS = flags.DEFINE_string("synthetic_args", demo_config.SYNTHETIC_ARGS,
+                                      "arguments for the synthetic generator (see the measurements above)")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "the context model's config [--config.KEY=V]")
+
+
+def main(argv):
+  del argv
   logging.set_verbosity(logging.WARNING)
   from train.train import train
 
   t0 = time.time()
-  data_dir = os.path.join(a.workdir, "data")
-  generate_data(data_dir, a.synthetic_args.split())
-  train_json, heldout_json = find_splits(data_dir)
-  print(f"[demo] data ready in {time.time() - t0:.0f}s: {train_json}, {heldout_json}", flush=True)
+  base = _CONFIG.value
+  generate_data(base, _SYNTHETIC_ARGS.value)
+  print(f"[demo] data ready in {time.time() - t0:.0f}s: {base.data.data_path}, {base.eval.heldout_path}", flush=True)
+  if _DATA_ONLY.value:
+    return
   acc = {}
-  for variant in ["" if v == "context" else v for v in a.variants.split(",")]:
-    c = demo_config(variant, data_dir, train_json, a.workdir, a.steps, a.set)
+  for variant in _VARIANTS.value:
+    if variant not in ("context", "content_only"):
+      raise app.UsageError(f"--variants: {variant!r} is not one of context, content_only")
+    c = base.copy_and_resolve_references()
+    if variant == "content_only":
+      demo_config.content_only(c)
+    c.workdir = os.path.join(_WORKDIR.value, variant)
+    name = "context+content" if variant == "context" else variant
     t = time.time()
     out = train(c)
-    print(f"[demo] trained {variant or 'context+content'}: step {out['step']}, "
+    print(f"[demo] trained {name}: step {out['step']}, "
           f"last loss {list(out['losses'].values())[-1] if out['losses'] else float('nan'):.4f}, "
           f"{time.time() - t:.0f}s, checkpoint {c.workdir}/checkpoints", flush=True)
     t = time.time()
-    acc[variant], ex, maps = evaluate(c, heldout_json, show=1 if not variant else 0)
-    print(f"[demo] held-out accuracy {variant or 'context+content'}: {acc[variant]:.3f} ({time.time() - t:.0f}s)",
-          flush=True)
-    manifest = os.path.join(data_dir, "manifest.json")
+    acc[variant], ex, maps = evaluate(c, c.eval.heldout_path, show=1 if variant == "context" else 0)
+    print(f"[demo] held-out accuracy {name}: {acc[variant]:.3f} ({time.time() - t:.0f}s)", flush=True)
+    manifest = os.path.join(c.data.video_folder, "manifest.json")
     if maps is not None and os.path.exists(manifest):
       with open(manifest) as f:
         m = json.load(f)
@@ -266,10 +246,10 @@ def main():
     if ex:
       e = ex[0]
       print(f"[demo] Q ({e['media']}): {e['question']}\n[demo] A: {e['answer']}   (truth: {e['truth']})", flush=True)
-  print(f"heldout_accuracy={acc.get('', float('nan')):.2f} "
+  print(f"heldout_accuracy={acc.get('context', float('nan')):.2f} "
         f"content_only_accuracy={acc.get('content_only', float('nan')):.2f}")
   print(f"[demo] total {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -3,6 +3,9 @@
   python -m train.train --config configs/demo.py [--config.total_steps=100 ...]
   python -m train.train --config configs/stage2_instruct_7b.py:size=13b --config.workdir=/ckpt/s2
 
+Overrides are ml_collections `config_flags` (`--config.KEY=VALUE`, nested keys dotted);
+the config is checked (`check_config`) before anything is built or compiled.
+
 Several processes (one per host, or 2 x 4 CPU devices on localhost for tests):
   --config.distributed.num_processes=2 --config.distributed.process_id=I
   --config.distributed.coordinator=localhost:12345   (auto=True: let JAX detect the cluster)
@@ -10,6 +13,8 @@ Several processes (one per host, or 2 x 4 CPU devices on localhost for tests):
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import signal
 import types
@@ -61,6 +66,59 @@ def make_data(c, model_cfg):
   raise ValueError(f"config.data.kind={d.kind!r}: expected 'toy' or 'pipeline'")
 
 
+class ConfigError(ValueError):
+  """A training config that cannot run; the message names the key."""
+
+
+def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
+  """Refuses a config that cannot run, before any model is built or compiled: sizes,
+  the mesh against the devices (or the given mesh's axis sizes), the batch against the
+  mesh and the processes, every bucket's spliced LLM length against `data.max_len`.
+  Raises `ConfigError` naming the key."""
+  from llamavid_jax.models.config import from_dict
+  from llamavid_jax.models.splice import spliced_length
+  from llamavid_jax.sharding import MESH_AXES
+
+  for key in ("batch_size", "total_steps", "accum_steps", "ckpt.every", "log.every"):
+    v = functools.reduce(lambda node, k: node[k], key.split("."), c)
+    if not isinstance(v, int) or v <= 0:
+      raise ConfigError(f"config.{key}={v!r}: must be a positive integer")
+  sizes = dict(mesh_shape) if mesh_shape is not None else _mesh_sizes(c.mesh, jax.device_count(), MESH_AXES)
+  rows, n_proc = c.accum_steps * sizes.get("data", 1) * sizes.get("fsdp", 1), jax.process_count()
+  if c.batch_size % rows or c.batch_size % n_proc:
+    raise ConfigError(f"config.batch_size={c.batch_size}: must be a multiple of accum_steps x mesh data x fsdp "
+                      f"({rows}) and of the number of processes ({n_proc})")
+  try:
+    tpf = from_dict(c.model).tokens_per_frame
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.model: {e}") from None
+  d = c.data
+  if d.kind not in ("toy", "pipeline"):
+    raise ConfigError(f"config.data.kind={d.kind!r}: expected 'toy' or 'pipeline'")
+  for i, b in enumerate(d.get("buckets") or ((d.text_len, d.num_frames),)):
+    s, t, p = (tuple(b) + (1,))[:3]
+    if s <= 0 or t < 0 or p <= 0:
+      raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: expected (text_len > 0, frames >= 0[, slots > 0])")
+    n = spliced_length(s, t, tpf, p)
+    if n > d.max_len:
+      raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: {s} text + {p} slot(s) x ({t} frames x {tpf} "
+                        f"tokens - 1) = {n} LLM positions > config.data.max_len={d.max_len}")
+
+
+def _mesh_sizes(mesh, n_dev: int, axes) -> dict[str, int]:
+  """config.mesh (one size may be -1: the remaining devices) -> axis sizes over n_dev devices."""
+  unknown = set(mesh) - set(axes)
+  if unknown:
+    raise ConfigError(f"config.mesh: unknown axes {sorted(unknown)}; the mesh axes are {axes}")
+  sizes = {a: int(mesh.get(a, 1)) for a in axes}
+  if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+    raise ConfigError(f"config.mesh={dict(mesh)}: sizes must be positive, with at most one -1")
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if n_dev % known or (-1 not in sizes.values() and known != n_dev):
+    raise ConfigError(f"config.mesh={dict(mesh)}: {known} devices do not fit the {n_dev} devices there are")
+  return {a: (n_dev // known if v == -1 else v) for a, v in sizes.items()}
+
+
 class _Preemption:
   """SIGTERM sets a flag; the loop saves at the end of the current step and exits."""
 
@@ -83,6 +141,7 @@ def build(c, mesh=None) -> types.SimpleNamespace:
   from llamavid_jax.models.config import from_dict
   from train import optim, step as S
 
+  check_config(c, None if mesh is None else dict(mesh.shape))
   model_cfg = from_dict(c.model)
   model = LlamaVid(model_cfg)
   mesh = mesh if mesh is not None else sharding.make_mesh(dict(c.mesh))

@@ -136,21 +136,6 @@ class LlamaVidConfig:
     return InputSpec(self.tokens_per_frame, v.image_size, (v.num_tokens, v.width))
 
 
-def replace(cfg, **kw):
-  """dataclasses.replace that also takes dotted keys: replace(cfg, **{"llm.num_layers": 2})."""
-  nested: dict[str, dict] = {}
-  flat = {}
-  for k, v in kw.items():
-    if "." in k:
-      head, rest = k.split(".", 1)
-      nested.setdefault(head, {})[rest] = v
-    else:
-      flat[k] = v
-  for head, sub in nested.items():
-    flat[head] = replace(getattr(cfg, head), **sub)
-  return dataclasses.replace(cfg, **flat)
-
-
 def to_dict(cfg) -> dict:
   """Nested plain dict (JSON-able) of a config dataclass."""
   return dataclasses.asdict(cfg)

@@ -1,0 +1,100 @@
+"""Recipes and their checks: one variant parser, one override mechanism (config_flags),
+every shipped recipe valid on the test mesh, bad configs refused before any compile,
+and the documented `python -m train.train --config configs/demo.py` run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import common, demo, image_336_7b, stage1_align_7b, stage2_instruct_7b, stage3_long_video_7b, tiny
+from train.train import ConfigError, check_config, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_arg_types_flags_and_unknown_keys():
+  a = common.parse_arg("size=13b,stage=1,toy", size="7b", stage=2, toy=False, tiny=False)
+  assert (a.size, a.stage, a.toy, a.tiny) == ("13b", 1, True, False)
+  assert common.parse_arg(None, size="7b").size == "7b"
+  with pytest.raises(ValueError, match=r"'sise=13b': expected one of \['size'\]"):
+    common.parse_arg("sise=13b", size="7b")
+  with pytest.raises(ValueError, match="needs a value"):
+    common.parse_arg("stage", stage=2)
+
+
+@pytest.mark.parametrize("module,arg", [(stage1_align_7b, "size=13b"), (stage2_instruct_7b, None),
+                                        (stage3_long_video_7b, "size=13b"), (image_336_7b, "stage=1"),
+                                        (image_336_7b, "stage=2,size=13b"), (demo, None), (demo, "toy,tiny"),
+                                        (demo, "content_only")])
+def test_every_recipe_passes_its_checks_on_eight_devices(module, arg):
+  c = module.get_config(arg)
+  check_config(c)                                       # the 8 fake CPU devices of the suite
+  size = (arg or "").partition("size=")[2].split(",")[0] or "7b"
+  if module is not demo:
+    assert {k: c.model.llm[k] for k in common.LLM[size]} == common.LLM[size]
+
+
+def test_size_tables_are_the_release_llms():
+  assert common.LLM["13b"] == dict(vocab_size=32000, d_model=5120, num_layers=40, num_heads=40, num_kv_heads=40,
+                                   mlp_dim=13824)
+  assert stage3_long_video_7b.get_config().model.llm.rope_scaling == 16.0
+  assert tiny.model_config().llm.d_model == 32 and tiny.model_config("image").compress_type == "none"
+
+
+def test_content_only_is_one_derivation():
+  c = demo.get_config("content_only")
+  assert not c.model.use_context_token and "qformer/" not in c.optim.trainable
+  assert demo.content_only(demo.get_config()).to_dict() == dict(c.to_dict(), workdir=demo.get_config().workdir)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("batch_size", 0, r"config.batch_size=0: must be a positive integer"),
+    ("total_steps", -1, r"config.total_steps=-1"),
+    ("mesh", dict(data=3, fsdp=1, tensor=1, sequence=1), r"config.mesh=.*3 devices do not fit the 8"),
+    ("mesh", dict(data=-1, fsdp=-1), r"config.mesh=.*at most one -1"),
+    ("mesh", dict(data=-1, pipeline=2), r"config.mesh: unknown axes \['pipeline'\]"),
+    ("batch_size", 12, r"config.batch_size=12: must be a multiple of accum_steps x mesh data x fsdp \(16\)"),
+    ("data.buckets", ((12, 2, 1), (40, 8, 2)), r"config.data.buckets\[1\]=\(40, 8, 2\): 40 text \+ 2 slot\(s\) x "
+                                              r"\(8 frames x 2 tokens - 1\) = 70 LLM positions > config.data.max_len=64"),
+    ("model.compress_type", "grid", r"config.model: .*compress_type"),
+])
+def test_bad_config_is_refused_naming_the_key_before_any_compile(key, value, match, tmp_path):
+  c = demo.get_config("toy,tiny")
+  c.workdir = str(tmp_path)
+  c.data.max_len = 64
+  node, leaf = (c, key) if "." not in key else (c[key.split(".")[0]], key.split(".")[1])
+  node[leaf] = value
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(ConfigError, match=match):
+      train(c)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+
+
+@pytest.mark.slow
+def test_documented_train_command_runs_on_generated_demo_data(tmp_path):
+  """README: `python -m train.demo --data_only` writes workdir/demo/data, then
+  `python -m train.train --config configs/demo.py --config.total_steps=3` trains on it
+  (here a small dataset in the same place, made by the same generator arguments)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  data = tmp_path / demo.DATA
+  gen = [sys.executable, "-m", "llamavid_jax.data.synthetic", "--out", str(data), *demo.SYNTHETIC_ARGS.split(),
+         "--num-train", "32", "--num-eval", "4", "--workers", "1"]
+  subprocess.run(gen, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+  cmd = [sys.executable, "-m", "train.train", f"--config={REPO}/configs/demo.py", "--config.total_steps=3",
+         "--config.log.progress=False"]
+  p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stdout + p.stderr
+  assert "finished at step 3" in p.stdout
+  run = tmp_path / "workdir/demo_train/context"
+  assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+  assert (run / "checkpoints/3").is_dir()
