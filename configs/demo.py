@@ -17,9 +17,11 @@ leaves every attention nearly uniform, and the instruction barely reaches the co
 attention's queries for hundreds of steps. Data and measurements: train/demo.py.
 """
 
+import ml_collections
+
 from configs import common
 
-DATA = "workdir/demo/data"   # where `python -m train.demo` writes the synthetic dataset
+DATA = "workdir/demo/data"   # where `python -m train.demo` writes the synthetic dataset (config.data.root)
 # The synthetic generator's arguments for that dataset (see the measurements in train/demo.py).
 SYNTHETIC_ARGS = "--num-train 10000 --num-eval 200 --train-turns 4 --size 56 --grid 4 --image-every-turn"
 
@@ -53,13 +55,14 @@ def get_config(arg: str | None = None):
   # instruction slot) carry at most 75 text tokens; held-out clips are single-turn. The
   # longest question is 10 Q-Former tokens with [CLS] and [SEP] (a test holds it to
   # qformer_len): 12, not 24, trains the demo ~10 % faster (362 s vs 401 s on 2 cores).
-  c.data = dict(kind="toy" if a.toy else "pipeline", data_path=f"{DATA}/train.json",
-                image_folder=DATA, video_folder=DATA, llm_tokenizer=f"{DATA}/tokenizers/llm",
-                qformer_tokenizer=f"{DATA}/tokenizers/qformer",
+  root = ml_collections.FieldReference(DATA)   # --config.data.root=DIR moves every path below
+  c.data = dict(kind="toy" if a.toy else "pipeline", root=root, data_path=root + "/train.json",
+                image_folder=root, video_folder=root, llm_tokenizer=root + "/tokenizers/llm",
+                qformer_tokenizer=root + "/tokenizers/qformer",
                 text_len=80, num_frames=4, qformer_len=12, use_features=False, template="imgsp_v1",
                 buckets=((80, 4, 4),), num_epochs=0, worker_count=0, max_len=512, video_fps=None,
                 max_frames=4, nan_batch=-1)
-  c.eval = dict(heldout_path=f"{DATA}/heldout.json")   # 200 single-question clips, for train/demo.py
+  c.eval = dict(heldout_path=root + "/heldout.json")   # 200 single-question clips, for train/demo.py
   c.optim = dict(lr=2e-3, warmup_ratio=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
                  trainable=[r"llm/", r"token_gen/", r"qformer/"])
   c.ckpt = dict(every=400, keep=2, async_save=True)

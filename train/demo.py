@@ -5,7 +5,7 @@ held-out exact-match accuracy, with and without the context token -> one answer.
   python -m train.demo --data_only          (only step 1: then `python -m train.train --config configs/demo.py`)
 
 1. generates the dataset with `python -m llamavid_jax.data.synthetic` (once) into the
-   config's data folder (`config.data.video_folder`, workdir/demo/data),
+   config's data folder (`config.data.root`, workdir/demo/data),
 2. trains the config (configs/demo.py: context + content tokens) and its content-only
    ablation (`configs.demo.content_only`: `use_context_token=False`, same recipe
    otherwise) into WORKDIR/context and WORKDIR/content_only, each saving an orbax checkpoint,
@@ -110,7 +110,7 @@ from configs import demo as demo_config  # noqa: E402
 
 def generate_data(c, args: str) -> None:
   """Writes the synthetic dataset into the config's data folder unless its training JSON exists."""
-  out = c.data.video_folder
+  out = c.data.root
   if os.path.exists(c.data.data_path):
     print(f"[demo] dataset: {out} (exists)", flush=True)
     return
@@ -232,7 +232,7 @@ def main(argv):
     t = time.time()
     acc[variant], ex, maps = evaluate(c, c.eval.heldout_path, show=1 if variant == "context" else 0)
     print(f"[demo] held-out accuracy {name}: {acc[variant]:.3f} ({time.time() - t:.0f}s)", flush=True)
-    manifest = os.path.join(c.data.video_folder, "manifest.json")
+    manifest = os.path.join(c.data.root, "manifest.json")
     if maps is not None and os.path.exists(manifest):
       with open(manifest) as f:
         m = json.load(f)
