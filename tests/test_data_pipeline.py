@@ -202,7 +202,7 @@ def test_every_bad_input_is_counted_and_named(root, bad, caplog):
   assert {k: (s.reason, s.field) for k, s in planned.items()} == {
       "missing": ("missing_file", "image"),
       "junkvideo": ("unreadable_video", "video"),
-      "emptyvideo": ("empty_video", "video"),
+      "emptyvideo": ("no_video_stream", "video"),
       "pickle": ("pickle_features", "video"),
       "nogpt": ("no_gpt_turn", "conversations"),
       "long": ("too_long", "conversations"),
@@ -211,7 +211,7 @@ def test_every_bad_input_is_counted_and_named(root, bad, caplog):
       f"sample 'missing' (index 2) field 'image' (file {root}/images/nope.png): "
       "missing_file: file not found")
   assert planned["emptyvideo"].message() == (
-      f"sample 'emptyvideo' (index 5) field 'video' (file {v}/empty.mp4): empty_video: "
+      f"sample 'emptyvideo' (index 5) field 'video' (file {v}/empty.mp4): no_video_stream: "
       "no video stream")
   assert planned["long"].message() == (
       "sample 'long' (index 8) field 'conversations': too_long: 69 text tokens > max_len 64")
@@ -255,7 +255,7 @@ def test_skip_rate_bound_while_planning(root, bad):
   with pytest.raises(DataError, match=r"skip rate 6/9 = 0\.667 exceeds max_skip_rate 0\.5 while "
                      r"planning; last: sample 'pickle' \(index 6\) field 'video' \(file .*old\.pkl\): "
                      r"pickle_features: .*; by reason: \{'missing_file': 1, 'unreadable_video': 1, "
-                     r"'empty_video': 1, 'no_gpt_turn': 1, 'too_long': 1, 'pickle_features': 1\}"):
+                     r"'no_video_stream': 1, 'no_gpt_turn': 1, 'too_long': 1, 'pickle_features': 1\}"):
     pl.make_pipeline(_config(root, bad), shard_index=0, shard_count=1)
 
 
