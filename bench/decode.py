@@ -18,6 +18,7 @@ import numpy as np
 
 from llamavid_jax.data import synthetic
 from llamavid_jax.data.pipeline import PipelineConfig, make_pipeline
+from llamavid_jax.models.config import InputSpec
 from llamavid_jax.data.video import load_video
 
 
@@ -42,8 +43,8 @@ def pipeline_rate(root: str, workers: int, batches: int = 8) -> float:
   cfg = PipelineConfig(data_path=os.path.join(root, "train.json"), video_folder=root, image_folder=root,
                        llm_tokenizer=os.path.join(root, "tokenizers/llm"),
                        qformer_tokenizer=os.path.join(root, "tokenizers/qformer"), template="vicuna_v1",
-                       buckets=((64, 4),), batch_size=16, worker_count=workers, image_size=224)
-  it = iter(make_pipeline(cfg))
+                       buckets=((64, 4),), batch_size=16, worker_count=workers)
+  it = iter(make_pipeline(cfg, InputSpec(tokens_per_frame=2, image_size=224, feature_shape=(257, 1408))))
   next(it)                                      # warm-up: worker start, first batch
   t0 = time.perf_counter()
   for _ in range(batches):

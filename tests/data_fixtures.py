@@ -22,6 +22,11 @@ import os
 import numpy as np
 from PIL import Image
 
+from llamavid_jax.models.config import InputSpec
+
+# The model side of the data tests: 2 tokens per frame, 16 px images, (5, 8) features.
+SPEC = InputSpec(tokens_per_frame=2, image_size=16, feature_shape=(5, 8))
+
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 SYSTEM_IDS = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 9, 19, 20, 21, 22, 23, 24]

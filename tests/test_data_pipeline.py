@@ -35,8 +35,8 @@ def _config(root, path, **kw):
   base = dict(data_path=path, image_folder=os.path.join(root, "images"),
               video_folder=os.path.join(root, "videos"), llm_tokenizer=os.path.join(root, "llm"),
               qformer_tokenizer=os.path.join(root, "bert"), template="vicuna_v1", buckets=BUCKETS,
-              batch_size=2, image_size=16, max_len=64, qformer_max_len=8, feature_shape=(5, 8),
-              max_frames=4, read_threads=0, max_skip_rate=0.5, min_samples_for_skip_rate=1)
+              batch_size=2, max_len=64, qformer_max_len=8, max_frames=4,
+              read_threads=0, max_skip_rate=0.5, min_samples_for_skip_rate=1)
   return pl.PipelineConfig(**{**base, **kw})
 
 
@@ -65,7 +65,7 @@ def _run(pipeline):
 
 
 def test_batch_contract(root, good):
-  p = pl.make_pipeline(_config(root, good), shard_index=0, shard_count=1)
+  p = pl.make_pipeline(_config(root, good), fx.SPEC, shard_index=0, shard_count=1)
   batches = _run(p)
   assert len(batches) == len(p) == 3 + 2 + 1  # 6 images / 2, 3 texts -> 2, 2 features -> 1
   by_index = {}
@@ -123,25 +123,25 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_restore_mid_epoch_yields_exactly_the_rest(root, good, workers):
   cfg = _config(root, good, worker_count=workers, seed=3)
-  p = pl.make_pipeline(cfg, shard_index=0, shard_count=1)
+  p = pl.make_pipeline(cfg, fx.SPEC, shard_index=0, shard_count=1)
   it = iter(p)
   first = [next(it) for _ in range(2)]
   state = it.get_state()
   rest = list(it)
   it.close()
   assert len(first) + len(rest) == 6
-  it2 = iter(pl.make_pipeline(cfg, shard_index=0, shard_count=1))
+  it2 = iter(pl.make_pipeline(cfg, fx.SPEC, shard_index=0, shard_count=1))
   it2.set_state(state)
   restored = list(it2)
   it2.close()
   _assert_same(restored, rest)
   # And the whole run equals a fresh run with 0 workers (worker count changes nothing).
-  _assert_same(first + rest, _run(pl.make_pipeline(_config(root, good, seed=3), shard_index=0,
-                                                    shard_count=1)))
+  _assert_same(first + rest, _run(pl.make_pipeline(_config(root, good, seed=3), fx.SPEC,
+                                                    shard_index=0, shard_count=1)))
 
 
 def test_seed_determinism_and_epochs(root, good):
-  plan = lambda **kw: pl.make_pipeline(_config(root, good, **kw), shard_index=0, shard_count=1).plan
+  plan = lambda **kw: pl.make_pipeline(_config(root, good, **kw), fx.SPEC, shard_index=0, shard_count=1).plan
   rows = lambda p: [r.tolist() for _, r in p.batches]
   assert rows(plan(seed=1)) == rows(plan(seed=1))
   assert rows(plan(seed=1)) != rows(plan(seed=2))
@@ -152,7 +152,7 @@ def test_seed_determinism_and_epochs(root, good):
 
 
 def test_sharding_by_process(root, good):
-  plans = [pl.make_pipeline(_config(root, good, batch_size=1), shard_index=k, shard_count=2).plan
+  plans = [pl.make_pipeline(_config(root, good, batch_size=1), fx.SPEC, shard_index=k, shard_count=2).plan
            for k in range(2)]
   keys = [[k for k, _ in p.batches] for p in plans]
   assert keys[0] == keys[1]  # every step has the same bucket (shape) on both processes
@@ -196,13 +196,13 @@ def bad(root):
 
 def test_every_bad_input_is_counted_and_named(root, bad, caplog):
   caplog.set_level(logging.WARNING, logger="llamavid_jax.data.pipeline")
-  p = pl.make_pipeline(_config(root, bad, max_skip_rate=0.9), shard_index=0, shard_count=1)
+  p = pl.make_pipeline(_config(root, bad, max_skip_rate=0.9), fx.SPEC, shard_index=0, shard_count=1)
   v = os.path.join(root, "videos")
   planned = {s.id: s for s in p.plan.skips}
   assert {k: (s.reason, s.field) for k, s in planned.items()} == {
       "missing": ("missing_file", "image"),
       "junkvideo": ("unreadable_video", "video"),
-      "emptyvideo": ("empty_video", "video"),
+      "emptyvideo": ("no_video_stream", "video"),
       "pickle": ("pickle_features", "video"),
       "nogpt": ("no_gpt_turn", "conversations"),
       "long": ("too_long", "conversations"),
@@ -211,7 +211,7 @@ def test_every_bad_input_is_counted_and_named(root, bad, caplog):
       f"sample 'missing' (index 2) field 'image' (file {root}/images/nope.png): "
       "missing_file: file not found")
   assert planned["emptyvideo"].message() == (
-      f"sample 'emptyvideo' (index 5) field 'video' (file {v}/empty.mp4): empty_video: "
+      f"sample 'emptyvideo' (index 5) field 'video' (file {v}/empty.mp4): no_video_stream: "
       "no video stream")
   assert planned["long"].message() == (
       "sample 'long' (index 8) field 'conversations': too_long: 69 text tokens > max_len 64")
@@ -238,10 +238,10 @@ def test_a_second_plan_reuses_the_first_ones_verdicts(root, bad, caplog, monkeyp
   """train.make_data plans one epoch to count batches, then the real run: the second
   plan (3 epochs) probes no sample again and logs no skip twice, yet counts them."""
   caplog.set_level(logging.WARNING, logger="llamavid_jax.data.pipeline")
-  one = pl.make_pipeline(_config(root, bad, max_skip_rate=0.9), shard_index=0, shard_count=1)
+  one = pl.make_pipeline(_config(root, bad, max_skip_rate=0.9), fx.SPEC, shard_index=0, shard_count=1)
   probed = []
   monkeypatch.setattr(pl.SampleProcessor, "bucket_of", lambda self, s: probed.append(s.index))
-  three = pl.make_pipeline(_config(root, bad, max_skip_rate=0.9, num_epochs=3), shard_index=0,
+  three = pl.make_pipeline(_config(root, bad, max_skip_rate=0.9, num_epochs=3), fx.SPEC, shard_index=0,
                            shard_count=1, processor=one.processor)
   assert probed == []
   assert [s.id for s in three.plan.skips] == [s.id for s in one.plan.skips] and len(one.plan.skips) == 6
@@ -255,8 +255,8 @@ def test_skip_rate_bound_while_planning(root, bad):
   with pytest.raises(DataError, match=r"skip rate 6/9 = 0\.667 exceeds max_skip_rate 0\.5 while "
                      r"planning; last: sample 'pickle' \(index 6\) field 'video' \(file .*old\.pkl\): "
                      r"pickle_features: .*; by reason: \{'missing_file': 1, 'unreadable_video': 1, "
-                     r"'empty_video': 1, 'no_gpt_turn': 1, 'too_long': 1, 'pickle_features': 1\}"):
-    pl.make_pipeline(_config(root, bad), shard_index=0, shard_count=1)
+                     r"'no_video_stream': 1, 'no_gpt_turn': 1, 'too_long': 1, 'pickle_features': 1\}"):
+    pl.make_pipeline(_config(root, bad), fx.SPEC, shard_index=0, shard_count=1)
 
 
 def test_skip_rate_bound_at_run_time(root):
@@ -264,7 +264,7 @@ def test_skip_rate_bound_at_run_time(root):
       {"id": "truncated", "image": "cut.png", "conversations": fx.qa("<image>\nWhat is this?", "A cat.")}]
   path = fx.write_dataset(os.path.join(root, "videos"), samples)  # a second JSON file
   p = pl.make_pipeline(_config(root, path, batch_size=1, seed=0, max_skip_rate=0.4),
-                       shard_index=0, shard_count=1)
+                       fx.SPEC, shard_index=0, shard_count=1)
   with pytest.raises(DataError, match=r"skip rate 1/\d = \d\.\d+ exceeds max_skip_rate 0\.4; last: "
                      r"sample 'truncated' \(index 1\) field 'image' \(file .*cut\.png\): "
                      r"unreadable_image: .*by reason: \{'unreadable_image': 1\}"):
@@ -277,7 +277,7 @@ def test_video_sample(root):
   fx.write_video(os.path.join(root, "videos", "clip.mp4"), frames=12, fps=4)  # 3 s -> 3 frames
   path = fx.write_dataset(os.path.join(root, "videos"), [
       {"id": "clip", "video": "clip.mp4", "conversations": fx.qa("<image>\nWhat is this?", "A cat.")}])
-  p = pl.make_pipeline(_config(root, path, batch_size=1), shard_index=0, shard_count=1)
+  p = pl.make_pipeline(_config(root, path, batch_size=1), fx.SPEC, shard_index=0, shard_count=1)
   (b,) = _run(p)
   assert b["frame_mask"].tolist() == [[True, True, True, False]]
   assert b["input_ids"][0, :35].tolist() == IMG_IDS
@@ -297,9 +297,9 @@ def test_imgsp_v1_multi_turn_batch_runs_the_model(root, tiny_cfg, tmp_path):
   samples[1]["conversations"] = fx.qa("<image>\nWhat is this?", "A cat.", "What color?", "Red.",
                                       "Hello", "Hi.")
   path = fx.write_dataset(str(tmp_path), samples)
-  cfg = _config(root, path, template="imgsp_v1", buckets=((56, 1, 2),), image_size=tiny_cfg.vision.image_size,
-                image_folder=str(tmp_path / "images"))
-  p = pl.make_pipeline(cfg, shard_index=0, shard_count=1)
+  cfg = _config(root, path, template="imgsp_v1", buckets=((56, 1, 2),), image_folder=str(tmp_path / "images"))
+  spec = tiny_cfg.input_spec
+  p = pl.make_pipeline(cfg, spec, shard_index=0, shard_count=1)
   assert [(s.id, s.reason) for s in p.plan.skips] == [("img1", "too_many_turns")]
   assert "3 <image> placeholders (one per human turn) fit no bucket's instruction slots" in p.plan.skips[0].detail
   (batch,) = _run(p)
@@ -310,7 +310,7 @@ def test_imgsp_v1_multi_turn_batch_runs_the_model(root, tiny_cfg, tmp_path):
   # the second turn's <image> sits at its start or its end, the same side on every run
   assert ids[:43] in ([1, *S, 25, 27, -200, 28, 29, 30, 31, 26, 3, 32, 2, 25, 27, -200, 28, 29, 33, 26, 34],
                       [1, *S, 25, 27, -200, 28, 29, 30, 31, 26, 3, 32, 2, 25, 29, 33, 28, -200, 26, 34, 2])
-  assert _run(pl.make_pipeline(cfg, shard_index=0, shard_count=1))[0]["input_ids"][two].tolist() == ids
+  assert _run(pl.make_pipeline(cfg, spec, shard_index=0, shard_count=1))[0]["input_ids"][two].tolist() == ids
   assert batch["qformer_ids"].shape == (2, 2, 8)
   assert batch["qformer_ids"][two].tolist() == [[2, 5, 6, 7, 8, 3, 0, 0], [2, 5, 12, 8, 3, 0, 0, 0]]
   assert batch["qformer_mask"][one].tolist() == [[True] * 6 + [False] * 2, [False] * 8]

@@ -25,16 +25,16 @@ def built(tmp_path_factory):
               {"id": "gone", "image": "nope.png", "conversations": fx.qa("<image>\nWhat?", "A cat.")}]
   path = fx.write_dataset(root, samples)
   folders = dict(image_folder=os.path.join(root, "images"), video_folder=os.path.join(root, "videos"))
-  ds_dir = tfds_builder.build_dataset(path, os.path.join(root, "tfds"), image_size=16,
-                                      feature_shape=(5, 8), max_skip_rate=0.5, **folders)
+  ds_dir = tfds_builder.build_dataset(path, os.path.join(root, "tfds"), fx.SPEC, max_skip_rate=0.5,
+                                      **folders)
   return root, path, folders, ds_dir
 
 
 def _config(root, **kw):
   return pl.PipelineConfig(
       llm_tokenizer=os.path.join(root, "llm"), qformer_tokenizer=os.path.join(root, "bert"),
-      template="vicuna_v1", buckets=((32, 1), (36, 1), (40, 4)), batch_size=2, image_size=16,
-      max_len=64, qformer_max_len=8, feature_shape=(5, 8), max_frames=4, read_threads=0,
+      template="vicuna_v1", buckets=((32, 1), (36, 1), (40, 4)), batch_size=2,
+      max_len=64, qformer_max_len=8, max_frames=4, read_threads=0,
       max_skip_rate=0.5, min_samples_for_skip_rate=1, **kw)
 
 
@@ -54,8 +54,8 @@ def test_records_without_tensorflow(built):
 
 def test_roundtrip_equals_json_pipeline(built):
   root, path, folders, ds_dir = built
-  from_json = pl.make_pipeline(_config(root, data_path=path, **folders), shard_index=0, shard_count=1)
-  from_tfds = pl.make_pipeline(_config(root, tfds_dir=ds_dir), shard_index=0, shard_count=1)
+  from_json = pl.make_pipeline(_config(root, data_path=path, **folders), fx.SPEC, shard_index=0, shard_count=1)
+  from_tfds = pl.make_pipeline(_config(root, tfds_dir=ds_dir), fx.SPEC, shard_index=0, shard_count=1)
   a, b = list(from_json), list(from_tfds)
   assert len(a) == len(b) == 4  # 4 images / 2, 1 text, 1 features (padded)
   # Same samples, same arrays (sample_index differs: JSON index vs record index).
@@ -76,7 +76,7 @@ def test_build_stops_past_skip_rate(built, tmp_path):
   root, _, folders, _ = built
   path = fx.write_dataset(str(tmp_path), [
       {"id": "gone", "image": "nope.png", "conversations": fx.qa("<image>\nWhat?", "A cat.")}])
-  with pytest.raises(DataError, match=r"skip rate 1/1 exceeds max_skip_rate 0\.5; by reason: "
-                     r"\{'missing_file': 1\}"):
-    tfds_builder.build_dataset(path, str(tmp_path / "tfds"), image_size=16, feature_shape=(5, 8),
-                               max_skip_rate=0.5, **folders)
+  with pytest.raises(DataError, match=r"skip rate 1/1 = 1\.000 exceeds max_skip_rate 0\.5 building "
+                     r".*\.json; last: sample 'gone' \(index 0\) field 'image' \(file .*nope\.png\): "
+                     r"missing_file: file not found; by reason: \{'missing_file': 1\}"):
+    tfds_builder.build_dataset(path, str(tmp_path / "tfds"), fx.SPEC, max_skip_rate=0.5, **folders)

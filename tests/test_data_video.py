@@ -1,16 +1,20 @@
 """Video decoding: the release's 1-fps frame choice on generated clips whose frames
 carry their index, seeking == sequential decoding, the frame cap, VFR, bad files."""
 
+import math
 from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 
+from llamavid_jax.data import SampleError, media, sources
 from llamavid_jax.data.video import VideoError, frame_indices, load_video
+from llamavid_jax.models.config import InputSpec
 from tests.video_fixtures import read_counter, write_counter_clip
 
 RATES = {"24": 24, "25": 25, "30": 30, "29.97": Fraction(30000, 1001)}
+SPEC = InputSpec(tokens_per_frame=2, image_size=16, feature_shape=(5, 8))
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +81,30 @@ def test_variable_frame_rate_counts_frames_in_presentation_order(tmp_path):
 
 def test_bad_files_name_the_file_and_reason(tmp_path):
   missing = str(tmp_path / "nope.mp4")
-  with pytest.raises(VideoError, match="nope.mp4.*file not found"):
+  with pytest.raises(VideoError, match="nope.mp4.*file not found") as e:
     load_video(missing)
+  assert (e.value.reason, e.value.field, e.value.detail) == ("missing_file", "video", "file not found")
   junk = tmp_path / "junk.mp4"
   junk.write_bytes(b"this is not a video" * 10)
-  with pytest.raises(VideoError, match="junk.mp4.*cannot open"):
+  with pytest.raises(VideoError, match="junk.mp4.*cannot open") as e:
     load_video(str(junk))
+  assert e.value.reason == "unreadable_video" and e.value.detail.startswith("cannot open: ")
   empty = str(tmp_path / "empty.mp4")
   with av.open(empty, "w") as out:              # a header without frames
     s = out.add_stream("mpeg4", rate=4)
     s.width, s.height, s.pix_fmt = 32, 24, "yuv420p"
     out.start_encoding()
-  with pytest.raises(VideoError, match="empty.mp4.*(no frames|no video stream)"):
+  with pytest.raises(VideoError, match="empty.mp4.*(no frames|no video stream)") as e:
     load_video(empty)
+  assert (e.value.reason, e.value.detail) == ("no_video_stream", "no video stream")  # mp4: no track
+  empty_avi = str(tmp_path / "empty.avi")
+  with av.open(empty_avi, "w") as out:          # AVI keeps the stream: a stream without frames
+    s = out.add_stream("mpeg4", rate=4)
+    s.width, s.height, s.pix_fmt = 32, 24, "yuv420p"
+    out.start_encoding()
+  with pytest.raises(VideoError, match="empty.avi.*no frames") as e:
+    load_video(empty_avi)
+  assert (e.value.reason, e.value.detail) == ("empty_video", "no frames")
   audio = str(tmp_path / "audio.mp4")
   with av.open(audio, "w") as out:
     s = out.add_stream("aac", rate=8000)
@@ -99,5 +114,33 @@ def test_bad_files_name_the_file_and_reason(tmp_path):
       out.mux(p)
     for p in s.encode():
       out.mux(p)
-  with pytest.raises(VideoError, match="audio.mp4.*no video stream"):
+  with pytest.raises(VideoError, match="audio.mp4.*no video stream") as e:
     load_video(audio)
+  assert (e.value.reason, e.value.detail) == ("no_video_stream", "no video stream")
+  # The pipeline's decoder passes the tags through unchanged, naming the file.
+  for path, reason in [(missing, "missing_file"), (str(junk), "unreadable_video"), (audio, "no_video_stream")]:
+    with pytest.raises(VideoError) as e:
+      media.decode(sources.RawSample(0, "v", None, "video", path), SPEC)
+    assert (e.value.reason, e.value.field, e.value.path) == (reason, "video", path)
+  # ... and planning's probe gives the same tags.
+  for path, reason in [(missing, "missing_file"), (str(junk), "unreadable_video"), (empty, "no_video_stream"),
+                       (empty_avi, "empty_video"), (audio, "no_video_stream")]:
+    with pytest.raises(SampleError) as e:
+      sources.probe_video(path)
+    assert (e.value.reason, e.value.field, e.value.path) == (reason, "video", path)
+
+
+@pytest.mark.parametrize("avg_fps", [23.976, 24, 25, 29.97, 30, 60])
+def test_planned_frame_count_is_the_decoders(avg_fps):
+  """Planning's count from container metadata (`sources.sampled_frame_count`) is the
+  number of frames the decoder picks (`frame_indices`), and both are the release's:
+  ceil(n / round(avg_fps / fps)) frames, capped at max_frames."""
+  for n in [*range(0, 130), 299, 300, 301, 1799, 1800, 1801, 9001, 36000]:
+    for fps in (None, 1.0, 0.5):
+      step = 1 if fps is None else max(1, round(avg_fps / fps))
+      for max_frames in (None, 4, 300):
+        idx = frame_indices(n, avg_fps, fps, max_frames)
+        want = min(math.ceil(n / step), max_frames or n)
+        assert sources.sampled_frame_count(n, avg_fps, fps, max_frames) == len(idx) == want, (n, fps, max_frames)
+        assert idx == sorted(set(idx)) and all(0 <= i < n and i % step == 0 for i in idx)
+        assert idx[:1] == ([0] if n else [])

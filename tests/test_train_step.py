@@ -187,15 +187,18 @@ def test_stage_buckets_fit_the_model_and_the_ring(module, arg):
   """Every bucket's LLM length (text + slots x (frames x tokens_per_frame - 1)) stays
   within max_len, and with ring attention it splits into sequence-size chunks of whole
   blocks (else the step fails to trace)."""
+  from llamavid_jax.data.buckets import as_buckets, llm_length
   from llamavid_jax.models.config import from_dict
+  from llamavid_jax.models.splice import spliced_length
   from llamavid_jax.ops.attention import BLOCK
   c = module.get_config(arg)
-  d, tpf = c.data, from_dict(c.model).tokens_per_frame
-  for bucket in d.get("buckets") or ((d.text_len, d.num_frames),):
-    s, t, p = (tuple(bucket) + (1,))[:3]
-    assert s + p * (t * tpf - 1) <= d.max_len, (bucket, s + p * (t * tpf - 1))
+  d, spec = c.data, from_dict(c.model).input_spec
+  tpf = spec.tokens_per_frame
+  for bucket in as_buckets(d.get("buckets") or ((d.text_len, d.num_frames),)):
+    s, t, p = bucket
+    assert llm_length(bucket, spec) == s + p * (t * tpf - 1) <= d.max_len, (bucket, llm_length(bucket, spec))
   if c.model.get("attention_impl") == "ring":
-    length = d.text_len + d.num_frames * tpf - 1
+    length = spliced_length(d.text_len, d.num_frames, tpf)
     assert length == d.max_len and length % (c.mesh.sequence * BLOCK) == 0, length
 
 

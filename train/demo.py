@@ -154,10 +154,9 @@ def evaluate(c, heldout_json: str, batch: int = 64, show: int = 0):
   known = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
   pcfg = pipeline.PipelineConfig(**{k: v for k, v in d.items() if k in known and k != "buckets"},
                                  buckets=((d.text_len, d.num_frames),), batch_size=batch,
-                                 image_size=b.model_cfg.vision.image_size,
-                                 tokens_per_frame=b.model_cfg.tokens_per_frame, qformer_max_len=d.qformer_len)
+                                 qformer_max_len=d.qformer_len)
   source = sources.LlavaJsonSource(heldout_json, image_folder=d.image_folder, video_folder=d.video_folder)
-  proc = pipeline.SampleProcessor(pcfg, source, llm_tok, q_tok)
+  proc = pipeline.SampleProcessor(pcfg, b.model_cfg.input_spec, source, llm_tok, q_tok)
   key = ("frames", 0)
   attention = jax.jit(lambda p, x: b.model.apply({"params": p}, **x, method=type(b.model).embed_inputs)[2]
                       .get("context_attention"))

@@ -52,16 +52,13 @@ def make_data(c, model_cfg):
     kw = {k: v for k, v in d.items() if k in known}
     kw.setdefault("buckets", ((d.text_len, d.num_frames),))
     kw["buckets"] = tuple(tuple(b) for b in kw["buckets"])
-    if "feature_shape" in kw:
-      kw["feature_shape"] = tuple(kw["feature_shape"])
-    kw.update(batch_size=c.batch_size // pc, seed=c.seed, image_size=model_cfg.vision.image_size,
-              tokens_per_frame=model_cfg.tokens_per_frame, qformer_max_len=d.qformer_len)
-    processor = None
+    kw.update(batch_size=c.batch_size // pc, seed=c.seed, qformer_max_len=d.qformer_len)
+    spec, processor = model_cfg.input_spec, None
     if not kw.get("num_epochs"):   # 0 = as many epochs as total_steps needs (one plan of
       one = pipeline.make_pipeline(  # one epoch counts them; the real plan reuses its verdicts)
-          pipeline.PipelineConfig(**{**kw, "num_epochs": 1}), shard_index=pi, shard_count=pc)
+          pipeline.PipelineConfig(**{**kw, "num_epochs": 1}), spec, shard_index=pi, shard_count=pc)
       kw["num_epochs"], processor = -(-c.total_steps // max(len(one), 1)), one.processor
-    return iter(pipeline.make_pipeline(pipeline.PipelineConfig(**kw), shard_index=pi, shard_count=pc,
+    return iter(pipeline.make_pipeline(pipeline.PipelineConfig(**kw), spec, shard_index=pi, shard_count=pc,
                                        processor=processor))
   raise ValueError(f"config.data.kind={d.kind!r}: expected 'toy' or 'pipeline'")
 

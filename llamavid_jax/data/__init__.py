@@ -4,14 +4,20 @@ Modules (import them directly; this package keeps its import light):
   conversation  templates (`vicuna_v1`, `imgsp_v1`, `plain_guided`) -> ids, labels
   tokenizer     local LLM / Q-Former tokenizer loaders
   image         pad-to-square + CLIP preprocessing (numpy / PIL)
+  frames        the release's frame choice (indices and counts; pure)
   video         PyAV decoding at 1 fps (`load_video`)
   sources       LLaVA JSON reader, feature files, random-access sources
-  pipeline      grain pipeline: shuffle, shard, bucket, batch, skip accounting
+  media         one decoder of a sample's media (`decode`), for pipeline and TFDS
+  buckets       sample lengths -> bucket (`choose_bucket`; pure)
+  rows          encoded text + decoded media -> padded rows, batches
+  skips         `Skip` and the one skip budget (`SkipBudget`)
+  pipeline      grain pipeline: plan (shuffle, shard, bucket), batch, skip accounting
   tfds_builder  LLaVA JSON + media -> ArrayRecord (TFDS), read back without TF
 
 Errors: a bad sample raises `SampleError` inside the per-sample code; the
 pipeline turns it into a counted, logged skip. `DataError` stops the pipeline
-(too many skips, a broken dataset file).
+(too many skips, a broken dataset file). The model's side (tokens per frame, image
+size, feature shape) comes in as its `InputSpec`, never restated in a data config.
 """
 
 from __future__ import annotations

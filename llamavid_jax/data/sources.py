@@ -11,21 +11,22 @@ unpickle data files. A `.safetensors` feature file holds one tensor (or one name
 `features`) and may carry a `prompt` metadata string (the Q-Former instruction).
 
 A source returns `RawSample`s by index (`src[i]`, cheap, picklable) and knows each
-sample's frame count cheaply (`num_frames`) so the pipeline can bucket before any
-decoding. Media are decoded later, in the pipeline's workers (`load_media`).
+sample's frame count cheaply (`num_frames`, by `frames.frame_count`: the rule the
+decoder picks frames by) so the pipeline can bucket before any decoding. Media are
+decoded later, in the pipeline's workers (`media.decode`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from llamavid_jax.data import DataError, SampleError
+from llamavid_jax.data import frames as frames_lib
 
 MediaKind = Literal["none", "image", "video", "features", "frames"]
 FEATURE_SUFFIXES = (".npy", ".safetensors")
@@ -75,15 +76,23 @@ class Source(Protocol):
 
 def sampled_frame_count(num_frames: int, avg_fps: float, fps: float | None,
                         max_frames: int | None) -> int:
-  """Frames kept by the release's rule: every round(avg_fps / fps)-th, capped."""
-  if fps:
-    step = max(1, round(avg_fps / fps))
-    num_frames = math.ceil(num_frames / step)
-  return min(num_frames, max_frames) if max_frames else num_frames
+  """Frames kept of a video of `num_frames` at `avg_fps`: `frames.frame_count`."""
+  return frames_lib.frame_count(num_frames, avg_fps, fps, max_frames)
+
+
+def refuse_pickle(sample: RawSample) -> None:
+  """Raises `SampleError` (`pickle_features`) for the release's `.pkl` features."""
+  if sample.path and sample.path.endswith(".pkl"):
+    raise SampleError("pickle_features", "video",
+                      "pickled features are not read (unsafe); convert to .npy or .safetensors",
+                      sample.path)
 
 
 def probe_video(path: str) -> tuple[int, float]:
-  """(frame count, average fps) of a video from its container, without decoding."""
+  """(frame count, average fps) of a video from its container, without decoding.
+
+  Raises `SampleError` (field `video`) with the tags of `video.VideoError`:
+  `missing_file`, `no_video_stream`, `unreadable_video`, `empty_video`."""
   import av
 
   if not os.path.exists(path):
@@ -91,15 +100,13 @@ def probe_video(path: str) -> tuple[int, float]:
   try:
     with av.open(path) as container:
       if not container.streams.video:
-        raise SampleError("empty_video", "video", "no video stream", path)
+        raise SampleError("no_video_stream", "video", "no video stream", path)
       stream = container.streams.video[0]
       avg_fps = float(stream.average_rate or stream.guessed_rate or 0)
       n = stream.frames
       if not n and stream.duration and stream.time_base:
         n = int(round(float(stream.duration * stream.time_base) * avg_fps))
-  except SampleError:
-    raise
-  except Exception as e:  # PyAV raises many error types for broken files.
+  except (av.error.FFmpegError, OSError, ValueError) as e:
     raise SampleError("unreadable_video", "video", f"{type(e).__name__}: {e}", path) from None
   if n <= 0 or avg_fps <= 0:
     raise SampleError("empty_video", "video", f"{n} frames at {avg_fps} fps", path)
@@ -117,9 +124,7 @@ def feature_file_shape(path: str) -> tuple[int, ...]:
 
     with safe_open(path, framework="numpy") as f:
       return tuple(f.get_slice(_feature_key(f.keys(), path)).get_shape())
-  except SampleError:
-    raise
-  except Exception as e:
+  except _feature_file_errors() as e:
     raise SampleError("unreadable_features", "video", f"{type(e).__name__}: {e}", path) from None
 
 
@@ -136,10 +141,19 @@ def load_features(path: str) -> tuple[np.ndarray, str | None]:
       feats = f.get_tensor(_feature_key(f.keys(), path))
       prompt = (f.metadata() or {}).get("prompt")
     return feats.astype(np.float32), prompt
-  except SampleError:
-    raise
-  except Exception as e:
+  except _feature_file_errors() as e:
     raise SampleError("unreadable_features", "video", f"{type(e).__name__}: {e}", path) from None
+
+
+def _feature_file_errors() -> tuple[type[BaseException], ...]:
+  """What numpy and safetensors raise for a broken feature file (evaluated only when
+  something was raised, so safetensors loads lazily): OSError (I/O, mmap),
+  ValueError (bad header, pickled data refused), EOFError (empty `.npy`),
+  SafetensorError (bad `.safetensors` header), TypeError (a dtype numpy lacks)."""
+  from safetensors import SafetensorError
+
+  return (OSError, ValueError, EOFError, TypeError, SafetensorError)
+
 
 
 def _feature_key(keys, path: str) -> str:
@@ -196,14 +210,11 @@ class LlavaJsonSource:
       if not os.path.exists(sample.path):
         raise SampleError("missing_file", "image", "file not found", sample.path)
       return 1
-    if sample.path.endswith(".pkl"):
-      raise SampleError("pickle_features", "video",
-                        "pickled features are not read (unsafe); convert to .npy or .safetensors",
-                        sample.path)
+    refuse_pickle(sample)
     if sample.kind == "features":
       shape = feature_file_shape(sample.path)
       if len(shape) != 3 or shape[0] == 0:
         raise SampleError("bad_features", "video", f"expected [T, N+1, C], got {shape}", sample.path)
-      return min(shape[0], max_frames) if max_frames else shape[0]
+      return len(frames_lib.uniform_cap(shape[0], max_frames))
     n, avg_fps = probe_video(sample.path)
     return sampled_frame_count(n, avg_fps, fps, max_frames)

@@ -8,31 +8,40 @@ read. Reading: `TfdsSource(dir)` opens `tfds.builder_from_directory(dir)
 pipeline as the JSON source (`PipelineConfig(tfds_dir=...)`).
 
 Each record holds the decoded media already resized and center-cropped as uint8
-`frames[T, S, S, 3]` (images padded to a square first when `image_aspect="pad"`;
-T = 1 for images, 0 for text only). uint8, not float32: 4x smaller, and since
+`frames[T, S, S, 3]` (`media.decode_pixels`, the pipeline's decoder before
+normalization: images padded to a square first when `image_aspect="pad"`; T = 1 for
+images, 0 for text only). uint8, not float32: 4x smaller, and since
 resize + crop produce uint8 anyway, `image.normalize` of the stored bytes gives
 bit-identical floats to preprocessing the file. Long-video samples store their
-features float32[T, N+1, C] (and the stored Q-Former prompt, if any). The
+features float32[T, N+1, C] (`media.decode_features`, uncapped; and the stored
+Q-Former prompt, if any). S and (N+1, C) come from the model's `InputSpec`. The
 conversation is stored as JSON text; tokenization stays at read time (template and
 tokenizer are training choices).
 
 Media that cannot be read are skipped at build time, counted and logged; the build
-stops with `DataError` when skips / samples passes `max_skip_rate`.
+stops with `DataError` past the skip budget (`skips.SkipBudget`: skips > max_skip_rate
+x samples once min(min_samples_for_skip_rate, dataset size) were seen, checked after
+each skip and at the end).
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from llamavid_jax.data import DataError, SampleError
-from llamavid_jax.data import image as image_lib
+from llamavid_jax.data import frames as frames_lib
+from llamavid_jax.data import media as media_lib
 from llamavid_jax.data import sources as sources_lib
+from llamavid_jax.data.skips import Skip, SkipBudget
+
+if TYPE_CHECKING:
+  from llamavid_jax.models.config import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +55,17 @@ class LlavaMedia(tfds.core.GeneratorBasedBuilder):
   # them up through `importlib_resources`, which it does not depend on.
   code_path = None
 
-  def __init__(self, *, json_path: str, image_folder: str = "", video_folder: str = "",
-               image_size: int = 224, image_aspect: str = "pad", video_fps: float | None = 1.0,
-               max_frames: int | None = None, feature_shape: tuple[int, int] = (257, 1408),
-               max_skip_rate: float = 0.01, **kwargs):
+  def __init__(self, *, json_path: str, spec: InputSpec, image_folder: str = "",
+               video_folder: str = "", image_aspect: str = "pad", video_fps: float | None = 1.0,
+               max_frames: int | None = None, max_skip_rate: float = 0.01,
+               min_samples_for_skip_rate: int = 100, **kwargs):
     self._json_path = json_path
     self._folders = dict(image_folder=image_folder, video_folder=video_folder)
-    self._image_size, self._aspect = image_size, image_aspect
+    self._image_size, self._aspect = spec.image_size, image_aspect
     self._fps, self._max_frames = video_fps, max_frames
-    self._feature_shape, self._max_skip_rate = tuple(feature_shape), max_skip_rate
-    self.skip_counts: collections.Counter[str] = collections.Counter()
+    self._feature_shape = tuple(spec.feature_shape)
+    self._max_skip_rate, self._min_samples = max_skip_rate, min_samples_for_skip_rate
+    self.skip_counts: dict[str, int] = {}
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -81,63 +91,50 @@ class LlavaMedia(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     src = sources_lib.LlavaJsonSource(self._json_path, **self._folders)
-    s = self._image_size
+    # a whole dataset smaller than min_samples is enough samples at its end
+    budget = SkipBudget(self._max_skip_rate, min(self._min_samples, len(src)))
+    where = f" building {self._json_path}"
     for i in range(len(src)):
       sample = src[i]
-      example = {"id": sample.id, "conversations": json.dumps(sample.conversations), "kind": "none",
-                 "frames": np.zeros((0, s, s, 3), np.uint8),
-                 "features": np.zeros((0, *self._feature_shape), np.float32), "prompt": ""}
+      budget.seen = i + 1
       try:
-        if sample.kind == "features":
-          feats, prompt = sources_lib.load_features(sample.path)
-          if feats.ndim != 3 or feats.shape[1:] != self._feature_shape:
-            raise SampleError("bad_features", "video", f"shape {feats.shape}", sample.path)
-          example.update(kind="features", features=feats, prompt=prompt or "")
-        elif sample.kind != "none":
-          example.update(kind="frames", frames=self._frames(sample))
+        example = self._example(sample)
       except SampleError as e:
-        self._skip(sample, e, i + 1)
+        budget.record(Skip.of(sample, e))
+        self.skip_counts = dict(budget.counts)
+        log.warning("build: skipped %s", budget.last.message())
+        budget.check(where)
         continue
       yield i, example
-    self._skip(None, None, len(src))
+    budget.check(where)
 
-  def _frames(self, sample: sources_lib.RawSample) -> np.ndarray:
-    if sample.kind == "image":
-      img = image_lib.load_image(sample.path)
-      return image_lib.image_to_uint8(img, size=self._image_size, aspect=self._aspect)[None]
-    if sample.path.endswith(".pkl"):
-      raise SampleError("pickle_features", "video", "pickled features are not read", sample.path)
-    from llamavid_jax.data import video as video_lib
-
-    try:
-      frames, _ = video_lib.load_video(sample.path, fps=self._fps, max_frames=self._max_frames)
-    except video_lib.VideoError as e:
-      raise SampleError("unreadable_video", "video", str(getattr(e, "reason", e)), sample.path) from None
-    if not len(frames):
-      raise SampleError("empty_video", "video", "no frames decoded", sample.path)
-    return image_lib.frames_to_uint8(frames, size=self._image_size)
-
-  def _skip(self, sample, err: SampleError | None, seen: int) -> None:
-    if err is not None:
-      self.skip_counts[err.reason] += 1
-      log.warning("build: skipped %s", err.describe(sample.id))
-    total = sum(self.skip_counts.values())
-    if total > self._max_skip_rate * seen and (err is None or seen >= 100):
-      last = f"; last: {err.describe(sample.id)}" if err is not None else ""
-      raise DataError(f"{self._json_path}: skip rate {total}/{seen} exceeds max_skip_rate "
-                      f"{self._max_skip_rate}{last}; by reason: {dict(self.skip_counts)}")
+  def _example(self, sample: sources_lib.RawSample) -> dict:
+    """The record of `sample`; raises `SampleError`."""
+    s = self._image_size
+    example = {"id": sample.id, "conversations": json.dumps(sample.conversations), "kind": "none",
+               "frames": np.zeros((0, s, s, 3), np.uint8),
+               "features": np.zeros((0, *self._feature_shape), np.float32), "prompt": ""}
+    if sample.kind == "features":   # stored uncapped: the pipeline caps at read time
+      feats, prompt = media_lib.decode_features(sample, feature_shape=self._feature_shape)
+      example.update(kind="features", features=feats, prompt=prompt or "")
+    elif sample.kind != "none":
+      example.update(kind="frames", frames=media_lib.decode_pixels(
+          sample, image_size=s, image_aspect=self._aspect, fps=self._fps, max_frames=self._max_frames))
+    return example
 
 
-def build_dataset(json_path: str, data_dir: str, **kwargs) -> str:
+def build_dataset(json_path: str, data_dir: str, spec: InputSpec, **kwargs) -> str:
   """Builds the ArrayRecord dataset under `data_dir`; returns its directory.
 
   Args:
     json_path: the LLaVA JSON.
     data_dir: TFDS data root.
-    **kwargs: `LlavaMedia` options (folders, image_size, image_aspect, video_fps,
-      max_frames, feature_shape, max_skip_rate).
+    spec: the model's `InputSpec` (image size and feature shape of the records).
+    **kwargs: `LlavaMedia` options (folders, image_aspect, video_fps, max_frames,
+      max_skip_rate, min_samples_for_skip_rate).
   """
-  builder = LlavaMedia(json_path=json_path, data_dir=data_dir, file_format="array_record", **kwargs)
+  builder = LlavaMedia(json_path=json_path, spec=spec, data_dir=data_dir, file_format="array_record",
+                       **kwargs)
   builder.download_and_prepare()
   return str(builder.data_dir)
 
@@ -174,4 +171,4 @@ class TfdsSource:
     if sample.kind == "frames" and n > (max_frames or n):
       raise SampleError("frame_count_mismatch", "frames",
                         f"{n} stored frames > max_frames {max_frames}", self.path)
-    return min(n, max_frames) if max_frames and sample.kind == "features" else n
+    return len(frames_lib.uniform_cap(n, max_frames)) if sample.kind == "features" else n

@@ -1,10 +1,7 @@
 """Video decoding with PyAV: the release's frame choice, by seeking when it pays.
 
-Frame choice (the release, with decord): frame indices count frames in presentation
-order; at `fps` frames per second the step is round(avg_fps / fps) and the indices are
-range(0, num_frames, step) (at fps=1: every round(avg_fps)-th frame). `fps=None`
-keeps every frame. A `max_frames` cap resamples the chosen indices uniformly
-(np.linspace over them, rounded to the nearest).
+Frame choice: `frames.frame_indices` (the release's every round(avg_fps / fps)-th
+frame, then a uniform `max_frames` cap); planning counts frames with the same rule.
 
 Decoding: the packets are demuxed once (no decoding) to learn the frame count, every
 frame's pts and the keyframes. The wanted frames are then decoded either in order
@@ -13,6 +10,10 @@ stamps say), or, when they are sparse, by seeking to the keyframe before each on
 matching pts. Seeking is never used for AVI (no presentation stamps), and falls back
 to decoding in order when the stamps prove untrustworthy. Both paths return the same
 frames (tested on mp4, mkv, webm, mov and AVI, with and without B-frames).
+
+Errors: `VideoError` (a `SampleError`, field `video`) with the same reason tags as
+`sources.probe_video`: `missing_file`, `no_video_stream`, `unreadable_video`,
+`empty_video` (no frames, or no frame rate).
 """
 
 from __future__ import annotations
@@ -25,14 +26,19 @@ import av
 import numpy as np
 
 from llamavid_jax.data import SampleError
+from llamavid_jax.data.frames import frame_indices
 
 
 class VideoError(SampleError):
-  """An unusable video file: missing, unreadable, no video stream, or no frames."""
+  """An unusable video file.
 
-  def __init__(self, path: str, reason: str):
-    super().__init__("unreadable_video", "video", reason, path)
-    self.reason = reason
+  Attributes (those of `SampleError`, field `video`):
+    reason: `missing_file`, `no_video_stream`, `unreadable_video` or `empty_video`.
+    detail: what went wrong, for people.
+  """
+
+  def __init__(self, path: str, reason: str, detail: str):
+    super().__init__(reason, "video", detail, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,26 +51,16 @@ class VideoIndex:
   time_base: float
 
 
-def frame_indices(num_frames: int, avg_fps: float, fps: float | None, max_frames: int | None) -> list[int]:
-  """The release's frame choice, then the uniform cap."""
-  step = 1 if fps is None else max(1, int(round(avg_fps / fps)))
-  idx = list(range(0, num_frames, step))
-  if max_frames and len(idx) > max_frames:
-    pick = np.linspace(0, len(idx) - 1, max_frames).round().astype(int)
-    idx = [idx[i] for i in pick]
-  return idx
-
-
 def _open(path: str):
   if not os.path.exists(path):
-    raise VideoError(path, "file not found")
+    raise VideoError(path, "missing_file", "file not found")
   try:
     container = av.open(path)
   except (av.error.FFmpegError, OSError, ValueError) as e:
-    raise VideoError(path, f"cannot open: {e}") from None
+    raise VideoError(path, "unreadable_video", f"cannot open: {e}") from None
   if not container.streams.video:
     container.close()
-    raise VideoError(path, "no video stream")
+    raise VideoError(path, "no_video_stream", "no video stream")
   return container
 
 
@@ -79,9 +75,9 @@ def index_video(container, path: str = "") -> VideoIndex:
       if packet.is_keyframe:
         keys.append(packet.pts)
   except av.error.FFmpegError as e:
-    raise VideoError(path, f"unreadable: {e}") from None
+    raise VideoError(path, "unreadable_video", f"unreadable: {e}") from None
   if not pts:
-    raise VideoError(path, "no frames")
+    raise VideoError(path, "empty_video", "no frames")
   rate = stream.average_rate or stream.guessed_rate
   return VideoIndex(sorted(pts), sorted(keys), float(rate) if rate else 0.0, float(stream.time_base))
 
@@ -94,7 +90,7 @@ def load_video(path: str, *, fps: float | None = 1.0, max_frames: int | None = N
   try:
     vi = index_video(container, path)
     if vi.avg_fps <= 0:
-      raise VideoError(path, "unknown frame rate")
+      raise VideoError(path, "empty_video", "unknown frame rate")
     idx = frame_indices(len(vi.pts), vi.avg_fps, fps, max_frames)
     gop = len(vi.pts) / max(len(vi.keyframes), 1)
     gap = len(vi.pts) / max(len(idx), 1)
@@ -127,7 +123,7 @@ def _decode_in_order(path: str, idx: list[int]):
       if len(out) == len(want):
         break
   except av.error.FFmpegError as e:
-    raise VideoError(path, f"decoding failed: {e}") from None
+    raise VideoError(path, "unreadable_video", f"decoding failed: {e}") from None
   finally:
     container.close()
   return _in_order(out, idx, path), decoded
@@ -171,6 +167,6 @@ def _decode_seeking(container, vi: VideoIndex, idx: list[int]):
 def _in_order(out: dict, wanted: list[int], path: str) -> list[np.ndarray]:
   missing = [p for p in wanted if p not in out]
   if missing:
-    raise VideoError(path, f"{len(missing)} of {len(wanted)} wanted frames could not be decoded "
-                     f"(first: frame {missing[0]})")
+    raise VideoError(path, "unreadable_video", f"{len(missing)} of {len(wanted)} wanted frames could "
+                     f"not be decoded (first: frame {missing[0]})")
   return [out[p] for p in wanted]
