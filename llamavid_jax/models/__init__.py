@@ -1,6 +1,17 @@
-from llamavid_jax.models.config import InputSpec, LlamaVidConfig, LlmConfig, QFormerConfig, VisionConfig
-from llamavid_jax.models.llamavid import LlamaVid
-from llamavid_jax.models.splice import IGNORE, Layout, splice_labels, splice_layout, spliced_length
+"""The model. Names load on first use (PEP 562), so that the data side can import the
+length contract (`llamavid_jax.models.splice`) without loading Flax modules."""
 
-__all__ = ["IGNORE", "InputSpec", "Layout", "LlamaVid", "LlamaVidConfig", "LlmConfig", "QFormerConfig",
-           "VisionConfig", "splice_labels", "splice_layout", "spliced_length"]
+import importlib
+
+_WHERE = {
+    "InputSpec": "config", "LlamaVidConfig": "config", "LlmConfig": "config", "QFormerConfig": "config",
+    "VisionConfig": "config", "LlamaVid": "llamavid", "IGNORE": "splice", "Layout": "splice",
+    "splice_labels": "splice", "splice_layout": "splice", "spliced_length": "splice",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+  if name not in _WHERE:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
