@@ -72,8 +72,8 @@ def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
   the mesh against the devices (or the given mesh's axis sizes), the batch against the
   mesh and the processes, every bucket's spliced LLM length against `data.max_len`.
   Raises `ConfigError` naming the key."""
+  from llamavid_jax.data.buckets import as_bucket, llm_length
   from llamavid_jax.models.config import from_dict
-  from llamavid_jax.models.splice import spliced_length
   from llamavid_jax.sharding import MESH_AXES
 
   for key in ("batch_size", "total_steps", "accum_steps", "ckpt.every", "log.every"):
@@ -86,20 +86,23 @@ def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
     raise ConfigError(f"config.batch_size={c.batch_size}: must be a multiple of accum_steps x mesh data x fsdp "
                       f"({rows}) and of the number of processes ({n_proc})")
   try:
-    tpf = from_dict(c.model).tokens_per_frame
+    spec = from_dict(c.model).input_spec
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model: {e}") from None
   d = c.data
   if d.kind not in ("toy", "pipeline"):
     raise ConfigError(f"config.data.kind={d.kind!r}: expected 'toy' or 'pipeline'")
   for i, b in enumerate(d.get("buckets") or ((d.text_len, d.num_frames),)):
-    s, t, p = (tuple(b) + (1,))[:3]
-    if s <= 0 or t < 0 or p <= 0:
-      raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: expected (text_len > 0, frames >= 0[, slots > 0])")
-    n = spliced_length(s, t, tpf, p)
-    if n > d.max_len:
-      raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: {s} text + {p} slot(s) x ({t} frames x {tpf} "
-                        f"tokens - 1) = {n} LLM positions > config.data.max_len={d.max_len}")
+    try:
+      b = as_bucket(b)
+    except ValueError as e:
+      raise ConfigError(f"config.data.buckets[{i}]: {e}") from None
+    if b.text_len <= 0 or b.frames < 0:
+      raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: expected text_len > 0 and frames >= 0")
+    if llm_length(b, spec) > d.max_len:
+      raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: {b.text_len} text + {b.prompts} slot(s) x "
+                        f"({b.frames} frames x {spec.tokens_per_frame} tokens - 1) = {llm_length(b, spec)} "
+                        f"LLM positions > config.data.max_len={d.max_len}")
 
 
 def _mesh_sizes(mesh, n_dev: int, axes) -> dict[str, int]:
