@@ -44,6 +44,14 @@ def release_model(size: str, **kw) -> dict:
                    remat_policy="nothing_saveable"), **kw)
 
 
+def release_data(**kw) -> dict:
+  """A release stage's data block: LLaVA-format JSON through the grain pipeline, the
+  release's tokenizers, videos at 1 fps, 256-token Q-Former instructions; `kw` sets the
+  stage's files, template, lengths and buckets."""
+  return dict(dict(kind="pipeline", **TOKENIZERS, video_fps=1.0, image_aspect="pad", qformer_len=256,
+                   use_features=False, worker_count=4), **kw)
+
+
 def optim(lr: float, trainable: list[str], **kw) -> dict:
   """The release's optimizer: AdamW without decay, 3 % warmup, cosine, clip 1.0."""
   return dict(dict(lr=lr, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,

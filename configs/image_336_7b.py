@@ -45,10 +45,9 @@ def get_config(arg: str | None = None):
   c.workdir = f"workdir/image_336_stage{a.stage}_{a.size}"
   c.init_from = f"workdir/image_336_stage1_{a.size}/checkpoints" if a.stage == 2 else ""
   # 576 content + 1 context token per image: text_len - 1 + 577 <= max_len.
-  c.data = dict(kind="pipeline", data_path=s["data_path"], image_folder=s["image_folder"], video_folder="",
-                template=s["template"], **common.TOKENIZERS, image_aspect=s["aspect"],
-                text_len=s["max_len"] - 577, num_frames=1, qformer_len=256, use_features=False,
-                worker_count=4, max_len=s["max_len"], max_frames=1)
+  c.data = common.release_data(data_path=s["data_path"], image_folder=s["image_folder"], video_folder="",
+                               template=s["template"], image_aspect=s["aspect"], text_len=s["max_len"] - 577,
+                               num_frames=1, max_len=s["max_len"], max_frames=1)
   if "buckets" in s:
     c.data.buckets = s["buckets"]
   c.optim = common.optim(s["lr"], trainable=s["trainable"])

@@ -26,12 +26,12 @@ def get_config(arg: str | None = None):
   c.batch_size = 256
   c.total_steps = math.ceil(NUM_SAMPLES / c.batch_size)
   c.workdir = f"workdir/stage1_align_{a.size}"
-  c.data = dict(kind="pipeline", data_path="data/LLaMA-VID-Pretrain/llava_558k_with_webvid.json",
-                image_folder="data/LLaMA-VID-Pretrain/images", video_folder="data/LLaMA-VID-Pretrain/videos",
-                template="plain_guided", **common.TOKENIZERS, video_fps=1.0, image_aspect="crop",
-                text_len=512, num_frames=64, qformer_len=256, use_features=False, worker_count=4, max_len=MAX_LEN,
-                max_frames=64,   # WebVid clips average 18 s; longer ones are resampled to 64 frames
-                # short captions: images (1 frame) and videos (<= 64 frames) by text length
-                buckets=((128, 1), (512, 1), (128, 64), (512, 64), (MAX_LEN - 127, 64)))
+  c.data = common.release_data(
+      data_path="data/LLaMA-VID-Pretrain/llava_558k_with_webvid.json", image_folder="data/LLaMA-VID-Pretrain/images",
+      video_folder="data/LLaMA-VID-Pretrain/videos", template="plain_guided", image_aspect="crop",
+      text_len=512, num_frames=64, max_len=MAX_LEN,
+      max_frames=64,   # WebVid clips average 18 s; longer ones are resampled to 64 frames
+      # short captions: images (1 frame) and videos (<= 64 frames) by text length
+      buckets=((128, 1), (512, 1), (128, 64), (512, 64), (MAX_LEN - 127, 64)))
   c.optim = common.optim(1e-3, trainable=[r"token_gen/"])   # converted release/Vicuna weights: init_from
   return c

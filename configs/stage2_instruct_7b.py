@@ -33,10 +33,9 @@ def get_config(arg: str | None = None):
   c.total_steps = math.ceil(NUM_SAMPLES / c.batch_size)
   c.workdir = f"workdir/stage2_instruct_{a.size}"
   c.init_from = f"workdir/stage1_align_{a.size}/checkpoints"
-  c.data = dict(kind="pipeline", data_path="data/LLaMA-VID-Finetune/llava_v1_5_mix665k_with_video_chatgpt.json",
-                image_folder="data/LLaMA-VID-Finetune", video_folder="data/LLaMA-VID-Finetune",
-                template="imgsp_v1", **common.TOKENIZERS, video_fps=1.0, image_aspect="pad",
-                text_len=2048, num_frames=64, qformer_len=256, use_features=False, worker_count=4, max_len=MAX_LEN,
-                max_frames=512, buckets=((512, 1, 8), (1984, 1, 64), (1024, 128, 1), (1024, 512, 1)))
+  c.data = common.release_data(
+      data_path="data/LLaMA-VID-Finetune/llava_v1_5_mix665k_with_video_chatgpt.json",
+      image_folder="data/LLaMA-VID-Finetune", video_folder="data/LLaMA-VID-Finetune", template="imgsp_v1",
+      text_len=2048, num_frames=64, max_len=MAX_LEN, max_frames=512, buckets=((512, 1, 8), (1984, 1, 64), (1024, 128, 1), (1024, 512, 1)))
   c.optim = common.optim(2e-5, trainable=[r"llm/", r"token_gen/", r"qformer/"])
   return c

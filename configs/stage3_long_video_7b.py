@@ -33,11 +33,10 @@ def get_config(arg: str | None = None):
   # The LLM sees text_len - 1 + 2 * num_frames = MAX_LEN positions (the <image> gives way to the
   # frame tokens): 4097 text tokens + 30720 frames (8.5 h at 1 fps). Ring attention needs the
   # length to split into sequence x 512-blocks, so it must be exactly 65536, not 65535.
-  c.data = dict(kind="pipeline", data_path="data/LLaMA-VID-Finetune/long_videoqa.json",
-                image_folder="data/LLaMA-VID-Finetune", video_folder="data/LLaMA-VID-Finetune",
-                template="imgsp_v1", **common.TOKENIZERS, video_fps=1.0, image_aspect="pad",
-                text_len=4097, num_frames=30720, qformer_len=256, use_features=True, worker_count=1, max_len=MAX_LEN,
-                max_frames=30720)
+  c.data = common.release_data(
+      data_path="data/LLaMA-VID-Finetune/long_videoqa.json", image_folder="data/LLaMA-VID-Finetune",
+      video_folder="data/LLaMA-VID-Finetune", template="imgsp_v1", text_len=4097, num_frames=30720,
+      use_features=True, worker_count=1, max_len=MAX_LEN, max_frames=30720)
   c.optim = common.optim(2e-5, trainable=[r"llm/", r"token_gen/mm_projector/"])
   c.ckpt.every = 200
   return c

@@ -69,6 +69,14 @@ def make_bert_tokenizer(path: str) -> str:
   return path
 
 
+def make_root(root: str) -> str:
+  """A data root with the tiny tokenizers (`llm/`, `bert/`) and an empty `videos/`."""
+  make_llm_tokenizer(os.path.join(root, "llm"))
+  make_bert_tokenizer(os.path.join(root, "bert"))
+  os.makedirs(os.path.join(root, "videos"))
+  return root
+
+
 def random_image(rng: np.random.Generator, w: int, h: int, mode: str = "RGB") -> Image.Image:
   """A random PIL image of size (w, h) in `mode` (RGB, RGBA, P, L, LA)."""
   rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))

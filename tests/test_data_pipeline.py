@@ -25,9 +25,7 @@ BUCKETS = ((32, 1), (36, 1), (40, 4))
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("data"))
-  fx.make_llm_tokenizer(os.path.join(root, "llm"))
-  fx.make_bert_tokenizer(os.path.join(root, "bert"))
-  os.makedirs(os.path.join(root, "videos"))
+  fx.make_root(root)
   return root
 
 

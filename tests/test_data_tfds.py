@@ -15,9 +15,7 @@ from tests import data_fixtures as fx
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("tfds"))
-  fx.make_llm_tokenizer(os.path.join(root, "llm"))
-  fx.make_bert_tokenizer(os.path.join(root, "bert"))
-  os.makedirs(os.path.join(root, "videos"))
+  fx.make_root(root)
   samples = fx.image_samples(root, 4)
   samples += [{"id": "txt", "conversations": fx.qa("Hello", "Hi.")}]
   np.save(os.path.join(root, "videos", "f0.npy"), np.ones((3, 5, 8), np.float32))
