@@ -73,58 +73,68 @@ def _reference(q, k, v, kv_valid, q_slots, scale):
 # statistics m, l float32[b, K, G, s]; accumulators as q.
 
 
-def _block_mask(q_slots, k_slots, k_valid):
-  """-> bool[b, 1, 1, s, t]."""
-  m = k_valid[:, None, None, None, :]
-  if q_slots is not None:
-    m = m & (k_slots[:, None, None, None, :] <= q_slots[:, None, None, :, None])
-  return m
+def _block_mask(q_slots, start, k_valid):
+  """q_slots int32[b, s]; start: the block's first key slot (traced scalar); k_valid
+  bool[b, blk] -> bool[b, 1, 1, s, blk]."""
+  k_slots = start + jnp.arange(k_valid.shape[1], dtype=jnp.int32)
+  return k_valid[:, None, None, None, :] & (k_slots[None, None, None, None, :] <= q_slots[:, None, None, :, None])
 
 
-def _kv_blocks(x, block):
-  """[b, t, ...] -> [t/block, b, block, ...] for a scan over key blocks."""
-  b, t = x.shape[:2]
-  return jnp.moveaxis(x.reshape((b, t // block, block) + x.shape[2:]), 1, 0)
+def _over_blocks(t: int, block: int, body, carry):
+  """carry = body(i, carry) for key blocks i = 0 .. t/block - 1.
+
+  A `while_loop`, not a `scan`: these loops run inside the custom VJP, which is never
+  differentiated, but under an outer `scan` (the scanned layers) JAX still partially
+  evaluates an inner `scan` and stacks the block masks it can compute early as
+  residuals: an [S, T] buffer (S^2 memory: 16 GiB of masks at 64K for 4 heads).
+  A while loop has no stacked outputs to hoist into."""
+  def step(c):
+    return c[0] + 1, body(c[0], c[1])
+  return jax.lax.while_loop(lambda c: c[0] < t // block, step, (jnp.int32(0), carry))[1]
 
 
-def _fwd_chunk(q, k, v, q_slots, k_slots, k_valid, carry, block):
-  """Folds one key/value chunk into the online-softmax state (o, m, l)."""
-  def step(carry, kv):
+def _block(x, i, block):
+  """[b, t, ...] -> the i-th key block [b, block, ...]."""
+  return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=1)
+
+
+def _fwd_chunk(q, k, v, q_slots, first_slot, k_valid, carry, block):
+  """Folds one key/value chunk (its first key slot `first_slot`) into the online-softmax
+  state (o, m, l)."""
+  def body(i, carry):
     o, m, l = carry
-    kb, vb, sb, valb = kv
+    kb, vb = _block(k, i, block), _block(v, i, block)
     s = jnp.einsum("bqkgd,btkd->bkgqt", q, kb)
-    mask = _block_mask(q_slots, sb, valb)
+    mask = _block_mask(q_slots, first_slot + i * block, _block(k_valid, i, block))
     s = jnp.where(mask, s, NEG)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
     l = l * corr + p.sum(-1)
     o = o * jnp.moveaxis(corr, -1, 1)[..., None] + jnp.einsum("bkgqt,btkd->bqkgd", p, vb)
-    return (o, m_new, l), None
+    return o, m_new, l
 
-  xs = tuple(_kv_blocks(a, block) for a in (k, v, k_slots, k_valid))
-  carry, _ = jax.lax.scan(step, carry, xs)
-  return carry
+  return _over_blocks(k.shape[1], block, body, carry)
 
 
-def _bwd_chunk(q, k, v, q_slots, k_slots, k_valid, do, lse, delta, block):
+def _bwd_chunk(q, k, v, q_slots, first_slot, k_valid, do, lse, delta, block):
   """Gradients of one key/value chunk: (dq contribution, dk, dv), flash-attention-2 style."""
-  def step(dq, kv):
-    kb, vb, sb, valb = kv
+  def body(i, carry):
+    dq, dk, dv = carry
+    kb, vb = _block(k, i, block), _block(v, i, block)
     s = jnp.einsum("bqkgd,btkd->bkgqt", q, kb)
-    mask = _block_mask(q_slots, sb, valb)
+    mask = _block_mask(q_slots, first_slot + i * block, _block(k_valid, i, block))
     p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)              # [b, K, G, s, blk]
-    dv = jnp.einsum("bkgqt,bqkgd->btkd", p, do)
+    dv_i = jnp.einsum("bkgqt,bqkgd->btkd", p, do)
     dp = jnp.einsum("bqkgd,btkd->bkgqt", do, vb)
     ds = p * (dp - delta[..., None])
     dq = dq + jnp.einsum("bkgqt,btkd->bqkgd", ds, kb)
-    dk = jnp.einsum("bkgqt,bqkgd->btkd", ds, q)
-    return dq, (dk, dv)
+    dk_i = jnp.einsum("bkgqt,bqkgd->btkd", ds, q)
+    put = lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x, i * block, axis=1)
+    return dq, put(dk, dk_i), put(dv, dv_i)
 
-  xs = tuple(_kv_blocks(a, block) for a in (k, v, k_slots, k_valid))
-  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(q), xs)
-  unblock = lambda a: jnp.moveaxis(a, 0, 1).reshape(k.shape)
-  return dq, unblock(dk), unblock(dv)
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  return _over_blocks(k.shape[1], block, body, (jnp.zeros_like(q), zeros, zeros))
 
 
 def _ring_shift(xs, axis):
@@ -152,8 +162,7 @@ def _local_fwd(q, k, v, q_slots, kv_valid, *, scale, axis, block):
   l = jnp.zeros_like(m)
   kv = (k.astype(jnp.float32), v.astype(jnp.float32), kv_valid)
   for i in range(n):   # static: n = ring size
-    k_slots = jnp.broadcast_to(_chunk_owner(axis, i) * t + jnp.arange(t), (b, t))
-    o, m, l = _fwd_chunk(qf, kv[0], kv[1], q_slots, k_slots, kv[2], (o, m, l), block)
+    o, m, l = _fwd_chunk(qf, kv[0], kv[1], q_slots, _chunk_owner(axis, i) * t, kv[2], (o, m, l), block)
     if i + 1 < n:
       kv = _ring_shift(kv, axis)
   safe_l = jnp.where(l > 0, l, 1.0)
@@ -173,8 +182,7 @@ def _local_bwd(q, k, v, q_slots, kv_valid, o, lse, do, *, scale, axis, block):
             jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   for i in range(n):
     kf, vf, valid, dk, dv = travel
-    k_slots = jnp.broadcast_to(_chunk_owner(axis, i) * t + jnp.arange(t), (b, t))
-    dq_i, dk_i, dv_i = _bwd_chunk(qf, kf, vf, q_slots, k_slots, valid, do, lse, delta, block)
+    dq_i, dk_i, dv_i = _bwd_chunk(qf, kf, vf, q_slots, _chunk_owner(axis, i) * t, valid, do, lse, delta, block)
     dq = dq + dq_i
     travel = _ring_shift((kf, vf, valid, dk + dk_i, dv + dv_i), axis)  # n shifts: dK/dV come home
   dk, dv = travel[3], travel[4]
