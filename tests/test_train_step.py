@@ -22,11 +22,7 @@ def tiny_config(**kw):
   c = demo.get_config("toy,tiny")
   kw = {"optim.warmup_steps": 0, "optim.eps": 1e-5, **kw}
   with c.unlocked():
-    for k, v in kw.items():
-      target = c
-      for part in k.split(".")[:-1]:
-        target = target[part]
-      target[k.split(".")[-1]] = v
+    c.update_from_flattened_dict(kw)
   return c
 
 

@@ -31,14 +31,38 @@ BATCH_AXES = ("data", "fsdp")   # the mesh axes the global batch is split over
 FRAME_KEYS = ("frames", "features", "frame_mask")   # [B, T, ...]: T is split over `sequence`
 
 
-def loss_sums(model: LlamaVid, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """-> (float32[] summed cross entropy, int32[] number of target tokens)."""
-  logits, out = model.apply({"params": params}, **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+LOSS_CHUNK = 4096   # LLM positions per chunk of the loss: [B, chunk, V] fp32 logits at a time
+
+
+def loss_sums(model: LlamaVid, params, batch: dict, chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """-> (float32[] summed cross entropy, int32[] number of target tokens).
+
+  Sequences longer than `chunk` positions get their logits and cross entropy one chunk
+  at a time, rematerialised in the backward pass, so the full [B, S', V] fp32 logits
+  never exist (MaxText's vocabulary tiling): at 64K positions and V = 32000 they would
+  be 8 GiB per sample. Shorter ones take the plain path."""
+  variables = {"params": params}
+  h, out = model.apply(variables, **{k: batch[k] for k in MODEL_INPUTS if k in batch},
+                       method=LlamaVid.hidden_states)                     # [B, S', D]
   targets = splice_labels(batch["labels"], out["layout"])[:, 1:]          # [B, S'-1]
-  mask = targets != IGNORE
-  ce = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), jnp.where(mask, targets, 0))
-  return jnp.sum(jnp.where(mask, ce, 0.0)), mask.sum().astype(jnp.int32)
+
+  logits_of = lambda h: model.apply(variables, h, method=LlamaVid.logits)   # [B, c, D] -> [B, c, V]
+
+  def ce_sums(logits, targets):
+    mask = targets != IGNORE
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, targets, 0))
+    return jnp.sum(jnp.where(mask, ce, 0.0)), mask.sum().astype(jnp.int32)
+
+  if h.shape[1] <= chunk:
+    return ce_sums(logits_of(h)[:, :-1], targets)
+  h, n = h[:, :-1], targets.shape[1]
+  pad = -n % chunk
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
+  blocks = lambda a: jnp.moveaxis(a.reshape((a.shape[0], -1, chunk) + a.shape[2:]), 1, 0)   # [C, B, chunk, ...]
+  step = jax.checkpoint(lambda acc, x: (jax.tree.map(jnp.add, acc, ce_sums(logits_of(x[0]), x[1])), None))
+  (s, count), _ = jax.lax.scan(step, (jnp.float32(0), jnp.int32(0)), (blocks(h), blocks(targets)))
+  return s, count
 
 
 def _split(labels, tree):

@@ -122,12 +122,23 @@ class LlamaVid(nn.Module):
     frames: float[B, T, H, W, 3] or features: float[B, T, N+1, C].
     -> (float32[B, S', V] logits with S' = S + P*(T*tokens_per_frame - 1), out dict with
     `layout` (use `splice_labels`), `context_attention`, `hidden`)."""
+    h, out = self.hidden_states(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
+    return self.logits(h), out
+
+  def hidden_states(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
+                    frames=None, features=None):
+    """`__call__` without the LM head -> (float[B, S', D] final-normed hidden states,
+    out dict as `__call__`'s). The training loss applies `logits` in sequence chunks."""
     x, layout, out = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
     positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0)
     slots = jnp.broadcast_to(jnp.arange(x.shape[1]), positions.shape)
     h, _ = self.llm(x, positions, slots, layout.valid)
     out["hidden"] = h
-    return self.llm.logits(h), out
+    return h, out
+
+  def logits(self, h):
+    """float[B, S, D] hidden states -> float32[B, S, V]."""
+    return self.llm.logits(h)
 
   # --- decoding (big_vision style) ------------------------------------------------
   def prefill_cache(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
