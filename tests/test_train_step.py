@@ -11,7 +11,7 @@ from train import optim
 from train import step as S
 from train.toy_data import ToyBatches
 from train.train import build
-from llamavid_jax.models import splice_labels
+from llamavid_jax.models import splice_labels, spliced_length
 
 
 def tiny_config(**kw):
@@ -193,9 +193,9 @@ def test_stage_buckets_fit_the_model_and_the_ring(module, arg):
   d, tpf = c.data, from_dict(c.model).tokens_per_frame
   for bucket in d.get("buckets") or ((d.text_len, d.num_frames),):
     s, t, p = (tuple(bucket) + (1,))[:3]
-    assert s + p * (t * tpf - 1) <= d.max_len, (bucket, s + p * (t * tpf - 1))
+    assert spliced_length(s, t, tpf, p) <= d.max_len, (bucket, spliced_length(s, t, tpf, p))
   if c.model.get("attention_impl") == "ring":
-    length = d.text_len + d.num_frames * tpf - 1
+    length = spliced_length(d.text_len, d.num_frames, tpf)
     assert length == d.max_len and length % (c.mesh.sequence * BLOCK) == 0, length
 
 
@@ -223,3 +223,25 @@ def test_lr_mults_scale_each_groups_update():
     assert f == 0.0 or np.abs(plain[path]).max() > 1e-3, path     # the group really moves
   with pytest.raises(ValueError, match="lr_mults"):
     update(lr_mults=[("vision/", 0.1)])
+
+
+def test_flops_count_the_spliced_length_of_every_placeholder():
+  """flops_per_step sizes the LLM by `spliced_length`: P = 2 placeholders run the LLM
+  on S + 2 (T tpf - 1) positions, as one placeholder on a text longer by T tpf - 1; the
+  Q-Former and the context token run once per (instruction, frame), the content
+  tokens once per frame."""
+  from llamavid_jax.models import config as C
+  from llamavid_jax.models.config import from_dict
+  from train.metrics import flops_per_step
+  cfg = from_dict(stage2_instruct_7b.get_config(None).model)
+  kw = dict(batch=2, num_frames=3, qformer_len=5, use_features=True, trains={"llm": True})
+  assert flops_per_step(cfg, text_len=10, **kw) == 1278763229184          # P = 1: the count before num_prompts
+  assert flops_per_step(cfg, text_len=10, num_prompts=2, **kw) == 1758159224832
+  content = C.replace(cfg, use_context_token=False)                     # no Q-Former: only the LLM grows
+  longer = spliced_length(10, 3, content.tokens_per_frame)
+  assert flops_per_step(content, text_len=10, num_prompts=2, **kw) == flops_per_step(content, text_len=longer, **kw)
+  longer = spliced_length(10, 3, cfg.tokens_per_frame)
+  per_instruction = [flops_per_step(cfg, text_len=10, num_prompts=p + 1, **kw)
+                     - flops_per_step(cfg, text_len=longer, num_prompts=p, **kw) for p in (1, 2)]
+  assert per_instruction[0] == per_instruction[1] > 0
+
