@@ -245,3 +245,19 @@ def test_flops_count_the_spliced_length_of_every_placeholder():
                      - flops_per_step(cfg, text_len=longer, num_prompts=p, **kw) for p in (1, 2)]
   assert per_instruction[0] == per_instruction[1] > 0
 
+
+def test_input_shardings_come_from_the_logical_rules():
+  """Rows over the mesh axes of `batch`; only frame inputs split T, over those of
+  `frames`, and only when they divide it; text is never split along its length."""
+  mesh = sharding.make_mesh({"fsdp": 4, "sequence": 2})
+  rows = ("data", "fsdp")
+  assert sharding.mesh_axes("batch") == rows
+  spec = lambda k, shape: S.batch_sharding(mesh, k, shape).spec
+  P = jax.sharding.PartitionSpec
+  assert spec("input_ids", (8, 16)) == spec("labels", (8, 16)) == P(rows, None)
+  assert spec("frames", (8, 4, 2, 2, 3)) == P(rows, "sequence", None, None, None)
+  assert spec("features", (8, 3, 5, 4)) == P(rows, None, None, None)
+  assert spec("frame_mask", (8, 4)) == P(rows, "sequence")
+  assert spec("qformer_ids", (8, 6)) == P(rows, None) and spec("qformer_mask", (8, 2, 6)) == P(rows, None, None)
+  with pytest.raises(KeyError, match="'pixels' has no logical axes"):
+    spec("pixels", (8, 4))
