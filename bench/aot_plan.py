@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llamavid_jax import sharding  # noqa: E402
+from llamavid_jax.models import spliced_length  # noqa: E402
 from train import metrics, optim, step as S  # noqa: E402
 from train.train import build  # noqa: E402
 
@@ -83,7 +84,7 @@ def main(argv):
   total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
            - mem.alias_size_in_bytes) / gib
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(b.abstract)["params"]))
-  tokens = batch * (d.text_len + d.num_frames * b.model_cfg.tokens_per_frame - 1)
+  tokens = batch * spliced_length(d.text_len, d.num_frames, b.model_cfg.tokens_per_frame)
   print(f"config {flags.FLAGS['config'].config_filename} on {_TOPOLOGY.value} ({len(devices)} x {kind}), mesh {dict(mesh.shape)}")
   print(f"params {n_params / 1e9:.2f} B; global batch {batch} x text {d.text_len} + {d.num_frames} frames "
         f"(~{tokens} LLM tokens/step), accum {c.accum_steps}; compile {secs:.0f} s on the host")

@@ -21,6 +21,7 @@ _STEPS = flags.DEFINE_integer("steps", 20, "timed steps (after one compile step)
 
 
 def main(_):
+  from llamavid_jax.models import spliced_length
   from train import metrics, optim
   from train.toy_data import ToyBatches
   from train.train import build
@@ -45,7 +46,7 @@ def main(_):
   flops = metrics.flops_per_step(b.model_cfg, c.batch_size, d.text_len, d.num_frames, d.qformer_len,
                                  d.use_features, trains)
   peak = metrics.peak_flops_per_device(c.log.get("peak_tflops"))
-  s_llm = d.text_len - 1 + d.num_frames * b.model_cfg.tokens_per_frame
+  s_llm = spliced_length(d.text_len, d.num_frames, b.model_cfg.tokens_per_frame)
   print(f"devices {jax.device_count()} ({jax.devices()[0].device_kind}) mesh {dict(b.mesh.shape)}")
   print(f"batch {c.batch_size} x {s_llm} LLM positions, accum {c.accum_steps}; compile+first step {compile_s:.1f}s")
   print(f"step_time {dt * 1e3:.1f} ms  target tokens/s {tokens / _STEPS.value / dt:.0f}  "

@@ -30,6 +30,7 @@ from flax import linen as nn
 from llamavid_jax.checkpoint import mapping, orbax_io, release, torch_io
 from llamavid_jax.checkpoint.stream import StreamingConverter, _progress
 from llamavid_jax.models import config as C
+from llamavid_jax.models import token_gen
 
 log = logging.getLogger("llamavid_jax.convert")
 
@@ -76,8 +77,7 @@ def convert_release(model_dir: str, vision_tower: str, bert_tokenizer: str, out:
 
 def fresh_projectors(cfg: C.LlamaVidConfig, seed: int = 0) -> dict:
   """Randomly initialised `token_gen` params (our initialisers), as numpy."""
-  from llamavid_jax.models.token_gen import TokenGenerator
-  gen = TokenGenerator(cfg.llm.d_model, cfg.compress_type, cfg.mm_projector_type, use_context=True)
+  gen = token_gen.TokenGenerator(cfg.llm.d_model, cfg.compress_type, cfg.mm_projector_type, use_context=True)
   q = np.zeros((1, 1, 1, 1, cfg.qformer.hidden), np.float32)
   x = np.zeros((1, 1, cfg.vision.grid ** 2, cfg.vision.width), np.float32)
   return jax.tree.map(np.asarray, nn.unbox(gen.init(jax.random.key(seed), q, x)["params"]))
@@ -94,7 +94,7 @@ def convert_stage1(llm_dir: str, instructblip: str, vision_tower: str, bert_toke
   vit = torch_io.shapes_of_file(vision_tower)
   vision = release.vision_config(vit, image_size, file=vision_tower)
   cfg = C.LlamaVidConfig(vision=vision, qformer=release.qformer_config(qshapes, file=instructblip),
-                         llm=release.llm_config(hf), compress_type=release.compress_type(compress_type),
+                         llm=release.llm_config(hf), compress_type=compress_type,
                          mm_projector_type=mm_projector_type)
   rules = mapping.llm_rules(cfg) | mapping.qformer_rules(cfg) | mapping.vit_rules(cfg)
   conv = StreamingConverter(rules, orbax_io.shape_tree(cfg), dtype)
@@ -107,7 +107,7 @@ def convert_stage1(llm_dir: str, instructblip: str, vision_tower: str, bert_toke
   for key in mapping.projector_rules(cfg):
     conv.source_dtypes[key] = np.dtype(dtype or np.float32).name
   release_cfg = dict(hf, mm_hidden_size=vision.width, mm_projector_type=mm_projector_type,
-                     compress_type=None if compress_type == "none" else compress_type,
+                     compress_type=token_gen.compress_to_release(compress_type),
                      num_query=cfg.qformer.num_query, bert_type="qformer_pretrain",
                      mm_vision_tower=vision_tower, image_processor=f"./llamavid/processor/clip-patch14-{image_size}",
                      mm_vision_select_feature="patch", mm_vision_select_layer=-1)
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
                  help="stored dtype; 'source' keeps the checkpoint's (bit-exact export)")
   p.add_argument("--image-size", type=int, default=None,
                  help="override the size read from config.json's image_processor (default 224 for --llm)")
-  p.add_argument("--mm-projector-type", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu"])
+  p.add_argument("--mm-projector-type", default="mlp2x_gelu", choices=sorted(token_gen.PROJECTORS))
   p.add_argument("--compress-type", default="mean", help="with --llm: mean | grid:N | none")
   p.add_argument("--seed", type=int, default=0, help="with --llm: projector initialisation")
   a = p.parse_args(argv)

@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llamavid_jax.models import LlamaVid
+from llamavid_jax.models import LlamaVid, spliced_length
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature"))
@@ -21,9 +21,9 @@ def generate(model: LlamaVid, params, batch: dict, rng: jax.Array | None = None,
   qformer_mask, frames | features) -> int32[B, max_new_tokens] new tokens; after a
   sample's `eos_id` every further token is `eos_id`. temperature 0 = greedy."""
   inputs = {k: v for k, v in batch.items() if k in _INPUTS}
-  k = model.cfg.tokens_per_frame * inputs["frame_mask"].shape[1]
   prompts = inputs["qformer_ids"].shape[1] if inputs["qformer_ids"].ndim == 3 else 1
-  s_out = inputs["input_ids"].shape[1] + (prompts * (k - 1) if k else 0)
+  s_out = spliced_length(inputs["input_ids"].shape[1], inputs["frame_mask"].shape[1], model.cfg.tokens_per_frame,
+                         prompts)
   logits, cache = model.apply({"params": params}, **inputs, max_len=s_out + max_new_tokens,
                               method=LlamaVid.prefill_cache)
   rng = jax.random.key(0) if rng is None else rng

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -32,6 +33,19 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),           # scanned layer axis
 )
 
+# Logical axes of each model input (MaxText's `input_data_sharding_logical_axes`): rows
+# over `batch`; the frame axis of frame inputs over `frames` (long video), dropped by
+# `fit_spec` when it does not divide T. Text stays whole along its length: the LLM
+# sequence exists only after the splice. A [B, L] `qformer_*` input takes the first two.
+INPUT_AXES: dict[str, tuple[str | None, ...]] = {
+    "input_ids": ("batch", None), "labels": ("batch", None), "text_mask": ("batch", None),
+    "frames": ("batch", "frames", None, None, None),   # [B, T, H, W, 3]
+    "features": ("batch", "frames", None, None),       # [B, T, N+1, C]
+    "frame_mask": ("batch", "frames"),
+    "qformer_ids": ("batch", None, None), "qformer_mask": ("batch", None, None),   # [B, P, L]
+    "sample_index": ("batch",),
+}
+
 
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh over (data, fsdp, tensor, sequence); a size of -1 takes the remaining devices."""
@@ -46,15 +60,21 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-  try:
-    arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
-  except Exception:  # fake CPU devices / odd shapes: plain order is fine
+  try:   # topology-aware order on TPU / GPU; plain order on CPU
+    arr = mesh_utils.create_device_mesh(sizes, devices)
+  except NotImplementedError:   # a TPU torus that cannot hold this shape
     arr = np.asarray(devices).reshape(sizes)
   return Mesh(arr, MESH_AXES)
 
 
 def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:
   return nn.logical_to_mesh_axes(tuple(names), rules)
+
+
+def mesh_axes(name: str, rules=LOGICAL_RULES) -> tuple[str, ...]:
+  """The mesh axes a logical axis maps to: mesh_axes("batch") == ("data", "fsdp")."""
+  axes = logical_to_spec((name,), rules)[0]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
@@ -66,6 +86,13 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     size = math.prod(mesh.shape[a] for a in names)
     out.append(axes if size and dim % size == 0 else None)
   return P(*out)
+
+
+def input_spec(key: str, shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES) -> P:
+  """PartitionSpec of the model input `key` of global `shape` (see INPUT_AXES)."""
+  if key not in INPUT_AXES:
+    raise KeyError(f"input {key!r} has no logical axes: expected one of {sorted(INPUT_AXES)}")
+  return fit_spec(logical_to_spec(INPUT_AXES[key][:len(shape)], rules), shape, mesh)
 
 
 def param_shardings(abstract_params, mesh: Mesh, rules=LOGICAL_RULES):

@@ -249,3 +249,21 @@ def test_score_cli_matches_torch_reference(converted, release, tmp_path, capsys)
   np.testing.assert_allclose(got["token_logprobs"], want, atol=TOL)
   assert abs(got["logprob"] - sum(want)) <= 10 * TOL
   print(f"SCORE logprob {got['logprob']:.5f} vs torch {sum(want):.5f}")
+
+
+def test_release_names_come_from_the_registries():
+  """config.json's `compress_type` (null = none) and `mm_projector_type`, and the
+  projector's torch keys, are read off the `token_gen` registry entries."""
+  from llamavid_jax.checkpoint import mapping
+  from llamavid_jax.models import config as C
+  from llamavid_jax.models import token_gen as TG
+  for ours, theirs in (("mean", "mean"), ("grid:4", "grid:4"), ("none", None)):
+    assert TG.compress_to_release(ours) == theirs and TG.compress_from_release(theirs) == ours
+  with pytest.raises(ValueError, match="compress_type 'avg'"):
+    TG.compress_from_release("avg")
+  keys = lambda kind: sorted(mapping.projector_rules(C.LlamaVidConfig(mm_projector_type=kind, use_context_token=False)))
+  assert keys("linear") == ["model.mm_projector.bias", "model.mm_projector.weight"]
+  assert keys("mlp2x_gelu") == ["model.mm_projector.0.bias", "model.mm_projector.0.weight",
+                                "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
+  assert mapping.projector_rules(C.LlamaVidConfig())["model.mm_projector.2.weight"].path == \
+      ("token_gen", "mm_projector", "fc2", "kernel")

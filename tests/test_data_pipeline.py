@@ -289,7 +289,7 @@ def test_imgsp_v1_multi_turn_batch_runs_the_model(root, tiny_cfg, tmp_path):
   import jax
   import jax.numpy as jnp
 
-  from llamavid_jax.models import LlamaVid, splice_labels
+  from llamavid_jax.models import LlamaVid, splice_labels, spliced_length
   samples = fx.image_samples(str(tmp_path), 3, seed=1)
   samples[0]["conversations"] = fx.qa("What is this?\n<image>", "A cat.", "What color?", "Red.")
   samples[1]["conversations"] = fx.qa("<image>\nWhat is this?", "A cat.", "What color?", "Red.",
@@ -318,7 +318,7 @@ def test_imgsp_v1_multi_turn_batch_runs_the_model(root, tiny_cfg, tmp_path):
             ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames")}
   params = model.init(jax.random.key(0), **inputs)["params"]
   logits, out = model.apply({"params": params}, **inputs)
-  assert logits.shape[1] == 56 + 2 * (1 * tiny_cfg.tokens_per_frame - 1)
+  assert logits.shape[1] == spliced_length(56, 1, tiny_cfg.tokens_per_frame, 2) == 58
   labels = np.asarray(splice_labels(jnp.asarray(batch["labels"]), out["layout"]))
   for r in range(2):
     assert labels[r][labels[r] != -100].tolist() == batch["labels"][r][batch["labels"][r] != -100].tolist()

@@ -163,6 +163,25 @@ def test_image_without_compression_gives_one_plus_grid_tokens():
   assert logits.shape == (B, S - 1 + 5, cfg.llm.vocab_size)
 
 
+def test_compress_types_come_from_one_registry_entry():
+  """Parsing, tokens per frame and pooling come from the same `COMPRESSIONS` entry (a
+  grid that does not divide G pools as torch's floor mode: grid:5 on 24x24 is 6x6); a
+  bad name fails at config time, listing the registered ones."""
+  from llamavid_jax.models import token_gen as TG
+  assert TG.compression("grid:4") == (TG.COMPRESSIONS["grid"], 4)
+  for name, side, k in (("mean", 16, 1), ("grid:4", 16, 16), ("grid:5", 24, 36), ("none", 16, 256)):
+    assert TG.content_tokens(name, side) == k == TG.pool_content(jnp.zeros((1, side * side, 1)), name).shape[1]
+  vision = C.VisionConfig(image_size=336, patch_size=14)
+  assert C.LlamaVidConfig(vision=vision, compress_type="grid:5").tokens_per_frame == 37
+  for bad in ("avg", "grid", "grid:x", "mean:2"):
+    with pytest.raises(ValueError, match=r"expected one of \['grid:N', 'mean', 'none'\]"):
+      C.LlamaVidConfig(compress_type=bad)
+  with pytest.raises(ValueError, match="'grid:1' on a 16x16 patch grid"):
+    C.LlamaVidConfig(compress_type="grid:1")
+  with pytest.raises(ValueError, match=r"expected one of \['linear', 'mlp2x_gelu'\]"):
+    C.LlamaVidConfig(mm_projector_type="mlp3x_relu")
+
+
 def test_text_only_sample_next_to_a_video_sample(video, tiny_cfg):
   model, params, batch = video
   batch = dict(batch, input_ids=batch["input_ids"].copy())

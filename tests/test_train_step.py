@@ -11,7 +11,7 @@ from train import optim
 from train import step as S
 from train.toy_data import ToyBatches
 from train.train import build
-from llamavid_jax.models import splice_labels
+from llamavid_jax.models import splice_labels, spliced_length
 
 
 def tiny_config(**kw):
@@ -191,8 +191,7 @@ def test_stage_buckets_fit_the_model_and_the_ring(module, arg):
   d, spec = c.data, from_dict(c.model).input_spec
   tpf = spec.tokens_per_frame
   for bucket in as_buckets(d.get("buckets") or ((d.text_len, d.num_frames),)):
-    s, t, p = bucket
-    assert llm_length(bucket, spec) == s + p * (t * tpf - 1) <= d.max_len, (bucket, llm_length(bucket, spec))
+    assert llm_length(bucket, spec) <= d.max_len, (bucket, llm_length(bucket, spec))
   if c.model.get("attention_impl") == "ring":
     length = spliced_length(d.text_len, d.num_frames, tpf)
     assert length == d.max_len and length % (c.mesh.sequence * BLOCK) == 0, length
@@ -222,3 +221,41 @@ def test_lr_mults_scale_each_groups_update():
     assert f == 0.0 or np.abs(plain[path]).max() > 1e-3, path     # the group really moves
   with pytest.raises(ValueError, match="lr_mults"):
     update(lr_mults=[("vision/", 0.1)])
+
+
+def test_flops_count_the_spliced_length_of_every_placeholder():
+  """flops_per_step sizes the LLM by `spliced_length`: P = 2 placeholders run the LLM
+  on S + 2 (T tpf - 1) positions, as one placeholder on a text longer by T tpf - 1; the
+  Q-Former and the context token run once per (instruction, frame), the content
+  tokens once per frame."""
+  from llamavid_jax.models import config as C
+  from llamavid_jax.models.config import from_dict
+  from train.metrics import flops_per_step
+  cfg = from_dict(stage2_instruct_7b.get_config(None).model)
+  kw = dict(batch=2, num_frames=3, qformer_len=5, use_features=True, trains={"llm": True})
+  assert flops_per_step(cfg, text_len=10, **kw) == 1278763229184          # P = 1: the count before num_prompts
+  assert flops_per_step(cfg, text_len=10, num_prompts=2, **kw) == 1758159224832
+  content = C.replace(cfg, use_context_token=False)                     # no Q-Former: only the LLM grows
+  longer = spliced_length(10, 3, content.tokens_per_frame)
+  assert flops_per_step(content, text_len=10, num_prompts=2, **kw) == flops_per_step(content, text_len=longer, **kw)
+  longer = spliced_length(10, 3, cfg.tokens_per_frame)
+  per_instruction = [flops_per_step(cfg, text_len=10, num_prompts=p + 1, **kw)
+                     - flops_per_step(cfg, text_len=longer, num_prompts=p, **kw) for p in (1, 2)]
+  assert per_instruction[0] == per_instruction[1] > 0
+
+
+def test_input_shardings_come_from_the_logical_rules():
+  """Rows over the mesh axes of `batch`; only frame inputs split T, over those of
+  `frames`, and only when they divide it; text is never split along its length."""
+  mesh = sharding.make_mesh({"fsdp": 4, "sequence": 2})
+  rows = ("data", "fsdp")
+  assert sharding.mesh_axes("batch") == rows
+  spec = lambda k, shape: S.batch_sharding(mesh, k, shape).spec
+  P = jax.sharding.PartitionSpec
+  assert spec("input_ids", (8, 16)) == spec("labels", (8, 16)) == P(rows, None)
+  assert spec("frames", (8, 4, 2, 2, 3)) == P(rows, "sequence", None, None, None)
+  assert spec("features", (8, 3, 5, 4)) == P(rows, None, None, None)
+  assert spec("frame_mask", (8, 4)) == P(rows, "sequence")
+  assert spec("qformer_ids", (8, 6)) == P(rows, None) and spec("qformer_mask", (8, 2, 6)) == P(rows, None, None)
+  with pytest.raises(KeyError, match="'pixels' has no logical axes"):
+    spec("pixels", (8, 4))

@@ -20,6 +20,9 @@ import time
 import jax
 import numpy as np
 
+from llamavid_jax.models.splice import spliced_length
+from llamavid_jax.models.token_gen import projector
+
 # Dense bf16 peak per device in TFLOP/s, by `device_kind` prefix (vendor figures).
 PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
                "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5": 459.0, "TPU v6": 918.0}
@@ -42,30 +45,33 @@ def _tower(params_per_token, tokens, attn, trains, upstream_trains):
 
 
 def flops_per_step(cfg, batch: int, text_len: int, num_frames: int, qformer_len: int,
-                   use_features: bool, trains: dict[str, bool]) -> float:
-  """Model FLOPs of one optimizer step over `batch` sequences. trains: tower name
-  (vit, qformer, token_gen, llm) -> whether any of its parameters train."""
+                   use_features: bool, trains: dict[str, bool], num_prompts: int = 1) -> float:
+  """Model FLOPs of one optimizer step over `batch` sequences of `text_len` text
+  positions, `num_frames` frame slots and `num_prompts` placeholder slots. trains:
+  tower name (vit, qformer, token_gen, llm) -> whether any of its parameters train."""
   l, v, q = cfg.llm, cfg.vision, cfg.qformer
   frames = batch * num_frames
-  # LLM (embedding lookup is free; the LM head is a matmul).
-  s = text_len - 1 + num_frames * cfg.tokens_per_frame
+  # LLM on the S' spliced positions (embedding lookup is free; the LM head is a matmul).
+  s = spliced_length(text_len, num_frames, cfg.tokens_per_frame, num_prompts)
   hd = l.head_dim
   per_tok = l.num_layers * (l.d_model * hd * (2 * l.num_heads + 2 * l.num_kv_heads) + 3 * l.d_model * l.mlp_dim) \
       + l.d_model * l.vocab_size
   attn = 4 * l.num_layers * l.d_model * s * s * batch
   upstream_llm = trains.get("token_gen", False) or trains.get("qformer", False)
   total = _tower(per_tok, batch * s, attn, trains.get("llm", False), upstream_llm)
-  # Token generation (projectors; tiny) + Q-Former on M + L tokens per frame.
+  # Token generation (projectors; tiny) + Q-Former on M + L tokens per frame and
+  # instruction; the content tokens and K(X) are made once per frame.
   n = v.grid ** 2
-  tg = 2 * frames * (cfg.mm_hidden * l.d_model + l.d_model ** 2)   # mm_projector (mean: 1 token)
+  tg = frames * cfg.content_tokens_per_frame * projector(cfg.mm_projector_type).flops_per_token(cfg.mm_hidden, l.d_model)
   if cfg.use_context_token:
-    tg += 2 * frames * (q.num_query * q.hidden * cfg.mm_hidden + n * cfg.mm_hidden ** 2 + cfg.mm_hidden * l.d_model)
-    tg += 4 * frames * q.num_query * n * cfg.mm_hidden
+    fp = frames * num_prompts
+    tg += 2 * fp * (q.num_query * q.hidden * cfg.mm_hidden + cfg.mm_hidden * l.d_model) + 2 * frames * n * cfg.mm_hidden ** 2
+    tg += 4 * fp * q.num_query * n * cfg.mm_hidden
     qt = q.num_query + qformer_len
     per_q = q.num_layers * (4 * q.hidden ** 2 + 2 * q.hidden * q.mlp_dim)
     ncross = math.ceil(q.num_layers / q.cross_attention_freq)
-    qf = 2 * frames * (per_q * qt + ncross * (2 * q.hidden ** 2 * q.num_query + 2 * q.vision_width * q.hidden * (n + 1)))
-    qf += 4 * frames * q.num_layers * q.hidden * qt * qt + 4 * frames * ncross * q.hidden * q.num_query * (n + 1)
+    qf = 2 * fp * (per_q * qt + ncross * (2 * q.hidden ** 2 * q.num_query + 2 * q.vision_width * q.hidden * (n + 1)))
+    qf += 4 * fp * q.num_layers * q.hidden * qt * qt + 4 * fp * ncross * q.hidden * q.num_query * (n + 1)
     total += qf * (3 if trains.get("qformer") else 1)   # nothing upstream of it trains
   total += tg * (3 if trains.get("token_gen") else (2 if trains.get("qformer") else 1))
   # ViT: forward only behind the release's stop_gradient (freeze_vision); none with features.

@@ -27,8 +27,6 @@ from llamavid_jax.models.splice import IGNORE
 from train.optim import TRAINABLE
 
 MODEL_INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
-BATCH_AXES = ("data", "fsdp")   # the mesh axes the global batch is split over
-FRAME_KEYS = ("frames", "features", "frame_mask")   # [B, T, ...]: T is split over `sequence`
 
 
 LOSS_CHUNK = 4096   # LLM positions per chunk of the loss: [B, chunk, V] fp32 logits at a time
@@ -95,7 +93,8 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
       # [m, A] and scan over A, so every micro-batch is spread over all devices.
       def micro(k, x):
         x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, P(None, *batch_spec(k, x.shape[1:], mesh_shape())))
+        spec = sharding.input_spec(k, x.shape[1:], jax.sharding.get_abstract_mesh())
+        return jax.lax.with_sharding_constraint(x, P(None, *spec))
       mbs = {k: micro(k, v) for k, v in batch.items()}
 
       def body(acc, mb):
@@ -116,24 +115,11 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
 
 
 # --- shardings and state --------------------------------------------------------------
-def batch_spec(key: str, shape, mesh_shape) -> P:
-  """Rows over (data, fsdp); for frame inputs also the frame axis over `sequence`
-  when it divides T: each sequence device then holds, and runs the Q-Former on, its
-  T / sequence frames of a long video instead of all of them."""
-  spec = [BATCH_AXES] + [None] * (len(shape) - 1)
-  seq = mesh_shape.get("sequence", 1)
-  if key in FRAME_KEYS and len(shape) > 1 and seq > 1 and shape[1] % seq == 0:
-    spec[1] = "sequence"
-  return P(*spec)
-
-
 def batch_sharding(mesh, key: str, shape) -> NamedSharding:
-  return NamedSharding(mesh, batch_spec(key, shape, dict(mesh.shape)))
-
-
-def mesh_shape() -> dict:
-  """The mesh axis sizes inside `jax.set_mesh` (the jitted step runs under it)."""
-  return dict(jax.sharding.get_abstract_mesh().shape)
+  """Rows over the `batch` mesh axes; for frame inputs also the frame axis over those of
+  `frames` when they divide T: each such device then holds, and runs the Q-Former on,
+  its share of a long video's frames instead of all of them (sharding.INPUT_AXES)."""
+  return NamedSharding(mesh, sharding.input_spec(key, shape, mesh))
 
 
 def dummy_inputs(cfg, batch: int, text_len: int, num_frames: int, qformer_len: int, use_features: bool):
@@ -176,7 +162,7 @@ class Trainer:
   """The jitted step bound to a mesh: `trainer(state, local_batch) -> (state, metrics)`.
 
   Each process passes its own rows of the global batch (numpy); they are assembled
-  into global arrays sharded over (data, fsdp)."""
+  into global arrays with rows over the mesh axes of `batch`."""
 
   def __init__(self, model, tx, schedule, labels, mesh, shardings, accum_steps: int = 1):
     self.mesh = mesh
@@ -186,13 +172,14 @@ class Trainer:
     self._jits = {}   # one per batch signature (frames vs features)
 
   def check_batch(self, global_batch: int, accum_steps: int):
-    n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    rows = sharding.mesh_axes("batch")
+    n = math.prod(self.mesh.shape[a] for a in rows)
     if global_batch % (accum_steps * n):
       raise ValueError(f"global batch {global_batch} must be a multiple of accum_steps ({accum_steps}) x "
-                       f"data x fsdp ({n}): every micro-batch is split over all batch shards")
+                       f"{' x '.join(rows)} ({n}): every micro-batch is split over all batch shards")
 
   def jitted(self, batch: dict):
-    key = tuple(sorted((k, v.ndim, batch_spec(k, v.shape, dict(self.mesh.shape))) for k, v in batch.items()))
+    key = tuple(sorted((k, v.ndim, sharding.input_spec(k, v.shape, self.mesh)) for k, v in batch.items()))
     if key not in self._jits:
       bs = {k: batch_sharding(self.mesh, k, v.shape) for k, v in batch.items()}
       self._jits[key] = jax.jit(self._step, in_shardings=(self.shardings, bs),
@@ -201,9 +188,9 @@ class Trainer:
 
   def global_batch(self, local: dict) -> dict:
     """Process-local rows (every column: full T, full length) -> global arrays. The
-    global shape is explicit because a frame axis split over `sequence` may span
-    processes; jax then takes each device's slice of T from the local rows."""
-    rows = BATCH_AXES
+    global shape is explicit because a split frame axis may span processes; jax then
+    takes each device's slice of T from the local rows."""
+    rows = sharding.mesh_axes("batch")
     shards = math.prod(self.mesh.shape[a] for a in rows)
     row_sharding = NamedSharding(self.mesh, P(rows))
     local_shards = len({idx[0].start for idx in row_sharding.addressable_devices_indices_map((shards,)).values()})

@@ -187,7 +187,8 @@ def train(c) -> dict:
 
   trains = {t: any(l == optim.TRAINABLE for l in jax.tree.leaves(b.labels[t])) for t in b.labels}
   flops = metrics.flops_per_step(model_cfg, c.batch_size, d.text_len, d.num_frames, d.qformer_len,
-                                 d.use_features, trains)
+                                 d.use_features, trains,
+                                 max([k[2] for k in d.get("buckets") or () if len(k) > 2], default=1))
   log = metrics.MetricLogger(c.workdir, c.total_steps, start, c.log.every, flops,
                              metrics.peak_flops_per_device(c.log.get("peak_tflops")), c.log.progress)
   trainer = b.trainer

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from llamavid_jax.models import token_gen
 from llamavid_jax.models.config import LlamaVidConfig
 
 VIT_PREFIX = ""                       # keys of eva_vit_g.pth
@@ -92,11 +93,8 @@ def projector_rules(cfg: LlamaVidConfig) -> dict[str, Rule]:
   if cfg.use_context_token:
     for name in ("vlm_att_projector", "vlm_att_key_projector", "vlm_att_val_projector"):
       _linear(r, f"model.{name}", root + (name,))
-  if cfg.mm_projector_type == "linear":
-    _linear(r, "model.mm_projector", root + ("mm_projector", "fc1"))
-  else:
-    _linear(r, "model.mm_projector.0", root + ("mm_projector", "fc1"))
-    _linear(r, "model.mm_projector.2", root + ("mm_projector", "fc2"))
+  for name, key in token_gen.projector(cfg.mm_projector_type).layers:
+    _linear(r, f"model.{key}", root + ("mm_projector", name))
   return r
 
 

@@ -22,6 +22,7 @@ import shutil
 
 from llamavid_jax.checkpoint import mapping
 from llamavid_jax.models import config as C
+from llamavid_jax.models import token_gen
 
 VIT_HEAD_DIM = 88
 QFORMER_HEAD_DIM = 64
@@ -118,14 +119,6 @@ def llm_config(hf: dict) -> C.LlmConfig:
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
-def compress_type(value: str | None) -> str:
-  if value is None or value == "none":
-    return "none"
-  if value == "mean" or re.fullmatch(r"grid:\d+", value):
-    return value
-  raise ValueError(f"config.json compress_type {value!r}: expected null, 'mean' or 'grid:N'")
-
-
 def model_config(hf: dict, model_shapes, vit_shapes, *, image_size: int | None = None,
                  vit_head_dim: int = VIT_HEAD_DIM, qformer_head_dim: int = QFORMER_HEAD_DIM,
                  model_file: str = "config.json", vit_file: str = "eva_vit_g.pth") -> C.LlamaVidConfig:
@@ -146,7 +139,7 @@ def model_config(hf: dict, model_shapes, vit_shapes, *, image_size: int | None =
     raise ValueError(f"{model_file}: num_query {num_query} but model.vlm_att_query holds "
                      f"{qformer.num_query}")
   return C.LlamaVidConfig(vision=vision, qformer=qformer, llm=llm_config(hf),
-                          compress_type=compress_type(hf.get("compress_type")),
+                          compress_type=token_gen.compress_from_release(hf.get("compress_type")),
                           mm_projector_type=hf.get("mm_projector_type", "linear"),
                           use_context_token=use_context)
 

@@ -8,7 +8,8 @@ them from a release `config.json` plus the weights' shapes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+
+from llamavid_jax.models import token_gen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +88,11 @@ class LlamaVidConfig:
   vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
   qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
   llm: LlmConfig = dataclasses.field(default_factory=LlmConfig)
-  # Content token(s): "mean" (1 per frame: video models), "grid:N" (N*N avg pool),
-  # or "none" (all patches: image models without compression).
+  # Content token(s), a `token_gen.COMPRESSIONS` entry: "mean" (1 per frame: video
+  # models), "grid:N" (N*N avg pool) or "none" (all patches: image models without
+  # compression). The projector is a `token_gen.PROJECTORS` entry.
   compress_type: str = "mean"
-  mm_projector_type: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+  mm_projector_type: str = "mlp2x_gelu"
   image_token_id: int = -200
   # Disable the context token (ablation: content tokens only).
   use_context_token: bool = True
@@ -110,21 +112,17 @@ class LlamaVidConfig:
   # bounding activation memory on long videos; 0 = all frames at once.
   frame_chunk: int = 0
 
+  def __post_init__(self):   # a bad name fails here, listing the registered ones
+    token_gen.projector(self.mm_projector_type)
+    token_gen.content_tokens(self.compress_type, self.vision.grid)
+
   @property
   def mm_hidden(self) -> int:
     return self.vision.width
 
   @property
   def content_tokens_per_frame(self) -> int:
-    n = self.vision.grid
-    if self.compress_type == "mean":
-      return 1
-    if self.compress_type.startswith("grid:"):
-      g = int(self.compress_type.split(":")[1])
-      return g * g
-    if self.compress_type == "none":
-      return n * n
-    raise ValueError(f"compress_type {self.compress_type!r}: expected 'mean', 'grid:N' or 'none'")
+    return token_gen.content_tokens(self.compress_type, self.vision.grid)
 
   @property
   def tokens_per_frame(self) -> int:

@@ -3,12 +3,18 @@
 context = val_proj( mean_M( softmax_N( Q K(X)^T / sqrt(C) ) X ) )   one token per frame
 content = mm_projector( pool(X) )                                    1, N*N grid or all
 with Q = vlm_att_projector(Q-Former queries) and X the ViT patches without CLS.
+
+`pool` and `mm_projector` are picked by name from the registries `COMPRESSIONS`
+(`compress_type`) and `PROJECTORS` (`mm_projector_type`): each entry is the one place
+for its token count, its computation, its FLOPs and its names in the release, so a
+new variant is one entry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,24 +23,103 @@ from flax import linen as nn
 from llamavid_jax.models.layers import dense, gelu
 
 
+# --- compress_type: a frame's G x G patches -> K content tokens ------------------------
+@dataclasses.dataclass(frozen=True)
+class Compression:
+  """One `compress_type`, spelt "name" or, with `takes_arg`, "name:N"."""
+  tokens: Callable[[int, int | None], int]                 # (G, arg) -> K
+  pool: Callable[[jax.Array, int | None], jax.Array]       # (float[B, G*G, C], arg) -> float[B, K, C]
+  takes_arg: bool = False
+  in_release: bool = True    # False: the release's config.json says null (no compression)
+
+
+def _grid(side: int, g: int) -> tuple[int, int]:
+  """"grid:g" on a side x side grid -> (kernel = stride = side // g, output side), as
+  torch avg_pool2d (floor mode, no padding)."""
+  k = side // g if g else 0
+  if g < 2 or k < 1:
+    raise ValueError(f"compress_type 'grid:{g}' on a {side}x{side} patch grid")
+  return k, (side - k) // k + 1
+
+
+def _pool_grid(x: jax.Array, g: int) -> jax.Array:
+  b, n, c = x.shape
+  side = int(round(n**0.5))
+  k, out = _grid(side, g)
+  x = x.reshape(b, side, side, c)[:, :out * k, :out * k]
+  return x.reshape(b, out, k, out, k, c).mean(axis=(2, 4)).reshape(b, out * out, c)
+
+
+COMPRESSIONS: dict[str, Compression] = {
+    "mean": Compression(lambda side, _: 1, lambda x, _: x.mean(axis=1, keepdims=True)),
+    "grid": Compression(lambda side, g: _grid(side, g)[1] ** 2, _pool_grid, takes_arg=True),
+    "none": Compression(lambda side, _: side * side, lambda x, _: x, in_release=False),
+}
+
+
+def compression(compress_type: str) -> tuple[Compression, int | None]:
+  """"grid:4" -> (COMPRESSIONS["grid"], 4), "mean" -> (COMPRESSIONS["mean"], None)."""
+  name, colon, arg = compress_type.partition(":")
+  c = COMPRESSIONS.get(name)
+  if c is None or c.takes_arg != bool(colon) or (colon and not arg.isdigit()):
+    names = sorted(n + (":N" if e.takes_arg else "") for n, e in COMPRESSIONS.items())
+    raise ValueError(f"compress_type {compress_type!r}: expected one of {names}")
+  return c, int(arg) if colon else None
+
+
+def content_tokens(compress_type: str, grid: int) -> int:
+  """Content tokens per frame of a grid x grid patch grid."""
+  c, arg = compression(compress_type)
+  return c.tokens(grid, arg)
+
+
 def pool_content(x: jax.Array, compress_type: str) -> jax.Array:
   """x: float[B, N, C] patches (N = G*G) -> float[B, K, C] by `compress_type`:
   "mean" (K=1), "grid:g" (avg pool, kernel = stride = G//g, as torch avg_pool2d), "none"."""
-  if compress_type == "none":
-    return x
-  if compress_type == "mean":
-    return x.mean(axis=1, keepdims=True)
-  if compress_type.startswith("grid:"):
-    g = int(compress_type.split(":")[1])
-    b, n, c = x.shape
-    side = int(round(n**0.5))
-    k = side // g
-    if g < 2 or k < 1:
-      raise ValueError(f"compress_type {compress_type!r} on a {side}x{side} patch grid")
-    out = (side - k) // k + 1                       # torch floor mode, no padding
-    x = x.reshape(b, side, side, c)[:, :out * k, :out * k]
-    return x.reshape(b, out, k, out, k, c).mean(axis=(2, 4)).reshape(b, out * out, c)
-  raise ValueError(f"compress_type {compress_type!r}: expected 'mean', 'grid:N' or 'none'")
+  c, arg = compression(compress_type)
+  return c.pool(x, arg)
+
+
+def compress_to_release(compress_type: str) -> str | None:
+  """Our `compress_type` -> the release's config.json value."""
+  c, _ = compression(compress_type)
+  return compress_type if c.in_release else None
+
+
+def compress_from_release(value: str | None) -> str:
+  """The release's config.json `compress_type` (null = no compression) -> ours."""
+  if value is None:
+    value = next(n for n, c in COMPRESSIONS.items() if not c.in_release)
+  compression(value)
+  return value
+
+
+# --- mm_projector_type: Linear layers with GELU between (LLaVA's mlp{N}x_gelu) ----------
+@dataclasses.dataclass(frozen=True)
+class ProjectorKind:
+  """One `mm_projector_type` (the release's config.json name is the registry key),
+  given by the release's torch keys of its Linear layers, in order; ours are fc1, fc2, ..."""
+  release_keys: tuple[str, ...]
+
+  @property
+  def layers(self) -> tuple[tuple[str, str], ...]:
+    """((our layer name, release key), ...)."""
+    return tuple((f"fc{i + 1}", k) for i, k in enumerate(self.release_keys))
+
+  def flops_per_token(self, d_in: int, d_out: int) -> int:
+    return 2 * (d_in * d_out + (len(self.release_keys) - 1) * d_out * d_out)
+
+
+PROJECTORS: dict[str, ProjectorKind] = {
+    "linear": ProjectorKind(("mm_projector",)),                          # nn.Linear
+    "mlp2x_gelu": ProjectorKind(("mm_projector.0", "mm_projector.2")),   # Sequential(Linear, GELU, Linear)
+}
+
+
+def projector(mm_projector_type: str) -> ProjectorKind:
+  if mm_projector_type not in PROJECTORS:
+    raise ValueError(f"mm_projector_type {mm_projector_type!r}: expected one of {sorted(PROJECTORS)}")
+  return PROJECTORS[mm_projector_type]
 
 
 def torch_std(x) -> float:
@@ -46,7 +131,7 @@ def torch_std(x) -> float:
 
 
 class Projector(nn.Module):
-  """`mm_projector`: "linear" or "mlp2x_gelu" (Linear, GELU, Linear)."""
+  """`mm_projector`: Linear, then (GELU, Linear) per further layer of its `PROJECTORS` entry."""
   out_dim: int
   kind: str = "mlp2x_gelu"
   dtype: Any = jnp.float32
@@ -55,12 +140,11 @@ class Projector(nn.Module):
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    if self.kind == "linear":
-      return dense(self.out_dim, (None, "embed"), name="fc1", std=torch_std(x), **kw)(x)
-    if self.kind == "mlp2x_gelu":
-      x = gelu(dense(self.out_dim, (None, "embed"), name="fc1", std=torch_std(x), **kw)(x))
-      return dense(self.out_dim, ("mlp", "embed"), name="fc2", std=torch_std(x), **kw)(x)
-    raise ValueError(f"mm_projector_type {self.kind!r}: expected 'linear' or 'mlp2x_gelu'")
+    for i, (name, _) in enumerate(projector(self.kind).layers):
+      if i:
+        x = gelu(x)
+      x = dense(self.out_dim, ("mlp" if i else None, "embed"), name=name, std=torch_std(x), **kw)(x)
+    return x
 
 
 class TokenGenerator(nn.Module):

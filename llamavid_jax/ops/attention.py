@@ -203,10 +203,8 @@ def _specs(q, k, mesh, axis):
 
 
 def _current_mesh():
+  """The mesh of the enclosing `jax.set_mesh`, or None."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    from jax._src import mesh as mesh_lib   # the `with mesh:` context of older code
-    mesh = mesh_lib.thread_resources.env.physical_mesh
   return None if mesh.empty else mesh
 
 
