@@ -165,6 +165,7 @@ def build(c, mesh=None) -> types.SimpleNamespace:
 def train(c) -> dict:
   """Runs (or resumes) training. -> dict(step, losses {step: loss}, state, preempted)."""
   from flax import linen as nn
+  from llamavid_jax.data.buckets import as_buckets, llm_length
   from train import checkpointing, metrics, optim
 
   b = build(c)
@@ -186,9 +187,11 @@ def train(c) -> dict:
   start = int(state["step"])
 
   trains = {t: any(l == optim.TRAINABLE for l in jax.tree.leaves(b.labels[t])) for t in b.labels}
-  flops = metrics.flops_per_step(model_cfg, c.batch_size, d.text_len, d.num_frames, d.qformer_len,
-                                 d.use_features, trains,
-                                 max([k[2] for k in d.get("buckets") or () if len(k) > 2], default=1))
+  # MFU is reported for the bucket of the longest LLM sequence (batches of shorter ones do less)
+  longest = max(as_buckets(d.get("buckets") or ((d.text_len, d.num_frames),)),
+                key=lambda bk: llm_length(bk, model_cfg.input_spec))
+  flops = metrics.flops_per_step(model_cfg, c.batch_size, longest.text_len, longest.frames, d.qformer_len,
+                                 d.use_features, trains, num_prompts=longest.prompts)
   log = metrics.MetricLogger(c.workdir, c.total_steps, start, c.log.every, flops,
                              metrics.peak_flops_per_device(c.log.get("peak_tflops")), c.log.progress)
   trainer = b.trainer
