@@ -80,61 +80,91 @@ def _block_mask(q_slots, start, k_valid):
   return k_valid[:, None, None, None, :] & (k_slots[None, None, None, None, :] <= q_slots[:, None, None, :, None])
 
 
-def _over_blocks(t: int, block: int, body, carry):
-  """carry = body(i, carry) for key blocks i = 0 .. t/block - 1.
+def _loop(n, body, carry):
+  """carry = body(i, carry) for i = 0 .. n - 1 (n may be traced).
 
   A `while_loop`, not a `scan`: these loops run inside the custom VJP, which is never
   differentiated, but under an outer `scan` (the scanned layers) JAX still partially
   evaluates an inner `scan` and stacks the block masks it can compute early as
-  residuals: an [S, T] buffer (S^2 memory: 16 GiB of masks at 64K for 4 heads).
-  A while loop has no stacked outputs to hoist into."""
-  def step(c):
-    return c[0] + 1, body(c[0], c[1])
-  return jax.lax.while_loop(lambda c: c[0] < t // block, step, (jnp.int32(0), carry))[1]
+  residuals: an [S, T] buffer (S^2 memory: 16 GiB of masks at 64K for 4 heads). A
+  while loop has no stacked outputs to hoist into, and its trip count can depend on
+  the data: the causal skip below."""
+  return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, body(c[0], c[1])), (jnp.int32(0), carry))[1]
 
 
-def _block(x, i, block):
-  """[b, t, ...] -> the i-th key block [b, block, ...]."""
-  return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=1)
+def _tile(x, i, size, axis=1):
+  """The i-th `size` slice of x along `axis`."""
+  return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
+
+
+def _put(x, y, i, size, axis=1):
+  return jax.lax.dynamic_update_slice_in_dim(x, y, i * size, axis=axis)
+
+
+def visible_blocks(max_q_slot, first_slot, block: int, n_blocks: int):
+  """How many key blocks of a chunk (its first key slot `first_slot`, `n_blocks`
+  blocks) a query tile whose largest slot is `max_q_slot` can see: the later ones
+  hold only keys it may not attend to (causal), so they are never computed."""
+  return jnp.clip((max_q_slot - first_slot) // block + 1, 0, n_blocks)
 
 
 def _fwd_chunk(q, k, v, q_slots, first_slot, k_valid, carry, block):
   """Folds one key/value chunk (its first key slot `first_slot`) into the online-softmax
-  state (o, m, l)."""
-  def body(i, carry):
-    o, m, l = carry
-    kb, vb = _block(k, i, block), _block(v, i, block)
-    s = jnp.einsum("bqkgd,btkd->bkgqt", q, kb)
-    mask = _block_mask(q_slots, first_slot + i * block, _block(k_valid, i, block))
-    s = jnp.where(mask, s, NEG)
-    m_new = jnp.maximum(m, s.max(-1))
-    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-    corr = jnp.exp(m - m_new)
-    l = l * corr + p.sum(-1)
-    o = o * jnp.moveaxis(corr, -1, 1)[..., None] + jnp.einsum("bkgqt,btkd->bqkgd", p, vb)
-    return o, m_new, l
+  state (o, m, l), one query tile of `block` rows at a time, over the key blocks
+  that tile can see."""
+  qb, n_blocks = min(block, q.shape[1]), k.shape[1] // block
 
-  return _over_blocks(k.shape[1], block, body, carry)
+  def tile(j, carry):
+    o, m, l = carry
+    qj, sj = _tile(q, j, qb), _tile(q_slots, j, qb)
+
+    def body(i, c):
+      oj, mj, lj = c
+      s = jnp.einsum("bqkgd,btkd->bkgqt", qj, _tile(k, i, block))
+      mask = _block_mask(sj, first_slot + i * block, _tile(k_valid, i, block))
+      s = jnp.where(mask, s, NEG)
+      m_new = jnp.maximum(mj, s.max(-1))
+      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(mj - m_new)
+      lj = lj * corr + p.sum(-1)
+      oj = oj * jnp.moveaxis(corr, -1, 1)[..., None] + jnp.einsum("bkgqt,btkd->bqkgd", p, _tile(v, i, block))
+      return oj, m_new, lj
+
+    n = visible_blocks(jnp.max(sj), first_slot, block, n_blocks)
+    oj, mj, lj = _loop(n, body, (_tile(o, j, qb), _tile(m, j, qb, 3), _tile(l, j, qb, 3)))
+    return _put(o, oj, j, qb), _put(m, mj, j, qb, 3), _put(l, lj, j, qb, 3)
+
+  return _loop(q.shape[1] // qb, tile, carry)
 
 
 def _bwd_chunk(q, k, v, q_slots, first_slot, k_valid, do, lse, delta, block):
-  """Gradients of one key/value chunk: (dq contribution, dk, dv), flash-attention-2 style."""
-  def body(i, carry):
+  """Gradients of one key/value chunk: (dq contribution, dk, dv), flash-attention-2
+  style, over the same (query tile, visible key block) pairs as the forward."""
+  qb, n_blocks = min(block, q.shape[1]), k.shape[1] // block
+
+  def tile(j, carry):
     dq, dk, dv = carry
-    kb, vb = _block(k, i, block), _block(v, i, block)
-    s = jnp.einsum("bqkgd,btkd->bkgqt", q, kb)
-    mask = _block_mask(q_slots, first_slot + i * block, _block(k_valid, i, block))
-    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)              # [b, K, G, s, blk]
-    dv_i = jnp.einsum("bkgqt,bqkgd->btkd", p, do)
-    dp = jnp.einsum("bqkgd,btkd->bkgqt", do, vb)
-    ds = p * (dp - delta[..., None])
-    dq = dq + jnp.einsum("bkgqt,btkd->bqkgd", ds, kb)
-    dk_i = jnp.einsum("bkgqt,bqkgd->btkd", ds, q)
-    put = lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x, i * block, axis=1)
-    return dq, put(dk, dk_i), put(dv, dv_i)
+    qj, sj, doj = _tile(q, j, qb), _tile(q_slots, j, qb), _tile(do, j, qb)
+    lse_j, delta_j = _tile(lse, j, qb, 3), _tile(delta, j, qb, 3)
+
+    def body(i, c):
+      dqj, dk, dv = c
+      kb, vb = _tile(k, i, block), _tile(v, i, block)
+      s = jnp.einsum("bqkgd,btkd->bkgqt", qj, kb)
+      mask = _block_mask(sj, first_slot + i * block, _tile(k_valid, i, block))
+      p = jnp.where(mask, jnp.exp(s - lse_j[..., None]), 0.0)            # [b, K, G, qb, blk]
+      ds = p * (jnp.einsum("bqkgd,btkd->bkgqt", doj, vb) - delta_j[..., None])
+      dqj = dqj + jnp.einsum("bkgqt,btkd->bqkgd", ds, kb)
+      dk = _put(dk, _tile(dk, i, block) + jnp.einsum("bkgqt,bqkgd->btkd", ds, qj), i, block)
+      dv = _put(dv, _tile(dv, i, block) + jnp.einsum("bkgqt,bqkgd->btkd", p, doj), i, block)
+      return dqj, dk, dv
+
+    n = visible_blocks(jnp.max(sj), first_slot, block, n_blocks)
+    dqj, dk, dv = _loop(n, body, (jnp.zeros_like(qj), dk, dv))
+    return _put(dq, dqj, j, qb), dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  return _over_blocks(k.shape[1], block, body, (jnp.zeros_like(q), zeros, zeros))
+  return _loop(q.shape[1] // qb, tile, (jnp.zeros_like(q), zeros, zeros))
 
 
 def _ring_shift(xs, axis):
@@ -256,7 +286,12 @@ def _chunked(q, k, v, kv_valid, q_slots, scale, block=BLOCK):
   if pad:
     k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
     kv_valid = jnp.pad(kv_valid, ((0, 0), (0, pad)))
-  return _blockwise(q, k, v, kv_valid, q_slots, scale, None, block, None)
+  s = q.shape[1]
+  pad = -s % block if s > block else 0   # queries in whole tiles; padded ones see no key
+  if pad:
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_slots = jnp.pad(q_slots, ((0, 0), (0, pad)), constant_values=-1)
+  return _blockwise(q, k, v, kv_valid, q_slots, scale, None, block, None)[:, :s]
 
 
 def _ring(q, k, v, kv_valid, q_slots, scale, block=BLOCK, axis="sequence"):
