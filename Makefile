@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv test demo clean
+.PHONY: venv test test-fast demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+# Everything but the tests marked `slow` (subprocess / multi-step training, dataset generation, TFDS builds).
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: venv
 	$(BIN)/python -m train.demo --workdir workdir/demo

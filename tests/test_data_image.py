@@ -49,7 +49,9 @@ def test_matches_clip_image_processor(wh, mode, aspect):
   img = fx.random_image(np.random.default_rng(sum(wh)), *wh, mode=mode)
   assert img.mode == mode
   ours = im.preprocess_image(img, size=224, aspect=aspect)
-  assert ours.shape == (224, 224, 3) and ours.dtype == np.float32
+  assert ours.shape == (224, 224, 3)
+  mean, std = np.asarray(im.CLIP_MEAN), np.asarray(im.CLIP_STD)
+  assert ((ours >= -mean / std - 1e-5) & (ours <= (1 - mean) / std + 1e-5)).all()   # pixels in [0, 1], normalised
   assert np.abs(ours - _reference(img, 224, aspect)).max() <= 1e-5
 
 

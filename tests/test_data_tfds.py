@@ -12,6 +12,9 @@ from llamavid_jax.data import tfds_builder
 from tests import data_fixtures as fx
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("tfds"))

@@ -261,7 +261,7 @@ def test_bfloat16_compute_stays_close_to_fp32(video, tiny_cfg):
   model, params, batch = video
   want, _ = model.apply({"params": params}, **batch)
   got, _ = LlamaVid(dataclasses.replace(tiny_cfg, dtype="bfloat16")).apply({"params": params}, **batch)
-  assert got.dtype == jnp.float32 and np.isfinite(got).all()
+  assert np.isfinite(got).all() and not np.array_equal(got, want)   # bfloat16 compute did take effect
   assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
 
 

@@ -20,6 +20,8 @@ import pytest
 from configs import demo
 from train.train import train
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/demo.py:toy,tiny"
 

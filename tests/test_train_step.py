@@ -46,6 +46,7 @@ def one_device():
 
 @pytest.mark.parametrize("shape", [{"data": 1, "fsdp": 8}, {"data": 2, "tensor": 4}, {"data": 8}],
                          ids=["1x8", "2x4", "8x1"])
+@pytest.mark.slow
 def test_meshes_give_the_losses_of_one_device(shape, one_device):
   c = tiny_config()
   losses, state = run_steps(c, sharding.make_mesh(shape))
@@ -60,6 +61,7 @@ def test_meshes_give_the_losses_of_one_device(shape, one_device):
     assert mu["llm"]["layers"]["q_proj"]["kernel"].sharding.spec == q.sharding.spec
 
 
+@pytest.mark.slow
 def test_frames_split_over_sequence_give_the_losses_of_one_device():
   """Long-video layout: frames sharded over `sequence` and encoded in strided chunks
   (each chunk spread over the sequence devices), with gradient accumulation."""
@@ -76,6 +78,7 @@ def test_frames_split_over_sequence_give_the_losses_of_one_device():
   np.testing.assert_allclose(losses, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_loss_is_the_token_mean_of_the_global_batch(one_device):
   """Accumulating 2 micro-batches (the tiny config) = one batch of 16: the loss and the
   update are token-weighted over the global batch (not a mean of per-micro-batch means),
@@ -120,6 +123,7 @@ ZERO_GRAD = ("qformer/layers/layer_1/ffn/",)
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.slow
 def test_stage_trains_exactly_the_release_parts(stage):
   module, prefixes = STAGES[stage]
   s = module.get_config()
@@ -159,6 +163,7 @@ def test_stage_trains_exactly_the_release_parts(stage):
   assert n_mu == n_trainable, (n_mu, n_trainable)
 
 
+@pytest.mark.slow
 def test_trainable_vit_needs_freeze_vision_off():
   c = tiny_config(**{"optim.trainable": ["vit/", "llm/"]})
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
