@@ -233,14 +233,14 @@ def test_flops_count_the_spliced_length_of_every_placeholder():
   on S + 2 (T tpf - 1) positions, as one placeholder on a text longer by T tpf - 1; the
   Q-Former and the context token run once per (instruction, frame), the content
   tokens once per frame."""
-  from llamavid_jax.models import config as C
+  import dataclasses
   from llamavid_jax.models.config import from_dict
   from train.metrics import flops_per_step
   cfg = from_dict(stage2_instruct_7b.get_config(None).model)
   kw = dict(batch=2, num_frames=3, qformer_len=5, use_features=True, trains={"llm": True})
   assert flops_per_step(cfg, text_len=10, **kw) == 1278763229184          # P = 1: the count before num_prompts
   assert flops_per_step(cfg, text_len=10, num_prompts=2, **kw) == 1758159224832
-  content = C.replace(cfg, use_context_token=False)                     # no Q-Former: only the LLM grows
+  content = dataclasses.replace(cfg, use_context_token=False)                     # no Q-Former: only the LLM grows
   longer = spliced_length(10, 3, content.tokens_per_frame)
   assert flops_per_step(content, text_len=10, num_prompts=2, **kw) == flops_per_step(content, text_len=longer, **kw)
   longer = spliced_length(10, 3, cfg.tokens_per_frame)
