@@ -104,9 +104,9 @@ class Checkpointer:
     _array_handler(min_replica_slice_bytes)
     self.directory = os.path.abspath(directory)
     self._schedule = schedule
-    self._saving = None   # the step of the last save started (its error, if any, is for it)
+    self._saving = None   # the step of a save started and not yet seen to finish
     with self._failure(None):
-      os.makedirs(self.directory, exist_ok=True)   # orbax would only fail at the first save, after a timeout
+      os.makedirs(self.directory, exist_ok=True)   # orbax accepts a file here and fails at the first save
       self.mngr = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
@@ -137,9 +137,10 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_data_item(data_iter)))
     if self._schedule is not None:
       items["schedule"] = ocp.args.JsonSave(self._schedule)
-    self._saving = step
     with self._failure(step):
-      return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
+      started = self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    self._saving = step if started else None
+    return started
 
   def restore(self, abstract_state, data_iter, step: int | None = None):
     """abstract_state: jax.ShapeDtypeStruct tree with shardings -> state; the data
@@ -161,11 +162,12 @@ class Checkpointer:
     """Blocks until a background save is done; raises CheckpointSaveError if it failed."""
     with self._failure(self._saving):
       self.mngr.wait_until_finished()
+    self._saving = None
 
   def poll(self):
     """Raises CheckpointSaveError if a background save has finished and failed; never
     waits for one still running (it only reads orbax's in-progress flag)."""
-    if not self.mngr.is_saving_in_progress():
+    if self._saving is not None and not self.mngr.is_saving_in_progress():
       self.wait()
 
   def reached_preemption(self, step: int) -> bool:
@@ -175,8 +177,7 @@ class Checkpointer:
 
   def close(self):
     self.wait()
-    with self._failure(self._saving):
-      self.mngr.close()
+    self.mngr.close()
 
 
 def abstract_like(shardings, shapes):
