@@ -11,6 +11,7 @@ from flax import linen as nn
 from llamavid_jax import sharding
 from llamavid_jax.models import LlamaVid, splice_labels
 from configs import tiny
+from llamavid_jax.models import config as C
 
 B, S, L = 2, 10, 6
 

@@ -2,12 +2,16 @@
 (`python -m train.train`) in subprocesses: SIGKILL + resume is bitwise identical to
 an uninterrupted run, SIGTERM saves before exiting, a NaN loss stops the run naming
 the step and samples, and 2 processes x 4 CPU devices (jax.distributed, gloo) match
-one process."""
+one process. In process: a resume re-logs no step twice and warns when it changes the
+schedule; the logged positions are every LLM position of the batch."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -18,6 +22,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo
+from llamavid_jax.models import spliced_length
+from llamavid_jax.models.config import from_dict
 from train.train import train
 
 pytestmark = pytest.mark.slow
@@ -43,6 +49,19 @@ def launch(workdir, *overrides, devices=8):
 def metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def events(path):
+  """The tensorboard Events of an events file (TFRecords: length, crc, data, crc)."""
+  from tensorboardX.proto.event_pb2 import Event
+  with open(path, "rb") as f:
+    data = f.read()
+  out, i = [], 0
+  while i + 12 <= len(data):
+    (n,) = struct.unpack("<Q", data[i:i + 8])
+    out.append(Event.FromString(data[i + 12:i + 12 + n]))
+    i += 12 + n + 4
+  return out
 
 
 def restore_params(workdir, step):
@@ -143,3 +162,53 @@ def test_next_stage_starts_from_the_previous_stages_parameters(reference, tmp_pa
   assert int(out["state"]["step"]) == 0
   for a, b in zip(jax.tree.leaves(out["state"]["params"]), jax.tree.leaves(ref_params)):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_resume_drops_the_metrics_logged_after_its_checkpoint(reference, tmp_path):
+  """A run killed after step 6 with its last checkpoint at 4: the resume redoes 5 and 6
+  and metrics.jsonl holds every step once, each line the uninterrupted run's."""
+  _, _, ref_wd = reference
+  wd = tmp_path / "run"
+  shutil.copytree(ref_wd, wd)
+  shutil.rmtree(wd / "checkpoints" / "6")
+  assert [m["step"] for m in metrics(wd)] == [1, 2, 3, 4, 5, 6]
+  before = set(os.listdir(wd / "tb"))
+  out = train(config(wd))
+  assert sorted(out["losses"]) == [5, 6]
+  assert metrics(wd) == metrics(ref_wd)                          # bitwise: float equality
+  (new,) = set(os.listdir(wd / "tb")) - before                   # TensorBoard hides the old 5, 6
+  purge, *logged = [e for e in events(wd / "tb" / new) if e.HasField("session_log") or e.HasField("summary")]
+  assert (purge.step, purge.session_log.status) == (5, purge.session_log.START)
+  assert [e.step for e in logged] == [5, 6]
+
+
+def _schedule_warnings(caplog):
+  return [r.getMessage() for r in caplog.records if "changed schedule" in r.getMessage()]
+
+
+def test_resume_with_a_changed_schedule_says_what_changed(reference, tmp_path, caplog):
+  _, _, ref_wd = reference
+  shutil.copytree(ref_wd, tmp_path / "run")
+  c = config(tmp_path / "run", total_steps=8)
+  c.optim.lr = 1e-3
+  with caplog.at_level(logging.WARNING):
+    out = train(c)
+  assert sorted(out["losses"]) == [7, 8]
+  assert _schedule_warnings(caplog) == ["resumed with a changed schedule: total_steps 6 -> 8, optim.lr 0.002 -> 0.001"]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    train(c)                 # step 8 was saved under the new schedule: nothing changed
+  assert _schedule_warnings(caplog) == []
+
+
+def test_logged_positions_are_every_llm_position_of_the_batch(reference):
+  """B * S' with S' = S + P*(T*tokens_per_frame - 1): 16 rows x (12 + 1*(2*2 - 1)) for
+  the tiny config (text 12, 2 frames, 2 tokens per frame), padding included; `tokens`
+  stays the answer (target) tokens."""
+  _, _, ref_wd = reference
+  c = config(ref_wd)
+  tpf = from_dict(c.model).tokens_per_frame
+  assert tpf == 2 and spliced_length(12, 2, tpf) == 15
+  for m in metrics(ref_wd):
+    assert m["positions"] == c.batch_size * spliced_length(c.data.text_len, c.data.num_frames, tpf) == 240
+    assert 0 < m["tokens"] < 240

@@ -2,13 +2,22 @@
 
 One checkpoint = `state` (step, params, optimizer state; sharded arrays, written
 asynchronously by every process) + `data` (the data iterator's position, one JSON file
-per process through grain's orbax handler). Saves every `every` steps, keeps `keep`.
+per process through grain's orbax handler) + `schedule` (a JSON of the config the
+learning-rate schedule depends on, to warn on a resume that changes it). Saves every
+`every` steps, keeps `keep`.
+
+A failed save raises `CheckpointSaveError` naming the step, the directory and the
+errno: synchronously from `save`, or for a background (async) write from `poll` (called
+every step; it waits for nothing) or the next `save` / `close`, whichever comes first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -41,6 +50,37 @@ def _data_item(it):
   return it if isinstance(it, (grain.DatasetIterator, grain.DataLoaderIterator)) else IteratorState(it)
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written. errno/strerror: from the underlying error (an
+  OSError, or tensorstore's "[os_error_code=28]" text) where it has one, else None;
+  filename: the checkpoint directory; step: the step being saved (None: creating the
+  directory); the underlying error is the __cause__."""
+
+  def __init__(self, step: int | None, directory: str, cause: BaseException):
+    code = _errno_of(cause)
+    super().__init__(code, os.strerror(code) if code else None, directory)
+    self.step, self.cause = step, cause
+
+  def __str__(self):
+    what = (f"[Errno {self.errno}] {self.strerror} ({errno.errorcode.get(self.errno, '?')})"
+            if self.errno else "no errno")
+    where = (f"saving checkpoint step {self.step} to" if self.step is not None
+             else "creating the checkpoint directory")
+    return f"{where} {self.filename} failed: {what}; {type(self.cause).__name__}: {self.cause}"
+
+
+def _errno_of(e: BaseException | None) -> int | None:
+  """The first errno along the exception chain: OSError.errno or tensorstore's text."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    m = re.search(r"os_error_code='?(\d+)|\[Errno (\d+)\]", str(e))
+    if m:
+      return int(m.group(1) or m.group(2))
+    e = e.__cause__ or e.__context__
+  return None
+
+
 _REGISTERED = []
 
 
@@ -57,14 +97,30 @@ def _array_handler(min_replica_slice_bytes: int):
 
 
 class Checkpointer:
+  """schedule: a JSON-able dict saved with every checkpoint (see `schedule`)."""
+
   def __init__(self, directory: str, every: int, keep: int, async_save: bool = True,
-               min_replica_slice_bytes: int = 1 << 20):
+               min_replica_slice_bytes: int = 1 << 20, schedule: dict | None = None):
     _array_handler(min_replica_slice_bytes)
     self.directory = os.path.abspath(directory)
-    self.mngr = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
-                                             enable_async_checkpointing=async_save, create=True))
+    self._schedule = schedule
+    self._saving = None   # the step of a save started and not yet seen to finish
+    with self._failure(None):
+      os.makedirs(self.directory, exist_ok=True)   # orbax accepts a file here and fails at the first save
+      self.mngr = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                               enable_async_checkpointing=async_save, create=True))
+
+  @contextlib.contextmanager
+  def _failure(self, step: int | None):
+    """Re-raises any error as CheckpointSaveError for `step` (the original as cause)."""
+    try:
+      yield
+    except CheckpointSaveError:
+      raise
+    except Exception as e:
+      raise CheckpointSaveError(step, self.directory, e) from e
 
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
@@ -77,9 +133,14 @@ class Checkpointer:
     """Saves if `step` is due (or `force`); returns whether a save started."""
     if step in self.mngr.all_steps():
       return False
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(_data_item(data_iter)))
-    return self.mngr.save(step, args=args, force=force)
+    self.wait()   # orbax would too; here a failure of the previous save is named by its step
+    items = dict(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_data_item(data_iter)))
+    if self._schedule is not None:
+      items["schedule"] = ocp.args.JsonSave(self._schedule)
+    with self._failure(step):
+      started = self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    self._saving = step if started else None
+    return started
 
   def restore(self, abstract_state, data_iter, step: int | None = None):
     """abstract_state: jax.ShapeDtypeStruct tree with shardings -> state; the data
@@ -90,8 +151,24 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointRestore(_data_item(data_iter))))
     return out["state"]
 
+  def schedule(self, step: int | None = None) -> dict | None:
+    """The `schedule` dict saved with `step` (default: the latest); None if it has none."""
+    step = self.latest_step() if step is None else step
+    if not os.path.isdir(os.path.join(self.directory, str(step), "schedule")):
+      return None
+    return dict(self.mngr.restore(step, args=ocp.args.Composite(schedule=ocp.args.JsonRestore()))["schedule"])
+
   def wait(self):
-    self.mngr.wait_until_finished()
+    """Blocks until a background save is done; raises CheckpointSaveError if it failed."""
+    with self._failure(self._saving):
+      self.mngr.wait_until_finished()
+    self._saving = None
+
+  def poll(self):
+    """Raises CheckpointSaveError if a background save has finished and failed; never
+    waits for one still running (it only reads orbax's in-progress flag)."""
+    if self._saving is not None and not self.mngr.is_saving_in_progress():
+      self.wait()
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once any got the preemption notice (multi-process runs
@@ -99,7 +176,7 @@ class Checkpointer:
     return jax.process_count() > 1 and self.mngr.reached_preemption(step)
 
   def close(self):
-    self.mngr.wait_until_finished()
+    self.wait()
     self.mngr.close()
 
 

@@ -84,7 +84,16 @@ def flops_per_step(cfg, batch: int, text_len: int, num_frames: int, qformer_len:
 
 
 class MetricLogger:
-  """Only process 0 writes; every process keeps the in-memory history."""
+  """Only process 0 writes; every process keeps the in-memory history.
+
+  Resuming at `start_step` drops what a killed run logged after it: metrics.jsonl
+  lines with a later step (the file is rewritten atomically) and TensorBoard events
+  from step start_step + 1 on (a SessionLog START, as SummaryWriter's purge_step).
+
+  TensorBoard scalars go through tensorboardX's synchronous EventsWriter, one event
+  per logging step, flushed: SummaryWriter hands events to a writer thread through a
+  queue, and its flush() does not wait for that queue (tensorboardX 2.6.5, measured:
+  after 8 add_scalar and flush(), 1 of the 8 was in the file)."""
 
   def __init__(self, workdir: str, total_steps: int, start_step: int, every: int,
                flops_per_step: float | None = None, peak_flops: float | None = None, progress: bool = True):
@@ -95,42 +104,51 @@ class MetricLogger:
     self.tb = self.bar = self.jsonl = None
     if self.main:
       os.makedirs(workdir, exist_ok=True)
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      path = os.path.join(workdir, "metrics.jsonl")
+      _truncate_jsonl(path, start_step)
+      self.jsonl = open(path, "a")
+      self.tb = _events_writer(os.path.join(workdir, "tb"), start_step + 1 if start_step else None)
       if progress:
         from tqdm import tqdm
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                         dynamic_ncols=True, mininterval=1.0)
     self._t = time.perf_counter()
-    self._tokens = 0
+    self._sums = dict(positions=0.0, tokens=0.0)
     self._steps = 0
 
   def step(self, step: int, m: dict):
-    """step: 1-based count of finished steps; m: host scalars (loss, lr, grad_norm, tokens)."""
+    """step: 1-based count of finished steps; m: host scalars (loss, lr, grad_norm,
+    tokens = target tokens, positions = LLM positions computed)."""
     self.history.append((step, m["loss"]))
     if self.jsonl is not None:   # every step, full precision (resume tests compare bitwise)
       self.jsonl.write(json.dumps(dict(m, step=step)) + "\n")
       self.jsonl.flush()
-    self._tokens += m["tokens"]
+    for k in self._sums:
+      self._sums[k] += m[k]
     self._steps += 1
     if self.bar is not None:
       self.bar.update(1)
     if step % self.every:
       return
+    self._log(step, m)
+
+  def _log(self, step: int, m: dict):
+    """The console line and TensorBoard scalars (flushed: a killed run keeps its curves)."""
     now = time.perf_counter()
     dt = (now - self._t) / self._steps
-    out = dict(m, step_time=dt, tokens_per_s=self._tokens / (now - self._t))
+    out = dict(m, step_time=dt, tokens_per_s=self._sums["positions"] / (now - self._t),
+               target_tokens_per_s=self._sums["tokens"] / (now - self._t))
     if self.flops and self.peak:
       out["mfu"] = self.flops / dt / (self.peak * jax.device_count())
-    self._t, self._tokens, self._steps = now, 0, 0
-    if self.main:
-      line = (f"step {step}: loss {out['loss']:.4f} lr {out['lr']:.3g} grad_norm {out['grad_norm']:.3f} "
-              f"tokens/s {out['tokens_per_s']:.0f} step_time {dt * 1e3:.1f}ms"
-              + (f" mfu {out['mfu']:.1%}" if "mfu" in out else ""))
-      (self.bar.write if self.bar is not None else print)(line)
-      for k, v in out.items():
-        self.tb.add_scalar(f"train/{k}", v, step)
+    self._t, self._steps = now, 0
+    self._sums = dict.fromkeys(self._sums, 0.0)
+    if not self.main:
+      return
+    line = (f"step {step}: loss {out['loss']:.4f} lr {out['lr']:.3g} grad_norm {out['grad_norm']:.3f} "
+            f"tokens/s {out['tokens_per_s']:.0f} (targets {out['target_tokens_per_s']:.0f}) "
+            f"step_time {dt * 1e3:.1f}ms" + (f" mfu {out['mfu']:.1%}" if "mfu" in out else ""))
+    (self.bar.write if self.bar is not None else print)(line)
+    _write_scalars(self.tb, step, {f"train/{k}": v for k, v in out.items()})
 
   def close(self, png: str | None = "loss.png"):
     if not self.main:
@@ -141,6 +159,57 @@ class MetricLogger:
     self.jsonl.close()
     if png and self.history:
       save_loss_curve(self.history, os.path.join(self.workdir, png))
+
+
+def _events_writer(logdir: str, purge_step: int | None):
+  """A TensorBoard events file in `logdir`; purge_step: hide older runs' events from it on."""
+  from tensorboardX.event_file_writer import EventsWriter
+  from tensorboardX.proto.event_pb2 import Event, SessionLog
+  os.makedirs(logdir, exist_ok=True)
+  w = EventsWriter(os.path.join(logdir, "events"))
+  if purge_step is not None:
+    w.write_event(Event(step=purge_step, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
+  w.flush()
+  return w
+
+
+def _write_scalars(w, step: int, scalars: dict):
+  """One event with all `scalars` (tag -> float), on disk when this returns."""
+  from tensorboardX.proto.event_pb2 import Event
+  from tensorboardX.proto.summary_pb2 import Summary
+  values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+  w.write_event(Event(step=step, wall_time=time.time(), summary=Summary(value=values)))
+  w.flush()
+
+
+def _truncate_jsonl(path: str, last_step: int):
+  """Drops the lines of `path` (JSON with a "step") after `last_step`, atomically."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [l for l in lines if _step_of(l) <= last_step]
+  if len(keep) == len(lines):
+    return
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
+def _step_of(line: str) -> float:
+  """A metrics.jsonl line's step; inf for a line a killed run left half-written."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return math.inf
+
+
+def llm_positions(batch: dict, tokens_per_frame: int) -> int:
+  """B * S': the LLM positions (text, visual and padding) of a batch's logits, from
+  its shapes (static under jit)."""
+  b, s = batch["input_ids"].shape
+  q = batch["qformer_ids"]
+  return b * spliced_length(s, batch["frame_mask"].shape[1], tokens_per_frame, q.shape[1] if q.ndim == 3 else 1)
 
 
 def save_loss_curve(history, path: str):

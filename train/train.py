@@ -14,6 +14,7 @@ Several processes (one per host, or 2 x 4 CPU devices on localhost for tests):
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import signal
@@ -172,11 +173,13 @@ def train(c) -> dict:
   model_cfg, d, shardings, abstract = b.model_cfg, c.data, b.shardings, b.abstract
   data = make_data(c, model_cfg)
 
+  schedule = _schedule_config(c)
   ckpt = checkpointing.Checkpointer(os.path.join(c.workdir, "checkpoints"), c.ckpt.every, c.ckpt.keep,
-                                    c.ckpt.async_save)
+                                    c.ckpt.async_save, schedule=schedule)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(checkpointing.abstract_like(shardings, nn.unbox(abstract)), data)
     logging.info("resumed from step %d", int(state["step"]))
+    _warn_schedule_changes(ckpt.schedule(), schedule)
   else:
     state = b.init(c.seed)
     if c.init_from:
@@ -219,6 +222,7 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start):
       raise RuntimeError(f"the data ran out after {i} steps of {c.total_steps}: "
                          f"raise config.data.num_epochs (0 = as many as needed)") from None
     state, m = trainer(state, batch)
+    ckpt.poll()   # a failed background save stops the run here, not at the next save
     if pending is not None:
       _check_and_log(*pending, losses, log)
     pending = (i + 1, m, batch.get("sample_index"))
@@ -236,6 +240,30 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start):
       logging.warning("preempted: saved step %d, exiting", i + 1)
       return state, True
   return state, False
+
+
+def _schedule_config(c) -> dict:
+  """The config the learning-rate schedule and optimizer depend on (saved with checkpoints)."""
+  return dict(total_steps=c.total_steps, optim=c.optim.to_dict())
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _warn_schedule_changes(saved: dict | None, now: dict):
+  """Warns which schedule keys a resume changes ("total_steps 6 -> 8, optim.lr 0.002 -> 0.001")."""
+  if saved is None:
+    return
+  # JSON has no tuples: compare the config as it reads back from JSON.
+  a, b = _flat(saved), _flat(json.loads(json.dumps(now)))
+  keys = list(b) + [k for k in a if k not in b]
+  changed = [f"{k} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in keys if a.get(k) != b.get(k)]
+  if changed:
+    logging.warning("resumed with a changed schedule: %s", ", ".join(changed))
 
 
 def _check_and_log(step, m, sample_index, losses, log):

@@ -1,0 +1,78 @@
+"""Failures that stop training loudly: a checkpoint that cannot be written (disk full,
+directory not creatable) ends the run at once naming the path and the errno; TensorBoard
+curves reach disk at every logging step (a killed run keeps them)."""
+
+import errno
+import os
+import subprocess
+
+import pytest
+
+from tests.test_train_resume import config, events, launch, metrics
+from train.checkpointing import CheckpointSaveError
+from train.metrics import MetricLogger
+from train.train import train
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+  """tmp_path/checkpoints on a 256 KiB tmpfs (the tiny model's first checkpoint needs more)."""
+  path = tmp_path / "checkpoints"
+  path.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)], capture_output=True, text=True)
+  if r.returncode:
+    pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_full_disk_stops_the_run_naming_the_path_and_errno(tmp_path, tiny_disk):
+  """The first save (step 1) fails in its background write; the run stops within a few
+  steps (orbax's in-progress flag is polled every step), not at the next save (40)."""
+  p = launch(tmp_path, "total_steps=50", "ckpt.every=40")
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 1, out[-3000:]
+  assert (f"CheckpointSaveError: saving checkpoint step 1 to {tiny_disk} failed: "
+          f"[Errno 28] No space left on device (ENOSPC); ValueError: RESOURCE_EXHAUSTED") in out, out[-3000:]
+  steps = [m["step"] for m in metrics(tmp_path)]
+  assert steps == list(range(1, len(steps) + 1)) and 1 <= steps[-1] < 40, steps
+  assert os.listdir(tiny_disk) == ["1.orbax-checkpoint-tmp"]   # never finalised
+
+
+def test_uncreatable_checkpoint_directory_names_the_path(tmp_path):
+  (tmp_path / "checkpoints").write_text("a file where the directory should be")
+  with pytest.raises(CheckpointSaveError) as e:
+    train(config(tmp_path))
+  assert e.value.errno == errno.EEXIST and e.value.step is None
+  assert str(e.value).startswith(f"creating the checkpoint directory {tmp_path / 'checkpoints'} failed: "
+                                 f"[Errno 17] File exists (EEXIST); FileExistsError")
+  assert not os.path.exists(tmp_path / "metrics.jsonl")   # stopped before the first step
+
+
+def _scalars(path):
+  """{tag: [(step, value)]} of the scalars in a TensorBoard events file."""
+  out = {}
+  for event in events(path):
+    for v in event.summary.value:
+      out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def test_tensorboard_scalars_are_on_disk_before_close(tmp_path):
+  log = MetricLogger(str(tmp_path), total_steps=4, start_step=0, every=2, progress=False)
+  try:
+    m = dict(loss=2.5, lr=1e-3, grad_norm=0.5, tokens=40, positions=100)
+    (events,) = [os.path.join(tmp_path, "tb", f) for f in os.listdir(tmp_path / "tb")]
+    log.step(1, m)                       # not a logging step
+    assert "train/loss" not in _scalars(events)
+    log.step(2, dict(m, loss=1.25))
+    got = _scalars(events)
+    assert got["train/loss"] == [(2, 1.25)]
+    assert got["train/positions"] == [(2, 100.0)]
+    # tokens/s counts LLM positions, target_tokens_per_s the answer tokens, both over 2 steps
+    (_, tps), (_, ttps) = got["train/tokens_per_s"][0], got["train/target_tokens_per_s"][0]
+    assert tps == pytest.approx(ttps * 100 / 40, rel=1e-6) and tps > 0
+  finally:
+    log.close(png=None)
