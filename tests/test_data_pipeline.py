@@ -284,6 +284,7 @@ def test_video_sample(root):
   assert b["input_ids"][0, :35].tolist() == IMG_IDS
 
 
+@pytest.mark.slow
 def test_imgsp_v1_multi_turn_batch_runs_the_model(root, tiny_cfg, tmp_path):
   """imgsp_v1 end to end: a two-turn image sample gets two placeholders and two
   instruction slots (each turn's question), a three-turn one fits no bucket with

@@ -30,7 +30,6 @@ def object_mask(frame, color):
   return np.abs(frame.astype(float) - synthetic.COLORS[color]).sum(-1) < 90
 
 
-@pytest.mark.slow
 def test_same_seed_same_json_and_frames(data, tmp_path):
   out, _ = data
   again = str(tmp_path / "again")
@@ -45,7 +44,6 @@ def test_same_seed_same_json_and_frames(data, tmp_path):
   assert len(train) == 24 and len(held) == 8 and not train & held
 
 
-@pytest.mark.slow
 def test_answers_are_true_to_the_decoded_video(data):
   out, manifest = data
   kinds = set()
@@ -67,7 +65,6 @@ def test_answers_are_true_to_the_decoded_video(data):
   assert kinds == set(synthetic.QUESTION_TYPES)
 
 
-@pytest.mark.slow
 def test_grid_clips_keep_each_object_in_its_own_cell_moving_its_way(tmp_path):
   """--grid 4 at 56 px (the demo ViT's 4x4 patches of 14): in every kept frame each
   object's pixels lie in one cell (but for an edge row at the ends of its path), a cell
@@ -92,7 +89,6 @@ def test_grid_clips_keep_each_object_in_its_own_cell_moving_its_way(tmp_path):
     assert len(set(cells)) == len(truth["objects"]), truth["id"]   # one cell each, the same in every frame
 
 
-@pytest.mark.slow
 def test_needle_appears_at_its_depth(data):
   out, manifest = data
   (truth,) = manifest["splits"]["long"]
@@ -101,7 +97,6 @@ def test_needle_appears_at_its_depth(data):
   assert lit == [truth["frame"], truth["frame"] + 1, truth["frame"] + 2]
 
 
-@pytest.mark.slow
 def test_tokenizers_load_like_real_ones_and_answers_are_single_tokens(data):
   out, _ = data
   llm = load_llm_tokenizer(os.path.join(out, "tokenizers", "llm"))
@@ -120,7 +115,6 @@ def test_tokenizers_load_like_real_ones_and_answers_are_single_tokens(data):
     assert sup == llm(conv[1]["value"], add_special_tokens=False).input_ids + [2]   # answer + </s>
 
 
-@pytest.mark.slow
 def test_every_question_fits_the_demo_qformer_instruction_slot(data):
   """configs/demo.py sizes the Q-Former instruction for the longest synthetic question
   ([CLS] + words + [SEP]); a longer one would be cut from the left and lose its start."""
@@ -153,7 +147,6 @@ def test_multi_turn_conversations_never_give_an_answer_away():
     assert by["shape"][1] == o["shape"]
 
 
-@pytest.mark.slow
 def test_worker_processes_write_the_same_files(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   a = synthetic.generate(one, num_train=6, num_eval=2, seed=3, size=56, grid=4, workers=1)
@@ -164,7 +157,6 @@ def test_worker_processes_write_the_same_files(tmp_path):
       assert f.read() == g.read(), name
 
 
-@pytest.mark.slow
 def test_image_every_turn_puts_the_image_before_every_question(tmp_path):
   """--image-every-turn: every human turn starts with `<image>`, so imgsp_v1 has no
   side to flip (the same ids whatever its coin); without it, the coin moves some."""
@@ -186,7 +178,6 @@ def test_image_every_turn_puts_the_image_before_every_question(tmp_path):
   assert any(ids[0] != ids[1] or ids[0] != ids[2] for ids in encoded[False])
 
 
-@pytest.mark.slow
 def test_single_object_clips_are_training_only_and_give_no_answer_away(tmp_path):
   m = synthetic.generate(str(tmp_path), num_train=40, num_eval=10, seed=0, size=56, grid=4, train_turns=4,
                          workers=1, single_object=0.5)
@@ -203,7 +194,6 @@ def test_single_object_clips_are_training_only_and_give_no_answer_away(tmp_path)
     synthetic.generate(str(tmp_path / "bad"), num_train=2, num_eval=1, questions=["count"], single_object=0.5)
 
 
-@pytest.mark.slow
 def test_attention_on_asked_finds_the_asked_objects_patches_in_the_decoded_frames(tmp_path):
   """Maps that put all mass on the 14-px patch holding most of each asked object's
   pixels (from the decoded mp4, not the manifest) score 1.0; uniform maps 1/16 per object."""

@@ -12,7 +12,6 @@ from llamavid_jax.data import tfds_builder
 from tests import data_fixtures as fx
 
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -266,6 +266,7 @@ def test_bfloat16_compute_stays_close_to_fp32(video, tiny_cfg):
   assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
 
 
+@pytest.mark.slow
 def test_frame_chunks_equal_all_frames_at_once(tiny_cfg):
   """frame_chunk (nn.scan over chunks of frames, for long videos) changes nothing."""
   model = LlamaVid(tiny_cfg)

@@ -28,6 +28,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.slow
 def test_full_disk_stops_the_run_naming_the_path_and_errno(tmp_path, tiny_disk):
   """The first save (step 1) fails in its background write; the run stops within a few
   steps (orbax's in-progress flag is polled every step), not at the next save (40)."""
