@@ -66,8 +66,7 @@ def test_bad_config_is_refused_naming_the_key_before_any_compile(key, value, mat
   c = demo.get_config("toy,tiny")
   c.workdir = str(tmp_path)
   c.data.max_len = 64
-  node, leaf = (c, key) if "." not in key else (c[key.split(".")[0]], key.split(".")[1])
-  node[leaf] = value
+  c.update_from_flattened_dict({key: value})
   compiles = []
   listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
   jax.monitoring.register_event_duration_secs_listener(listener)

@@ -13,7 +13,6 @@ Several processes (one per host, or 2 x 4 CPU devices on localhost for tests):
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -77,8 +76,9 @@ def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
   from llamavid_jax.models.config import from_dict
   from llamavid_jax.sharding import MESH_AXES
 
-  for key in ("batch_size", "total_steps", "accum_steps", "ckpt.every", "log.every"):
-    v = functools.reduce(lambda node, k: node[k], key.split("."), c)
+  positive = {"batch_size": c.batch_size, "total_steps": c.total_steps, "accum_steps": c.accum_steps,
+           "ckpt.every": c.ckpt.every, "log.every": c.log.every}
+  for key, v in positive.items():
     if not isinstance(v, int) or v <= 0:
       raise ConfigError(f"config.{key}={v!r}: must be a positive integer")
   sizes = dict(mesh_shape) if mesh_shape is not None else _mesh_sizes(c.mesh, jax.device_count(), MESH_AXES)
