@@ -77,7 +77,7 @@ def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
   from llamavid_jax.sharding import MESH_AXES
 
   positive = {"batch_size": c.batch_size, "total_steps": c.total_steps, "accum_steps": c.accum_steps,
-           "ckpt.every": c.ckpt.every, "log.every": c.log.every}
+              "ckpt.every": c.ckpt.every, "log.every": c.log.every}
   for key, v in positive.items():
     if not isinstance(v, int) or v <= 0:
       raise ConfigError(f"config.{key}={v!r}: must be a positive integer")
