@@ -9,7 +9,8 @@ with the release's key names (LLM, projectors, Q-Former), and the ViT as
 cast back to the dtype it had in the source files, so convert -> export reproduces
 every parameter tensor bit for bit when conversion kept the source dtypes (the
 default). Non-parameter buffers skipped at conversion (`position_ids`, `inv_freq`)
-are not written.
+are not written, nor the ViT keys conversion ignored (`vit_ignored`: the whole
+EVA-CLIP tower's last block, `norm` and `head`); the log names them.
 
 Note: the release's own loader (`initialize_attention_modules`) reads
 `pytorch_model.bin.index.json` to find the Q-Former weights; to feed this export back
@@ -26,7 +27,7 @@ import shutil
 
 import numpy as np
 
-from llamavid_jax.checkpoint import mapping, orbax_io, torch_io
+from llamavid_jax.checkpoint import mapping, orbax_io, release, torch_io
 from llamavid_jax.checkpoint.stream import _progress
 
 log = logging.getLogger("llamavid_jax.export")
@@ -69,6 +70,9 @@ def export(ckpt: str, out: str, *, max_shard_bytes: int = 5 << 30, write_pth: bo
       else:
         torch.save({k: torch_io.numpy_to_torch(v) for k, v in vit.items()}, os.path.join(out, "eva_vit_g.pth"))
         names.append("eva_vit_g.pth")
+  if conv.get("vit_ignored"):
+    log.info("not written: %s (ignored at conversion: the model does not use them)",
+             release.ignored_summary(conv["vit_ignored"]))
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(conv["release_config"], f, indent=2)
   tok = os.path.join(ckpt, orbax_io.TOKENIZER)
