@@ -69,12 +69,9 @@ def _stream_vit(conv: StreamingConverter, vision_tower: str, cfg: C.LlamaVidConf
 
 
 def _write(out, params, cfg, conv, release_cfg, llm_tok_dir, bert_dir, **extra) -> None:
-  vocab = cfg.qformer.vocab_size if cfg.use_context_token else None
-  release.save_qformer_tokenizer(bert_dir, os.path.join(out, orbax_io.QFORMER_TOKENIZER), vocab)
-  release.copy_llm_tokenizer(llm_tok_dir, os.path.join(out, orbax_io.TOKENIZER))
   conversion = dict(release_config=release_cfg, source_dtypes=conv.source_dtypes,
                     skipped=dict(conv.skipped), **extra)
-  orbax_io.save(out, params, cfg, conversion)
+  orbax_io.save_inference(out, params, cfg, conversion, llm_tok_dir, bert_dir)
   log.info("wrote %s (%d tensors, skipped %s)", out, len(conv.seen), dict(conv.skipped))
 
 

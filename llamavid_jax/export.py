@@ -1,6 +1,14 @@
-"""A converted JAX checkpoint -> the release's PyTorch layout.
+"""A converted JAX checkpoint -> the release's PyTorch layout; a train run -> an inference directory.
 
   python -m llamavid_jax.export --ckpt OUT --out DIR [--max-shard-gb 5] [--no-pth]
+  python -m llamavid_jax.export --from-train WORKDIR [--step N] --out DIR
+
+`--from-train` writes DIR in the layout `convert` writes (`checkpoint/orbax_io.py`:
+model_config.json, params/, tokenizer/, qformer_tokenizer/) from the parameters of
+step N (default: the latest) of WORKDIR/checkpoints (no optimizer state is read), the
+run's WORKDIR/config.json and the tokenizers it names (`data.llm_tokenizer`,
+`data.qformer_tokenizer`); `train.train` does the same into WORKDIR/inference at the
+end of a run. The rest of this docstring is about `--ckpt`.
 
 DIR gets `config.json` (the release config recorded at conversion), the LLaMA
 tokenizer files, `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`
@@ -82,15 +90,33 @@ def export(ckpt: str, out: str, *, max_shard_bytes: int = 5 << 30, write_pth: bo
   return names
 
 
+def from_train(workdir: str, out: str, step: int | None = None) -> int:
+  """An inference directory of step `step` (default: the latest) of a train WORKDIR
+  into `out` (module docstring) -> the step written."""
+  train_cfg = orbax_io.read_train_config(workdir)
+  step = orbax_io.train_step(workdir, step)
+  orbax_io.save_from_train(out, workdir, train_cfg, step)
+  log.info("wrote %s: step %d of %s", out, step, workdir)
+  return step
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", required=True, help="converted checkpoint directory")
-  p.add_argument("--out", required=True, help="release-layout output directory")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--ckpt", help="converted checkpoint directory (-> release layout)")
+  src.add_argument("--from-train", metavar="WORKDIR", help="train.train WORKDIR (-> inference directory)")
+  p.add_argument("--step", type=int, default=None, help="with --from-train: the saved step (default: latest)")
+  p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--max-shard-gb", type=float, default=5.0)
   p.add_argument("--no-pth", action="store_true", help="do not write eva_vit_g.pth")
   a = p.parse_args(argv)
+  if a.step is not None and not a.from_train:
+    p.error("--step needs --from-train")
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  export(a.ckpt, a.out, max_shard_bytes=int(a.max_shard_gb * (1 << 30)), write_pth=not a.no_pth)
+  if a.from_train:
+    from_train(a.from_train, a.out, a.step)
+  else:
+    export(a.ckpt, a.out, max_shard_bytes=int(a.max_shard_gb * (1 << 30)), write_pth=not a.no_pth)
 
 
 if __name__ == "__main__":

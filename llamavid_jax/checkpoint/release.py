@@ -193,12 +193,13 @@ def copy_llm_tokenizer(src: str, dst: str) -> list[str]:
   return names
 
 
-def save_qformer_tokenizer(bert_dir: str, dst: str, vocab_size: int | None = None) -> int:
+def save_qformer_tokenizer(bert_dir: str, dst: str, vocab_size: int | None = None, exact: bool = True) -> int:
   """bert-base-uncased `vocab.txt` dir -> `dst` with `[DEC]` added as bos (as the
-  release does); checks it fits the Q-Former's embedding. Returns the vocab size."""
+  release does); checks it fills the Q-Former's embedding (`exact`) or fits in it.
+  Returns the vocab size."""
   from llamavid_jax.data.tokenizer import load_qformer_tokenizer
   tok = load_qformer_tokenizer(bert_dir)
-  if vocab_size is not None and len(tok) != vocab_size:
+  if vocab_size is not None and (len(tok) != vocab_size if exact else len(tok) > vocab_size):
     raise ValueError(f"{bert_dir}: BERT tokenizer with [DEC] has {len(tok)} tokens but the "
                      f"Q-Former's word embedding has {vocab_size} rows")
   tok.save_pretrained(dst)
