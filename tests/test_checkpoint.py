@@ -1,5 +1,6 @@
 """Release checkpoint conversion: parity with a PyTorch forward, bit-exact export,
-sharded restore, refused pickles, and the error messages."""
+sharded restore, the whole EVA-CLIP tower (one block less, as LAVIS; --vit-depth),
+refused pickles against corrupt files, and the error messages."""
 
 import json
 import os
