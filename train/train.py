@@ -152,9 +152,10 @@ def _check_export(c) -> None:
 
 def _write_config(c) -> None:
   """WORKDIR/config.json: the run's config (what `export --from-train` reads)."""
+  from llamavid_jax.checkpoint import orbax_io
   if jax.process_index() == 0:
     os.makedirs(c.workdir, exist_ok=True)
-    with open(os.path.join(c.workdir, "config.json"), "w") as f:
+    with open(os.path.join(c.workdir, orbax_io.TRAIN_CONFIG), "w") as f:
       f.write(c.to_json(indent=2))
 
 
