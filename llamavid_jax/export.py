@@ -60,6 +60,10 @@ def export(ckpt: str, out: str, *, max_shard_bytes: int = 5 << 30, write_pth: bo
   written weight file names."""
   cfg = orbax_io.load_config(ckpt)
   conv = orbax_io.load_conversion(ckpt)
+  if "release_config" not in conv:
+    raise ValueError(f"{os.path.join(ckpt, orbax_io.CONVERSION)}: no release_config (made by "
+                     f"{conv.get('source', 'an unknown tool')}, not converted from a release): there is no "
+                     "release config.json to write")
   params = orbax_io.restore(ckpt, cfg=cfg)
   os.makedirs(out, exist_ok=True)
   dtypes = conv.get("source_dtypes", {})

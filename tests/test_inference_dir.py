@@ -119,3 +119,5 @@ def test_export_from_train_names_what_is_missing(run, tmp_path):
     export.from_train(run.workdir, str(tmp_path / "out"), step=5)
   with pytest.raises(FileNotFoundError, match="neither a converted / inference directory"):
     orbax_io.load_for_inference(str(tmp_path))
+  with pytest.raises(ValueError, match=r"inference/conversion.json: no release_config \(made by train.train"):
+    export.export(os.path.join(run.workdir, "inference"), str(tmp_path / "release"))
