@@ -70,6 +70,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.log = dict(every=1, progress=True, peak_tflops=None)
   c.distributed = dict(auto=False, num_processes=1, process_id=0, coordinator="")
   c.debug = dict(kill_after_save_step=-1)   # fault injection for the resume tests
+  # at the end of a run: WORKDIR/inference, the final params + data.llm_tokenizer / qformer_tokenizer
+  c.export_inference = True
   return c
 
 

@@ -67,6 +67,8 @@ def get_config(arg: str | None = None):
                  trainable=[r"llm/", r"token_gen/", r"qformer/"])
   c.ckpt = dict(every=400, keep=2, async_save=True)
   c.log = dict(every=100, progress=True, peak_tflops=None)
+  if a.toy:   # random batches: no tokenizers to ship with the trained model
+    c.export_inference = False
   if a.tiny:
     c.batch_size, c.total_steps, c.accum_steps = 16, 6, 2
     c.data.update(text_len=12, num_frames=2, qformer_len=6, buckets=((12, 2, 1),))

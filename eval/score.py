@@ -1,6 +1,6 @@
 """Log-probability of an answer given media and a question, with the release's prompt.
 
-  python -m eval.score --ckpt OUT (--video FILE | --image FILE | --features FILE) \
+  python -m eval.score --ckpt OUT|WORKDIR (--video FILE | --image FILE | --features FILE) \
       --question Q --answer A [--with-eos] [--dtype float32|bfloat16]
 
 prints one JSON object {"logprob": sum over answer tokens, "token_logprobs": [...],
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -43,17 +42,14 @@ def inference_prompt(question: str, template: str = "vicuna_v1") -> str:
 
 
 class Scorer:
-  """A converted checkpoint loaded once; `score` per (media, question, answer)."""
+  """A model loaded once (`orbax_io.load_for_inference`: a converted or inference
+  directory, or a train WORKDIR's latest step); `score` per (media, question, answer)."""
 
   def __init__(self, ckpt: str, dtype=None):
-    from llamavid_jax.data.tokenizer import load_llm_tokenizer, load_qformer_tokenizer
-    self.cfg = orbax_io.load_config(ckpt)
-    self.params = orbax_io.restore(ckpt, dtype=dtype, cfg=self.cfg)
-    self.tokenizer = load_llm_tokenizer(os.path.join(ckpt, orbax_io.TOKENIZER))
-    self.qtokenizer = load_qformer_tokenizer(os.path.join(ckpt, orbax_io.QFORMER_TOKENIZER),
-                                             max_length=self.cfg.qformer.max_text_len)
-    release_cfg = orbax_io.load_conversion(ckpt).get("release_config", {})
-    self.image_aspect = "pad" if release_cfg.get("image_aspect_ratio", "pad") == "pad" else "crop"
+    m = orbax_io.load_for_inference(ckpt, dtype=dtype)
+    self.cfg, self.params, self.tokenizer, self.qtokenizer = m.cfg, m.params, m.tokenizer, m.qformer_tokenizer
+    aspect = m.meta.get("release_config", m.meta).get("image_aspect_ratio", "pad")
+    self.image_aspect = "pad" if aspect == "pad" else "crop"
     self._apply = jax.jit(LlamaVid(self.cfg).apply)
 
   # --- media -> model inputs ----------------------------------------------------
@@ -104,7 +100,8 @@ class Scorer:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", required=True, help="converted checkpoint directory (llamavid_jax.convert)")
+  p.add_argument("--ckpt", required=True, help="converted / inference directory (llamavid_jax.convert, "
+                 "WORKDIR/inference) or a train.train WORKDIR (its latest step)")
   media = p.add_mutually_exclusive_group(required=True)
   media.add_argument("--video")
   media.add_argument("--image")

@@ -11,6 +11,11 @@
       --bert-tokenizer BERT_DIR --out OUT [--mm-projector-type mlp2x_gelu] \
       [--compress-type mean] [--image-size 224]
 
+eva_vit_g.pth as released is the whole EVA-CLIP-g tower (40 blocks, `norm`, `head`):
+as LAVIS, the converter builds 39 blocks and ignores block 39, `norm` and `head`
+(logged, and listed as `vit_ignored` in OUT/conversion.json); `--vit-depth N` builds
+N blocks instead. Any other key the model does not take is an error.
+
 OUT holds the Orbax parameters, the model config and both tokenizers
 (`checkpoint/orbax_io.py`), so OUT alone runs the model. Weights are streamed one
 file at a time (`checkpoint/stream.py`); `--dtype` defaults to the source dtypes,
@@ -50,28 +55,40 @@ def _stream(conv: StreamingConverter, files, select=None, rename=None) -> None:
     conv.add_file(f, torch_io.iter_tensors(f, select), rename=rename)
 
 
+def _stream_vit(conv: StreamingConverter, vision_tower: str, cfg: C.LlamaVidConfig, shapes) -> list[str]:
+  """eva_vit_g.pth into `conv`, less the keys the built depth does not take (the
+  whole tower's last block, `norm`, `head`: see `release.vit_layout`), which are
+  logged and returned; any other unknown key is still an error."""
+  _, ignored = release.vit_layout(shapes, cfg.vision.depth, vision_tower)
+  if ignored:
+    log.info("%s: ViT depth %d; ignored (as LAVIS's non-strict load): %s", vision_tower, cfg.vision.depth,
+             release.ignored_summary(ignored))
+  skip = set(ignored)
+  conv.add_file(vision_tower, ((k, t) for k, t in torch_io.iter_tensors(vision_tower) if k not in skip))
+  return ignored
+
+
 def _write(out, params, cfg, conv, release_cfg, llm_tok_dir, bert_dir, **extra) -> None:
-  vocab = cfg.qformer.vocab_size if cfg.use_context_token else None
-  release.save_qformer_tokenizer(bert_dir, os.path.join(out, orbax_io.QFORMER_TOKENIZER), vocab)
-  release.copy_llm_tokenizer(llm_tok_dir, os.path.join(out, orbax_io.TOKENIZER))
   conversion = dict(release_config=release_cfg, source_dtypes=conv.source_dtypes,
                     skipped=dict(conv.skipped), **extra)
-  orbax_io.save(out, params, cfg, conversion)
+  orbax_io.save_inference(out, params, cfg, conversion, llm_tok_dir, bert_dir)
   log.info("wrote %s (%d tensors, skipped %s)", out, len(conv.seen), dict(conv.skipped))
 
 
 def convert_release(model_dir: str, vision_tower: str, bert_tokenizer: str, out: str, *,
-                    dtype=None, image_size: int | None = None) -> C.LlamaVidConfig:
+                    dtype=None, image_size: int | None = None, vit_depth: int | None = None) -> C.LlamaVidConfig:
   """A release model directory + eva_vit_g.pth -> OUT (see module docstring)."""
   hf = release.read_json(os.path.join(model_dir, "config.json"))
   files = torch_io.shard_files(model_dir)
-  cfg = release.model_config(hf, _file_shapes(files), torch_io.shapes_of_file(vision_tower),
-                             image_size=image_size, model_file=model_dir, vit_file=vision_tower)
+  vit = torch_io.shapes_of_file(vision_tower)
+  cfg = release.model_config(hf, _file_shapes(files), vit, image_size=image_size, model_file=model_dir,
+                             vit_file=vision_tower, vit_depth=vit_depth)
   conv = StreamingConverter(mapping.model_rules(cfg) | mapping.vit_rules(cfg), orbax_io.shape_tree(cfg), dtype)
-  conv.add_file(vision_tower, torch_io.iter_tensors(vision_tower))
+  ignored = _stream_vit(conv, vision_tower, cfg, vit)
   _stream(conv, files)
   params = conv.finish()
-  _write(out, params, cfg, conv, hf, model_dir, bert_tokenizer, vision_tower=os.path.basename(vision_tower))
+  _write(out, params, cfg, conv, hf, model_dir, bert_tokenizer, vision_tower=os.path.basename(vision_tower),
+         vit_ignored=ignored)
   return cfg
 
 
@@ -85,20 +102,21 @@ def fresh_projectors(cfg: C.LlamaVidConfig, seed: int = 0) -> dict:
 
 def convert_stage1(llm_dir: str, instructblip: str, vision_tower: str, bert_tokenizer: str, out: str, *,
                    mm_projector_type: str = "mlp2x_gelu", compress_type: str = "mean",
-                   image_size: int = 224, dtype=None, seed: int = 0) -> C.LlamaVidConfig:
+                   image_size: int = 224, dtype=None, seed: int = 0,
+                   vit_depth: int | None = None) -> C.LlamaVidConfig:
   """Plain HF LLaMA dir + InstructBLIP `.pth` (Q-Former, query tokens, ln_vision) +
   eva_vit_g.pth -> OUT with freshly initialised projectors (the stage-1 start)."""
   hf = release.read_json(os.path.join(llm_dir, "config.json"))
   files = torch_io.shard_files(llm_dir)
   qshapes = _file_shapes([instructblip], "model", mapping.instructblip_key)
   vit = torch_io.shapes_of_file(vision_tower)
-  vision = release.vision_config(vit, image_size, file=vision_tower)
+  vision = release.vision_config(vit, image_size, file=vision_tower, depth=vit_depth)
   cfg = C.LlamaVidConfig(vision=vision, qformer=release.qformer_config(qshapes, file=instructblip),
                          llm=release.llm_config(hf), compress_type=compress_type,
                          mm_projector_type=mm_projector_type)
   rules = mapping.llm_rules(cfg) | mapping.qformer_rules(cfg) | mapping.vit_rules(cfg)
   conv = StreamingConverter(rules, orbax_io.shape_tree(cfg), dtype)
-  conv.add_file(vision_tower, torch_io.iter_tensors(vision_tower))
+  ignored = _stream_vit(conv, vision_tower, cfg, vit)
   conv.add_file(instructblip, torch_io.iter_tensors(instructblip, "model"), rename=mapping.instructblip_key)
   _stream(conv, files)
   params = conv.finish()
@@ -112,7 +130,8 @@ def convert_stage1(llm_dir: str, instructblip: str, vision_tower: str, bert_toke
                      mm_vision_tower=vision_tower, image_processor=f"./llamavid/processor/clip-patch14-{image_size}",
                      mm_vision_select_feature="patch", mm_vision_select_layer=-1)
   _write(out, params, cfg, conv, release_cfg, llm_dir, bert_tokenizer,
-         vision_tower=os.path.basename(vision_tower), instructblip=os.path.basename(instructblip))
+         vision_tower=os.path.basename(vision_tower), instructblip=os.path.basename(instructblip),
+         vit_ignored=ignored)
   return cfg
 
 
@@ -135,20 +154,26 @@ def main(argv=None) -> None:
   p.add_argument("--mm-projector-type", default="mlp2x_gelu", choices=sorted(token_gen.PROJECTORS))
   p.add_argument("--compress-type", default="mean", help="with --llm: mean | grid:N | none")
   p.add_argument("--seed", type=int, default=0, help="with --llm: projector initialisation")
+  p.add_argument("--vit-depth", type=int, default=None,
+                 help="ViT blocks to build (default: the file's blocks, one less when it holds the whole "
+                      "EVA-CLIP tower with norm/head, as LAVIS); later blocks are ignored and reported")
   a = p.parse_args(argv)
+  if a.vit_depth is not None and a.vit_depth < 1:
+    p.error(f"--vit-depth {a.vit_depth}: must be at least 1")
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   dtype = DTYPES[a.dtype]
   if dtype == "bfloat16":
     import ml_dtypes
     dtype = ml_dtypes.bfloat16
   if a.model:
-    convert_release(a.model, a.vision_tower, a.bert_tokenizer, a.out, dtype=dtype, image_size=a.image_size)
+    convert_release(a.model, a.vision_tower, a.bert_tokenizer, a.out, dtype=dtype, image_size=a.image_size,
+                    vit_depth=a.vit_depth)
   else:
     if not a.instructblip:
       p.error("--llm needs --instructblip")
     convert_stage1(a.llm, a.instructblip, a.vision_tower, a.bert_tokenizer, a.out,
                    mm_projector_type=a.mm_projector_type, compress_type=a.compress_type,
-                   image_size=a.image_size or 224, dtype=dtype, seed=a.seed)
+                   image_size=a.image_size or 224, dtype=dtype, seed=a.seed, vit_depth=a.vit_depth)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Release checkpoint conversion: parity with a PyTorch forward, bit-exact export,
-sharded restore, refused pickles, and the error messages."""
+sharded restore, the whole EVA-CLIP tower (one block less, as LAVIS; --vit-depth),
+refused pickles against corrupt files, and the error messages."""
 
 import json
 import os
@@ -69,20 +70,83 @@ def _batch(cfg, rng):
               qformer_ids=qids, qformer_mask=qmask, frames=frames)
 
 
-def test_converted_logits_match_torch_reference(converted, release):
-  out, cfg = converted
+def _max_diff(out, cfg, ref) -> float:
+  """Max |logits| difference of the converted `out` against torch `ref` on `_batch`."""
   params = orbax_io.restore(out)
   batch = _batch(cfg, np.random.RandomState(0))
   logits, lay = jax.jit(LlamaVid(cfg).apply)({"params": params}, **batch)
   logits, valid = np.asarray(logits), np.asarray(lay["layout"].valid)
-  ref, diff = release["ref"], 0.0
+  diff = 0.0
   for b, (n_text, n_frames, n_q) in enumerate([(10, 2, 5), (8, 1, 3)]):
     vis = ref.frame_tokens(batch["frames"][b, :n_frames], batch["qformer_ids"][b, :n_q].tolist())
     want = ref.logits(batch["input_ids"][b, :n_text].tolist(), vis)
     assert want.shape[0] == valid[b].sum() == n_text - 1 + 2 * n_frames
     diff = max(diff, float(np.abs(logits[b, valid[b]] - want).max()))
+  return diff
+
+
+def test_converted_logits_match_torch_reference(converted, release):
+  out, cfg = converted
+  diff = _max_diff(out, cfg, release["ref"])
   print(f"PARITY converted release vs torch LLaMA-VID: max abs diff {diff:.3e}")
   assert diff <= TOL
+
+
+@pytest.fixture(scope="session")
+def tower(release):
+  """eva_vit_g.pth as released: the whole EVA-CLIP tower, one block more than the model
+  (3 here, 40 in the release) plus `norm` and `head`."""
+  path = str(release["root"] / "tower" / "eva_vit_g.pth")
+  os.makedirs(os.path.dirname(path))
+  sd = tl.eva_tower_state(release["ref"].cfg)
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+  return path, sd
+
+
+@pytest.mark.parametrize("vit_depth", [None, 1])
+def test_whole_eva_tower_builds_one_block_less(release, tower, tmp_path, caplog, vit_depth):
+  """The 3-block tower converts at depth 2 (or --vit-depth 1, through the CLI); logits
+  match the torch reference whose ViT of that depth is loaded from the same file
+  non-strictly (as LAVIS); the ignored keys are logged, recorded and not exported."""
+  path, sd = tower
+  out = str(tmp_path / "out")
+  with caplog.at_level("INFO", logger="llamavid_jax"):
+    if vit_depth is None:
+      cfg = convert.convert_release(release["bin"], path, release["bert"], out, image_size=42)
+    else:
+      convert.main(["--model", release["bin"], "--vision-tower", path, "--bert-tokenizer", release["bert"],
+                    "--out", out, "--image-size", "42", "--vit-depth", str(vit_depth)])
+      cfg = orbax_io.load_config(out)
+  depth = vit_depth or 2
+  assert cfg.vision.depth == depth and sd["blocks.2.attn.qkv.weight"].shape == (3 * 176, 176)
+  ref, not_taken = tl.with_vit_from(release["ref"], sd, depth)
+  ignored = json.load(open(os.path.join(out, "conversion.json")))["vit_ignored"]
+  assert sorted(ignored) == sorted(not_taken)
+  assert {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks") else "") for k in ignored} == \
+      {f"blocks.{i}" for i in range(depth, 3)} | {"norm", "head"}
+  want_log = ", ".join([f"blocks.{i}.* (13 tensors)" for i in range(depth, 3)] +
+                       ["norm.weight", "norm.bias", "head.weight", "head.bias"])
+  assert any(want_log in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+  diff = _max_diff(out, cfg, ref)
+  print(f"PARITY whole EVA tower at ViT depth {depth} vs torch (non-strict load): max abs diff {diff:.3e}")
+  assert diff <= TOL
+  caplog.clear()
+  with caplog.at_level("INFO", logger="llamavid_jax"):
+    export.export(out, str(tmp_path / "exported"), write_pth=False)
+  got = torch_io.read_file(str(tmp_path / "exported" / "eva_vit_g.safetensors"))
+  assert set(got) == set(sd) - set(ignored)
+  assert any(r.getMessage().startswith(f"not written: {want_log}") for r in caplog.records)
+
+
+def test_tower_with_an_unknown_key_is_refused(release, tower, tmp_path):
+  path, sd = tower
+  bad = str(tmp_path / "eva_vit_g.pth")
+  torch.save({k: torch.from_numpy(v) for k, v in (sd | {"rel_pos_bias.weight": np.zeros((3, 5), np.float32)}).items()},
+             bad)
+  with pytest.raises(ConversionError, match=r"eva_vit_g.pth: unexpected key 'rel_pos_bias.weight' with shape \(3, 5\)"):
+    convert.convert_release(release["bin"], bad, release["bert"], str(tmp_path / "out"), image_size=42)
+  with pytest.raises(ValueError, match=r"eva_vit_g.pth: ViT depth 4 \(--vit-depth\): the file holds 3 blocks"):
+    convert.convert_release(release["bin"], path, release["bert"], str(tmp_path / "out"), image_size=42, vit_depth=4)
 
 
 def _source_tensors(model_dir, vit):
@@ -159,9 +223,41 @@ def test_pickle_that_runs_code_is_refused(release, tmp_path):
   sd = torch.load(shard, weights_only=True)
   sd["model.norm.weight"] = _RunsCode(marker)
   torch.save(sd, shard)
-  with pytest.raises(torch_io.UnsafePickleError, match="pytorch_model-00002-of-00002.bin: refused"):
+  with pytest.raises(torch_io.UnsafePickleError, match="pytorch_model-00002-of-00002.bin: refused") as e:
     convert.convert_release(model, release["vit"], release["bert"], str(tmp_path / "out"), image_size=42)
   assert not os.path.exists(marker)
+  assert "could run code" in str(e.value) and "GLOBAL os.makedirs" in str(e.value) and "corrupt" not in str(e.value)
+
+
+def _truncated(data: bytes) -> bytes:
+  return data[:len(data) // 2]
+
+
+@pytest.mark.parametrize("case,make,pattern", [
+    ("truncated zip", lambda sd, f: open(f, "wb").write(_truncated(_saved(sd))),
+     "corrupt or truncated: a zip archive without its central directory"),
+    ("truncated legacy", lambda sd, f: open(f, "wb").write(_truncated(_saved(sd, zip_format=False))),
+     "corrupt or truncated legacy torch file"),
+    ("random bytes", lambda sd, f: open(f, "wb").write(np.random.RandomState(0).bytes(4096)),
+     "corrupt or truncated: neither a torch zip archive nor a torch pickle"),
+    ("git lfs pointer", lambda sd, f: open(f, "w").write("version https://git-lfs.github.com/spec/v1\n"),
+     r"corrupt or truncated: neither a torch zip archive nor a torch pickle \(a Git LFS pointer"),
+])
+def test_corrupt_weight_file_is_named_corrupt_not_hostile(release, tmp_path, case, make, pattern):
+  model = str(tmp_path / "corrupt")
+  shutil.copytree(release["bin"], model)
+  shard = os.path.join(model, "pytorch_model-00001-of-00002.bin")
+  make(torch.load(shard, weights_only=True), shard)
+  with pytest.raises(torch_io.CorruptCheckpointError, match=f"pytorch_model-00001-of-00002.bin: {pattern}") as e:
+    convert.convert_release(model, release["vit"], release["bert"], str(tmp_path / "out"), image_size=42)
+  assert not isinstance(e.value, torch_io.UnsafePickleError) and "could run code" not in str(e.value)
+
+
+def _saved(sd, zip_format=True) -> bytes:
+  import io
+  buf = io.BytesIO()
+  torch.save(sd, buf, _use_new_zipfile_serialization=zip_format)
+  return buf.getvalue()
 
 
 def _broken(release, tmp_path, edit):

@@ -9,6 +9,7 @@ converted checkpoint's Flax logits are checked against a separate implementation
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -46,13 +47,40 @@ def tiny_config(llm_vocab: int, bert_vocab: int) -> C.LlamaVidConfig:
       compress_type="mean", mm_projector_type="mlp2x_gelu")
 
 
+def stored_vision(cfg: C.LlamaVidConfig) -> C.LlamaVidConfig:
+  """`cfg` with the ViT at the image size of its stored position grid."""
+  v = cfg.vision
+  return dataclasses.replace(cfg, vision=dataclasses.replace(v, image_size=v.patch_size * v.pos_embed_grid))
+
+
+def eva_tower_state(cfg: C.LlamaVidConfig, extra_blocks: int = 1, seed: int = 5) -> dict[str, np.ndarray]:
+  """The whole EVA-CLIP tower as eva_vit_g.pth ships it: `cfg.vision.depth + extra_blocks`
+  blocks, then the final `norm.*` and a `head.*` (width -> 16)."""
+  deep = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, depth=cfg.vision.depth + extra_blocks))
+  sd = torch_ref.vision_state(torch_ref.hf_vision(stored_vision(deep), seed))
+  rng, w = np.random.RandomState(seed), cfg.vision.width
+  top = {"norm.weight": 1 + rng.randn(w), "norm.bias": rng.randn(w), "head.weight": rng.randn(16, w),
+         "head.bias": rng.randn(16)}
+  return sd | {k: (0.2 * v).astype(np.float32) if k != "norm.weight" else v.astype(np.float32)
+               for k, v in top.items()}
+
+
+def with_vit_from(ref: "TorchLlamaVid", vit_sd: dict[str, np.ndarray],
+                  depth: int) -> tuple["TorchLlamaVid", list[str]]:
+  """A copy of `ref` (same Q-Former, LLM, projectors) whose ViT of `depth` blocks is
+  loaded from `vit_sd` as LAVIS does (non-strict) -> (copy, keys not taken)."""
+  out = copy.copy(ref)
+  out.cfg = dataclasses.replace(ref.cfg, vision=dataclasses.replace(ref.cfg.vision, depth=depth))
+  out.vit = torch_ref.hf_vision(stored_vision(out.cfg))
+  return out, torch_ref.load_vision_non_strict(out.vit, vit_sd)
+
+
 class TorchLlamaVid:
   """The release's forward for one sample, from transformers' towers + plain torch."""
 
   def __init__(self, cfg: C.LlamaVidConfig, seed: int = 0):
     self.cfg = cfg
-    stored = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=cfg.vision.patch_size * cfg.vision.pos_embed_grid))
-    self.vit = torch_ref.hf_vision(stored, seed)
+    self.vit = torch_ref.hf_vision(stored_vision(cfg), seed)
     self.qformer = torch_ref.hf_qformer(cfg, seed + 1)
     self.llama = torch_ref.hf_llama(cfg, seed + 2)
     g = torch.Generator().manual_seed(seed + 3)

@@ -17,13 +17,14 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None
       p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
 
+def rename(key: str, renames=()) -> str:
+  for a, b in renames:
+    key = key.replace(a, b)
+  return key
+
+
 def state(module: torch.nn.Module, renames=(), prefix="") -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in module.state_dict().items():
-    for a, b in renames:
-      k = k.replace(a, b)
-    out[prefix + k] = v.detach().numpy()
-  return out
+  return {prefix + rename(k, renames): v.detach().numpy() for k, v in module.state_dict().items()}
 
 
 def hf_vision(cfg, seed=0):
@@ -53,6 +54,26 @@ def vision_state(m) -> dict[str, np.ndarray]:
     assert not kb.any()
     sd[k.replace("qkv.bias", "q_bias")], sd[k.replace("qkv.bias", "v_bias")] = q, v
   return {k: v for k, v in sd.items() if not k.startswith("post_layernorm")}
+
+
+def load_vision_non_strict(m, sd: dict[str, np.ndarray]) -> list[str]:
+  """LAVIS's `load_state_dict(strict=False)` of an eva_vit_g.pth dict into the
+  transformers ViT `m` (q_bias, zero, v_bias -> its qkv bias); every parameter of `m`
+  (but the unused post_layernorm) must be in `sd`. Returns the keys of `sd` not taken."""
+  new, used = {}, set()
+  for k, v in m.state_dict().items():
+    key = rename(k, VISION_RENAMES)
+    if key.startswith("post_layernorm"):
+      new[k] = v
+    elif key.endswith("attn.qkv.bias"):
+      q, vb = (key.replace("qkv.bias", n) for n in ("q_bias", "v_bias"))
+      new[k] = torch.from_numpy(np.concatenate([sd[q], np.zeros_like(sd[q]), sd[vb]]))
+      used |= {q, vb}
+    else:
+      new[k] = torch.from_numpy(np.asarray(sd[key]))
+      used.add(key)
+  m.load_state_dict(new)
+  return [k for k in sd if k not in used]
 
 
 def hf_qformer(cfg, seed=0):

@@ -3,6 +3,12 @@
   python -m train.train --config configs/demo.py [--config.total_steps=100 ...]
   python -m train.train --config configs/stage2_instruct_7b.py:size=13b --config.workdir=/ckpt/s2
 
+WORKDIR gets config.json (the run's config), checkpoints/, metrics and, when a run
+ends (config.export_inference), inference/: the trained model with its tokenizers,
+loadable as a converted checkpoint (`eval.score --ckpt WORKDIR/inference`).
+`python -m llamavid_jax.export --from-train WORKDIR [--step N] --out DIR` writes the
+same for any saved step.
+
 Overrides are ml_collections `config_flags` (`--config.KEY=VALUE`, nested keys dotted);
 the config is checked (`check_config`) before anything is built or compiled.
 
@@ -120,6 +126,54 @@ def _mesh_sizes(mesh, n_dev: int, axes) -> dict[str, int]:
   return {a: (n_dev // known if v == -1 else v) for a, v in sizes.items()}
 
 
+INFERENCE_DIR = "inference"   # WORKDIR/inference: the trained model, as `convert` writes one
+
+
+class InferenceExportError(RuntimeError):
+  """WORKDIR/inference could not be written; the message names the path."""
+
+
+def _train_config(c) -> dict:
+  """The config as it reads back from WORKDIR/config.json."""
+  return json.loads(c.to_json())
+
+
+def _check_export(c) -> None:
+  """With config.export_inference, the tokenizers the inference directory copies exist."""
+  if not c.get("export_inference", False):
+    return
+  from llamavid_jax.checkpoint import orbax_io
+  try:
+    orbax_io.train_tokenizers(c.workdir, _train_config(c))
+  except FileNotFoundError as e:
+    raise ConfigError(f"config.export_inference=True needs the tokenizers: {e} (or set "
+                      "config.export_inference=False)") from None
+
+
+def _write_config(c) -> None:
+  """WORKDIR/config.json: the run's config (what `export --from-train` reads)."""
+  from llamavid_jax.checkpoint import orbax_io
+  if jax.process_index() == 0:
+    os.makedirs(c.workdir, exist_ok=True)
+    with open(os.path.join(c.workdir, orbax_io.TRAIN_CONFIG), "w") as f:
+      f.write(c.to_json(indent=2))
+
+
+def export_inference(c, params, step: int) -> str:
+  """WORKDIR/inference from the run's live `params` at `step` (params only, no
+  optimizer state; layout: checkpoint/orbax_io.py) -> its path. Raises
+  `InferenceExportError` naming the path."""
+  from llamavid_jax.checkpoint import orbax_io
+  out = os.path.join(c.workdir, INFERENCE_DIR)
+  try:
+    orbax_io.save_from_train(out, c.workdir, _train_config(c), step, params)
+  except Exception as e:
+    raise InferenceExportError(f"writing the inference directory {out} (step {step}) failed: "
+                               f"{type(e).__name__}: {e}") from e
+  logging.info("wrote the inference directory %s (step %d)", out, step)
+  return out
+
+
 class _Preemption:
   """SIGTERM sets a flag; the loop saves at the end of the current step and exits."""
 
@@ -164,12 +218,19 @@ def build(c, mesh=None) -> types.SimpleNamespace:
 
 
 def train(c) -> dict:
-  """Runs (or resumes) training. -> dict(step, losses {step: loss}, state, preempted)."""
+  """Runs (or resumes) training. -> dict(step, losses {step: loss}, state, preempted).
+
+  Writes WORKDIR/config.json at the start and, with `config.export_inference` (on by
+  default), WORKDIR/inference at the end of a run that was not preempted: the final
+  parameters with the model config and both tokenizers, in the layout `convert`
+  writes, for `eval.score` and `export`."""
   from flax import linen as nn
   from llamavid_jax.data.buckets import as_buckets, llm_length
   from train import checkpointing, metrics, optim
 
+  _check_export(c)
   b = build(c)
+  _write_config(c)
   model_cfg, d, shardings, abstract = b.model_cfg, c.data, b.shardings, b.abstract
   data = make_data(c, model_cfg)
 
@@ -206,7 +267,10 @@ def train(c) -> dict:
     preempt.restore()
     ckpt.close()
     log.close()
-  return dict(step=start + len(losses), losses=losses, state=state, preempted=preempted)
+  step = start + len(losses)
+  if c.get("export_inference", False) and not preempted:
+    export_inference(c, state["params"], step)
+  return dict(step=step, losses=losses, state=state, preempted=preempted)
 
 
 def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start):

@@ -10,12 +10,20 @@
 `restore` reads the parameters straight into arrays sharded on a mesh by the logical
 rules of `llamavid_jax.sharding` (each process reads only the slices its devices
 hold), optionally cast to another dtype.
+
+The same layout is what `train.train` leaves in WORKDIR/inference at the end of a run
+and what `llamavid_jax.export --from-train` writes for any saved step (`save_inference`;
+conversion.json then holds the run's provenance instead of a release config).
+`load_for_inference(DIR)` loads either that directory or a train WORKDIR itself
+(WORKDIR/config.json, the run's ConfigDict, + the parameters of a step of
+WORKDIR/checkpoints; tokenizers from its `data.llm_tokenizer` / `data.qformer_tokenizer`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +36,7 @@ from llamavid_jax.models.llamavid import LlamaVid
 
 PARAMS, MODEL_CONFIG, CONVERSION = "params", "model_config.json", "conversion.json"
 TOKENIZER, QFORMER_TOKENIZER = "tokenizer", "qformer_tokenizer"
+TRAIN_CONFIG, TRAIN_CHECKPOINTS = "config.json", "checkpoints"   # of a train.train WORKDIR
 
 
 def _ocp():
@@ -69,10 +78,25 @@ def save(out: str, params, cfg: C.LlamaVidConfig, conversion: dict, concurrent_g
   _to_jax_in_place(params)
   with ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=concurrent_gb)) as ckpt:
     ckpt.save(os.path.join(out, PARAMS), args=ocp.args.StandardSave(params), force=True)
-  with open(os.path.join(out, MODEL_CONFIG), "w") as f:
-    json.dump(C.to_dict(cfg), f, indent=2)
-  with open(os.path.join(out, CONVERSION), "w") as f:
-    json.dump(conversion, f, indent=1)
+  if jax.process_index() == 0:
+    with open(os.path.join(out, MODEL_CONFIG), "w") as f:
+      json.dump(C.to_dict(cfg), f, indent=2)
+    with open(os.path.join(out, CONVERSION), "w") as f:
+      json.dump(conversion, f, indent=1)
+
+
+def save_inference(out: str, params, cfg: C.LlamaVidConfig, conversion: dict, llm_tokenizer: str,
+                   qformer_tokenizer: str, exact_vocab: bool = True) -> None:
+  """A self-contained directory (module docstring): the LLM tokenizer files of
+  `llm_tokenizer`, the BERT one of `qformer_tokenizer` with `[DEC]`, then `save`.
+  exact_vocab: the Q-Former tokenizer must fill its embedding (a release) rather than
+  only fit in it (a model trained with a smaller tokenizer)."""
+  from llamavid_jax.checkpoint import release
+  if jax.process_index() == 0:
+    vocab = cfg.qformer.vocab_size if cfg.use_context_token else None
+    release.save_qformer_tokenizer(qformer_tokenizer, os.path.join(out, QFORMER_TOKENIZER), vocab, exact_vocab)
+    release.copy_llm_tokenizer(llm_tokenizer, os.path.join(out, TOKENIZER))
+  save(out, params, cfg, conversion)
 
 
 def _to_jax_in_place(tree: dict) -> None:
@@ -96,7 +120,10 @@ def load_config(ckpt: str) -> C.LlamaVidConfig:
 
 
 def load_conversion(ckpt: str) -> dict:
-  with open(os.path.join(ckpt, CONVERSION)) as f:
+  path = os.path.join(ckpt, CONVERSION)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{ckpt}: no {CONVERSION}")
+  with open(path) as f:
     return json.load(f)
 
 
@@ -152,3 +179,102 @@ def restore(ckpt: str, mesh: jax.sharding.Mesh | None = None, dtype=None, rules=
     return checkpointer.restore(os.path.join(ckpt, PARAMS), target)
   finally:
     checkpointer.close()
+
+
+class Inference(typing.NamedTuple):
+  """What running a model needs, from `load_for_inference`."""
+  cfg: C.LlamaVidConfig
+  params: dict
+  tokenizer: typing.Any            # the LLM tokenizer (transformers)
+  qformer_tokenizer: typing.Any    # BERT with [DEC], left truncation
+  meta: dict                       # conversion.json, or the train run's provenance
+
+
+def is_train_workdir(path: str) -> bool:
+  return os.path.exists(os.path.join(path, TRAIN_CONFIG)) and os.path.isdir(os.path.join(path, TRAIN_CHECKPOINTS))
+
+
+def read_train_config(workdir: str) -> dict:
+  """WORKDIR/config.json (train.train's ConfigDict as JSON) -> dict."""
+  path = os.path.join(workdir, TRAIN_CONFIG)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir}: not a train.train WORKDIR (no {TRAIN_CONFIG}: the run's config is "
+                            "written there at its start)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def train_tokenizers(workdir: str, train_cfg: dict) -> tuple[str, str]:
+  """The (LLM, Q-Former) tokenizer directories a run used: its data.llm_tokenizer and
+  data.qformer_tokenizer (relative paths: from the working directory)."""
+  out = []
+  for key in ("llm_tokenizer", "qformer_tokenizer"):
+    path = (train_cfg.get("data") or {}).get(key)
+    if not path or not os.path.isdir(path):
+      raise FileNotFoundError(f"{os.path.join(workdir, TRAIN_CONFIG)}: data.{key}={path!r}: no such directory")
+    out.append(path)
+  return out[0], out[1]
+
+
+def train_step(workdir: str, step: int | None = None) -> int:
+  """`step` (checked to be saved) or the latest step of WORKDIR/checkpoints."""
+  ckdir = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINTS)
+  steps = sorted(int(n) for n in os.listdir(ckdir) if n.isdigit()) if os.path.isdir(ckdir) else []
+  if not steps or (step is not None and step not in steps):
+    raise FileNotFoundError(f"{ckdir}: no checkpoint of step {step if step is not None else '(any)'}; "
+                            f"saved steps: {steps}")
+  return steps[-1] if step is None else step
+
+
+def restore_train_params(workdir: str, step: int, dtype=None) -> dict:
+  """The parameters of a train checkpoint (`state/params` of WORKDIR/checkpoints/STEP),
+  as host numpy, without reading the optimizer state."""
+  ocp = _ocp()
+  path = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINTS, str(step), "state")
+  with ocp.PyTreeCheckpointer() as ckpt:
+    meta = ckpt.metadata(path).item_metadata.tree["params"]
+    item = {"params": jax.tree.map(lambda m: np.zeros((), m.dtype), meta)}
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    params = ckpt.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                            partial_restore=True))["params"]
+  return params if dtype is None else jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
+
+
+def train_provenance(workdir: str, step: int, train_cfg: dict) -> dict:
+  """conversion.json of an inference directory made from a train run."""
+  return dict(source="train.train", workdir=os.path.abspath(workdir), step=step,
+              image_aspect_ratio=(train_cfg.get("data") or {}).get("image_aspect", "pad"))
+
+
+def save_from_train(out: str, workdir: str, train_cfg: dict, step: int, params=None) -> None:
+  """An inference directory (`save_inference`) of a train run's `step`: `params`, or
+  (None) those of WORKDIR/checkpoints/STEP; tokenizers per `train_tokenizers`."""
+  llm_dir, q_dir = train_tokenizers(workdir, train_cfg)
+  cfg = C.from_dict(train_cfg["model"])
+  params = restore_train_params(workdir, step) if params is None else params
+  save_inference(out, params, cfg, train_provenance(workdir, step, train_cfg), llm_dir, q_dir, exact_vocab=False)
+
+
+def load_for_inference(path: str, *, step: int | None = None, dtype=None,
+                       mesh: jax.sharding.Mesh | None = None) -> Inference:
+  """A converted / inference directory, or a train WORKDIR (its `step`, default the
+  latest) -> `Inference`. Missing files are named before any parameter is read."""
+  from llamavid_jax.data.tokenizer import load_llm_tokenizer, load_qformer_tokenizer
+  if os.path.exists(os.path.join(path, MODEL_CONFIG)):
+    cfg, meta = load_config(path), load_conversion(path)
+    llm_dir, q_dir = os.path.join(path, TOKENIZER), os.path.join(path, QFORMER_TOKENIZER)
+    load = lambda: restore(path, mesh, dtype, cfg=cfg)
+  elif is_train_workdir(path):
+    train_cfg = read_train_config(path)
+    cfg, step = C.from_dict(train_cfg["model"]), train_step(path, step)
+    llm_dir, q_dir = train_tokenizers(path, train_cfg)
+    meta = train_provenance(path, step, train_cfg)
+    if mesh is not None:
+      raise ValueError(f"{path}: a train WORKDIR is restored on the host; export it (--from-train) for a mesh")
+    load = lambda: restore_train_params(path, step, dtype)
+  else:
+    raise FileNotFoundError(f"{path}: neither a converted / inference directory (no {MODEL_CONFIG}) nor a "
+                            f"train WORKDIR (no {TRAIN_CONFIG} + {TRAIN_CHECKPOINTS}/)")
+  tok = load_llm_tokenizer(llm_dir)
+  qtok = load_qformer_tokenizer(q_dir, max_length=cfg.qformer.max_text_len)
+  return Inference(cfg, load(), tok, qtok, meta)

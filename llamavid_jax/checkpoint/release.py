@@ -63,11 +63,47 @@ def _shape(shapes, key: str, file: str) -> tuple[int, ...]:
   return tuple(shapes[key])
 
 
+# EVA-CLIP's final LayerNorm and projection head: in the released eva_vit_g.pth, never
+# built by LAVIS (nor the release), which loads the file non-strictly.
+TOWER_TOP = ("norm.", "head.")
+
+
+def vit_layout(shapes, depth: int | None = None, file: str = "eva_vit_g.pth") -> tuple[int, list[str]]:
+  """-> (ViT depth to build, keys of the file it does not take).
+
+  A file with the tower's final `norm.*` / `head.*` is the whole EVA-CLIP tower: as
+  LAVIS, build one block less (the feature is the penultimate block's output) and
+  ignore the last block, `norm` and `head`. `depth` overrides the depth; blocks from
+  `depth` on are ignored then."""
+  blocks = _count(shapes, r"blocks\.(\d+)\.attn\.qkv\.weight")
+  if blocks != list(range(len(blocks))) or not blocks:
+    raise ValueError(f"{file}: ViT blocks {blocks}: expected blocks.0 .. blocks.N-1")
+  whole = any(k.startswith(TOWER_TOP) for k in shapes)
+  if depth is None:
+    depth = len(blocks) - 1 if whole and len(blocks) > 1 else len(blocks)
+  if not 1 <= depth <= len(blocks):
+    raise ValueError(f"{file}: ViT depth {depth} (--vit-depth): the file holds {len(blocks)} blocks")
+  block = re.compile(r"blocks\.(\d+)\.")
+  ignored = [k for k in shapes if k.startswith(TOWER_TOP) or ((m := block.match(k)) and int(m.group(1)) >= depth)]
+  return depth, ignored
+
+
+def ignored_summary(keys) -> str:
+  """Ignored keys for a log line, each block's grouped: "blocks.39.* (16 tensors),
+  norm.weight, norm.bias, head.weight, head.bias"."""
+  groups: dict[str, int] = {}
+  for k in keys:
+    m = re.match(r"(blocks\.\d+\.)", k)
+    g = m.group(1) + "*" if m else k
+    groups[g] = groups.get(g, 0) + 1
+  return ", ".join(f"{g} ({n} tensors)" if g.endswith("*") else g for g, n in groups.items())
+
+
 def vision_config(shapes, image_size: int, head_dim: int = VIT_HEAD_DIM,
-                  file: str = "eva_vit_g.pth") -> C.VisionConfig:
-  """EVA-ViT sizes from `eva_vit_g.pth` key shapes ({key: shape})."""
+                  file: str = "eva_vit_g.pth", depth: int | None = None) -> C.VisionConfig:
+  """EVA-ViT sizes from `eva_vit_g.pth` key shapes ({key: shape}); depth per `vit_layout`."""
   width, _, patch, _ = _shape(shapes, "patch_embed.proj.weight", file)
-  depth = len(_count(shapes, r"blocks\.(\d+)\.attn\.qkv\.weight"))
+  depth, _ = vit_layout(shapes, depth, file)
   mlp = _shape(shapes, "blocks.0.mlp.fc1.weight", file)[0]
   n_pos = _shape(shapes, "pos_embed", file)[1] - 1
   g = int(round(n_pos ** 0.5))
@@ -121,10 +157,11 @@ def llm_config(hf: dict) -> C.LlmConfig:
 
 def model_config(hf: dict, model_shapes, vit_shapes, *, image_size: int | None = None,
                  vit_head_dim: int = VIT_HEAD_DIM, qformer_head_dim: int = QFORMER_HEAD_DIM,
-                 model_file: str = "config.json", vit_file: str = "eva_vit_g.pth") -> C.LlamaVidConfig:
+                 model_file: str = "config.json", vit_file: str = "eva_vit_g.pth",
+                 vit_depth: int | None = None) -> C.LlamaVidConfig:
   """Release `config.json` dict + {key: shape} of the model dir and of the ViT file."""
   size = image_size or image_size_from_processor(hf.get("image_processor"))
-  vision = vision_config(vit_shapes, size, vit_head_dim, vit_file)
+  vision = vision_config(vit_shapes, size, vit_head_dim, vit_file, vit_depth)
   mm_hidden = hf.get("mm_hidden_size", vision.width)
   if mm_hidden != vision.width:
     raise ValueError(f"{model_file}: mm_hidden_size {mm_hidden} != ViT width {vision.width} "
@@ -156,12 +193,13 @@ def copy_llm_tokenizer(src: str, dst: str) -> list[str]:
   return names
 
 
-def save_qformer_tokenizer(bert_dir: str, dst: str, vocab_size: int | None = None) -> int:
+def save_qformer_tokenizer(bert_dir: str, dst: str, vocab_size: int | None = None, exact: bool = True) -> int:
   """bert-base-uncased `vocab.txt` dir -> `dst` with `[DEC]` added as bos (as the
-  release does); checks it fits the Q-Former's embedding. Returns the vocab size."""
+  release does); checks it fills the Q-Former's embedding (`exact`) or fits in it.
+  Returns the vocab size."""
   from llamavid_jax.data.tokenizer import load_qformer_tokenizer
   tok = load_qformer_tokenizer(bert_dir)
-  if vocab_size is not None and len(tok) != vocab_size:
+  if vocab_size is not None and (len(tok) != vocab_size if exact else len(tok) > vocab_size):
     raise ValueError(f"{bert_dir}: BERT tokenizer with [DEC] has {len(tok)} tokens but the "
                      f"Q-Former's word embedding has {vocab_size} rows")
   tok.save_pretrained(dst)

@@ -2,8 +2,10 @@
 
 * `.bin` / `.pth` go through `torch.load(weights_only=True)`: the unpickler only
   rebuilds tensors and plain containers, so a pickle that would run code is refused
-  (`UnsafePickleError`) and the code never runs. Files in torch's zip format are
-  memory-mapped (`mmap=True`): a shard's tensors are paged in as they are converted.
+  (`UnsafePickleError`) and the code never runs; a file that is not a complete torch
+  file (truncated, empty, a Git LFS pointer) is a `CorruptCheckpointError`. Files in
+  torch's zip format are memory-mapped (`mmap=True`): a shard's tensors are paged in
+  as they are converted.
   torch is imported only here and only for these files (an optional extra).
 * `.safetensors` is read with the `safetensors` package's numpy API (bf16 through
   ml_dtypes), never importing torch.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import zipfile
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -30,6 +34,10 @@ class UnsafePickleError(RuntimeError):
 
 class CheckpointFormatError(ValueError):
   """A weight file or directory that is not laid out as expected."""
+
+
+class CorruptCheckpointError(CheckpointFormatError):
+  """A `.bin`/`.pth` that is not a complete torch file (truncated, empty, another format)."""
 
 
 def _import_torch():
@@ -58,25 +66,54 @@ def numpy_to_torch(a: np.ndarray):
   return torch.from_numpy(np.array(a, copy=True))   # restored arrays may be read-only
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch's legacy header: PROTO n, then the magic number pickled as LONG1 (10 bytes)
+_LEGACY_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _format_of(path: str) -> str:
+  """The format of a torch file: "zip" (torch's default) or "legacy" (one pickle
+  stream); raises `CorruptCheckpointError` naming the file when it is neither."""
+  with open(path, "rb") as f:
+    head = f.read(32)
+  if head.startswith(_ZIP_MAGIC):
+    if not zipfile.is_zipfile(path):
+      raise CorruptCheckpointError(f"{path}: corrupt or truncated: a zip archive without its central "
+                                   f"directory ({os.path.getsize(path)} bytes); download it again")
+    return "zip"
+  if head[:1] == b"\x80" and head[2:14] == _LEGACY_MAGIC:
+    return "legacy"
+  what = ("a Git LFS pointer, not the weights" if head.startswith(b"version https://git-lfs")
+          else "empty" if not head else f"starts with {head[:8]!r}")
+  raise CorruptCheckpointError(f"{path}: corrupt or truncated: neither a torch zip archive nor a torch "
+                               f"pickle ({what}, {os.path.getsize(path)} bytes)")
+
+
+def _refused_globals(e: Exception) -> bool:
+  """Whether torch's weights-only unpickler refused a global/class (a pickle that
+  could run code), as opposed to bytes it cannot parse."""
+  return isinstance(e, pickle.UnpicklingError) and bool(re.search(r"GLOBAL|[Uu]nsupported (global|class)", str(e)))
+
+
 def load_pickled(path: str) -> dict:
   """`.bin` / `.pth` -> its (nested) dict of torch tensors, weights-only. Raises
-  `UnsafePickleError` naming the file if the pickle holds anything else."""
+  `UnsafePickleError` naming the file if the pickle holds anything else, and
+  `CorruptCheckpointError` if the file is not a (complete) torch file."""
   torch = _import_torch()
   if not os.path.exists(path):
     raise FileNotFoundError(f"weight file not found: {path}")
-  kw = dict(map_location="cpu", weights_only=True)
+  kind = _format_of(path)
   try:
-    try:
-      return torch.load(path, mmap=True, **kw)
-    except RuntimeError as e:          # legacy (non-zip) format cannot be mmapped
-      if "mmap" not in str(e):
-        raise
-      return torch.load(path, **kw)
-  except pickle.UnpicklingError as e:
-    first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-    raise UnsafePickleError(
-        f"{path}: refused to load: its pickle holds objects other than tensors and plain "
-        f"containers, which could run code (torch weights_only loading: {first[:300]})") from None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+  except Exception as e:
+    lines = str(e).strip().splitlines()
+    first = next((l for l in reversed(lines) if "Unsupported" in l or "GLOBAL" in l), lines[-1] if lines else "")
+    if _refused_globals(e):
+      raise UnsafePickleError(
+          f"{path}: refused to load: its pickle holds objects other than tensors and plain "
+          f"containers, which could run code (torch weights_only loading: {first[:300]})") from None
+    raise CorruptCheckpointError(f"{path}: corrupt or truncated {kind} torch file: "
+                                 f"{type(e).__name__}: {(first or repr(e))[:300]}") from e
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, object]]:
