@@ -81,7 +81,7 @@ def test_stop_strings_cut_the_answer(tmp_path):
   from transformers import AutoTokenizer
   from tests.data_fixtures import make_llm_tokenizer
   tok = AutoTokenizer.from_pretrained(make_llm_tokenizer(str(tmp_path / "llm")))
-  # "What is this? USER: Hello </s> Hi." and "Red. ###"-free text
+  # row 0: "What is this? USER: Hello" </s> "Hi."; row 1 has no eos
   tokens = np.array([[29, 30, 31, 25, 35, 2, 36], [34, 36, 35, 38, 37, 39, 40]])
   assert G.answers(tokens, tok, eos_id=2) == ["What is this? USER: Hello", "Red. Hi. Hello it. Describe dog runs."]
   assert G.answers(tokens, tok, eos_id=2, stop=("USER:", "it.")) == ["What is this?", "Red. Hi. Hello"]
