@@ -1,48 +1,179 @@
 """Decoding: prefill the prompt into a KV cache, then extend it one token at a time.
 
-One jitted function per (batch shapes, max_new_tokens): the token loop is a
-`lax.scan`, so decoding costs one dispatch, not one per token.
+  generate(model, params, batch, max_new_tokens=64, eos_id=2)        # greedy, one dispatch
+  generate(..., rng=key, **CHAT)                                     # temperature 0.2, top_p 0.7
+  for toks in stream(model, params, batch, ...): ...                 # int32[B, k] per chunk
+  generate_text(model, params, batch, tokenizer, stop=("###",), ...) # strings cut at stops
+  batch = batch_requests([req, ...], text_buckets=(64, 128))         # left padded, bucketed
+
+`generate` jits prefill plus a `lax.scan` over the new tokens (one dispatch, one
+compile per (batch shapes, settings)). `stream` jits the prefill and a scanned chunk of
+k tokens, and yields each chunk as it is produced; both draw step i's sample with
+`fold_in(rng, i)`, so they give the same tokens. After a row emits `eos_id` every later
+token is `eos_id`. Stop strings need the tokenizer: `answers` cuts the decoded text on
+the host. `batch_requests` left-pads requests of different prompt lengths and frame
+counts into one batch whose text length and frame count are rounded up to buckets, so
+that a stream of requests compiles once per bucket.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llamavid_jax.models import LlamaVid, spliced_length
 
+CHAT = dict(temperature=0.2, top_p=0.7)   # the release's chat sampling
+_INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
+_STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p", "prefill_chunk", "dtype")
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature"))
-def generate(model: LlamaVid, params, batch: dict, rng: jax.Array | None = None, *, max_new_tokens: int,
-             eos_id: int, temperature: float = 0.0) -> jax.Array:
-  """batch: the model's inputs (input_ids, text_mask, frame_mask, qformer_ids,
-  qformer_mask, frames | features) -> int32[B, max_new_tokens] new tokens; after a
-  sample's `eos_id` every further token is `eos_id`. temperature 0 = greedy."""
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> jax.Array:
+  """float32[B, V] -> int32[B]: argmax at temperature 0, else a draw from
+  softmax(logits / temperature) restricted to the top_k tokens (0: all) and to the
+  smallest set whose probability reaches top_p (the most likely token always stays)."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    ranked = jnp.sort(logits, -1)[:, ::-1]
+    probs = jax.nn.softmax(ranked, -1)
+    keep = (jnp.cumsum(probs, -1) - probs) < top_p                        # [B, V], a prefix
+    floor = jnp.take_along_axis(ranked, keep.sum(-1, keepdims=True) - 1, -1)
+    logits = jnp.where(logits < floor, -jnp.inf, logits)
+  return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def _model(model: LlamaVid, dtype: str | None) -> LlamaVid:
+  return model if dtype is None else LlamaVid(dataclasses.replace(model.cfg, dtype=dtype))
+
+
+def prompt_length(model: LlamaVid, batch: dict) -> int:
+  """S' spliced positions of the batch's prompts (models/splice.py: spliced_length)."""
+  q = batch["qformer_ids"]
+  return spliced_length(batch["input_ids"].shape[1], batch["frame_mask"].shape[1], model.cfg.tokens_per_frame,
+                        q.shape[1] if q.ndim == 3 else 1)
+
+
+def _prefill(model, params, batch, max_len, prefill_chunk):
+  """-> (logits float32[B, V], cache, done bool[B])."""
   inputs = {k: v for k, v in batch.items() if k in _INPUTS}
-  prompts = inputs["qformer_ids"].shape[1] if inputs["qformer_ids"].ndim == 3 else 1
-  s_out = spliced_length(inputs["input_ids"].shape[1], inputs["frame_mask"].shape[1], model.cfg.tokens_per_frame,
-                         prompts)
-  logits, cache = model.apply({"params": params}, **inputs, max_len=s_out + max_new_tokens,
+  logits, cache = model.apply({"params": params}, **inputs, max_len=max_len, chunk=prefill_chunk,
                               method=LlamaVid.prefill_cache)
-  rng = jax.random.key(0) if rng is None else rng
-  b = logits.shape[0]
+  return logits, cache, jnp.zeros(logits.shape[:1], bool)
 
-  def pick(logits, key):
-    if temperature == 0.0:
-      return jnp.argmax(logits, -1).astype(jnp.int32)
-    return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
 
-  def step(carry, key):
+def _decode(model, params, state, rng, start, n, eos_id, temperature, top_k, top_p):
+  """n steps from `state` = (logits, cache, done); step i (counted from `start`) samples
+  with fold_in(rng, i) -> (state, int32[B, n])."""
+
+  def step(carry, i):
     logits, cache, done = carry
-    tok = jnp.where(done, eos_id, pick(logits, key))
+    tok = jnp.where(done, eos_id, sample(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p))
     done = done | (tok == eos_id)
     logits, cache = model.apply({"params": params}, tok, cache, method=LlamaVid.extend_cache)
     return (logits, cache, done), tok
 
-  _, tokens = jax.lax.scan(step, (logits, cache, jnp.zeros((b,), bool)), jax.random.split(rng, max_new_tokens))
-  return tokens.T
+  state, tokens = jax.lax.scan(step, state, start + jnp.arange(n))
+  return state, tokens.T
 
 
-_INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def generate(model: LlamaVid, params, batch: dict, rng: jax.Array | None = None, *, max_new_tokens: int,
+             eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, prefill_chunk: int = 0,
+             dtype: str | None = None) -> jax.Array:
+  """batch: the model's inputs (input_ids, text_mask, frame_mask, qformer_ids,
+  qformer_mask, frames | features; padding left, right or both) -> int32[B, max_new_tokens]
+  new tokens; after a sample's `eos_id` every further token is `eos_id`.
+  temperature 0 = greedy; `prefill_chunk` C > 0 prefills C positions at a time;
+  `dtype` overrides the model config's compute dtype ("bfloat16", "float32")."""
+  model = _model(model, dtype)
+  state = _prefill(model, params, batch, prompt_length(model, batch) + max_new_tokens, prefill_chunk)
+  rng = jax.random.key(0) if rng is None else rng
+  return _decode(model, params, state, rng, 0, max_new_tokens, eos_id, temperature, top_k, top_p)[1]
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 3, 4))
+_decode_jit = jax.jit(_decode, static_argnums=(0, 5, 7, 8, 9))
+
+
+def stream(model: LlamaVid, params, batch: dict, rng: jax.Array | None = None, *, max_new_tokens: int,
+           eos_id: int, chunk: int = 8, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           prefill_chunk: int = 0, dtype: str | None = None) -> Iterator[np.ndarray]:
+  """`generate`, yielding int32[B, k] numpy chunks of k = `chunk` tokens (the last one
+  shorter) as they are produced; stops early once every row has emitted `eos_id`.
+  The concatenated chunks equal `generate`'s tokens (with the same arguments)."""
+  model = _model(model, dtype)
+  steps = -(-max_new_tokens // chunk) * chunk
+  state = _prefill_jit(model, params, batch, prompt_length(model, batch) + steps, prefill_chunk)
+  rng = jax.random.key(0) if rng is None else rng
+  for start in range(0, max_new_tokens, chunk):
+    state, toks = _decode_jit(model, params, state, rng, jnp.int32(start), chunk, eos_id, temperature, top_k, top_p)
+    yield np.asarray(toks)[:, :max_new_tokens - start]
+    if bool(np.asarray(state[2]).all()):
+      return
+
+
+def answers(tokens, tokenizer, *, eos_id: int, stop: Sequence[str] = ()) -> list[str]:
+  """int[B, n] generated ids -> B strings: each row up to its first `eos_id`, decoded
+  without special tokens and cut before the first of the `stop` strings (a template's
+  separator: "###", "</s>")."""
+  out = []
+  for row in np.asarray(tokens).tolist():
+    row = row[:row.index(eos_id)] if eos_id in row else row
+    text = tokenizer.decode(row, skip_special_tokens=True)
+    cut = min([i for i in (text.find(s) for s in stop) if i >= 0], default=len(text))
+    out.append(text[:cut].strip())
+  return out
+
+
+def generate_text(model: LlamaVid, params, batch: dict, tokenizer, *, stop: Sequence[str] = (),
+                  eos_id: int | None = None, **kw) -> list[str]:
+  """`generate` (kw: max_new_tokens, rng, sampling, ...) -> B answers cut at eos and
+  at the stop strings; eos_id defaults to the tokenizer's."""
+  eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
+  return answers(generate(model, params, batch, eos_id=eos_id, **kw), tokenizer, eos_id=eos_id, stop=stop)
+
+
+# --- batching requests ------------------------------------------------------------------
+def bucket(n: int, buckets: Sequence[int] | None = None) -> int:
+  """The smallest of `buckets` >= n (None: the next power of two)."""
+  if buckets is None:
+    return 1 << max(n - 1, 0).bit_length()
+  fits = [b for b in buckets if b >= n]
+  if not fits:
+    raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
+  return min(fits)
+
+
+def batch_requests(requests: Sequence[dict], *, text_buckets: Sequence[int] | None = None,
+                   frame_buckets: Sequence[int] | None = None, pad_id: int = 0) -> dict:
+  """Requests (input_ids int[S_i]; frames float[T_i, H, W, 3] or features
+  float[T_i, N+1, C]; qformer_ids, qformer_mask [L] or [P, L]) -> one model batch:
+  text LEFT padded to the text bucket of the longest prompt, frames padded at the end
+  to the frame bucket of the longest video (frame_mask marks the real ones), the
+  Q-Former instructions right padded to the longest."""
+  media = "frames" if "frames" in requests[0] else "features"
+  s = bucket(max(len(r["input_ids"]) for r in requests), text_buckets)
+  t = bucket(max(len(r[media]) for r in requests), frame_buckets)
+  l = max(np.shape(r["qformer_ids"])[-1] for r in requests)
+  out = {k: [] for k in ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", media)}
+  for r in requests:
+    ids, m = np.asarray(r["input_ids"], np.int32), np.asarray(r[media])
+    out["input_ids"].append(np.pad(ids, (s - len(ids), 0), constant_values=pad_id))
+    out["text_mask"].append(np.arange(s) >= s - len(ids))
+    out[media].append(np.pad(m, [(0, t - len(m))] + [(0, 0)] * (m.ndim - 1)))
+    out["frame_mask"].append(np.arange(t) < len(m))
+    for k in ("qformer_ids", "qformer_mask"):
+      q = np.asarray(r[k])
+      out[k].append(np.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, l - q.shape[-1])]))
+  return {k: np.stack(v) for k, v in out.items()}

@@ -142,10 +142,15 @@ class LlamaVid(nn.Module):
 
   # --- decoding (big_vision style) ------------------------------------------------
   def prefill_cache(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
-                    frames=None, features=None, *, max_len: int):
+                    frames=None, features=None, *, max_len: int, chunk: int = 0):
     """Runs the prompt into a fresh cache of `max_len` slots -> (float32[B, V] logits of
     each sample's last real token, cache dict(k, v, valid bool[B, max_len],
-    index int32[] next free slot, pos int32[B] next position))."""
+    index int32[] next free slot, pos int32[B] next position)).
+
+    Padding may sit anywhere (left padding included): positions are cumsum(valid) and
+    padded slots are masked by `valid`. `chunk` = C > 0 runs the LLM over the S'
+    spliced positions C at a time (an nn.scan writing the cache chunk by chunk), so
+    activation memory grows with C, not with S'."""
     x, layout, _ = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
     b, s = layout.valid.shape
     if s > max_len:
@@ -153,12 +158,41 @@ class LlamaVid(nn.Module):
     valid = jnp.zeros((b, max_len), bool).at[:, :s].set(layout.valid)
     positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0)
     slots = jnp.broadcast_to(jnp.arange(s), (b, s))
+    last = jnp.max(jnp.where(layout.valid, slots, 0), axis=1)              # [B] last real slot
     kv = self.llm.init_cache(b, max_len, x.dtype)
-    h, kv = self.llm(x, positions, slots, valid, kv, 0)
+    if chunk <= 0 or chunk >= s:
+      h, kv = self.llm(x, positions, slots, valid, kv, 0)
+      h_last = jnp.take_along_axis(h, last[:, None, None], 1)[:, 0]
+    else:
+      h_last, kv = self._prefill_chunks(x, positions, valid, last, kv, chunk)
     n = layout.valid.sum(axis=1)
-    last = jnp.take_along_axis(h, jnp.maximum(n - 1, 0)[:, None, None], 1)[:, 0]
     cache = dict(kv, valid=valid, index=jnp.int32(s), pos=n.astype(jnp.int32))
-    return self.llm.logits(last), cache
+    return self.llm.logits(h_last), cache
+
+  def _prefill_chunks(self, x, positions, valid, last, kv, chunk):
+    """x: float[B, S', D]; positions int32[B, S']; valid bool[B, max_len]; last int32[B]
+    -> (float[B, D] hidden at `last`, cache): an nn.scan over S' // C chunks of C
+    positions, then the remainder."""
+    b, s, d = x.shape
+    n = s // chunk
+
+    def run(mdl, carry, xs):
+      kv, h_last = carry
+      xc, pc, start = xs
+      sc = start + jnp.broadcast_to(jnp.arange(xc.shape[1]), pc.shape)
+      h, kv = mdl.llm(xc, pc, sc, valid, kv, start)
+      mine = (last >= start) & (last < start + xc.shape[1])
+      pick = jnp.take_along_axis(h, jnp.clip(last - start, 0, xc.shape[1] - 1)[:, None, None], 1)[:, 0]
+      return (kv, jnp.where(mine[:, None], pick, h_last)), None
+
+    split = lambda a: jnp.moveaxis(a[:, :n * chunk].reshape((b, n, chunk) + a.shape[2:]), 1, 0)
+    scan = nn.scan(run, variable_broadcast="params", split_rngs={"params": False}, length=n)
+    carry = (kv, jnp.zeros((b, d), x.dtype))
+    carry, _ = scan(self, carry, (split(x), split(positions), jnp.arange(n, dtype=jnp.int32) * chunk))
+    if s % chunk:
+      carry, _ = run(self, carry, (x[:, n * chunk:], positions[:, n * chunk:], jnp.int32(n * chunk)))
+    kv, h_last = carry
+    return h_last, kv
 
   def extend_cache(self, token: jax.Array, cache: dict):
     """token: int32[B] -> (float32[B, V] next-token logits, cache with it appended)."""

@@ -1,0 +1,181 @@
+"""Generation: left-padded batches, sampling, stop strings, buckets, streaming, chunked prefill."""
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from llamavid_jax import generate as G
+from llamavid_jax.models import LlamaVid
+
+L = 6
+
+
+def request(cfg, rng, s, t, placeholder=2):
+  """One request: s text ids (bos, <image> at `placeholder`), t frames as ViT features."""
+  ids = rng.randint(3, cfg.llm.vocab_size, s).astype(np.int32)
+  ids[0], ids[placeholder] = 1, cfg.image_token_id
+  n1, c = cfg.input_spec.feature_shape
+  return dict(input_ids=ids, features=rng.randn(t, n1, c).astype(np.float32),
+              qformer_ids=rng.randint(1, cfg.qformer.vocab_size, L).astype(np.int32),
+              qformer_mask=np.arange(L) < rng.randint(2, L + 1))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_cfg):
+  rng = np.random.RandomState(0)
+  reqs = [request(tiny_cfg, rng, s, t) for s, t in ((5, 3), (9, 1), (7, 2))]
+  model = LlamaVid(tiny_cfg)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), **G.batch_requests(reqs))["params"])
+  return model, params, reqs
+
+
+def right_padded(batch):
+  """The left-padded batch with each row's text moved to the start."""
+  out = dict(batch)
+  order = np.argsort(~batch["text_mask"], axis=1, kind="stable")
+  for k in ("input_ids", "text_mask"):
+    out[k] = np.take_along_axis(batch[k], order, 1)
+  return out
+
+
+def test_cached_greedy_equals_argmax_of_full_forward_left_padded(setup):
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs)
+  assert batch["input_ids"].shape == (3, 16) and batch["frame_mask"].shape == (3, 4)
+  assert not batch["text_mask"][:, 0].any() and batch["text_mask"][:, -1].all()    # left padded
+  new = np.asarray(G.generate(model, params, batch, max_new_tokens=4, eos_id=-1))
+  apply = jax.jit(model.apply)
+  for k in range(4):
+    full = dict(batch, input_ids=np.concatenate([batch["input_ids"], new[:, :k]], 1),
+                text_mask=np.concatenate([batch["text_mask"], np.ones((3, k), bool)], 1))
+    logits, out = apply({"params": params}, **full)
+    valid = np.asarray(out["layout"].valid)
+    last = valid.shape[1] - 1 - np.argmax(valid[:, ::-1], 1)            # rows end in unused frame slots
+    np.testing.assert_array_equal(np.argmax(np.asarray(logits)[np.arange(3), last], -1), new[:, k])
+
+
+def test_batched_equals_one_at_a_time_and_right_padding(setup):
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs)
+  got = np.asarray(G.generate(model, params, batch, max_new_tokens=6, eos_id=-1))
+  for i, r in enumerate(reqs):
+    alone = G.batch_requests([r], text_buckets=[len(r["input_ids"])], frame_buckets=[len(r["features"])])
+    np.testing.assert_array_equal(np.asarray(G.generate(model, params, alone, max_new_tokens=6, eos_id=-1))[0],
+                                  got[i])
+  # the demo's call: right-padded prompts (text_mask cut at the answer) give the same tokens
+  right = np.asarray(G.generate(model, params, right_padded(batch), max_new_tokens=6, eos_id=-1))
+  np.testing.assert_array_equal(right, got)
+
+
+def test_eos_ends_a_row(setup):
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs)
+  free = np.asarray(G.generate(model, params, batch, max_new_tokens=6, eos_id=-1))
+  eos = int(free[0, 2])
+  got = np.asarray(G.generate(model, params, batch, max_new_tokens=6, eos_id=eos))
+  np.testing.assert_array_equal(got[0], list(free[0, :2]) + [eos] * 4)
+
+
+def test_stop_strings_cut_the_answer(tmp_path):
+  from transformers import AutoTokenizer
+  from tests.data_fixtures import make_llm_tokenizer
+  tok = AutoTokenizer.from_pretrained(make_llm_tokenizer(str(tmp_path / "llm")))
+  # row 0: "What is this? USER: Hello" </s> "Hi."; row 1 has no eos
+  tokens = np.array([[29, 30, 31, 25, 35, 2, 36], [34, 36, 35, 38, 37, 39, 40]])
+  assert G.answers(tokens, tok, eos_id=2) == ["What is this? USER: Hello", "Red. Hi. Hello it. Describe dog runs."]
+  assert G.answers(tokens, tok, eos_id=2, stop=("USER:", "it.")) == ["What is this?", "Red. Hi. Hello"]
+  assert G.answers(tokens, tok, eos_id=-1, stop=("</s>",))[0] == "What is this? USER: Hello Hi."   # decoded skipping specials
+
+
+def test_top_p_to_zero_is_greedy_and_sampling_is_seeded(setup):
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs)
+  run = lambda **kw: np.asarray(G.generate(model, params, batch, max_new_tokens=8, eos_id=-1, **kw))
+  greedy = run()
+  np.testing.assert_array_equal(run(rng=jax.random.key(1), temperature=1.0, top_p=1e-6), greedy)
+  np.testing.assert_array_equal(run(rng=jax.random.key(1), temperature=1.0, top_k=1), greedy)
+  a = run(rng=jax.random.key(1), temperature=1.0)
+  np.testing.assert_array_equal(run(rng=jax.random.key(1), temperature=1.0), a)
+  assert not np.array_equal(run(rng=jax.random.key(2), temperature=1.0), a)
+  assert not np.array_equal(a, greedy)
+  chat = run(rng=jax.random.key(1), **G.CHAT)
+  assert ((chat >= 0) & (chat < model.cfg.llm.vocab_size)).all()
+
+
+def test_sample_top_k_and_top_p_keep_the_right_sets():
+  logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+  draws = lambda **kw: {int(G.sample(logits, jax.random.key(i), 1.0, **kw)[0]) for i in range(200)}
+  assert draws(top_k=2) == {0, 1}
+  assert draws(top_p=0.7) == {0, 1}        # 0.5 < 0.7 <= 0.8
+  assert draws(top_p=0.85) == {0, 1, 2}
+  assert draws() == {0, 1, 2, 3}
+
+
+def test_twenty_requests_compile_once_per_bucket(setup, tiny_cfg):
+  model, params, _ = setup
+  rng = np.random.RandomState(1)
+  compiles = []
+  listen = lambda name, secs, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" \
+      else None
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  buckets = set()
+  try:
+    for _ in range(20):
+      r = request(tiny_cfg, rng, rng.randint(3, 30), rng.randint(1, 4))
+      batch = G.batch_requests([r], text_buckets=(8, 16, 32), frame_buckets=(2, 4))
+      buckets.add((batch["input_ids"].shape[1], batch["frame_mask"].shape[1]))
+      G.generate(model, params, batch, max_new_tokens=2, eos_id=-1).block_until_ready()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert 1 < len(buckets) <= 6
+  assert 0 < len(compiles) <= len(buckets), (len(compiles), buckets)
+
+
+def test_stream_equals_generate(setup):
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs)
+  for kw in (dict(max_new_tokens=10, chunk=4), dict(max_new_tokens=16, rng=jax.random.key(3), **G.CHAT)):
+    chunks = list(G.stream(model, params, batch, eos_id=-1, **kw))
+    kw.pop("chunk", None)
+    assert [c.shape[1] for c in chunks] in ([4, 4, 2], [8, 8])
+    np.testing.assert_array_equal(np.concatenate(chunks, 1),
+                                  np.asarray(G.generate(model, params, batch, eos_id=-1, **kw)))
+
+
+def test_stream_stops_when_every_row_ended(setup):
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs[:1])
+  first = int(np.asarray(G.generate(model, params, batch, max_new_tokens=1, eos_id=-1))[0, 0])
+  chunks = list(G.stream(model, params, batch, max_new_tokens=32, eos_id=first, chunk=4))
+  assert len(chunks) == 1 and chunks[0].tolist() == [[first] * 4]
+
+
+def test_chunked_prefill_equals_one_shot(setup):
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs)
+  s = G.prompt_length(model, batch)
+  prefill = jax.jit(lambda c: model.apply({"params": params}, **batch, max_len=s + 4, chunk=c,
+                                          method=LlamaVid.prefill_cache), static_argnums=0)
+  want_logits, want = prefill(0)
+  for chunk in (4, 7):           # 19 positions: 4 chunks + 3, 2 chunks + 5
+    logits, cache = prefill(chunk)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-5)
+    real = np.asarray(want["valid"])[None, :, :, None, None]        # padding slots hold junk, never read
+    for k in ("k", "v"):
+      np.testing.assert_allclose(np.where(real, cache[k], 0), np.where(real, want[k], 0), atol=1e-5)
+    for k in ("valid", "index", "pos"):
+      np.testing.assert_array_equal(cache[k], want[k])
+  np.testing.assert_array_equal(G.generate(model, params, batch, max_new_tokens=6, eos_id=-1, prefill_chunk=4),
+                                G.generate(model, params, batch, max_new_tokens=6, eos_id=-1))
+
+
+def test_bfloat16_generation(setup):
+  """dtype="bfloat16" computes and caches in bfloat16 (parameters stay fp32)."""
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs)
+  bf16 = G._model(model, "bfloat16")
+  _, cache = bf16.apply({"params": params}, **batch, max_len=24, method=LlamaVid.prefill_cache)
+  assert cache["k"].dtype == jax.numpy.bfloat16
+  got = np.asarray(G.generate(model, params, batch, max_new_tokens=4, eos_id=-1, dtype="bfloat16"))
+  assert got.shape == (3, 4) and ((got >= 0) & (got < model.cfg.llm.vocab_size)).all()
