@@ -88,6 +88,7 @@ def test_stop_strings_cut_the_answer(tmp_path):
   assert G.answers(tokens, tok, eos_id=-1, stop=("</s>",))[0] == "What is this? USER: Hello Hi."   # decoded skipping specials
 
 
+@pytest.mark.slow
 def test_top_p_to_zero_is_greedy_and_sampling_is_seeded(setup):
   model, params, reqs = setup
   batch = G.batch_requests(reqs)
@@ -112,6 +113,7 @@ def test_sample_top_k_and_top_p_keep_the_right_sets():
   assert draws() == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_twenty_requests_compile_once_per_bucket(setup, tiny_cfg):
   model, params, _ = setup
   rng = np.random.RandomState(1)
@@ -132,6 +134,7 @@ def test_twenty_requests_compile_once_per_bucket(setup, tiny_cfg):
   assert 0 < len(compiles) <= len(buckets), (len(compiles), buckets)
 
 
+@pytest.mark.slow
 def test_stream_equals_generate(setup):
   model, params, reqs = setup
   batch = G.batch_requests(reqs)
@@ -170,6 +173,7 @@ def test_chunked_prefill_equals_one_shot(setup):
                                 G.generate(model, params, batch, max_new_tokens=6, eos_id=-1))
 
 
+@pytest.mark.slow
 def test_bfloat16_generation(setup):
   """dtype="bfloat16" computes and caches in bfloat16 (parameters stay fp32)."""
   model, params, reqs = setup

@@ -4,6 +4,7 @@ attention's memory stays linear in the sequence under the scanned layers."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.config import LlmConfig
@@ -12,6 +13,7 @@ from train import step as S
 from train.toy_data import ToyBatches
 
 
+@pytest.mark.slow
 def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tiny_cfg):
   model = LlamaVid(tiny_cfg)
   batch = next(ToyBatches(tiny_cfg, 2, 20, 3, 6, True))                # precomputed features: no ViT to compile

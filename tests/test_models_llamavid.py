@@ -154,6 +154,7 @@ def test_padding_frames_do_not_change_the_answer(video, tiny_cfg):
   np.testing.assert_allclose(logits[1, :n], logits2[0, :n], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_image_without_compression_gives_one_plus_grid_tokens():
   cfg = tiny.model_config("image")
   model = LlamaVid(cfg)
@@ -197,6 +198,7 @@ def test_text_only_sample_next_to_a_video_sample(video, tiny_cfg):
   np.testing.assert_allclose(logits[1, :8], logits2[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_reaches_every_trained_part(video, tiny_cfg):
   """Non-zero gradient in every leaf (every layer slice) the release trains; zero in the
   frozen ViT. The one exception, as in the release: the Q-Former's last layer's text
@@ -278,6 +280,7 @@ def test_frame_chunks_equal_all_frames_at_once(tiny_cfg):
   np.testing.assert_allclose(out2["context_attention"], out["context_attention"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_generate_greedy_equals_argmax_of_full_forward(video, tiny_cfg):
   """Cached greedy decoding picks, at every step, the argmax of a full forward pass
   over the prompt plus the tokens chosen so far."""

@@ -58,6 +58,7 @@ def test_ring_matches_reference_on_a_mesh(mesh_shape):
   assert_close(got, want)
 
 
+@pytest.mark.slow
 def test_llamavid_with_ring_attention_equals_xla(tiny_cfg):
   """The whole model on a (fsdp 2, sequence 4) mesh with ring attention in the LLM."""
   cfg = dataclasses.replace(tiny_cfg, attention_impl="ring")
