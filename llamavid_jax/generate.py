@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llamavid_jax.models import LlamaVid, spliced_length
+from llamavid_jax.models import LlamaVid
+from llamavid_jax.models.splice import batch_spliced_length
 
 CHAT = dict(temperature=0.2, top_p=0.7)   # the release's chat sampling
 _INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
@@ -59,9 +60,7 @@ def _model(model: LlamaVid, dtype: str | None) -> LlamaVid:
 
 def prompt_length(model: LlamaVid, batch: dict) -> int:
   """S' spliced positions of the batch's prompts (models/splice.py: spliced_length)."""
-  q = batch["qformer_ids"]
-  return spliced_length(batch["input_ids"].shape[1], batch["frame_mask"].shape[1], model.cfg.tokens_per_frame,
-                        q.shape[1] if q.ndim == 3 else 1)
+  return batch_spliced_length(batch, model.cfg.tokens_per_frame)
 
 
 def _prefill(model, params, batch, max_len, prefill_chunk):

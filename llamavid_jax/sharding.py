@@ -47,19 +47,28 @@ INPUT_AXES: dict[str, tuple[str | None, ...]] = {
 }
 
 
+def mesh_sizes(shape: dict[str, int], num_devices: int) -> dict[str, int]:
+  """Axis sizes over (data, fsdp, tensor, sequence) for `num_devices`; a size of -1
+  takes the remaining devices. Raises ValueError (unknown axis, sizes that do not fit)."""
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+  sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+  if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+    raise ValueError("sizes must be positive, with at most one -1")
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if num_devices % known or (-1 not in sizes.values() and known != num_devices):
+    raise ValueError(f"{known} devices do not fit the {num_devices} devices there are")
+  return {a: (num_devices // known if v == -1 else v) for a, v in sizes.items()}
+
+
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh over (data, fsdp, tensor, sequence); a size of -1 takes the remaining devices."""
+  """Mesh over (data, fsdp, tensor, sequence) (see `mesh_sizes`)."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh {shape}: at most one axis may be -1")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"mesh {shape}: {len(devices)} devices not divisible by {known}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+  try:
+    sizes = list(mesh_sizes(shape, len(devices)).values())
+  except ValueError as e:
+    raise ValueError(f"mesh {dict(shape)}: {e}") from None
   try:   # topology-aware order on TPU / GPU; plain order on CPU
     arr = mesh_utils.create_device_mesh(sizes, devices)
   except NotImplementedError:   # a TPU torus that cannot hold this shape

@@ -20,7 +20,6 @@ Several processes (one per host, or 2 x 4 CPU devices on localhost for tests):
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import types
@@ -80,14 +79,17 @@ def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
   Raises `ConfigError` naming the key."""
   from llamavid_jax.data.buckets import as_bucket, llm_length
   from llamavid_jax.models.config import from_dict
-  from llamavid_jax.sharding import MESH_AXES
+  from llamavid_jax.sharding import mesh_sizes
 
   positive = {"batch_size": c.batch_size, "total_steps": c.total_steps, "accum_steps": c.accum_steps,
               "ckpt.every": c.ckpt.every, "log.every": c.log.every}
   for key, v in positive.items():
     if not isinstance(v, int) or v <= 0:
       raise ConfigError(f"config.{key}={v!r}: must be a positive integer")
-  sizes = dict(mesh_shape) if mesh_shape is not None else _mesh_sizes(c.mesh, jax.device_count(), MESH_AXES)
+  try:
+    sizes = dict(mesh_shape) if mesh_shape is not None else mesh_sizes(dict(c.mesh), jax.device_count())
+  except ValueError as e:
+    raise ConfigError(f"config.mesh={dict(c.mesh)}: {e}") from None
   rows, n_proc = c.accum_steps * sizes.get("data", 1) * sizes.get("fsdp", 1), jax.process_count()
   if c.batch_size % rows or c.batch_size % n_proc:
     raise ConfigError(f"config.batch_size={c.batch_size}: must be a multiple of accum_steps x mesh data x fsdp "
@@ -110,20 +112,6 @@ def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
       raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: {b.text_len} text + {b.prompts} slot(s) x "
                         f"({b.frames} frames x {spec.tokens_per_frame} tokens - 1) = {llm_length(b, spec)} "
                         f"LLM positions > config.data.max_len={d.max_len}")
-
-
-def _mesh_sizes(mesh, n_dev: int, axes) -> dict[str, int]:
-  """config.mesh (one size may be -1: the remaining devices) -> axis sizes over n_dev devices."""
-  unknown = set(mesh) - set(axes)
-  if unknown:
-    raise ConfigError(f"config.mesh: unknown axes {sorted(unknown)}; the mesh axes are {axes}")
-  sizes = {a: int(mesh.get(a, 1)) for a in axes}
-  if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
-    raise ConfigError(f"config.mesh={dict(mesh)}: sizes must be positive, with at most one -1")
-  known = math.prod(v for v in sizes.values() if v != -1)
-  if n_dev % known or (-1 not in sizes.values() and known != n_dev):
-    raise ConfigError(f"config.mesh={dict(mesh)}: {known} devices do not fit the {n_dev} devices there are")
-  return {a: (n_dev // known if v == -1 else v) for a, v in sizes.items()}
 
 
 INFERENCE_DIR = "inference"   # WORKDIR/inference: the trained model, as `convert` writes one

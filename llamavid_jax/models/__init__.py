@@ -5,7 +5,7 @@ import importlib
 
 _WHERE = {
     "InputSpec": "config", "LlamaVidConfig": "config", "LlmConfig": "config", "QFormerConfig": "config",
-    "VisionConfig": "config", "LlamaVid": "llamavid", "IGNORE": "splice", "Layout": "splice",
+    "VisionConfig": "config", "LlamaVid": "llamavid", "IGNORE": "splice", "Layout": "splice", "batch_spliced_length": "splice",
     "splice_labels": "splice", "splice_layout": "splice", "spliced_length": "splice",
 }
 __all__ = sorted(_WHERE)

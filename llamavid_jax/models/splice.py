@@ -28,6 +28,14 @@ def spliced_length(text_len: int, num_frames: int, tokens_per_frame: int, num_pr
   return text_len + num_prompts * (k - 1) if k else text_len
 
 
+def batch_spliced_length(batch: dict, tokens_per_frame: int) -> int:
+  """S' of a batch of model inputs, from its shapes (static under jit): input_ids [B, S],
+  frame_mask [B, T], qformer_ids [B, P, L] (or [B, L]: P = 1)."""
+  q = batch["qformer_ids"]
+  return spliced_length(batch["input_ids"].shape[1], batch["frame_mask"].shape[1], tokens_per_frame,
+                        q.shape[1] if q.ndim == 3 else 1)
+
+
 class Layout(NamedTuple):
   """Where each of the S' = S + P*(T*tokens_per_frame - 1) LLM positions comes from."""
   text_idx: jax.Array   # int32[B, S'] index into the text ids
