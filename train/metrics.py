@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from llamavid_jax.models.splice import batch_spliced_length, spliced_length
+from llamavid_jax.models.splice import spliced_length
 from llamavid_jax.models.token_gen import projector
 
 # Dense bf16 peak per device in TFLOP/s, by `device_kind` prefix (vendor figures).
@@ -202,12 +202,6 @@ def _step_of(line: str) -> float:
     return json.loads(line)["step"]
   except (ValueError, KeyError, TypeError):
     return math.inf
-
-
-def llm_positions(batch: dict, tokens_per_frame: int) -> int:
-  """B * S': the LLM positions (text, visual and padding) of a batch's logits, from
-  its shapes (static under jit)."""
-  return batch["input_ids"].shape[0] * batch_spliced_length(batch, tokens_per_frame)
 
 
 def save_loss_curve(history, path: str):

@@ -23,8 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llamavid_jax import sharding
 from llamavid_jax.models import LlamaVid, splice_labels
-from llamavid_jax.models.splice import IGNORE
-from train.metrics import llm_positions
+from llamavid_jax.models.splice import IGNORE, batch_spliced_length
 from train.optim import TRAINABLE
 
 MODEL_INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
@@ -109,8 +108,9 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
     full = _merge(labels, g, jax.tree.map(jnp.zeros_like, frozen))       # set_to_zero ignores these
     updates, opt_state = tx.update(full, state["opt_state"], params)
     new = dict(step=state["step"] + 1, params=optax.apply_updates(params, updates), opt_state=opt_state)
+    positions = batch["input_ids"].shape[0] * batch_spliced_length(batch, model.cfg.tokens_per_frame)   # B * S'
     metrics = dict(loss=s / denom, tokens=n, grad_norm=grad_norm, lr=schedule(state["step"]),
-                   positions=jnp.int32(llm_positions(batch, model.cfg.tokens_per_frame)))
+                   positions=jnp.int32(positions))
     return new, metrics
 
   return train_step
