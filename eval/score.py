@@ -27,43 +27,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llamavid_jax.checkpoint import orbax_io
-from llamavid_jax.data import IMAGE_TOKEN
-from llamavid_jax.data.conversation import build_prompt, get_template, tokenize_with_image
+from llamavid_jax import inference
+from llamavid_jax.inference import inference_prompt  # noqa: F401  (the prompt, re-exported)
+from llamavid_jax.data.conversation import tokenize_with_image
 from llamavid_jax.models import LlamaVid
 
 log = logging.getLogger("eval.score")
 
 
-def inference_prompt(question: str, template: str = "vicuna_v1") -> str:
-  """The release's `conv.get_prompt()` after (USER: <image>\\n question), (ASSISTANT: None)."""
-  t = get_template(template)
-  return build_prompt(t, [f"{IMAGE_TOKEN}\n{question}"]) + f"{t.roles[1]}:"
-
-
 class Scorer:
-  """A model loaded once (`orbax_io.load_for_inference`: a converted or inference
-  directory, or a train WORKDIR's latest step); `score` per (media, question, answer)."""
+  """A model loaded once (`inference.load`: a converted or inference directory, or a
+  train WORKDIR's latest step); `score` per (media, question, answer)."""
 
-  def __init__(self, ckpt: str, dtype=None):
-    m = orbax_io.load_for_inference(ckpt, dtype=dtype)
-    self.cfg, self.params, self.tokenizer, self.qtokenizer = m.cfg, m.params, m.tokenizer, m.qformer_tokenizer
-    aspect = m.meta.get("release_config", m.meta).get("image_aspect_ratio", "pad")
-    self.image_aspect = "pad" if aspect == "pad" else "crop"
+  def __init__(self, ckpt: str | inference.Model, dtype: str = "float32"):
+    self.m = ckpt if isinstance(ckpt, inference.Model) else inference.load(ckpt, dtype=dtype)
+    self.cfg, self.params, self.tokenizer, self.qtokenizer = self.m.cfg, self.m.params, self.m.tokenizer, self.m.qtokenizer
     self._apply = jax.jit(LlamaVid(self.cfg).apply)
-
-  # --- media -> model inputs ----------------------------------------------------
-  def video_frames(self, path: str) -> np.ndarray:
-    """float32[T, S, S, 3]: frames at 1 fps, CLIP-preprocessed."""
-    from llamavid_jax.data.image import preprocess_frames
-    from llamavid_jax.data.video import load_video   # the data issue's decoder
-    frames, _ = load_video(path, fps=1.0)
-    return preprocess_frames(frames, size=self.cfg.vision.image_size)
-
-  def image_frames(self, path: str) -> np.ndarray:
-    """float32[1, S, S, 3]: one image, padded to square (per config), CLIP-preprocessed."""
-    from llamavid_jax.data.image import load_image, preprocess_image
-    return preprocess_image(load_image(path), size=self.cfg.vision.image_size, aspect=self.image_aspect)[None]
 
   def token_ids(self, question: str, answer: str, with_eos: bool = False) -> tuple[list[int], int]:
     """-> (LLM ids of prompt + answer with one -200, number of prompt ids)."""
@@ -109,14 +88,13 @@ def main(argv=None) -> None:
   p.add_argument("--question", required=True)
   p.add_argument("--answer", required=True)
   p.add_argument("--with-eos", action="store_true", help="also score the closing </s>")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   a = p.parse_args(argv)
-  scorer = Scorer(a.ckpt, dtype=jnp.float32 if a.dtype == "float32" else jnp.bfloat16)
-  if a.features:
-    from llamavid_jax.data.sources import load_features
-    kw = dict(features=load_features(a.features)[0])
-  else:
-    kw = dict(frames=scorer.video_frames(a.video) if a.video else scorer.image_frames(a.image))
+  path, flag = next((getattr(a, k), k) for k in ("video", "image", "features") if getattr(a, k))
+  inference.check_file(path, f"--{flag}")
+  scorer = Scorer(a.ckpt, dtype=a.dtype)
+  media = scorer.m.media(**{flag: path})
+  kw = {media.kind: media.array}
   print(json.dumps(scorer.score(a.question, a.answer, with_eos=a.with_eos, **kw)))
 
 

@@ -1,0 +1,120 @@
+"""Chat with a checkpoint about a video, an image or a feature file.
+
+  python -m eval.chat --ckpt DIR (--video F | --image F | --features F) [--question Q]
+      [--temperature 0.2] [--top-p 0.7] [--max-new-tokens 512] [--dtype float32|bfloat16]
+      [--json] [--seed 0] [--prefill-chunk 0]
+
+DIR: a converted / inference directory (`llamavid_jax.convert`, a run's WORKDIR/inference)
+or a `train.train` WORKDIR (its latest step). With `--question` it prints one answer;
+without it runs the release's interactive loop (`serve/cli.py`): "USER: " reads a
+question (an empty line or end of input quits), "ASSISTANT: " streams the answer,
+and the conversation goes on with the media in the latest turn and the latest question
+as the Q-Former instruction (`llamavid_jax/inference.py` has the prompt). The history
+keeps each answer without its `</s>` (the release stores it with, which doubles the
+separator in its next prompt).
+
+`--temperature 0` is greedy; the defaults are the release's chat sampling. `--json`
+prints one object per answer, {"text": ..., "token_ids": [...]}, the ids being the
+generated LLM ids without the prompt and without `</s>`. Arguments and files are
+checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from llamavid_jax import inference
+
+
+def parser(description: str = __doc__) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--ckpt", required=True, help="converted / inference directory, or a train.train WORKDIR")
+  media = p.add_mutually_exclusive_group(required=True)
+  media.add_argument("--video", help="a video file (frames at 1 fps)")
+  media.add_argument("--image", help="an image file")
+  media.add_argument("--features", help=".npy / .safetensors float[T, N+1, C] ViT features")
+  p.add_argument("--question", help="ask once and exit (else: an interactive loop)")
+  add_sampling(p)
+  p.add_argument("--json", action="store_true", help='print {"text", "token_ids"} per answer')
+  return p
+
+
+def add_sampling(p: argparse.ArgumentParser) -> None:
+  """The generation flags that the chat, the web demo and the benchmark runner share."""
+  p.add_argument("--temperature", type=float, default=inference.CHAT["temperature"], help="0: greedy")
+  p.add_argument("--top-p", type=float, default=inference.CHAT["top_p"])
+  p.add_argument("--max-new-tokens", type=int, default=512)
+  p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--prefill-chunk", type=int, default=0, help="prefill C positions at a time (0: all at once)")
+
+
+def check_sampling(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
+  """Validates the sampling flags (p.error exits) -> keyword arguments of generate/stream."""
+  if a.temperature < 0:
+    p.error(f"--temperature must be >= 0, got {a.temperature}")
+  if not 0 < a.top_p <= 1:
+    p.error(f"--top-p must be in (0, 1], got {a.top_p}")
+  if a.max_new_tokens < 1:
+    p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+  if a.prefill_chunk < 0:
+    p.error(f"--prefill-chunk must be >= 0, got {a.prefill_chunk}")
+  return dict(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed,
+              prefill_chunk=a.prefill_chunk)
+
+
+def check_ckpt(p: argparse.ArgumentParser, path: str) -> None:
+  if not os.path.isdir(path):
+    p.error(f"--ckpt {path}: no such directory")
+
+
+def _turn(m: inference.Model, turns: list[str], media: inference.Media, kw: dict, as_json: bool, out) -> str:
+  """Streams one answer to `out` (or prints its JSON) -> the answer's text."""
+  req = m.request(turns, media)
+  if as_json:
+    [ans] = m.generate([req], **kw)
+    print(json.dumps({"text": ans.text, "token_ids": ans.token_ids}), file=out, flush=True)
+    return ans.text
+  for piece in m.stream(req, **kw):
+    print(piece, end="", file=out, flush=True)
+  print(file=out, flush=True)
+  return m.last_answer.text
+
+
+def main(argv=None, stdin=None, stdout=None) -> None:
+  p = parser()
+  a = p.parse_args(argv)
+  kw = check_sampling(p, a)
+  check_ckpt(p, a.ckpt)
+  flag = next(k for k in ("video", "image", "features") if getattr(a, k))
+  path = getattr(a, flag)
+  if not os.path.isfile(path):
+    p.error(f"--{flag} {path}: no such file")
+  stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+  m = inference.load(a.ckpt, dtype=a.dtype)
+  try:
+    media = m.media(**{flag: path})
+  except inference.MediaError as e:
+    sys.exit(f"eval.chat: {e}")
+  if a.question is not None:
+    _turn(m, [a.question], media, kw, a.json, stdout)
+    return
+  turns: list[str] = []
+  user, bot = "USER", "ASSISTANT"
+  while True:
+    print(f"{user}: ", end="", file=stdout, flush=True)
+    line = stdin.readline()
+    if not line.strip():
+      print("exit...", file=stdout)
+      return
+    turns.append(line.strip())
+    if not a.json:
+      print(f"{bot}: ", end="", file=stdout, flush=True)
+    turns.append(_turn(m, turns, media, kw, a.json, stdout))
+
+
+if __name__ == "__main__":
+  main()
