@@ -89,22 +89,25 @@ def check_file(path: str, what: str) -> str:
   return path
 
 
-def prompt_turns(turns: Sequence[str]) -> list[str]:
+def prompt_turns(turns: Sequence[str], media: bool = True) -> list[str]:
   """User / assistant texts (alternating, ending with a user turn) -> the same turns
-  with `<image>` removed everywhere and put at the start of the latest user turn."""
+  with `<image>` removed everywhere and, with media, put at the start of the latest
+  user turn."""
   if len(turns) % 2 != 1:
     raise ValueError(f"turns must alternate user, assistant and end with a user turn; got {len(turns)}")
   clean = [t.replace(IMAGE_TOKEN, "").strip() for t in turns]
-  clean[-1] = f"{IMAGE_TOKEN}\n{clean[-1]}"
+  if media:
+    clean[-1] = f"{IMAGE_TOKEN}\n{clean[-1]}"
   return clean
 
 
-def inference_prompt(turns: Sequence[str] | str, template: str = "vicuna_v1") -> str:
+def inference_prompt(turns: Sequence[str] | str, template: str = "vicuna_v1", media: bool = True) -> str:
   """The release's `conv.get_prompt()` with the assistant's reply left open:
-  "{system} USER: <image>\\n{question} ASSISTANT:" for one question."""
+  "{system} USER: <image>\\n{question} ASSISTANT:" for one question (no `<image>`
+  for a text-only question)."""
   turns = [turns] if isinstance(turns, str) else list(turns)
   t = get_template(template)
-  return build_prompt(t, prompt_turns(turns)) + f"{t.roles[1]}:"
+  return build_prompt(t, prompt_turns(turns, media)) + f"{t.roles[1]}:"
 
 
 class Model:
@@ -135,9 +138,8 @@ class Model:
         from llamavid_jax.data.sources import load_features
         arr, kind = load_features(features)[0], "features"
       elif image:
-        from llamavid_jax.data.image import load_image, preprocess_image
-        arr = preprocess_image(load_image(image), size=self.cfg.vision.image_size, aspect=self.image_aspect)[None]
-        kind = "frames"
+        from llamavid_jax.data.image import load_image
+        return self.image_media(load_image(image), image)
       else:
         from llamavid_jax.data.image import preprocess_frames
         from llamavid_jax.data.video import load_video
@@ -153,15 +155,28 @@ class Model:
       raise MediaError(path, f"{arr.shape[0]} frames at 1 fps, more than the cap of {self.max_frames}")
     return Media(kind, np.asarray(arr, np.float32), path)
 
+  def image_media(self, img, path: str = "") -> Media:
+    """A PIL image -> Media: padded to a square of the mean colour when the checkpoint's
+    `image_aspect_ratio` is `pad`, then CLIP-preprocessed."""
+    from llamavid_jax.data.image import preprocess_image
+    arr = preprocess_image(img.convert("RGB"), size=self.cfg.vision.image_size, aspect=self.image_aspect)[None]
+    return Media("frames", np.asarray(arr, np.float32), path)
+
   # --- requests -------------------------------------------------------------------
-  def request(self, turns: Sequence[str] | str, media: Media) -> dict:
-    """User / assistant turns ending with the question (or one question) + media ->
-    one request for `generate.batch_requests`: input_ids int[S] of the prompt,
-    qformer_ids / qformer_mask int[L] of the latest question, the media array."""
+  def request(self, turns: Sequence[str] | str, media: Media | None, instruction: str | None = None) -> dict:
+    """User / assistant turns ending with the question (or one question) + media (None:
+    a text-only question, zero frames) -> one request for `generate.batch_requests`:
+    input_ids int[S] of the prompt, qformer_ids / qformer_mask int[L] of the Q-Former
+    instruction (default: the latest question), the media array."""
     turns = [turns] if isinstance(turns, str) else list(turns)
-    q = self.qtokenizer(turns[-1].replace(IMAGE_TOKEN, "").strip(), truncation=True,
-                        max_length=self.cfg.qformer.max_text_len)
-    return {"input_ids": np.asarray(tokenize_with_image(inference_prompt(turns), self.tokenizer), np.int32),
+    if instruction is None:
+      instruction = turns[-1].replace(IMAGE_TOKEN, "").strip()
+    q = self.qtokenizer(instruction, truncation=True, max_length=self.cfg.qformer.max_text_len)
+    if media is None:
+      s = self.cfg.vision.image_size
+      media = Media("frames", np.zeros((0, s, s, 3), np.float32))
+    prompt = inference_prompt(turns, media=media.num_frames > 0)
+    return {"input_ids": np.asarray(tokenize_with_image(prompt, self.tokenizer), np.int32),
             "qformer_ids": np.asarray(q.input_ids, np.int32), "qformer_mask": np.asarray(q.attention_mask, bool),
             media.kind: media.array}
 

@@ -1,0 +1,55 @@
+"""Benchmark Items -> answers with a loaded model: batched, jitted generation.
+
+  p = Predictor(inference.load(ckpt), batch_size=8, max_new_tokens=64, temperature=0.0)
+  texts = p.predict(items)            # one answer per `eval.benchmarks.common.Item`
+
+Each Item's media (video at 1 fps, image, feature file, or none) is read on the host,
+its prompt becomes the release's single-turn inference prompt (`<image>\\n` + prompt,
+`llamavid_jax/inference.py`) with the Item's `instruction` as the Q-Former text, and
+`batch_size` Items at a time go through one left-padded `generate` call. Prompt lengths
+and frame counts are rounded up to powers of two (`generate.batch_requests`), so a
+benchmark compiles once per (text bucket, frame bucket), not once per question.
+Media that cannot be read raise `inference.MediaError` naming the file; the runner
+counts and names those per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from llamavid_jax import inference
+
+
+class Predictor:
+  def __init__(self, model: inference.Model, *, batch_size: int = 1, max_new_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, prefill_chunk: int = 0,
+               stop: Sequence[str] = ()):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.model, self.batch_size = model, batch_size
+    self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   prefill_chunk=prefill_chunk, stop=tuple(stop))
+
+  def media(self, item) -> inference.Media | None:
+    """The Item's media as model input (None for a text-only question)."""
+    if item.kind == "none" or item.media is None:
+      return None
+    if not isinstance(item.media, str):   # an in-memory PIL image (MMBench's decoded base64)
+      return self.model.image_media(item.media)
+    kind = "image" if item.kind == "image" else inference.media_kind(item.media)
+    return self.model.media(**{kind: item.media})
+
+  def requests(self, items) -> list[dict]:
+    return [self.model.request(it.prompt, self.media(it), instruction=it.instruction) for it in items]
+
+  def predict(self, items) -> list[str]:
+    """Items -> answers, `batch_size` at a time (the last batch may be smaller)."""
+    out: list[str] = []
+    for i in range(0, len(items), self.batch_size):
+      reqs = self.requests(items[i:i + self.batch_size])
+      kinds = {("features" if "features" in r else "frames") for r in reqs}
+      if len(kinds) > 1:   # frames and feature files cannot share a batch
+        out += [self.model.generate([r], **self.kw)[0].text for r in reqs]
+      else:
+        out += [a.text for a in self.model.generate(reqs, **self.kw)]
+    return out
