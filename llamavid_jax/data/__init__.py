@@ -7,6 +7,8 @@ Modules (import them directly; this package keeps its import light):
   frames        the release's frame choice (indices and counts; pure)
   video         PyAV decoding at 1 fps (`load_video`)
   sources       LLaVA JSON reader, feature files, random-access sources
+  features      movie feature files: the release's .pkl read without running it,
+                .safetensors written (`python -m llamavid_jax.data.features convert`)
   media         one decoder of a sample's media (`decode`), for pipeline and TFDS
   buckets       sample lengths -> bucket (`choose_bucket`; pure)
   rows          encoded text + decoded media -> padded rows, batches

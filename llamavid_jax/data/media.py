@@ -13,7 +13,8 @@ One decoder for the pipeline and the TFDS builder:
 
 Errors are `SampleError`s naming the field and file: `missing_file`,
 `unreadable_image`, `no_video_stream`, `unreadable_video`, `empty_video`,
-`pickle_features`, `unreadable_features`, `bad_features`, `bad_frames`.
+`pickle_features`, `unreadable_features`, `bad_features`, `bad_inputs` (a movie's
+`inputs` placeholders do not match its frames), `bad_frames`.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ JSON format (the release's): a list of samples
    "video": "rel/path.mp4"}          a video under `video_folder`, or
    "video": "rel/path.npy"|".safetensors"}  precomputed long-video features
                                      float32[T, N+1, C] (EVA-g: N+1 = 257, C = 1408)
-or neither (text only). The release's pickled features (`.pkl`) are refused: never
-unpickle data files. A `.safetensors` feature file holds one tensor (or one named
-`features`) and may carry a `prompt` metadata string (the Q-Former instruction).
+or neither (text only). The release's pickled features (`.pkl`) are refused here: never
+unpickle data files; `python -m llamavid_jax.data.features convert` turns them into
+`.safetensors` (reading them without running them). A `.safetensors` feature file holds one
+tensor (or one named `features`) and may carry `prompt` (the Q-Former instruction) and
+`inputs` (a movie's `<image>` + subtitles text, `features.Movie`) metadata strings.
 
 A source returns `RawSample`s by index (`src[i]`, cheap, picklable) and knows each
 sample's frame count cheaply (`num_frames`, by `frames.frame_count`: the rule the
@@ -26,6 +28,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from llamavid_jax.data import DataError, SampleError
+from llamavid_jax.data import features as features_lib
 from llamavid_jax.data import frames as frames_lib
 
 MediaKind = Literal["none", "image", "video", "features", "frames"]
@@ -80,12 +83,14 @@ def sampled_frame_count(num_frames: int, avg_fps: float, fps: float | None,
   return frames_lib.frame_count(num_frames, avg_fps, fps, max_frames)
 
 
+PICKLE_REFUSED = ("pickled features are not read (unsafe); convert them to .safetensors with "
+                  "`python -m llamavid_jax.data.features convert`")
+
+
 def refuse_pickle(sample: RawSample) -> None:
   """Raises `SampleError` (`pickle_features`) for the release's `.pkl` features."""
   if sample.path and sample.path.endswith(".pkl"):
-    raise SampleError("pickle_features", "video",
-                      "pickled features are not read (unsafe); convert to .npy or .safetensors",
-                      sample.path)
+    raise SampleError("pickle_features", "video", PICKLE_REFUSED, sample.path)
 
 
 def probe_video(path: str) -> tuple[int, float]:
@@ -113,6 +118,10 @@ def probe_video(path: str) -> tuple[int, float]:
   return n, avg_fps
 
 
+def _sample_error(e: features_lib.MovieError) -> SampleError:
+  return SampleError(e.reason, "video", e.detail, e.path)
+
+
 def feature_file_shape(path: str) -> tuple[int, ...]:
   """Shape of a `.npy` / `.safetensors` feature file, read from its header only."""
   if not os.path.exists(path):
@@ -123,47 +132,30 @@ def feature_file_shape(path: str) -> tuple[int, ...]:
     from safetensors import safe_open
 
     with safe_open(path, framework="numpy") as f:
-      return tuple(f.get_slice(_feature_key(f.keys(), path)).get_shape())
-  except _feature_file_errors() as e:
+      return tuple(f.get_slice(features_lib.tensor_key(f.keys(), path)).get_shape())
+  except features_lib.MovieError as e:
+    raise _sample_error(e) from None
+  except features_lib.file_errors() as e:
     raise SampleError("unreadable_features", "video", f"{type(e).__name__}: {e}", path) from None
+
+
+def load_movie(path: str) -> features_lib.Movie:
+  """The features (stored dtype), `inputs` and `prompt` of a `.npy` / `.safetensors`
+  feature file (`features.read_movie`: [T > 0, N+1, C], T placeholders in `inputs`).
+  Raises `SampleError` (field `video`): `pickle_features` for a `.pkl`, `missing_file`,
+  `unreadable_features`, `bad_features`, `bad_inputs`."""
+  if path.endswith(".pkl"):
+    raise SampleError("pickle_features", "video", PICKLE_REFUSED, path)
+  try:
+    return features_lib.read_movie(path)
+  except features_lib.MovieError as e:
+    raise _sample_error(e) from None
 
 
 def load_features(path: str) -> tuple[np.ndarray, str | None]:
-  """float32[T, N+1, C] features and the optional stored Q-Former prompt."""
-  if not os.path.exists(path):
-    raise SampleError("missing_file", "video", "file not found", path)
-  try:
-    if path.endswith(".npy"):
-      return np.load(path, allow_pickle=False).astype(np.float32), None
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as f:
-      feats = f.get_tensor(_feature_key(f.keys(), path))
-      prompt = (f.metadata() or {}).get("prompt")
-    return feats.astype(np.float32), prompt
-  except _feature_file_errors() as e:
-    raise SampleError("unreadable_features", "video", f"{type(e).__name__}: {e}", path) from None
-
-
-def _feature_file_errors() -> tuple[type[BaseException], ...]:
-  """What numpy and safetensors raise for a broken feature file (evaluated only when
-  something was raised, so safetensors loads lazily): OSError (I/O, mmap),
-  ValueError (bad header, pickled data refused), EOFError (empty `.npy`),
-  SafetensorError (bad `.safetensors` header), TypeError (a dtype numpy lacks)."""
-  from safetensors import SafetensorError
-
-  return (OSError, ValueError, EOFError, TypeError, SafetensorError)
-
-
-
-def _feature_key(keys, path: str) -> str:
-  keys = list(keys)
-  if "features" in keys:
-    return "features"
-  if len(keys) == 1:
-    return keys[0]
-  raise SampleError("unreadable_features", "video",
-                    f"expected one tensor or one named 'features', found {keys}", path)
+  """float32[T, N+1, C] features and the optional stored Q-Former prompt (`load_movie`)."""
+  movie = load_movie(path)
+  return movie.feats.astype(np.float32), movie.prompt
 
 
 class LlavaJsonSource:
