@@ -62,13 +62,17 @@ def get_config(arg: str | None = None):
                 text_len=80, num_frames=4, qformer_len=12, use_features=False, template="imgsp_v1",
                 buckets=((80, 4, 4),), num_epochs=0, worker_count=0, max_len=512, video_fps=None,
                 max_frames=4, nan_batch=-1)
-  c.eval = dict(heldout_path=root + "/heldout.json")   # 200 single-question clips, for train/demo.py
+  # The 200 single-question held-out clips, asked the video-QA benchmarks' way after the
+  # last step (train/evaluators.py; `python -m eval.run msvd_qa` takes the same files).
+  c.evals = dict(heldout=dict(bench="msvd_qa", every=0, batch_size=64, max_new_tokens=8, temperature=0.0,
+                              args=dict(question_file=root + "/heldout_qa.json", video_folder=root + "/videos")))
   c.optim = dict(lr=2e-3, warmup_ratio=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
                  trainable=[r"llm/", r"token_gen/", r"qformer/"])
   c.ckpt = dict(every=400, keep=2, async_save=True)
   c.log = dict(every=100, progress=True, peak_tflops=None)
-  if a.toy:   # random batches: no tokenizers to ship with the trained model
+  if a.toy:   # random batches: no tokenizers to ship with the trained model, no held-out clips
     c.export_inference = False
+    c.evals = {}
   if a.tiny:
     c.batch_size, c.total_steps, c.accum_steps = 16, 6, 2
     c.data.update(text_len=12, num_frames=2, qformer_len=6, buckets=((12, 2, 1),))

@@ -12,7 +12,8 @@ Prompt (the release's `vicuna_v1` inference prompt, `llamavid/eval/model_*_qa.py
 `serve/cli.py`): the system text, then the turns, ending in "ASSISTANT:"; the one
 `<image>` sits at the start of the LATEST user turn (`<image>\\n` + question; the chat
 moves it there every turn), and the latest question is the Q-Former instruction.
-Video frames are taken at 1 fps (every round(avg_fps)-th frame), CLIP-preprocessed
+Video frames are taken at 1 fps (every round(avg_fps)-th frame; a model trained here
+samples as its training data did, `orbax_io.data_provenance`), CLIP-preprocessed
 without padding; images are padded to a square of the mean colour first when the
 checkpoint's `image_aspect_ratio` is `pad` (the release's default).
 
@@ -121,6 +122,8 @@ class Model:
     self.max_frames = max_frames
     aspect = self.meta.get("release_config", self.meta).get("image_aspect_ratio", "pad")
     self.image_aspect = "pad" if aspect == "pad" else "crop"
+    # frame sampling: the training run's (orbax_io.data_provenance), else the release's 1 fps
+    self.video_fps, self.sample_cap = self.meta.get("video_fps", 1.0), self.meta.get("max_frames")
     self.eos_id = self.tokenizer.eos_token_id
     self._attention = jax.jit(lambda p, x: self.model.apply(
         {"params": p}, **x, method=LlamaVid.embed_inputs)[2].get("context_attention"))
@@ -143,7 +146,7 @@ class Model:
       else:
         from llamavid_jax.data.image import preprocess_frames
         from llamavid_jax.data.video import load_video
-        frames, _ = load_video(video, fps=1.0)
+        frames, _ = load_video(video, fps=self.video_fps, max_frames=self.sample_cap)
         arr, kind = preprocess_frames(frames, size=self.cfg.vision.image_size), "frames"
     except (VideoError, SampleError) as e:
       raise MediaError(path, str(e)) from None

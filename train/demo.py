@@ -121,82 +121,37 @@ def generate_data(c, args: str) -> None:
   cmd = [sys.executable, "-m", "llamavid_jax.data.synthetic", "--out", out, *args.split()]
   print("[demo] generating:", " ".join(cmd), flush=True)
   subprocess.run(cmd, check=True)
-  for path in (c.data.data_path, c.eval.heldout_path):
+  for path in (c.data.data_path, c.evals.heldout.args.question_file):
     if not os.path.exists(path):
       raise FileNotFoundError(f"the synthetic generator wrote no {path} (config.data.data_path / "
-                              f"config.eval.heldout_path must be in --out {out})")
+                              f"config.evals.heldout.args.question_file must be in --out {out})")
 
 
-def load_params(c):
-  """The trained parameters, from the run's last orbax checkpoint."""
-  import orbax.checkpoint as ocp
-  from flax import linen as nn
-  from llamavid_jax import sharding
-  from train import checkpointing
-  from train.train import build
-  b = build(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-  with ocp.CheckpointManager(os.path.abspath(os.path.join(c.workdir, "checkpoints"))) as m:
-    step = m.latest_step()
-    state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
-        checkpointing.abstract_like(b.shardings, nn.unbox(b.abstract)))))["state"]
-  return b, state["params"], step
-
-
-def evaluate(c, heldout_json: str, batch: int = 64, show: int = 0):
-  """Greedy exact-match accuracy on the held-out JSON -> (accuracy, examples,
-  float[n, T, N] context attention of each question over the frames' patches, averaged
-  over the Q-Former queries; None without context token)."""
-  import dataclasses
-  from llamavid_jax.data import pipeline, sources
-  from llamavid_jax.data import tokenizer as tok_lib
-  from llamavid_jax.generate import generate
-
-  b, params, _ = load_params(c)
-  d = c.data
-  llm_tok = tok_lib.load_llm_tokenizer(d.llm_tokenizer)
-  q_tok = tok_lib.load_qformer_tokenizer(d.qformer_tokenizer, max_length=d.qformer_len)
-  known = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
-  pcfg = pipeline.PipelineConfig(**{k: v for k, v in d.items() if k in known and k != "buckets"},
-                                 buckets=((d.text_len, d.num_frames),), batch_size=batch,
-                                 qformer_max_len=d.qformer_len)
-  source = sources.LlavaJsonSource(heldout_json, image_folder=d.image_folder, video_folder=d.video_folder)
-  proc = pipeline.SampleProcessor(pcfg, b.model_cfg.input_spec, source, llm_tok, q_tok)
-  key = ("frames", 0)
-  attention = jax.jit(lambda p, x: b.model.apply({"params": p}, **x, method=type(b.model).embed_inputs)[2]
-                      .get("context_attention"))
-  correct, total, examples, maps = 0, 0, [], []
+def heldout_report(c, step: int, show: int = 0):
+  """The held-out evaluator's predictions (`config.evals.heldout`, written by
+  train.train's evaluator at the last step) -> (accuracy by question kind, examples)."""
+  path = os.path.join(c.workdir, "evals", "heldout", f"step_{step}.jsonl")
+  with open(path) as f:
+    records = [json.loads(line) for line in f]
   by_type: dict[str, list[int]] = {}
-  for start in range(0, len(source), batch):
-    rows = [proc.example(i, key) for i in range(start, min(start + batch, len(source)))]
-    rb = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    labels = rb.pop("labels")
-    first = np.argmax(labels != -100, axis=1)                      # the answer starts here
-    pos = np.arange(labels.shape[1])[None]
-    rb["text_mask"] = rb["text_mask"] & (pos < first[:, None])
-    rb["input_ids"] = np.where(rb["text_mask"], rb["input_ids"], llm_tok.pad_token_id)
-    inputs = {k: v for k, v in rb.items() if k != "sample_index"}
-    toks = np.asarray(generate(b.model, params, inputs, max_new_tokens=8, eos_id=llm_tok.eos_token_id))
-    w = attention(params, inputs)                                   # [B, P, T, M, N]
-    if w is not None:
-      maps.append(np.asarray(w[:, 0].mean(2)))                       # [B, T, N]
-    for i, row in enumerate(rows):
-      want_ids = [t for t in labels[i][labels[i] != -100] if t != llm_tok.eos_token_id]
-      got_ids = list(toks[i][: list(toks[i]).index(llm_tok.eos_token_id)] if llm_tok.eos_token_id in toks[i]
-                     else toks[i])
-      want = llm_tok.decode(want_ids, skip_special_tokens=True).strip().lower()
-      got = llm_tok.decode(got_ids, skip_special_tokens=True).strip().lower()
-      correct += want == got
-      total += 1
-      sample = source[start + i]
-      question = next(t["value"] for t in sample.conversations if t["from"] == "human")
-      qtype = " ".join(question.replace("<image>", "").split()[:2]).lower()   # "what color", "how many", ...
-      by_type.setdefault(qtype, []).append(int(want == got))
-      if len(examples) < show:
-        examples.append(dict(id=sample.id, media=sample.path, question=question.replace("<image>", "").strip(),
-                             answer=got, truth=want))
-  print("[demo]   by question: " + ", ".join(f"{k}: {np.mean(v):.2f} (n={len(v)})" for k, v in sorted(by_type.items())),
-        flush=True)
-  return correct / max(total, 1), examples, (np.concatenate(maps) if maps else None)
+  for r in records:
+    qtype = " ".join(r["question"].split()[:2]).lower()   # "what color", "how many", ...
+    by_type.setdefault(qtype, []).append(int(r["pred"].strip().lower() == r["answer"].strip().lower()))
+  examples = [dict(id=r["id"], question=r["question"], answer=r["pred"], truth=r["answer"]) for r in records[:show]]
+  return {k: float(np.mean(v)) for k, v in sorted(by_type.items())}, examples
+
+
+def attention_maps(c, items) -> np.ndarray | None:
+  """float[n, T, N]: the trained model's context attention (Eq. 1, mean over the
+  Q-Former queries) of each held-out question over its frames' patches, through the
+  inference core on WORKDIR/inference; None without context token."""
+  from eval.predict import Predictor
+  from llamavid_jax import inference
+  m = inference.load(os.path.join(c.workdir, "inference"))
+  if not m.cfg.use_context_token:
+    return None
+  p = Predictor(m)
+  return np.stack([m.context_attention(r) for r in p.requests(items)])
 
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "runs go to WORKDIR/context and WORKDIR/content_only")
@@ -215,7 +170,7 @@ def main(argv):
   t0 = time.time()
   base = _CONFIG.value
   generate_data(base, _SYNTHETIC_ARGS.value)
-  print(f"[demo] data ready in {time.time() - t0:.0f}s: {base.data.data_path}, {base.eval.heldout_path}", flush=True)
+  print(f"[demo] data ready in {time.time() - t0:.0f}s: {base.data.data_path}, {base.evals.heldout.args.question_file}", flush=True)
   if _DATA_ONLY.value:
     return
   acc = {}
@@ -232,15 +187,21 @@ def main(argv):
     print(f"[demo] trained {name}: step {out['step']}, "
           f"last loss {list(out['losses'].values())[-1] if out['losses'] else float('nan'):.4f}, "
           f"{time.time() - t:.0f}s, checkpoint {c.workdir}/checkpoints", flush=True)
-    t = time.time()
-    acc[variant], ex, maps = evaluate(c, c.eval.heldout_path, show=1 if variant == "context" else 0)
-    print(f"[demo] held-out accuracy {name}: {acc[variant]:.3f} ({time.time() - t:.0f}s)", flush=True)
+    summary = out["evals"][out["step"]]["heldout"]
+    acc[variant] = summary["exact"] / 100
+    by_type, ex = heldout_report(c, out["step"], show=1 if variant == "context" else 0)
+    print("[demo]   by question: " + ", ".join(f"{k}: {v:.2f}" for k, v in by_type.items()), flush=True)
+    print(f"[demo] held-out accuracy {name}: {acc[variant]:.3f} (eval.benchmarks msvd_qa, exact match, "
+          f"n={summary['count']})", flush=True)
     manifest = os.path.join(c.data.root, "manifest.json")
-    if maps is not None and os.path.exists(manifest):
+    if variant == "context" and os.path.exists(manifest):
       with open(manifest) as f:
         m = json.load(f)
       if m.get("grid"):   # object cells are patches only on grid clips
         from llamavid_jax.data import synthetic
+        from train.evaluators import bench_args
+        mod, args = bench_args("heldout", c.evals.heldout)
+        maps = attention_maps(c, mod.load(args))
         v = c.model.vision
         g = v.image_size // v.patch_size
         mass = synthetic.attention_on_asked(m, maps, g)
@@ -248,7 +209,7 @@ def main(argv):
               "a patch): " + ", ".join(f"{k} {x:.2f}" for k, x in sorted(mass.items())), flush=True)
     if ex:
       e = ex[0]
-      print(f"[demo] Q ({e['media']}): {e['question']}\n[demo] A: {e['answer']}   (truth: {e['truth']})", flush=True)
+      print(f"[demo] Q ({e['id']}): {e['question']}\n[demo] A: {e['answer']}   (truth: {e['truth']})", flush=True)
   print(f"heldout_accuracy={acc.get('context', float('nan')):.2f} "
         f"content_only_accuracy={acc.get('content_only', float('nan')):.2f}")
   print(f"[demo] total {time.time() - t0:.0f}s")

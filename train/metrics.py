@@ -150,6 +150,12 @@ class MetricLogger:
     (self.bar.write if self.bar is not None else print)(line)
     _write_scalars(self.tb, step, {f"train/{k}": v for k, v in out.items()})
 
+  def scalars(self, step: int, scalars: dict):
+    """Extra TensorBoard scalars (tag -> float, e.g. an evaluator's `eval/NAME/KEY`) at
+    `step` (metrics.jsonl keeps one line per train step; evaluators write their own files)."""
+    if self.main:
+      _write_scalars(self.tb, step, scalars)
+
   def close(self, png: str | None = "loss.png"):
     if not self.main:
       return

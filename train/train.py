@@ -29,6 +29,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train.evaluators import Evaluators, check as check_evals
+
 
 
 def init_distributed(d) -> None:
@@ -98,6 +100,10 @@ def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
     spec = from_dict(c.model).input_spec
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model: {e}") from None
+  try:
+    check_evals(c)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   d = c.data
   if d.kind not in ("toy", "pipeline"):
     raise ConfigError(f"config.data.kind={d.kind!r}: expected 'toy' or 'pipeline'")
@@ -248,9 +254,10 @@ def train(c) -> dict:
                              metrics.peak_flops_per_device(c.log.get("peak_tflops")), c.log.progress)
   trainer = b.trainer
   preempt = _Preemption()
-  losses, preempted = {}, False
+  losses, preempted, evals = {}, False, {}
+  evaluators = Evaluators(c, model_cfg) if c.get("evals") else None
   try:
-    state, preempted = _loop(c, trainer, state, data, ckpt, log, preempt, losses, start)
+    state, preempted = _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators, evals)
   finally:
     preempt.restore()
     ckpt.close()
@@ -258,11 +265,12 @@ def train(c) -> dict:
   step = start + len(losses)
   if c.get("export_inference", False) and not preempted:
     export_inference(c, state["params"], step)
-  return dict(step=step, losses=losses, state=state, preempted=preempted)
+  return dict(step=step, losses=losses, state=state, preempted=preempted, evals=evals)
 
 
-def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start):
-  """Steps `start` .. total_steps - 1; fills `losses`. -> (state, preempted).
+def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators=None, evals=None):
+  """Steps `start` .. total_steps - 1; fills `losses` and `evals` ({step: {name:
+  summary}} of the config's evaluators). -> (state, preempted).
 
   A step's metrics reach the host while the next step runs (no host sync between
   steps), except before a save: the loss of the saved state is checked first."""
@@ -278,11 +286,17 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start):
     if pending is not None:
       _check_and_log(*pending, losses, log)
     pending = (i + 1, m, batch.get("sample_index"))
+    last = i + 1 == c.total_steps
+    if evaluators and evaluators.due(i + 1, last):
+      _check_and_log(*pending, losses, log)
+      pending = None
+      evals[i + 1] = evaluators.maybe_run(i + 1, state["params"], last, log.scalars)
     kill = i + 1 == c.debug.get("kill_after_save_step", -1)   # fault injection for the resume test
     stop = preempt.requested or ckpt.reached_preemption(i + 1)
     if not (ckpt.due(i + 1) or kill or stop or i + 1 == c.total_steps):
       continue
-    _check_and_log(*pending, losses, log)
+    if pending is not None:
+      _check_and_log(*pending, losses, log)
     pending = None
     ckpt.save(i + 1, state, data, force=stop or i + 1 == c.total_steps)
     if kill:

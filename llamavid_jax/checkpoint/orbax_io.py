@@ -240,10 +240,20 @@ def restore_train_params(workdir: str, step: int, dtype=None) -> dict:
   return params if dtype is None else jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
 
 
+def data_provenance(data) -> dict:
+  """What inference repeats of a run's training data (a data config dict): the image
+  aspect rule and the frame sampling (`llamavid_jax.data.frames`: fps None = every
+  frame; max_frames = the uniform cap). A release checkpoint has none of these keys:
+  inference then uses the release's rule (pad, 1 fps, no cap)."""
+  data = data or {}
+  return dict(image_aspect_ratio=data.get("image_aspect", "pad"), video_fps=data.get("video_fps", 1.0),
+              max_frames=data.get("max_frames"))
+
+
 def train_provenance(workdir: str, step: int, train_cfg: dict) -> dict:
   """conversion.json of an inference directory made from a train run."""
   return dict(source="train.train", workdir=os.path.abspath(workdir), step=step,
-              image_aspect_ratio=(train_cfg.get("data") or {}).get("image_aspect", "pad"))
+              **data_provenance(train_cfg.get("data")))
 
 
 def save_from_train(out: str, workdir: str, train_cfg: dict, step: int, params=None) -> None:

@@ -33,7 +33,8 @@ its motion and its colour or shape (no count); held-out clips always have 2-3.
 Long clips (`--long N`): `--long-frames` frames at 1 fps with one "needle": a shape
 that appears for 3 frames at a chosen depth; "What color is the shape that appears?".
 
-Out: DIR/{train,heldout,long}.json, DIR/videos/*.mp4, DIR/manifest.json (ground truth),
+Out: DIR/{train,heldout,long}.json, DIR/heldout_qa.json (the held-out questions in
+MSVD-QA's layout), DIR/videos/*.mp4, DIR/manifest.json (ground truth),
 DIR/tokenizers/{llm,qformer}. Same seed -> same JSON and the same decoded frames.
 """
 
@@ -326,6 +327,8 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
                                     single_object=single_object if split == "train" else 0.0)
     _dump(os.path.join(out, f"{split}.json"), samples)
     manifest["splits"][split] = truth
+    if split == "heldout":
+      _dump(os.path.join(out, "heldout_qa.json"), video_qa_questions(samples))
   if num_long:
     samples, truth = generate_long(out, num_long, rng, size=size, frames=long_frames)
     _dump(os.path.join(out, "long.json"), samples)
@@ -335,6 +338,19 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
   build_qformer_tokenizer(os.path.join(out, "tokenizers", "qformer"), words)
   _dump(os.path.join(out, "manifest.json"), manifest)
   return manifest
+
+
+def video_qa_questions(samples: list[dict]) -> list[dict]:
+  """Single-question LLaVA samples -> the MSVD-QA / MSRVTT-QA question file layout
+  ({video_id, question, answer, id}; the video is DIR/videos/{video_id}.mp4), so that
+  `python -m eval.run msvd_qa --question-file DIR/heldout_qa.json --video-folder
+  DIR/videos` asks the held-out questions the benchmarks' way."""
+  out = []
+  for s in samples:
+    human, gpt = s["conversations"][:2]
+    out.append(dict(video_id=os.path.splitext(os.path.basename(s["video"]))[0], id=s["id"],
+                    question=human["value"].replace("<image>", "").strip(), answer=gpt["value"]))
+  return out
 
 
 def _dump(path: str, obj) -> None:
