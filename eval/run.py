@@ -1,0 +1,339 @@
+"""Benchmark runner: predictions in the release's layout, resumable, chunked, scored.
+
+  python -m eval.run BENCH --ckpt DIR --out PRED [bench flags] [--num-chunks K --chunk-idx I]
+      [--limit N] [--batch-size B] [--summary SUMMARY.json] [--export FILE]
+  python -m eval.run BENCH --merge --out MERGED PRED.0 PRED.1 ...      (or a quoted glob)
+  python -m eval.run BENCH --score-only --pred PRED [bench flags] [--out SUMMARY.json] [--export FILE]
+
+BENCH is one of eval.benchmarks.BENCHMARKS; `python -m eval.run BENCH -h` lists its
+flags. Every missing or bad file and flag is named before a model is loaded.
+
+Chunks: the item list is cut as the release's `get_chunk` does (K contiguous parts of
+ceil(n / K) items; common.split_list). Without --num-chunks, under several JAX
+processes (`--distributed` calls jax.distributed.initialize first) process i of P takes
+chunk i of P and writes PRED.{P}_{i} (unless PRED holds `{chunk_idx}` / `{num_chunks}`,
+which are filled in, as they are with explicit chunks). --merge concatenates chunk
+files in the order given (a glob: in natural order of its names) and keeps the first
+record of each key.
+
+Resume: the records already in PRED are kept and their items skipped; each new record
+is appended and flushed as it is produced, so a kill loses at most the batch in flight.
+A torn last line (a kill mid-write) is dropped, with a warning, before appending.
+Items whose media file is missing are named, counted and skipped; so are items the
+predictor could not read (it returns None for them); a rerun retries both.
+
+Summary (printed, and written to --summary): {benchmark, metric, counts: {items,
+predicted, skipped_existing, missing_media, failed}, missing_media: [[id, path]],
+seconds, questions_per_second, chunk: [I, K], pred}; `metric` scores every record in
+PRED. With --score-only, the metric of PRED's records (a file the release's scripts
+wrote reads the same) goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import re
+import sys
+import time
+from typing import Protocol, Sequence
+
+from eval.benchmarks import BENCHMARKS
+from eval.benchmarks.common import Item, check_media, check_paths, default_key, get_chunk, read_jsonl
+
+log = logging.getLogger("eval.run")
+
+
+class Predictor(Protocol):
+  def predict(self, items: list[Item]) -> list[str | None]:
+    """One answer per item (None: the item's media could not be used)."""
+
+
+# --- the model side -----------------------------------------------------------------
+def model_predictor(args) -> Predictor:
+  """The checkpoint as a Predictor (llamavid_jax.inference): each item's media is read,
+  its prompt asked with `<image>\\n` before it and its instruction as the Q-Former text,
+  and a batch generated with the benchmark's (or the flags') sampling."""
+  import numpy as np
+
+  from llamavid_jax import inference
+  m = inference.load(args.ckpt, dtype=args.dtype)
+  settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+
+  class _ModelPredictor:
+    calls = 0
+
+    def predict(self, items: list[Item]) -> list[str | None]:
+      out: list[str | None] = [None] * len(items)
+      reqs, where = [], []
+      for i, it in enumerate(items):
+        if it.kind == "none":   # TODO(model): text-only questions (ScienceQA without image)
+          log.warning("%s: text-only questions are not supported by the inference core yet", it.id)
+          continue
+        try:
+          media = m.media(**{it.kind: it.media})
+        except inference.MediaError as e:
+          log.warning("%s: %s", it.id, e)
+          continue
+        req = m.request(it.prompt, media)
+        if it.instruction != it.prompt:   # MMBench: the Q-Former sees the question without the letter line
+          q = m.qtokenizer(it.instruction, truncation=True, max_length=m.cfg.qformer.max_text_len)
+          req["qformer_ids"] = np.asarray(q.input_ids, np.int32)
+          req["qformer_mask"] = np.asarray(q.attention_mask, bool)
+        reqs.append(req)
+        where.append(i)
+      if reqs:
+        answers = m.generate(reqs, seed=args.seed + self.calls, **settings)
+        for i, a in zip(where, answers):
+          out[i] = a.text
+      self.calls += 1
+      return out
+
+  return _ModelPredictor()
+
+
+# --- arguments ----------------------------------------------------------------------
+def build_parser(bench: str | None) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("benchmark", choices=sorted(BENCHMARKS))
+  p.add_argument("inputs", nargs="*", default=[], help="--merge: chunk prediction files (or a quoted glob)")
+  p.add_argument("--ckpt", help="converted / inference directory or train WORKDIR")
+  p.add_argument("--out", help="prediction file (run, merge) or summary JSON (--score-only)")
+  p.add_argument("--merge", action="store_true")
+  p.add_argument("--score-only", action="store_true")
+  p.add_argument("--pred", help="--score-only: prediction file (ours or the release's)")
+  p.add_argument("--num-chunks", type=int)
+  p.add_argument("--chunk-idx", type=int, default=0)
+  p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() before chunking")
+  p.add_argument("--limit", type=int, help="only the first N items of the chunk")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--summary", help="where to write the summary JSON (run)")
+  p.add_argument("--export", help="also write the release's downstream file (GQA predictions, submissions)")
+  p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (the release's)")
+  p.add_argument("--temperature", type=float, help="default: the benchmark's (the release's)")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  p.add_argument("--model-id", help="model_id in LLaVA-style records (default: the --ckpt folder's name)")
+  p.add_argument("--no-progress", action="store_true")
+  if bench in BENCHMARKS:
+    BENCHMARKS[bench].add_arguments(p.add_argument_group(f"{bench} files"))
+  return p
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+  p = build_parser(argv[0] if argv else None)   # BENCH comes first: it decides the flags
+  args = p.parse_intermixed_args(argv)
+  mod = BENCHMARKS[args.benchmark]
+  mode = "score" if args.score_only else "merge" if args.merge else "run"
+  errs = []
+  if args.merge and args.score_only:
+    errs.append("--merge and --score-only exclude each other")
+  if mode == "merge":
+    if not args.out:
+      errs.append("--merge needs --out MERGED")
+    if not args.inputs:
+      errs.append("--merge needs chunk files")
+  elif args.inputs:
+    errs.append(f"unexpected arguments {args.inputs} (chunk files go with --merge)")
+  if mode == "score":
+    if not args.pred:
+      errs.append("--score-only needs --pred FILE")
+    elif not os.path.isfile(args.pred):
+      errs.append(f"--pred {args.pred}: no such file")
+  if mode == "run":
+    if not args.ckpt:
+      errs.append("--ckpt is required")
+    elif not os.path.exists(args.ckpt):
+      errs.append(f"--ckpt {args.ckpt}: no such file or folder")
+    if not args.out:
+      errs.append("--out PRED is required")
+    if args.num_chunks is not None and not 0 <= args.chunk_idx < args.num_chunks:
+      errs.append(f"--chunk-idx {args.chunk_idx} is not in [0, --num-chunks {args.num_chunks})")
+    if args.batch_size < 1:
+      errs.append("--batch-size must be >= 1")
+    if args.limit is not None and args.limit < 0:
+      errs.append("--limit must be >= 0")
+  if mode != "merge":
+    errs += check_paths(mod.FILES, args, mode)
+    if hasattr(mod, "check"):
+      errs += mod.check(args, mode)
+  if args.export and not hasattr(mod, "export"):
+    errs.append(f"--export: {args.benchmark} has no downstream file (its predictions are the release's file)")
+  if errs:
+    p.error("; ".join(errs))
+  gen = mod.GENERATION
+  args.max_new_tokens = gen["max_new_tokens"] if args.max_new_tokens is None else args.max_new_tokens
+  args.temperature = gen["temperature"] if args.temperature is None else args.temperature
+  args.model_id = args.model_id or os.path.basename(os.path.normpath(args.ckpt or "llamavid-jax"))
+  return args, p
+
+
+# --- prediction files ---------------------------------------------------------------
+def record_key(mod, rec: dict) -> str:
+  return mod.key(rec) if hasattr(mod, "key") else default_key(rec, mod.ID_FIELD)
+
+
+def read_records(path: str, *, repair: bool = False) -> list[dict]:
+  """A prediction file's records; with `repair`, a torn last line is also cut off the file."""
+  with open(path) as f:
+    head = f.read(1).lstrip()
+  if head == "[":   # some release files are one JSON list
+    with open(path) as f:
+      return json.load(f)
+  recs, good = read_jsonl(path)
+  if good is not None and repair:
+    with open(path, "r+b") as f:
+      f.truncate(good)
+  return recs
+
+
+def natural(s: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def merge(mod, inputs: Sequence[str], out: str) -> dict:
+  files = []
+  for x in inputs:
+    if any(c in x for c in "*?["):
+      found = sorted(glob.glob(x), key=natural)
+      if not found:
+        raise FileNotFoundError(f"{x}: no file matches")
+      files += found
+    elif not os.path.isfile(x):
+      raise FileNotFoundError(f"{x}: no such file")
+    else:
+      files.append(x)
+  seen, kept, dups = set(), [], 0
+  for f in files:
+    for rec in read_records(f):
+      k = record_key(mod, rec)
+      if k in seen:
+        dups += 1
+        continue
+      seen.add(k)
+      kept.append(rec)
+  tmp = out + ".tmp"
+  with open(tmp, "w") as fh:
+    for rec in kept:
+      fh.write(json.dumps(rec) + "\n")
+  os.replace(tmp, out)
+  return {"files": files, "records": len(kept), "duplicates_dropped": dups, "out": out}
+
+
+# --- chunks -------------------------------------------------------------------------
+def chunk_of(args) -> tuple[int, int, str]:
+  """(chunk index, chunk count, prediction path)."""
+  out = args.out
+  if args.num_chunks is not None:
+    k, i = args.num_chunks, args.chunk_idx
+  else:
+    import jax
+    if args.distributed:
+      jax.distributed.initialize()
+    k, i = jax.process_count(), jax.process_index()
+    if k > 1 and "{chunk_idx}" not in out:
+      out = f"{out}.{k}_{i}"
+  return i, k, out.replace("{chunk_idx}", str(i)).replace("{num_chunks}", str(k))
+
+
+# --- the run ------------------------------------------------------------------------
+def run(args, predictor: Predictor | None = None) -> dict:
+  mod = BENCHMARKS[args.benchmark]
+  idx, num, out = chunk_of(args)
+  items = get_chunk(mod.load(args), num, idx)
+  if args.limit is not None:
+    items = items[:args.limit]
+  ok, missing = check_media(items)
+  for iid, path in missing:
+    log.warning("%s: media missing: %s", iid, path)
+  if missing:
+    log.warning("%d of %d items have no media file and are skipped", len(missing), len(items))
+  done = set()
+  if os.path.exists(out):
+    done = {record_key(mod, r) for r in read_records(out, repair=True)}
+  todo = [it for it in ok if it.id not in done]
+  predicted = failed = 0
+  seconds = 0.0
+  if todo:
+    predictor = predictor or model_predictor(args)
+    from tqdm import tqdm
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    start = time.perf_counter()
+    with open(out, "a") as f, tqdm(total=len(todo), unit="q", disable=args.no_progress,
+                                   desc=args.benchmark) as bar:
+      for b in range(0, len(todo), args.batch_size):
+        batch = todo[b:b + args.batch_size]
+        preds = predictor.predict(batch)
+        if len(preds) != len(batch):
+          raise RuntimeError(f"predictor gave {len(preds)} answers for {len(batch)} items")
+        for it, pred in zip(batch, preds):
+          if pred is None:
+            failed += 1
+            log.warning("%s: no answer (media unreadable), skipped", it.id)
+            continue
+          rec = mod.record(it, pred, model_id=args.model_id)
+          if record_key(mod, rec) != it.id:
+            raise RuntimeError(f"{args.benchmark}: record key {record_key(mod, rec)!r} != item id {it.id!r}")
+          f.write(json.dumps(rec) + "\n")
+          f.flush()
+          predicted += 1
+        os.fsync(f.fileno())
+        bar.update(len(batch))
+    seconds = time.perf_counter() - start
+  records = read_records(out) if os.path.exists(out) else []
+  summary = {"benchmark": args.benchmark, "metric": mod.score(records, args),
+             "counts": {"items": len(items), "predicted": predicted,
+                        "skipped_existing": sum(it.id in done for it in ok),
+                        "missing_media": len(missing), "failed": failed},
+             "missing_media": [list(m) for m in missing],
+             "seconds": seconds, "questions_per_second": predicted / seconds if seconds else 0.0,
+             "chunk": [idx, num], "pred": out}
+  if args.export:
+    summary["export"] = {"path": args.export, "entries": mod.export(records, args.export, args)}
+  if args.summary:
+    write_json(args.summary, summary)
+  return summary
+
+
+def score_only(args) -> dict:
+  mod = BENCHMARKS[args.benchmark]
+  records = read_records(args.pred)
+  summary = {"benchmark": args.benchmark, "metric": mod.score(records, args),
+             "counts": {"records": len(records)}, "pred": args.pred}
+  if args.export:
+    summary["export"] = {"path": args.export, "entries": mod.export(records, args.export, args)}
+  if args.out:
+    write_json(args.out, summary)
+  return summary
+
+
+def write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+
+
+def main(argv: Sequence[str] | None = None, predictor: Predictor | None = None) -> dict:
+  logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+  args, p = parse_args(list(sys.argv[1:] if argv is None else argv))
+  try:
+    if args.merge:
+      result = merge(BENCHMARKS[args.benchmark], args.inputs, args.out)
+    elif args.score_only:
+      result = score_only(args)
+    else:
+      result = run(args, predictor)
+  except (FileNotFoundError, ValueError) as e:
+    p.exit(2, f"{p.prog}: error: {e}\n")
+  print(json.dumps(result, indent=2))
+  return result
+
+
+if __name__ == "__main__":
+  main()
