@@ -9,15 +9,18 @@ its prompt becomes the release's single-turn inference prompt (`<image>\\n` + pr
 `batch_size` Items at a time go through one left-padded `generate` call. Prompt lengths
 and frame counts are rounded up to powers of two (`generate.batch_requests`), so a
 benchmark compiles once per (text bucket, frame bucket), not once per question.
-Media that cannot be read raise `inference.MediaError` naming the file; the runner
-counts and names those per sample.
+An Item whose media cannot be read (`inference.MediaError`) gets None and a warning
+naming the file; the runner counts it as failed and retries it on the next run.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 from llamavid_jax import inference
+
+log = logging.getLogger("eval.predict")
 
 
 class Predictor:
@@ -42,14 +45,24 @@ class Predictor:
   def requests(self, items) -> list[dict]:
     return [self.model.request(it.prompt, self.media(it), instruction=it.instruction) for it in items]
 
-  def predict(self, items) -> list[str]:
-    """Items -> answers, `batch_size` at a time (the last batch may be smaller)."""
-    out: list[str] = []
+  def predict(self, items) -> list[str | None]:
+    """Items -> answers, `batch_size` at a time (the last batch may be smaller); None
+    for an item whose media cannot be read (logged with the file and why)."""
+    out: list[str | None] = []
     for i in range(0, len(items), self.batch_size):
-      reqs = self.requests(items[i:i + self.batch_size])
-      kinds = {("features" if "features" in r else "frames") for r in reqs}
+      batch = items[i:i + self.batch_size]
+      reqs: list[dict | None] = []
+      for it in batch:
+        try:
+          reqs.append(self.model.request(it.prompt, self.media(it), instruction=it.instruction))
+        except inference.MediaError as e:
+          log.warning("%s: %s", it.id, e)
+          reqs.append(None)
+      ok = [r for r in reqs if r is not None]
+      kinds = {("features" if "features" in r else "frames") for r in ok}
       if len(kinds) > 1:   # frames and feature files cannot share a batch
-        out += [self.model.generate([r], **self.kw)[0].text for r in reqs]
+        texts = iter([self.model.generate([r], **self.kw)[0].text for r in ok])
       else:
-        out += [a.text for a in self.model.generate(reqs, **self.kw)]
+        texts = iter([a.text for a in self.model.generate(ok, **self.kw)] if ok else [])
+      out += [None if r is None else next(texts) for r in reqs]
     return out

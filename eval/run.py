@@ -53,46 +53,16 @@ class Predictor(Protocol):
 
 
 # --- the model side -----------------------------------------------------------------
-def model_predictor(args) -> Predictor:
-  """The checkpoint as a Predictor (llamavid_jax.inference): each item's media is read,
-  its prompt asked with `<image>\\n` before it and its instruction as the Q-Former text,
-  and a batch generated with the benchmark's (or the flags') sampling."""
-  import numpy as np
-
+def model_predictor(args):
+  """The checkpoint as a Predictor (`eval.predict`): each item's media read, its prompt
+  asked with `<image>\\n` before it (none for a text-only item) and its instruction as
+  the Q-Former text, `--batch-size` items per generate call with the benchmark's (or
+  the flags') sampling; an unreadable media file gives None (counted as failed)."""
+  from eval.predict import Predictor as ModelPredictor
   from llamavid_jax import inference
   m = inference.load(args.ckpt, dtype=args.dtype)
-  settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-
-  class _ModelPredictor:
-    calls = 0
-
-    def predict(self, items: list[Item]) -> list[str | None]:
-      out: list[str | None] = [None] * len(items)
-      reqs, where = [], []
-      for i, it in enumerate(items):
-        if it.kind == "none":   # TODO(model): text-only questions (ScienceQA without image)
-          log.warning("%s: text-only questions are not supported by the inference core yet", it.id)
-          continue
-        try:
-          media = m.media(**{it.kind: it.media})
-        except inference.MediaError as e:
-          log.warning("%s: %s", it.id, e)
-          continue
-        req = m.request(it.prompt, media)
-        if it.instruction != it.prompt:   # MMBench: the Q-Former sees the question without the letter line
-          q = m.qtokenizer(it.instruction, truncation=True, max_length=m.cfg.qformer.max_text_len)
-          req["qformer_ids"] = np.asarray(q.input_ids, np.int32)
-          req["qformer_mask"] = np.asarray(q.attention_mask, bool)
-        reqs.append(req)
-        where.append(i)
-      if reqs:
-        answers = m.generate(reqs, seed=args.seed + self.calls, **settings)
-        for i, a in zip(where, answers):
-          out[i] = a.text
-      self.calls += 1
-      return out
-
-  return _ModelPredictor()
+  return ModelPredictor(m, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
 # --- arguments ----------------------------------------------------------------------

@@ -97,3 +97,18 @@ def test_documented_train_command_runs_on_generated_demo_data(tmp_path):
   run = tmp_path / "workdir/demo_train/context"
   assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
   assert (run / "checkpoints/3").is_dir()
+
+  # The held-out evaluator (config.evals.heldout: the demo's accuracy) ran after step 3 on
+  # the in-memory parameters; the benchmark runner on the exported model and the same
+  # MSVD-QA-format file gives the same predictions and the same accuracy.
+  evaluated = [json.loads(line) for line in (run / "evals/heldout/step_3.jsonl").read_text().splitlines()]
+  summary = json.loads((run / "evals/heldout/step_3.summary.json").read_text())
+  assert len(evaluated) == 4 and summary["metric"]["count"] == 4 and "[eval] step 3 heldout" in p.stdout
+  from eval import run as runner
+  got = runner.main(["msvd_qa", "--ckpt", str(run / "inference"), "--question-file", str(data / "heldout_qa.json"),
+                     "--video-folder", str(data / "videos"), "--out", str(tmp_path / "pred.jsonl"),
+                     "--temperature", "0", "--max-new-tokens", "8", "--batch-size", "64", "--no-progress"])
+  ran = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+  assert [(r["id"], r["question"], r["answer"], r["pred"]) for r in ran] == \
+      [(r["id"], r["question"], r["answer"], r["pred"]) for r in evaluated]
+  assert got["metric"]["exact"] == summary["metric"]["exact"]
