@@ -48,8 +48,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import string
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -236,30 +234,18 @@ def aggregate(verdicts: list[dict], task: str) -> dict:
   return out
 
 
-# --- exact match (no judge) ----------------------------------------------------------------
-def exact_match(pred, answer) -> bool:
-  """The prediction is the answer, up to surrounding whitespace."""
-  return str(pred).strip() == str(answer).strip()
-
-
-def normalize_answer(s) -> str:
-  """Lower case, no punctuation, no articles (a / an / the), single spaces (SQuAD's rule)."""
-  s = "".join(c for c in str(s).lower() if c not in string.punctuation)
-  return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
-
-
-def normalized_match(pred, answer) -> bool:
-  return normalize_answer(pred) == normalize_answer(answer)
-
-
+# --- string matches (no judge) --------------------------------------------------------------
 def match_summary(items: list[dict], task: str) -> dict:
-  """Exact- and normalised-match accuracy (consistency: both predictions against the answer)."""
+  """The video-QA benchmarks' string-match accuracies (`eval.benchmarks.video_qa.score`:
+  exact, normalised, contains; fractions here), consistency: both predictions against
+  the answer."""
+  from eval.benchmarks import video_qa
   keys = ("pred1", "pred2") if task == "consistency" else ("pred",)
-  pairs = [(it[k], it["answer"]) for it in items for k in keys]
-  n = len(pairs)
-  return {"task": task, "judge_model": None, "count": n,
-          "exact_match": sum(exact_match(p, a) for p, a in pairs) / n if n else None,
-          "normalized_match": sum(normalized_match(p, a) for p, a in pairs) / n if n else None}
+  s = video_qa.score([{"pred": it[k], "answer": it["answer"]} for it in items for k in keys])
+  n = s["count"]
+  frac = lambda k: s["correct"][k] / n if n else None   # noqa: E731
+  return {"task": task, "judge_model": None, "count": n, "exact_match": frac("exact"),
+          "normalized_match": frac("normalized"), "contains_match": frac("contains")}
 
 
 # --- the judge -----------------------------------------------------------------------------
