@@ -13,8 +13,15 @@ video frames at 1 fps (CLIP resize + center crop, no padding), images padded to 
 square of the mean colour first (`image_aspect_ratio: pad`), features as stored
 (float[T, N+1, C] ViT outputs); the question alone is the Q-Former instruction. The
 answer tokens are the tokens of prompt + " " + answer after the prompt's (the prompt's
-ids are checked to be a prefix). Multiple-choice benchmarks call `Scorer.score` per
-option.
+ids are checked to be a prefix).
+
+Multiple choice by answer log-likelihood, for any question + options file:
+
+  python -m eval.score --ckpt DIR --choices FILE.json [--media-folder DIR] [--out PRED.jsonl]
+
+scores every option as the answer and picks the most likely (summed log-probability;
+`choice_mean` is the per-token mean), printing {count, with_answer, accuracy,
+accuracy_mean}. The file format is `read_choices`'.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -77,25 +85,115 @@ class Scorer:
     return {"logprob": float(sum(token_lp)), "token_logprobs": token_lp, "num_tokens": len(token_lp)}
 
 
-def main(argv=None) -> None:
+# --- multiple choice by answer log-likelihood ------------------------------------------------
+MEDIA_KEYS = ("video", "image", "features")
+
+
+def read_choices(path: str, media_folder: str = "") -> list[dict]:
+  """A question + options file: a JSON list (or JSON lines) of {id, question, options:
+  [str, ...], answer: the right option's index or text (optional), and one of video /
+  image / features: a path under `media_folder`}. Bad entries raise ValueError naming
+  the file, the entry and the field."""
+  from eval.benchmarks.common import read_json_or_jsonl
+  rows = read_json_or_jsonl(path)
+  out = []
+  for n, r in enumerate(rows):
+    where = f"{path}: entry {n} (id {r.get('id', n)!r})"
+    opts = r.get("options")
+    if not isinstance(r.get("question"), str):
+      raise ValueError(f"{where}: no 'question' string")
+    if not isinstance(opts, list) or len(opts) < 2 or not all(isinstance(o, str) for o in opts):
+      raise ValueError(f"{where}: 'options' must be a list of at least 2 strings")
+    media = [k for k in MEDIA_KEYS if r.get(k)]
+    if len(media) != 1:
+      raise ValueError(f"{where}: needs exactly one of {', '.join(MEDIA_KEYS)}")
+    ans = r.get("answer")
+    if isinstance(ans, str):
+      if ans not in opts:
+        raise ValueError(f"{where}: 'answer' {ans!r} is not one of its options")
+      ans = opts.index(ans)
+    elif ans is not None and not (isinstance(ans, int) and 0 <= ans < len(opts)):
+      raise ValueError(f"{where}: 'answer' must be an option index in [0, {len(opts)}) or an option's text")
+    out.append(dict(id=r.get("id", n), question=r["question"], options=opts, answer=ans,
+                    kind=media[0], path=os.path.join(media_folder, r[media[0]])))
+  return out
+
+
+def choose(scorer: Scorer, rows: list[dict], with_eos: bool = False) -> list[dict]:
+  """Scores every option of every row (`Scorer.score`) -> one record per row: {id,
+  question, options, logprobs, choice (argmax of the summed log-probability),
+  choice_mean (argmax of the mean per token: length-normalised), answer, correct}."""
+  out = []
+  for r in rows:
+    media = scorer.m.media(**{r["kind"]: r["path"]})
+    scores = [scorer.score(r["question"], o, with_eos=with_eos, **{media.kind: media.array}) for o in r["options"]]
+    lp = [s["logprob"] for s in scores]
+    mean = [s["logprob"] / max(s["num_tokens"], 1) for s in scores]
+    choice, choice_mean = int(np.argmax(lp)), int(np.argmax(mean))
+    out.append(dict(id=r["id"], question=r["question"], options=r["options"], logprobs=lp, choice=choice,
+                    choice_mean=choice_mean, answer=r["answer"],
+                    correct=None if r["answer"] is None else choice == r["answer"]))
+  return out
+
+
+def choice_accuracy(records: list[dict]) -> dict:
+  """Accuracy of `choice` (and of `choice_mean`) over the records with an answer."""
+  scored = [r for r in records if r["answer"] is not None]
+  n = len(scored)
+  return dict(count=len(records), with_answer=n,
+              accuracy=sum(r["choice"] == r["answer"] for r in scored) / n if n else None,
+              accuracy_mean=sum(r["choice_mean"] == r["answer"] for r in scored) / n if n else None)
+
+
+def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", required=True, help="converted / inference directory (llamavid_jax.convert, "
                  "WORKDIR/inference) or a train.train WORKDIR (its latest step)")
-  media = p.add_mutually_exclusive_group(required=True)
+  media = p.add_mutually_exclusive_group()
   media.add_argument("--video")
   media.add_argument("--image")
   media.add_argument("--features", help=".npy / .safetensors float[T, N+1, C] ViT features")
-  p.add_argument("--question", required=True)
-  p.add_argument("--answer", required=True)
+  p.add_argument("--question")
+  p.add_argument("--answer")
+  p.add_argument("--choices", help="multiple choice: a question + options JSON (see read_choices); "
+                 "instead of --question/--answer and a media flag")
+  p.add_argument("--media-folder", default="", help="--choices: the folder its media paths are under")
+  p.add_argument("--out", help="--choices: write one JSON line per question here")
   p.add_argument("--with-eos", action="store_true", help="also score the closing </s>")
   p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   a = p.parse_args(argv)
-  path, flag = next((getattr(a, k), k) for k in ("video", "image", "features") if getattr(a, k))
-  inference.check_file(path, f"--{flag}")
+  if not os.path.isdir(a.ckpt):
+    p.error(f"--ckpt {a.ckpt}: no such directory")
+  if a.choices:
+    if a.video or a.image or a.features or a.question or a.answer:
+      p.error("--choices takes its questions, options and media from the file: drop --question/--answer/--video...")
+    if not os.path.isfile(a.choices):
+      p.error(f"--choices {a.choices}: no such file")
+    try:
+      rows = read_choices(a.choices, a.media_folder)
+    except ValueError as e:
+      p.error(str(e))
+    missing = [f"{r['id']}: {r['path']}" for r in rows if not os.path.isfile(r["path"])]
+    if missing:
+      p.error(f"{len(missing)} media file(s) not found: " + "; ".join(missing[:5]))
+    records = choose(Scorer(a.ckpt, dtype=a.dtype), rows, a.with_eos)
+    if a.out:
+      with open(a.out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    summary = choice_accuracy(records)
+    print(json.dumps(summary))
+    return summary
+  flags = [k for k in MEDIA_KEYS if getattr(a, k)]
+  if not flags or a.question is None or a.answer is None:
+    p.error("give --question, --answer and one of --video/--image/--features (or --choices FILE)")
+  path, flag = getattr(a, flags[0]), flags[0]
+  if not os.path.isfile(path):
+    p.error(f"--{flag} {path}: no such file")
   scorer = Scorer(a.ckpt, dtype=a.dtype)
   media = scorer.m.media(**{flag: path})
-  kw = {media.kind: media.array}
-  print(json.dumps(scorer.score(a.question, a.answer, with_eos=a.with_eos, **kw)))
+  result = scorer.score(a.question, a.answer, with_eos=a.with_eos, **{media.kind: media.array})
+  print(json.dumps(result))
+  return result
 
 
 if __name__ == "__main__":
