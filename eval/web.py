@@ -97,7 +97,8 @@ def _media_state(model: inference.Model, path: str) -> dict:
 
 def attention_gallery(model: inference.Model, request: dict, state: dict) -> list[tuple[np.ndarray, str]]:
   """The shown frames with the context attention of `request` drawn over them, each
-  captioned with its second and how peaked its attention is; [] for a content-only
+  captioned with its second and how peaked its attention is (`overlay.peak_ratio`:
+  1x is uniform); [] for a content-only
   model or a feature file."""
   if state["frames"] is None or not len(state["frames"]):
     return []
@@ -108,7 +109,7 @@ def attention_gallery(model: inference.Model, request: dict, state: dict) -> lis
   pictures = overlay.overlay(state["frames"], attn)
   peaks = overlay.peak_ratio(attn)
   where = (lambda i: "image") if state["kind"] == "image" else (lambda i: f"{i} s")
-  return [(pic, f"{where(int(i))} · peak {r:.1f}× uniform") for pic, i, r in zip(pictures, state["index"], peaks)]
+  return [(pic, f"{where(int(i))} · peak {r:.1f}×") for pic, i, r in zip(pictures, state["index"], peaks)]
 
 
 def build_app(model: inference.Model, max_frames: int | None = 600, *, temperature: float = inference.CHAT["temperature"],
@@ -164,7 +165,8 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
       yield history, "", gallery, "Answering…"
     final = model.last_answer
     history[-1] = {"role": "assistant", "content": final.text}
-    yield history, "", gallery, f"`{state['name']}`: answered in {len(final.token_ids)} tokens."
+    empty = "" if final.text else " (they decode to no text)"
+    yield history, "", gallery, f"`{state['name']}`: answered in {len(final.token_ids)} tokens{empty}."
 
   def on_clear(state):
     return [], "", [], (f"`{state['name']}`: new conversation." if state else "")
@@ -188,8 +190,9 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
                            container=False, elem_id="question")
           send = gr.Button("Send", variant="primary", scale=1, min_width=60, elem_id="send")
         clear = gr.Button("Clear", elem_id="clear")
-        gallery = gr.Gallery(label=f"Context attention over the frames{attention_note}", columns=8,
-                             height="auto", object_fit="contain", format="png", elem_id="attention")
+        gallery = gr.Gallery(label=("Context attention over the frames (blue: least, red: most; "
+                                    f"peak: the largest weight over uniform's){attention_note}"),
+                             columns=4, object_fit="contain", format="png", elem_id="attention")
     upload.change(on_upload, [upload], [state, status, chatbot, gallery], api_name="upload")
     ask = dict(fn=on_ask, inputs=[box, chatbot, state, temp, tp, budget], outputs=[chatbot, box, gallery, status],
                concurrency_limit=1, concurrency_id="model")

@@ -1,6 +1,7 @@
 """The web demo (`eval.web`) served on localhost and driven through gradio_client, on a
 trained tiny checkpoint; the attention overlay (`eval.overlay`) on its own."""
 
+import re
 import socket
 import time
 
@@ -11,6 +12,8 @@ from eval import overlay
 from tests import video_fixtures
 
 TIMEOUT = 120   # seconds for any one request to the demo
+# gradio 6.31 calls pandas 3 options that pandas deprecates (its queue, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
 
 def _text(msg):
@@ -66,7 +69,7 @@ def test_an_upload_and_two_questions_stream_the_greedy_answers(demo, tmp_path):
     partial = [_text(o[0][-1]) for o in outputs]    # the answer as it grew
     assert partial[0] == "" and len(set(partial)) > 2 and all(want.text.startswith(p) for p in partial), partial
     assert [g["caption"].split(" · ")[0] for g in gallery] == ["0 s", "1 s", "2 s"], gallery
-    assert all(g["caption"].endswith("× uniform") for g in gallery)
+    assert all(re.fullmatch(r"\d s · peak \d+\.\d×", g["caption"]) for g in gallery), gallery
     print(f"WEB {question!r} -> {want.text!r} ({len(outputs)} outputs, {time.time() - t0:.1f} s)")
 
   assert client.predict(api_name="/clear") == ([], "", [], "`clip.mp4`: new conversation.")
