@@ -16,3 +16,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def tiny_cfg():
   from configs import tiny
   return tiny.model_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+  """The tiny toy run (`demo.get_config("toy,tiny")`, its default total_steps) trained with
+  the data fixtures' tokenizers and export_inference=True -> its WORKDIR (inference/ inside)."""
+  from configs import demo
+  from tests import data_fixtures
+  from train.train import train
+  root = tmp_path_factory.mktemp("tiny_ckpt")
+  c = demo.get_config("toy,tiny")
+  c.workdir = str(root / "wd")
+  c.export_inference = True
+  c.data.llm_tokenizer = data_fixtures.make_llm_tokenizer(str(root / "llm"))
+  c.data.qformer_tokenizer = data_fixtures.make_bert_tokenizer(str(root / "bert"))
+  train(c)
+  return c.workdir

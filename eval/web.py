@@ -1,0 +1,225 @@
+"""A web demo of a checkpoint: upload a video or an image, chat about it, and see where
+the context token looked in each frame.
+
+  python -m eval.web --ckpt DIR [--host 127.0.0.1] [--port 7860] [--max-frames 600]
+      [--temperature 0.2] [--top-p 0.7] [--max-new-tokens 512] [--dtype float32|bfloat16]
+      [--seed 0] [--prefill-chunk 0]
+
+DIR as for `eval.chat` (a converted / inference directory or a train WORKDIR). The page
+(the release's `serve/gradio_web_server.py` without its controller and workers) has an
+upload for one video (frames at 1 fps, at most `--max-frames` of them), image or feature
+file; a chat whose answers stream in; sliders for the temperature (0: greedy), top_p and
+the answer's token budget, starting at the flags' values; and a gallery of up to 16
+evenly spaced frames with the context token's attention over their patches as a heat map
+(`eval/overlay.py`; feature files have no frames to show). The conversation is the
+chat's: every question is asked with the turns before it, the media in the latest turn
+and the latest question as the Q-Former instruction (`llamavid_jax/inference.py`); a new
+upload or Clear starts a new one. Bad uploads and questions without media get a message
+on the page, and the server goes on serving.
+
+Questions are answered one at a time (the model serves one stream). It listens on
+localhost unless `--host` says otherwise; needs `pip install 'llamavid-jax[web]'`.
+Arguments and the checkpoint directory are checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from eval import chat, overlay
+from llamavid_jax import inference
+
+SHOWN_FRAMES = 16
+UPLOAD_TYPES = list(inference.VIDEO_SUFFIXES + inference.IMAGE_SUFFIXES + (".npy", ".safetensors"))
+NO_MEDIA = "Upload a video or an image first."
+NO_QUESTION = "Type a question."
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--ckpt", required=True, help="converted / inference directory, or a train.train WORKDIR")
+  p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+  p.add_argument("--port", type=int, default=7860)
+  p.add_argument("--max-frames", type=int, default=600, help="uploads with more frames at 1 fps are refused")
+  chat.add_sampling(p)
+  return p
+
+
+def _text(content: Any) -> str:
+  """A chatbot message's content (a string, or Gradio's list of parts) -> its text."""
+  if isinstance(content, str):
+    return content
+  if isinstance(content, dict):
+    return str(content.get("text", content.get("content", "")))
+  if isinstance(content, (list, tuple)):
+    return "".join(_text(c) for c in content)
+  return "" if content is None else str(content)
+
+
+def history_turns(history: list[dict]) -> list[str]:
+  """The chatbot's messages -> alternating user / assistant texts (an unanswered
+  question's empty answer kept, consecutive messages of one role joined)."""
+  turns: list[str] = []
+  for msg in history or []:
+    role = msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
+    content = msg.get("content") if isinstance(msg, dict) else getattr(msg, "content", None)
+    want = "user" if len(turns) % 2 == 0 else "assistant"
+    if role != want and turns:
+      turns[-1] = (turns[-1] + "\n" + _text(content)).strip()
+    elif role == want:
+      turns.append(_text(content))
+  return turns if len(turns) % 2 == 0 else turns + [""]
+
+
+def _media_state(model: inference.Model, path: str) -> dict:
+  """An uploaded file -> {name, media, index, frames}: the model's media and up to
+  SHOWN_FRAMES display frames (uint8, the model's crop) with their 1 fps indices.
+  Raises inference.MediaError."""
+  kind = inference.media_kind(path)
+  name = os.path.basename(path)
+  media = model.media(**{kind: path})
+  index, frames = np.zeros((0,), np.int64), None
+  if kind != "features":
+    from llamavid_jax.data import SampleError
+    from llamavid_jax.data.video import VideoError
+    try:
+      index, frames = overlay.display_frames(image_size=model.cfg.vision.image_size, aspect=model.image_aspect,
+                                             limit=SHOWN_FRAMES, **{kind: path})
+    except (VideoError, SampleError, OSError) as e:
+      raise inference.MediaError(path, str(e)) from None
+  return dict(name=name, kind=kind, media=media, index=index, frames=frames)
+
+
+def attention_gallery(model: inference.Model, request: dict, state: dict) -> list[tuple[np.ndarray, str]]:
+  """The shown frames with the context attention of `request` drawn over them, each
+  captioned with its second and how peaked its attention is (`overlay.peak_ratio`:
+  1x is uniform); [] for a content-only
+  model or a feature file."""
+  if state["frames"] is None or not len(state["frames"]):
+    return []
+  attn = model.context_attention(request)
+  if attn is None:
+    return []
+  attn = attn[state["index"]]
+  pictures = overlay.overlay(state["frames"], attn)
+  peaks = overlay.peak_ratio(attn)
+  where = (lambda i: "image") if state["kind"] == "image" else (lambda i: f"{i} s")
+  return [(pic, f"{where(int(i))} · peak {r:.1f}×") for pic, i, r in zip(pictures, state["index"], peaks)]
+
+
+def build_app(model: inference.Model, max_frames: int | None = 600, *, temperature: float = inference.CHAT["temperature"],
+              top_p: float = inference.CHAT["top_p"], max_new_tokens: int = 512, seed: int = 0,
+              prefill_chunk: int = 0):
+  """-> the demo's gr.Blocks (not launched) over `model`; sliders start at the given
+  sampling values. Sets `model.max_frames` to `max_frames` (the upload cap)."""
+  import gradio as gr
+
+  model.max_frames = max_frames
+  cap = f"at most {max_frames} frames at 1 fps" if max_frames else "any length"
+  attention_note = ("" if model.cfg.use_context_token else
+                    " (this checkpoint has no context token: nothing to show)")
+
+  def on_upload(path):
+    """-> (state, status, chatbot, gallery): a new upload starts a new conversation."""
+    if not path:
+      return None, "", [], []
+    try:
+      state = _media_state(model, path)
+    except inference.MediaError as e:
+      name = os.path.basename(path)
+      why = e.why.replace(path, name)   # the upload's server-side path says nothing to the user
+      gr.Warning(f"Cannot use {name}: {why}")
+      return None, f"**Cannot use `{name}`**: {why}", [], []
+    n = state["media"].num_frames
+    what = {"video": f"video, {n} frame{'s' * (n != 1)} at 1 fps", "image": "image",
+            "features": f"features of {n} frame{'s' * (n != 1)}"}[state["kind"]]
+    return state, f"`{state['name']}`: {what}. Ask a question.", [], []
+
+  def on_ask(question, history, state, temp, tp, budget):
+    """Streams (chatbot, textbox, gallery, status) as the answer grows."""
+    history = list(history or [])
+    question = (question or "").strip()
+    problem = (NO_QUESTION if not question else NO_MEDIA if state is None else
+               f"temperature must be >= 0, got {temp}" if temp is None or temp < 0 else
+               f"top_p must be in (0, 1], got {tp}" if tp is None or not 0 < tp <= 1 else
+               f"max new tokens must be >= 1, got {budget}" if budget is None or int(budget) < 1 else None)
+    if problem:
+      gr.Warning(problem)
+      yield history, question, gr.skip(), problem
+      return
+    turns = history_turns(history) + [question]
+    request = model.request(turns, state["media"])
+    gallery = attention_gallery(model, request, state)
+    history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+    yield history, "", gallery, "Answering…"
+    answer = ""
+    for piece in model.stream(request, max_new_tokens=int(budget), temperature=float(temp), top_p=float(tp),
+                              seed=seed, prefill_chunk=prefill_chunk):
+      answer += piece
+      history[-1] = {"role": "assistant", "content": answer}
+      yield history, "", gallery, "Answering…"
+    final = model.last_answer
+    history[-1] = {"role": "assistant", "content": final.text}
+    empty = "" if final.text else " (they decode to no text)"
+    yield history, "", gallery, f"`{state['name']}`: answered in {len(final.token_ids)} tokens{empty}."
+
+  def on_clear(state):
+    return [], "", [], (f"`{state['name']}`: new conversation." if state else "")
+
+  with gr.Blocks(title="LLaMA-VID (JAX)", analytics_enabled=False) as app:
+    gr.Markdown("## LLaMA-VID: an image is worth 2 tokens\n"
+                f"Upload a video ({cap}), an image or a feature file, then ask about it.")
+    state = gr.State(None)
+    with gr.Row():
+      with gr.Column(scale=3):
+        upload = gr.File(label="Video or image", file_types=UPLOAD_TYPES, type="filepath")
+        status = gr.Markdown(elem_id="status")
+        with gr.Accordion("Parameters", open=True):
+          temp = gr.Slider(0.0, max(1.0, temperature), value=temperature, step=0.05, label="Temperature (0: greedy)")
+          tp = gr.Slider(0.05, 1.0, value=top_p, step=0.05, label="Top P")
+          budget = gr.Slider(1, max(1536, max_new_tokens), value=max_new_tokens, step=1, label="Max new tokens")
+      with gr.Column(scale=6):
+        chatbot = gr.Chatbot(label="LLaMA-VID", height=360, elem_id="chatbot")
+        with gr.Row():
+          box = gr.Textbox(show_label=False, placeholder="Ask about the video and press ENTER", scale=6,
+                           container=False, elem_id="question")
+          send = gr.Button("Send", variant="primary", scale=1, min_width=60, elem_id="send")
+        clear = gr.Button("Clear", elem_id="clear")
+        gallery = gr.Gallery(label=("Context attention over the frames (blue: least, red: most; "
+                                    f"peak: the largest weight over uniform's){attention_note}"),
+                             columns=4, object_fit="contain", format="png", elem_id="attention")
+    upload.change(on_upload, [upload], [state, status, chatbot, gallery], api_name="upload")
+    ask = dict(fn=on_ask, inputs=[box, chatbot, state, temp, tp, budget], outputs=[chatbot, box, gallery, status],
+               concurrency_limit=1, concurrency_id="model")
+    send.click(**ask, api_name="ask")
+    box.submit(**ask, api_name="ask_enter", api_visibility="undocumented")
+    clear.click(on_clear, [state], [chatbot, box, gallery, status], api_name="clear")
+  return app
+
+
+def main(argv=None) -> None:
+  p = parser()
+  a = p.parse_args(argv)
+  kw = chat.check_sampling(p, a)
+  if not 0 < a.port < 65536:
+    p.error(f"--port must be in 1..65535, got {a.port}")
+  if a.max_frames < 1:
+    p.error(f"--max-frames must be >= 1, got {a.max_frames}")
+  chat.check_ckpt(p, a.ckpt)
+  os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+  try:
+    import gradio  # noqa: F401
+  except ImportError:
+    sys.exit("eval.web needs gradio: pip install 'llamavid-jax[web]'")
+  m = inference.load(a.ckpt, dtype=a.dtype, max_frames=a.max_frames)
+  app = build_app(m, a.max_frames, **kw)
+  app.queue().launch(server_name=a.host, server_port=a.port)
+
+
+if __name__ == "__main__":
+  main()
