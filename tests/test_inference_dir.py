@@ -34,10 +34,12 @@ def _config(root, **kw):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  c = _config(tmp_path_factory.mktemp("run"))
-  out = train(c)
-  assert out["step"] == 6 and not out["preempted"]
+def run(tiny_ckpt):
+  """The shared tiny toy run (conftest.tiny_ckpt: 6 steps) -> its resolved config."""
+  from ml_collections import ConfigDict
+  with open(os.path.join(tiny_ckpt, "config.json")) as f:
+    c = ConfigDict(json.load(f))
+  assert c.workdir == tiny_ckpt and c.total_steps == 6
   return c
 
 
