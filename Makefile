@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv test test-fast test-lmms demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,23 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# lmms-eval (optional, its own venv): the `lmms` extra, then lmms-eval itself with --no-deps
+# (its declared dependencies would replace torch; see pyproject.toml), then its test.
+LMMS_VENV ?= .venv-lmms
+LMMS_EVAL ?= lmms-eval==0.7.3
+
+$(LMMS_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/pip install -q --upgrade pip
+	$(LMMS_VENV)/bin/pip install -q -e '.[test,lmms]'
+	$(LMMS_VENV)/bin/pip install -q --no-deps '$(LMMS_EVAL)'
+	touch $@
+
+test-lmms: $(LMMS_VENV)/.installed
+	$(LMMS_VENV)/bin/python -m pytest -q tests/test_eval_lmms.py
+
 demo: venv
 	$(BIN)/python -m train.demo --workdir workdir/demo
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(LMMS_VENV) *.egg-info

@@ -4,7 +4,7 @@
       --question Q --answer A [--with-eos] [--dtype float32|bfloat16]
 
 prints one JSON object {"logprob": sum over answer tokens, "token_logprobs": [...],
-"num_tokens": n}. The prompt is the release's inference prompt (`llamavid/eval/
+"num_tokens": n, "is_greedy": whether every answer token is the argmax at its position}. The prompt is the release's inference prompt (`llamavid/eval/
 model_*_qa.py`): `vicuna_v1` with `<image>\\n` before the question,
 
   "{system} USER: <image>\\n{question} ASSISTANT:" + " {answer}"
@@ -82,7 +82,10 @@ class Scorer:
     pos_of = {int(i): p for p, i in enumerate(np.asarray(lay.text_idx[0])) if text_pos[p]}
     positions = [pos_of[i] for i in range(n_prompt, len(ids))]     # spliced positions of the answer
     token_lp = [float(logp[p - 1, ids[i]]) for p, i in zip(positions, range(n_prompt, len(ids)))]
-    return {"logprob": float(sum(token_lp)), "token_logprobs": token_lp, "num_tokens": len(token_lp)}
+    best = np.asarray(jnp.argmax(logp, -1))
+    greedy = all(int(best[p - 1]) == ids[i] for p, i in zip(positions, range(n_prompt, len(ids))))
+    return {"logprob": float(sum(token_lp)), "token_logprobs": token_lp, "num_tokens": len(token_lp),
+            "is_greedy": greedy}
 
 
 # --- multiple choice by answer log-likelihood ------------------------------------------------

@@ -1,0 +1,257 @@
+"""lmms-eval (0.7.3) model `llamavid_jax`: our inference core behind lmms-eval's `lmms` API.
+
+  pip install -e '.[lmms]' && pip install --no-deps lmms-eval==0.7.3   # see pyproject's `lmms` extra
+  lmms-eval --model llamavid_jax --model_args ckpt=DIR[,dtype=bfloat16,max_frames=N] \\
+      --tasks T [--include_path TASKS_DIR] --batch_size 8 --log_samples --output_path OUT
+
+The model registers through the entry point `lmms_eval.models` (pyproject.toml: `llamavid_jax =
+"eval.lmms_adapter:manifest"`); lmms-eval's own `llama_vid` is the PyTorch release and needs
+its code and CUDA. `ckpt` is what `inference.load` takes: a converted / inference directory
+or a train WORKDIR (its latest step).
+
+model_args: ckpt, dtype (float32 | bfloat16), batch_size (requests per `Model.generate`
+call; wins over the CLI's --batch_size), max_frames (videos with more frames at 1 fps are
+sampled uniformly down to this many; default all), max_new_tokens (default 1024, when the
+task's generation_kwargs name none), seed (sampling; batch k uses seed + k).
+
+Requests. The task's context is the question: any `<image>` in it is removed and the
+release's prompt (`inference.inference_prompt`: vicuna_v1, `<image>\\n` before the
+question) is built around it; the question alone is the Q-Former instruction.
+`doc_to_visual(doc)` gives the media: one video / image / feature path (by suffix,
+`inference.media_kind`), or PIL images (padded to a square of the mean colour when the
+checkpoint's image_aspect_ratio is `pad`, CLIP-preprocessed at the vision tower's size,
+`visual_media`); several images are the frames of one clip. Text-only requests are refused
+(the model always sees media).
+
+generate_until: `Model.generate` in left-padded batches of `batch_size` requests with the
+same generation kwargs. Honoured: max_new_tokens, temperature (0, or do_sample false:
+greedy), top_p, top_k, until (stop strings; the answer is cut before the first). num_beams
+> 1 is not supported (greedy, with a warning). Answers are `Answer.text`: decoded up to `</s>`,
+cut at the stop strings, stripped.
+
+loglikelihood: `eval.score.Scorer.score(question, continuation)` per request (batch of
+one), i.e. the sum of the continuation tokens' log-probabilities after
+"... ASSISTANT:" + " " + continuation (the continuation's leading whitespace, lmms-eval's
+target_delimiter, is the template's space); is_greedy is whether every continuation token
+is the argmax at its position. The media of a doc is loaded once for all its options.
+
+lmms-eval 0.7.3 quirks handled here:
+- `multiple_choice` picks `argmin` of the returned values (its built-in models return
+  losses; EvolvingLMMs-Lab/lmms-eval#370), while output_type `loglikelihood`'s perplexity
+  metric takes exp(-mean(values)), i.e. log-probabilities. Requests whose continuation is a
+  string (multiple_choice: one request per option) get the negative log-likelihood, so the
+  chosen option is the most likely one; requests carrying the task's doc_to_target
+  (output_type loglikelihood) get the log-likelihood.
+- The evaluator passes every result through `unwrap_generation_output`, which turns a
+  `(float, bool)` tuple into its string; loglikelihood results are therefore returned
+  wrapped in `GenerationResult(text=(value, is_greedy))`, which it unwraps unchanged.
+- acc_mutual_info's unconditional requests `("", choice)` have no media: refused
+  (NotImplementedError), as is `generate_until_multi_round`.
+- The CLI always passes `batch_size` (default 1) besides model_args; model_args' batch_size
+  wins (`create_from_arg_string`). `device` is ignored: JAX places the model on its default
+  backend (JAX_PLATFORMS). One process: no accelerate / torchrun data parallelism.
+- lmms-eval 0.7.3 must be installed with --no-deps (its declared dependencies pull
+  torchvision, and with it a CUDA torch, wandb, sentence_transformers, ...); the `lmms`
+  extra lists what its evaluator, CLI and simple local tasks import, without lmms-eval
+  itself (pip would resolve its dependencies again), and filelock<4 (the evaluator patches
+  `filelock._api`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Sequence
+
+try:
+  from lmms_eval.api.instance import Instance
+  from lmms_eval.api.model import lmms
+except ImportError as e:   # lmms-eval is an optional extra
+  raise ImportError(f"eval.lmms_adapter needs lmms-eval ({e}): pip install -e '.[lmms]' && "
+                    "pip install --no-deps lmms-eval==0.7.3 (see pyproject.toml's lmms extra)") from e
+
+try:
+  from lmms_eval.api.instance import GenerationResult
+except ImportError:   # lmms-eval before 0.7 returns tuples as they are
+  GenerationResult = None
+
+import numpy as np
+
+log = logging.getLogger("eval.lmms_adapter")
+
+MODEL_ID = "llamavid_jax"
+_GEN_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "until", "do_sample", "num_beams"}
+_IGNORED_KEYS = {"use_cache", "image_aspect_ratio", "max_length"}   # no effect here
+
+
+def manifest():
+  """The `lmms_eval.models` entry point's payload."""
+  from lmms_eval.models.registry_v2 import ModelManifest
+  return ModelManifest(model_id=MODEL_ID, simple_class_path="eval.lmms_adapter.LlamaVidJax")
+
+
+def _frames(m, images: Sequence[Any]) -> np.ndarray:
+  from llamavid_jax.data.image import preprocess_image
+  return np.stack([preprocess_image(im.convert("RGB"), size=m.cfg.vision.image_size, aspect=m.image_aspect)
+                   for im in images]).astype(np.float32)
+
+
+def visual_media(m, visuals: Sequence[Any], max_frames: int | None = None):
+  """`doc_to_visual(doc)` (a list) -> inference.Media: PIL images (one, or several as the
+  frames of one clip) or one video / image / feature path. Videos with more than
+  `max_frames` frames at 1 fps are sampled uniformly down to `max_frames`."""
+  from PIL import Image
+
+  from llamavid_jax import inference
+  visuals = [v for v in (visuals or []) if v is not None]
+  if not visuals:
+    raise ValueError("no visual for this doc: llamavid_jax answers about a video, image or features, "
+                     "text-only requests are not supported")
+  if all(isinstance(v, Image.Image) for v in visuals):
+    media = inference.Media("frames", _frames(m, visuals), "<PIL image>")
+  elif len(visuals) == 1 and isinstance(visuals[0], str):
+    path = visuals[0]
+    media = m.media(**{inference.media_kind(path): inference.check_file(path, "doc_to_visual")})
+  elif all(isinstance(v, str) and inference.media_kind(v) == "image" for v in visuals):
+    from llamavid_jax.data.image import load_image
+    media = inference.Media("frames", _frames(m, [load_image(v) for v in visuals]), visuals[0])
+  else:
+    kinds = sorted({type(v).__name__ for v in visuals})
+    raise ValueError(f"unsupported visuals {kinds} x {len(visuals)}: expected PIL images or one video / "
+                     "image / feature path")
+  if max_frames and media.num_frames > max_frames:
+    keep = np.round(np.linspace(0, media.num_frames - 1, max_frames)).astype(int)
+    media = inference.Media(media.kind, media.array[keep], media.path)
+  return media
+
+
+def _strip(context) -> str:
+  from llamavid_jax.data import IMAGE_TOKEN
+  context = context[0] if isinstance(context, (list, tuple)) else context
+  return str(context).replace(IMAGE_TOKEN, "").strip()
+
+
+class LlamaVidJax(lmms):
+  """lmms-eval `simple` model over `llamavid_jax.inference.Model` (see the module doc)."""
+
+  is_simple = True
+
+  def __init__(self, ckpt: str, dtype: str = "float32", batch_size: int | str = 1, max_frames: int | str | None = None,
+               max_new_tokens: int | str = 1024, seed: int | str = 0, device: str | None = None, **kwargs) -> None:
+    super().__init__()
+    kwargs.pop("max_batch_size", None)
+    if kwargs:
+      raise TypeError(f"llamavid_jax: unknown model_args {sorted(kwargs)}; known: ckpt, dtype, batch_size, "
+                      "max_frames, max_new_tokens, seed")
+    if str(batch_size).startswith("auto"):
+      raise ValueError("llamavid_jax: batch_size 'auto' is not supported; give a number")
+    from llamavid_jax import inference
+    self.batch_size_per_device = int(batch_size)
+    self.max_frames = int(max_frames) if max_frames not in (None, "", "None") else None
+    self.max_new_tokens = int(max_new_tokens)
+    self.seed = int(seed)
+    if device:
+      log.info("llamavid_jax: device %r ignored; JAX uses its default backend (JAX_PLATFORMS)", device)
+    self.m = inference.load(ckpt, dtype=dtype)
+    self._scorer = None
+    self._warned: set[str] = set()
+    self._batches = 0
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+    """model_args win over the CLI's additional config (its --batch_size defaults to 1)."""
+    from lmms_eval import utils
+    args = utils.simple_parse_args_string(arg_string)
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+    return cls(**args, **extra)
+
+  @property
+  def batch_size(self) -> int:
+    return self.batch_size_per_device
+
+  @property
+  def scorer(self):
+    if self._scorer is None:
+      from eval.score import Scorer
+      self._scorer = Scorer(self.m)
+    return self._scorer
+
+  def _warn_once(self, msg: str) -> None:
+    if msg not in self._warned:
+      self._warned.add(msg)
+      log.warning(msg)
+
+  def _doc_media(self, doc_to_visual, doc_id, task, split):
+    doc = self.task_dict[task][split][doc_id]
+    return doc, visual_media(self.m, doc_to_visual(doc), self.max_frames)
+
+  def _sampling(self, gen_kwargs: dict | None) -> dict:
+    """lmms-eval generation_kwargs -> Model.generate's keywords."""
+    g = dict(gen_kwargs or {})
+    unknown = sorted(set(g) - _GEN_KEYS - _IGNORED_KEYS)
+    if unknown:
+      self._warn_once(f"llamavid_jax: generation_kwargs {unknown} are ignored")
+    if int(g.get("num_beams") or 1) > 1:
+      self._warn_once("llamavid_jax: num_beams > 1 is not supported; decoding greedily / by sampling")
+    until = g.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    temperature = float(g.get("temperature") or 0.0)
+    if g.get("do_sample") is False:
+      temperature = 0.0
+    return {"max_new_tokens": int(g.get("max_new_tokens") or self.max_new_tokens), "temperature": temperature,
+            "top_p": float(g["top_p"]) if g.get("top_p") is not None else 1.0, "top_k": int(g.get("top_k") or 0),
+            "stop": tuple(s for s in until if s)}
+
+  # --- lmms API -------------------------------------------------------------------
+  def generate_until(self, requests: list[Instance]) -> list[str]:
+    from tqdm import tqdm
+    groups: dict[str, list[int]] = {}
+    kws = []
+    for i, r in enumerate(requests):
+      kw = self._sampling(r.args[1])
+      kws.append(kw)
+      groups.setdefault(json.dumps(kw, sort_keys=True), []).append(i)
+    out: list[str | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), disable=self.rank != 0, desc="llamavid_jax generate")
+    for idx in groups.values():
+      kw = kws[idx[0]]
+      for s in range(0, len(idx), self.batch_size):
+        chunk = idx[s:s + self.batch_size]
+        reqs = []
+        for i in chunk:
+          context, _, doc_to_visual, doc_id, task, split = requests[i].args
+          reqs.append(self.m.request(_strip(context), self._doc_media(doc_to_visual, doc_id, task, split)[1]))
+        seed = self.seed + self._batches
+        self._batches += 1
+        for i, ans in zip(chunk, self.m.generate(reqs, seed=seed, **kw)):
+          out[i] = ans.text
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+  def loglikelihood(self, requests: list[Instance]) -> list:
+    from tqdm import tqdm
+    out = []
+    last_key, media = None, None
+    for r in tqdm(requests, disable=self.rank != 0, desc="llamavid_jax loglikelihood"):
+      if len(r.args) < 6:
+        raise NotImplementedError("llamavid_jax: loglikelihood requests without media (acc_mutual_info's "
+                                  "unconditional ones) are not supported")
+      context, target, doc_to_visual, doc_id, task, split = r.args[:6]
+      key = (task, split, doc_id)
+      if key != last_key:   # a doc's options come one after another
+        doc, media = self._doc_media(doc_to_visual, doc_id, task, split)
+        last_key = key
+      continuation = target if isinstance(target, str) else target(doc)
+      if not isinstance(continuation, str):
+        raise TypeError(f"llamavid_jax: doc_to_target gave {type(continuation).__name__}, a string is needed "
+                        "for output_type loglikelihood")
+      s = self.scorer.score(_strip(context), continuation.lstrip(), **{media.kind: media.array})
+      value = -s["logprob"] if isinstance(target, str) else s["logprob"]   # see the module doc
+      res = (float(value), bool(s["is_greedy"]))
+      out.append(GenerationResult(text=res) if GenerationResult is not None else res)
+    return out
+
+  def generate_until_multi_round(self, requests) -> list[str]:
+    raise NotImplementedError("llamavid_jax: generate_until_multi_round is not implemented; multi-turn "
+                              "questions can go through llamavid_jax.inference.Model.request(turns, media)")

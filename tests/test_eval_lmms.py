@@ -1,0 +1,196 @@
+"""lmms-eval runs our model (`eval.lmms_adapter`, the `llamavid_jax` entry point) on two
+local tasks of a tiny trained checkpoint: its generated answers are `Model.generate`'s
+greedy answers, and its multiple-choice pick is the argmax of `Scorer.score`.
+
+lmms-eval is an optional extra, so `make test` skips this file. Run it with
+
+  make test-lmms     # creates .venv-lmms (lmms-eval 0.7.3 --no-deps + the `lmms` extra), runs this file
+
+or, in a venv that has them: `python -m pytest -q tests/test_eval_lmms.py`. Nothing is
+downloaded: the tasks read a JSONL (`dataset_path: json`) and PNG / MP4 files written here.
+"""
+
+import json
+import os
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("lmms_eval")
+
+from tests import video_fixtures  # noqa: E402
+from tests.test_inference_dir import _config  # noqa: E402
+
+pytestmark = pytest.mark.slow   # a 6-step training run and a few lmms-eval passes
+
+QUESTIONS = ["What is this?", "What color?", "<image>\nDescribe it.", "What is this? Describe it."]
+OPTIONS = ["cat.", "dog", "Red.", "runs."]
+
+UTILS = '''
+from PIL import Image
+
+
+def doc_to_visual(doc):
+  return [doc["video"]] if doc["video"] else [Image.open(doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+  return doc["question"]
+
+
+def doc_to_choice(doc):
+  return doc["options"]
+
+
+def process_results(doc, results):
+  return {"answered": float(bool(results[0]))}
+'''
+
+GEN_YAML = """
+task: toy_gen
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}, cache_dir: {cache}}}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs: {{max_new_tokens: 8, temperature: 0, do_sample: false, until: ["</s>"]}}
+process_results: !function utils.process_results
+metric_list:
+  - metric: answered
+    aggregation: mean
+    higher_is_better: true
+"""
+
+MC_YAML = """
+task: toy_mc
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}, cache_dir: {cache}}}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_choice: !function utils.doc_to_choice
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  from train.train import train
+  c = _config(tmp_path_factory.mktemp("run"))
+  train(c)
+  return os.path.join(c.workdir, "inference")
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+  """A task dir (YAMLs + utils.py) and the docs: 3 PNG images of different shapes and one
+  3-second MP4 (3 frames at 1 fps)."""
+  root = tmp_path_factory.mktemp("lmms")
+  rng = np.random.default_rng(0)
+  docs = []
+  for i, q in enumerate(QUESTIONS):
+    image, video = "", ""
+    if i < 3:
+      image = str(root / f"img{i}.png")
+      Image.fromarray(rng.integers(0, 256, (20 + 6 * i, 30 - 4 * i, 3), np.uint8)).save(image)
+    else:
+      video = video_fixtures.write_counter_clip(str(root / "clip.mp4"), 6, 2)
+    docs.append({"id": i, "image": image, "video": video, "question": q, "answer": "cat.",
+                 "options": OPTIONS[i:] + OPTIONS[:i], "label": i % len(OPTIONS)})
+  data = root / "docs.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+  tdir = root / "tasks"
+  tdir.mkdir()
+  (tdir / "utils.py").write_text(textwrap.dedent(UTILS))
+  for name, y in (("toy_gen", GEN_YAML), ("toy_mc", MC_YAML)):
+    (tdir / f"{name}.yaml").write_text(y.format(data=json.dumps(str(data)), cache=json.dumps(str(root / "hf_cache"))))
+  return str(tdir), docs
+
+
+def _evaluate(tdir, model_args, tasks):
+  from lmms_eval import evaluator
+  from lmms_eval.tasks import TaskManager
+  tm = TaskManager(include_path=tdir, include_defaults=False)
+  return evaluator.simple_evaluate(model="llamavid_jax", model_args=model_args, tasks=tasks, task_manager=tm,
+                                   log_samples=True, bootstrap_iters=0)
+
+
+def _media(m, doc):
+  from llamavid_jax import inference
+  from llamavid_jax.data.image import load_image, preprocess_image
+  if doc["video"]:
+    return m.media(video=doc["video"])
+  frame = preprocess_image(load_image(doc["image"]), size=m.cfg.vision.image_size, aspect=m.image_aspect)
+  return inference.Media("frames", frame[None])
+
+
+def test_lmms_eval_answers_are_generate_and_score(ckpt, tasks, monkeypatch):
+  from lmms_eval.models import get_model
+
+  from eval import lmms_adapter
+  from eval.score import Scorer
+  from llamavid_jax import inference
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  assert get_model("llamavid_jax") is lmms_adapter.LlamaVidJax, "entry point missing: pip install -e '.[lmms]'"
+  tdir, docs = tasks
+  out = _evaluate(tdir, f"ckpt={ckpt},batch_size=2", ["toy_gen", "toy_mc"])
+
+  m = inference.load(ckpt)
+  media = [_media(m, d) for d in docs]
+  assert [x.num_frames for x in media] == [1, 1, 1, 3]
+  # one request at a time: the batches of two (left padded, frames padded) give the same tokens
+  want = [m.generate([m.request(d["question"], x)], max_new_tokens=8)[0] for d, x in zip(docs, media)]
+  got = {s["doc_id"]: s["filtered_resps"][0] for s in out["samples"]["toy_gen"]}
+  assert got == {i: a.text for i, a in enumerate(want)}
+  assert all(a.token_ids for a in want) and len({a.text for a in want}) > 1, want
+  print("LMMS toy_gen answers:", [a.text for a in want])
+
+  scorer = Scorer(m)
+  mc = {s["doc_id"]: s for s in out["samples"]["toy_mc"]}
+  assert sorted(mc) == list(range(len(docs)))
+  picks = []
+  for i, (d, x) in enumerate(zip(docs, media)):
+    q = d["question"].replace("<image>", "").strip()
+    scores = [scorer.score(q, o, frames=x.array) for o in d["options"]]
+    nll = [r[0] for r in mc[i]["filtered_resps"]]   # multiple_choice: -logprob (lmms-eval picks argmin)
+    np.testing.assert_allclose(nll, [-s["logprob"] for s in scores], rtol=1e-6)
+    assert [r[1] for r in mc[i]["filtered_resps"]] == [s["is_greedy"] for s in scores]
+    best = int(np.argmax([s["logprob"] for s in scores]))
+    assert int(np.argmin(nll)) == best and len(set(nll)) == len(OPTIONS)
+    assert mc[i]["acc"] == float(best == d["label"])
+    picks.append(best)
+  assert out["results"]["toy_mc"]["acc,none"] == np.mean([p == d["label"] for p, d in zip(picks, docs)])
+  assert out["results"]["toy_gen"]["answered,none"] == 1.0
+  print("LMMS toy_mc picks:", picks)
+
+
+def test_adapter_model_args_and_refusals(ckpt, tasks):
+  """max_frames samples a video down uniformly; model_args' batch_size wins over the
+  CLI's; unsupported requests are refused with a message."""
+  from eval import lmms_adapter
+  tdir, docs = tasks
+  lm = lmms_adapter.LlamaVidJax.create_from_arg_string(f"ckpt={ckpt},batch_size=3,max_frames=2",
+                                                       {"batch_size": 1, "device": "cuda:0"})
+  assert lm.batch_size == 3 and lm.max_frames == 2
+  full = lm.m.media(video=docs[3]["video"])
+  two = lmms_adapter.visual_media(lm.m, [docs[3]["video"]], max_frames=2)
+  assert two.num_frames == 2 and np.array_equal(two.array, full.array[[0, 2]])
+  three = lmms_adapter.visual_media(lm.m, [Image.open(docs[i]["image"]) for i in range(3)])
+  assert three.num_frames == 3
+  with pytest.raises(ValueError, match="text-only requests are not supported"):
+    lmms_adapter.visual_media(lm.m, [])
+  with pytest.raises(NotImplementedError, match="generate_until_multi_round"):
+    lm.generate_until_multi_round([])
+  with pytest.raises(TypeError, match="unknown model_args"):
+    lmms_adapter.LlamaVidJax(ckpt=ckpt, conv_template="vicuna_v1")
+  assert lm._sampling({"do_sample": False, "temperature": 0.2, "until": "\n\n", "top_p": None}) == {
+      "max_new_tokens": 1024, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": ("\n\n",)}
