@@ -123,3 +123,18 @@ def test_export_from_train_names_what_is_missing(run, tmp_path):
     orbax_io.load_for_inference(str(tmp_path))
   with pytest.raises(ValueError, match=r"inference/conversion.json: no release_config \(made by train.train"):
     export.export(os.path.join(run.workdir, "inference"), str(tmp_path / "release"))
+
+
+def test_a_checkpoint_of_8_devices_loads_in_a_1_device_process(run):
+  """Trained on the 8 fake devices (tiny_ckpt); every kind of directory loads where there
+  is one device (orbax refuses a different topology unless restored as numpy)."""
+  import subprocess
+  import sys
+  code = ("import sys; from llamavid_jax import inference\n"
+          "for d in sys.argv[1:]:\n  m = inference.load(d); print(d, len(m.params))\n")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-c", code, os.path.join(run.workdir, "inference"), run.workdir],
+                     env=env, capture_output=True, text=True, timeout=300,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert len(p.stdout.splitlines()) == 2

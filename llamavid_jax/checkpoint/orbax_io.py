@@ -171,7 +171,7 @@ def restore(ckpt: str, mesh: jax.sharding.Mesh | None = None, dtype=None, rules=
   checkpointer = ocp.StandardCheckpointer()
   try:
     if mesh is None:
-      params = checkpointer.restore(os.path.join(ckpt, PARAMS))
+      params = _restore_numpy(os.path.join(ckpt, PARAMS), stored)
       return params if dtype is None else jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
     shardings = shd.param_shardings(boxed, mesh, rules)
     target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), dtype or m.dtype, sharding=s),
@@ -233,11 +233,20 @@ def restore_train_params(workdir: str, step: int, dtype=None) -> dict:
   path = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINTS, str(step), "state")
   with ocp.PyTreeCheckpointer() as ckpt:
     meta = ckpt.metadata(path).item_metadata.tree["params"]
-    item = {"params": jax.tree.map(lambda m: np.zeros((), m.dtype), meta)}
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    params = ckpt.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                            partial_restore=True))["params"]
+  params = _restore_numpy(path, {"params": meta}, partial=True)["params"]
   return params if dtype is None else jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
+
+
+def _restore_numpy(path: str, meta, partial: bool = False):
+  """The arrays of `meta`'s tree (orbax metadata) at `path` as host numpy, whatever the
+  devices they were saved from: a checkpoint written by 8 (or 256) devices restores in a
+  1-device process (without restore_type, orbax rebuilds the saved shardings and refuses
+  a different topology)."""
+  ocp = _ocp()
+  item = jax.tree.map(lambda m: np.zeros((), m.dtype), meta)
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  with ocp.PyTreeCheckpointer() as ckpt:
+    return ckpt.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=partial))
 
 
 def data_provenance(data) -> dict:
