@@ -15,12 +15,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from flax import linen as nn
 
 from llamavid_jax import generate as G
 from llamavid_jax.checkpoint import mapping, orbax_io
-from llamavid_jax.models import LlamaVid, splice_labels
+from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.splice import splice_layout, spliced_length
+from tests import data_fixtures as fx
 from tests import torch_llamavid as tl
 
 TOL = 1e-4
@@ -130,3 +130,125 @@ def test_one_placeholder_per_frame_is_the_clip_splice_when_frames_sit_together(r
   lm, om = jax.jit(LlamaVid(movie).apply)({"params": content}, **movie_batch)
   valid = np.asarray(om["layout"].valid)
   report("content-only movie vs clip", float(np.abs(np.asarray(lc) - np.asarray(lm))[valid].max()))
+
+
+# --- data: a movie feature file through the pipeline ------------------------------------
+
+@pytest.fixture(scope="module")
+def movie_data(tmp_path_factory, ref):
+  """Tiny LLM / BERT tokenizers (tests/data_fixtures.py), three movie files (float16
+  [T, N+1, C] with CLS, `inputs` metadata as `features.write_safetensors` writes it)
+  and an image, in a LLaVA JSON."""
+  from safetensors.numpy import save_file
+
+  from llamavid_jax.data.features import Movie, write_safetensors
+  root = str(tmp_path_factory.mktemp("movie"))
+  fx.make_root(root)
+  cfg = ref[1]
+  n, c = cfg.vision.num_tokens, cfg.vision.width
+  rng = np.random.default_rng(0)
+  feats = rng.standard_normal((3, n, c)).astype(np.float16)
+  inputs = "<image>Hello...<image><image>A dog runs."           # frame 1 has no subtitle
+  write_safetensors(os.path.join(root, "videos", "m0.safetensors"), Movie(feats, inputs))
+  save_file({"features": feats}, os.path.join(root, "videos", "bad.safetensors"),   # the writer refuses it
+            metadata={"inputs": "<image>Hello<image>"})
+  np.save(os.path.join(root, "videos", "plain.npy"), feats)
+  samples = fx.image_samples(root, 1)
+  q = fx.qa("<image>\nWhat is this?", "A cat.")
+  samples += [{"id": "movie0", "video": "m0.safetensors", "conversations": q},
+              {"id": "movie_bad", "video": "bad.safetensors", "conversations": q},
+              {"id": "movie_npy", "video": "plain.npy", "conversations": q},
+              {"id": "text0", "conversations": fx.qa("Hello", "Hi.")}]
+  return dict(root=root, cfg=cfg, feats=feats, inputs=inputs, json=fx.write_dataset(root, samples))
+
+
+def test_movie_sample_through_the_pipeline_and_a_training_loss(movie_data, ref):
+  """The human turn's <image> becomes the movie's inputs ("..." dropped): 3 placeholders
+  with the subtitles' ids between them, the release's ids once each repeated <image>
+  is one; the question is the instruction; the features are the file's without CLS
+  (float16 kept); a wrong placeholder count, a .npy without inputs and an image are
+  named skips; the training loss runs on the batch."""
+  from llamavid_jax.data import conversation as conv_lib
+  from llamavid_jax.data import pipeline as pl
+  from train.step import loss_sums
+  d = movie_data
+  root, cfg = d["root"], d["cfg"]
+  pcfg = pl.PipelineConfig(
+      data_path=d["json"], image_folder=os.path.join(root, "images"), video_folder=os.path.join(root, "videos"),
+      llm_tokenizer=os.path.join(root, "llm"), qformer_tokenizer=os.path.join(root, "bert"), template="imgsp_v1",
+      buckets=((32, 4), (48, 4)), batch_size=2, max_len=64, qformer_max_len=8, max_frames=4, read_threads=0,
+      max_skip_rate=1.0, min_samples_for_skip_rate=1, feature_dtype="float16")
+  p = pl.make_pipeline(pcfg, cfg.input_spec, shard_index=0, shard_count=1)
+  skips = {s.id: s for s in p.plan.skips}
+  assert {k: s.reason for k, s in skips.items()} == {"movie_bad": "bad_inputs", "movie_npy": "missing_inputs",
+                                                    "img0": "not_a_movie"}
+  bad = skips["movie_bad"].message()
+  assert "'movie_bad'" in bad and "bad.safetensors" in bad and "2 <image> placeholders" in bad and "3 frames" in bad
+  batches = [b for b in p]
+  b, i = next((b, i) for b in batches for i, s in enumerate(b["sample_index"]) if s == 1)   # movie0
+  ids = b["input_ids"][i][b["text_mask"][i]].tolist()
+  #   USER: _  <im> Hello <im> <im> A dog runs. \n What is this? ASSISTANT: A cat. </s>
+  assert ids == [1, *fx.SYSTEM_IDS, 25, 27, IMG, 35, IMG, IMG, 3, 39, 40, 28, 29, 30, 31, 26, 3, 32, 2]
+  assert b["labels"][i][b["text_mask"][i]].tolist() == [-100] * (len(ids) - 3) + [3, 32, 2]
+  assert b["input_ids"].shape == (2, 48)              # 41 ids with the subtitles: the (48, 4) bucket
+  # the release's prompt: each <image> repeated video_token = 2 times -> the same ids, -200 doubled
+  release = conv_lib.build_prompt(conv_lib.get_template("imgsp_v1"), [
+      d["inputs"].replace("...", "").replace("<image>", "<image>" * 2) + "\nWhat is this?", "A cat."])
+  doubled = [j for x in ids for j in ([x, x] if x == IMG else [x])]
+  assert conv_lib.tokenize_with_image(release, p.processor.llm_tok) == doubled
+  assert b["qformer_ids"][i].tolist() == [[2, 5, 6, 7, 8, 3, 0, 0]]          # "What is this?"
+  assert b["features"].dtype == np.float16 and b["features"].shape[1:] == (4, *cfg.feature_shape)
+  np.testing.assert_array_equal(b["features"][i, :3], d["feats"][:, 1:])
+  assert b["frame_mask"][i].tolist() == [True] * 3 + [False]
+
+  model, params = LlamaVid(cfg), ref[2]
+  batch = {k: jnp.asarray(v) for k, v in b.items() if k != "sample_index"}
+  s, n = jax.jit(lambda p: loss_sums(model, p, batch))(params)
+  assert int(n) == int((b["labels"] != -100).sum()) > 0 and np.isfinite(float(s)) and float(s) > 0
+
+
+def test_cached_generation_on_a_movie_prompt(ref):
+  """Greedy generate with a chunked prefill on two left-padded movie prompts (3 and 2
+  frames among subtitles) = the argmax of the full forward, teacher forced."""
+  _, cfg, params = ref
+  rng = np.random.RandomState(2)
+  n, c = cfg.feature_shape
+  reqs = [dict(input_ids=np.asarray(movie_ids(rng, 64, sub, 3), np.int32),
+               features=rng.randn(len(sub), n, c).astype(np.float32),
+               qformer_ids=rng.randint(5, 40, 4).astype(np.int32), qformer_mask=np.ones(4, bool))
+          for sub in ((2, 0, 1), (3, 1))]
+  batch = G.batch_requests(reqs)
+  model = LlamaVid(cfg)
+  k = 4
+  new = np.asarray(G.generate(model, params, batch, max_new_tokens=k, eos_id=-1, prefill_chunk=5))
+  full = dict(batch, input_ids=np.concatenate([batch["input_ids"], new[:, :k - 1]], 1),
+              text_mask=np.concatenate([batch["text_mask"], np.ones((2, k - 1), bool)], 1))
+  logits, out = jax.jit(model.apply)({"params": params}, **full)
+  valid = np.asarray(out["layout"].valid)
+  last = valid.shape[1] - 1 - np.argmax(valid[:, ::-1], 1)                 # each row's last real position
+  pos = last[:, None] - np.arange(k - 1, -1, -1)[None]                     # the prompt's last, then k-1 new
+  np.testing.assert_array_equal(np.argmax(np.asarray(logits)[np.arange(2)[:, None], pos], -1), new)
+
+
+def test_inference_reads_a_movie_file_with_the_release_prompt(movie_data, ref):
+  """`inference.Model` on a clip-mode checkpoint: a movie file's Media are its features
+  without CLS and its `inputs`; the request's user turn is the release's movie prompt
+  ("..." kept), the question is the instruction, and the batch runs in movie mode."""
+  from llamavid_jax import inference
+  from llamavid_jax.data import tokenizer as tok_lib
+  from llamavid_jax.data.conversation import MOVIE_END, MOVIE_START, tokenize_with_image
+  d = movie_data
+  clip = dataclasses.replace(ref[1], video_mode="clip")
+  tok = tok_lib.load_llm_tokenizer(os.path.join(d["root"], "llm"))
+  qtok = tok_lib.load_qformer_tokenizer(os.path.join(d["root"], "bert"))
+  m = inference.Model(orbax_io.Inference(clip, ref[2], tok, qtok, {}))
+  media = m.media(features=os.path.join(d["root"], "videos", "m0.safetensors"))
+  assert media.is_movie and media.inputs == d["inputs"] and media.array.dtype == np.float32
+  np.testing.assert_array_equal(media.array, d["feats"][:, 1:].astype(np.float32))
+  req = m.request("What is this?", media)
+  prompt = (fx.SYSTEM + " USER: " + MOVIE_START + d["inputs"] + MOVIE_END + "\nWhat is this? ASSISTANT:")
+  assert req["input_ids"].tolist() == tokenize_with_image(prompt, tok) and req["input_ids"].tolist().count(IMG) == 3
+  assert req["qformer_ids"].tolist() == [2, 5, 6, 7, 8, 3] and req["video_mode"] == "movie"
+  assert m.model_for([req]).cfg == ref[1] and m.model_for([dict(req, video_mode="clip")]) is m.model
+  with pytest.raises(ValueError, match="one video_mode"):
+    m.model_for([req, dict(req, video_mode="clip")])
