@@ -64,15 +64,17 @@ def ref():
   cfg = tl.tiny_config(llm_vocab=64, bert_vocab=40)
   cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=28), video_mode="movie")
   r = tl.TorchLlamaVid(cfg)
-  sd = r.model_state()
-  params = mapping.to_flax(mapping.model_rules(cfg), sd.__getitem__, orbax_io.shape_tree(cfg))
+  sd = r.model_state() | r.vit_state()
+  params = mapping.to_flax(mapping.model_rules(cfg) | mapping.vit_rules(cfg), sd.__getitem__,
+                           orbax_io.shape_tree(cfg))
   return r, cfg, params
 
 
 def test_movie_logits_match_the_release_long_video_path(ref):
   """Two movies in one batch (3 and 2 frames of 3 slots), subtitles of 2, 0 and 3 ids
   after the frames (0: two placeholders side by side), instructions of 5 and 3 ids;
-  features float32 and bfloat16 (cast inside the model)."""
+  features float32 and bfloat16 (cast inside the model), and frames through the ViT,
+  whose CLS output is dropped."""
   r, cfg, params = ref
   rng = np.random.RandomState(0)
   n, c = cfg.feature_shape
@@ -96,6 +98,19 @@ def test_movie_logits_match_the_release_long_video_path(ref):
       assert want.shape[0] == valid[b].sum() == len(row) + t
       diff = max(diff, float(np.abs(logits[b, valid[b]] - want).max()))
     report(f"movie vs release long-video path ({np.dtype(dtype).name} features)", diff)
+
+  frames = rng.randn(2, 3, 28, 28, 3).astype(np.float32)
+  logits, out = apply({"params": params}, **{**{k: v for k, v in batch.items() if k != "features"}, "frames": frames})
+  logits, valid = np.asarray(logits), np.asarray(out["layout"].valid)
+  diff = 0.0
+  for b, row in enumerate(rows):
+    t = len(feats[b])
+    with torch.no_grad():
+      vit = r.vit(torch.from_numpy(frames[b, :t]).permute(0, 3, 1, 2), output_hidden_states=True).hidden_states[-1]
+    vis = r.movie_tokens_from_features(vit[:, 1:], qids[b])
+    want = r.movie_logits([j for i in row for j in ([i, i] if i == IMG else [i])], vis)
+    diff = max(diff, float(np.abs(logits[b, valid[b]] - want).max()))
+  report("movie vs release long-video path (frames through the ViT)", diff)
 
 
 def test_one_placeholder_per_frame_is_the_clip_splice_when_frames_sit_together(ref):
