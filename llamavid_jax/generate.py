@@ -60,7 +60,7 @@ def _model(model: LlamaVid, dtype: str | None) -> LlamaVid:
 
 def prompt_length(model: LlamaVid, batch: dict) -> int:
   """S' spliced positions of the batch's prompts (models/splice.py: spliced_length)."""
-  return batch_spliced_length(batch, model.cfg.tokens_per_frame)
+  return batch_spliced_length(batch, model.cfg.tokens_per_frame, movie=model.cfg.movie)
 
 
 def _prefill(model, params, batch, max_len, prefill_chunk):

@@ -17,6 +17,14 @@ samples as its training data did, `orbax_io.data_provenance`), CLIP-preprocessed
 without padding; images are padded to a square of the mean colour first when the
 checkpoint's `image_aspect_ratio` is `pad` (the release's default).
 
+Movies (a `.safetensors` feature file with `inputs`, `data/features.py`): the user turn is
+the release's `run_llamavid_movie.py` prompt (`conversation.movie_prompt`: start prompt,
+`inputs` as stored, end prompt, newline, question), the question is the Q-Former
+instruction of every frame, the features go in without CLS and the model runs in
+`video_mode="movie"` whatever the checkpoint's config says (so a clip model reads
+movies and a movie model clips, as the release picks its path by the input). The
+release samples movie answers at temperature 0.6, top_p 0.9 (`MOVIE`).
+
 Answers end at the tokenizer's `</s>` (the template's closing separator) and are cut
 before any extra stop string. `token_ids` are the generated LLM ids without the
 prompt, up to and without the `</s>`.
@@ -34,10 +42,11 @@ import numpy as np
 from llamavid_jax import generate as gen
 from llamavid_jax.checkpoint import orbax_io
 from llamavid_jax.data import IMAGE_TOKEN
-from llamavid_jax.data.conversation import build_prompt, get_template, tokenize_with_image
+from llamavid_jax.data.conversation import build_prompt, get_template, movie_prompt, tokenize_with_image
 from llamavid_jax.models import LlamaVid
 
 CHAT = gen.CHAT   # temperature 0.2, top_p 0.7: the release's chat and video-QA sampling
+MOVIE = dict(temperature=0.6, top_p=0.9)   # the release's movie sampling (run_llamavid_movie.py)
 DTYPES = ("float32", "bfloat16")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".gif")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -56,11 +65,17 @@ class Media:
   """One video, image or feature file, ready for the model.
 
   kind `frames`: `array` float32[T, S, S, 3] CLIP-preprocessed; kind `features`:
-  float32[T, N+1, C] ViT outputs. `path` is where it came from."""
+  float32[T, N+1, C] ViT outputs, or for a movie (`inputs` set: one `<image>` per frame
+  with subtitles between) float32[T, N, C] without CLS. `path` is where it came from."""
 
   kind: Literal["frames", "features"]
   array: np.ndarray
   path: str = ""
+  inputs: str | None = None
+
+  @property
+  def is_movie(self) -> bool:
+    return self.inputs is not None
 
   @property
   def num_frames(self) -> int:
@@ -125,8 +140,8 @@ class Model:
     # frame sampling: the training run's (orbax_io.data_provenance), else the release's 1 fps
     self.video_fps, self.sample_cap = self.meta.get("video_fps", 1.0), self.meta.get("max_frames")
     self.eos_id = self.tokenizer.eos_token_id
-    self._attention = jax.jit(lambda p, x: self.model.apply(
-        {"params": p}, **x, method=LlamaVid.embed_inputs)[2].get("context_attention"))
+    self._attention = jax.jit(lambda model, p, x: model.apply(
+        {"params": p}, **x, method=LlamaVid.embed_inputs)[2].get("context_attention"), static_argnums=0)
 
   # --- media ----------------------------------------------------------------------
   def media(self, *, video: str | None = None, image: str | None = None,
@@ -138,8 +153,11 @@ class Model:
     path = video or image or features
     try:
       if features:
-        from llamavid_jax.data.sources import load_features
-        arr, kind = load_features(features)[0], "features"
+        from llamavid_jax.data.sources import load_movie
+        movie = load_movie(features)
+        if movie.inputs is not None:   # the release's long video: features without CLS
+          return self._checked(Media("features", np.asarray(movie.feats[:, 1:], np.float32), features, movie.inputs))
+        arr, kind = movie.feats, "features"
       elif image:
         from llamavid_jax.data.image import load_image
         return self.image_media(load_image(image), image)
@@ -152,11 +170,14 @@ class Model:
       raise MediaError(path, str(e)) from None
     except OSError as e:   # PIL's UnidentifiedImageError is an OSError
       raise MediaError(path, f"not readable as {'an image' if image else 'media'} ({e})") from None
-    if arr.shape[0] == 0:
-      raise MediaError(path, "no frames")
-    if self.max_frames and arr.shape[0] > self.max_frames:
-      raise MediaError(path, f"{arr.shape[0]} frames at 1 fps, more than the cap of {self.max_frames}")
-    return Media(kind, np.asarray(arr, np.float32), path)
+    return self._checked(Media(kind, np.asarray(arr, np.float32), path))
+
+  def _checked(self, media: Media) -> Media:
+    if media.num_frames == 0:
+      raise MediaError(media.path, "no frames")
+    if self.max_frames and media.num_frames > self.max_frames:
+      raise MediaError(media.path, f"{media.num_frames} frames at 1 fps, more than the cap of {self.max_frames}")
+    return media
 
   def image_media(self, img, path: str = "") -> Media:
     """A PIL image -> Media: padded to a square of the mean colour when the checkpoint's
@@ -170,7 +191,8 @@ class Model:
     """User / assistant turns ending with the question (or one question) + media (None:
     a text-only question, zero frames) -> one request for `generate.batch_requests`:
     input_ids int[S] of the prompt, qformer_ids / qformer_mask int[L] of the Q-Former
-    instruction (default: the latest question), the media array."""
+    instruction (default: the latest question), the media array; a movie's request
+    carries `video_mode="movie"` (the latest turn becomes `movie_prompt`)."""
     turns = [turns] if isinstance(turns, str) else list(turns)
     if instruction is None:
       instruction = turns[-1].replace(IMAGE_TOKEN, "").strip()
@@ -178,10 +200,24 @@ class Model:
     if media is None:
       s = self.cfg.vision.image_size
       media = Media("frames", np.zeros((0, s, s, 3), np.float32))
-    prompt = inference_prompt(turns, media=media.num_frames > 0)
+    if media.is_movie:
+      turns = prompt_turns(turns, media=False)
+      turns[-1] = movie_prompt(media.inputs, turns[-1])
+      t = get_template("vicuna_v1")
+      prompt = build_prompt(t, turns) + f"{t.roles[1]}:"
+    else:
+      prompt = inference_prompt(turns, media=media.num_frames > 0)
     return {"input_ids": np.asarray(tokenize_with_image(prompt, self.tokenizer), np.int32),
             "qformer_ids": np.asarray(q.input_ids, np.int32), "qformer_mask": np.asarray(q.attention_mask, bool),
-            media.kind: media.array}
+            media.kind: media.array, "video_mode": "movie" if media.is_movie else "clip"}
+
+  def model_for(self, requests: Sequence[dict]) -> LlamaVid:
+    """The model in the requests' `video_mode` (one for the whole batch)."""
+    modes = {r.get("video_mode", "clip") for r in requests}
+    if len(modes) != 1:
+      raise ValueError(f"one batch takes one video_mode, got {sorted(modes)}")
+    mode = modes.pop()
+    return self.model if mode == self.cfg.video_mode else LlamaVid(dataclasses.replace(self.cfg, video_mode=mode))
 
   def _batch(self, requests: Sequence[dict], text_buckets, frame_buckets) -> dict:
     return gen.batch_requests(requests, text_buckets=text_buckets, frame_buckets=frame_buckets,
@@ -205,7 +241,7 @@ class Model:
                frame_buckets: Sequence[int] | None = None) -> list[Answer]:
     """Requests (`request`) -> one Answer each, generated as one left-padded batch."""
     batch = self._batch(requests, text_buckets, frame_buckets)
-    toks = gen.generate(self.model, self.params, batch, jax.random.key(seed), max_new_tokens=max_new_tokens,
+    toks = gen.generate(self.model_for(requests), self.params, batch, jax.random.key(seed), max_new_tokens=max_new_tokens,
                         eos_id=self.eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
                         prefill_chunk=prefill_chunk, dtype=self.dtype)
     return [self._answer(row, stop) for row in np.asarray(toks).tolist()]
@@ -220,7 +256,7 @@ class Model:
     ids: list[int] = []
     shown = ""
     self.last_answer = Answer("", [])
-    for toks in gen.stream(self.model, self.params, batch, jax.random.key(seed), max_new_tokens=max_new_tokens,
+    for toks in gen.stream(self.model_for([request]), self.params, batch, jax.random.key(seed), max_new_tokens=max_new_tokens,
                            eos_id=self.eos_id, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
                            prefill_chunk=prefill_chunk, dtype=self.dtype):
       ids += toks[0].tolist()
@@ -239,7 +275,7 @@ class Model:
     """float32[T, N]: the context token's Eq. 1 attention over each frame's patches
     (mean over the Q-Former queries), or None for a content-only model."""
     batch = self._batch([request], None, None)
-    w = self._attention(self.params, batch)                    # [B, P, T, M, N]
+    w = self._attention(self.model_for([request]), self.params, batch)   # [B, P, T, M, N]
     if w is None:
       return None
     t = int(batch["frame_mask"][0].sum())

@@ -185,21 +185,21 @@ def test_trainable_vit_needs_freeze_vision_off():
                                         (image_336_7b, "stage=2"), (demo, None)],
                          ids=["stage1", "stage2", "stage3", "image1", "image2", "demo"])
 def test_stage_buckets_fit_the_model_and_the_ring(module, arg):
-  """Every bucket's LLM length (text + slots x (frames x tokens_per_frame - 1)) stays
-  within max_len, and with ring attention it splits into sequence-size chunks of whole
-  blocks (else the step fails to trace)."""
+  """Every bucket's LLM length (text + slots x (frames x tokens_per_frame - 1); movie
+  mode: text + frames x (tokens_per_frame - 1)) stays within max_len, and with ring
+  attention it splits into sequence-size chunks of whole blocks (else the step fails to
+  trace); the long-video stage fills max_len exactly."""
   from llamavid_jax.data.buckets import as_buckets, llm_length
   from llamavid_jax.models.config import from_dict
-  from llamavid_jax.models.splice import spliced_length
   from llamavid_jax.ops.attention import BLOCK
   c = module.get_config(arg)
   d, spec = c.data, from_dict(c.model).input_spec
-  tpf = spec.tokens_per_frame
-  for bucket in as_buckets(d.get("buckets") or ((d.text_len, d.num_frames),)):
-    assert llm_length(bucket, spec) <= d.max_len, (bucket, llm_length(bucket, spec))
+  lengths = [llm_length(b, spec) for b in as_buckets(d.get("buckets") or ((d.text_len, d.num_frames),))]
+  assert max(lengths) <= d.max_len, lengths
   if c.model.get("attention_impl") == "ring":
-    length = spliced_length(d.text_len, d.num_frames, tpf)
-    assert length == d.max_len and length % (c.mesh.sequence * BLOCK) == 0, length
+    assert all(n % (c.mesh.sequence * BLOCK) == 0 for n in lengths), lengths
+  if module is stage3_long_video_7b:
+    assert spec.movie and lengths == [d.max_len] * 3, lengths
 
 
 def test_lr_mults_scale_each_groups_update():

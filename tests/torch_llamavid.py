@@ -117,17 +117,34 @@ class TorchLlamaVid:
 
   @torch.no_grad()
   def tokens_from_features(self, feats: torch.Tensor, instruction_ids: list[int]) -> torch.Tensor:
-    """feats: float[T, N+1, C] ViT output with CLS -> float[T * 2, D]."""
-    t, q = feats.shape[0], self.cfg.qformer
+    """feats: float[T, N+1, C] ViT output with CLS -> float[T * 2, D]. The Q-Former sees
+    LayerNorm of all N+1 tokens, the context attention and the pooling the N patches."""
+    return self._tokens(feats, feats[:, 1:], instruction_ids)
+
+  @torch.no_grad()
+  def movie_tokens_from_features(self, feats: torch.Tensor, instruction_ids: list[int]) -> torch.Tensor:
+    """The release's long-video path (`vlm_attention(long_video=True)`): feats float[T, N, C]
+    = the stored features without CLS (`video_info['feats'][:, 1:]`), for the Q-Former
+    too; the question as every frame's instruction -> float[T * 2, D], frame t's
+    [context, content] at rows 2t, 2t + 1 (`final_token.flatten(1, 2)`)."""
+    return self._tokens(feats, feats, instruction_ids, block=64)
+
+  def _tokens(self, qformer_in: torch.Tensor, patches: torch.Tensor, instruction_ids: list[int],
+              block: int | None = None) -> torch.Tensor:
+    """qformer_in float[T, N(+1), C] (before vlm_att_ln), patches float[T, N, C] ->
+    float[T * 2, D]. `block`: the Q-Former runs `block` frames at a time (long video)."""
+    t, q = patches.shape[0], self.cfg.qformer
     e = self.extra
-    img = torch.nn.functional.layer_norm(feats, (feats.shape[-1],), e["model.vlm_att_ln.weight"],
+    img = torch.nn.functional.layer_norm(qformer_in, (qformer_in.shape[-1],), e["model.vlm_att_ln.weight"],
                                          e["model.vlm_att_ln.bias"], eps=q.vision_ln_eps)
     ids = torch.tensor([instruction_ids] * t)
     mask = torch.ones(t, q.num_query + len(instruction_ids), dtype=torch.long)
-    out = self.qformer(input_ids=ids, attention_mask=mask, query_embeds=e["model.vlm_att_query"].expand(t, -1, -1),
-                       encoder_hidden_states=img).last_hidden_state[:, :q.num_query]
+    query = e["model.vlm_att_query"].expand(t, -1, -1)
+    block = block or t
+    out = torch.cat([self.qformer(input_ids=ids[i:i + block], attention_mask=mask[i:i + block],
+                                  query_embeds=query[i:i + block], encoder_hidden_states=img[i:i + block]
+                                  ).last_hidden_state[:, :q.num_query] for i in range(0, t, block)])
     text_q = self._lin("vlm_att_projector", out)                       # [T, M, C]
-    patches = feats[:, 1:]                                              # no CLS
     scores = text_q @ self._lin("vlm_att_key_projector", patches).transpose(-1, -2) / patches.shape[-1] ** 0.5
     ctx = self._lin("vlm_att_val_projector", (scores.softmax(-1) @ patches).mean(1)[:, None])   # [T, 1, D]
     pooled = patches.mean(1, keepdim=True)                              # compress_type mean
@@ -148,6 +165,20 @@ class TorchLlamaVid:
     if ids.numel():
       pieces.append(embed(ids))
     return self.llama(inputs_embeds=torch.cat(pieces)[None]).logits[0].numpy()
+
+  @torch.no_grad()
+  def movie_logits(self, input_ids: list[int], visual: torch.Tensor) -> np.ndarray:
+    """The release's long-video splice (`prepare_inputs_labels_for_multimodal`, long_video):
+    input_ids with every frame's `<image>` repeated video_token = 2 times (2T ids -200
+    among the subtitles' ids), visual float[2T, D] -> float32[S, V]: the text ids are
+    embedded in place and the -200 positions, in order, take the rows of `visual`."""
+    ids = torch.tensor(input_ids)
+    is_img = ids == IMAGE_TOKEN_INDEX
+    assert int(is_img.sum()) == visual.shape[0], (int(is_img.sum()), visual.shape)
+    x = torch.empty(len(ids), self.cfg.llm.d_model)
+    x[~is_img] = self.llama.get_input_embeddings()(ids[~is_img])
+    x[torch.where(is_img)[0]] = visual
+    return self.llama(inputs_embeds=x[None]).logits[0].numpy()
 
 
 def release_config(cfg: C.LlamaVidConfig) -> dict:

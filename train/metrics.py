@@ -47,12 +47,14 @@ def _tower(params_per_token, tokens, attn, trains, upstream_trains):
 def flops_per_step(cfg, batch: int, text_len: int, num_frames: int, qformer_len: int,
                    use_features: bool, trains: dict[str, bool], num_prompts: int = 1) -> float:
   """Model FLOPs of one optimizer step over `batch` sequences of `text_len` text
-  positions, `num_frames` frame slots and `num_prompts` placeholder slots. trains:
-  tower name (vit, qformer, token_gen, llm) -> whether any of its parameters train."""
+  positions, `num_frames` frame slots and `num_prompts` instruction slots (movie mode:
+  one instruction; the text's placeholders are the frames). trains: tower name (vit,
+  qformer, token_gen, llm) -> whether any of its parameters train."""
   l, v, q = cfg.llm, cfg.vision, cfg.qformer
   frames = batch * num_frames
+  num_prompts = 1 if cfg.movie else num_prompts
   # LLM on the S' spliced positions (embedding lookup is free; the LM head is a matmul).
-  s = spliced_length(text_len, num_frames, cfg.tokens_per_frame, num_prompts)
+  s = spliced_length(text_len, num_frames, cfg.tokens_per_frame, num_prompts, movie=cfg.movie)
   hd = l.head_dim
   per_tok = l.num_layers * (l.d_model * hd * (2 * l.num_heads + 2 * l.num_kv_heads) + 3 * l.d_model * l.mlp_dim) \
       + l.d_model * l.vocab_size
@@ -62,6 +64,7 @@ def flops_per_step(cfg, batch: int, text_len: int, num_frames: int, qformer_len:
   # Token generation (projectors; tiny) + Q-Former on M + L tokens per frame and
   # instruction; the content tokens and K(X) are made once per frame.
   n = v.grid ** 2
+  nq = cfg.feature_shape[0]                # the Q-Former's keys: N+1 with CLS (clip), N (movie)
   tg = frames * cfg.content_tokens_per_frame * projector(cfg.mm_projector_type).flops_per_token(cfg.mm_hidden, l.d_model)
   if cfg.use_context_token:
     fp = frames * num_prompts
@@ -70,8 +73,8 @@ def flops_per_step(cfg, batch: int, text_len: int, num_frames: int, qformer_len:
     qt = q.num_query + qformer_len
     per_q = q.num_layers * (4 * q.hidden ** 2 + 2 * q.hidden * q.mlp_dim)
     ncross = math.ceil(q.num_layers / q.cross_attention_freq)
-    qf = 2 * fp * (per_q * qt + ncross * (2 * q.hidden ** 2 * q.num_query + 2 * q.vision_width * q.hidden * (n + 1)))
-    qf += 4 * fp * q.num_layers * q.hidden * qt * qt + 4 * fp * ncross * q.hidden * q.num_query * (n + 1)
+    qf = 2 * fp * (per_q * qt + ncross * (2 * q.hidden ** 2 * q.num_query + 2 * q.vision_width * q.hidden * nq))
+    qf += 4 * fp * q.num_layers * q.hidden * qt * qt + 4 * fp * ncross * q.hidden * q.num_query * nq
     total += qf * (3 if trains.get("qformer") else 1)   # nothing upstream of it trains
   total += tg * (3 if trains.get("token_gen") else (2 if trains.get("qformer") else 1))
   # ViT: forward only behind the release's stop_gradient (freeze_vision); none with features.

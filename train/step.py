@@ -108,7 +108,8 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
     full = _merge(labels, g, jax.tree.map(jnp.zeros_like, frozen))       # set_to_zero ignores these
     updates, opt_state = tx.update(full, state["opt_state"], params)
     new = dict(step=state["step"] + 1, params=optax.apply_updates(params, updates), opt_state=opt_state)
-    positions = batch["input_ids"].shape[0] * batch_spliced_length(batch, model.cfg.tokens_per_frame)   # B * S'
+    positions = batch["input_ids"].shape[0] * batch_spliced_length(batch, model.cfg.tokens_per_frame,
+                                                                 movie=model.cfg.movie)   # B * S'
     metrics = dict(loss=s / denom, tokens=n, grad_norm=grad_norm, lr=schedule(state["step"]),
                    positions=jnp.int32(positions))
     return new, metrics
@@ -132,7 +133,7 @@ def dummy_inputs(cfg, batch: int, text_len: int, num_frames: int, qformer_len: i
   d["input_ids"][:, 0] = cfg.image_token_id
   v = cfg.vision
   if use_features:
-    d["features"] = np.zeros((batch, num_frames, v.num_tokens, v.width), np.float32)
+    d["features"] = np.zeros((batch, num_frames, *cfg.feature_shape), np.float32)
   else:
     d["frames"] = np.zeros((batch, num_frames, v.image_size, v.image_size, 3), np.float32)
   return d

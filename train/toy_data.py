@@ -58,7 +58,7 @@ class ToyBatches:
                sample_index=(index * b + np.arange(b)).astype(np.int64))
     v = c.vision
     if self.features:
-      out["features"] = rng.standard_normal((b, t, v.num_tokens, v.width), dtype=np.float32)
+      out["features"] = rng.standard_normal((b, t, *c.feature_shape), dtype=np.float32)
     else:
       out["frames"] = rng.standard_normal((b, t, v.image_size, v.image_size, 3), dtype=np.float32)
     if index == self.nan_batch:

@@ -115,8 +115,9 @@ def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
     if b.text_len <= 0 or b.frames < 0:
       raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: expected text_len > 0 and frames >= 0")
     if llm_length(b, spec) > d.max_len:
-      raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: {b.text_len} text + {b.prompts} slot(s) x "
-                        f"({b.frames} frames x {spec.tokens_per_frame} tokens - 1) = {llm_length(b, spec)} "
+      visual = (f"{b.frames} frames x ({spec.tokens_per_frame} tokens - 1)" if spec.movie else
+                f"{b.prompts} slot(s) x ({b.frames} frames x {spec.tokens_per_frame} tokens - 1)")
+      raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: {b.text_len} text + {visual} = {llm_length(b, spec)} "
                         f"LLM positions > config.data.max_len={d.max_len}")
 
 

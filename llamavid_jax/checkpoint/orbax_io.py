@@ -53,7 +53,7 @@ def dummy_batch(cfg: C.LlamaVidConfig, frames: bool = True) -> dict:
   if frames:
     batch["frames"] = jnp.zeros((1, 1, s, s, 3), jnp.float32)
   else:
-    batch["features"] = jnp.zeros((1, 1, cfg.vision.num_tokens, cfg.vision.width), jnp.float32)
+    batch["features"] = jnp.zeros((1, 1, *cfg.feature_shape), jnp.float32)
   return batch
 
 

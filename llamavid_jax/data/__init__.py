@@ -19,7 +19,8 @@ Modules (import them directly; this package keeps its import light):
 Errors: a bad sample raises `SampleError` inside the per-sample code; the
 pipeline turns it into a counted, logged skip. `DataError` stops the pipeline
 (too many skips, a broken dataset file). The model's side (tokens per frame, image
-size, feature shape) comes in as its `InputSpec`, never restated in a data config.
+size, feature shape, video mode: clip or movie) comes in as its `InputSpec`, never
+restated in a data config.
 """
 
 from __future__ import annotations

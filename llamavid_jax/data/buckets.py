@@ -11,6 +11,11 @@ s text tokens, t frames and p `<image>` placeholders
     then the first) with s <= S and t <= T (else `too_long`) and p <= P (else
     `too_many_turns`);
   - separately for frame and feature samples (`BucketKey.kind`).
+
+In movie mode (`InputSpec.movie`) the text holds one placeholder per frame among the
+subtitles, so s counts the t placeholders and the subtitles' tokens, a row takes
+spliced_length(S, T, tokens_per_frame, movie=True) = S + T * (tokens_per_frame - 1)
+positions, and a sample needs one instruction slot (P >= 1).
 """
 
 from __future__ import annotations
@@ -51,17 +56,22 @@ def as_buckets(table: Iterable[Sequence[int]]) -> tuple[Bucket, ...]:
 
 def llm_length(bucket: Bucket, spec: InputSpec) -> int:
   """S' LLM positions of a row of `bucket` in the model."""
-  return spliced_length(bucket.text_len, bucket.frames, spec.tokens_per_frame, bucket.prompts)
+  return spliced_length(bucket.text_len, bucket.frames, spec.tokens_per_frame, bucket.prompts, movie=spec.movie)
 
 
 def choose_bucket(text_len: int, num_frames: int, num_prompts: int, *, features: bool,
                   buckets: Sequence[Bucket], spec: InputSpec, max_len: int) -> BucketKey:
   """The bucket of a sample of `text_len` tokens, `num_frames` frames (or feature steps)
-  and `num_prompts` placeholders; raises `SampleError` (field `conversations`)."""
-  full_len = spliced_length(text_len, num_frames, spec.tokens_per_frame, num_prompts)
+  and `num_prompts` instruction slots to fill (clip: its placeholders; movie: 1, its
+  frame placeholders are in `text_len`); raises `SampleError` (field `conversations`)."""
+  tpf = spec.tokens_per_frame
+  full_len = spliced_length(text_len, num_frames, tpf, num_prompts, movie=spec.movie)
   if full_len > max_len:
-    visual = (f" + {num_prompts} placeholder(s) x ({num_frames} frames x {spec.tokens_per_frame} "
-              f"tokens - 1) = {full_len}" if num_prompts else "")
+    if spec.movie:
+      visual = f" (with {num_frames} frame placeholders) + {num_frames} frames x ({tpf} tokens - 1) = {full_len}"
+    else:
+      visual = (f" + {num_prompts} placeholder(s) x ({num_frames} frames x {tpf} tokens - 1) = {full_len}"
+                if num_prompts else "")
     raise SampleError("too_long", "conversations", f"{text_len} text tokens{visual} > max_len {max_len}")
   table = [tuple(b) for b in buckets]
   fits = [i for i, b in enumerate(buckets) if text_len <= b.text_len and num_frames <= b.frames]

@@ -34,6 +34,20 @@ with the release's exact token ids and label masks (`preprocess_v1`,
   the instruction after removing all of them, so it never changes anything.
 - `plain_guided` (stage 1): prompt `<image>` + reply + `\\n`; the first two tokens
   (bos, image) are masked; the instruction is the human turn.
+
+Movies (the release's long-video stage, `preprocess_multimodal_movie`; `movie_inputs`
+of `encode_conversation`): a movie's `inputs` is `"<image>" + subtitles of frame 0 +
+"<image>" + ...`, one placeholder per frame. The human turn's `<image>` is replaced, in
+place (not moved to the turn's start), by `inputs` with every "..." removed
+(`movie_text`); the one instruction is that human turn without `<image>`, stripped
+(newlines kept), for every frame; `imgsp_v1` adds no placeholders to later turns (the
+movie is one, in its turn; the release would crash on the extra placeholders, which
+have no frame tokens in its long-video splice). The release repeats each `<image>`
+video_token = 2 times; the empty text between two repeats tokenizes to no ids, so the
+ids are these with every -200 doubled, and the model writes a frame's tokens_per_frame
+tokens at each of our placeholders instead (`models/splice.py`). At inference the user
+turn is `movie_prompt(inputs, question)` (`serve/run_llamavid_movie.py`), `inputs` as
+stored, "..." included.
 """
 
 from __future__ import annotations
@@ -45,6 +59,9 @@ from typing import Any, Literal
 import numpy as np
 
 from llamavid_jax.data import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, SampleError
+
+MOVIE_START = "Below is a movie. Memorize the content and answer my question after watching this movie."
+MOVIE_END = "Now the movie end."
 
 _VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -110,11 +127,13 @@ def get_template(name: str) -> Template:
   return TEMPLATES[name]
 
 
-def normalize_turns(conversations: Any, *, has_media: bool, per_turn_images: bool = False) -> list[str]:
+def normalize_turns(conversations: Any, *, has_media: bool, per_turn_images: bool = False,
+                    move_images: bool = True) -> list[str]:
   """Validates a LLaVA `conversations` list; returns the turn texts, human first.
 
   Like the release: a leading gpt turn is dropped, and for a sample with media
-  each `<image>` is moved to the start of its turn (`<image>\\n` + text).
+  each `<image>` is moved to the start of its turn (`<image>\\n` + text) unless not
+  `move_images` (movies: the release replaces it in place).
   Unlike the release (which asserts, crashes and retries a random other sample),
   every violation raises `SampleError` with field `conversations`:
   `bad_conversations`, `bad_roles`, `no_gpt_turn`, `empty_message`,
@@ -155,6 +174,8 @@ def normalize_turns(conversations: Any, *, has_media: bool, per_turn_images: boo
     raise SampleError("multiple_image_tokens", "conversations",
                       f"{sum(counts)} {IMAGE_TOKEN} placeholders (per human turn: {counts[0::2]}); "
                       + ("one per human turn is supported" if per_turn_images else "one per sample is supported"))
+  if not move_images:
+    return values
   return [(IMAGE_TOKEN + "\n" + v.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in v else v
           for v in values]
 
@@ -218,8 +239,27 @@ def qformer_instruction(turn: str) -> str:
   return turn.replace(IMAGE_TOKEN, "").replace("\n", "")
 
 
+def movie_instruction(turn: str) -> str:
+  """The release's Q-Former instruction of a movie sample: its human turn without
+  `<image>`, stripped (`preprocess_multimodal_movie`; newlines kept)."""
+  return turn.replace(IMAGE_TOKEN, "").strip()
+
+
+def movie_text(inputs: str) -> str:
+  """A movie's `inputs` as training puts it into the human turn: every "..." removed."""
+  return inputs.replace("...", "")
+
+
+def movie_prompt(inputs: str, question: str) -> str:
+  """The release's inference user turn for a movie (`serve/run_llamavid_movie.py`):
+  the start prompt, `inputs` as stored (one `<image>` per frame, subtitles between, "..."
+  kept), the end prompt, a newline, the question."""
+  return MOVIE_START + inputs + MOVIE_END + "\n" + question
+
+
 def encode_conversation(conversations: Any, tokenizer, template: Template | str, *,
-                        has_media: bool, rng: np.random.Generator | None = None) -> EncodedText:
+                        has_media: bool, rng: np.random.Generator | None = None,
+                        movie_inputs: str | None = None) -> EncodedText:
   """Tokenizes one sample's conversations with `template` (see module docstring).
 
   Args:
@@ -228,6 +268,8 @@ def encode_conversation(conversations: Any, tokenizer, template: Template | str,
     template: a `Template` or its name.
     has_media: whether the sample has an image, video or features.
     rng: `imgsp_v1`'s coin for the side of each added `<image>` (None: start).
+    movie_inputs: a movie's `inputs` (one `<image>` per frame): the sample's `<image>`
+      becomes them (see "Movies" in the module docstring); one instruction.
 
   Returns:
     `EncodedText` with int32[L] `input_ids` and `labels`, and the instructions.
@@ -236,15 +278,23 @@ def encode_conversation(conversations: Any, tokenizer, template: Template | str,
     SampleError: invalid conversations or a tokenization mismatch.
   """
   template = get_template(template) if isinstance(template, str) else template
-  per_turn = template.name == "imgsp_v1"
-  turns = normalize_turns(conversations, has_media=has_media, per_turn_images=per_turn)
-  if template.style == "plain" and not has_media:
-    raise SampleError("missing_media", "conversations",
-                      f"template {template.name} needs an image or video")
-  # Instructions come from the turns before imgsp_v1 adds its placeholders.
-  instructions = tuple(qformer_instruction(t) for t in (turns[0::2] if per_turn else turns[:1]))
-  if per_turn:
-    turns = add_turn_images(turns, rng)
+  if movie_inputs is not None:
+    if template.style == "plain":
+      raise ValueError(f"template {template.name} has no turn to hold a movie's inputs")
+    turns = normalize_turns(conversations, has_media=True, move_images=False)
+    i = next(i for i, t in enumerate(turns) if IMAGE_TOKEN in t)
+    instructions = (movie_instruction(turns[i]),)
+    turns[i] = turns[i].replace(IMAGE_TOKEN, movie_text(movie_inputs))
+  else:
+    per_turn = template.name == "imgsp_v1"
+    turns = normalize_turns(conversations, has_media=has_media, per_turn_images=per_turn)
+    if template.style == "plain" and not has_media:
+      raise SampleError("missing_media", "conversations",
+                        f"template {template.name} needs an image or video")
+    # Instructions come from the turns before imgsp_v1 adds its placeholders.
+    instructions = tuple(qformer_instruction(t) for t in (turns[0::2] if per_turn else turns[:1]))
+    if per_turn:
+      turns = add_turn_images(turns, rng)
   prompt = build_prompt(template, turns)
   ids = np.asarray(tokenize_with_image(prompt, tokenizer), np.int32)
   labels = ids.copy()

@@ -270,11 +270,17 @@ def check_movie(movie: Movie, path: str) -> Movie:
   if len(shape) != 3 or shape[0] == 0:
     raise MovieError("bad_features", f"expected [T, N+1, C] features, got shape {shape}", path)
   if movie.inputs is not None:
-    n = movie.inputs.count(IMAGE_TOKEN)
-    if n != shape[0]:
-      raise MovieError("bad_inputs", f"'inputs' has {n} {IMAGE_TOKEN} placeholders but the features "
-                       f"have {shape[0]} frames", path)
+    check_inputs(movie.inputs, shape[0], path)
   return movie
+
+
+def check_inputs(inputs: str, num_frames: int, path: str) -> None:
+  """Raises `MovieError` (`bad_inputs`, naming `path` and both counts) unless `inputs`
+  holds exactly one `<image>` per frame."""
+  n = inputs.count(IMAGE_TOKEN)
+  if n != num_frames:
+    raise MovieError("bad_inputs", f"'inputs' has {n} {IMAGE_TOKEN} placeholders but the features "
+                     f"have {num_frames} frames", path)
 
 
 def read_movie(path: str) -> Movie:

@@ -11,10 +11,14 @@ One decoder for the pipeline and the TFDS builder:
     (float32[T, S, S, 3]: bit-identical to preprocessing the file, see `image`) or the
     features float32[T, N+1, C], and the Q-Former prompt stored with features.
 
+  - `decode_movie` (movie mode) reads a movie feature file: its features without CLS
+    ([T, N, C], stored dtype) and its `inputs`; a movie is never resampled.
+
 Errors are `SampleError`s naming the field and file: `missing_file`,
 `unreadable_image`, `no_video_stream`, `unreadable_video`, `empty_video`,
 `pickle_features`, `unreadable_features`, `bad_features`, `bad_inputs` (a movie's
-`inputs` placeholders do not match its frames), `bad_frames`.
+`inputs` placeholders do not match its frames), `missing_inputs`, `not_a_movie`,
+`too_long` (a movie past `max_frames`), `bad_frames`.
 """
 
 from __future__ import annotations
@@ -68,6 +72,42 @@ def decode_features(sample: sources_lib.RawSample, *, feature_shape: tuple[int, 
   if max_frames and len(feats) > max_frames:
     feats = feats[frames_lib.uniform_cap(len(feats), max_frames)]
   return feats.astype(np.float32), prompt
+
+
+def decode_movie(sample: sources_lib.RawSample, spec: InputSpec, *,
+                 max_frames: int | None = None) -> tuple[np.ndarray, str]:
+  """A movie feature file (movie mode) -> ([T, N, C] features without CLS, in their stored
+  dtype, and its `inputs`), as the release's `feats[:, 1:]`. A movie is never resampled
+  (each frame has its own placeholder among the subtitles): more than `max_frames`
+  frames is `too_long`."""
+  movie = sources_lib.load_movie(movie_path(sample))
+  if movie.inputs is None:
+    raise SampleError("missing_inputs", "video", sources_lib.MISSING_INPUTS, sample.path)
+  n, c = spec.feature_shape
+  if movie.feats.shape[1:] != (n + 1, c):
+    raise SampleError("bad_features", "video", f"shape {movie.feats.shape}, expected [T>0, {n + 1}, {c}] "
+                      "(CLS first)", sample.path)
+  check_movie_length(len(movie.feats), max_frames, sample.path)
+  return movie.feats[:, 1:], movie.inputs
+
+
+def movie_path(sample: sources_lib.RawSample) -> str:
+  """The movie feature file of a sample in movie mode; raises `SampleError`:
+  `not_a_movie` (an image, a video to decode, features without a file) or
+  `pickle_features` (the release's `.pkl`: convert it first)."""
+  if sample.kind != "features" or sample.features is not None or not sample.path:
+    what = "features without a file (TFDS)" if sample.kind == "features" else f"{sample.kind} media"
+    raise SampleError("not_a_movie", "video", f"video_mode 'movie' reads movie feature files, not {what}",
+                      sample.path)
+  sources_lib.refuse_pickle(sample)
+  return sample.path
+
+
+def check_movie_length(num_frames: int, max_frames: int | None, path: str | None) -> None:
+  """Raises `SampleError` (`too_long`) for a movie of more than `max_frames` frames."""
+  if max_frames and num_frames > max_frames:
+    raise SampleError("too_long", "video", f"movie of {num_frames} frames > max_frames {max_frames} (a movie is "
+                      "not resampled: every frame has its placeholder among the subtitles)", path)
 
 
 def decode(sample: sources_lib.RawSample, spec: InputSpec, *, image_aspect: str = "pad",

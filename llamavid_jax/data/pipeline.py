@@ -29,12 +29,23 @@ Design (why batches are planned up front):
   Iterator state = grain's state + the budget's counters (`get_state` / `set_state`).
 
 The model's side comes in as its `InputSpec` (`LlamaVidConfig.input_spec`: tokens per
-frame, image size, feature shape), never restated in `PipelineConfig`.
+frame, image size, feature shape, video mode), never restated in `PipelineConfig`.
+
+Movie mode (`spec.movie`, the release's long-video stage): a sample's `video` is a movie
+feature file (`.safetensors` with `inputs` metadata; `features.py` converts the
+release's `.pkl`). Its human turn's `<image>` becomes the movie's `inputs`, "..."
+removed (one `<image>` per frame among the subtitles; `conversation`, "Movies"), its one
+instruction is that turn without `<image>`, its features are the file's without CLS
+(`media.decode_movie`), and it is bucketed by its whole text (subtitles and frame
+placeholders included; `buckets`). Planning reads the `inputs` from the file's header
+(`sources.movie_header`); `inputs` must hold one placeholder per frame (`bad_inputs`),
+a movie is never resampled (`too_long` past `max_frames`), other media are `not_a_movie`.
 
 Batch: the rows of `rows` stacked, B = batch_size of them (S = bucket text length,
 T = bucket frames, P = bucket instruction slots, Lq = qformer_max_len):
   input_ids int32[B, S], labels int32[B, S], text_mask bool[B, S],
-  frames float32[B, T, H, W, 3] or features float32[B, T, N+1, C], frame_mask bool[B, T],
+  frames float32[B, T, H, W, 3] or features [B, T, N+1, C] (movie: [B, T, N, C]) of
+  `feature_dtype`, frame_mask bool[B, T],
   qformer_ids int32[B, P, Lq], qformer_mask bool[B, P, Lq], sample_index int64[B].
 """
 
@@ -88,6 +99,8 @@ class PipelineConfig:
     max_frames: frame cap per video / feature file (uniform resampling).
     max_len: LLM sequence limit after the visual tokens are spliced in.
     qformer_max_len: Q-Former instruction length (left truncation, padded).
+    feature_dtype: dtype of the `features` rows: `float32`, or `float16` / `bfloat16`
+      (half the host memory and transfer of a long movie; the model casts inside).
   """
 
   data_path: str = ""
@@ -110,6 +123,21 @@ class PipelineConfig:
   max_frames: int | None = 300
   max_len: int = 2048
   qformer_max_len: int = 256
+  feature_dtype: str = "float32"
+
+
+FEATURE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def feature_dtype(name: str) -> np.dtype:
+  """A `PipelineConfig.feature_dtype` name -> numpy dtype (bfloat16 from ml_dtypes)."""
+  if name not in FEATURE_DTYPES:
+    raise ValueError(f"feature_dtype {name!r}: expected one of {list(FEATURE_DTYPES)}")
+  if name == "bfloat16":
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +172,9 @@ class SampleProcessor:
     self.template = conv_lib.get_template(config.template)
     self.llm_tok, self.q_tok = llm_tokenizer, qformer_tokenizer
     self.buckets = buckets_lib.as_buckets(config.buckets)
+    self.feature_dtype = feature_dtype(config.feature_dtype)
+    if spec.movie and self.template.style == "plain":
+      raise ValueError(f"template {config.template!r} has no human turn for a movie's inputs (video_mode 'movie')")
     self.planned: dict[int, BucketKey | Skip] = {}   # planning's per-sample verdicts
 
   def with_config(self, config: PipelineConfig) -> SampleProcessor:
@@ -160,18 +191,28 @@ class SampleProcessor:
 
   # ---- metadata (planning) ----------------------------------------------------------
 
-  def encode_text(self, sample: sources_lib.RawSample) -> conv_lib.EncodedText:
+  def encode_text(self, sample: sources_lib.RawSample, movie_inputs: str | None = None) -> conv_lib.EncodedText:
     # imgsp_v1's coin flips: the same for a sample in planning, in workers, after restore
     rng = np.random.default_rng([self.config.seed, sample.index])
     return conv_lib.encode_conversation(sample.conversations, self.llm_tok, self.template,
-                                        has_media=sample.has_media, rng=rng)
+                                        has_media=sample.has_media, rng=rng, movie_inputs=movie_inputs)
+
+  def is_movie(self, sample: sources_lib.RawSample) -> bool:
+    """Movie mode and a sample with media (text-only samples stay text)."""
+    return self.spec.movie and sample.has_media
 
   def bucket_of(self, sample: sources_lib.RawSample) -> BucketKey:
     """The bucket key of `sample`; raises `SampleError` (too long, bad text, ...)."""
     cfg = self.config
-    enc = self.encode_text(sample)
-    frames = self.source.num_frames(sample, fps=cfg.video_fps, max_frames=cfg.max_frames)
-    return buckets_lib.choose_bucket(len(enc.input_ids), frames, enc.num_images,
+    if self.is_movie(sample):
+      shape, inputs = sources_lib.movie_header(media_lib.movie_path(sample))
+      media_lib.check_movie_length(shape[0], cfg.max_frames, sample.path)
+      enc, frames, prompts = self.encode_text(sample, inputs), shape[0], 1
+    else:
+      enc = self.encode_text(sample)
+      frames = self.source.num_frames(sample, fps=cfg.video_fps, max_frames=cfg.max_frames)
+      prompts = enc.num_images
+    return buckets_lib.choose_bucket(len(enc.input_ids), frames, prompts,
                                      features=sample.kind == "features", buckets=self.buckets,
                                      spec=self.spec, max_len=cfg.max_len)
 
@@ -181,12 +222,14 @@ class SampleProcessor:
     """The padding row of bucket `key`."""
     return rows_lib.empty_row(key[0], self.buckets[key[1]], self.spec,
                               qformer_max_len=self.config.qformer_max_len,
-                              pad_id=self.llm_tok.pad_token_id)
+                              pad_id=self.llm_tok.pad_token_id, feature_dtype=self.feature_dtype)
 
   def example(self, index: int, key: BucketKey) -> dict[str, np.ndarray]:
     """The padded row of source sample `index` in bucket `key`; raises `SampleError`."""
     cfg = self.config
     sample = self.source[index]
+    if self.is_movie(sample):
+      return self._movie_example(sample, key)
     enc = self.encode_text(sample)
     rows_lib.check_fits(enc, self.buckets[key[1]])
     instructions, visual = enc.instructions[: enc.num_images], None
@@ -198,6 +241,15 @@ class SampleProcessor:
     qs = (self.q_tok(list(instructions), truncation=True, max_length=cfg.qformer_max_len).input_ids
           if instructions else [])
     return rows_lib.fill_row(self.empty_row(key), key[0], index, enc, visual, qs, sample.path)
+
+  def _movie_example(self, sample: sources_lib.RawSample, key: BucketKey) -> dict[str, np.ndarray]:
+    """A movie's row: the text with its `inputs`, one instruction, features without CLS."""
+    cfg = self.config
+    visual, inputs = media_lib.decode_movie(sample, self.spec, max_frames=cfg.max_frames)
+    enc = self.encode_text(sample, inputs)
+    rows_lib.check_fits(enc, self.buckets[key[1]], num_prompts=1)
+    qs = self.q_tok(list(enc.instructions), truncation=True, max_length=cfg.qformer_max_len).input_ids
+    return rows_lib.fill_row(self.empty_row(key), key[0], sample.index, enc, visual, qs, sample.path)
 
   def make_batch(self, spec: tuple[BucketKey, np.ndarray]) -> dict[str, Any]:
     """Planned batch -> stacked rows, plus `_skips` and `_attempted` for accounting."""
@@ -375,6 +427,9 @@ def make_pipeline(config: PipelineConfig, spec: InputSpec, *, source: sources_li
       raise ValueError(f"make_pipeline: the processor was made for {processor.spec}, not {spec}")
     return _planned_pipeline(config, processor.with_config(config), shard_index, shard_count)
   if source is None:
+    if config.tfds_dir and spec.movie:
+      raise ValueError("video_mode 'movie' reads movie feature files through the JSON source "
+                       "(the TFDS builder stores no `inputs`)")
     if config.tfds_dir:
       from llamavid_jax.data import tfds_builder
 

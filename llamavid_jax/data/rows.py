@@ -1,11 +1,14 @@
 """Row assembly: an encoded text + decoded media -> the padded row of a bucket; rows -> a batch.
 
 Row of bucket (S, T, P) (Lq = qformer_max_len; the batch stacks B rows):
-  input_ids     int32[S]       LLM ids, -200 image placeholders (at most P)
+  input_ids     int32[S]       LLM ids, -200 image placeholders (at most P; movie mode:
+                               one per valid frame, among the subtitles' ids)
   labels        int32[S]       -100 = ignored
   text_mask     bool[S]
   frames        float32[T, H, W, 3]   CLIP-normalized (`frames` buckets), or
-  features      float32[T, N+1, C]    precomputed ViT features (`features` buckets)
+  features      float32[T, N+1, C]    precomputed ViT features (`features` buckets;
+                                      movie mode: [T, N, C] without CLS; dtype
+                                      `PipelineConfig.feature_dtype`)
   frame_mask    bool[T]        valid frames first; all False for text-only rows
   qformer_ids   int32[P, Lq]   BERT ids of each placeholder's instruction (left-truncated);
                                the r-th -200 of the row uses slot r
@@ -28,15 +31,18 @@ if TYPE_CHECKING:
 
 
 def empty_row(kind: str, bucket: Bucket, spec: InputSpec, *, qformer_max_len: int,
-              pad_id: int) -> dict[str, np.ndarray]:
+              pad_id: int, feature_dtype=np.float32) -> dict[str, np.ndarray]:
   """The padding row of a `kind` (`frames` | `features`) bucket (see module docstring)."""
   s, t, p = bucket
-  vis_shape = (t, *spec.feature_shape) if kind == "features" else (t, spec.image_size, spec.image_size, 3)
+  if kind == "features":
+    vis_shape, vis_dtype = (t, *spec.feature_shape), feature_dtype
+  else:
+    vis_shape, vis_dtype = (t, spec.image_size, spec.image_size, 3), np.float32
   return {
       "input_ids": np.full(s, pad_id, np.int32),
       "labels": np.full(s, IGNORE_INDEX, np.int32),
       "text_mask": np.zeros(s, bool),
-      kind: np.zeros(vis_shape, np.float32),
+      kind: np.zeros(vis_shape, vis_dtype),
       "frame_mask": np.zeros(t, bool),
       "qformer_ids": np.zeros((p, qformer_max_len), np.int32),
       "qformer_mask": np.zeros((p, qformer_max_len), bool),
@@ -44,12 +50,14 @@ def empty_row(kind: str, bucket: Bucket, spec: InputSpec, *, qformer_max_len: in
   }
 
 
-def check_fits(enc: conv_lib.EncodedText, bucket: Bucket) -> None:
+def check_fits(enc: conv_lib.EncodedText, bucket: Bucket, num_prompts: int | None = None) -> None:
   """Raises `SampleError` (`too_long`) when the text does not fit the planned bucket
-  (the source changed since planning)."""
-  if len(enc.input_ids) > bucket.text_len or enc.num_images > bucket.prompts:
-    raise SampleError("too_long", "conversations", f"{len(enc.input_ids)} tokens, {enc.num_images} "
-                      f"placeholders > bucket {tuple(bucket)}")
+  (the source changed since planning). `num_prompts`: the instruction slots the sample
+  fills (default: one per placeholder; a movie: 1)."""
+  num_prompts = enc.num_images if num_prompts is None else num_prompts
+  if len(enc.input_ids) > bucket.text_len or num_prompts > bucket.prompts:
+    raise SampleError("too_long", "conversations", f"{len(enc.input_ids)} tokens, {num_prompts} "
+                      f"instruction(s) > bucket {tuple(bucket)}")
 
 
 def fill_row(row: dict[str, np.ndarray], kind: str, index: int, enc: conv_lib.EncodedText,

@@ -158,6 +158,36 @@ def load_features(path: str) -> tuple[np.ndarray, str | None]:
   return movie.feats.astype(np.float32), movie.prompt
 
 
+MISSING_INPUTS = ("a movie needs its `inputs` text (one <image> per frame, subtitles between): a "
+                  ".safetensors file with `inputs` metadata (`python -m llamavid_jax.data.features convert`)")
+
+
+def movie_header(path: str) -> tuple[tuple[int, ...], str]:
+  """Shape [T, N+1, C] and `inputs` of a movie feature file, from its header only (the
+  planning pass reads no features). Raises `SampleError` (field `video`): `missing_file`,
+  `unreadable_features`, `bad_features`, `missing_inputs` (a `.npy`, or no `inputs`
+  metadata), `bad_inputs` (placeholders != frames, both counts named)."""
+  shape = feature_file_shape(path)
+  if len(shape) != 3 or shape[0] == 0:
+    raise SampleError("bad_features", "video", f"expected [T, N+1, C], got {shape}", path)
+  inputs = None
+  if path.endswith(".safetensors"):
+    from safetensors import safe_open
+
+    try:
+      with safe_open(path, framework="numpy") as f:
+        inputs = (f.metadata() or {}).get("inputs")
+    except features_lib.file_errors() as e:
+      raise SampleError("unreadable_features", "video", f"{type(e).__name__}: {e}", path) from None
+  if inputs is None:
+    raise SampleError("missing_inputs", "video", MISSING_INPUTS, path)
+  try:
+    features_lib.check_inputs(inputs, shape[0], path)
+  except features_lib.MovieError as e:
+    raise _sample_error(e) from None
+  return shape, inputs
+
+
 class LlavaJsonSource:
   """The release's LLaVA-format JSON list, with media folders.
 

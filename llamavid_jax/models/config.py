@@ -80,7 +80,16 @@ class InputSpec:
   never restated in a data config."""
   tokens_per_frame: int               # LLM tokens per frame ([context,] content...)
   image_size: int                     # square ViT input side
-  feature_shape: tuple[int, int]      # (N+1, C) of precomputed ViT features (CLS first)
+  feature_shape: tuple[int, int]      # precomputed ViT features per frame: (N+1, C) with CLS
+                                      # first ("clip"), (N, C) without CLS ("movie")
+  video_mode: str = "clip"            # `LlamaVidConfig.video_mode`
+
+  @property
+  def movie(self) -> bool:
+    return self.video_mode == "movie"
+
+
+VIDEO_MODES = ("clip", "movie")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +120,26 @@ class LlamaVidConfig:
   # Frames per step through the Q-Former and token generator (nn.scan over chunks),
   # bounding activation memory on long videos; 0 = all frames at once.
   frame_chunk: int = 0
+  # How frames meet the text (stated here, never inferred from the input's width as the
+  # release does):
+  #   "clip"   a placeholder takes all T frames of its sample, in time order (images,
+  #            short video); features are the ViT output with CLS, float[B, T, N+1, C],
+  #            the Q-Former sees all N+1 tokens.
+  #   "movie"  the release's long-video mode (stage 3, run_llamavid_movie.py): the text
+  #            has one placeholder per frame, between subtitles, and placeholder t takes
+  #            frame t's tokens; features come without CLS, float[B, T, N, C], for the
+  #            Q-Former too; one instruction (the question) serves every frame.
+  video_mode: str = "clip"
 
   def __post_init__(self):   # a bad name fails here, listing the registered ones
     token_gen.projector(self.mm_projector_type)
     token_gen.content_tokens(self.compress_type, self.vision.grid)
+    if self.video_mode not in VIDEO_MODES:
+      raise ValueError(f"video_mode {self.video_mode!r}: expected one of {list(VIDEO_MODES)}")
+
+  @property
+  def movie(self) -> bool:
+    return self.video_mode == "movie"
 
   @property
   def mm_hidden(self) -> int:
@@ -129,9 +154,14 @@ class LlamaVidConfig:
     return int(self.use_context_token) + self.content_tokens_per_frame
 
   @property
-  def input_spec(self) -> InputSpec:
+  def feature_shape(self) -> tuple[int, int]:
+    """(N+1, C) ViT features per frame with CLS ("clip"), (N, C) without ("movie")."""
     v = self.vision
-    return InputSpec(self.tokens_per_frame, v.image_size, (v.num_tokens, v.width))
+    return (v.num_tokens - int(self.movie), v.width)
+
+  @property
+  def input_spec(self) -> InputSpec:
+    return InputSpec(self.tokens_per_frame, self.vision.image_size, self.feature_shape, self.video_mode)
 
 
 def to_dict(cfg) -> dict:

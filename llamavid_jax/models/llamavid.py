@@ -1,11 +1,21 @@
 """LLaMA-VID: frames (or precomputed ViT features) + instructions + text -> logits.
 
-Every frame becomes `[context, content...]` tokens (token_gen.py). A sample has P
-instruction slots (the release's `imgsp_v1` puts an `<image>` placeholder in every
-human turn and uses that turn's question as the Q-Former instruction): the r-th
-placeholder (id -200) of a sample is replaced by the frame tokens made with its r-th
-instruction, in time order. Splicing is a gather with static shapes: no Python loop
-over the batch; padding frames (frame_mask False, always after the valid ones) drop out.
+Every frame becomes `[context, content...]` tokens (token_gen.py). How they meet the
+text is `LlamaVidConfig.video_mode`:
+
+- clip (images, short video): a sample has P instruction slots (the release's
+  `imgsp_v1` puts an `<image>` placeholder in every human turn and uses that turn's
+  question as the Q-Former instruction): the r-th placeholder (id -200) of a sample is
+  replaced by all its frame tokens made with its r-th instruction, in time order. The
+  Q-Former sees LayerNorm of the N+1 ViT tokens (CLS included), the context attention
+  and the content pooling the N patches.
+- movie (the release's long video, stage 3): the text holds one placeholder per frame,
+  subtitles between them, and the t-th placeholder is replaced by frame t's tokens
+  (splice.py). Features come without CLS, float[B, T, N, C], and the Q-Former sees
+  LayerNorm of those N patches too; the one instruction (the question) serves every frame.
+
+Splicing is a gather with static shapes: no Python loop over the batch or the frames;
+padding frames (frame_mask False, always after the valid ones) drop out.
 
 Decoding follows big_vision: `prefill_cache` then `extend_cache` one token at a time.
 """
@@ -45,19 +55,30 @@ class LlamaVid(nn.Module):
     self.llm = Llama(c.llm, attention_impl=c.attention_impl, remat_policy=c.remat_policy, **kw)
 
   def encode_visual(self, frame_mask, qformer_ids, qformer_mask, frames=None, features=None):
-    """frames: float[B, T, H, W, 3] or features: float[B, T, N+1, C] (ViT output with
-    CLS); qformer_ids/mask: [B, P, L] (or [B, L] for one instruction) ->
+    """frames: float[B, T, H, W, 3] or features: ViT output, float[B, T, N+1, C] with CLS
+    (clip) or float[B, T, N, C] without (movie; any float dtype, cast inside);
+    qformer_ids/mask: [B, P, L] (or [B, L] for one instruction; movie: one) ->
     (float[B, P, T*tokens_per_frame, D] frame tokens per instruction,
     float32[B, P, T, M, N] context-attention weights or None)."""
     if (frames is None) == (features is None):
       raise ValueError("pass exactly one of frames or features")
+    c = self.cfg
     qformer_ids, qformer_mask = _prompts(qformer_ids, qformer_mask)
+    if c.movie and qformer_ids.shape[1] != 1:
+      raise ValueError(f"video_mode 'movie' takes one instruction for every frame, got qformer_ids of shape "
+                       f"{qformer_ids.shape} ({qformer_ids.shape[1]} instructions)")
     if features is None:
       b, t = frames.shape[:2]
       features = self.vit(frames.reshape((b * t,) + frames.shape[2:]))
-      features = features.reshape((b, t) + features.shape[1:])
-      if self.cfg.freeze_vision:
+      features = features.reshape((b, t) + features.shape[1:])             # [B, T, N+1, C]
+      if c.freeze_vision:
         features = jax.lax.stop_gradient(features)                        # the release's frozen ViT
+      if c.movie:
+        features = features[:, :, 1:]                                     # [B, T, N, C]
+    elif tuple(features.shape[2:]) != c.feature_shape:
+      n, w = c.feature_shape
+      raise ValueError(f"features of shape {tuple(features.shape)}: video_mode {c.video_mode!r} takes "
+                       f"[B, T, {n}, {w}] (ViT output {'without' if c.movie else 'with'} CLS, width {w})")
     b, t = features.shape[:2]
     chunk = self.cfg.frame_chunk
     if not chunk or chunk >= t:
@@ -69,7 +90,7 @@ class LlamaVid(nn.Module):
       # T split over `sequence` in contiguous blocks, every step's chunk is then spread
       # over all sequence devices (each encodes its own frames, none idles or gathers).
       n = t // chunk
-      xs = jnp.moveaxis(features.reshape((b, chunk, n) + features.shape[2:]), 2, 0)   # [n, B, chunk, N+1, C]
+      xs = jnp.moveaxis(features.reshape((b, chunk, n) + features.shape[2:]), 2, 0)   # [n, B, chunk, N(+1), C]
       xs = nn.with_logical_constraint(xs, (None, "batch", "frames", None, None))
       step = lambda mdl, carry, x: (carry, mdl._frame_tokens(x, qformer_ids, qformer_mask))
       _, (tokens, weights) = nn.scan(step, variable_broadcast="params", split_rngs={"params": False},
@@ -82,33 +103,41 @@ class LlamaVid(nn.Module):
     return nn.with_logical_constraint(tokens, ("batch", None, "length", "embed")), weights
 
   def _frame_tokens(self, features, qformer_ids, qformer_mask):
-    """features: float[B, T, N+1, C]; qformer_ids/mask [B, P, L] ->
-    (float[B, P, T, tpf, D], float32[B, P, T, M, N] | None)."""
+    """features: float[B, T, N+1, C] (clip) or float[B, T, N, C] (movie); qformer_ids/mask
+    [B, P, L] -> (float[B, P, T, tpf, D], float32[B, P, T, M, N] | None)."""
+    if self.cfg.movie:
+      features = features.astype(jnp.dtype(self.cfg.dtype))     # stored bf16 / f16, a chunk at a time
     b, t, n1, c = features.shape
     p, l = qformer_ids.shape[1:]
     queries = None
     if self.cfg.use_context_token:
-      # every (sample, instruction, frame) is one Q-Former input
+      # every (sample, instruction, frame) is one Q-Former input; it sees the features as
+      # given: N+1 tokens with CLS (clip), the N patches (movie)
       image = jnp.broadcast_to(features[:, None], (b, p, t, n1, c)).reshape(b * p * t, n1, c)
       rep = lambda a: jnp.broadcast_to(a[:, :, None], (b, p, t, l)).reshape(b * p * t, l)
       queries = self.qformer(rep(qformer_ids), rep(qformer_mask), image)   # [B*P*T, M, Dq]
       queries = queries.reshape((b, p, t) + queries.shape[1:])
-    tokens, weights = self.token_gen(queries, features[:, :, 1:])
+    patches = features if self.cfg.movie else features[:, :, 1:]          # [B, T, N, C]: no CLS
+    tokens, weights = self.token_gen(queries, patches)
     # content only: one set of tokens [B, 1, T, tpf, D], the same for every placeholder
     return jnp.broadcast_to(tokens, (b, p) + tokens.shape[2:]), weights
 
   def embed_inputs(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
                    frames=None, features=None):
     """-> (float[B, S', D] spliced embeddings, Layout, out dict)."""
+    c = self.cfg
     qformer_ids, qformer_mask = _prompts(qformer_ids, qformer_mask)
-    layout = splice_layout(input_ids, text_mask, frame_mask, self.cfg.tokens_per_frame,
-                           self.cfg.image_token_id, qformer_ids.shape[1])
+    layout = splice_layout(input_ids, text_mask, frame_mask, c.tokens_per_frame, c.image_token_id,
+                           qformer_ids.shape[1], movie=c.movie)
     x = jnp.take_along_axis(self.llm.embed(input_ids), layout.text_idx[..., None], 1)
     out = {"layout": layout}
     if frame_mask.shape[1]:
       vis, weights = self.encode_visual(frame_mask, qformer_ids, qformer_mask, frames, features)
-      flat = vis.reshape(vis.shape[0], -1, vis.shape[-1])                   # [B, P*K, D]
-      v = jnp.take_along_axis(flat, (layout.prompt_idx * vis.shape[2] + layout.vis_idx)[..., None], 1)
+      # K visual tokens per placeholder: all frames' (clip: [B, P, T*tpf, D]), one
+      # frame's (movie: [B, 1, T*tpf, D] read as T placeholders of tpf)
+      k = c.tokens_per_frame if c.movie else vis.shape[2]
+      flat = vis.reshape(vis.shape[0], -1, vis.shape[-1])                   # [B, P*T*tpf, D]
+      v = jnp.take_along_axis(flat, (layout.prompt_idx * k + layout.vis_idx)[..., None], 1)
       x = jnp.where(layout.is_vis[..., None], v.astype(x.dtype), x)
       out["context_attention"] = weights
     x = jnp.where(layout.valid[..., None], x, 0)
@@ -116,11 +145,13 @@ class LlamaVid(nn.Module):
 
   def __call__(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
                frames=None, features=None):
-    """input_ids: int32[B, S] with up to P -200 placeholders per sample; text_mask:
-    bool[B, S]; frame_mask: bool[B, T]; qformer_ids, qformer_mask: [B, P, L] (the r-th
-    instruction serves the r-th placeholder) or [B, L] for one;
-    frames: float[B, T, H, W, 3] or features: float[B, T, N+1, C].
-    -> (float32[B, S', V] logits with S' = S + P*(T*tokens_per_frame - 1), out dict with
+    """input_ids: int32[B, S] with up to P -200 placeholders per sample (movie: one per
+    valid frame); text_mask: bool[B, S]; frame_mask: bool[B, T]; qformer_ids,
+    qformer_mask: [B, P, L] (the r-th instruction serves the r-th placeholder) or [B, L]
+    for one (movie: one for every frame); frames: float[B, T, H, W, 3] or features:
+    float[B, T, N+1, C] (clip) / float[B, T, N, C] (movie).
+    -> (float32[B, S', V] logits with S' = `splice.spliced_length` (clip:
+    S + P*(T*tokens_per_frame - 1), movie: S + T*(tokens_per_frame - 1)), out dict with
     `layout` (use `splice_labels`), `context_attention`, `hidden`)."""
     h, out = self.hidden_states(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
     return self.logits(h), out
