@@ -112,3 +112,26 @@ def test_documented_train_command_runs_on_generated_demo_data(tmp_path):
   assert [(r["id"], r["question"], r["answer"], r["pred"]) for r in ran] == \
       [(r["id"], r["question"], r["answer"], r["pred"]) for r in evaluated]
   assert got["metric"]["exact"] == summary["metric"]["exact"]
+
+
+@pytest.mark.parametrize("evals, error, match", [
+    (dict(bench="nope"), ConfigError, r"config.evals.x.bench='nope': not one of"),
+    (dict(bench="msvd_qa", args=dict(foo=1)), ConfigError, r"config.evals.x.args.foo: not an argument of msvd_qa"),
+    (dict(bench="msvd_qa", every=-1), ConfigError, r"config.evals.x.every=-1: must be a non-negative integer"),
+    (dict(bench="msvd_qa", colour=1), ConfigError, r"config.evals.x: unknown keys \['colour'\]"),
+    (dict(bench="msvd_qa", args=dict(question_file="/nope/q.json", video_folder="/nope")), FileNotFoundError,
+     r"config.evals.x: --question-file /nope/q.json: no such file; --video-folder /nope: no such folder"),
+])
+def test_bad_evaluators_are_named_before_any_compile(evals, error, match, tmp_path):
+  c = demo.get_config("toy,tiny")
+  c.workdir = str(tmp_path)
+  c.evals = dict(x=evals)
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(error, match=match):
+      train(c)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []

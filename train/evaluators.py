@@ -11,9 +11,9 @@ Each evaluator runs that module on the current parameters through `eval.predict`
 `limit` questions), writes the predictions in the benchmark's own format to
 WORKDIR/evals/NAME/step_N.jsonl with the summary next to it (step_N.summary.json),
 and logs every number of the metric summary as the TensorBoard scalar
-`eval/NAME/KEY` and one console line. The question files are read and checked by
-`check` before anything is built (train.train.check_config calls it), so a wrong path
-fails before compiling.
+`eval/NAME/KEY` and one console line. `check` (from train.train.check_config) refuses
+unknown benchmarks, keys and arguments; the question files are read when training
+starts, before anything is built, so a wrong path fails before compiling.
 """
 
 from __future__ import annotations
@@ -72,28 +72,35 @@ def check(c) -> None:
     for k in ("every", "batch_size", "max_new_tokens", "limit"):
       if not isinstance(spec[k], int) or spec[k] < (1 if k in ("batch_size", "max_new_tokens") else 0):
         raise ValueError(f"config.evals.{name}.{k}={spec[k]!r}: must be a {'positive' if k in ('batch_size', 'max_new_tokens') else 'non-negative'} integer")
-    mod, args = _args(name, spec)
-    from eval.benchmarks import common
-    errs = common.check_paths(getattr(mod, "FILES", {}), args, "run") + (mod.check(args, "run") if hasattr(mod, "check") else [])
-    if errs:
-      raise ValueError(f"config.evals.{name}: " + "; ".join(errs))
+    _args(name, spec)
+
+
+def _check_files(name: str, mod, args) -> None:
+  """The benchmark's files exist (checked when training starts, not by check_config: a
+  recipe is checked before its data is made)."""
+  from eval.benchmarks import common
+  errs = common.check_paths(getattr(mod, "FILES", {}), args, "run") + (mod.check(args, "run") if hasattr(mod, "check") else [])
+  if errs:
+    raise FileNotFoundError(f"config.evals.{name}: " + "; ".join(errs))
 
 
 class Evaluators:
   """The config's evaluators, their questions loaded once; `maybe_run` after each step."""
 
-  def __init__(self, c, model_cfg):
+  def __init__(self, c):
+    from llamavid_jax.models.config import from_dict
     self.c, self.workdir = c, c.workdir
     self.evals = []
     for name, e in (c.get("evals") or {}).items():
       spec = _spec(name, e)
       mod, args = _args(name, spec)
+      _check_files(name, mod, args)
       items = mod.load(args)
       if spec["limit"]:
         items = items[:spec["limit"]]
       self.evals.append((name, spec, mod, args, items))
     self._tokenizers = None
-    self.model_cfg = model_cfg
+    self.model_cfg = from_dict(c.model)
 
   def __bool__(self) -> bool:
     return bool(self.evals)

@@ -224,6 +224,9 @@ def train(c) -> dict:
   from train import checkpointing, metrics, optim
 
   _check_export(c)
+  # the evaluators' question files are read (and missing ones named) before anything compiles
+  check_config(c)
+  evaluators = Evaluators(c) if c.get("evals") else None
   b = build(c)
   _write_config(c)
   model_cfg, d, shardings, abstract = b.model_cfg, c.data, b.shardings, b.abstract
@@ -256,7 +259,6 @@ def train(c) -> dict:
   trainer = b.trainer
   preempt = _Preemption()
   losses, preempted, evals = {}, False, {}
-  evaluators = Evaluators(c, model_cfg) if c.get("evals") else None
   try:
     state, preempted = _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators, evals)
   finally:
