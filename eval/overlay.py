@@ -1,7 +1,7 @@
 """The context token's attention drawn over the frames it looked at (numpy and PIL only:
 the web demo and `eval.visualize` share it).
 
-  idx, frames = display_frames(image_size=S, video=path, limit=16)   # up to 16 of the 1 fps frames
+  idx, frames, times = display_frames(image_size=S, video=path, limit=16)   # up to 16 of the model's frames
   attn = model.context_attention(request)       # float32[T, N], N = (image_size / patch_size)^2
   pictures = overlay(frames, attn[idx])         # uint8[S', S', 3] each: frame + heat map
 
@@ -79,18 +79,21 @@ def shown_frames(num_frames: int, limit: int = 16) -> np.ndarray:
 
 
 def display_frames(*, image_size: int, aspect: str = "pad", video: str | None = None,
-                   image: str | None = None, limit: int | None = None,
-                   size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """The frames the model sees, before CLIP normalisation: a video's at 1 fps (center
-  crop) or an image (padded to a square when `aspect` is pad) -> (int[K] their indices
-  among the 1 fps frames, `shown_frames` when `limit` is set, uint8[K, S, S, 3]) with
-  S = max(image_size, DISPLAY_SIZE) (the same crop, drawn larger). Raises like the
-  model's `media` (VideoError / SampleError) for unreadable files."""
+                   image: str | None = None, limit: int | None = None, size: int | None = None,
+                   fps: float | None = 1.0, max_frames: int | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+  """The frames the model sees, before CLIP normalisation: a video's sampled as the
+  model samples (`fps`, `max_frames`: `inference.Model.video_fps` / `sample_cap`; the
+  release's 1 fps by default; center crop) or an image (padded to a square when
+  `aspect` is pad) -> (int[K] their indices among the model's frames, `shown_frames`
+  when `limit` is set; uint8[K, S, S, 3]; the K frames' times in seconds, [None] for an
+  image) with S = max(image_size, DISPLAY_SIZE) (the same crop, drawn larger). Raises
+  like the model's `media` (VideoError / SampleError) for unreadable files."""
   from llamavid_jax.data.image import frames_to_uint8, image_to_uint8, load_image
   size = size or max(image_size, DISPLAY_SIZE)
   if image:
-    return np.zeros((1,), np.int64), image_to_uint8(load_image(image), size=size, aspect=aspect)[None]
+    return np.zeros((1,), np.int64), image_to_uint8(load_image(image), size=size, aspect=aspect)[None], [None]
   from llamavid_jax.data.video import load_video
-  frames, _ = load_video(video, fps=1.0)
+  frames, info = load_video(video, fps=fps, max_frames=max_frames)
   idx = np.arange(len(frames)) if limit is None else shown_frames(len(frames), limit)
-  return idx, frames_to_uint8(frames[idx], size=size)
+  times = [float(info["timestamps"][i]) for i in idx]
+  return idx, frames_to_uint8(frames[idx], size=size), times

@@ -197,21 +197,17 @@ def read_frames(m: inference.Model, kind: str, path: str, limit: int):
   the same frames the model sees (its sampling), at least DISPLAY_SIZE large. Raises
   inference.MediaError."""
   from llamavid_jax.data import SampleError
-  from llamavid_jax.data.image import frames_to_uint8
-  from llamavid_jax.data.video import VideoError, load_video
+  from llamavid_jax.data.video import VideoError
   media = m.media(**{kind: path})
   try:
-    if kind == "image":
-      idx, shown = overlay.display_frames(image_size=m.cfg.vision.image_size, aspect=m.image_aspect, image=path)
-      return media, idx, shown, [None]
-    raw, info = load_video(path, fps=m.video_fps, max_frames=m.sample_cap)
+    idx, shown, times = overlay.display_frames(image_size=m.cfg.vision.image_size, aspect=m.image_aspect,
+                                               fps=m.video_fps, max_frames=m.sample_cap, **{kind: path})
   except (VideoError, SampleError, OSError) as e:
     raise inference.MediaError(path, str(e)) from None
-  if len(raw) != media.num_frames:
-    raise inference.MediaError(path, f"decoded {len(raw)} frames for display, the model saw {media.num_frames}")
-  idx = overlay.shown_frames(len(raw), limit)
-  size = max(m.cfg.vision.image_size, overlay.DISPLAY_SIZE)
-  return media, idx, frames_to_uint8(raw[idx], size=size), [float(t) for t in info["timestamps"]]
+  if len(shown) != media.num_frames:
+    raise inference.MediaError(path, f"decoded {len(shown)} frames for display, the model saw {media.num_frames}")
+  keep = overlay.shown_frames(len(shown), limit)
+  return media, keep, shown[keep], times
 
 
 def visualize(m: inference.Model, *, question: str, out: str, video: str | None = None, image: str | None = None,

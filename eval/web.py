@@ -78,21 +78,23 @@ def history_turns(history: list[dict]) -> list[str]:
 
 def _media_state(model: inference.Model, path: str) -> dict:
   """An uploaded file -> {name, media, index, frames}: the model's media and up to
-  SHOWN_FRAMES display frames (uint8, the model's crop) with their 1 fps indices.
+  SHOWN_FRAMES display frames (uint8, the model's crop and sampling) with their indices
+among the model's frames and their times.
   Raises inference.MediaError."""
   kind = inference.media_kind(path)
   name = os.path.basename(path)
   media = model.media(**{kind: path})
-  index, frames = np.zeros((0,), np.int64), None
+  index, frames, times = np.zeros((0,), np.int64), None, []
   if kind != "features":
     from llamavid_jax.data import SampleError
     from llamavid_jax.data.video import VideoError
     try:
-      index, frames = overlay.display_frames(image_size=model.cfg.vision.image_size, aspect=model.image_aspect,
-                                             limit=SHOWN_FRAMES, **{kind: path})
+      index, frames, times = overlay.display_frames(
+          image_size=model.cfg.vision.image_size, aspect=model.image_aspect, limit=SHOWN_FRAMES,
+          fps=model.video_fps, max_frames=model.sample_cap, **{kind: path})
     except (VideoError, SampleError, OSError) as e:
       raise inference.MediaError(path, str(e)) from None
-  return dict(name=name, kind=kind, media=media, index=index, frames=frames)
+  return dict(name=name, kind=kind, media=media, index=index, frames=frames, times=times)
 
 
 def attention_gallery(model: inference.Model, request: dict, state: dict) -> list[tuple[np.ndarray, str]]:
@@ -108,8 +110,8 @@ def attention_gallery(model: inference.Model, request: dict, state: dict) -> lis
   attn = attn[state["index"]]
   pictures = overlay.overlay(state["frames"], attn)
   peaks = overlay.peak_ratio(attn)
-  where = (lambda i: "image") if state["kind"] == "image" else (lambda i: f"{i} s")
-  return [(pic, f"{where(int(i))} · peak {r:.1f}×") for pic, i, r in zip(pictures, state["index"], peaks)]
+  where = lambda t: "image" if t is None else f"{t:g} s"   # noqa: E731
+  return [(pic, f"{where(t)} · peak {r:.1f}×") for pic, t, r in zip(pictures, state["times"], peaks)]
 
 
 def build_app(model: inference.Model, max_frames: int | None = 600, *, temperature: float = inference.CHAT["temperature"],
@@ -120,7 +122,7 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
   import gradio as gr
 
   model.max_frames = max_frames
-  cap = f"at most {max_frames} frames at 1 fps" if max_frames else "any length"
+  cap = f"at most {max_frames} frames at {model.sampling}" if max_frames else "any length"
   attention_note = ("" if model.cfg.use_context_token else
                     " (this checkpoint has no context token: nothing to show)")
 
@@ -136,7 +138,7 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
       gr.Warning(f"Cannot use {name}: {why}")
       return None, f"**Cannot use `{name}`**: {why}", [], []
     n = state["media"].num_frames
-    what = {"video": f"video, {n} frame{'s' * (n != 1)} at 1 fps", "image": "image",
+    what = {"video": f"video, {n} frame{'s' * (n != 1)} at {model.sampling}", "image": "image",
             "features": f"features of {n} frame{'s' * (n != 1)}"}[state["kind"]]
     return state, f"`{state['name']}`: {what}. Ask a question.", [], []
 

@@ -143,6 +143,12 @@ class Model:
     self._attention = jax.jit(lambda model, p, x: model.apply(
         {"params": p}, **x, method=LlamaVid.embed_inputs)[2].get("context_attention"), static_argnums=0)
 
+  @property
+  def sampling(self) -> str:
+    """How video frames are taken, in words: "1 fps", "every frame, at most 4"."""
+    s = f"{self.video_fps:g} fps" if self.video_fps else "every frame"
+    return s + (f", at most {self.sample_cap}" if self.sample_cap else "")
+
   # --- media ----------------------------------------------------------------------
   def media(self, *, video: str | None = None, image: str | None = None,
             features: str | None = None) -> Media:
@@ -176,7 +182,7 @@ class Model:
     if media.num_frames == 0:
       raise MediaError(media.path, "no frames")
     if self.max_frames and media.num_frames > self.max_frames:
-      raise MediaError(media.path, f"{media.num_frames} frames at 1 fps, more than the cap of {self.max_frames}")
+      raise MediaError(media.path, f"{media.num_frames} frames at {self.sampling}, more than the cap of {self.max_frames}")
     return media
 
   def image_media(self, img, path: str = "") -> Media:

@@ -87,12 +87,14 @@ def test_the_cli_draws_the_models_frames_and_attention(model, tmp_path, monkeypa
   from llamavid_jax.data.image import frames_to_uint8
   from llamavid_jax.data.video import load_video
   monkeypatch.setattr(inference, "load", lambda *a, **k: model)     # loaded once for the module
+  # a model that samples as the demo's training data: every frame, capped at 4 (evenly spread)
+  monkeypatch.setattr(model, "video_fps", None)
+  monkeypatch.setattr(model, "sample_cap", 4)
   clip = video_fixtures.write_counter_clip(str(tmp_path / "clip.mp4"), 60, 10)
   out = str(tmp_path / "att.png")
   pic = visualize.main(["--ckpt", str(tmp_path), "--video", clip, "--question", QUESTION, "--out", out,
                         "--frames", "3", "--answer", "--max-new-tokens", "6"])
   assert "wrote" in capsys.readouterr().out
-  # the tiny run samples as its training data did: every frame, capped at 4 (evenly spread)
   raw, info = load_video(clip, fps=model.video_fps, max_frames=model.sample_cap)
   assert len(raw) == 4 and pic.frames == [0, 2, 3]
   media = model.media(video=clip)

@@ -128,11 +128,18 @@ def test_display_frames_are_the_models_crop_at_1_fps(tmp_path):
   from llamavid_jax.data.image import frames_to_uint8
   from llamavid_jax.data.video import load_video
   clip = video_fixtures.write_counter_clip(str(tmp_path / "c.mp4"), 40, 10, size=(64, 48))
-  idx, shown = overlay.display_frames(image_size=28, video=clip, limit=3)
+  idx, shown, times = overlay.display_frames(image_size=28, video=clip, limit=3)
   frames, _ = load_video(clip, fps=1.0)
   assert idx.tolist() == [0, 2, 3] and shown.shape == (3, 224, 224, 3) and shown.dtype == np.uint8
+  assert times == [0.0, 2.0, 3.0]
   np.testing.assert_array_equal(shown, frames_to_uint8(frames[idx], size=224))
   assert [video_fixtures.read_counter(f) for f in frames[idx]] == [0, 20, 30]
+  # a model trained on every frame with a cap of 4 (the demo's sampling): those frames, their times
+  idx, shown, times = overlay.display_frames(image_size=28, video=clip, fps=None, max_frames=4)
+  frames, _ = load_video(clip, fps=None, max_frames=4)
+  assert [video_fixtures.read_counter(f) for f in frames] == [0, 13, 26, 39] and idx.tolist() == [0, 1, 2, 3]
+  np.testing.assert_array_equal(shown, frames_to_uint8(frames, size=224))
+  np.testing.assert_allclose(times, [0.0, 1.3, 2.6, 3.9])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -255,6 +255,8 @@ def data_provenance(data) -> dict:
   frame; max_frames = the uniform cap). A release checkpoint has none of these keys:
   inference then uses the release's rule (pad, 1 fps, no cap)."""
   data = data or {}
+  if data.get("kind") == "toy":   # random batches: no media was ever sampled
+    return dict(image_aspect_ratio="pad", video_fps=1.0, max_frames=None)
   return dict(image_aspect_ratio=data.get("image_aspect", "pad"), video_fps=data.get("video_fps", 1.0),
               max_frames=data.get("max_frames"))
 
