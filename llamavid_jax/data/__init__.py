@@ -8,7 +8,9 @@ Modules (import them directly; this package keeps its import light):
   video         PyAV decoding at 1 fps (`load_video`)
   sources       LLaVA JSON reader, feature files, random-access sources
   features      movie feature files: the release's .pkl read without running it,
-                .safetensors written (`python -m llamavid_jax.data.features convert`)
+                .safetensors written (`python -m llamavid_jax.data.features convert`);
+                the `extract` command (videos -> features, `llamavid_jax/extract.py`)
+  subtitles     .srt / .vtt cues and the release's rule placing them on frames (`inputs`)
   media         one decoder of a sample's media (`decode`), for pipeline and TFDS
   buckets       sample lengths -> bucket (`choose_bucket`; pure)
   rows          encoded text + decoded media -> padded rows, batches

@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import os
+from typing import Callable
 
 import av
 import numpy as np
@@ -83,9 +84,12 @@ def index_video(container, path: str = "") -> VideoIndex:
 
 
 def load_video(path: str, *, fps: float | None = 1.0, max_frames: int | None = None,
-               seek: bool | None = None) -> tuple[np.ndarray, dict]:
+               seek: bool | None = None,
+               transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
   """-> (uint8[T, H, W, 3] RGB frames, info). `seek=None` chooses by the spacing of the
-  wanted frames against the keyframe spacing. Raises VideoError naming the file."""
+  wanted frames against the keyframe spacing. `transform` maps each wanted frame as soon
+  as it is decoded (e.g. to its 224 crop: a long movie is never held at full size); the
+  result stacks its outputs. Raises VideoError naming the file."""
   container = _open(path)
   try:
     vi = index_video(container, path)
@@ -98,18 +102,23 @@ def load_video(path: str, *, fps: float | None = 1.0, max_frames: int | None = N
     # cannot be aimed at a frame there: always decode from the start.
     use_seek = (gap > 2 * gop) if seek is None else seek
     use_seek = use_seek and "avi" not in container.format.name.split(",")
-    got = _decode_seeking(container, vi, idx) if use_seek else None
+    got = _decode_seeking(container, vi, idx, transform) if use_seek else None
   finally:
     container.close()
   fallback = use_seek and got is None
-  frames, decoded = got if got is not None else _decode_in_order(path, idx)
+  frames, decoded = got if got is not None else _decode_in_order(path, idx, transform)
   info = dict(avg_fps=vi.avg_fps, num_frames=len(vi.pts), indices=idx,
               timestamps=[(vi.pts[i] - vi.pts[0]) * vi.time_base for i in idx], decoded=decoded,
               seek=use_seek and not fallback, seek_fallback=fallback)
   return np.stack(frames), info
 
 
-def _decode_in_order(path: str, idx: list[int]):
+def _rgb(frame, transform):
+  arr = frame.to_ndarray(format="rgb24")
+  return arr if transform is None else transform(arr)
+
+
+def _decode_in_order(path: str, idx: list[int], transform=None):
   """The frames at presentation positions `idx`: decode from the start and count the
   decoder's output (decoders emit presentation order whatever the container's stamps)."""
   container = _open(path)
@@ -118,7 +127,7 @@ def _decode_in_order(path: str, idx: list[int]):
   try:
     for frame in container.decode(stream):
       if decoded in want:
-        out[decoded] = frame.to_ndarray(format="rgb24")
+        out[decoded] = _rgb(frame, transform)
       decoded += 1
       if len(out) == len(want):
         break
@@ -129,7 +138,7 @@ def _decode_in_order(path: str, idx: list[int]):
   return _in_order(out, idx, path), decoded
 
 
-def _decode_seeking(container, vi: VideoIndex, idx: list[int]):
+def _decode_seeking(container, vi: VideoIndex, idx: list[int], transform=None):
   """The frames at presentation positions `idx`, found by pts after seeking to the
   keyframe before each one (when the decoder is not already on its way there).
   None when the stream's stamps cannot be trusted (a wanted pts never comes out, or
@@ -153,7 +162,7 @@ def _decode_seeking(container, vi: VideoIndex, idx: list[int]):
           return None
         last = frame.pts
         if frame.pts == target:
-          out[target] = frame.to_ndarray(format="rgb24")
+          out[target] = _rgb(frame, transform)
           break
         if frame.pts > target:
           return None
