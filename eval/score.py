@@ -50,11 +50,13 @@ class Scorer:
   def __init__(self, ckpt: str | inference.Model, dtype: str = "float32"):
     self.m = ckpt if isinstance(ckpt, inference.Model) else inference.load(ckpt, dtype=dtype)
     self.cfg, self.params, self.tokenizer, self.qtokenizer = self.m.cfg, self.m.params, self.m.tokenizer, self.m.qtokenizer
-    self._apply = jax.jit(LlamaVid(self.cfg).apply)
+    self._apply = {}   # video_mode -> jitted apply
 
-  def token_ids(self, question: str, answer: str, with_eos: bool = False) -> tuple[list[int], int]:
-    """-> (LLM ids of prompt + answer with one -200, number of prompt ids)."""
-    prompt = inference_prompt(question)
+  def token_ids(self, question: str, answer: str, with_eos: bool = False,
+                media: inference.Media | None = None) -> tuple[list[int], int]:
+    """-> (LLM ids of prompt + answer with the -200 placeholder(s), number of prompt
+    ids). The prompt is `inference.Model.prompt`: the movie prompt for a movie."""
+    prompt = self.m.prompt(question, media) if media is not None else inference_prompt(question)
     head = tokenize_with_image(prompt, self.tokenizer)
     full = tokenize_with_image(f"{prompt} {answer}", self.tokenizer)
     if full[:len(head)] != head or len(full) == len(head):
@@ -65,17 +67,23 @@ class Scorer:
     return full, len(head)
 
   def score(self, question: str, answer: str, *, frames: np.ndarray | None = None,
-            features: np.ndarray | None = None, with_eos: bool = False) -> dict:
-    """frames: float32[T, S, S, 3] or features: float32[T, N+1, C] -> the JSON dict."""
-    ids, n_prompt = self.token_ids(question, answer, with_eos)
+            features: np.ndarray | None = None, media: inference.Media | None = None,
+            with_eos: bool = False) -> dict:
+    """frames: float32[T, S, S, 3], features: float32[T, N+1, C] or media (`Model.media`:
+    a movie is scored with the movie prompt, in movie mode) -> the JSON dict."""
+    if media is None:
+      media = inference.Media("frames", frames) if frames is not None else inference.Media("features", features)
+    ids, n_prompt = self.token_ids(question, answer, with_eos, media)
     q = self.qtokenizer(question, truncation=True, max_length=self.cfg.qformer.max_text_len)
-    media = frames if frames is not None else features
     batch = dict(input_ids=jnp.asarray([ids], jnp.int32), text_mask=jnp.ones((1, len(ids)), bool),
-                 frame_mask=jnp.ones((1, media.shape[0]), bool),
+                 frame_mask=jnp.ones((1, media.num_frames), bool),
                  qformer_ids=jnp.asarray([q.input_ids], jnp.int32),
                  qformer_mask=jnp.asarray([q.attention_mask], bool))
-    batch["frames" if frames is not None else "features"] = jnp.asarray(media, jnp.float32)[None]
-    logits, out = self._apply({"params": self.params}, **batch)
+    batch[media.kind] = jnp.asarray(media.array, jnp.float32)[None]
+    mode = "movie" if media.is_movie else "clip"
+    if mode not in self._apply:
+      self._apply[mode] = jax.jit(self.m.model_for([{"video_mode": mode}]).apply)
+    logits, out = self._apply[mode]({"params": self.params}, **batch)
     logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
     lay = out["layout"]
     text_pos = np.asarray(lay.valid[0] & ~lay.is_vis[0])
@@ -129,7 +137,7 @@ def choose(scorer: Scorer, rows: list[dict], with_eos: bool = False) -> list[dic
   out = []
   for r in rows:
     media = scorer.m.media(**{r["kind"]: r["path"]})
-    scores = [scorer.score(r["question"], o, with_eos=with_eos, **{media.kind: media.array}) for o in r["options"]]
+    scores = [scorer.score(r["question"], o, with_eos=with_eos, media=media) for o in r["options"]]
     lp = [s["logprob"] for s in scores]
     mean = [s["logprob"] / max(s["num_tokens"], 1) for s in scores]
     choice, choice_mean = int(np.argmax(lp)), int(np.argmax(mean))
@@ -194,7 +202,7 @@ def main(argv=None) -> dict:
     p.error(f"--{flag} {path}: no such file")
   scorer = Scorer(a.ckpt, dtype=a.dtype)
   media = scorer.m.media(**{flag: path})
-  result = scorer.score(a.question, a.answer, with_eos=a.with_eos, **{media.kind: media.array})
+  result = scorer.score(a.question, a.answer, with_eos=a.with_eos, media=media)
   print(json.dumps(result))
   return result
 

@@ -193,6 +193,17 @@ class Model:
     return Media("frames", np.asarray(arr, np.float32), path)
 
   # --- requests -------------------------------------------------------------------
+  def prompt(self, turns: Sequence[str] | str, media: Media | None) -> str:
+    """The prompt text of `request` (ending in "ASSISTANT:"): a movie's latest turn is
+    `movie_prompt`; otherwise `<image>` starts the latest turn when there is media."""
+    turns = [turns] if isinstance(turns, str) else list(turns)
+    if media is not None and media.is_movie:
+      turns = prompt_turns(turns, media=False)
+      turns[-1] = movie_prompt(media.inputs, turns[-1])
+      t = get_template("vicuna_v1")
+      return build_prompt(t, turns) + f"{t.roles[1]}:"
+    return inference_prompt(turns, media=media is not None and media.num_frames > 0)
+
   def request(self, turns: Sequence[str] | str, media: Media | None, instruction: str | None = None) -> dict:
     """User / assistant turns ending with the question (or one question) + media (None:
     a text-only question, zero frames) -> one request for `generate.batch_requests`:
@@ -206,14 +217,7 @@ class Model:
     if media is None:
       s = self.cfg.vision.image_size
       media = Media("frames", np.zeros((0, s, s, 3), np.float32))
-    if media.is_movie:
-      turns = prompt_turns(turns, media=False)
-      turns[-1] = movie_prompt(media.inputs, turns[-1])
-      t = get_template("vicuna_v1")
-      prompt = build_prompt(t, turns) + f"{t.roles[1]}:"
-    else:
-      prompt = inference_prompt(turns, media=media.num_frames > 0)
-    return {"input_ids": np.asarray(tokenize_with_image(prompt, self.tokenizer), np.int32),
+    return {"input_ids": np.asarray(tokenize_with_image(self.prompt(turns, media), self.tokenizer), np.int32),
             "qformer_ids": np.asarray(q.input_ids, np.int32), "qformer_mask": np.asarray(q.attention_mask, bool),
             media.kind: media.array, "video_mode": "movie" if media.is_movie else "clip"}
 

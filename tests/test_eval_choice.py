@@ -59,3 +59,42 @@ def test_bad_choice_files_are_named_before_the_model_loads(row, match, tmp_path,
                 str(tmp_path)])
   err = capsys.readouterr().err
   assert re.search(match, err) and ("mc.json" in err or "nope.png" in err), err
+
+
+@pytest.mark.slow   # the shared tiny training run
+def test_a_movie_is_scored_with_the_movie_prompt_in_movie_mode(tiny_ckpt, tmp_path):
+  """eval.score on a feature file with subtitle-interleaved `inputs`: the release's movie
+  prompt (start prompt, inputs, end prompt, question), features without CLS, the model
+  in movie mode; the same features without `inputs` score as a clip."""
+  import dataclasses
+
+  import jax
+  from llamavid_jax.data import features
+  from llamavid_jax.models import LlamaVid
+  ckpt = os.path.join(tiny_ckpt, "inference")
+  scorer = score.Scorer(ckpt)
+  cfg = scorer.cfg
+  n1, c = cfg.feature_shape
+  feats = np.random.RandomState(0).randn(3, n1, c).astype(np.float16)
+  inputs = "<image> hello there<image><image> the end"
+  features.write_safetensors(str(tmp_path / "movie.safetensors"), features.Movie(feats, inputs))
+  np.save(tmp_path / "clip.npy", feats.astype(np.float32))
+  movie = scorer.m.media(features=str(tmp_path / "movie.safetensors"))
+  assert movie.is_movie and movie.array.shape == (3, n1 - 1, c)
+  got = score.main(["--ckpt", ckpt, "--features", str(tmp_path / "movie.safetensors"), "--question", "What?",
+                    "--answer", "a cat"])
+  ids, n_prompt = scorer.token_ids("What?", "a cat", media=movie)
+  assert ids[:n_prompt] == scorer.m.request("What?", movie)["input_ids"].tolist() and ids.count(-200) == 3
+  assert "Below is a movie." in scorer.m.prompt("What?", movie)
+  q = scorer.qtokenizer("What?")
+  model = LlamaVid(dataclasses.replace(cfg, video_mode="movie"))
+  logits, _ = jax.jit(model.apply)({"params": scorer.params}, np.asarray([ids], np.int32), np.ones((1, len(ids)), bool),
+                                   np.ones((1, 3), bool), np.asarray([q.input_ids], np.int32),
+                                   np.asarray([q.attention_mask], bool), features=movie.array[None])
+  logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), -1)
+  shift = 3 * (cfg.tokens_per_frame - 1)                      # every placeholder takes one frame's tokens
+  want = [float(logp[i + shift - 1, ids[i]]) for i in range(n_prompt, len(ids))]
+  np.testing.assert_allclose(got["token_logprobs"], want, atol=1e-5)
+  clip = score.main(["--ckpt", ckpt, "--features", str(tmp_path / "clip.npy"), "--question", "What?",
+                     "--answer", "a cat"])
+  assert clip["num_tokens"] == got["num_tokens"] and abs(clip["logprob"] - got["logprob"]) > 1e-3
