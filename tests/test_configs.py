@@ -67,15 +67,7 @@ def test_bad_config_is_refused_naming_the_key_before_any_compile(key, value, mat
   c.workdir = str(tmp_path)
   c.data.max_len = 64
   c.update_from_flattened_dict({key: value})
-  compiles = []
-  listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    with pytest.raises(ConfigError, match=match):
-      train(c)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert compiles == []
+  _refused_before_any_compile(c, ConfigError, match)
 
 
 @pytest.mark.slow
@@ -126,6 +118,11 @@ def test_bad_evaluators_are_named_before_any_compile(evals, error, match, tmp_pa
   c = demo.get_config("toy,tiny")
   c.workdir = str(tmp_path)
   c.evals = dict(x=evals)
+  _refused_before_any_compile(c, error, match)
+
+
+def _refused_before_any_compile(c, error, match):
+  """train(c) raises `error` matching `match`, and JAX compiled nothing before it."""
   compiles = []
   listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
   jax.monitoring.register_event_duration_secs_listener(listener)
