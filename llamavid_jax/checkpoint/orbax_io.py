@@ -168,17 +168,28 @@ def restore(ckpt: str, mesh: jax.sharding.Mesh | None = None, dtype=None, rules=
   cfg = cfg or load_config(ckpt)
   stored = stored_metadata(ckpt)
   boxed = _prune(abstract_params(cfg), stored)
+  if mesh is None:   # as numpy, not onto the devices it was saved from (which this process may lack)
+    params = _restore_on_host(os.path.join(ckpt, PARAMS))
+    return params if dtype is None else jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
   checkpointer = ocp.StandardCheckpointer()
   try:
-    if mesh is None:
-      params = checkpointer.restore(os.path.join(ckpt, PARAMS))
-      return params if dtype is None else jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
     shardings = shd.param_shardings(boxed, mesh, rules)
     target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), dtype or m.dtype, sharding=s),
                           stored, shardings)
     return checkpointer.restore(os.path.join(ckpt, PARAMS), target)
   finally:
     checkpointer.close()
+
+
+def _restore_on_host(path: str) -> dict:
+  """A saved pytree as host numpy, whatever devices and shardings it was saved with (a
+  run's WORKDIR/inference from 8 devices, read by a 1-device `eval.chat`)."""
+  ocp = _ocp()
+  with ocp.PyTreeCheckpointer() as ckpt:
+    meta = ckpt.metadata(path).item_metadata.tree
+    item = jax.tree.map(lambda m: np.zeros((), m.dtype), meta)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    return ckpt.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
 
 
 class Inference(typing.NamedTuple):
