@@ -16,3 +16,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def tiny_cfg():
   from configs import tiny
   return tiny.model_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+  """WORKDIR of the toy tiny run (configs/demo.py:toy,tiny: 6 steps on random batches,
+  the data fixtures' tokenizers, config.export_inference=True, so WORKDIR/inference too):
+  an untrained checkpoint for the inference and CLI tests."""
+  from configs import demo
+  from tests import data_fixtures
+  from train.train import train
+  root = tmp_path_factory.mktemp("tiny_ckpt")
+  c = demo.get_config("toy,tiny")
+  c.workdir = str(root / "wd")
+  c.export_inference = True
+  c.data.llm_tokenizer = data_fixtures.make_llm_tokenizer(str(root / "llm"))
+  c.data.qformer_tokenizer = data_fixtures.make_bert_tokenizer(str(root / "bert"))
+  out = train(c)
+  assert out["step"] == c.total_steps and not out["preempted"]
+  return c.workdir
