@@ -45,8 +45,11 @@ def get_config(arg: str | None = None):
       compress_type="mean", mm_projector_type="mlp2x_gelu", use_context_token=True, remat_policy="none",
   )
   if a.tiny:   # tests: the smallest model and batch that exercise everything
-    c.model.vision, c.model.qformer = common.TINY["vision"], common.TINY["qformer"]
-    c.model.llm = dict(common.TINY["llm"], max_positions=128)
+    # the initializer std stated so that `--config.model.*.initializer_range=0.07` (the
+    # demo's, which learns faster) can set it: tests/test_eval_chat.py trains this way
+    c.model.vision = common.TINY["vision"]
+    c.model.qformer = dict(common.TINY["qformer"], initializer_range=0.02)
+    c.model.llm = dict(common.TINY["llm"], max_positions=128, initializer_range=0.02)
   c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
   c.batch_size = 16   # 16 x 1600 steps: the context attention learns to pick objects earlier than 32 x 800
   c.total_steps = 1600
@@ -55,6 +58,11 @@ def get_config(arg: str | None = None):
   # instruction slot) carry at most 75 text tokens; held-out clips are single-turn. The
   # longest question is 10 Q-Former tokens with [CLS] and [SEP] (a test holds it to
   # qformer_len): 12, not 24, trains the demo ~10 % faster (362 s vs 401 s on 2 cores).
+  # video_fps=None: every frame up to the uniform cap of 4 (frames 0, 2, 5, 7 of the 8
+  # frames of a 2-fps clip; every measurement in train/demo.py was made so). Inference
+  # samples the same way: a trained model's inference directory records its data's frame
+  # sampling (checkpoint/orbax_io.py: data_provenance), so eval.chat / eval.run / the
+  # held-out evaluator see the frames it was trained on.
   root = ml_collections.FieldReference(DATA)   # --config.data.root=DIR moves every path below
   c.data = dict(kind="toy" if a.toy else "pipeline", root=root, data_path=root + "/train.json",
                 image_folder=root, video_folder=root, llm_tokenizer=root + "/tokenizers/llm",

@@ -15,8 +15,10 @@ separator in its next prompt).
 
 `--temperature 0` is greedy; the defaults are the release's chat sampling. `--json`
 prints one object per answer, {"text": ..., "token_ids": [...]}, the ids being the
-generated LLM ids without the prompt and without `</s>`. Arguments and files are
-checked before the model is loaded.
+generated LLM ids without the prompt and without `</s>` (in the loop: one line per
+answer and nothing else, no "USER: " prompts). Arguments and files are checked before
+the model is loaded; a file that is no video / image / feature file, or a directory
+that holds no checkpoint, exits with a message naming it.
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ def main(argv=None, stdin=None, stdout=None) -> None:
   if not os.path.isfile(path):
     p.error(f"--{flag} {path}: no such file")
   stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-  m = inference.load(a.ckpt, dtype=a.dtype)
+  try:
+    m = inference.load(a.ckpt, dtype=a.dtype)
+  except FileNotFoundError as e:   # a directory that holds no checkpoint
+    sys.exit(f"eval.chat: --ckpt {e}")
   try:
     media = m.media(**{flag: path})
   except inference.MediaError as e:
@@ -104,15 +109,19 @@ def main(argv=None, stdin=None, stdout=None) -> None:
     return
   turns: list[str] = []
   user, bot = "USER", "ASSISTANT"
+
+  def say(text: str, end: str = "") -> None:   # the loop's prompts: not with --json (JSON lines only)
+    if not a.json:
+      print(text, end=end, file=stdout, flush=True)
+
   while True:
-    print(f"{user}: ", end="", file=stdout, flush=True)
+    say(f"{user}: ")
     line = stdin.readline()
     if not line.strip():
-      print("exit...", file=stdout)
+      say("exit...", end="\n")
       return
     turns.append(line.strip())
-    if not a.json:
-      print(f"{bot}: ", end="", file=stdout, flush=True)
+    say(f"{bot}: ")
     turns.append(_turn(m, turns, media, kw, a.json, stdout))
 
 

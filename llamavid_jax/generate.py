@@ -13,7 +13,7 @@ k tokens, and yields each chunk as it is produced; both draw step i's sample wit
 token is `eos_id`. Stop strings need the tokenizer: `answers` cuts the decoded text on
 the host. `batch_requests` left-pads requests of different prompt lengths and frame
 counts into one batch whose text length and frame count are rounded up to buckets, so
-that a stream of requests compiles once per bucket.
+that a stream of requests compiles once per bucket (the Q-Former instructions too).
 """
 
 from __future__ import annotations
@@ -155,16 +155,18 @@ def bucket(n: int, buckets: Sequence[int] | None = None) -> int:
 
 
 def batch_requests(requests: Sequence[dict], *, text_buckets: Sequence[int] | None = None,
-                   frame_buckets: Sequence[int] | None = None, pad_id: int = 0) -> dict:
+                   frame_buckets: Sequence[int] | None = None, pad_id: int = 0,
+                   qformer_buckets: Sequence[int] | None = None) -> dict:
   """Requests (input_ids int[S_i]; frames float[T_i, H, W, 3] or features
   float[T_i, N+1, C]; qformer_ids, qformer_mask [L] or [P, L]) -> one model batch:
   text LEFT padded to the text bucket of the longest prompt, frames padded at the end
   to the frame bucket of the longest video (frame_mask marks the real ones), the
-  Q-Former instructions right padded to the longest."""
+  Q-Former instructions right padded to the Q-Former bucket of the longest (a chat's
+  questions of other lengths reuse one compile)."""
   media = "frames" if "frames" in requests[0] else "features"
   s = bucket(max(len(r["input_ids"]) for r in requests), text_buckets)
   t = bucket(max(len(r[media]) for r in requests), frame_buckets)
-  l = max(np.shape(r["qformer_ids"])[-1] for r in requests)
+  l = bucket(max(np.shape(r["qformer_ids"])[-1] for r in requests), qformer_buckets)
   out = {k: [] for k in ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", media)}
   for r in requests:
     ids, m = np.asarray(r["input_ids"], np.int32), np.asarray(r[media])

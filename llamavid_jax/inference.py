@@ -130,7 +130,10 @@ class Model:
   """Parameters, config and both tokenizers of one checkpoint (see `load`)."""
 
   def __init__(self, loaded: orbax_io.Inference, dtype: str = "float32", max_frames: int | None = None):
-    self.cfg, self.params, self.meta = loaded.cfg, loaded.params, loaded.meta
+    self.cfg, self.meta = loaded.cfg, loaded.meta
+    # onto the device once: a jitted call copies numpy arguments on every call (every
+    # streamed chunk), which for a 7B model is the whole model each time
+    self.params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), loaded.params)
     self.tokenizer, self.qtokenizer = loaded.tokenizer, loaded.qformer_tokenizer
     self.model = LlamaVid(self.cfg)
     self.dtype = dtype
@@ -172,8 +175,8 @@ class Model:
         from llamavid_jax.data.video import load_video
         frames, _ = load_video(video, fps=self.video_fps, max_frames=self.sample_cap)
         arr, kind = preprocess_frames(frames, size=self.cfg.vision.image_size), "frames"
-    except (VideoError, SampleError) as e:
-      raise MediaError(path, str(e)) from None
+    except (VideoError, SampleError) as e:   # their str() names the path (and a JSON field) again
+      raise MediaError(path, f"{e.reason}: {e.detail}") from None
     except OSError as e:   # PIL's UnidentifiedImageError is an OSError
       raise MediaError(path, f"not readable as {'an image' if image else 'media'} ({e})") from None
     return self._checked(Media(kind, np.asarray(arr, np.float32), path))

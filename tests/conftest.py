@@ -20,8 +20,9 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-  """The tiny toy run (`demo.get_config("toy,tiny")`, its default total_steps) trained with
-  the data fixtures' tokenizers and export_inference=True -> its WORKDIR (inference/ inside)."""
+  """WORKDIR of the toy tiny run (configs/demo.py:toy,tiny: 6 steps on random batches,
+  the data fixtures' tokenizers, config.export_inference=True, so WORKDIR/inference too):
+  an untrained checkpoint for the inference and CLI tests."""
   from configs import demo
   from tests import data_fixtures
   from train.train import train
@@ -31,5 +32,6 @@ def tiny_ckpt(tmp_path_factory):
   c.export_inference = True
   c.data.llm_tokenizer = data_fixtures.make_llm_tokenizer(str(root / "llm"))
   c.data.qformer_tokenizer = data_fixtures.make_bert_tokenizer(str(root / "bert"))
-  train(c)
+  out = train(c)
+  assert out["step"] == c.total_steps and not out["preempted"]
   return c.workdir
