@@ -122,7 +122,7 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
   import gradio as gr
 
   model.max_frames = max_frames
-  cap = f"at most {max_frames} frames at {model.sampling}" if max_frames else "any length"
+  cap = f"at most {max_frames} frames, taken at {model.sampling}" if max_frames else "any length"
   attention_note = ("" if model.cfg.use_context_token else
                     " (this checkpoint has no context token: nothing to show)")
 
