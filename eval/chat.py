@@ -13,7 +13,8 @@ as the Q-Former instruction (`llamavid_jax/inference.py` has the prompt). The hi
 keeps each answer without its `</s>` (the release stores it with, which doubles the
 separator in its next prompt).
 
-`--temperature 0` is greedy; the defaults are the release's chat sampling. `--json`
+`--temperature 0` is greedy; the defaults are the release's sampling: its chat's
+(temperature 0.2, top_p 0.7), or for a movie feature file its movie script's (0.6, 0.9). `--json`
 prints one object per answer, {"text": ..., "token_ids": [...]}, the ids being the
 generated LLM ids without the prompt and without `</s>` (in the loop: one line per
 answer and nothing else, no "USER: " prompts). Arguments and files are checked before
@@ -46,8 +47,9 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
   """The generation flags that the chat, the web demo and the benchmark runner share."""
-  p.add_argument("--temperature", type=float, default=inference.CHAT["temperature"], help="0: greedy")
-  p.add_argument("--top-p", type=float, default=inference.CHAT["top_p"])
+  p.add_argument("--temperature", type=float, help="0: greedy (default: the release's, 0.2 for chat, "
+                 "0.6 for a movie feature file)")
+  p.add_argument("--top-p", type=float, help="default: the release's, 0.7 for chat, 0.9 for a movie")
   p.add_argument("--max-new-tokens", type=int, default=512)
   p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   p.add_argument("--seed", type=int, default=0)
@@ -55,10 +57,11 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def check_sampling(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
-  """Validates the sampling flags (p.error exits) -> keyword arguments of generate/stream."""
-  if a.temperature < 0:
+  """Validates the sampling flags (p.error exits) -> keyword arguments of generate/stream
+  (temperature / top_p None where not given: `release_sampling` fills them per media)."""
+  if a.temperature is not None and a.temperature < 0:
     p.error(f"--temperature must be >= 0, got {a.temperature}")
-  if not 0 < a.top_p <= 1:
+  if a.top_p is not None and not 0 < a.top_p <= 1:
     p.error(f"--top-p must be in (0, 1], got {a.top_p}")
   if a.max_new_tokens < 1:
     p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
@@ -66,6 +69,13 @@ def check_sampling(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
     p.error(f"--prefill-chunk must be >= 0, got {a.prefill_chunk}")
   return dict(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed,
               prefill_chunk=a.prefill_chunk)
+
+
+def release_sampling(kw: dict, media: inference.Media | None) -> dict:
+  """kw with the temperature / top_p not given set to the release's: its movie script's
+  (0.6 / 0.9, `inference.MOVIE`) for a movie, its chat's (0.2 / 0.7) otherwise."""
+  default = inference.MOVIE if media is not None and media.is_movie else inference.CHAT
+  return {**kw, **{k: default[k] for k in ("temperature", "top_p") if kw.get(k) is None}}
 
 
 def check_ckpt(p: argparse.ArgumentParser, path: str) -> None:
@@ -104,6 +114,7 @@ def main(argv=None, stdin=None, stdout=None) -> None:
     media = m.media(**{flag: path})
   except inference.MediaError as e:
     sys.exit(f"eval.chat: {e}")
+  kw = release_sampling(kw, media)
   if a.question is not None:
     _turn(m, [a.question], media, kw, a.json, stdout)
     return

@@ -207,7 +207,7 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
 def main(argv=None) -> None:
   p = parser()
   a = p.parse_args(argv)
-  kw = chat.check_sampling(p, a)
+  kw = chat.release_sampling(chat.check_sampling(p, a), None)   # the sliders start at the chat's
   if not 0 < a.port < 65536:
     p.error(f"--port must be in 1..65535, got {a.port}")
   if a.max_frames < 1:

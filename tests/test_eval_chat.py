@@ -239,3 +239,14 @@ def test_a_model_trained_on_synthetic_clips_answers_held_out_clips_through_eval_
       assert got["token_ids"] == m.tokenizer.convert_tokens_to_ids(["▁" + truth])   # one word, then </s>
   print(f"TRAINED held-out exact match through eval.chat: {len(right)}/{len(heldout)} (evaluate: {acc:.2f})")
   assert len(right) >= 8 and set(right) == {"two", "three"}, right
+
+
+def test_the_release_sampling_is_the_default_per_media():
+  """Chat 0.2 / 0.7 (serve/cli.py), a movie 0.6 / 0.9 (run_llamavid_movie.py); flags win."""
+  clip = inference.Media("features", np.zeros((1, 5, 8), np.float32))
+  movie = inference.Media("features", np.zeros((1, 4, 8), np.float32), inputs="<image>")
+  unset = dict(temperature=None, top_p=None, max_new_tokens=4)
+  assert chat.release_sampling(unset, clip) == dict(temperature=0.2, top_p=0.7, max_new_tokens=4)
+  assert chat.release_sampling(unset, None) == dict(temperature=0.2, top_p=0.7, max_new_tokens=4)
+  assert chat.release_sampling(unset, movie) == dict(temperature=0.6, top_p=0.9, max_new_tokens=4)
+  assert chat.release_sampling(dict(unset, temperature=0.0), movie)["temperature"] == 0.0
