@@ -36,7 +36,10 @@ def get_config(arg: str | None = None):
   c.data = common.release_data(
       data_path="data/LLaMA-VID-Finetune/long_videoqa.json", image_folder="data/LLaMA-VID-Finetune",
       video_folder="data/LLaMA-VID-Finetune", template="imgsp_v1", text_len=4097, num_frames=30720,
-      use_features=True, worker_count=1, max_len=MAX_LEN, max_frames=30720)
+      use_features=True, worker_count=1, max_len=MAX_LEN, max_frames=30720,
+      # A step's features (8 x 30720 x 257 x 1408) are 178 GB in float16, the release's
+      # stored dtype: they stay in host memory and reach the chips a frame chunk at a time.
+      host_inputs=["features"], input_dtypes={"features": "float16"})
   c.optim = common.optim(2e-5, trainable=[r"llm/", r"token_gen/mm_projector/"])
   c.ckpt.every = 200
   return c

@@ -44,3 +44,23 @@ def test_blockwise_attention_memory_is_linear_under_scanned_layers():
   to be stacked per key block as scan residuals, an [S, T] buffer (x2.9 per doubling)."""
   a, b = temporaries(2048), temporaries(4096)
   assert b <= 2.1 * a, (a, b)
+
+
+def test_offloaded_layer_inputs_give_the_gradients_of_full_remat():
+  """remat_policy "offload_layer_inputs" only moves where each layer's input waits for
+  the backward (host memory where the backend has it; CPU's host is its device)."""
+  from llamavid_jax.models.layers import REMAT_POLICIES
+  cfg = LlmConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 32))
+  pos, valid = jnp.broadcast_to(jnp.arange(16), (2, 16)), jnp.ones((2, 16), bool)
+  grads = []
+  for policy in ("nothing_saveable", "offload_layer_inputs"):
+    m = Llama(cfg, remat_policy=policy, attention_impl="chunked")
+    p = m.init(jax.random.key(0), x, pos, pos, valid)["params"]
+    loss = lambda p, x: jnp.sum(m.apply({"params": p}, x, pos, pos, valid)[0] ** 2)
+    grads.append(jax.jit(jax.grad(loss, argnums=(0, 1)))(p, x))
+  for a, b in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+  assert "offload_layer_inputs" in REMAT_POLICIES
+  with pytest.raises(ValueError, match="remat_policy 'offload_everything'"):
+    Llama(cfg, remat_policy="offload_everything").init(jax.random.key(0), x, pos, pos, valid)

@@ -12,6 +12,8 @@ Decoding follows big_vision: `prefill_cache` then `extend_cache` one token at a 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -29,6 +31,36 @@ def _prompts(qformer_ids, qformer_mask):
   if qformer_ids.ndim == 2:
     return qformer_ids[:, None], qformer_mask[:, None]
   return qformer_ids, qformer_mask
+
+
+def _on_device(x):
+  """x itself, or its copy in device memory where it lives in host memory (long-video
+  features kept on the host: `train.step.Trainer(host_inputs=...)`)."""
+  if getattr(getattr(x, "aval", None), "memory_space", None) == jax.memory.Space.Host:
+    return jax.device_put(x, jax.memory.Space.Device)
+  return x
+
+
+def _chunk_fetcher(features, chunk: int):
+  """features float[B, T, N+1, C] -> (fetch(i) -> float[B, chunk, N+1, C] on the device,
+  G): the i-th frame chunk when T is split over G devices by the logical axis `frames`
+  (each device slices frames i * c .. (i + 1) * c - 1 of its own block, c = chunk / G, in
+  a shard_map), else frames i * chunk .. (i + 1) * chunk - 1 (G = 1)."""
+  from llamavid_jax import sharding   # the logical rules only; no mesh axis is named here
+  mesh = jax.sharding.get_abstract_mesh()
+  whole = lambda i: _on_device(jax.lax.dynamic_slice_in_dim(features, i * chunk, chunk, axis=1))
+  if mesh.empty:
+    return whole, 1
+  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
+  spec = sharding.fit_spec(sharding.logical_to_spec(("batch", "frames", None, None), rules), features.shape, mesh)
+  g = math.prod(mesh.shape[a] for a in ((spec[1],) if isinstance(spec[1], str) else spec[1] or ()))
+  if g == 1 or chunk % g:
+    return whole, 1
+  c = chunk // g
+  local = lambda x, i: _on_device(jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1))
+  fetch = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec,
+                        check_vma=False)
+  return (lambda i: fetch(features, i)), g
 
 
 class LlamaVid(nn.Module):
@@ -61,21 +93,31 @@ class LlamaVid(nn.Module):
     b, t = features.shape[:2]
     chunk = self.cfg.frame_chunk
     if not chunk or chunk >= t:
-      tokens, weights = self._frame_tokens(features, qformer_ids, qformer_mask)
+      tokens, weights = self._frame_tokens(_on_device(features), qformer_ids, qformer_mask)
     else:  # long video: scan over chunks of frames, one compiled step, bounded memory
       if t % chunk:
         raise ValueError(f"{t} frames are not a multiple of frame_chunk={chunk}")
-      # Strided chunks: step i takes frames i, i + n, i + 2n, ... (n = T / chunk). With
-      # T split over `sequence` in contiguous blocks, every step's chunk is then spread
-      # over all sequence devices (each encodes its own frames, none idles or gathers).
+      # With T split over G devices (`frames`) in contiguous blocks, step i takes the i-th
+      # chunk / G frames of every block: each chunk is spread over all of them (each
+      # encodes its own frames, none idles or gathers), and each device slices its part
+      # out of its own block where it lives: features kept in host memory reach the
+      # device one chunk at a time, never as a whole (and never reshaped on the host).
       n = t // chunk
-      xs = jnp.moveaxis(features.reshape((b, chunk, n) + features.shape[2:]), 2, 0)   # [n, B, chunk, N+1, C]
-      xs = nn.with_logical_constraint(xs, (None, "batch", "frames", None, None))
-      step = lambda mdl, carry, x: (carry, mdl._frame_tokens(x, qformer_ids, qformer_mask))
+      fetch, g = _chunk_fetcher(features, chunk)
+
+      def step(mdl, carry, i):
+        x = nn.with_logical_constraint(fetch(i), ("batch", "frames", None, None))   # [B, chunk, N+1, C]
+        return carry, mdl._frame_tokens(x, qformer_ids, qformer_mask)
+
       _, (tokens, weights) = nn.scan(step, variable_broadcast="params", split_rngs={"params": False},
-                                     length=n)(self, None, xs)
-      # [n, B, P, chunk, ...] -> [B, P, chunk, n, ...] -> [B, P, T, ...] (frame c * n + i)
-      merge = lambda a: None if a is None else jnp.moveaxis(a, 0, 3).reshape(a.shape[1:3] + (t,) + a.shape[4:])
+                                     length=n)(self, None, jnp.arange(n))
+      # [n, B, P, G * c, ...] -> [B, P, G, n, c, ...] -> [B, P, T, ...]: frame d * (T / G) + i * c + j
+      # of step i is at [i, :, :, d * c + j] (c = chunk / G)
+      def merge(a):
+        if a is None:
+          return None
+        a = a.reshape(a.shape[:3] + (g, chunk // g) + a.shape[4:])
+        return jnp.moveaxis(a, 0, 3).reshape(a.shape[1:3] + (t,) + a.shape[5:])
       tokens, weights = merge(tokens), merge(weights)
     tokens = nn.with_logical_constraint(tokens, ("batch", None, "frames", None, None))   # [B, P, T, tpf, D]
     tokens = tokens.reshape(tokens.shape[:2] + (-1, tokens.shape[-1]))      # [B, P, T*tpf, D]

@@ -18,6 +18,10 @@ Implementations:
   ring        `chunked` sequence-sharded over the mesh axis `sequence` (ring attention,
               Liu et al. 2023): each device keeps its query chunk while key/value chunks
               travel around the ring; the backward pass sends dK/dV around with them.
+  splash      TPU only: Pallas splash attention (jax.experimental.pallas.ops.tpu), causal
+              self-attention of training (query i at slot i, S = T in whole blocks;
+              padding by segment ids), shard_mapped over batch and heads; the sequence
+              must not be split (sequence-sharded: `ring`).
 """
 
 from __future__ import annotations
@@ -232,6 +236,13 @@ def _specs(q, k, mesh, axis):
   return qs, ks, P(qs[0], qs[1]), P(ks[0], ks[1])
 
 
+def sharding_axis(q, k, mesh):
+  """The mesh axes the active rules put the query sequence on (None: whole)."""
+  from llamavid_jax import sharding
+  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
+  return sharding.fit_spec(sharding.logical_to_spec(("batch", "length", "heads", "kv"), rules), q.shape, mesh)[1]
+
+
 def _current_mesh():
   """The mesh of the enclosing `jax.set_mesh`, or None."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -306,8 +317,43 @@ def _ring(q, k, v, kv_valid, q_slots, scale, block=BLOCK, axis="sequence"):
   return _blockwise(q, k, v, kv_valid, q_slots, scale, axis, block, mesh)
 
 
+def _splash(q, k, v, kv_valid, q_slots, scale, block=BLOCK, interpret=False):
+  """Pallas splash attention per (sample, head group): causal over slots 0..S-1 (q_slots
+  must be arange(S): the training layout), padded keys by segment ids (a padded query
+  sees the padded keys, never a fully masked row). interpret: run the kernel's Pallas
+  interpreter instead (tests on CPU)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  b, s, h, _ = q.shape
+  if q_slots is None or s != k.shape[1] or s % min(block, s):
+    raise ValueError(f"splash attention: causal self-attention (S = T in whole {block}-blocks) only, got "
+                     f"S={s}, T={k.shape[1]}, causal={q_slots is not None}")
+  blk = min(block, s)
+  valid = (jnp.ones((b, s), bool) if kv_valid is None else kv_valid).astype(jnp.int32)
+
+  def local(q, k, v, valid):
+    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    kernel = sk.make_splash_mha(mask=sm.MultiHeadMask([sm.CausalMask((s, s))] * q.shape[2]), head_shards=1,
+                                q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)                         # [b, H, S, D]
+    out = jax.vmap(kernel)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
+                           sk.SegmentIds(q=valid, kv=valid))
+    return heads_first(out)
+
+  mesh = _current_mesh()
+  if mesh is not None:
+    axes = lambda a: (a,) if isinstance(a, str) else tuple(a or ())
+    qs, ks, _, _ = _specs(q, k, mesh, sharding_axis(q, k, mesh))
+    if any(mesh.shape[a] > 1 for a in axes(qs[1])):
+      raise ValueError(f"splash attention: the sequence is split over {qs[1]}: use attention_impl='ring'")
+    qs, ks = P(qs[0], None, *qs[2:]), P(ks[0], None, *ks[2:])
+    local = jax.shard_map(local, mesh=mesh, in_specs=(qs, ks, ks, P(qs[0], None)), out_specs=qs, check_vma=False)
+  return local(q, k, v, valid)
+
+
 IMPLS: dict[str, Callable] = {"xla": _xla, "cudnn": _cudnn, "reference": _reference,
-                              "chunked": _chunked, "ring": _ring}
+                              "chunked": _chunked, "ring": _ring, "splash": _splash}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid: jax.Array | None = None,
