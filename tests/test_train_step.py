@@ -96,6 +96,21 @@ def test_features_in_host_memory_give_the_losses_of_device_memory():
 
 
 @pytest.mark.slow
+def test_optimizer_state_in_host_memory_gives_the_losses_of_device_memory(one_device):
+  """optim.host_state=True: AdamW's moments live in host memory between steps and visit
+  the device for their update; losses and parameters are those of device memory."""
+  c = tiny_config(**{"optim.host_state": True})
+  b = build(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  mu = b.init(c.seed)["opt_state"].inner_states["trainable"].inner_state[1][0].mu
+  assert jax.tree.leaves(mu)[0].sharding.memory_kind == "pinned_host"
+  losses, state = run_steps(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  ref_losses, ref_state = one_device
+  np.testing.assert_allclose(losses, ref_losses, atol=1e-6, rtol=0)
+  for a, b_ in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-6)
+
+
+@pytest.mark.slow
 def test_loss_is_the_token_mean_of_the_global_batch(one_device):
   """Accumulating 2 micro-batches (the tiny config) = one batch of 16: the loss and the
   update are token-weighted over the global batch (not a mean of per-micro-batch means),

@@ -110,7 +110,13 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
     g = jax.tree.map(lambda x: x / denom, g)
     grad_norm = optax.tree.norm(g)
     full = _merge(labels, g, jax.tree.map(jnp.zeros_like, frozen))       # set_to_zero ignores these
-    updates, opt_state = tx.update(full, state["opt_state"], params)
+    # Optimizer state kept in host memory (state_shardings(host_opt_state=True)) visits
+    # the device for its update only, leaf by leaf as XLA schedules the transfers.
+    moved = jax.tree.map(lambda x: _memory_kind(x) == HOST, state["opt_state"])
+    opt_state = jax.tree.map(lambda x, h: jax.device_put(x, jax.memory.Space.Device) if h else x,
+                             state["opt_state"], moved)
+    updates, opt_state = tx.update(full, opt_state, params)
+    opt_state = jax.tree.map(lambda x, h: jax.device_put(x, jax.memory.Space.Host) if h else x, opt_state, moved)
     new = dict(step=state["step"] + 1, params=optax.apply_updates(params, updates), opt_state=opt_state)
     positions = batch["input_ids"].shape[0] * batch_spliced_length(batch, model.cfg.tokens_per_frame)   # B * S'
     metrics = dict(loss=s / denom, tokens=n, grad_norm=grad_norm, lr=schedule(state["step"]),
@@ -176,10 +182,15 @@ def abstract_state(model, tx, inputs: dict):
   return jax.eval_shape(init, jax.random.key(0))
 
 
-def state_shardings(boxed_abstract, mesh):
+def state_shardings(boxed_abstract, mesh, host_opt_state: bool = False):
   """NamedShardings by the logical rules for params and optimizer moments (optax maps
-  over `nn.Partitioned` boxes, so AdamW's moments carry the params' axis names)."""
-  return sharding.param_shardings(boxed_abstract, mesh)
+  over `nn.Partitioned` boxes, so AdamW's moments carry the params' axis names).
+  host_opt_state: the optimizer state lives in host memory (HOST) between steps, the
+  device holding only parameters (config optim.host_state; MaxText's optimizer offload)."""
+  out = sharding.param_shardings(boxed_abstract, mesh)
+  if host_opt_state:
+    out["opt_state"] = jax.tree.map(lambda s: s.with_memory_kind(HOST), out["opt_state"])
+  return out
 
 
 def init_state(model, tx, inputs: dict, rng, shardings) -> dict:

@@ -223,7 +223,7 @@ def build(c, mesh=None) -> types.SimpleNamespace:
     raise ValueError("optim.trainable matches vit/ parameters but model.freeze_vision is True "
                      "(the ViT output is behind stop_gradient): set model.freeze_vision=False")
   abstract = S.abstract_state(model, tx, inputs)
-  shardings = S.state_shardings(abstract, mesh)
+  shardings = S.state_shardings(abstract, mesh, host_opt_state=c.optim.get("host_state", False))
   trainer = S.Trainer(model, tx, schedule, labels, mesh, shardings, c.accum_steps, **input_placement(c.data))
   init = lambda seed: S.init_state(model, tx, inputs, jax.random.key(seed), shardings)
   return types.SimpleNamespace(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx, schedule=schedule,

@@ -41,6 +41,44 @@ def _on_device(x):
   return x
 
 
+def _place_shifted(flat, input_ids, text_mask, image_token_id: int, s_out: int):
+  """One placeholder per sample (P = 1) with the LLM length split over G devices: the
+  frame tokens flat float[B, K, D] land on output positions off_b .. off_b + K - 1 (off_b:
+  the placeholder's index), a shift, done per device from its own block and its two
+  neighbours' (ppermute) instead of the gather, which would all-gather all K tokens on
+  every device (2 x 32 GiB at 4M positions). -> float[B, S', D] (valid at the visual
+  positions only), or None where this does not apply (P > 1, no mesh split, blocks
+  that do not divide or hold less than the text)."""
+  from llamavid_jax import sharding
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  b, k, d = flat.shape
+  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
+  spec = sharding.fit_spec(sharding.logical_to_spec(("batch", "length", None), rules), (b, s_out, d), mesh)
+  axes = (spec[1],) if isinstance(spec[1], str) else tuple(spec[1] or ())
+  g = math.prod(mesh.shape[a] for a in axes)
+  text = input_ids.shape[1]
+  if g == 1 or k % g or s_out % g or 2 * text > k // g or s_out - k != text - 1:   # s_out - k = text - 1: P = 1
+    return None
+  lk, ls = k // g, s_out // g
+  is_img = (input_ids == image_token_id) & text_mask.astype(bool)
+  off = jnp.argmax(is_img, axis=1).astype(jnp.int32)                      # [B] the placeholder's position
+  axis = axes[0] if len(axes) == 1 else axes
+
+  def local(blk, off):                                                    # blk [b, Lk, D]
+    i = jax.lax.axis_index(axis)
+    prev = jax.lax.ppermute(blk, axis, [(j, j + 1) for j in range(g - 1)])   # block i - 1 (zeros on 0)
+    nxt = jax.lax.ppermute(blk, axis, [(j + 1, j) for j in range(g - 1)])    # block i + 1
+    window = jnp.concatenate([prev, blk, nxt], axis=1)                   # source (i - 1) Lk .. (i + 2) Lk
+    start = i * ls - off - (i - 1) * lk                                  # [b] output i Ls = source i Ls - off
+    return jax.vmap(lambda w, st: jax.lax.dynamic_slice_in_dim(w, st, ls, axis=0))(window, start)
+
+  place = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(spec[0])), out_specs=spec,
+                        check_vma=False)
+  return place(flat, off)
+
+
 def _chunk_fetcher(features, chunk: int):
   """features float[B, T, N+1, C] -> (fetch(i) -> float[B, chunk, N+1, C] on the device,
   G): the i-th frame chunk when T is split over G devices by the logical axis `frames`
@@ -150,7 +188,9 @@ class LlamaVid(nn.Module):
     if frame_mask.shape[1]:
       vis, weights = self.encode_visual(frame_mask, qformer_ids, qformer_mask, frames, features)
       flat = vis.reshape(vis.shape[0], -1, vis.shape[-1])                   # [B, P*K, D]
-      v = jnp.take_along_axis(flat, (layout.prompt_idx * vis.shape[2] + layout.vis_idx)[..., None], 1)
+      v = _place_shifted(flat, input_ids, text_mask, self.cfg.image_token_id, x.shape[1])
+      if v is None:   # the general gather (the operand is all-gathered where the length is split)
+        v = jnp.take_along_axis(flat, (layout.prompt_idx * vis.shape[2] + layout.vis_idx)[..., None], 1)
       x = jnp.where(layout.is_vis[..., None], v.astype(x.dtype), x)
       out["context_attention"] = weights
     x = jnp.where(layout.valid[..., None], x, 0)
