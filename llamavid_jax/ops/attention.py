@@ -197,10 +197,14 @@ def _local_fwd(q, k, v, q_slots, kv_valid, *, scale, axis, block):
   m = jnp.full((b, kh, h // kh, s), NEG, jnp.float32)
   l = jnp.zeros_like(m)
   kv = (k, v, kv_valid)   # travel in their dtype (bf16: half the ring's traffic)
-  for i in range(n):   # static: n = ring size
-    o, m, l = _fwd_chunk(qg, kv[0], kv[1], q_slots, _chunk_owner(axis, i) * t, kv[2], (o, m, l), block, scale)
-    if i + 1 < n:
-      kv = _ring_shift(kv, axis)
+
+  def step(i, carry):   # a loop, not n unrolled steps: XLA keeps one step's buffers, not n in flight
+    (o, m, l), kv = carry
+    oml = _fwd_chunk(qg, kv[0], kv[1], q_slots, _chunk_owner(axis, i) * t, kv[2], (o, m, l), block, scale)
+    return oml, _ring_shift(kv, axis)
+
+  (o, m, l), kv = _loop(n - 1, step, ((o, m, l), kv))
+  o, m, l = _fwd_chunk(qg, kv[0], kv[1], q_slots, _chunk_owner(axis, n - 1) * t, kv[2], (o, m, l), block, scale)
   safe_l = jnp.where(l > 0, l, 1.0)
   o = o / jnp.moveaxis(safe_l, -1, 1)[..., None]
   return o, m + jnp.log(safe_l)
@@ -215,11 +219,14 @@ def _local_bwd(q, k, v, q_slots, kv_valid, o, lse, do, *, scale, axis, block):
   delta = jnp.moveaxis(jnp.sum(do.astype(jnp.float32) * o, -1), 1, -1)   # [b, K, G, s]
   dq = jnp.zeros(qg.shape, jnp.float32)
   travel = (k, v, kv_valid, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  for i in range(n):
-    kc, vc, valid, dk, dv = travel
+
+  def step(i, carry):
+    dq, (kc, vc, valid, dk, dv) = carry
     dq, dk, dv = _bwd_chunk(qg, kc, vc, q_slots, _chunk_owner(axis, i) * t, valid, do, lse, delta, block, scale,
                             (dq, dk, dv))
-    travel = _ring_shift((kc, vc, valid, dk, dv), axis)  # n shifts: dK/dV come home
+    return dq, _ring_shift((kc, vc, valid, dk, dv), axis)   # n shifts: dK/dV come home
+
+  dq, travel = _loop(n, step, (dq, travel))
   dk, dv = travel[3], travel[4]
   return (dq * scale).reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
