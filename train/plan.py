@@ -302,19 +302,37 @@ def plan(c, topo: Topology, seq_len: int | None = None, batch: int | None = None
   from llamavid_jax.models import LlamaVid
   from llamavid_jax.models.config import from_dict
   from train import metrics, optim, step as S
+  from llamavid_jax.sharding import mesh_sizes
   from train.train import build, input_placement
 
   model_cfg = from_dict(c.model)
   spec = model_cfg.input_spec
   base = config_shape(c, spec)
   shape = base if seq_len is None else shape_for(seq_len, base, spec.tokens_per_frame, model_cfg.frame_chunk or 1)
-  if batch is None:
-    batch = c.batch_size if seq_len is None else max(1, c.batch_size * base.seq_len // shape.seq_len)
+  if batch is not None:
+    batch_rule = "--batch"
+  elif seq_len is None or shape.seq_len == base.seq_len:
+    batch, batch_rule = c.batch_size, "the config's"
+  else:
+    batch = max(1, c.batch_size * base.seq_len // shape.seq_len)
+    batch_rule = f"the config's {c.batch_size} x {base.seq_len} LLM positions per step kept (at least 1 row)"
   n = len(topo.devices)
-  sizes, mesh_why = choose_mesh(c.mesh, n, shape, batch, model_cfg.attention_impl in ("ring", "splash"))
+  scaled = batch_rule.startswith("the config's ") and batch_rule != "the config's"
+  try:   # a scaled batch keeps to the config's mesh where it can
+    own = mesh_sizes(dict(c.mesh), n)
+    if scaled and batch % (own["data"] * own["fsdp"]):
+      rows = own["data"] * own["fsdp"]
+      batch, batch_rule = max(rows, batch // rows * rows), batch_rule + f", a multiple of data x fsdp = {rows}"
+  except ValueError:
+    pass
+  sizes, mesh_why = choose_mesh(c.mesh, n, shape, batch, model_cfg.attention_impl == "ring")
   rows = sizes["data"] * sizes["fsdp"]
+  if batch % rows and scaled:
+    batch = max(rows, batch // rows * rows)
+    batch_rule += f", a multiple of data x fsdp = {rows}"
   if batch % rows:
     raise ValueError(f"global batch {batch} does not split over data x fsdp = {rows}: pass --batch")
+  accum_rule = "--accum" if accum else "one row per batch shard"
   accum = accum or batch // rows
   c = _with(c, batch_size=batch, accum_steps=accum, mesh=sizes, **{
       "data.text_len": shape.text_len, "data.num_frames": shape.frames,
@@ -360,7 +378,8 @@ def plan(c, topo: Topology, seq_len: int | None = None, batch: int | None = None
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(b.abstract)["params"]))
   out = dict(topology=topo.name, libtpu_topology=topo.libtpu, devices=n, chips=topo.chips,
              device_kind=topo.device_kind, seq_len=shape.seq_len, text_len=shape.text_len,
-             num_frames=shape.frames, prompts=shape.prompts, batch=batch, accum_steps=accum, mesh=sizes,
+             num_frames=shape.frames, prompts=shape.prompts, tokens_per_frame=spec.tokens_per_frame,
+             batch=batch, batch_rule=batch_rule, accum_steps=accum, accum_rule=accum_rule, mesh=sizes,
              params=n_params, per_chip_bytes=int(device), hbm_bytes=int(topo.hbm_bytes),
              **{k: int(v) for k, v in sizes_.items()}, host_bytes=int(host), host_limit_bytes=topo.host_bytes,
              fits=bool(fits), compile_error=oom,
@@ -479,6 +498,13 @@ def _gib(x) -> str:
   return f"{x / GIB:.2f}"
 
 
+def _flops(x) -> str:
+  for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+    if x >= scale:
+      return f"{x / scale:.1f} {unit}"
+  return f"{x / 1e6:.1f} MFLOP"
+
+
 def _size(x) -> str:
   return f"{x / GIB:.2f} GiB" if x >= GIB / 10 else f"{x / (1 << 20):.1f} MiB"
 
@@ -493,8 +519,9 @@ def describe(p: dict, topo: Topology, config_name: str) -> str:
   lines = [
       f"{config_name} on {topo.describe()}",
       f"sequence {p['seq_len']} = text {p['text_len']} + {p['prompts']} x ({p['num_frames']} frames x "
-      f"tokens per frame - 1)  [{p['shape_rule']}]",
-      f"batch {p['batch']} in {p['accum_steps']} micro-batch(es); mesh {mesh}  [{p['mesh_rule']}]",
+      f"{p['tokens_per_frame']} - 1)  [{p['shape_rule']}]",
+      f"batch {p['batch']} [{p['batch_rule']}] in {p['accum_steps']} micro-batch(es) [{p['accum_rule']}]; "
+      f"mesh {mesh} [{p['mesh_rule']}]",
       f"{p['params'] / 1e9:.2f} B params ({p['param_dtype']}), compute {p['dtype']}, attention {p['attention_impl']}, "
       f"remat {p['remat_policy']}",
       f"per chip: arguments {_size(p['argument_bytes'])}, temporaries {_size(p['temp_bytes'])}, outputs "
@@ -502,7 +529,7 @@ def describe(p: dict, topo: Topology, config_name: str) -> str:
       f"of {_size(p['hbm_bytes'])}" + (f"; host {_size(p['host_bytes'])}" + (
           f" of {_size(p['host_limit_bytes'])}" if p["host_limit_bytes"] else "") if p["host_bytes"] else ""),
       f"fits: {'yes' if p['fits'] else 'NO'}" + (f" ({p['compile_error']})" if p["compile_error"] else ""),
-      f"model FLOPs per step {p['flops_per_step'] / 1e15:.3f} PFLOP ({p['flops_per_chip'] / 1e12:.1f} TFLOP per chip)"
+      f"model FLOPs per step {_flops(p['flops_per_step'])} ({_flops(p['flops_per_chip'])} per chip)"
       + (f"; step at 50% MFU {p['step_seconds_at_50_mfu']:.2f} s" if p["step_seconds_at_50_mfu"] else ""),
       f"compiled in {p['compile_seconds']:.1f} s",
   ]
