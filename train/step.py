@@ -111,7 +111,9 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
     grad_norm = optax.tree.norm(g)
     full = _merge(labels, g, jax.tree.map(jnp.zeros_like, frozen))       # set_to_zero ignores these
     # Optimizer state kept in host memory (state_shardings(host_opt_state=True)) visits
-    # the device for its update only, leaf by leaf as XLA schedules the transfers.
+    # the device for its update only. XLA schedules the transfers: measured (train.plan,
+    # 13B at 64K on 4 v5p chips) most of it is on the chips at once during the update, so
+    # the peak drops by less than the moments' size (there: 25 GiB out, 21 back).
     moved = jax.tree.map(lambda x: _memory_kind(x) == HOST, state["opt_state"])
     opt_state = jax.tree.map(lambda x, h: jax.device_put(x, jax.memory.Space.Device) if h else x,
                              state["opt_state"], moved)
