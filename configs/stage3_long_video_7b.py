@@ -43,7 +43,12 @@ def get_config(arg: str | None = None):
       data_path="data/LLaMA-VID-Finetune/long_videoqa.json", image_folder="data/LLaMA-VID-Finetune",
       video_folder="data/LLaMA-VID-Finetune", template="imgsp_v1", text_len=34816, num_frames=30720,
       buckets=((34816, 30720), (49152, 16384), (57344, 8192)), use_features=True, feature_dtype="float16",
-      worker_count=1, max_len=MAX_LEN, max_frames=30720)
-  c.optim = common.optim(2e-5, trainable=[r"llm/", r"token_gen/mm_projector/"])
+      worker_count=1, max_len=MAX_LEN, max_frames=30720,
+      # A step's features (8 x 30720 x 256 x 1408, no CLS) are 177 GB in float16, the release's
+      # stored dtype: they stay in host memory and reach the chips a frame chunk at a time.
+      host_inputs=["features"], input_dtypes={"features": "float16"})
+  # AdamW's moments (2 x 4 bytes per trained parameter: 54 GB for 7B) wait in host memory
+  # between steps: on 4 v5p chips at 64K they would be 13 of the 95 GiB per chip (13B: 25).
+  c.optim = common.optim(2e-5, trainable=[r"llm/", r"token_gen/mm_projector/"], host_state=True)
   c.ckpt.every = 200
   return c

@@ -2,9 +2,12 @@
 
 Modules name their parameter and activation axes logically (`embed`, `mlp`, ...);
 only this file knows the mesh. Flax applies rules in order and never uses a mesh
-axis twice in one array, so an activation `(batch, length, embed)` shards `batch`
-over (data, fsdp) and leaves `embed` whole, while a parameter `(embed, mlp)` puts
-`embed` on fsdp.
+axis twice in one array (a rule's axes are taken all together or not at all), so an
+activation `(batch, length, embed)` shards `batch` over (data, fsdp), `length` over
+sequence and leaves `embed` whole, while a parameter `(embed, mlp)` puts `embed` on
+fsdp x sequence: parameters, gradients and optimizer moments are split over every
+data-like axis (as MaxText's), not replicated over the devices a long sequence is
+split across.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("embed", "fsdp"),          # parameters only: activations already used fsdp on batch
+    ("embed", ("fsdp", "sequence")),   # parameters only: activations already use fsdp on batch
     ("kv", None),               # head dim
     ("layers", None),           # scanned layer axis
 )
@@ -87,13 +90,16 @@ def mesh_axes(name: str, rules=LOGICAL_RULES) -> tuple[str, ...]:
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Drops the mesh axes of any dim they do not divide (e.g. 2 kv heads on tensor=4):
-  that dim is replicated instead of failing. Real configs divide evenly."""
+  """Drops the mesh axes of any dim they do not divide, the last first (a 1408-wide
+  `embed` on fsdp x sequence = 4 x 32 keeps fsdp; 2 kv heads on tensor=4 are
+  replicated) instead of failing. Real configs divide evenly."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else (axes or ())
-    size = math.prod(mesh.shape[a] for a in names)
-    out.append(axes if size and dim % size == 0 else None)
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    while names and dim % math.prod(mesh.shape[a] for a in names):
+      names = names[:-1]
+    whole = names == ((axes,) if isinstance(axes, str) else tuple(axes or ()))
+    out.append(axes if whole else names[0] if len(names) == 1 else names or None)
   return P(*out)
 
 

@@ -44,3 +44,55 @@ def test_blockwise_attention_memory_is_linear_under_scanned_layers():
   to be stacked per key block as scan residuals, an [S, T] buffer (x2.9 per doubling)."""
   a, b = temporaries(2048), temporaries(4096)
   assert b <= 2.1 * a, (a, b)
+
+
+def test_offloaded_layer_inputs_give_the_gradients_of_full_remat():
+  """remat_policy "offload_layer_inputs" only moves where each layer's input waits for
+  the backward (host memory where the backend has it; CPU's host is its device)."""
+  from llamavid_jax.models.layers import REMAT_POLICIES
+  cfg = LlmConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 32))
+  pos, valid = jnp.broadcast_to(jnp.arange(16), (2, 16)), jnp.ones((2, 16), bool)
+  grads = []
+  for policy in ("nothing_saveable", "offload_layer_inputs"):
+    m = Llama(cfg, remat_policy=policy, attention_impl="chunked")
+    p = m.init(jax.random.key(0), x, pos, pos, valid)["params"]
+    loss = lambda p, x: jnp.sum(m.apply({"params": p}, x, pos, pos, valid)[0] ** 2)
+    grads.append(jax.jit(jax.grad(loss, argnums=(0, 1)))(p, x))
+  for a, b in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+  assert "offload_layer_inputs" in REMAT_POLICIES
+  with pytest.raises(ValueError, match="remat_policy 'offload_everything'"):
+    Llama(cfg, remat_policy="offload_everything").init(jax.random.key(0), x, pos, pos, valid)
+
+
+def test_frame_tokens_placed_by_neighbour_blocks_equal_the_gather(tiny_cfg):
+  """With the LLM length split over `sequence`, one placeholder's frame tokens are
+  shifted into place from each device's block and its neighbours' (no all-gather of
+  the K frame tokens): the spliced embeddings are those of the plain gather."""
+  import dataclasses
+  from flax import linen as nn
+  from llamavid_jax import sharding
+  cfg = dataclasses.replace(tiny_cfg, frame_chunk=4)
+  model = LlamaVid(cfg)
+  b, s, t = 4, 5, 16                                       # K = 32, S' = 36: blocks of 16 and 18 on sequence=2
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, cfg.llm.vocab_size, (b, s)).astype(np.int32)
+  ids[np.arange(b), [0, 1, 2, 4]] = cfg.image_token_id     # the placeholder anywhere in the text
+  text_mask = np.ones((b, s), bool)
+  text_mask[3, :2] = False                                 # left padding
+  frame_mask = np.arange(t)[None] < np.array([[16], [12], [16], [9]])
+  v = cfg.vision
+  inputs = dict(input_ids=ids, text_mask=text_mask, frame_mask=frame_mask,
+                qformer_ids=rng.integers(1, cfg.qformer.vocab_size, (b, 6)).astype(np.int32),
+                qformer_mask=np.ones((b, 6), bool),
+                features=rng.standard_normal((b, t, v.num_tokens, v.width)).astype(np.float32))
+  params = jax.jit(model.init)(jax.random.key(0), **inputs)["params"]
+  embed = jax.jit(lambda p, x: model.apply({"params": p}, **x, method=LlamaVid.embed_inputs)[0])
+  want = embed(params, inputs)
+  mesh = sharding.make_mesh({"fsdp": 4, "sequence": 2})
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    lowered = embed.lower(params, inputs)
+    got = embed(params, inputs)
+  assert "collective-permute" in lowered.compile().as_text()   # the neighbour exchange, not the gather
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)

@@ -252,8 +252,9 @@ def test_sharded_forward_on_2x4_mesh_equals_one_device(video, tiny_cfg):
   shards = sharding.param_shardings(boxed, mesh)
   sharded = jax.device_put(params, shards)
   P = jax.sharding.PartitionSpec
-  assert sharded["llm"]["layers"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
-  assert sharded["llm"]["layers"]["k_proj"]["kernel"].sharding.spec == P(None, "fsdp", None, None)  # 2 kv heads
+  embed = ("fsdp", "sequence")   # parameters split over every data-like axis
+  assert sharded["llm"]["layers"]["q_proj"]["kernel"].sharding.spec == P(None, embed, "tensor", None)
+  assert sharded["llm"]["layers"]["k_proj"]["kernel"].sharding.spec == P(None, embed, None, None)  # 2 kv heads
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     got, _ = jax.jit(model.apply)({"params": sharded}, **batch)
   want, _ = model.apply({"params": params}, **batch)

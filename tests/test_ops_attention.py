@@ -76,3 +76,23 @@ def test_llamavid_with_ring_attention_equals_xla(tiny_cfg):
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     got, _ = jax.jit(LlamaVid(cfg).apply)({"params": params}, **batch)
   np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_splash_matches_reference_in_the_pallas_interpreter():
+  """The TPU splash kernel (run by Pallas' interpreter on CPU): causal GQA with padded
+  keys, forward and gradients, on the rows that are not padding."""
+  b, s, h, kh, d = 2, 256, 4, 2, 64
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, s, n, d)), jnp.float32) for n in (h, kh, kh))
+  valid = jnp.asarray(np.arange(s)[None] < np.array([[s], [s - 100]]))
+  slots = jnp.broadcast_to(jnp.arange(s), (b, s))
+  keep = np.asarray(valid)[:, :, None, None]
+  splash = lambda q, k, v: A._splash(q, k, v, valid, slots, d ** -0.5, block=128, interpret=True)
+  ref = lambda q, k, v: A._reference(q, k, v, valid, slots, d ** -0.5)
+  np.testing.assert_allclose(np.where(keep, splash(q, k, v), 0), np.where(keep, ref(q, k, v), 0), atol=2e-6)
+  loss = lambda f: jax.grad(lambda *x: jnp.sum(jnp.where(keep, f(*x), 0) ** 2), argnums=(0, 1, 2))
+  for a, r in zip(loss(splash)(q, k, v), loss(ref)(q, k, v)):
+    np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="causal self-attention"):
+    A._splash(q, k, v, valid, None, 1.0, interpret=True)

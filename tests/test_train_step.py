@@ -56,7 +56,7 @@ def test_meshes_give_the_losses_of_one_device(shape, one_device):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   if shape.get("tensor") == 4:
     q = state["params"]["llm"]["layers"]["q_proj"]["kernel"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, ("fsdp", "sequence"), "tensor", None)
     mu = state["opt_state"].inner_states["trainable"].inner_state[1][0].mu
     assert mu["llm"]["layers"]["q_proj"]["kernel"].sharding.spec == q.sharding.spec
 
@@ -76,6 +76,38 @@ def test_frames_split_over_sequence_give_the_losses_of_one_device():
   assert g["frames"].addressable_shards[0].data.shape[1] == 2
   losses, _ = run_steps(c, mesh, n=2)
   np.testing.assert_allclose(losses, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_features_in_host_memory_give_the_losses_of_device_memory():
+  """data.host_inputs=["features"] (the long-video recipe): the features stay in host
+  memory, each micro-batch sliced there and each frame chunk brought to the device;
+  the losses are those of features in device memory. data.input_dtypes casts on the host."""
+  kw = {"data.num_frames": 4, "data.use_features": True, "data.buckets": ((12, 4, 1),), "model.frame_chunk": 2}
+  mesh = sharding.make_mesh({"fsdp": 4, "sequence": 2})
+  ref, _ = run_steps(tiny_config(**kw), mesh, n=2)
+  c = tiny_config(**kw, **{"data.host_inputs": ["features"]})
+  losses, _ = run_steps(c, mesh, n=2)
+  np.testing.assert_allclose(losses, ref, atol=1e-6, rtol=0)
+  b = build(tiny_config(**kw, **{"data.host_inputs": ["features"], "data.input_dtypes": {"features": "float16"}}), mesh)
+  g = b.trainer.global_batch(next(ToyBatches(b.model_cfg, 16, 12, 4, 6, True)))
+  assert g["features"].sharding.memory_kind == "pinned_host" and g["features"].dtype == jnp.float16
+  assert g["input_ids"].sharding.memory_kind == "device"
+
+
+@pytest.mark.slow
+def test_optimizer_state_in_host_memory_gives_the_losses_of_device_memory(one_device):
+  """optim.host_state=True: AdamW's moments live in host memory between steps and visit
+  the device for their update; losses and parameters are those of device memory."""
+  c = tiny_config(**{"optim.host_state": True})
+  b = build(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  mu = b.init(c.seed)["opt_state"].inner_states["trainable"].inner_state[1][0].mu
+  assert jax.tree.leaves(mu)[0].sharding.memory_kind == "pinned_host"
+  losses, state = run_steps(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  ref_losses, ref_state = one_device
+  np.testing.assert_allclose(losses, ref_losses, atol=1e-6, rtol=0)
+  for a, b_ in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -90,23 +90,35 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
       s, n, g = grads_of(trainable, frozen, batch)
     else:
       # Global batch G = A * m rows, each device holding a contiguous block: view it as
-      # [m, A] and scan over A, so every micro-batch is spread over all devices.
-      def micro(k, x):
-        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
-        spec = sharding.input_spec(k, x.shape[1:], jax.sharding.get_abstract_mesh())
-        return jax.lax.with_sharding_constraint(x, P(None, *spec))
-      mbs = {k: micro(k, v) for k, v in batch.items()}
+      # [m, A] and take column i, so every micro-batch is spread over all devices. Each
+      # step slices its own rows (no transposed copy of the batch): an input that lives
+      # in host memory stays there, a micro-batch at a time reaching the device.
+      def micro(k, x, i):
+        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+        x = jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+        mesh = jax.sharding.get_abstract_mesh()
+        return jax.lax.with_sharding_constraint(x, NamedSharding(
+            mesh, sharding.input_spec(k, x.shape, mesh), memory_kind=_memory_kind(batch[k])))
 
-      def body(acc, mb):
+      def body(acc, i):
+        mb = {k: micro(k, v, i) for k, v in batch.items()}
         return jax.tree.map(jnp.add, acc, grads_of(trainable, frozen, mb)), None
 
       zero = (jnp.float32(0), jnp.int32(0), jax.tree.map(jnp.zeros_like, trainable))
-      (s, n, g), _ = jax.lax.scan(body, zero, mbs)
+      (s, n, g), _ = jax.lax.scan(body, zero, jnp.arange(accum_steps))
     denom = jnp.maximum(n, 1).astype(jnp.float32)
     g = jax.tree.map(lambda x: x / denom, g)
     grad_norm = optax.tree.norm(g)
     full = _merge(labels, g, jax.tree.map(jnp.zeros_like, frozen))       # set_to_zero ignores these
-    updates, opt_state = tx.update(full, state["opt_state"], params)
+    # Optimizer state kept in host memory (state_shardings(host_opt_state=True)) visits
+    # the device for its update only. XLA schedules the transfers: measured (train.plan,
+    # 13B at 64K on 4 v5p chips) most of it is on the chips at once during the update, so
+    # the peak drops by less than the moments' size (there: 25 GiB out, 21 back).
+    moved = jax.tree.map(lambda x: _memory_kind(x) == HOST, state["opt_state"])
+    opt_state = jax.tree.map(lambda x, h: jax.device_put(x, jax.memory.Space.Device) if h else x,
+                             state["opt_state"], moved)
+    updates, opt_state = tx.update(full, opt_state, params)
+    opt_state = jax.tree.map(lambda x, h: jax.device_put(x, jax.memory.Space.Host) if h else x, opt_state, moved)
     new = dict(step=state["step"] + 1, params=optax.apply_updates(params, updates), opt_state=opt_state)
     positions = batch["input_ids"].shape[0] * batch_spliced_length(batch, model.cfg.tokens_per_frame,
                                                                  movie=model.cfg.movie)   # B * S'
@@ -118,11 +130,20 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
 
 
 # --- shardings and state --------------------------------------------------------------
-def batch_sharding(mesh, key: str, shape) -> NamedSharding:
+def batch_sharding(mesh, key: str, shape, memory_kind: str | None = None) -> NamedSharding:
   """Rows over the `batch` mesh axes; for frame inputs also the frame axis over those of
   `frames` when they divide T: each such device then holds, and runs the Q-Former on,
-  its share of a long video's frames instead of all of them (sharding.INPUT_AXES)."""
-  return NamedSharding(mesh, sharding.input_spec(key, shape, mesh))
+  its share of a long video's frames instead of all of them (sharding.INPUT_AXES).
+  memory_kind "pinned_host": the input stays in host memory (`Trainer(host_inputs=)`)."""
+  return NamedSharding(mesh, sharding.input_spec(key, shape, mesh), memory_kind=memory_kind)
+
+
+HOST = "pinned_host"   # the memory kind of `host_inputs`
+
+
+def _memory_kind(x) -> str | None:
+  """HOST for a traced array that lives in host memory, else None (the device's)."""
+  return HOST if getattr(getattr(x, "aval", None), "memory_space", None) == jax.memory.Space.Host else None
 
 
 def dummy_inputs(cfg, batch: int, text_len: int, num_frames: int, qformer_len: int, use_features: bool):
@@ -139,6 +160,23 @@ def dummy_inputs(cfg, batch: int, text_len: int, num_frames: int, qformer_len: i
   return d
 
 
+def abstract_batch(cfg, batch: int, text_len: int, num_frames: int, qformer_len: int, use_features: bool,
+                   num_prompts: int = 1) -> dict:
+  """ShapeDtypeStructs of a global training batch as the data gives it (model inputs and
+  labels; qformer_* [B, P, L] for P > 1 prompts); `Trainer.abstract_batch` places them."""
+  small = dummy_inputs(cfg, 1, 1, 1, qformer_len, use_features)
+  shapes = {k: (batch,) + v.shape[1:] for k, v in small.items()}
+  shapes.update(input_ids=(batch, text_len), text_mask=(batch, text_len), frame_mask=(batch, num_frames))
+  if num_prompts > 1:
+    shapes.update(qformer_ids=(batch, num_prompts, qformer_len), qformer_mask=(batch, num_prompts, qformer_len))
+  for k in ("frames", "features"):
+    if k in shapes:
+      shapes[k] = (batch, num_frames) + small[k].shape[2:]
+  dtypes = {k: v.dtype for k, v in small.items()}
+  shapes["labels"], dtypes["labels"] = shapes["input_ids"], np.dtype(np.int32)
+  return {k: jax.ShapeDtypeStruct(shapes[k], dtypes[k]) for k in shapes}
+
+
 def abstract_state(model, tx, inputs: dict):
   """-> (boxed abstract state, for shardings) from the model's init on `inputs`."""
   def init(rng):
@@ -147,10 +185,15 @@ def abstract_state(model, tx, inputs: dict):
   return jax.eval_shape(init, jax.random.key(0))
 
 
-def state_shardings(boxed_abstract, mesh):
+def state_shardings(boxed_abstract, mesh, host_opt_state: bool = False):
   """NamedShardings by the logical rules for params and optimizer moments (optax maps
-  over `nn.Partitioned` boxes, so AdamW's moments carry the params' axis names)."""
-  return sharding.param_shardings(boxed_abstract, mesh)
+  over `nn.Partitioned` boxes, so AdamW's moments carry the params' axis names).
+  host_opt_state: the optimizer state lives in host memory (HOST) between steps, the
+  device holding only parameters (config optim.host_state; MaxText's optimizer offload)."""
+  out = sharding.param_shardings(boxed_abstract, mesh)
+  if host_opt_state:
+    out["opt_state"] = jax.tree.map(lambda s: s.with_memory_kind(HOST), out["opt_state"])
+  return out
 
 
 def init_state(model, tx, inputs: dict, rng, shardings) -> dict:
@@ -167,10 +210,13 @@ class Trainer:
   Each process passes its own rows of the global batch (numpy); they are assembled
   into global arrays with rows over the mesh axes of `batch`."""
 
-  def __init__(self, model, tx, schedule, labels, mesh, shardings, accum_steps: int = 1):
+  def __init__(self, model, tx, schedule, labels, mesh, shardings, accum_steps: int = 1,
+               host_inputs=(), input_dtypes=None):
     self.mesh = mesh
     self.shardings = shardings
     self.accum_steps = accum_steps
+    self.host_inputs = tuple(host_inputs)           # inputs kept in host memory (HOST)
+    self.input_dtypes = dict(input_dtypes or {})    # key -> dtype inputs are cast to on the host
     self._step = make_train_step(model, tx, schedule, labels, accum_steps)
     self._jits = {}   # one per batch signature (frames vs features)
 
@@ -184,10 +230,21 @@ class Trainer:
   def jitted(self, batch: dict):
     key = tuple(sorted((k, v.ndim, sharding.input_spec(k, v.shape, self.mesh)) for k, v in batch.items()))
     if key not in self._jits:
-      bs = {k: batch_sharding(self.mesh, k, v.shape) for k, v in batch.items()}
+      bs = {k: self.sharding(k, v.shape) for k, v in batch.items()}
       self._jits[key] = jax.jit(self._step, in_shardings=(self.shardings, bs),
                                 out_shardings=(self.shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
     return self._jits[key]
+
+  def sharding(self, key: str, shape) -> NamedSharding:
+    return batch_sharding(self.mesh, key, shape, HOST if key in self.host_inputs else None)
+
+  def abstract_batch(self, cfg, batch: int, text_len: int, num_frames: int, qformer_len: int,
+                     use_features: bool, num_prompts: int = 1) -> dict:
+    """ShapeDtypeStructs of a global batch as `global_batch` makes them (dtypes, shardings,
+    memory kinds): what the step compiles for, without data (train.plan)."""
+    shapes = abstract_batch(cfg, batch, text_len, num_frames, qformer_len, use_features, num_prompts)
+    return {k: jax.ShapeDtypeStruct(v.shape, self.input_dtypes.get(k, v.dtype), sharding=self.sharding(k, v.shape))
+            for k, v in shapes.items()}
 
   def global_batch(self, local: dict) -> dict:
     """Process-local rows (every column: full T, full length) -> global arrays. The
@@ -201,9 +258,9 @@ class Trainer:
     for k, v in local.items():
       if k == "sample_index":
         continue
-      v = np.asarray(v)
+      v = np.asarray(v, self.input_dtypes.get(k))
       shape = (v.shape[0] * shards // local_shards,) + v.shape[1:]
-      out[k] = jax.make_array_from_process_local_data(batch_sharding(self.mesh, k, shape), v, shape)
+      out[k] = jax.make_array_from_process_local_data(self.sharding(k, shape), v, shape)
     return out
 
   def __call__(self, state, local_batch: dict):

@@ -105,6 +105,15 @@ def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   d = c.data
+  from llamavid_jax.sharding import INPUT_AXES
+  for key in ("host_inputs", "input_dtypes"):
+    unknown = sorted(set(d.get(key, None) or ()) - set(INPUT_AXES))
+    if unknown:
+      raise ConfigError(f"config.data.{key}: unknown inputs {unknown}; expected some of {sorted(INPUT_AXES)}")
+  try:
+    input_placement(d)
+  except TypeError as e:
+    raise ConfigError(f"config.data.input_dtypes={dict(d.get('input_dtypes'))}: {e}") from None
   if d.kind not in ("toy", "pipeline"):
     raise ConfigError(f"config.data.kind={d.kind!r}: expected 'toy' or 'pipeline'")
   for i, b in enumerate(d.get("buckets") or ((d.text_len, d.num_frames),)):
@@ -119,6 +128,16 @@ def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
                 f"{b.prompts} slot(s) x ({b.frames} frames x {spec.tokens_per_frame} tokens - 1)")
       raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: {b.text_len} text + {visual} = {llm_length(b, spec)} "
                         f"LLM positions > config.data.max_len={d.max_len}")
+
+
+def input_placement(d) -> dict:
+  """`Trainer`'s host_inputs and input_dtypes from the data block: `data.host_inputs`
+  (inputs kept in host memory, e.g. ["features"]: a long video's ViT features reach
+  the device a frame chunk at a time) and `data.input_dtypes` ({"features": "float16"}:
+  the dtype inputs are cast to on the host, the release's stored feature dtype)."""
+  import jax.numpy as jnp
+  return dict(host_inputs=tuple(d.get("host_inputs", None) or ()),
+              input_dtypes={k: jnp.dtype(v) for k, v in dict(d.get("input_dtypes", None) or {}).items()})
 
 
 INFERENCE_DIR = "inference"   # WORKDIR/inference: the trained model, as `convert` writes one
@@ -205,8 +224,8 @@ def build(c, mesh=None) -> types.SimpleNamespace:
     raise ValueError("optim.trainable matches vit/ parameters but model.freeze_vision is True "
                      "(the ViT output is behind stop_gradient): set model.freeze_vision=False")
   abstract = S.abstract_state(model, tx, inputs)
-  shardings = S.state_shardings(abstract, mesh)
-  trainer = S.Trainer(model, tx, schedule, labels, mesh, shardings, c.accum_steps)
+  shardings = S.state_shardings(abstract, mesh, host_opt_state=c.optim.get("host_state", False))
+  trainer = S.Trainer(model, tx, schedule, labels, mesh, shardings, c.accum_steps, **input_placement(c.data))
   init = lambda seed: S.init_state(model, tx, inputs, jax.random.key(seed), shardings)
   return types.SimpleNamespace(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx, schedule=schedule,
                                labels=labels, abstract=abstract, shardings=shardings, trainer=trainer, init=init)

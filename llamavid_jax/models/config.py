@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from llamavid_jax.models import token_gen
+from llamavid_jax.models import layers, token_gen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,9 @@ class LlamaVidConfig:
   attention_impl: str = "xla"          # the LLM's; see llamavid_jax/ops/attention.py
   vision_attention_impl: str = "xla"   # the ViT's and the Q-Former's (short sequences)
   # Layer stacks are always nn.scan'ned; each layer is rematerialised with this
-  # jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...) or "none".
+  # jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...), one of
+  # layers.REMAT_POLICIES ("offload_layer_inputs": the LLM layers' inputs wait in host
+  # memory for the backward) or "none".
   remat_policy: str = "nothing_saveable"
   # Frames per step through the Q-Former and token generator (nn.scan over chunks),
   # bounding activation memory on long videos; 0 = all frames at once.
@@ -136,6 +138,8 @@ class LlamaVidConfig:
     token_gen.content_tokens(self.compress_type, self.vision.grid)
     if self.video_mode not in VIDEO_MODES:
       raise ValueError(f"video_mode {self.video_mode!r}: expected one of {list(VIDEO_MODES)}")
+    if self.remat_policy != "none":
+      layers.remat_policy(self.remat_policy)
 
   @property
   def movie(self) -> bool:

@@ -62,19 +62,40 @@ def gelu(x):
   return jax.nn.gelu(x, approximate=False)  # exact erf GELU, as torch.nn.GELU()
 
 
-def scan_stack(block: type[nn.Module], length: int, remat_policy: str, in_axes: tuple,
+LAYER_INPUT = "layer_input"   # checkpoint_name of a scanned layer's input (a block tags its carry)
+
+# Remat policies of our own, beside jax.checkpoint_policies' names:
+#   offload_layer_inputs  each layer's input is saved in host memory (pinned_host) and
+#                         streamed back for its backward; everything else is recomputed,
+#                         so HBM holds no per-layer residuals at all (MaxText's offloaded
+#                         decoder-layer inputs). Needs a backend with host offloading
+#                         (TPU, GPU; on CPU host memory is the device's).
+REMAT_POLICIES = {
+    "offload_layer_inputs": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=(LAYER_INPUT,),
+        offload_src="device", offload_dst="pinned_host"),
+}
+
+
+def remat_policy(name: str):
+  """The checkpoint policy called `name`: one of REMAT_POLICIES or of jax.checkpoint_policies."""
+  policy = REMAT_POLICIES.get(name) or getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ValueError(f"remat_policy {name!r} is neither a jax.checkpoint_policies name nor one of "
+                     f"{sorted(REMAT_POLICIES)}")
+  return policy
+
+
+def scan_stack(block: type[nn.Module], length: int, remat_policy_name: str, in_axes: tuple,
                name: str | None = None, **block_kwargs) -> nn.Module:
   """`length` copies of `block` as one nn.scan over a leading `layers` parameter axis,
-  each rematerialised with the named jax.checkpoint_policies policy ("none": no remat).
+  each rematerialised with the named policy (`remat_policy`; "none": no remat).
 
   The block is called as block(carry, *args) -> (carry, per_layer_output); `in_axes`
   says for each of `args` whether it is broadcast (nn.broadcast) or scanned (0).
   """
-  if remat_policy != "none":
-    policy = getattr(jax.checkpoint_policies, remat_policy, None)
-    if policy is None:
-      raise ValueError(f"remat_policy {remat_policy!r} is not a jax.checkpoint_policies name")
-    block = nn.remat(block, policy=policy, prevent_cse=False)
+  if remat_policy_name != "none":
+    block = nn.remat(block, policy=remat_policy(remat_policy_name), prevent_cse=False)
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=in_axes, length=length,
                  metadata_params={nn.PARTITION_NAME: "layers"})(name=name, **block_kwargs)

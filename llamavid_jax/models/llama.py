@@ -13,9 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from llamavid_jax.models.config import LlmConfig
-from llamavid_jax.models.layers import dense, partitioned, scan_stack
+from llamavid_jax.models.layers import LAYER_INPUT, dense, partitioned, scan_stack
 from llamavid_jax.ops.attention import attention
 
 
@@ -57,6 +58,7 @@ class LlamaBlock(nn.Module):
     `cache_index` (T = S without cache) -> (x, updated (k, v) or None)."""
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     proj = dict(kw, use_bias=False, std=c.initializer_range)
+    x = checkpoint_name(x, LAYER_INPUT)   # what remat_policy "offload_layer_inputs" keeps on the host
     h = RMSNorm(c.rms_eps, name="input_norm", **kw)(x)
     q = dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), name="q_proj", **proj)(h)
     k = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), name="k_proj", **proj)(h)

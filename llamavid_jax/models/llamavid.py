@@ -22,6 +22,8 @@ Decoding follows big_vision: `prefill_cache` then `extend_cache` one token at a 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -39,6 +41,74 @@ def _prompts(qformer_ids, qformer_mask):
   if qformer_ids.ndim == 2:
     return qformer_ids[:, None], qformer_mask[:, None]
   return qformer_ids, qformer_mask
+
+
+def _on_device(x):
+  """x itself, or its copy in device memory where it lives in host memory (long-video
+  features kept on the host: `train.step.Trainer(host_inputs=...)`)."""
+  if getattr(getattr(x, "aval", None), "memory_space", None) == jax.memory.Space.Host:
+    return jax.device_put(x, jax.memory.Space.Device)
+  return x
+
+
+def _place_shifted(flat, input_ids, text_mask, image_token_id: int, s_out: int):
+  """One placeholder per sample (P = 1) with the LLM length split over G devices: the
+  frame tokens flat float[B, K, D] land on output positions off_b .. off_b + K - 1 (off_b:
+  the placeholder's index), a shift, done per device from its own block and its two
+  neighbours' (ppermute) instead of the gather, which would all-gather all K tokens on
+  every device (2 x 32 GiB at 4M positions). -> float[B, S', D] (valid at the visual
+  positions only), or None where this does not apply (P > 1, no mesh split, blocks
+  that do not divide or hold less than the text)."""
+  from llamavid_jax import sharding
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  b, k, d = flat.shape
+  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
+  spec = sharding.fit_spec(sharding.logical_to_spec(("batch", "length", None), rules), (b, s_out, d), mesh)
+  axes = (spec[1],) if isinstance(spec[1], str) else tuple(spec[1] or ())
+  g = math.prod(mesh.shape[a] for a in axes)
+  text = input_ids.shape[1]
+  if g == 1 or k % g or s_out % g or 2 * text > k // g or s_out - k != text - 1:   # s_out - k = text - 1: P = 1
+    return None
+  lk, ls = k // g, s_out // g
+  is_img = (input_ids == image_token_id) & text_mask.astype(bool)
+  off = jnp.argmax(is_img, axis=1).astype(jnp.int32)                      # [B] the placeholder's position
+  axis = axes[0] if len(axes) == 1 else axes
+
+  def local(blk, off):                                                    # blk [b, Lk, D]
+    i = jax.lax.axis_index(axis)
+    prev = jax.lax.ppermute(blk, axis, [(j, j + 1) for j in range(g - 1)])   # block i - 1 (zeros on 0)
+    nxt = jax.lax.ppermute(blk, axis, [(j + 1, j) for j in range(g - 1)])    # block i + 1
+    window = jnp.concatenate([prev, blk, nxt], axis=1)                   # source (i - 1) Lk .. (i + 2) Lk
+    start = i * ls - off - (i - 1) * lk                                  # [b] output i Ls = source i Ls - off
+    return jax.vmap(lambda w, st: jax.lax.dynamic_slice_in_dim(w, st, ls, axis=0))(window, start)
+
+  place = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(spec[0])), out_specs=spec,
+                        check_vma=False)
+  return place(flat, off)
+
+
+def _chunk_fetcher(features, chunk: int):
+  """features float[B, T, N+1, C] -> (fetch(i) -> float[B, chunk, N+1, C] on the device,
+  G): the i-th frame chunk when T is split over G devices by the logical axis `frames`
+  (each device slices frames i * c .. (i + 1) * c - 1 of its own block, c = chunk / G, in
+  a shard_map), else frames i * chunk .. (i + 1) * chunk - 1 (G = 1)."""
+  from llamavid_jax import sharding   # the logical rules only; no mesh axis is named here
+  mesh = jax.sharding.get_abstract_mesh()
+  whole = lambda i: _on_device(jax.lax.dynamic_slice_in_dim(features, i * chunk, chunk, axis=1))
+  if mesh.empty:
+    return whole, 1
+  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
+  spec = sharding.fit_spec(sharding.logical_to_spec(("batch", "frames", None, None), rules), features.shape, mesh)
+  g = math.prod(mesh.shape[a] for a in ((spec[1],) if isinstance(spec[1], str) else spec[1] or ()))
+  if g == 1 or chunk % g:
+    return whole, 1
+  c = chunk // g
+  local = lambda x, i: _on_device(jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1))
+  fetch = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec,
+                        check_vma=False)
+  return (lambda i: fetch(features, i)), g
 
 
 class LlamaVid(nn.Module):
@@ -82,21 +152,31 @@ class LlamaVid(nn.Module):
     b, t = features.shape[:2]
     chunk = self.cfg.frame_chunk
     if not chunk or chunk >= t:
-      tokens, weights = self._frame_tokens(features, qformer_ids, qformer_mask)
+      tokens, weights = self._frame_tokens(_on_device(features), qformer_ids, qformer_mask)
     else:  # long video: scan over chunks of frames, one compiled step, bounded memory
       if t % chunk:
         raise ValueError(f"{t} frames are not a multiple of frame_chunk={chunk}")
-      # Strided chunks: step i takes frames i, i + n, i + 2n, ... (n = T / chunk). With
-      # T split over `sequence` in contiguous blocks, every step's chunk is then spread
-      # over all sequence devices (each encodes its own frames, none idles or gathers).
+      # With T split over G devices (`frames`) in contiguous blocks, step i takes the i-th
+      # chunk / G frames of every block: each chunk is spread over all of them (each
+      # encodes its own frames, none idles or gathers), and each device slices its part
+      # out of its own block where it lives: features kept in host memory reach the
+      # device one chunk at a time, never as a whole (and never reshaped on the host).
       n = t // chunk
-      xs = jnp.moveaxis(features.reshape((b, chunk, n) + features.shape[2:]), 2, 0)   # [n, B, chunk, N(+1), C]
-      xs = nn.with_logical_constraint(xs, (None, "batch", "frames", None, None))
-      step = lambda mdl, carry, x: (carry, mdl._frame_tokens(x, qformer_ids, qformer_mask))
+      fetch, g = _chunk_fetcher(features, chunk)
+
+      def step(mdl, carry, i):
+        x = nn.with_logical_constraint(fetch(i), ("batch", "frames", None, None))   # [B, chunk, N+1, C]
+        return carry, mdl._frame_tokens(x, qformer_ids, qformer_mask)
+
       _, (tokens, weights) = nn.scan(step, variable_broadcast="params", split_rngs={"params": False},
-                                     length=n)(self, None, xs)
-      # [n, B, P, chunk, ...] -> [B, P, chunk, n, ...] -> [B, P, T, ...] (frame c * n + i)
-      merge = lambda a: None if a is None else jnp.moveaxis(a, 0, 3).reshape(a.shape[1:3] + (t,) + a.shape[4:])
+                                     length=n)(self, None, jnp.arange(n))
+      # [n, B, P, G * c, ...] -> [B, P, G, n, c, ...] -> [B, P, T, ...]: frame d * (T / G) + i * c + j
+      # of step i is at [i, :, :, d * c + j] (c = chunk / G)
+      def merge(a):
+        if a is None:
+          return None
+        a = a.reshape(a.shape[:3] + (g, chunk // g) + a.shape[4:])
+        return jnp.moveaxis(a, 0, 3).reshape(a.shape[1:3] + (t,) + a.shape[5:])
       tokens, weights = merge(tokens), merge(weights)
     tokens = nn.with_logical_constraint(tokens, ("batch", None, "frames", None, None))   # [B, P, T, tpf, D]
     tokens = tokens.reshape(tokens.shape[:2] + (-1, tokens.shape[-1]))      # [B, P, T*tpf, D]
@@ -137,7 +217,9 @@ class LlamaVid(nn.Module):
       # frame's (movie: [B, 1, T*tpf, D] read as T placeholders of tpf)
       k = c.tokens_per_frame if c.movie else vis.shape[2]
       flat = vis.reshape(vis.shape[0], -1, vis.shape[-1])                   # [B, P*T*tpf, D]
-      v = jnp.take_along_axis(flat, (layout.prompt_idx * k + layout.vis_idx)[..., None], 1)
+      v = None if c.movie else _place_shifted(flat, input_ids, text_mask, c.image_token_id, x.shape[1])
+      if v is None:   # the general gather (the operand is all-gathered where the length is split)
+        v = jnp.take_along_axis(flat, (layout.prompt_idx * k + layout.vis_idx)[..., None], 1)
       x = jnp.where(layout.is_vis[..., None], v.astype(x.dtype), x)
       out["context_attention"] = weights
     x = jnp.where(layout.valid[..., None], x, 0)

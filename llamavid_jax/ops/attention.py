@@ -18,6 +18,10 @@ Implementations:
   ring        `chunked` sequence-sharded over the mesh axis `sequence` (ring attention,
               Liu et al. 2023): each device keeps its query chunk while key/value chunks
               travel around the ring; the backward pass sends dK/dV around with them.
+  splash      TPU only: Pallas splash attention (jax.experimental.pallas.ops.tpu), causal
+              self-attention of training (query i at slot i, S = T in whole blocks;
+              padding by segment ids), shard_mapped over batch and heads; the sequence
+              must not be split (sequence-sharded: `ring`).
 """
 
 from __future__ import annotations
@@ -108,26 +112,27 @@ def visible_blocks(max_q_slot, first_slot, block: int, n_blocks: int):
   return jnp.clip((max_q_slot - first_slot) // block + 1, 0, n_blocks)
 
 
-def _fwd_chunk(q, k, v, q_slots, first_slot, k_valid, carry, block):
+def _fwd_chunk(q, k, v, q_slots, first_slot, k_valid, carry, block, scale):
   """Folds one key/value chunk (its first key slot `first_slot`) into the online-softmax
   state (o, m, l), one query tile of `block` rows at a time, over the key blocks
-  that tile can see."""
+  that tile can see. q, k, v stay in their dtype; each tile is cast to float32 (and
+  q scaled) as it is used, so no float32 copy of a whole chunk exists."""
   qb, n_blocks = min(block, q.shape[1]), k.shape[1] // block
 
   def tile(j, carry):
     o, m, l = carry
-    qj, sj = _tile(q, j, qb), _tile(q_slots, j, qb)
+    qj, sj = _tile(q, j, qb).astype(jnp.float32) * scale, _tile(q_slots, j, qb)
 
     def body(i, c):
       oj, mj, lj = c
-      s = jnp.einsum("bqkgd,btkd->bkgqt", qj, _tile(k, i, block))
+      s = jnp.einsum("bqkgd,btkd->bkgqt", qj, _tile(k, i, block).astype(jnp.float32))
       mask = _block_mask(sj, first_slot + i * block, _tile(k_valid, i, block))
       s = jnp.where(mask, s, NEG)
       m_new = jnp.maximum(mj, s.max(-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(mj - m_new)
       lj = lj * corr + p.sum(-1)
-      oj = oj * jnp.moveaxis(corr, -1, 1)[..., None] + jnp.einsum("bkgqt,btkd->bqkgd", p, _tile(v, i, block))
+      oj = oj * jnp.moveaxis(corr, -1, 1)[..., None] + jnp.einsum("bkgqt,btkd->bqkgd", p, _tile(v, i, block).astype(jnp.float32))
       return oj, m_new, lj
 
     n = visible_blocks(jnp.max(sj), first_slot, block, n_blocks)
@@ -137,19 +142,21 @@ def _fwd_chunk(q, k, v, q_slots, first_slot, k_valid, carry, block):
   return _loop(q.shape[1] // qb, tile, carry)
 
 
-def _bwd_chunk(q, k, v, q_slots, first_slot, k_valid, do, lse, delta, block):
-  """Gradients of one key/value chunk: (dq contribution, dk, dv), flash-attention-2
-  style, over the same (query tile, visible key block) pairs as the forward."""
+def _bwd_chunk(q, k, v, q_slots, first_slot, k_valid, do, lse, delta, block, scale, carry):
+  """Adds one key/value chunk's gradients to carry = (dq, dk, dv) (float32; dk, dv
+  those of this chunk), flash-attention-2 style, over the same (query tile, visible
+  key block) pairs as the forward; tiles cast to float32 as they are used."""
   qb, n_blocks = min(block, q.shape[1]), k.shape[1] // block
 
   def tile(j, carry):
     dq, dk, dv = carry
-    qj, sj, doj = _tile(q, j, qb), _tile(q_slots, j, qb), _tile(do, j, qb)
+    qj, sj = _tile(q, j, qb).astype(jnp.float32) * scale, _tile(q_slots, j, qb)
+    doj = _tile(do, j, qb).astype(jnp.float32)
     lse_j, delta_j = _tile(lse, j, qb, 3), _tile(delta, j, qb, 3)
 
     def body(i, c):
       dqj, dk, dv = c
-      kb, vb = _tile(k, i, block), _tile(v, i, block)
+      kb, vb = _tile(k, i, block).astype(jnp.float32), _tile(v, i, block).astype(jnp.float32)
       s = jnp.einsum("bqkgd,btkd->bkgqt", qj, kb)
       mask = _block_mask(sj, first_slot + i * block, _tile(k_valid, i, block))
       p = jnp.where(mask, jnp.exp(s - lse_j[..., None]), 0.0)            # [b, K, G, qb, blk]
@@ -160,11 +167,10 @@ def _bwd_chunk(q, k, v, q_slots, first_slot, k_valid, do, lse, delta, block):
       return dqj, dk, dv
 
     n = visible_blocks(jnp.max(sj), first_slot, block, n_blocks)
-    dqj, dk, dv = _loop(n, body, (jnp.zeros_like(qj), dk, dv))
+    dqj, dk, dv = _loop(n, body, (_tile(dq, j, qb), dk, dv))
     return _put(dq, dqj, j, qb), dk, dv
 
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  return _loop(q.shape[1] // qb, tile, (jnp.zeros_like(q), zeros, zeros))
+  return _loop(q.shape[1] // qb, tile, carry)
 
 
 def _ring_shift(xs, axis):
@@ -186,15 +192,19 @@ def _local_fwd(q, k, v, q_slots, kv_valid, *, scale, axis, block):
   b, s, h, d = q.shape
   t, kh = k.shape[1], k.shape[2]
   n = 1 if axis is None else jax.lax.axis_size(axis)
-  qf = q.reshape(b, s, kh, h // kh, d).astype(jnp.float32) * scale
-  o = jnp.zeros_like(qf)
+  qg = q.reshape(b, s, kh, h // kh, d)
+  o = jnp.zeros(qg.shape, jnp.float32)
   m = jnp.full((b, kh, h // kh, s), NEG, jnp.float32)
   l = jnp.zeros_like(m)
-  kv = (k.astype(jnp.float32), v.astype(jnp.float32), kv_valid)
-  for i in range(n):   # static: n = ring size
-    o, m, l = _fwd_chunk(qf, kv[0], kv[1], q_slots, _chunk_owner(axis, i) * t, kv[2], (o, m, l), block)
-    if i + 1 < n:
-      kv = _ring_shift(kv, axis)
+  kv = (k, v, kv_valid)   # travel in their dtype (bf16: half the ring's traffic)
+
+  def step(i, carry):   # a loop, not n unrolled steps: XLA keeps one step's buffers, not n in flight
+    (o, m, l), kv = carry
+    oml = _fwd_chunk(qg, kv[0], kv[1], q_slots, _chunk_owner(axis, i) * t, kv[2], (o, m, l), block, scale)
+    return oml, _ring_shift(kv, axis)
+
+  (o, m, l), kv = _loop(n - 1, step, ((o, m, l), kv))
+  o, m, l = _fwd_chunk(qg, kv[0], kv[1], q_slots, _chunk_owner(axis, n - 1) * t, kv[2], (o, m, l), block, scale)
   safe_l = jnp.where(l > 0, l, 1.0)
   o = o / jnp.moveaxis(safe_l, -1, 1)[..., None]
   return o, m + jnp.log(safe_l)
@@ -204,17 +214,19 @@ def _local_bwd(q, k, v, q_slots, kv_valid, o, lse, do, *, scale, axis, block):
   b, s, h, d = q.shape
   t, kh = k.shape[1], k.shape[2]
   n = 1 if axis is None else jax.lax.axis_size(axis)
-  qf = q.reshape(b, s, kh, h // kh, d).astype(jnp.float32) * scale
-  do = do.reshape(qf.shape).astype(jnp.float32)
-  delta = jnp.moveaxis(jnp.sum(do * o, -1), 1, -1)                      # [b, K, G, s]
-  dq = jnp.zeros_like(qf)
-  travel = (k.astype(jnp.float32), v.astype(jnp.float32), kv_valid,
-            jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  for i in range(n):
-    kf, vf, valid, dk, dv = travel
-    dq_i, dk_i, dv_i = _bwd_chunk(qf, kf, vf, q_slots, _chunk_owner(axis, i) * t, valid, do, lse, delta, block)
-    dq = dq + dq_i
-    travel = _ring_shift((kf, vf, valid, dk + dk_i, dv + dv_i), axis)  # n shifts: dK/dV come home
+  qg = q.reshape(b, s, kh, h // kh, d)
+  do = do.reshape(qg.shape)
+  delta = jnp.moveaxis(jnp.sum(do.astype(jnp.float32) * o, -1), 1, -1)   # [b, K, G, s]
+  dq = jnp.zeros(qg.shape, jnp.float32)
+  travel = (k, v, kv_valid, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+
+  def step(i, carry):
+    dq, (kc, vc, valid, dk, dv) = carry
+    dq, dk, dv = _bwd_chunk(qg, kc, vc, q_slots, _chunk_owner(axis, i) * t, valid, do, lse, delta, block, scale,
+                            (dq, dk, dv))
+    return dq, _ring_shift((kc, vc, valid, dk, dv), axis)   # n shifts: dK/dV come home
+
+  dq, travel = _loop(n, step, (dq, travel))
   dk, dv = travel[3], travel[4]
   return (dq * scale).reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
@@ -230,6 +242,13 @@ def _specs(q, k, mesh, axis):
   if qs[2] != ks[2]:   # q heads reshape to (K, G) locally: shard both or neither
     qs, ks = P(*qs[:2], None, None), P(*ks[:2], None, None)
   return qs, ks, P(qs[0], qs[1]), P(ks[0], ks[1])
+
+
+def sharding_axis(q, k, mesh):
+  """The mesh axes the active rules put the query sequence on (None: whole)."""
+  from llamavid_jax import sharding
+  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
+  return sharding.fit_spec(sharding.logical_to_spec(("batch", "length", "heads", "kv"), rules), q.shape, mesh)[1]
 
 
 def _current_mesh():
@@ -306,8 +325,43 @@ def _ring(q, k, v, kv_valid, q_slots, scale, block=BLOCK, axis="sequence"):
   return _blockwise(q, k, v, kv_valid, q_slots, scale, axis, block, mesh)
 
 
+def _splash(q, k, v, kv_valid, q_slots, scale, block=BLOCK, interpret=False):
+  """Pallas splash attention per (sample, head group): causal over slots 0..S-1 (q_slots
+  must be arange(S): the training layout), padded keys by segment ids (a padded query
+  sees the padded keys, never a fully masked row). interpret: run the kernel's Pallas
+  interpreter instead (tests on CPU)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  b, s, h, _ = q.shape
+  if q_slots is None or s != k.shape[1] or s % min(block, s):
+    raise ValueError(f"splash attention: causal self-attention (S = T in whole {block}-blocks) only, got "
+                     f"S={s}, T={k.shape[1]}, causal={q_slots is not None}")
+  blk = min(block, s)
+  valid = (jnp.ones((b, s), bool) if kv_valid is None else kv_valid).astype(jnp.int32)
+
+  def local(q, k, v, valid):
+    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    kernel = sk.make_splash_mha(mask=sm.MultiHeadMask([sm.CausalMask((s, s))] * q.shape[2]), head_shards=1,
+                                q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)                         # [b, H, S, D]
+    out = jax.vmap(kernel)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
+                           sk.SegmentIds(q=valid, kv=valid))
+    return heads_first(out)
+
+  mesh = _current_mesh()
+  if mesh is not None:
+    axes = lambda a: (a,) if isinstance(a, str) else tuple(a or ())
+    qs, ks, _, _ = _specs(q, k, mesh, sharding_axis(q, k, mesh))
+    if any(mesh.shape[a] > 1 for a in axes(qs[1])):
+      raise ValueError(f"splash attention: the sequence is split over {qs[1]}: use attention_impl='ring'")
+    qs, ks = P(qs[0], None, *qs[2:]), P(ks[0], None, *ks[2:])
+    local = jax.shard_map(local, mesh=mesh, in_specs=(qs, ks, ks, P(qs[0], None)), out_specs=qs, check_vma=False)
+  return local(q, k, v, valid)
+
+
 IMPLS: dict[str, Callable] = {"xla": _xla, "cudnn": _cudnn, "reference": _reference,
-                              "chunked": _chunked, "ring": _ring}
+                              "chunked": _chunked, "ring": _ring, "splash": _splash}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid: jax.Array | None = None,

@@ -1,0 +1,107 @@
+"""train.plan: slice names, the sequence-length rule, the mesh choice, and a whole plan
+on the 8 CPU devices (no libtpu); TPU plans only where libtpu is installed."""
+
+import importlib.util
+import json
+
+import pytest
+
+from configs import demo, stage3_long_video_7b
+from llamavid_jax.models.config import from_dict
+from train import plan
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.parametrize("name,want", [
+    ("v5p-8", ("v5p:2x2x1", {})), ("v5p-16", ("v5p:2x2x2", {})), ("v5p-128", ("v5p:4x4x4", {})),
+    ("v5p-256", ("v5p:4x4x8", {})), ("v4-8", ("v4:2x2x1", {})), ("v4-32", ("v4:2x2x4", {})),
+    ("v5e-16", ("v5e:4x4", {})), ("v5litepod-8", ("v5e:2x4", {})), ("v6e-256", ("v6e:16x16", {})),
+    ("v5e-1", ("v5e:1x1", {"chips_per_host_bounds": (1, 1, 1)})), ("v5p:4x4x12", ("v5p:4x4x12", {}))])
+def test_slice_names_count_cores_or_chips_as_cloud_tpu(name, want):
+  assert plan.libtpu_name(name) == want
+
+
+@pytest.mark.parametrize("name,match", [("v5p-6", "power-of-two"), ("v5p-7", "TensorCores"),
+                                        ("v9-8", "unknown TPU generation"), ("tpu8", "expected a slice")])
+def test_bad_slice_names_say_what_is_expected(name, match):
+  with pytest.raises(ValueError, match=match):
+    plan.libtpu_name(name)
+
+
+def test_sequence_length_becomes_frames_and_text_by_one_rule():
+  c = stage3_long_video_7b.get_config()
+  cfg = from_dict(c.model)
+  base = plan.config_shape(c, cfg.input_spec)
+  assert (base.seq_len, base.text_len, base.frames, base.prompts) == (65536, 4097, 30720, 1)
+  for n in (65536, 262144, 1 << 20, 1 << 22):
+    s = plan.shape_for(n, base, cfg.tokens_per_frame, cfg.frame_chunk)
+    assert s.seq_len == n and s.frames % cfg.frame_chunk == 0 and s.text_len >= 4097
+    assert s.text_len - 1 + 2 * s.frames == n
+  assert plan.shape_for(262144, base, 2, 1024).frames == 129024
+  with pytest.raises(ValueError, match="shorter than"):
+    plan.shape_for(4096, base, 2, 1024)
+
+
+def test_mesh_is_the_configs_where_it_fits_else_sequence_first():
+  c = stage3_long_video_7b.get_config()
+  row = plan.Shape(65536, 4097, 30720, 1, "")
+  assert plan.choose_mesh(c.mesh, 64, row, 8, True)[0] == dict(data=1, fsdp=8, tensor=1, sequence=8)
+  sizes, why = plan.choose_mesh(c.mesh, 4, row, 8, True)     # v5p-8: 4 chips, the recipe wants 8 x sequence
+  assert sizes == dict(data=1, fsdp=1, tensor=1, sequence=4) and "does not fit" in why
+  big = plan.Shape(1 << 22, 4097, 2095104, 1, "")
+  assert plan.choose_mesh(c.mesh, 64, big, 1, True)[0]["sequence"] == 64   # batch 1: no fsdp rows to spare
+  text = plan.Shape(4096, 4096, 0, 1, "")                   # no ring attention: fsdp over all devices
+  assert plan.choose_mesh(dict(sequence=8), 4, text, 8, False)[0] == dict(data=1, fsdp=4, tensor=1, sequence=1)
+
+
+def test_plan_on_cpu_devices_gives_the_json_keys():
+  """The tiny config on the 8 CPU devices: compiled, measured, fits, FLOPs counted."""
+  c = demo.get_config("toy,tiny,content_only")
+  with c.unlocked():
+    c.accum_steps, c.data.use_features = 1, True   # a compile as small as it gets: no ViT, no Q-Former
+  topo = plan.topology("cpu:8")
+  p = plan.plan(c, topo)
+  line = json.loads(plan.json_record(p))
+  for key in ("topology", "seq_len", "per_chip_bytes", "hbm_bytes", "fits", "flops_per_step", "compile_seconds",
+              "mesh", "batch", "accum_steps"):
+    assert key in line, key
+  assert line["topology"] == "cpu:8" and line["seq_len"] == 13 and line["fits"] is True   # 12 text + 2 frames - 1
+  assert 0 < line["per_chip_bytes"] < line["hbm_bytes"] and line["flops_per_step"] > 0
+  assert line["mesh"] == dict(data=8, fsdp=1, tensor=1, sequence=1) and line["step_seconds_at_50_mfu"] is None
+  assert "fits: yes" in plan.describe(p, topo, "configs/demo.py:toy,tiny")
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI's venv has none")
+def test_plan_compiles_for_v5p_without_a_tpu():
+  c = demo.get_config("toy,tiny")
+  with c.unlocked():
+    c.accum_steps, c.data.use_features = 1, True
+  topo = plan.topology("v5p-8")
+  assert (len(topo.devices), topo.chips, topo.device_kind) == (4, 4, "TPU v5")
+  p = plan.plan(c, topo)
+  assert p["fits"] and p["step_seconds_at_50_mfu"] > 0 and p["hbm_bytes"] == 95 << 30
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI's venv has none")
+def test_splash_attention_lowers_and_compiles_for_v5p():
+  """attention_impl="splash" (Pallas) under the mesh: batch over fsdp, heads over tensor."""
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from llamavid_jax import sharding
+  from llamavid_jax.ops.attention import attention
+  mesh = sharding.make_mesh(dict(fsdp=2, tensor=2), list(plan.topology("v5p-8").devices))
+  b, s, h, kh, d = 2, 2048, 8, 4, 128
+  q = jax.ShapeDtypeStruct((b, s, h, d), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None, "tensor")))
+  k = jax.ShapeDtypeStruct((b, s, kh, d), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None, "tensor")))
+  valid = jax.ShapeDtypeStruct((b, s), jnp.bool_, sharding=NamedSharding(mesh, P("fsdp")))
+  slots = lambda: jnp.broadcast_to(jnp.arange(s), (b, s))
+  loss = lambda q, k, v, m: jnp.sum(attention(q, k, v, kv_valid=m, q_slots=slots(), impl="splash")
+                                    .astype(jnp.float32) ** 2)
+  # conftest's "highest" matmul precision is not for bf16 Mosaic kernels ("Bad lhs type")
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), jax.default_matmul_precision("default"):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k, valid)
+    assert lowered.as_text().count("tpu_custom_call") == 3   # forward, dq, dkv kernels
+    assert lowered.compile().memory_analysis().temp_size_in_bytes > 0
