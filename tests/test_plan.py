@@ -33,14 +33,18 @@ def test_sequence_length_becomes_frames_and_text_by_one_rule():
   c = stage3_long_video_7b.get_config()
   cfg = from_dict(c.model)
   base = plan.config_shape(c, cfg.input_spec)
-  assert (base.seq_len, base.text_len, base.frames, base.prompts) == (65536, 4097, 30720, 1)
+  # movie mode: 30720 placeholders + 4096 other text positions (subtitles, prompt)
+  assert (base.seq_len, base.text_len, base.frames, base.prompts) == (65536, 34816, 30720, 1)
   for n in (65536, 262144, 1 << 20, 1 << 22):
-    s = plan.shape_for(n, base, cfg.tokens_per_frame, cfg.frame_chunk)
-    assert s.seq_len == n and s.frames % cfg.frame_chunk == 0 and s.text_len >= 4097
-    assert s.text_len - 1 + 2 * s.frames == n
-  assert plan.shape_for(262144, base, 2, 1024).frames == 129024
+    s = plan.shape_for(n, base, cfg.tokens_per_frame, cfg.frame_chunk, movie=True)
+    assert s.seq_len == n and s.frames % cfg.frame_chunk == 0 and s.text_len - s.frames == 4096
+    assert s.text_len + s.frames == n                       # each placeholder gives way to 2 tokens
+  assert plan.shape_for(262144, base, 2, 1024, movie=True).frames == 129024
+  clip = plan.Shape(65536, 4097, 30720, 1, "")             # one placeholder for all frames
+  s = plan.shape_for(262144, clip, 2, 1024)
+  assert s.text_len - 1 + 2 * s.frames == 262144 and s.frames == 129024
   with pytest.raises(ValueError, match="shorter than"):
-    plan.shape_for(4096, base, 2, 1024)
+    plan.shape_for(4096, base, 2, 1024, movie=True)
 
 
 def test_mesh_is_the_configs_where_it_fits_else_sequence_first():

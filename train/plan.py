@@ -226,21 +226,35 @@ def config_shape(c, spec) -> Shape:
   return Shape(llm_length(b, spec), b.text_len, b.frames, b.prompts, "the config's longest bucket")
 
 
-def shape_for(seq_len: int, base: Shape, tokens_per_frame: int, frame_multiple: int = 1) -> Shape:
-  """The row of exactly `seq_len` LLM positions closest to the config's `base` row:
-  frames T = ((S - text) / P + 1) / tokens_per_frame, rounded down to a multiple of
-  `frame_multiple` (the model's frame_chunk), and the text takes up the rest:
-  text = S - P * (T * tokens_per_frame - 1) >= the config's. A config without frames
-  plans text only (text = S)."""
+def shape_for(seq_len: int, base: Shape, tokens_per_frame: int, frame_multiple: int = 1,
+              movie: bool = False) -> Shape:
+  """The row of exactly `seq_len` LLM positions closest to the config's `base` row,
+  frames rounded down to a multiple of `frame_multiple` (the model's frame_chunk):
+  clip: frames T = ((S - text) / P + 1) / tokens_per_frame and the text takes up the
+  rest, text = S - P * (T * tokens_per_frame - 1) >= the config's;
+  movie (one placeholder per frame, in the text): the config's text besides its
+  placeholders (subtitles, prompt: E = text - T) stays, T = (S - E) / tokens_per_frame,
+  text = E + T. A config without frames plans text only (text = S)."""
   from llamavid_jax.models.splice import spliced_length
   if not base.frames:
     return Shape(seq_len, seq_len, 0, base.prompts, f"text = S = {seq_len} (no frames)")
   p, k = base.prompts, tokens_per_frame
-  frames = int(((seq_len - base.text_len) / p + 1) // k)
+  if movie:
+    extra = base.text_len - base.frames
+    frames = (seq_len - extra) // k
+  else:
+    frames = int(((seq_len - base.text_len) / p + 1) // k)
   frames -= frames % frame_multiple
   if frames <= 0:
     raise ValueError(f"--seq-len {seq_len}: shorter than the config's {base.text_len} text positions + one "
                      f"frame chunk ({frame_multiple} x {k} tokens)")
+  if movie:
+    text = seq_len - frames * (k - 1)
+    assert spliced_length(text, frames, k, movie=True) == seq_len
+    rule = (f"movie: frames = (S - {extra} other text) / {k} tokens per frame"
+            + (f", a multiple of frame_chunk {frame_multiple}" if frame_multiple > 1 else "")
+            + f"; text = S - frames x {k - 1} (a placeholder a frame + the rest)")
+    return Shape(seq_len, text, frames, p, rule)
   text = seq_len - p * (frames * k - 1)
   assert spliced_length(text, frames, k, p) == seq_len
   rule = (f"frames = ((S - text {base.text_len}) / P {p} + 1) / {k} tokens per frame"
@@ -308,7 +322,8 @@ def plan(c, topo: Topology, seq_len: int | None = None, batch: int | None = None
   model_cfg = from_dict(c.model)
   spec = model_cfg.input_spec
   base = config_shape(c, spec)
-  shape = base if seq_len is None else shape_for(seq_len, base, spec.tokens_per_frame, model_cfg.frame_chunk or 1)
+  shape = base if seq_len is None else shape_for(seq_len, base, spec.tokens_per_frame, model_cfg.frame_chunk or 1,
+                                                         movie=model_cfg.movie)
   if batch is not None:
     batch_rule = "--batch"
   elif seq_len is None or shape.seq_len == base.seq_len:
