@@ -44,7 +44,11 @@ def _ask(client, question, history, *, max_new_tokens, temperature=0.0):
   """-> (every streamed output, the last one) of one question."""
   job = client.submit(question, history, temperature, 0.7, max_new_tokens, api_name="/ask")
   final = job.result(timeout=TIMEOUT)
-  return job.outputs(), final
+  # gradio_client lists a transport error of its stream (httpx RemoteProtocolError, seen
+  # under a loaded CI machine) among the outputs; the final result above is checked whole
+  outputs = [o for o in job.outputs() if not isinstance(o, BaseException)]
+  assert outputs, job.outputs()
+  return outputs, final
 
 
 @pytest.mark.slow   # trains the tiny checkpoint (~25 s) unless another test did
