@@ -91,9 +91,8 @@ def manifest():
 
 
 def _frames(m, images: Sequence[Any]) -> np.ndarray:
-  from llamavid_jax.data.image import preprocess_image
-  return np.stack([preprocess_image(im.convert("RGB"), size=m.cfg.vision.image_size, aspect=m.image_aspect)
-                   for im in images]).astype(np.float32)
+  """PIL images -> float32[T, S, S, 3], each as `inference.Model.image_media` prepares one."""
+  return np.concatenate([m.image_media(im).array for im in images])
 
 
 def visual_media(m, visuals: Sequence[Any], max_frames: int | None = None):
@@ -120,8 +119,8 @@ def visual_media(m, visuals: Sequence[Any], max_frames: int | None = None):
     raise ValueError(f"unsupported visuals {kinds} x {len(visuals)}: expected PIL images or one video / "
                      "image / feature path")
   if max_frames and media.num_frames > max_frames:
-    keep = np.round(np.linspace(0, media.num_frames - 1, max_frames)).astype(int)
-    media = inference.Media(media.kind, media.array[keep], media.path)
+    from llamavid_jax.data.frames import uniform_cap
+    media = inference.Media(media.kind, media.array[uniform_cap(media.num_frames, max_frames)], media.path)
   return media
 
 

@@ -42,8 +42,12 @@ class Predictor:
     kind = "image" if item.kind == "image" else inference.media_kind(item.media)
     return self.model.media(**{kind: item.media})
 
+  def request(self, item) -> dict:
+    """One Item -> its model request (raises inference.MediaError)."""
+    return self.model.request(item.prompt, self.media(item), instruction=item.instruction)
+
   def requests(self, items) -> list[dict]:
-    return [self.model.request(it.prompt, self.media(it), instruction=it.instruction) for it in items]
+    return [self.request(it) for it in items]
 
   def predict(self, items) -> list[str | None]:
     """Items -> answers, `batch_size` at a time (the last batch may be smaller); None
@@ -54,7 +58,7 @@ class Predictor:
       reqs: list[dict | None] = []
       for it in batch:
         try:
-          reqs.append(self.model.request(it.prompt, self.media(it), instruction=it.instruction))
+          reqs.append(self.request(it))
         except inference.MediaError as e:
           log.warning("%s: %s", it.id, e)
           reqs.append(None)

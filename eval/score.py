@@ -38,7 +38,6 @@ import numpy as np
 from llamavid_jax import inference
 from llamavid_jax.inference import inference_prompt  # noqa: F401  (the prompt, re-exported)
 from llamavid_jax.data.conversation import tokenize_with_image
-from llamavid_jax.models import LlamaVid
 
 log = logging.getLogger("eval.score")
 
