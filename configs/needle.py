@@ -26,8 +26,8 @@ extrapolate and far needles are lost (answered with an empty string or a wrong c
 
 Measured on the 2-core dev machine shared with other jobs (load 8-12), one run each;
 eval.needle at 5 depths (0-100 %) x 4 clips per cell, accuracy by length:
-  this recipe (rope_theta 1e4, 500 steps): training 380 s wall (252 s user), loss < 0.002
-    from step 100; data 12 s.
+  this recipe (rope_theta 1e4, 500 steps): training 274-380 s wall (238-252 s user; two runs,
+    the same losses), loss < 0.002 from step 100; data 12 s.
     --rope-scaling auto: 1.00 at every length 16-4096 and depth (180 of 180).
     no scaling:          16-64: 1.00, 128: 1.00, 256: 1.00, 512: 0.85, 1024: 0.40,
                          2048: 0.30, 4096: 0.20 (only the needle next to the question, depth 100 %,
@@ -40,8 +40,9 @@ eval.needle at 5 depths (0-100 %) x 4 clips per cell, accuracy by length:
     1.00 at 64, 2048 and 4096 frames.
   A slower rotary base extrapolates somewhat further unscaled, but interpolation is what
   carries the model to 64x its training length (with it, the release's 1e4 did best here).
-  4096 frames: 7-8 s a clip at batch 1 (frame_chunk 256, prefill chunk 1024), peak RSS
-  of the evaluation process 1.7 GB; the whole 9-length table takes 6-7 min (210 s user).
+  4096 frames: 6-8 s a clip at batch 1 (frame_chunk 256, prefill chunk 1024), peak RSS
+  of the evaluation process 1.6-1.7 GB; eval.needle's default table (64-4096 frames, 2
+  clips a cell) takes 2-4 min, the 9-length one with 4 clips a cell 6-7 min (210 s user).
 """
 
 import ml_collections

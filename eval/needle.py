@@ -28,11 +28,11 @@ none; 0 = all at once), the LLM prefill over chunks of `--prefill-chunk` positio
 batch holds at most `--max-batch-frames` frames (at least one clip). Lengths run
 shortest first; each prints its seconds and the process's peak RSS so far.
 
-Out: OUT/needle.json ({cells: [{length, depth, count, correct, accuracy}], accuracy
-[lengths x depths], clips: [{id, length, depth, frame, color, shape, answer, correct}],
-runs: [{length, clips, seconds, peak_rss_mb, positions, rope_scaling}], ...}), OUT/needle.png (a heat map of
-accuracy, lengths x depths, annotated cells) and the table on stdout (rows: lengths,
-columns: depths). Flags are checked before the model loads.
+Out: OUT/needle.json ({cells: [{length, depth, count, correct, failed, accuracy}],
+accuracy [lengths x depths], clips: [{id, length, depth, frame, color, shape, answer,
+correct}], runs: [{length, clips, seconds, peak_rss_mb, positions, rope_scaling}], ...}),
+OUT/needle.png (a heat map of accuracy, lengths x depths, annotated cells) and the table
+on stdout (rows: lengths, columns: depths). Flags are checked before the model loads.
 """
 
 from __future__ import annotations
