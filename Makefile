@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv test test-fast test-lmms demo clean
+.PHONY: venv test test-fast test-lmms demo needle clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,16 @@ test-lmms: $(LMMS_VENV)/.installed
 
 demo: venv
 	$(BIN)/python -m train.demo --workdir workdir/demo
+
+# Needle in a video haystack (configs/needle.py): the synthetic needle clips (once), the tiny
+# model trained on 4-64 frames, then asked about 64-4096-frame clips (workdir/needle/eval/needle.png).
+# One CPU device: 8 fake ones would only split the small batch into serial shards.
+NEEDLE := workdir/needle
+needle: venv
+	test -f $(NEEDLE)/data/long.json || $(BIN)/python -m llamavid_jax.data.synthetic --out $(NEEDLE)/data \
+	  $$($(BIN)/python -c 'from configs import needle; print(needle.SYNTHETIC_ARGS)')
+	XLA_FLAGS= $(BIN)/python -m train.train --config configs/needle.py
+	XLA_FLAGS= $(BIN)/python -m eval.needle --ckpt $(NEEDLE)/train/inference --out $(NEEDLE)/eval --rope-scaling auto
 
 clean:
 	rm -rf $(VENV) $(LMMS_VENV) *.egg-info

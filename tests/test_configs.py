@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from configs import common, demo, image_336_7b, stage1_align_7b, stage2_instruct_7b, stage3_long_video_7b, tiny
+from configs import common, demo, image_336_7b, needle, stage1_align_7b, stage2_instruct_7b, stage3_long_video_7b, tiny
 from train.train import ConfigError, check_config, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,12 +29,12 @@ def test_parse_arg_types_flags_and_unknown_keys():
 @pytest.mark.parametrize("module,arg", [(stage1_align_7b, "size=13b"), (stage2_instruct_7b, None),
                                         (stage3_long_video_7b, "size=13b"), (image_336_7b, "stage=1"),
                                         (image_336_7b, "stage=2,size=13b"), (demo, None), (demo, "toy,tiny"),
-                                        (demo, "content_only")])
+                                        (demo, "content_only"), (needle, None), (needle, "tiny")])
 def test_every_recipe_passes_its_checks_on_eight_devices(module, arg):
   c = module.get_config(arg)
   check_config(c)                                       # the 8 fake CPU devices of the suite
   size = (arg or "").partition("size=")[2].split(",")[0] or "7b"
-  if module is not demo:
+  if module not in (demo, needle):   # the CPU recipes' tiny LLMs
     assert {k: c.model.llm[k] for k in common.LLM[size]} == common.LLM[size]
 
 

@@ -97,6 +97,30 @@ def test_needle_appears_at_its_depth(data):
   assert lit == [truth["frame"], truth["frame"] + 1, truth["frame"] + 2]
 
 
+def test_needle_clips_of_drawn_lengths_and_depths(tmp_path):
+  """--long-frames MIN-MAX draws each clip's length (log-uniform), --long-depths its
+  needle's depth; the mp4 has that many frames and long_qa.json asks the same questions."""
+  out = str(tmp_path)
+  m = synthetic.generate(out, num_train=0, num_eval=0, seed=1, size=28, num_long=12, long_frames=(4, 32),
+                         long_depths=(0.0, 1.0))
+  truth = m["splits"]["long"]
+  frames = [t["frames"] for t in truth]
+  assert all(4 <= f <= 32 for f in frames) and len(set(frames)) > 3
+  assert all(0 <= t["depth"] <= 1 and t["frame"] == synthetic.needle_frame(t["depth"], t["frames"]) for t in truth)
+  for t in truth[:3]:
+    clip, _ = load_video(os.path.join(out, "videos", t["id"] + ".mp4"), fps=1.0)
+    lit = [k for k, f in enumerate(clip) if object_mask(f, t["answer"]).sum() > 10]
+    assert len(clip) == t["frames"] and lit == [t["frame"], t["frame"] + 1, t["frame"] + 2], t
+  qa = json.load(open(os.path.join(out, "long_qa.json")))
+  assert [(q["video_id"], q["answer"], q["question"]) for q in qa] == [
+      (t["id"], t["answer"], synthetic.NEEDLE_QUESTION) for t in truth]
+  assert synthetic.needle_frame(0.0, 64) == 0 and synthetic.needle_frame(1.0, 64) == 61
+  with pytest.raises(ValueError, match="needle at depth"):
+    synthetic.needle_frame(0.5, 2)
+  with pytest.raises(ValueError, match="long_frames"):
+    synthetic.generate(out, num_train=0, num_eval=0, num_long=1, long_frames=(8, 4))
+
+
 def test_tokenizers_load_like_real_ones_and_answers_are_single_tokens(data):
   out, _ = data
   llm = load_llm_tokenizer(os.path.join(out, "tokenizers", "llm"))

@@ -4,7 +4,8 @@ small tokenizers in transformers' format, so they run the same code path as real
 
   python -m llamavid_jax.data.synthetic --out DIR [--num-train 2000] [--num-eval 200]
       [--seed 0] [--size 64] [--frames 4] [--questions color,shape,count,motion] [--long 4]
-      [--train-turns 1] [--grid 0] [--image-every-turn] [--single-object 0] [--workers CPUS]
+      [--long-frames 300 | MIN-MAX] [--long-depths 0.05-0.95] [--train-turns 1] [--grid 0]
+      [--image-every-turn] [--single-object 0] [--workers CPUS]
 
 Short clips: 2-3 objects (distinct shapes and distinct colours) moving in straight
 lines; written at 2 fps with 2*frames frames, so the release's 1-fps rule keeps
@@ -30,11 +31,13 @@ looking); held-out clips always have one question, so exact match is unambiguous
 samples need `imgsp_v1` (`vicuna_v1` takes one `<image>` per sample).
 `--single-object F`: a fraction F of the training clips show one object, asked about
 its motion and its colour or shape (no count); held-out clips always have 2-3.
-Long clips (`--long N`): `--long-frames` frames at 1 fps with one "needle": a shape
-that appears for 3 frames at a chosen depth; "What color is the shape that appears?".
+Long clips (`--long N`): `--long-frames` frames at 1 fps (MIN-MAX: log-uniform per clip)
+with one "needle": a shape that appears for 3 frames in the centre of an empty still
+scene at a depth drawn from `--long-depths` (default 0.05-0.95); "What color is the shape
+that appears?" (`needle_clip` draws one; `eval.needle` asks them by length and depth).
 
-Out: DIR/{train,heldout,long}.json, DIR/heldout_qa.json (the held-out questions in
-MSVD-QA's layout), DIR/videos/*.mp4, DIR/manifest.json (ground truth),
+Out: DIR/{train,heldout,long}.json, DIR/heldout_qa.json and DIR/long_qa.json (the
+held-out and long questions in MSVD-QA's layout), DIR/videos/*.mp4, DIR/manifest.json (ground truth),
 DIR/tokenizers/{llm,qformer}. Same seed -> same JSON and the same decoded frames.
 """
 
@@ -243,19 +246,65 @@ def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int,
   return samples, truth
 
 
-def generate_long(out: str, n: int, rng, *, size: int, frames: int) -> tuple[list, list]:
-  """Needle-in-a-haystack clips: a still scene; one shape appears for 3 frames."""
-  samples, truth = [], []
+NEEDLE_FRAMES = 3   # frames a needle is shown for
+NEEDLE_QUESTION = "What color is the shape that appears?"
+
+
+def needle_frame(depth: float, frames: int) -> int:
+  """The first frame of the needle at `depth` in [0, 1] of a `frames`-frame clip: 0 at
+  depth 0, the last NEEDLE_FRAMES frames at depth 1."""
+  if frames < NEEDLE_FRAMES or not 0 <= depth <= 1:
+    raise ValueError(f"needle at depth {depth} of {frames} frames: need depth in [0, 1] and "
+                     f">= {NEEDLE_FRAMES} frames")
+  return int(depth * (frames - NEEDLE_FRAMES))
+
+
+def needle_clip(size: int, frames: int, depth: float, shape: str, color: str) -> tuple[list[np.ndarray], int]:
+  """A needle-in-a-haystack clip: `frames` uint8[size, size, 3] frames (1 fps) of an
+  empty still scene, with one `color` `shape` in the centre for NEEDLE_FRAMES frames from
+  `needle_frame(depth, frames)` -> (frames, that first frame)."""
+  at = needle_frame(depth, frames)
+  needle = dict(shape=shape, color=color, start=(size / 2, size / 2), velocity=(0.0, 0.0))
+  empty, lit = draw(size, [], 0), draw(size, [needle], 0)
+  return [lit if at <= k < at + NEEDLE_FRAMES else empty for k in range(frames)], at
+
+
+def write_needle(path: str, size: int, frames: int, depth: float, shape: str, color: str) -> int:
+  """`needle_clip` written as an mp4 at 1 fps -> the needle's first frame."""
+  clip, at = needle_clip(size, frames, depth, shape, color)
+  write_mp4(path, clip, fps=1)
+  return at
+
+
+def _write_needle(job) -> None:
+  write_needle(*job)
+
+
+def generate_long(out: str, n: int, rng, *, size: int, frames: int | tuple[int, int],
+                  depths: tuple[float, float] = (0.05, 0.95), workers: int = 1) -> tuple[list, list]:
+  """Needle-in-a-haystack clips (`needle_clip`): a still scene; one shape appears for 3
+  frames at a depth drawn uniformly from `depths`. `frames`: every clip's length, or
+  (lo, hi): each clip's drawn log-uniformly from lo..hi (as many clips of 8-16 frames
+  as of 32-64: short clips are cheap to train on)."""
+  samples, truth, jobs = [], [], []
   for i in range(n):
-    depth = float(rng.uniform(0.05, 0.95))
-    at = int(depth * (frames - 3))
-    needle = dict(shape=str(rng.choice(SHAPES)), color=str(rng.choice(list(COLORS))),
-                  start=(size / 2, size / 2), velocity=(0.0, 0.0))
-    clip = [draw(size, [needle] if at <= k < at + 3 else [], 0) for k in range(frames)]
+    if isinstance(frames, int):
+      f = frames
+    else:
+      f = min(int(np.exp(rng.uniform(np.log(frames[0]), np.log(frames[1] + 1)))), frames[1])
+    depth = float(rng.uniform(*depths))
+    shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
     rel = f"videos/long_{i:05d}.mp4"
-    write_mp4(os.path.join(out, rel), clip, fps=1)
-    samples.append(sample_json(f"long_{i:05d}", rel, [("What color is the shape that appears?", needle["color"])]))
-    truth.append(dict(id=f"long_{i:05d}", kind="needle", answer=needle["color"], depth=depth, frame=at))
+    jobs.append((os.path.join(out, rel), size, f, depth, shape, color))
+    samples.append(sample_json(f"long_{i:05d}", rel, [(NEEDLE_QUESTION, color)]))
+    truth.append(dict(id=f"long_{i:05d}", kind="needle", answer=color, shape=shape, depth=depth,
+                      frame=needle_frame(depth, f), frames=f))
+  if workers > 1:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      pool.map(_write_needle, jobs, chunksize=16)
+  else:
+    for job in jobs:
+      _write_needle(job)
   return samples, truth
 
 
@@ -298,7 +347,8 @@ def build_qformer_tokenizer(out_dir: str, words: list[str]) -> None:
 
 
 def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: int = 64, frames: int = 4,
-             questions=QUESTION_TYPES, num_long: int = 0, long_frames: int = 300, train_turns: int = 1,
+             questions=QUESTION_TYPES, num_long: int = 0, long_frames: int | tuple[int, int] = 300,
+             long_depths: tuple[float, float] = (0.05, 0.95), train_turns: int = 1,
              grid: int = 0, workers: int = 1, image_every_turn: bool = False,
              single_object: float = 0.0) -> dict:
   """Writes the dataset (see the module docstring); returns the manifest. `workers`
@@ -315,6 +365,11 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
     raise ValueError(f"size {size}: H.264 yuv420p needs even dimensions")
   if grid and (size % grid or grid < 2):   # 2 x 2 has a cell for each of 3 objects
     raise ValueError(f"grid {grid}: must be >= 2 and divide size {size}")
+  lo, hi = (long_frames, long_frames) if isinstance(long_frames, int) else long_frames
+  if num_long and not NEEDLE_FRAMES <= lo <= hi:
+    raise ValueError(f"long_frames={long_frames}: needs {NEEDLE_FRAMES} <= min <= max")
+  if num_long and not 0 <= long_depths[0] <= long_depths[1] <= 1:
+    raise ValueError(f"long_depths={long_depths}: needs 0 <= min <= max <= 1")
   os.makedirs(os.path.join(out, "videos"), exist_ok=True)
   rng = np.random.default_rng(seed)
   manifest = dict(seed=seed, size=size, frames=frames, questions=list(questions), train_turns=train_turns,
@@ -330,8 +385,10 @@ def generate(out: str, *, num_train: int, num_eval: int, seed: int = 0, size: in
     if split == "heldout":
       _dump(os.path.join(out, "heldout_qa.json"), video_qa_questions(samples))
   if num_long:
-    samples, truth = generate_long(out, num_long, rng, size=size, frames=long_frames)
+    samples, truth = generate_long(out, num_long, rng, size=size, frames=long_frames, depths=tuple(long_depths),
+                                   workers=workers)
     _dump(os.path.join(out, "long.json"), samples)
+    _dump(os.path.join(out, "long_qa.json"), video_qa_questions(samples))
     manifest["splits"]["long"] = truth
   words = vocabulary()
   build_llm_tokenizer(os.path.join(out, "tokenizers", "llm"), words)
@@ -358,6 +415,20 @@ def _dump(path: str, obj) -> None:
     json.dump(obj, f, indent=1, sort_keys=True)
 
 
+def _int_range(s: str) -> int | tuple[int, int]:
+  """"300" -> 300, "16-64" -> (16, 64) (argparse type)."""
+  lo, dash, hi = s.partition("-")
+  return (int(lo), int(hi)) if dash else int(s)
+
+
+def _float_range(s: str) -> tuple[float, float]:
+  """"0-1" -> (0.0, 1.0) (argparse type)."""
+  lo, dash, hi = s.partition("-")
+  if not dash:
+    raise argparse.ArgumentTypeError(f"{s!r}: expected MIN-MAX")
+  return float(lo), float(hi)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", required=True)
@@ -368,7 +439,10 @@ def main(argv=None):
   ap.add_argument("--frames", type=int, default=4)
   ap.add_argument("--questions", default=",".join(QUESTION_TYPES))
   ap.add_argument("--long", type=int, default=0, help="number of long needle clips")
-  ap.add_argument("--long-frames", type=int, default=300)
+  ap.add_argument("--long-frames", type=_int_range, default=300,
+                  help="frames (1 fps) of every long clip, or MIN-MAX: each clip's drawn log-uniformly")
+  ap.add_argument("--long-depths", type=_float_range, default=(0.05, 0.95),
+                  help="MIN-MAX: the range (fractions of the clip) the needles' depths are drawn from")
   ap.add_argument("--train-turns", type=int, default=1, help="questions per training clip (multi-turn)")
   ap.add_argument("--grid", type=int, default=0,
                   help="one object per cell of a GxG grid, moving inside it (set to the ViT's patch grid, "
@@ -383,6 +457,7 @@ def main(argv=None):
   a = ap.parse_args(argv)
   m = generate(a.out, num_train=a.num_train, num_eval=a.num_eval, seed=a.seed, size=a.size, frames=a.frames,
                questions=a.questions.split(","), num_long=a.long, long_frames=a.long_frames,
+               long_depths=a.long_depths,
                train_turns=a.train_turns, grid=a.grid, workers=a.workers, image_every_turn=a.image_every_turn,
                single_object=a.single_object)
   print(f"wrote {sum(len(v) for v in m['splits'].values())} clips to {a.out}")
