@@ -33,9 +33,11 @@ D_MODEL, LAYERS, HEADS, VOCAB = 128, 2, 4, 32000
 
 def attention_work(seq_len: int, block: int) -> dict[str, int]:
   """Query-key pairs per layer and head: executed by the chunked kernel's schedule, dense, causal."""
+  import numpy as np
   from llamavid_jax.ops.attention import visible_blocks
   tiles = -(-seq_len // block)
-  executed = sum(int(visible_blocks((j + 1) * block - 1, 0, block, tiles)) * block * block for j in range(tiles))
+  keys = np.arange(tiles * block)[None]
+  executed = sum(int(visible_blocks((j + 1) * block - 1, keys, block)) * block * block for j in range(tiles))
   return dict(executed=executed, dense=seq_len * seq_len, causal=seq_len * (seq_len + 1) // 2)
 
 

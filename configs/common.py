@@ -40,7 +40,7 @@ def release_model(size: str, **kw) -> dict:
     raise ValueError(f"size={size!r}: expected one of {sorted(LLM)}")
   llm = {**LLM[size], "max_positions": 4096, **kw.pop("llm", {})}
   return dict(dict(vision=dict(), qformer=dict(), llm=llm, compress_type="mean", mm_projector_type="mlp2x_gelu",
-                   dtype="bfloat16", param_dtype="float32", attention_impl="cudnn",
+                   dtype="bfloat16", param_dtype="float32", attention_impl="auto",
                    remat_policy="nothing_saveable"), **kw)
 
 

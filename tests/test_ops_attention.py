@@ -22,8 +22,7 @@ def inputs(b=2, s=16, h=4, kh=2, d=8, seed=0):
 
 
 def loss_and_grads(impl, q, k, v, kv_valid, q_slots, **kw):
-  w = jnp.asarray(np.random.RandomState(9).randn(*q.shape), jnp.float32)
-  f = lambda q, k, v: jnp.sum(A.attention(q, k, v, kv_valid=kv_valid, q_slots=q_slots, impl=impl, **kw) * w)
+  f = lambda q, k, v: jnp.sum(A.attention(q, k, v, kv_valid=kv_valid, q_slots=q_slots, impl=impl, **kw) * W(q))
   return jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
 
 
@@ -45,17 +44,110 @@ def test_chunked_matches_reference(causal, block, monkeypatch):
                              A.attention(q, k, v, kv_valid=kv_valid, q_slots=slots, impl="reference"), atol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_shape", [{"sequence": 8}, {"data": 2, "sequence": 4}, {"sequence": 4, "tensor": 2}])
-def test_ring_matches_reference_on_a_mesh(mesh_shape):
+def _on_mesh(mesh, q, k, v):
+  spec = lambda names: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(names))
+  return (jax.device_put(q, spec(("batch", "length", "heads", "kv"))),
+          *(jax.device_put(a, spec(("batch", "length", "kv_heads", "kv"))) for a in (k, v)))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("impl", ["chunked", "ring", "zigzag"])
+def test_blockwise_ring_and_zigzag_equal_dense_attention(impl, n, padded):
+  """n blocks (chunked) or n ring shards over `sequence` (contiguous, or zig-zag: the
+  inputs, slots and padding permuted once, the output permuted back), against the fp32
+  dense reference: forward <= 1e-5, gradients <= 1e-4; GQA, causal, right padding."""
+  s = 32
+  q, k, v, kv_valid, slots = inputs(s=s)
+  kv_valid = kv_valid if padded else None
+  want = loss_and_grads("reference", q, k, v, kv_valid, slots)
+  if impl == "chunked":
+    f = lambda q, k, v: jnp.sum(A._chunked(q, k, v, kv_valid, slots, None, 8 ** -0.5, block=s // n) * W(q))
+    got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+  else:
+    mesh = sharding.make_mesh({"sequence": n}, jax.devices()[:n])
+    zz = (lambda x: A.zigzag(x, n)) if impl == "zigzag" else (lambda x: x)
+    back = (lambda x: A.zigzag(x, n, inverse=True)) if impl == "zigzag" else (lambda x: x)
+    order = zz(slots)
+    valid = None if kv_valid is None else zz(kv_valid)
+
+    def f(q, k, v):   # natural-order arguments, as the gradients are compared in that order
+      out = A.attention(zz(q), zz(k), zz(v), kv_valid=valid, q_slots=order,
+                        kv_slots=order if impl == "zigzag" else None, impl="ring")
+      return jnp.sum(back(out) * W(q))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*_on_mesh(mesh, q, k, v))
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+
+
+def W(q):
+  return jnp.asarray(np.random.RandomState(9).randn(*q.shape), jnp.float32)
+
+
+def test_ring_on_meshes_with_other_axes():
+  """The ring with the batch or heads also split (data x sequence, sequence x tensor)."""
   q, k, v, kv_valid, slots = inputs(s=32)
   want = loss_and_grads("reference", q, k, v, kv_valid, slots)
-  mesh = sharding.make_mesh(mesh_shape)
-  spec = lambda names: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(names))
-  q = jax.device_put(q, spec(("batch", "length", "heads", "kv")))
-  k, v = (jax.device_put(a, spec(("batch", "length", "kv_heads", "kv"))) for a in (k, v))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    got = jax.jit(lambda *a: loss_and_grads("ring", *a))(q, k, v, kv_valid, slots)
-  assert_close(got, want)
+  for shape in ({"data": 2, "sequence": 4}, {"sequence": 4, "tensor": 2}):
+    mesh = sharding.make_mesh(shape)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      got = jax.jit(lambda *a: loss_and_grads("ring", *a))(*_on_mesh(mesh, q, k, v), kv_valid, slots)
+    assert_close(got, want)
+
+
+def test_zigzag_layout_and_its_inverse():
+  assert A.ring_order(8, 2).tolist() == [0, 1, 6, 7, 2, 3, 4, 5]   # device 0: chunks 0, 3; device 1: 1, 2
+  assert A.ring_order(12, 3).tolist() == [0, 1, 10, 11, 2, 3, 8, 9, 4, 5, 6, 7]
+  x = jnp.arange(2 * 48 * 3).reshape(2, 48, 3)
+  np.testing.assert_array_equal(A.zigzag(A.zigzag(x, 4), 4, inverse=True), x)
+  with pytest.raises(ValueError, match="not a multiple of 2 x 4"):
+    A.zigzag(jnp.zeros((1, 12)), 4)
+
+
+def test_zigzag_balances_the_rings_causal_work():
+  """(query tile, key block) pairs per device at 64K on 8 shards with 512-blocks, by
+  the kernel's own skip rule: contiguous chunks give device d (d + 1/2) chunks of
+  work (136 .. 1928 blocks); zig-zag gives every device the same 1032, and the total,
+  8256 = 128 x 129 / 2 blocks, is the causal minimum in blocks (0.50x dense)."""
+  s, n = 65536, 8
+  natural = np.arange(s)
+  contiguous = A.ring_block_counts(natural, natural, n)
+  assert contiguous.tolist() == [136 + 256 * d for d in range(n)]
+  order = A.ring_order(s, n)
+  balanced = A.ring_block_counts(order, order, n)
+  assert balanced.tolist() == [1032] * n
+  assert balanced.sum() == contiguous.sum() == 128 * 129 // 2
+  assert balanced.sum() / (s // 512) ** 2 <= 0.6
+
+
+def test_cudnn_arguments_equal_the_reference():
+  """`cudnn`'s call (is_causal + sequence lengths, no mask array) run by XLA on CPU:
+  right padding uses it, and equals the reference on the real rows; left padding (not
+  a prefix) takes the blockwise kernel at run time and equals it everywhere."""
+  q, k, v, kv_valid, slots = inputs(s=16)
+  cudnn = jax.jit(lambda q, k, v, m: A._cudnn(q, k, v, m, slots, None, 8 ** -0.5, implementation="xla"))
+  ref = A._reference(q, k, v, kv_valid, slots, None, 8 ** -0.5)
+  rows = np.asarray(kv_valid)[:, :, None, None]
+  np.testing.assert_allclose(np.where(rows, cudnn(q, k, v, kv_valid), 0), np.where(rows, ref, 0), atol=1e-5)
+  left = kv_valid[:, ::-1]
+  np.testing.assert_allclose(cudnn(q, k, v, left), A._reference(q, k, v, left, slots, None, 8 ** -0.5), atol=1e-5)
+
+
+def test_auto_picks_per_backend_and_the_ring_on_a_split_sequence():
+  shape = (1, 1024, 8, 64)
+  assert A.auto_impl(shape, shape, True, False, backend="tpu") == "splash"
+  assert A.auto_impl(shape, shape, True, False, backend="gpu") == "cudnn"
+  assert A.auto_impl(shape, shape, True, False, backend="cpu") == "chunked"
+  assert A.auto_impl(shape, (1, 4096, 8, 64), True, False, backend="gpu") == "chunked"   # a KV cache
+  assert A.auto_impl(shape, shape, True, True, backend="tpu") == "chunked"                # explicit slots
+  with jax.set_mesh(sharding.make_mesh({"sequence": 2}, jax.devices()[:2])):
+    assert A.auto_impl(shape, shape, True, False, backend="tpu") == "ring"
+  q, k, v, kv_valid, slots = inputs()
+  np.testing.assert_allclose(A.attention(q, k, v, kv_valid=kv_valid, q_slots=slots, impl="auto"),
+                             A.attention(q, k, v, kv_valid=kv_valid, q_slots=slots, impl="reference"), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -88,11 +180,11 @@ def test_splash_matches_reference_in_the_pallas_interpreter():
   valid = jnp.asarray(np.arange(s)[None] < np.array([[s], [s - 100]]))
   slots = jnp.broadcast_to(jnp.arange(s), (b, s))
   keep = np.asarray(valid)[:, :, None, None]
-  splash = lambda q, k, v: A._splash(q, k, v, valid, slots, d ** -0.5, block=128, interpret=True)
-  ref = lambda q, k, v: A._reference(q, k, v, valid, slots, d ** -0.5)
+  splash = lambda q, k, v: A._splash(q, k, v, valid, slots, None, d ** -0.5, block=128, interpret=True)
+  ref = lambda q, k, v: A._reference(q, k, v, valid, slots, None, d ** -0.5)
   np.testing.assert_allclose(np.where(keep, splash(q, k, v), 0), np.where(keep, ref(q, k, v), 0), atol=2e-6)
   loss = lambda f: jax.grad(lambda *x: jnp.sum(jnp.where(keep, f(*x), 0) ** 2), argnums=(0, 1, 2))
   for a, r in zip(loss(splash)(q, k, v), loss(ref)(q, k, v)):
     np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="causal self-attention"):
-    A._splash(q, k, v, valid, None, 1.0, interpret=True)
+    A._splash(q, k, v, valid, None, None, 1.0, interpret=True)

@@ -64,8 +64,11 @@ def test_meshes_give_the_losses_of_one_device(shape, one_device):
 @pytest.mark.slow
 def test_frames_split_over_sequence_give_the_losses_of_one_device():
   """Long-video layout: frames sharded over `sequence` and encoded in strided chunks
-  (each chunk spread over the sequence devices), with gradient accumulation."""
-  c = tiny_config(**{"data.num_frames": 4, "model.frame_chunk": 2})
+  (each chunk spread over the sequence devices), with gradient accumulation, and the
+  LLM's ring attention in its zig-zag layout (S' = 13 - 1 + 4 x 2 = 20: 4 chunks of 5;
+  one device: the blockwise kernel in the natural order)."""
+  c = tiny_config(**{"data.num_frames": 4, "model.frame_chunk": 2, "data.text_len": 13,
+                     "model.attention_impl": "ring"})
   ref, _ = run_steps(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]), n=2)
   mesh = sharding.make_mesh({"fsdp": 4, "sequence": 2})
   b = build(c, mesh)

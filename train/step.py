@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llamavid_jax import sharding
 from llamavid_jax.models import LlamaVid, splice_labels
 from llamavid_jax.models.splice import IGNORE, batch_spliced_length
+from llamavid_jax.ops import attention
 from train.optim import TRAINABLE
 
 MODEL_INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
@@ -40,9 +41,12 @@ def loss_sums(model: LlamaVid, params, batch: dict, chunk: int = LOSS_CHUNK) -> 
   never exist (MaxText's vocabulary tiling): at 64K positions and V = 32000 they would
   be 8 GiB per sample. Shorter ones take the plain path."""
   variables = {"params": params}
-  h, out = model.apply(variables, **{k: batch[k] for k in MODEL_INPUTS if k in batch},
+  h, out = model.apply(variables, **{k: batch[k] for k in MODEL_INPUTS if k in batch}, ring_layout=True,
                        method=LlamaVid.hidden_states)                     # [B, S', D]
-  targets = splice_labels(batch["labels"], out["layout"])[:, 1:]          # [B, S'-1]
+  labels = splice_labels(batch["labels"], out["layout"])                  # [B, S']
+  targets = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE)   # position i predicts i + 1
+  if out["ring_shards"] > 1:   # h is in the ring's zig-zag order: so are the targets (the sum is the same)
+    targets = attention.zigzag(targets, out["ring_shards"])
 
   logits_of = lambda h: model.apply(variables, h, method=LlamaVid.logits)   # [B, c, D] -> [B, c, V]
 
@@ -52,9 +56,8 @@ def loss_sums(model: LlamaVid, params, batch: dict, chunk: int = LOSS_CHUNK) -> 
     return jnp.sum(jnp.where(mask, ce, 0.0)), mask.sum().astype(jnp.int32)
 
   if h.shape[1] <= chunk:
-    return ce_sums(logits_of(h)[:, :-1], targets)
-  h, n = h[:, :-1], targets.shape[1]
-  pad = -n % chunk
+    return ce_sums(logits_of(h), targets)
+  pad = -h.shape[1] % chunk
   h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
   targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
   blocks = lambda a: jnp.moveaxis(a.reshape((a.shape[0], -1, chunk) + a.shape[2:]), 1, 0)   # [C, B, chunk, ...]

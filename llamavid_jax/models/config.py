@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from llamavid_jax.models import layers, token_gen
+from llamavid_jax.ops import attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ class LlamaVidConfig:
   # Numerics and memory.
   dtype: str = "float32"          # compute dtype ("bfloat16" on accelerators)
   param_dtype: str = "float32"
-  attention_impl: str = "xla"          # the LLM's; see llamavid_jax/ops/attention.py
+  attention_impl: str = "xla"          # the LLM's, an ops.attention.IMPLS name ("auto": per backend)
   vision_attention_impl: str = "xla"   # the ViT's and the Q-Former's (short sequences)
   # Layer stacks are always nn.scan'ned; each layer is rematerialised with this
   # jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...), one of
@@ -136,6 +137,9 @@ class LlamaVidConfig:
   def __post_init__(self):   # a bad name fails here, listing the registered ones
     token_gen.projector(self.mm_projector_type)
     token_gen.content_tokens(self.compress_type, self.vision.grid)
+    for impl in (self.attention_impl, self.vision_attention_impl):
+      if impl not in attention.IMPLS:
+        raise ValueError(f"attention_impl {impl!r}: expected one of {sorted(attention.IMPLS)}")
     if self.video_mode not in VIDEO_MODES:
       raise ValueError(f"video_mode {self.video_mode!r}: expected one of {list(VIDEO_MODES)}")
     if self.remat_policy != "none":

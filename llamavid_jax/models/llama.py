@@ -51,9 +51,10 @@ class LlamaBlock(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, positions, q_slots, kv_valid, cache, cache_index):
+  def __call__(self, x, positions, q_slots, kv_valid, kv_slots, cache, cache_index):
     """x: float[B, S, D]; positions: int32[B, S] (RoPE); q_slots: int32[B, S] each
-    query's slot (causal: it sees key slots <= its own); kv_valid: bool[B, T];
+    query's slot (causal: it sees key slots <= its own); kv_valid: bool[B, T]; kv_slots:
+    int32[B, T] each key's slot, or None for its index (a ring's zig-zag order sets it);
     cache: None or (k, v) float[B, T, K, Dh] of this layer, written at slot
     `cache_index` (T = S without cache) -> (x, updated (k, v) or None)."""
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -71,7 +72,7 @@ class LlamaBlock(nn.Module):
       cache = (k, v)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     y = attention(q, k.astype(self.dtype), v.astype(self.dtype), kv_valid=kv_valid, q_slots=q_slots,
-                  impl=self.attention_impl)
+                  kv_slots=kv_slots, impl=self.attention_impl)
     x = x + dense(c.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **proj)(y)
     h = RMSNorm(c.rms_eps, name="post_attention_norm", **kw)(x)
     gate = dense(c.mlp_dim, ("embed", "mlp"), name="gate_proj", **proj)(h)
@@ -93,7 +94,7 @@ class Llama(nn.Module):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     init = nn.initializers.normal(c.initializer_range)
     self.embed_tokens = nn.Embed(c.vocab_size, c.d_model, **kw, embedding_init=partitioned(init, ("vocab", "embed")))
-    self.layers = scan_stack(LlamaBlock, c.num_layers, self.remat_policy, (nn.broadcast,) * 3 + (0, nn.broadcast),
+    self.layers = scan_stack(LlamaBlock, c.num_layers, self.remat_policy, (nn.broadcast,) * 4 + (0, nn.broadcast),
                              cfg=c, attention_impl=self.attention_impl, **kw)
     self.norm = RMSNorm(c.rms_eps, **kw)
     if not c.tie_embeddings:
@@ -103,13 +104,14 @@ class Llama(nn.Module):
     """int32[B, S] -> float[B, S, D]; negative ids (placeholders) embed as id 0."""
     return self.embed_tokens(jnp.maximum(ids, 0))
 
-  def __call__(self, x, positions, q_slots, kv_valid, cache=None, cache_index=0):
+  def __call__(self, x, positions, q_slots, kv_valid, cache=None, cache_index=0, kv_slots=None):
     """x: float[B, S, D]; positions: int32[B, S]; q_slots: int32[B, S]; kv_valid: bool[B, T];
+    kv_slots: int32[B, T] or None (`LlamaBlock`);
     cache: None or dict(k, v) of float[layers, B, T, K, Dh] ->
     (final-normed hidden float[B, S, D], updated cache or None)."""
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
     kv = None if cache is None else (cache["k"], cache["v"])
-    x, kv = self.layers(x, positions, q_slots, kv_valid, kv, cache_index)
+    x, kv = self.layers(x, positions, q_slots, kv_valid, kv_slots, kv, cache_index)
     return self.norm(x), (None if kv is None else {"k": kv[0], "v": kv[1]})
 
   def logits(self, h: jax.Array) -> jax.Array:

@@ -34,6 +34,7 @@ from llamavid_jax.models.llama import Llama
 from llamavid_jax.models.qformer import QFormer
 from llamavid_jax.models.splice import splice_layout
 from llamavid_jax.models.token_gen import TokenGenerator
+from llamavid_jax.ops import attention
 
 
 def _prompts(qformer_ids, qformer_mask):
@@ -239,14 +240,27 @@ class LlamaVid(nn.Module):
     return self.logits(h), out
 
   def hidden_states(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
-                    frames=None, features=None):
+                    frames=None, features=None, ring_layout: bool = False):
     """`__call__` without the LM head -> (float[B, S', D] final-normed hidden states,
-    out dict as `__call__`'s). The training loss applies `logits` in sequence chunks."""
+    out dict as `__call__`'s). The training loss applies `logits` in sequence chunks.
+
+    Under ring attention over n > 1 devices the LLM runs on the sequence in zig-zag
+    order (`attention.zigzag`: balanced causal work), laid out once here with its
+    positions, slots and padding; out["ring_shards"] = n. The hidden states come back in
+    the natural order, or, with ring_layout=True, stay in the zig-zag one (the loss
+    puts its targets in that order instead: no permutation back)."""
     x, layout, out = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
     positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0)
-    slots = jnp.broadcast_to(jnp.arange(x.shape[1]), positions.shape)
-    h, _ = self.llm(x, positions, slots, layout.valid)
-    out["hidden"] = h
+    slots = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
+    valid = layout.valid
+    n = attention.ring_shards(self.cfg.attention_impl)
+    n = n if n > 1 and x.shape[1] % (2 * n) == 0 else 1   # else the ring's own check names the length
+    if n > 1:
+      x, positions, slots, valid = (attention.zigzag(a, n) for a in (x, positions, slots, valid))
+    h, _ = self.llm(x, positions, slots, valid, kv_slots=slots if n > 1 else None)
+    if n > 1 and not ring_layout:
+      h = attention.zigzag(h, n, inverse=True)
+    out["hidden"], out["ring_shards"] = h, n
     return h, out
 
   def logits(self, h):

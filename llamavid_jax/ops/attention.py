@@ -8,25 +8,38 @@ Shapes: q float[B, S, H, Dh]; k, v float[B, T, K, Dh] with H % K == 0 (grouped-q
 attention). The mask is structured, never a dense [S, T] input, so that blockwise and
 sequence-sharded kernels can build it per block:
   kv_valid bool[B, T]   keys that exist (padding is False), or None
-  q_slots  int32[B, S]  causal: query i sees key slots t <= q_slots[i]; None = no causality
+  q_slots  int32[B, S]  causal: query i sees the keys whose slot is <= q_slots[i]; None =
+                        no causality
+  kv_slots int32[B, T]  each key's slot; None = its index (arange(T)). Training on a ring
+                        passes its zig-zag order here (`ring_order`); the slots must be
+                        non-decreasing within each device's chunk (both layouts are)
 
 Implementations:
-  xla, cudnn  jax.nn.dot_product_attention on a dense mask (short sequences)
+  xla         jax.nn.dot_product_attention on a dense mask (short sequences)
+  cudnn       GPU: jax.nn.dot_product_attention's cuDNN flash kernel, causal and padding
+              as `is_causal` and sequence lengths (no mask array), for the training layout
+              (q_slots = key slots = arange(S), right padding); otherwise `chunked`
   reference   plain fp32 einsum (the numerical reference)
   chunked     blockwise online softmax over key blocks, O(S * block) memory, flash-style
               recomputing backward (custom_vjp); pure JAX on any backend
   ring        `chunked` sequence-sharded over the mesh axis `sequence` (ring attention,
               Liu et al. 2023): each device keeps its query chunk while key/value chunks
               travel around the ring; the backward pass sends dK/dV around with them.
+              A step whose chunk is wholly in the future does no work, and the model lays
+              the sequence out zig-zag once (`ring_order`: device d holds chunks d and
+              2n-1-d of 2n), so every device does the same number of blocks.
   splash      TPU only: Pallas splash attention (jax.experimental.pallas.ops.tpu), causal
               self-attention of training (query i at slot i, S = T in whole blocks;
               padding by segment ids), shard_mapped over batch and heads; the sequence
               must not be split (sequence-sharded: `ring`).
+  auto        per backend: splash on TPU, cudnn on GPU, chunked on CPU; a sequence split
+              over `sequence` always takes `ring`.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -37,32 +50,53 @@ from jax.sharding import PartitionSpec as P
 NEG = -1e30   # finite "minus infinity": fully masked rows stay NaN-free
 
 
-def dense_mask(kv_valid, q_slots, s: int, t: int):
+def _key_slots(kv_slots, b: int, t: int):
+  return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if kv_slots is None else kv_slots.astype(jnp.int32)
+
+
+def dense_mask(kv_valid, q_slots, s: int, t: int, kv_slots=None):
   """bool[B, 1, S, T] (or None) from the structured mask."""
   mask = None if kv_valid is None else kv_valid[:, None, None, :]
   if q_slots is not None:
-    causal = jnp.arange(t)[None, None, None, :] <= q_slots[:, None, :, None]
+    causal = _key_slots(kv_slots, q_slots.shape[0], t)[:, None, None, :] <= q_slots[:, None, :, None]
     mask = causal if mask is None else mask & causal
   return mask
 
 
-def _xla(q, k, v, kv_valid, q_slots, scale):
+def _xla(q, k, v, kv_valid, q_slots, kv_slots, scale):
   # jax.nn.dot_product_attention handles GQA and computes the softmax in fp32.
-  mask = dense_mask(kv_valid, q_slots, q.shape[1], k.shape[1])
+  mask = dense_mask(kv_valid, q_slots, q.shape[1], k.shape[1], kv_slots)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
 
-def _cudnn(q, k, v, kv_valid, q_slots, scale):
-  mask = dense_mask(kv_valid, q_slots, q.shape[1], k.shape[1])
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+def _cudnn(q, k, v, kv_valid, q_slots, kv_slots, scale, implementation="cudnn"):
+  """The training layout (S = T, query i and key i at slot i, the valid keys a prefix:
+  right padding) as cuDNN's own causal and length arguments, so no [S, T] mask exists.
+  Other layouts take `chunked`: statically (no causality, a KV cache of T != S slots,
+  explicit key slots such as a ring's zig-zag order) or, since slots and padding are
+  traced values, by a run-time `lax.cond` on whether this batch has that layout (left
+  padding, say). implementation: "xla" runs the same arguments on any backend (tests)."""
+  b, s = q.shape[:2]
+  fallback = lambda q, k, v: _chunked(q, k, v, kv_valid, q_slots, kv_slots, scale)
+  if q_slots is None or kv_slots is not None or s != k.shape[1]:
+    return fallback(q, k, v)
+  lengths = jnp.full((b,), s, jnp.int32) if kv_valid is None else jnp.sum(kv_valid, axis=1, dtype=jnp.int32)
+  arange = jnp.arange(s, dtype=jnp.int32)[None]
+  layout = jnp.all(q_slots == arange)
+  if kv_valid is not None:
+    layout &= jnp.all(kv_valid == (arange < lengths[:, None]))
+  fused = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+      implementation=implementation)
+  return jax.lax.cond(layout, fused, fallback, q, k, v)
 
 
-def _reference(q, k, v, kv_valid, q_slots, scale):
+def _reference(q, k, v, kv_valid, q_slots, kv_slots, scale):
   b, s, h, d = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, s, kh, h // kh, d).astype(jnp.float32)
   logits = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(jnp.float32)) * scale
-  mask = dense_mask(kv_valid, q_slots, s, k.shape[1])
+  mask = dense_mask(kv_valid, q_slots, s, k.shape[1], kv_slots)
   if mask is not None:
     logits = jnp.where(mask[:, :, None], logits, NEG)
   w = jax.nn.softmax(logits, axis=-1)
@@ -77,11 +111,10 @@ def _reference(q, k, v, kv_valid, q_slots, scale):
 # statistics m, l float32[b, K, G, s]; accumulators as q.
 
 
-def _block_mask(q_slots, start, k_valid):
-  """q_slots int32[b, s]; start: the block's first key slot (traced scalar); k_valid
-  bool[b, blk] -> bool[b, 1, 1, s, blk]."""
-  k_slots = start + jnp.arange(k_valid.shape[1], dtype=jnp.int32)
-  return k_valid[:, None, None, None, :] & (k_slots[None, None, None, None, :] <= q_slots[:, None, None, :, None])
+def _block_mask(q_slots, k_slots, k_valid):
+  """q_slots int32[b, s]; k_slots int32[b, blk], k_valid bool[b, blk] (one key block)
+  -> bool[b, 1, 1, s, blk]."""
+  return k_valid[:, None, None, None, :] & (k_slots[:, None, None, None, :] <= q_slots[:, None, None, :, None])
 
 
 def _loop(n, body, carry):
@@ -105,19 +138,22 @@ def _put(x, y, i, size, axis=1):
   return jax.lax.dynamic_update_slice_in_dim(x, y, i * size, axis=axis)
 
 
-def visible_blocks(max_q_slot, first_slot, block: int, n_blocks: int):
-  """How many key blocks of a chunk (its first key slot `first_slot`, `n_blocks`
-  blocks) a query tile whose largest slot is `max_q_slot` can see: the later ones
-  hold only keys it may not attend to (causal), so they are never computed."""
-  return jnp.clip((max_q_slot - first_slot) // block + 1, 0, n_blocks)
+def visible_blocks(max_q_slot, k_slots, block: int):
+  """How many leading key blocks of a chunk (k_slots int[b, t], t in whole blocks) a
+  query tile whose largest slot is `max_q_slot` must compute: up to its last block
+  holding a key at or before that slot. The rest hold only keys no query of the tile
+  may attend to (causal), so they are never computed; with slots non-decreasing in the
+  chunk, every block before the last visible one is visible too, so the work is exact."""
+  first = k_slots.reshape(k_slots.shape[0], -1, block).min(axis=(0, 2))               # [n_blocks]
+  return jnp.max(jnp.where(first <= max_q_slot, jnp.arange(1, first.shape[0] + 1, dtype=jnp.int32), 0))
 
 
-def _fwd_chunk(q, k, v, q_slots, first_slot, k_valid, carry, block, scale):
-  """Folds one key/value chunk (its first key slot `first_slot`) into the online-softmax
+def _fwd_chunk(q, k, v, q_slots, k_slots, k_valid, carry, block, scale):
+  """Folds one key/value chunk (its keys' slots k_slots int32[b, t]) into the online-softmax
   state (o, m, l), one query tile of `block` rows at a time, over the key blocks
   that tile can see. q, k, v stay in their dtype; each tile is cast to float32 (and
   q scaled) as it is used, so no float32 copy of a whole chunk exists."""
-  qb, n_blocks = min(block, q.shape[1]), k.shape[1] // block
+  qb = min(block, q.shape[1])
 
   def tile(j, carry):
     o, m, l = carry
@@ -126,7 +162,7 @@ def _fwd_chunk(q, k, v, q_slots, first_slot, k_valid, carry, block, scale):
     def body(i, c):
       oj, mj, lj = c
       s = jnp.einsum("bqkgd,btkd->bkgqt", qj, _tile(k, i, block).astype(jnp.float32))
-      mask = _block_mask(sj, first_slot + i * block, _tile(k_valid, i, block))
+      mask = _block_mask(sj, _tile(k_slots, i, block), _tile(k_valid, i, block))
       s = jnp.where(mask, s, NEG)
       m_new = jnp.maximum(mj, s.max(-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -135,18 +171,18 @@ def _fwd_chunk(q, k, v, q_slots, first_slot, k_valid, carry, block, scale):
       oj = oj * jnp.moveaxis(corr, -1, 1)[..., None] + jnp.einsum("bkgqt,btkd->bqkgd", p, _tile(v, i, block).astype(jnp.float32))
       return oj, m_new, lj
 
-    n = visible_blocks(jnp.max(sj), first_slot, block, n_blocks)
+    n = visible_blocks(jnp.max(sj), k_slots, block)
     oj, mj, lj = _loop(n, body, (_tile(o, j, qb), _tile(m, j, qb, 3), _tile(l, j, qb, 3)))
     return _put(o, oj, j, qb), _put(m, mj, j, qb, 3), _put(l, lj, j, qb, 3)
 
   return _loop(q.shape[1] // qb, tile, carry)
 
 
-def _bwd_chunk(q, k, v, q_slots, first_slot, k_valid, do, lse, delta, block, scale, carry):
+def _bwd_chunk(q, k, v, q_slots, k_slots, k_valid, do, lse, delta, block, scale, carry):
   """Adds one key/value chunk's gradients to carry = (dq, dk, dv) (float32; dk, dv
   those of this chunk), flash-attention-2 style, over the same (query tile, visible
   key block) pairs as the forward; tiles cast to float32 as they are used."""
-  qb, n_blocks = min(block, q.shape[1]), k.shape[1] // block
+  qb = min(block, q.shape[1])
 
   def tile(j, carry):
     dq, dk, dv = carry
@@ -158,7 +194,7 @@ def _bwd_chunk(q, k, v, q_slots, first_slot, k_valid, do, lse, delta, block, sca
       dqj, dk, dv = c
       kb, vb = _tile(k, i, block).astype(jnp.float32), _tile(v, i, block).astype(jnp.float32)
       s = jnp.einsum("bqkgd,btkd->bkgqt", qj, kb)
-      mask = _block_mask(sj, first_slot + i * block, _tile(k_valid, i, block))
+      mask = _block_mask(sj, _tile(k_slots, i, block), _tile(k_valid, i, block))
       p = jnp.where(mask, jnp.exp(s - lse_j[..., None]), 0.0)            # [b, K, G, qb, blk]
       ds = p * (jnp.einsum("bqkgd,btkd->bkgqt", doj, vb) - delta_j[..., None])
       dqj = dqj + jnp.einsum("bkgqt,btkd->bqkgd", ds, kb)
@@ -166,7 +202,7 @@ def _bwd_chunk(q, k, v, q_slots, first_slot, k_valid, do, lse, delta, block, sca
       dv = _put(dv, _tile(dv, i, block) + jnp.einsum("bkgqt,bqkgd->btkd", p, doj), i, block)
       return dqj, dk, dv
 
-    n = visible_blocks(jnp.max(sj), first_slot, block, n_blocks)
+    n = visible_blocks(jnp.max(sj), k_slots, block)
     dqj, dk, dv = _loop(n, body, (_tile(dq, j, qb), dk, dv))
     return _put(dq, dqj, j, qb), dk, dv
 
@@ -180,54 +216,47 @@ def _ring_shift(xs, axis):
   return jax.lax.ppermute(xs, axis, [(i, (i + 1) % n) for i in range(n)])
 
 
-def _chunk_owner(axis, step):
-  if axis is None:
-    return 0
-  return (jax.lax.axis_index(axis) - step) % jax.lax.axis_size(axis)
-
-
-def _local_fwd(q, k, v, q_slots, kv_valid, *, scale, axis, block):
-  """Per-device forward. q: [b, s, H, d] (the local query chunk); k, v, kv_valid: the
-  local key chunk. Returns (o float32[b, s, K, G, d], lse float32[b, K, G, s])."""
+def _local_fwd(q, k, v, q_slots, kv_valid, kv_slots, *, scale, axis, block):
+  """Per-device forward. q: [b, s, H, d] (the local query chunk); k, v, kv_valid,
+  kv_slots: the local key chunk. Returns (o float32[b, s, K, G, d], lse float32[b, K, G, s])."""
   b, s, h, d = q.shape
-  t, kh = k.shape[1], k.shape[2]
+  kh = k.shape[2]
   n = 1 if axis is None else jax.lax.axis_size(axis)
   qg = q.reshape(b, s, kh, h // kh, d)
   o = jnp.zeros(qg.shape, jnp.float32)
   m = jnp.full((b, kh, h // kh, s), NEG, jnp.float32)
   l = jnp.zeros_like(m)
-  kv = (k, v, kv_valid)   # travel in their dtype (bf16: half the ring's traffic)
+  kv = (k, v, kv_slots, kv_valid)   # travel in their dtype (bf16: half the ring's traffic)
 
   def step(i, carry):   # a loop, not n unrolled steps: XLA keeps one step's buffers, not n in flight
     (o, m, l), kv = carry
-    oml = _fwd_chunk(qg, kv[0], kv[1], q_slots, _chunk_owner(axis, i) * t, kv[2], (o, m, l), block, scale)
+    oml = _fwd_chunk(qg, kv[0], kv[1], q_slots, kv[2], kv[3], (o, m, l), block, scale)   # no work where the chunk is all in the future
     return oml, _ring_shift(kv, axis)
 
   (o, m, l), kv = _loop(n - 1, step, ((o, m, l), kv))
-  o, m, l = _fwd_chunk(qg, kv[0], kv[1], q_slots, _chunk_owner(axis, n - 1) * t, kv[2], (o, m, l), block, scale)
+  o, m, l = _fwd_chunk(qg, kv[0], kv[1], q_slots, kv[2], kv[3], (o, m, l), block, scale)
   safe_l = jnp.where(l > 0, l, 1.0)
   o = o / jnp.moveaxis(safe_l, -1, 1)[..., None]
   return o, m + jnp.log(safe_l)
 
 
-def _local_bwd(q, k, v, q_slots, kv_valid, o, lse, do, *, scale, axis, block):
+def _local_bwd(q, k, v, q_slots, kv_valid, kv_slots, o, lse, do, *, scale, axis, block):
   b, s, h, d = q.shape
-  t, kh = k.shape[1], k.shape[2]
+  kh = k.shape[2]
   n = 1 if axis is None else jax.lax.axis_size(axis)
   qg = q.reshape(b, s, kh, h // kh, d)
   do = do.reshape(qg.shape)
   delta = jnp.moveaxis(jnp.sum(do.astype(jnp.float32) * o, -1), 1, -1)   # [b, K, G, s]
   dq = jnp.zeros(qg.shape, jnp.float32)
-  travel = (k, v, kv_valid, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  travel = (k, v, kv_slots, kv_valid, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
 
   def step(i, carry):
-    dq, (kc, vc, valid, dk, dv) = carry
-    dq, dk, dv = _bwd_chunk(qg, kc, vc, q_slots, _chunk_owner(axis, i) * t, valid, do, lse, delta, block, scale,
-                            (dq, dk, dv))
-    return dq, _ring_shift((kc, vc, valid, dk, dv), axis)   # n shifts: dK/dV come home
+    dq, (kc, vc, slots, valid, dk, dv) = carry
+    dq, dk, dv = _bwd_chunk(qg, kc, vc, q_slots, slots, valid, do, lse, delta, block, scale, (dq, dk, dv))
+    return dq, _ring_shift((kc, vc, slots, valid, dk, dv), axis)   # n shifts: dK/dV come home
 
   dq, travel = _loop(n, step, (dq, travel))
-  dk, dv = travel[3], travel[4]
+  dk, dv = travel[4], travel[5]
   return (dq * scale).reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -257,33 +286,33 @@ def _current_mesh():
   return None if mesh.empty else mesh
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _blockwise(q, k, v, kv_valid, q_slots, scale, axis, block, mesh):
-  return _blockwise_fwd(q, k, v, kv_valid, q_slots, scale, axis, block, mesh)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _blockwise(q, k, v, kv_valid, q_slots, kv_slots, scale, axis, block, mesh):
+  return _blockwise_fwd(q, k, v, kv_valid, q_slots, kv_slots, scale, axis, block, mesh)[0]
 
 
-def _blockwise_fwd(q, k, v, kv_valid, q_slots, scale, axis, block, mesh):
+def _blockwise_fwd(q, k, v, kv_valid, q_slots, kv_slots, scale, axis, block, mesh):
   fwd = functools.partial(_local_fwd, scale=scale, axis=axis, block=block)
   if axis is not None:
     qs, ks, qsl, kvl = _specs(q, k, mesh, axis)
     stat = P(qs[0], qs[2], None, qs[1])
-    fwd = jax.shard_map(fwd, mesh=mesh, in_specs=(qs, ks, ks, qsl, kvl),
+    fwd = jax.shard_map(fwd, mesh=mesh, in_specs=(qs, ks, ks, qsl, kvl, kvl),
                         out_specs=(P(*qs[:3], None, None), stat), check_vma=False)
-  o, lse = fwd(q, k, v, q_slots, kv_valid)
+  o, lse = fwd(q, k, v, q_slots, kv_valid, kv_slots)
   out = o.reshape(q.shape).astype(q.dtype)
-  return out, (q, k, v, kv_valid, q_slots, o, lse)
+  return out, (q, k, v, kv_valid, q_slots, kv_slots, o, lse)
 
 
 def _blockwise_bwd(scale, axis, block, mesh, res, g):
-  q, k, v, kv_valid, q_slots, o, lse = res
+  q, k, v, kv_valid, q_slots, kv_slots, o, lse = res
   bwd = functools.partial(_local_bwd, scale=scale, axis=axis, block=block)
   if axis is not None:
     qs, ks, qsl, kvl = _specs(q, k, mesh, axis)
     stat = P(qs[0], qs[2], None, qs[1])
-    bwd = jax.shard_map(bwd, mesh=mesh, in_specs=(qs, ks, ks, qsl, kvl, P(*qs[:3], None, None), stat, qs),
+    bwd = jax.shard_map(bwd, mesh=mesh, in_specs=(qs, ks, ks, qsl, kvl, kvl, P(*qs[:3], None, None), stat, qs),
                         out_specs=(qs, ks, ks), check_vma=False)
-  dq, dk, dv = bwd(q, k, v, q_slots, kv_valid, o, lse, g)
-  return dq, dk, dv, None, None
+  dq, dk, dv = bwd(q, k, v, q_slots, kv_valid, kv_slots, o, lse, g)
+  return dq, dk, dv, None, None, None
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
@@ -291,49 +320,107 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 BLOCK = 512   # keys per inner block of `chunked` / `ring`
 
 
-def _prepare(q, k, kv_valid, q_slots, block):
+def _prepare(q, k, kv_valid, q_slots, kv_slots, block):
   b, s, t = q.shape[0], q.shape[1], k.shape[1]
   kv_valid = jnp.ones((b, t), bool) if kv_valid is None else kv_valid
   causal = q_slots is not None
-  q_slots = q_slots if causal else jnp.full((b, s), t, jnp.int32)   # sees every slot
-  return kv_valid, q_slots.astype(jnp.int32), min(block, t)
+  q_slots = q_slots if causal else jnp.full((b, s), jnp.iinfo(jnp.int32).max, jnp.int32)   # sees every slot
+  return kv_valid, q_slots.astype(jnp.int32), _key_slots(kv_slots, b, t), min(block, t)
 
 
-def _chunked(q, k, v, kv_valid, q_slots, scale, block=BLOCK):
-  kv_valid, q_slots, block = _prepare(q, k, kv_valid, q_slots, block)
+def _chunked(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK):
+  kv_valid, q_slots, kv_slots, block = _prepare(q, k, kv_valid, q_slots, kv_slots, block)
   pad = -k.shape[1] % block          # pad keys to whole blocks; padded keys are invalid
   if pad:
     k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
     kv_valid = jnp.pad(kv_valid, ((0, 0), (0, pad)))
+    kv_slots = jnp.pad(kv_slots, ((0, 0), (0, pad)), mode="edge")   # keeps the slots non-decreasing
   s = q.shape[1]
   pad = -s % block if s > block else 0   # queries in whole tiles; padded ones see no key
   if pad:
     q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
     q_slots = jnp.pad(q_slots, ((0, 0), (0, pad)), constant_values=-1)
-  return _blockwise(q, k, v, kv_valid, q_slots, scale, None, block, None)[:, :s]
+  return _blockwise(q, k, v, kv_valid, q_slots, kv_slots, scale, None, block, None)[:, :s]
 
 
-def _ring(q, k, v, kv_valid, q_slots, scale, block=BLOCK, axis="sequence"):
+def _ring(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK, axis="sequence"):
   mesh = _current_mesh()
   if mesh is None or mesh.shape.get(axis, 1) == 1:
-    return _chunked(q, k, v, kv_valid, q_slots, scale, block)
-  kv_valid, q_slots, _ = _prepare(q, k, kv_valid, q_slots, block)
+    return _chunked(q, k, v, kv_valid, q_slots, kv_slots, scale, block)
+  kv_valid, q_slots, kv_slots, _ = _prepare(q, k, kv_valid, q_slots, kv_slots, block)
   local_t = k.shape[1] // mesh.shape[axis]
-  block = min(block, local_t)
+  block = min(block, max(local_t // 2, 1))   # a zig-zag chunk is two halves: no block straddles them
   if k.shape[1] % (mesh.shape[axis] * block):
     raise ValueError(f"ring attention: {k.shape[1]} keys do not split into {mesh.shape[axis]} chunks of blocks of {block}")
-  return _blockwise(q, k, v, kv_valid, q_slots, scale, axis, block, mesh)
+  return _blockwise(q, k, v, kv_valid, q_slots, kv_slots, scale, axis, block, mesh)
 
 
-def _splash(q, k, v, kv_valid, q_slots, scale, block=BLOCK, interpret=False):
-  """Pallas splash attention per (sample, head group): causal over slots 0..S-1 (q_slots
-  must be arange(S): the training layout), padded keys by segment ids (a padded query
-  sees the padded keys, never a fully masked row). interpret: run the kernel's Pallas
-  interpreter instead (tests on CPU)."""
+# --- the ring's load-balanced layout -------------------------------------------------
+# Causal attention over n contiguous chunks gives device d work for d + 1 chunks: the
+# last device does n times the first's. Zig-zag (the layout of Megatron-LM's context
+# parallelism and of the zigzag ring flash attention) cuts the sequence into 2n chunks and gives device d
+# chunks d and 2n-1-d: every device then computes the same number of blocks. The model
+# applies it once, to the LLM input with its positions, slots and padding (and the loss
+# to its targets), not per layer; attention sees the order through `kv_slots`.
+
+def ring_shards(impl: str) -> int:
+  """The number of ring devices `impl` splits the sequence over under the current mesh
+  (1: no ring)."""
+  mesh = _current_mesh()
+  if impl not in ("ring", "auto") or mesh is None:
+    return 1
+  return mesh.shape.get("sequence", 1)
+
+
+def zigzag(x, n: int, axis: int = 1, inverse: bool = False):
+  """x with `axis` (length L, a multiple of 2n) in zig-zag order: position p of device d
+  (L / n each) comes from chunk d or 2n-1-d of 2n. A reshape, a reverse and a concat
+  (collective permutes under sharding, never a gather of the whole axis). inverse=True
+  restores the natural order."""
+  x = jnp.moveaxis(x, axis, 0)
+  length = x.shape[0]
+  if length % (2 * n):
+    raise ValueError(f"zig-zag ring layout: length {length} is not a multiple of 2 x {n} shards")
+  c = length // (2 * n)
+  if not inverse:
+    chunks = x.reshape((2 * n, c) + x.shape[1:])                       # [2n, c, ...]
+    pairs = jnp.stack([chunks[:n], chunks[n:][::-1]], axis=1)           # [n, 2, c, ...]: chunks d, 2n-1-d
+  else:
+    pairs = x.reshape((n, 2, c) + x.shape[1:])
+    pairs = jnp.concatenate([pairs[:, 0], pairs[::-1, 1]], axis=0)     # [2n, c, ...]
+  return jnp.moveaxis(pairs.reshape(x.shape), 0, axis)
+
+
+def ring_order(length: int, n: int) -> "np.ndarray":
+  """int32[length]: the natural slot of each position of the zig-zag layout."""
+  import numpy as np
+  return np.asarray(zigzag(jnp.arange(length, dtype=jnp.int32), n, axis=0))
+
+
+def ring_block_counts(q_slots, kv_slots, n: int, block: int = BLOCK):
+  """int[n]: the (query tile, key block) pairs each ring device computes for one
+  sample, with the kernel's own skip rule (`visible_blocks`): the per-device work of a
+  layout. q_slots, kv_slots: int[L] in the device order (L / n per device)."""
+  import numpy as np
+  q_slots, kv_slots = np.asarray(q_slots).reshape(n, -1), np.asarray(kv_slots).reshape(n, -1)
+  block = min(block, max(q_slots.shape[1] // 2, 1))
+  counts = np.zeros(n, int)
+  for d in range(n):
+    for j in range(0, q_slots.shape[1], block):
+      top = q_slots[d, j:j + block].max()
+      counts[d] += sum(int(visible_blocks(top, kv_slots[e][None], block)) for e in range(n))
+  return counts
+
+
+def _splash(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK, interpret=False):
+  """Pallas splash attention per (sample, head group): causal over slots 0..S-1 (the
+  training layout: q_slots = arange(S), checked at run time, else `chunked`), padded
+  keys by segment ids (a padded query sees the padded keys, never a fully masked row).
+  interpret: run the kernel's Pallas interpreter instead (tests on CPU)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   b, s, h, _ = q.shape
-  if q_slots is None or s != k.shape[1] or s % min(block, s):
+  if q_slots is None or kv_slots is not None or s != k.shape[1] or s % min(block, s):
     raise ValueError(f"splash attention: causal self-attention (S = T in whole {block}-blocks) only, got "
                      f"S={s}, T={k.shape[1]}, causal={q_slots is not None}")
   blk = min(block, s)
@@ -357,19 +444,42 @@ def _splash(q, k, v, kv_valid, q_slots, scale, block=BLOCK, interpret=False):
       raise ValueError(f"splash attention: the sequence is split over {qs[1]}: use attention_impl='ring'")
     qs, ks = P(qs[0], None, *qs[2:]), P(ks[0], None, *ks[2:])
     local = jax.shard_map(local, mesh=mesh, in_specs=(qs, ks, ks, P(qs[0], None)), out_specs=qs, check_vma=False)
-  return local(q, k, v, valid)
+  layout = jnp.all(q_slots == jnp.arange(s, dtype=q_slots.dtype)[None])
+  return jax.lax.cond(layout, lambda q, k, v: local(q, k, v, valid),
+                      lambda q, k, v: _chunked(q, k, v, kv_valid, q_slots, None, scale, block), q, k, v)
+
+
+def auto_impl(q_shape, k_shape, causal: bool, explicit_slots: bool, backend: str | None = None) -> str:
+  """What `auto` runs: `ring` where the current mesh splits the sequence; else per
+  backend, `splash` on TPU (causal self-attention in whole blocks), `cudnn` on GPU,
+  `chunked` elsewhere (and wherever the fused kernels do not apply)."""
+  if ring_shards("ring") > 1:
+    return "ring"
+  backend = backend or jax.default_backend()
+  s, t = q_shape[1], k_shape[1]
+  if backend == "tpu" and causal and not explicit_slots and s == t and s >= 128 and s % min(BLOCK, s) == 0:
+    return "splash"
+  if backend in ("gpu", "cuda", "rocm") and causal and not explicit_slots and s == t:
+    return "cudnn"
+  return "chunked"
+
+
+def _auto(q, k, v, kv_valid, q_slots, kv_slots, scale):
+  impl = auto_impl(q.shape, k.shape, q_slots is not None, kv_slots is not None)
+  return IMPLS[impl](q, k, v, kv_valid, q_slots, kv_slots, scale)
 
 
 IMPLS: dict[str, Callable] = {"xla": _xla, "cudnn": _cudnn, "reference": _reference,
-                              "chunked": _chunked, "ring": _ring, "splash": _splash}
+                              "chunked": _chunked, "ring": _ring, "splash": _splash, "auto": _auto}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid: jax.Array | None = None,
-              q_slots: jax.Array | None = None, impl: str = "xla", scale: float | None = None) -> jax.Array:
+              q_slots: jax.Array | None = None, kv_slots: jax.Array | None = None, impl: str = "xla",
+              scale: float | None = None) -> jax.Array:
   """Scaled dot-product attention -> float[B, S, H, Dh] (see the module docstring)."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl {impl!r}: expected one of {sorted(IMPLS)}")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  return IMPLS[impl](q, k, v, kv_valid, q_slots, scale)
+  return IMPLS[impl](q, k, v, kv_valid, q_slots, kv_slots, scale)
