@@ -96,3 +96,38 @@ def test_frame_tokens_placed_by_neighbour_blocks_equal_the_gather(tiny_cfg):
     got = embed(params, inputs)
   assert "collective-permute" in lowered.compile().as_text()   # the neighbour exchange, not the gather
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, {"fsdp": 2, "sequence": 4}])
+def test_mlp_in_sequence_chunks_equals_the_whole_mlp(mesh_shape):
+  """mlp_chunk: the same parameters (tree and values) and the same outputs and
+  gradients as the whole-sequence MLP, one device or the sequence split over 4 (S = 44:
+  11 positions a shard, chunks of 4, so 1 padded position a shard)."""
+  from flax import linen as nn
+  from llamavid_jax import sharding
+  cfg = LlmConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
+  rng = np.random.default_rng(0)
+  s = 44
+  x = jnp.asarray(rng.standard_normal((2, s, 32)), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (2, s))
+  valid = jnp.ones((2, s), bool)
+  whole, chunked = Llama(cfg, attention_impl="chunked"), Llama(cfg, attention_impl="chunked", mlp_chunk=4)
+  params = whole.init(jax.random.key(0), x, pos, pos, valid)["params"]
+  assert jax.tree.structure(params) == jax.tree.structure(chunked.init(jax.random.key(0), x, pos, pos, valid)["params"])
+  np.testing.assert_array_equal(jax.tree.leaves(params)[0],
+                                jax.tree.leaves(chunked.init(jax.random.key(0), x, pos, pos, valid)["params"])[0])
+  w = jnp.asarray(rng.standard_normal((2, s, 32)), jnp.float32)
+
+  def value_and_grad(m):
+    f = lambda p, x: jnp.sum(m.apply({"params": p}, x, pos, pos, valid)[0] * w)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
+
+  want = value_and_grad(whole)
+  if mesh_shape is None:
+    got = value_and_grad(chunked)
+  else:
+    with jax.set_mesh(sharding.make_mesh(mesh_shape)), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      got = value_and_grad(chunked)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

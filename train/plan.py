@@ -227,19 +227,26 @@ def config_shape(c, spec) -> Shape:
 
 
 def shape_for(seq_len: int, base: Shape, tokens_per_frame: int, frame_multiple: int = 1,
-              movie: bool = False) -> Shape:
+              movie: bool = False, frames: int | None = None) -> Shape:
   """The row of exactly `seq_len` LLM positions closest to the config's `base` row,
   frames rounded down to a multiple of `frame_multiple` (the model's frame_chunk):
   clip: frames T = ((S - text) / P + 1) / tokens_per_frame and the text takes up the
   rest, text = S - P * (T * tokens_per_frame - 1) >= the config's;
   movie (one placeholder per frame, in the text): the config's text besides its
   placeholders (subtitles, prompt: E = text - T) stays, T = (S - E) / tokens_per_frame,
-  text = E + T. A config without frames plans text only (text = S)."""
+  text = E + T. A config without frames plans text only (text = S). `frames` fixes T
+  instead (--frames): the text fills the rest of the row."""
   from llamavid_jax.models.splice import spliced_length
   if not base.frames:
     return Shape(seq_len, seq_len, 0, base.prompts, f"text = S = {seq_len} (no frames)")
   p, k = base.prompts, tokens_per_frame
-  if movie:
+  fixed = frames is not None
+  if fixed:
+    if frames % frame_multiple:
+      raise ValueError(f"--frames {frames}: not a multiple of the model's frame_chunk {frame_multiple}")
+    if seq_len - (frames * k if movie else p * (frames * k - 1)) < 1:
+      raise ValueError(f"--frames {frames}: {frames} x {k} tokens leave no text in {seq_len} positions")
+  elif movie:
     extra = base.text_len - base.frames
     frames = (seq_len - extra) // k
   else:
@@ -251,15 +258,16 @@ def shape_for(seq_len: int, base: Shape, tokens_per_frame: int, frame_multiple: 
   if movie:
     text = seq_len - frames * (k - 1)
     assert spliced_length(text, frames, k, movie=True) == seq_len
-    rule = (f"movie: frames = (S - {extra} other text) / {k} tokens per frame"
-            + (f", a multiple of frame_chunk {frame_multiple}" if frame_multiple > 1 else "")
-            + f"; text = S - frames x {k - 1} (a placeholder a frame + the rest)")
+    rule = ("movie: frames = --frames" if fixed else
+            f"movie: frames = (S - {extra} other text) / {k} tokens per frame"
+            + (f", a multiple of frame_chunk {frame_multiple}" if frame_multiple > 1 else ""))
+    rule += f"; text = S - frames x {k - 1} (a placeholder a frame + the rest)"
     return Shape(seq_len, text, frames, p, rule)
   text = seq_len - p * (frames * k - 1)
   assert spliced_length(text, frames, k, p) == seq_len
-  rule = (f"frames = ((S - text {base.text_len}) / P {p} + 1) / {k} tokens per frame"
-          + (f", a multiple of frame_chunk {frame_multiple}" if frame_multiple > 1 else "")
-          + f"; text = S - P x (frames x {k} - 1)")
+  rule = ("frames = --frames" if fixed else f"frames = ((S - text {base.text_len}) / P {p} + 1) / {k} tokens per frame"
+          + (f", a multiple of frame_chunk {frame_multiple}" if frame_multiple > 1 else ""))
+  rule += f"; text = S - P x (frames x {k} - 1)"
   return Shape(seq_len, text, frames, p, rule)
 
 
@@ -305,12 +313,13 @@ def _with(c, **kw):
 
 
 def plan(c, topo: Topology, seq_len: int | None = None, batch: int | None = None,
-         accum: int | None = None, dump_dir: str | None = None, top: int = 12) -> dict:
+         accum: int | None = None, dump_dir: str | None = None, top: int = 12, frames: int | None = None) -> dict:
   """Compiles config `c`'s train step for `topo` with abstract shapes -> the plan (a
   dict: see `json_record`). `seq_len`: plan rows of that many LLM positions (else
   the config's longest bucket); `batch`: global batch (default: the config's, scaled
   to keep its tokens per step); `accum`: micro-batches (default: one row per batch
-  shard); `dump_dir`: XLA's dump directory, for the buffers live at the peak."""
+  shard); `dump_dir`: XLA's dump directory, for the buffers live at the peak; `frames`:
+  frames per row (`shape_for`)."""
   from flax import linen as nn
   from llamavid_jax import sharding
   from llamavid_jax.models import LlamaVid
@@ -322,8 +331,10 @@ def plan(c, topo: Topology, seq_len: int | None = None, batch: int | None = None
   model_cfg = from_dict(c.model)
   spec = model_cfg.input_spec
   base = config_shape(c, spec)
+  if frames is not None and seq_len is None:
+    seq_len = base.seq_len
   shape = base if seq_len is None else shape_for(seq_len, base, spec.tokens_per_frame, model_cfg.frame_chunk or 1,
-                                                         movie=model_cfg.movie)
+                                                         movie=model_cfg.movie, frames=frames)
   if batch is not None:
     batch_rule = "--batch"
   elif seq_len is None or shape.seq_len == base.seq_len:
@@ -580,7 +591,7 @@ def main(argv):
   seq_lens = [int(s) for s in f["seq-len"].value.split(",")] if f["seq-len"].value else [None]
   plans = []
   for s in seq_lens:
-    p = plan(c, topo, s, f.batch, f.accum, _DUMP)
+    p = plan(c, topo, s, f.batch, f.accum, _DUMP, frames=f.frames)
     plans.append(p)
     print(json_record(p) if f.json else describe(p, topo, f["config"].config_filename), flush=True)
     if not f.json and len(seq_lens) > 1:
@@ -600,6 +611,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("seq-len", None, "LLM positions per row to plan for; comma-separated for a sweep")
   flags.DEFINE_integer("batch", None, "global batch (default: the config's, scaled to keep its tokens per step)")
   flags.DEFINE_integer("accum", None, "micro-batches per step (default: one row per batch shard)")
+  flags.DEFINE_integer("frames", None, "frames per row (default: the config's longest bucket's share, scaled)")
   flags.DEFINE_bool("json", False, "one JSON object per plan per line")
   flags.mark_flag_as_required("config")
   app.run(main)

@@ -123,6 +123,9 @@ class LlamaVidConfig:
   # Frames per step through the Q-Former and token generator (nn.scan over chunks),
   # bounding activation memory on long videos; 0 = all frames at once.
   frame_chunk: int = 0
+  # LLM positions per step of each layer's MLP, per sequence shard (a rematerialised
+  # lax.map over chunks: one chunk's activations at a time); 0 = all at once.
+  mlp_chunk: int = 0
   # How frames meet the text (stated here, never inferred from the input's width as the
   # release does):
   #   "clip"   a placeholder takes all T frames of its sample, in time order (images,

@@ -3,6 +3,7 @@ scanned, rematerialised layer stack."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -41,6 +42,53 @@ class DenseGeneral(nn.Module):
                         self.features, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+
+class Kernel(nn.Module):
+  """DenseGeneral's kernel alone: the same parameter ("kernel": name, shape, init,
+  logical axes), for code that applies it in a loop of its own (`over_sequence_chunks`)."""
+  shape: tuple[int, ...]
+  names: tuple[str | None, ...]
+  std: float = 0.02
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", partitioned(nn.initializers.normal(self.std), self.names), self.shape,
+                      self.param_dtype)
+
+
+def length_shards(length: int) -> int:
+  """Devices the active logical rules and mesh split the `length` axis over (1: none)."""
+  from llamavid_jax import sharding   # leaf module
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
+  axes = sharding.fit_spec(sharding.logical_to_spec(("length",), rules), (length,), mesh)[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def over_sequence_chunks(f, x, chunk: int):
+  """f(x) for a position-wise f, `chunk` positions of every sequence shard at a time:
+  x float[B, S, D] -> f(x) float[B, S, D']. A rematerialised `lax.map`, so that f's
+  intermediates (the SwiGLU's [S, mlp] activations: 5.4 GiB each at 256K positions a
+  chip for 7B) exist for one chunk only, in the forward and in the backward. Each step
+  takes one chunk from every shard ([B, shards, chunk, D]), so the sequence sharding
+  stays as it is; S is zero-padded to whole chunks (padded rows are dropped)."""
+  b, s, d = x.shape
+  parts = length_shards(s)
+  per = -(-s // parts)
+  n = -(-per // chunk)
+  pad = parts * n * chunk - s
+  if pad:
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+  xs = jnp.moveaxis(x.reshape(b, parts, n, chunk, d), 2, 0)                 # [n, B, shards, chunk, D]
+  xs = nn.with_logical_constraint(xs, (None, "batch", "length", None, "embed"))
+  ys = jax.lax.map(jax.checkpoint(f), xs)                                  # [n, B, shards, chunk, D']
+  ys = jnp.moveaxis(ys, 0, 2).reshape(b, parts * n * chunk, -1)
+  return ys[:, :s]
 
 
 def dense(features, names: Sequence[str | None], *, axis=-1, use_bias=True, dtype=jnp.float32,

@@ -16,7 +16,8 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from llamavid_jax.models.config import LlmConfig
-from llamavid_jax.models.layers import LAYER_INPUT, dense, partitioned, scan_stack
+from llamavid_jax.models.layers import (LAYER_INPUT, Kernel, dense, length_shards, over_sequence_chunks, partitioned,
+                                        scan_stack)
 from llamavid_jax.ops.attention import attention
 
 
@@ -49,6 +50,7 @@ class LlamaBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = "xla"
+  mlp_chunk: int = 0
 
   @nn.compact
   def __call__(self, x, positions, q_slots, kv_valid, kv_slots, cache, cache_index):
@@ -75,12 +77,32 @@ class LlamaBlock(nn.Module):
                   kv_slots=kv_slots, impl=self.attention_impl)
     x = x + dense(c.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **proj)(y)
     h = RMSNorm(c.rms_eps, name="post_attention_norm", **kw)(x)
-    gate = dense(c.mlp_dim, ("embed", "mlp"), name="gate_proj", **proj)(h)
-    up = dense(c.mlp_dim, ("embed", "mlp"), name="up_proj", **proj)(h)
-    y = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    x = x + dense(c.d_model, ("mlp", "embed"), name="down_proj", **proj)(y)
+    x = x + self.mlp(h, proj)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, cache
+
+  def mlp(self, h, proj):
+    """SwiGLU: float[B, S, D] -> float[B, S, D]. Longer than `mlp_chunk` positions (per
+    sequence shard), it runs a chunk at a time (`over_sequence_chunks`) on the same
+    parameters. Not a library feature: MaxText and friends do not chunk the MLP, but at
+    256K positions a chip its [S, mlp] activations are most of a 7B layer's memory."""
+    c = self.cfg
+    if not (self.mlp_chunk and h.shape[1] > self.mlp_chunk * length_shards(h.shape[1])):
+      gate = dense(c.mlp_dim, ("embed", "mlp"), name="gate_proj", **proj)(h)
+      up = dense(c.mlp_dim, ("embed", "mlp"), name="up_proj", **proj)(h)
+      y = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+      return dense(c.d_model, ("mlp", "embed"), name="down_proj", **proj)(y)
+    kw = dict(std=c.initializer_range, param_dtype=self.param_dtype)
+    wg = Kernel((c.d_model, c.mlp_dim), ("embed", "mlp"), name="gate_proj", **kw)().astype(self.dtype)
+    wu = Kernel((c.d_model, c.mlp_dim), ("embed", "mlp"), name="up_proj", **kw)().astype(self.dtype)
+    wd = Kernel((c.mlp_dim, c.d_model), ("mlp", "embed"), name="down_proj", **kw)().astype(self.dtype)
+
+    def swiglu(h):   # [B, shards, chunk, D] -> [B, shards, chunk, D]
+      h = h.astype(self.dtype)
+      y = jax.nn.silu(h @ wg) * (h @ wu)
+      return nn.with_logical_constraint(y, ("batch", "length", None, "mlp")) @ wd
+
+    return over_sequence_chunks(swiglu, h, self.mlp_chunk)
 
 
 class Llama(nn.Module):
@@ -89,13 +111,14 @@ class Llama(nn.Module):
   param_dtype: Any = jnp.float32
   attention_impl: str = "xla"
   remat_policy: str = "nothing_saveable"
+  mlp_chunk: int = 0
 
   def setup(self):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     init = nn.initializers.normal(c.initializer_range)
     self.embed_tokens = nn.Embed(c.vocab_size, c.d_model, **kw, embedding_init=partitioned(init, ("vocab", "embed")))
     self.layers = scan_stack(LlamaBlock, c.num_layers, self.remat_policy, (nn.broadcast,) * 4 + (0, nn.broadcast),
-                             cfg=c, attention_impl=self.attention_impl, **kw)
+                             cfg=c, attention_impl=self.attention_impl, mlp_chunk=self.mlp_chunk, **kw)
     self.norm = RMSNorm(c.rms_eps, **kw)
     if not c.tie_embeddings:
       self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, std=c.initializer_range, **kw)

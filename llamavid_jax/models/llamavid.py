@@ -123,7 +123,7 @@ class LlamaVid(nn.Module):
       self.qformer = QFormer(c.qformer, attention_impl=c.vision_attention_impl, remat_policy=c.remat_policy, **kw)
     self.token_gen = TokenGenerator(c.llm.d_model, c.compress_type, c.mm_projector_type,
                                     use_context=c.use_context_token, **kw)
-    self.llm = Llama(c.llm, attention_impl=c.attention_impl, remat_policy=c.remat_policy, **kw)
+    self.llm = Llama(c.llm, attention_impl=c.attention_impl, remat_policy=c.remat_policy, mlp_chunk=c.mlp_chunk, **kw)
 
   def encode_visual(self, frame_mask, qformer_ids, qformer_mask, frames=None, features=None):
     """frames: float[B, T, H, W, 3] or features: ViT output, float[B, T, N+1, C] with CLS
