@@ -97,11 +97,19 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
       # step slices its own rows (no transposed copy of the batch): an input that lives
       # in host memory stays there, a micro-batch at a time reaching the device.
       def micro(k, x, i):
+        mesh = jax.sharding.get_abstract_mesh()
+        if _memory_kind(x) == HOST:   # each batch shard slices its rows of micro-batch i where they live
+          spec = sharding.input_spec(k, x.shape, mesh)
+
+          def local(x, i):   # x: this shard's m' x A rows; micro-batch i is its rows i, i + A, ...
+            if x.shape[0] == accum_steps:
+              return jax.lax.dynamic_slice_in_dim(x, i, 1, axis=0)
+            x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+            return jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+          return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec, check_vma=False)(x, i)
         x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
         x = jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
-        mesh = jax.sharding.get_abstract_mesh()
-        return jax.lax.with_sharding_constraint(x, NamedSharding(
-            mesh, sharding.input_spec(k, x.shape, mesh), memory_kind=_memory_kind(batch[k])))
+        return jax.lax.with_sharding_constraint(x, P(*sharding.input_spec(k, x.shape, mesh)))
 
       def body(acc, i):
         mb = {k: micro(k, v, i) for k, v in batch.items()}
