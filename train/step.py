@@ -103,7 +103,13 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
 
           def local(x, i):   # x: this shard's m' x A rows; micro-batch i is its rows i, i + A, ...
             if x.shape[0] == accum_steps:
-              return jax.lax.dynamic_slice_in_dim(x, i, 1, axis=0)
+              # Row i as a slice of the merged (row, next axis) axis, reshapes that are
+              # bitcasts: the model's own slice of the next axis (a frame chunk) then
+              # merges with this one into a 1-D slice of host memory, the only kind
+              # TPU's host offloading does ("Async slice only supports slicing in 1
+              # dimension"); a row slice then a frame slice would merge into a 2-D one.
+              flat = x.reshape((-1,) + x.shape[2:])
+              return jax.lax.dynamic_slice_in_dim(flat, i * x.shape[1], x.shape[1], axis=0).reshape((1,) + x.shape[1:])
             x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
             return jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
           return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec, check_vma=False)(x, i)
