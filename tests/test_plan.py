@@ -45,6 +45,14 @@ def test_sequence_length_becomes_frames_and_text_by_one_rule():
   assert s.text_len - 1 + 2 * s.frames == 262144 and s.frames == 129024
   with pytest.raises(ValueError, match="shorter than"):
     plan.shape_for(4096, base, 2, 1024, movie=True)
+  s = plan.shape_for(1 << 20, base, 2, 1024, movie=True, frames=131072)   # --frames: the text fills the rest
+  assert (s.frames, s.text_len, s.text_len + s.frames) == (131072, 917504, 1 << 20)
+  s = plan.shape_for(262144, clip, 2, 1024, frames=1024)
+  assert (s.frames, s.text_len - 1 + 2 * s.frames) == (1024, 262144)
+  with pytest.raises(ValueError, match="frame_chunk"):
+    plan.shape_for(1 << 20, base, 2, 1024, movie=True, frames=1000)
+  with pytest.raises(ValueError, match="leave no text"):
+    plan.shape_for(65536, base, 2, 1024, movie=True, frames=32768)
 
 
 def test_mesh_is_the_configs_where_it_fits_else_sequence_first():

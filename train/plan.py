@@ -17,7 +17,10 @@ v5p-8 is 4 chips; v5e-N / v5litepod-N / v6e-N count chips), a libtpu topology na
 for, turned into the config's text length and frames by `shape_for` (printed), with
 the global batch scaled to keep the config's LLM tokens per step (--batch overrides).
 The mesh is the config's where it fits the devices and the batch, else `choose_mesh`'s
-(printed); the micro-batch is one row per batch shard (`--accum` overrides).
+(printed); the micro-batch is one row per batch shard (`--accum` overrides). --frames N
+fixes the frames per row instead of the config's share (the text fills the rest): a
+movie's 1M positions at the recipe's share are 522K frames, whose features alone are
+376 GB; --frames 131072 plans 36 hours of 1-fps video with a long text.
 
 Per chip it prints the compiled step's memory (arguments, temporaries, outputs, total)
 against HBM, host memory where inputs or saved activations live there, the model
