@@ -305,38 +305,34 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _list_flag(errs: list, flag: str, text: str, parse, expected: str, what: str, ok, why: str) -> list:
+  """A comma-separated flag parsed, with what is wrong with it appended to `errs`."""
+  try:
+    values = parse(text)
+  except ValueError:
+    errs.append(f"{flag} {text!r}: expected {expected}")
+    return []
+  if not values:
+    errs.append(f"{flag}: no {what} given")
+  bad = [v for v in values if not ok(v)]
+  if bad:
+    errs.append(f"{flag} {bad}: {why}")
+  if len(set(values)) != len(values):
+    errs.append(f"{flag} {values}: repeated {what}")
+  return values
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   """Parses and checks every flag (no model is loaded); a bad one exits with status 2
   and a message naming it."""
   p = build_parser()
   a = p.parse_args(argv)
   errs = []
-  try:
-    a.lengths = _ints(a.lengths)
-  except ValueError:
-    errs.append(f"--lengths {a.lengths!r}: expected comma-separated integers")
-    a.lengths = []
-  else:
-    if not a.lengths:
-      errs.append("--lengths: no length given")
-    bad = [n for n in a.lengths if n < synthetic.NEEDLE_FRAMES]
-    if bad:
-      errs.append(f"--lengths {bad}: a clip needs >= {synthetic.NEEDLE_FRAMES} frames (the needle's)")
-    if len(set(a.lengths)) != len(a.lengths):
-      errs.append(f"--lengths {a.lengths}: repeated length")
-  try:
-    a.depths = _floats(a.depths)
-  except ValueError:
-    errs.append(f"--depths {a.depths!r}: expected comma-separated numbers (percent)")
-    a.depths = []
-  else:
-    if not a.depths:
-      errs.append("--depths: no depth given")
-    bad = [d for d in a.depths if not 0 <= d <= 100]
-    if bad:
-      errs.append(f"--depths {bad}: depths are percentages in [0, 100]")
-    if len(set(a.depths)) != len(a.depths):
-      errs.append(f"--depths {a.depths}: repeated depth")
+  a.lengths = _list_flag(errs, "--lengths", a.lengths, _ints, "comma-separated integers", "length",
+                         lambda n: n >= synthetic.NEEDLE_FRAMES,
+                         f"a clip needs >= {synthetic.NEEDLE_FRAMES} frames (the needle's)")
+  a.depths = _list_flag(errs, "--depths", a.depths, _floats, "comma-separated numbers (percent)", "depth",
+                        lambda d: 0 <= d <= 100, "depths are percentages in [0, 100]")
   for flag, v, low in (("--per-cell", a.per_cell, 1), ("--prefill-chunk", a.prefill_chunk, 0),
                        ("--batch-size", a.batch_size, 1), ("--max-batch-frames", a.max_batch_frames, 1),
                        ("--max-new-tokens", a.max_new_tokens, 1), ("--size", a.size, 0)):

@@ -236,14 +236,19 @@ def generate_split(out: str, split: str, n: int, rng, *, size: int, frames: int,
     samples.append(sample_json(f"{split}_{i:05d}", rel, [(q, a) for _, q, a in qas], image_every_turn))
     truth.append(dict(id=f"{split}_{i:05d}", kind=qas[0][0], answer=qas[0][2], objects=objects,
                       qa=[dict(kind=k, question=q, answer=a) for k, q, a in qas]))
+  _run(_write_clip, jobs, workers, chunksize=64)
+  return samples, truth
+
+
+def _run(write, jobs, workers: int, chunksize: int) -> None:
+  """write(job) for every job, in `workers` processes where > 1."""
   if workers > 1:
     # spawn, not fork: callers (tests) may have JAX's threads running
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      pool.map(_write_clip, jobs, chunksize=64)
+      pool.map(write, jobs, chunksize=chunksize)
   else:
     for job in jobs:
-      _write_clip(job)
-  return samples, truth
+      write(job)
 
 
 NEEDLE_FRAMES = 3   # frames a needle is shown for
@@ -299,12 +304,7 @@ def generate_long(out: str, n: int, rng, *, size: int, frames: int | tuple[int, 
     samples.append(sample_json(f"long_{i:05d}", rel, [(NEEDLE_QUESTION, color)]))
     truth.append(dict(id=f"long_{i:05d}", kind="needle", answer=color, shape=shape, depth=depth,
                       frame=needle_frame(depth, f), frames=f))
-  if workers > 1:
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      pool.map(_write_needle, jobs, chunksize=16)
-  else:
-    for job in jobs:
-      _write_needle(job)
+  _run(_write_needle, jobs, workers, chunksize=16)
   return samples, truth
 
 
