@@ -108,6 +108,11 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
               # merges with this one into a 1-D slice of host memory, the only kind
               # TPU's host offloading does ("Async slice only supports slicing in 1
               # dimension"); a row slice then a frame slice would merge into a 2-D one.
+              # XLA's host offloading takes this reshape for the long-video recipe's
+              # shapes (train.plan compiles its 64K step for v5p: f16[8, 7680, 256, 1408]
+              # a chip), not for every shape: a tiny f16[8, 2, 5, 32] fails ("Only
+              # handling bitcasts with majormost dimension of size 1"). The lasting fix
+              # is host features laid out (frame block, row, frame) by the loader.
               flat = x.reshape((-1,) + x.shape[2:])
               return jax.lax.dynamic_slice_in_dim(flat, i * x.shape[1], x.shape[1], axis=0).reshape((1,) + x.shape[1:])
             x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
