@@ -6,8 +6,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# One persistent compilation cache per test session, shared by the subprocesses the tests
+# start (they inherit these variables): the same tiny train step or decode loop, built
+# afresh by many tests and CLI runs, compiles once. A fresh directory each session, so
+# nothing carries over between runs; removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix="llamavid_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# A compiled executable: a fresh compile, or one read from the persistent cache above.
+COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

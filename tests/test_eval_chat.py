@@ -18,6 +18,7 @@ from eval import chat, score
 from llamavid_jax import generate as gen
 from llamavid_jax import inference
 from llamavid_jax.data import IMAGE_TOKEN_INDEX, synthetic
+from tests.conftest import COMPILE_EVENTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Words of the data fixtures' tokenizers. Q1's prompt is 33 ids, the follow-ups' longer:
@@ -132,8 +133,7 @@ def test_the_json_loop_prints_only_json_lines_and_compiles_once(args, model):
   # Q3: a Q-Former instruction of a third length, in the same bucket
   assert len({len(model.qtokenizer(q).input_ids) for q in (Q1, Q2, Q3)}) == 3
   compiles = []
-  listen = lambda name, secs, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" \
-      else None
+  listen = lambda name, secs, **kw: compiles.append(name) if name in COMPILE_EVENTS else None
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     run(args + GREEDY + ["--json"], stdin=f"{Q1}\n{Q3}\n")

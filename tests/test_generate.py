@@ -7,6 +7,7 @@ from flax import linen as nn
 
 from llamavid_jax import generate as G
 from llamavid_jax.models import LlamaVid
+from tests.conftest import COMPILE_EVENTS
 
 L = 6
 
@@ -118,8 +119,7 @@ def test_twenty_requests_compile_once_per_bucket(setup, tiny_cfg):
   model, params, _ = setup
   rng = np.random.RandomState(1)
   compiles = []
-  listen = lambda name, secs, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" \
-      else None
+  listen = lambda name, secs, **kw: compiles.append(name) if name in COMPILE_EVENTS else None
   jax.monitoring.register_event_duration_secs_listener(listen)
   buckets = set()
   try:
