@@ -44,8 +44,8 @@ def one_device():
   return run_steps(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
 
 
-@pytest.mark.parametrize("shape", [{"data": 1, "fsdp": 8}, {"data": 2, "tensor": 4}, {"data": 8}],
-                         ids=["1x8", "2x4", "8x1"])
+# Pure data parallelism is the data axis of 2x4 (one fewer compile of the same step).
+@pytest.mark.parametrize("shape", [{"data": 1, "fsdp": 8}, {"data": 2, "tensor": 4}], ids=["1x8", "2x4"])
 @pytest.mark.slow
 def test_meshes_give_the_losses_of_one_device(shape, one_device):
   c = tiny_config()
