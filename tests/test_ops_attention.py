@@ -140,6 +140,7 @@ def test_auto_picks_per_backend_and_the_ring_on_a_split_sequence():
   shape = (1, 1024, 8, 64)
   assert A.auto_impl(shape, shape, True, False, backend="tpu") == "splash"
   assert A.auto_impl(shape, shape, True, False, backend="gpu") == "cudnn"
+  assert A.auto_impl(shape, shape, True, False, backend="gpu", dtype=jnp.float32) == "chunked"   # no fp32 cuDNN
   assert A.auto_impl(shape, shape, True, False, backend="cpu") == "chunked"
   assert A.auto_impl(shape, (1, 4096, 8, 64), True, False, backend="gpu") == "chunked"   # a KV cache
   assert A.auto_impl(shape, shape, True, True, backend="tpu") == "chunked"                # explicit slots

@@ -449,23 +449,26 @@ def _splash(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK, interpret=
                       lambda q, k, v: _chunked(q, k, v, kv_valid, q_slots, None, scale, block), q, k, v)
 
 
-def auto_impl(q_shape, k_shape, causal: bool, explicit_slots: bool, backend: str | None = None) -> str:
+def auto_impl(q_shape, k_shape, causal: bool, explicit_slots: bool, backend: str | None = None,
+              dtype=jnp.bfloat16) -> str:
   """What `auto` runs: `ring` where the current mesh splits the sequence; else per
-  backend, `splash` on TPU (causal self-attention in whole blocks), `cudnn` on GPU,
-  `chunked` elsewhere (and wherever the fused kernels do not apply)."""
+  backend, `splash` on TPU (causal self-attention in whole blocks), `cudnn` on GPU (in
+  bf16 / fp16: cuDNN's flash kernel has no fp32), `chunked` elsewhere (and wherever the
+  fused kernels do not apply)."""
   if ring_shards("ring") > 1:
     return "ring"
   backend = backend or jax.default_backend()
   s, t = q_shape[1], k_shape[1]
   if backend == "tpu" and causal and not explicit_slots and s == t and s >= 128 and s % min(BLOCK, s) == 0:
     return "splash"
-  if backend in ("gpu", "cuda", "rocm") and causal and not explicit_slots and s == t:
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if backend in ("gpu", "cuda", "rocm") and causal and not explicit_slots and s == t and half:
     return "cudnn"
   return "chunked"
 
 
 def _auto(q, k, v, kv_valid, q_slots, kv_slots, scale):
-  impl = auto_impl(q.shape, k.shape, q_slots is not None, kv_slots is not None)
+  impl = auto_impl(q.shape, k.shape, q_slots is not None, kv_slots is not None, dtype=q.dtype)
   return IMPLS[impl](q, k, v, kv_valid, q_slots, kv_slots, scale)
 
 
