@@ -11,8 +11,10 @@ sequence-sharded kernels can build it per block:
   q_slots  int32[B, S]  causal: query i sees the keys whose slot is <= q_slots[i]; None =
                         no causality
   kv_slots int32[B, T]  each key's slot; None = its index (arange(T)). Training on a ring
-                        passes its zig-zag order here (`ring_order`); the slots must be
-                        non-decreasing within each device's chunk (both layouts are)
+                        passes its zig-zag order here (`ring_order`). Any order is
+                        correct; the blockwise kernels skip exactly the masked work when
+                        the slots are non-decreasing within each device's chunk (both
+                        layouts are)
 
 Implementations:
   xla         jax.nn.dot_product_attention on a dense mask (short sequences)
