@@ -83,10 +83,19 @@ def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:
   return nn.logical_to_mesh_axes(tuple(names), rules)
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, one mesh axis or a tuple of them) as a tuple of axes."""
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def shards(mesh: Mesh, entry) -> int:
+  """The number of devices a PartitionSpec entry splits its dim over."""
+  return math.prod(mesh.shape[a] for a in spec_axes(entry))
+
+
 def mesh_axes(name: str, rules=LOGICAL_RULES) -> tuple[str, ...]:
   """The mesh axes a logical axis maps to: mesh_axes("batch") == ("data", "fsdp")."""
-  axes = logical_to_spec((name,), rules)[0]
-  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return spec_axes(logical_to_spec((name,), rules)[0])
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
@@ -95,10 +104,10 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   replicated) instead of failing. Real configs divide evenly."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = spec_axes(axes)
     while names and dim % math.prod(mesh.shape[a] for a in names):
       names = names[:-1]
-    whole = names == ((axes,) if isinstance(axes, str) else tuple(axes or ()))
+    whole = names == spec_axes(axes)
     out.append(axes if whole else names[0] if len(names) == 1 else names or None)
   return P(*out)
 

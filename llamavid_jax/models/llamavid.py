@@ -22,7 +22,6 @@ Decoding follows big_vision: `prefill_cache` then `extend_cache` one token at a 
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +66,7 @@ def _place_shifted(flat, input_ids, text_mask, image_token_id: int, s_out: int):
   b, k, d = flat.shape
   rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
   spec = sharding.fit_spec(sharding.logical_to_spec(("batch", "length", None), rules), (b, s_out, d), mesh)
-  axes = (spec[1],) if isinstance(spec[1], str) else tuple(spec[1] or ())
-  g = math.prod(mesh.shape[a] for a in axes)
+  axes, g = sharding.spec_axes(spec[1]), sharding.shards(mesh, spec[1])
   text = input_ids.shape[1]
   if g == 1 or k % g or s_out % g or 2 * text > k // g or s_out - k != text - 1:   # s_out - k = text - 1: P = 1
     return None
@@ -102,7 +100,7 @@ def _chunk_fetcher(features, chunk: int):
     return whole, 1
   rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
   spec = sharding.fit_spec(sharding.logical_to_spec(("batch", "frames", None, None), rules), features.shape, mesh)
-  g = math.prod(mesh.shape[a] for a in ((spec[1],) if isinstance(spec[1], str) else spec[1] or ()))
+  g = sharding.shards(mesh, spec[1])
   if g == 1 or chunk % g:
     return whole, 1
   c = chunk // g

@@ -440,9 +440,9 @@ def _splash(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK, interpret=
 
   mesh = _current_mesh()
   if mesh is not None:
-    axes = lambda a: (a,) if isinstance(a, str) else tuple(a or ())
+    from llamavid_jax import sharding
     qs, ks, _, _ = _specs(q, k, mesh, sharding_axis(q, k, mesh))
-    if any(mesh.shape[a] > 1 for a in axes(qs[1])):
+    if sharding.shards(mesh, qs[1]) > 1:
       raise ValueError(f"splash attention: the sequence is split over {qs[1]}: use attention_impl='ring'")
     qs, ks = P(qs[0], None, *qs[2:]), P(ks[0], None, *ks[2:])
     local = jax.shard_map(local, mesh=mesh, in_specs=(qs, ks, ks, P(qs[0], None)), out_specs=qs, check_vma=False)
