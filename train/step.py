@@ -96,6 +96,10 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
       # [m, A] and take column i, so every micro-batch is spread over all devices. Each
       # step slices its own rows (no transposed copy of the batch): an input that lives
       # in host memory stays there, a micro-batch at a time reaching the device.
+      def column(x, i):   # rows i, i + A, ... of x
+        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+        return jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+
       def micro(k, x, i):
         mesh = jax.sharding.get_abstract_mesh()
         if _memory_kind(x) == HOST:   # each batch shard slices its rows of micro-batch i where they live
@@ -115,11 +119,9 @@ def make_train_step(model: LlamaVid, tx: optax.GradientTransformation, schedule,
               # is host features laid out (frame block, row, frame) by the loader.
               flat = x.reshape((-1,) + x.shape[2:])
               return jax.lax.dynamic_slice_in_dim(flat, i * x.shape[1], x.shape[1], axis=0).reshape((1,) + x.shape[1:])
-            x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
-            return jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+            return column(x, i)
           return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec, check_vma=False)(x, i)
-        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
-        x = jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+        x = column(x, i)
         return jax.lax.with_sharding_constraint(x, P(*sharding.input_spec(k, x.shape, mesh)))
 
       def body(acc, i):

@@ -3,7 +3,6 @@ scanned, rematerialised layer stack."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import jax
@@ -15,6 +14,11 @@ Dtype = Any
 
 def partitioned(init, names: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(names))
+
+
+def kernel_param(module: nn.Module, shape: tuple[int, ...], names, std: float, dtype):
+  """A module's "kernel": normal(std) init, logical axis `names` (DenseGeneral's, Kernel's)."""
+  return module.param("kernel", partitioned(nn.initializers.normal(std), names), shape, dtype)
 
 
 class DenseGeneral(nn.Module):
@@ -33,8 +37,7 @@ class DenseGeneral(nn.Module):
   def __call__(self, x):
     axis = tuple(a % x.ndim for a in self.axis)
     in_dims = tuple(x.shape[a] for a in axis)
-    kernel = self.param("kernel", partitioned(nn.initializers.normal(self.std), self.names),
-                        in_dims + self.features, self.param_dtype)
+    kernel = kernel_param(self, in_dims + self.features, self.names, self.std, self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
     if self.use_bias:
@@ -54,8 +57,7 @@ class Kernel(nn.Module):
 
   @nn.compact
   def __call__(self):
-    return self.param("kernel", partitioned(nn.initializers.normal(self.std), self.names), self.shape,
-                      self.param_dtype)
+    return kernel_param(self, self.shape, self.names, self.std, self.param_dtype)
 
 
 def length_shards(length: int) -> int:
@@ -65,9 +67,7 @@ def length_shards(length: int) -> int:
   if mesh.empty:
     return 1
   rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
-  axes = sharding.fit_spec(sharding.logical_to_spec(("length",), rules), (length,), mesh)[0]
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(mesh.shape[a] for a in axes)
+  return sharding.shards(mesh, sharding.fit_spec(sharding.logical_to_spec(("length",), rules), (length,), mesh)[0])
 
 
 def over_sequence_chunks(f, x, chunk: int):

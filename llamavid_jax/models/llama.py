@@ -77,31 +77,29 @@ class LlamaBlock(nn.Module):
                   kv_slots=kv_slots, impl=self.attention_impl)
     x = x + dense(c.d_model, ("heads", "kv", "embed"), axis=(-2, -1), name="o_proj", **proj)(y)
     h = RMSNorm(c.rms_eps, name="post_attention_norm", **kw)(x)
-    x = x + self.mlp(h, proj)
+    x = x + self.mlp(h)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, cache
 
-  def mlp(self, h, proj):
+  def mlp(self, h):
     """SwiGLU: float[B, S, D] -> float[B, S, D]. Longer than `mlp_chunk` positions (per
     sequence shard), it runs a chunk at a time (`over_sequence_chunks`) on the same
     parameters. Not a library feature: MaxText and friends do not chunk the MLP, but at
     256K positions a chip its [S, mlp] activations are most of a 7B layer's memory."""
     c = self.cfg
-    if not (self.mlp_chunk and h.shape[1] > self.mlp_chunk * length_shards(h.shape[1])):
-      gate = dense(c.mlp_dim, ("embed", "mlp"), name="gate_proj", **proj)(h)
-      up = dense(c.mlp_dim, ("embed", "mlp"), name="up_proj", **proj)(h)
-      y = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-      return dense(c.d_model, ("mlp", "embed"), name="down_proj", **proj)(y)
     kw = dict(std=c.initializer_range, param_dtype=self.param_dtype)
     wg = Kernel((c.d_model, c.mlp_dim), ("embed", "mlp"), name="gate_proj", **kw)().astype(self.dtype)
     wu = Kernel((c.d_model, c.mlp_dim), ("embed", "mlp"), name="up_proj", **kw)().astype(self.dtype)
     wd = Kernel((c.mlp_dim, c.d_model), ("mlp", "embed"), name="down_proj", **kw)().astype(self.dtype)
 
-    def swiglu(h):   # [B, shards, chunk, D] -> [B, shards, chunk, D]
+    def swiglu(h):   # [B, ..., D] -> [B, ..., D]: [B, S, D], or a chunk [B, shards, chunk, D]
       h = h.astype(self.dtype)
       y = jax.nn.silu(h @ wg) * (h @ wu)
-      return nn.with_logical_constraint(y, ("batch", "length", None, "mlp")) @ wd
+      names = ("batch", "length") + (None,) * (y.ndim - 3) + ("mlp",)
+      return nn.with_logical_constraint(y, names) @ wd
 
+    if not (self.mlp_chunk and h.shape[1] > self.mlp_chunk * length_shards(h.shape[1])):
+      return swiglu(h)
     return over_sequence_chunks(swiglu, h, self.mlp_chunk)
 
 
