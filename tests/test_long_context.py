@@ -1,6 +1,8 @@
 """Long sequences: the loss in sequence chunks equals the plain loss, and the blockwise
 attention's memory stays linear in the sequence under the scanned layers."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,36 +68,99 @@ def test_offloaded_layer_inputs_give_the_gradients_of_full_remat():
     Llama(cfg, remat_policy="offload_everything").init(jax.random.key(0), x, pos, pos, valid)
 
 
-def test_frame_tokens_placed_by_neighbour_blocks_equal_the_gather(tiny_cfg):
-  """With the LLM length split over `sequence`, one placeholder's frame tokens are
-  shifted into place from each device's block and its neighbours' (no all-gather of
-  the K frame tokens): the spliced embeddings are those of the plain gather."""
-  import dataclasses
-  from flax import linen as nn
-  from llamavid_jax import sharding
-  cfg = dataclasses.replace(tiny_cfg, frame_chunk=4)
-  model = LlamaVid(cfg)
-  b, s, t = 4, 5, 16                                       # K = 32, S' = 36: blocks of 16 and 18 on sequence=2
-  rng = np.random.default_rng(0)
+def _placement_inputs(cfg, mode, rng):
+  """Model inputs whose frame tokens land on a split LLM length: `one` placeholder (K =
+  32, S' = 36), `two` placeholders (P = 2: every block visited), `movie` (64 frames,
+  placeholders among subtitles: S' = 144, blocks of 16 / 18 on 8 devices, so 7 rounds
+  of the ring suffice), with left/right padding and padding frames."""
+  v = cfg.vision
+  if mode == "movie":
+    b, s, t = 2, 80, 64
+    ids = np.zeros((b, s), np.int32)
+    text_mask = np.zeros((b, s), bool)
+    for row, (frames, subs) in enumerate([(64, 8), (50, 5)]):
+      r = [1, 5]
+      for f in range(frames):
+        r += [cfg.image_token_id] + list(rng.integers(3, cfg.llm.vocab_size, int(f < subs)))
+      r += list(rng.integers(3, cfg.llm.vocab_size, s - frames - subs - 2 - 3 * row))
+      ids[row, :len(r)], text_mask[row, :len(r)] = r, True
+    frame_mask = np.arange(t)[None] < np.array([[64], [50]])
+    n, width = cfg.feature_shape
+    q = rng.integers(1, cfg.qformer.vocab_size, (b, 6)).astype(np.int32)
+    return dict(input_ids=ids, text_mask=text_mask, frame_mask=frame_mask, qformer_ids=q,
+                qformer_mask=np.ones((b, 6), bool), features=rng.standard_normal((b, t, n, width)).astype(np.float32))
+  b, s, t = 4, 5, 16
   ids = rng.integers(3, cfg.llm.vocab_size, (b, s)).astype(np.int32)
   ids[np.arange(b), [0, 1, 2, 4]] = cfg.image_token_id     # the placeholder anywhere in the text
+  q = rng.integers(1, cfg.qformer.vocab_size, (b, 6)).astype(np.int32)
+  if mode == "two":
+    ids[np.arange(b), [3, 4, 0, 1]] = cfg.image_token_id   # a second one, before or after the first
+    q = np.stack([q, q[::-1]], axis=1)                     # [B, P = 2, L]
   text_mask = np.ones((b, s), bool)
   text_mask[3, :2] = False                                 # left padding
   frame_mask = np.arange(t)[None] < np.array([[16], [12], [16], [9]])
-  v = cfg.vision
-  inputs = dict(input_ids=ids, text_mask=text_mask, frame_mask=frame_mask,
-                qformer_ids=rng.integers(1, cfg.qformer.vocab_size, (b, 6)).astype(np.int32),
-                qformer_mask=np.ones((b, 6), bool),
-                features=rng.standard_normal((b, t, v.num_tokens, v.width)).astype(np.float32))
+  return dict(input_ids=ids, text_mask=text_mask, frame_mask=frame_mask, qformer_ids=q,
+              qformer_mask=np.ones(q.shape, bool),
+              features=rng.standard_normal((b, t, v.num_tokens, v.width)).astype(np.float32))
+
+
+@pytest.mark.parametrize("mode,mesh_shape", [("two", {"fsdp": 2, "sequence": 4}), ("movie", {"fsdp": 1, "sequence": 8})])
+def test_frame_tokens_placed_round_the_ring_equal_the_gather(tiny_cfg, mode, mesh_shape):
+  """With the LLM length split over `sequence`, the frame tokens reach their positions
+  by blocks sent round the ring (no all-gather of the K frame tokens): the spliced
+  embeddings are those of the plain one-device gather. (One placeholder: the ring
+  training step in tests/test_train_step.py.)"""
+  import dataclasses
+  from flax import linen as nn
+  from llamavid_jax import sharding
+  cfg = dataclasses.replace(tiny_cfg, frame_chunk=4, video_mode="movie" if mode == "movie" else "clip")
+  model = LlamaVid(cfg)
+  inputs = _placement_inputs(cfg, mode, np.random.default_rng(0))
   params = jax.jit(model.init)(jax.random.key(0), **inputs)["params"]
   embed = jax.jit(lambda p, x: model.apply({"params": p}, **x, method=LlamaVid.embed_inputs)[0])
   want = embed(params, inputs)
-  mesh = sharding.make_mesh({"fsdp": 4, "sequence": 2})
+  mesh = sharding.make_mesh(mesh_shape)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     lowered = embed.lower(params, inputs)
     got = embed(params, inputs)
-  assert "collective-permute" in lowered.compile().as_text()   # the neighbour exchange, not the gather
+  assert "collective-permute" in lowered.compile().as_text()   # the ring, not the gather
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_ring_placement_reaches_the_farthest_source_in_the_fewest_rounds():
+  """A monotone placement at its extreme (src[p] = p - S + 1: the most text before the
+  frame tokens that S text positions allow) over 8 devices, K = 128 sources, S' = 144,
+  S = 17: ring_rounds' 3 rounds reach every source (the result and its gradient, the
+  reverse ring's, are the gather's), and 3 is the least: with 2 the farthest positions
+  keep zeros. A placement in no order takes all 8 rounds."""
+  from flax import linen as nn
+  from llamavid_jax import sharding
+  from llamavid_jax.models import llamavid
+  g, k, s_out, text = 8, 128, 144, 17
+  assert llamavid.ring_rounds(g, k // g, s_out // g, text) == 3
+  rng = np.random.default_rng(0)
+  flat = rng.standard_normal((2, k, 4)).astype(np.float32)
+  p = np.arange(s_out)
+  src = np.stack([np.clip(p - text + 1, 0, k - 1), np.clip(p - rng.integers(0, text, s_out), 0, k - 1)])
+  src = np.maximum.accumulate(src, axis=1).astype(np.int32)            # monotone, p - S < src <= p
+  want = np.take_along_axis(flat, src[..., None], 1)
+  w = rng.standard_normal(want.shape).astype(np.float32)
+  grad = lambda place: jax.jit(jax.grad(lambda f: jnp.sum(place(f) * w)))(flat)
+  want_grad = grad(lambda f: jnp.take_along_axis(f, src[..., None], 1))
+  mesh = sharding.make_mesh({"sequence": g})
+  for rounds, equal in ((3, True), (2, False)):
+    with mock.patch.object(llamavid, "ring_rounds", lambda *a: rounds), jax.set_mesh(mesh), \
+         nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      place = lambda f: llamavid._place(f, src, text, monotone=True)
+      got, got_grad = np.asarray(jax.jit(place)(flat)), np.asarray(grad(place))
+    assert np.array_equal(got, want) == equal
+    assert np.allclose(got_grad, want_grad, atol=1e-6) == equal
+  anywhere = rng.integers(0, k, (2, s_out)).astype(np.int32)         # not monotone: all 8 rounds
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    place = lambda f: llamavid._place(f, anywhere, text, monotone=False)
+    np.testing.assert_array_equal(jax.jit(place)(flat), np.take_along_axis(flat, anywhere[..., None], 1))
+    np.testing.assert_allclose(grad(place), grad(lambda f: jnp.take_along_axis(f, anywhere[..., None], 1)),
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("mesh_shape", [None, {"fsdp": 2, "sequence": 4}])

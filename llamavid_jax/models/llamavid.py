@@ -51,41 +51,78 @@ def _on_device(x):
   return x
 
 
-def _place_shifted(flat, input_ids, text_mask, image_token_id: int, s_out: int):
-  """One placeholder per sample (P = 1) with the LLM length split over G devices: the
-  frame tokens flat float[B, K, D] land on output positions off_b .. off_b + K - 1 (off_b:
-  the placeholder's index), a shift, done per device from its own block and its two
-  neighbours' (ppermute) instead of the gather, which would all-gather all K tokens on
-  every device (2 x 32 GiB at 4M positions). -> float[B, S', D] (valid at the visual
-  positions only), or None where this does not apply (P > 1, no mesh split, blocks
-  that do not divide or hold less than the text)."""
+def ring_rounds(g: int, lk: int, ls: int, text_len: int) -> int:
+  """Rounds of `_place` that reach every source of a monotone placement (p - S < src[p]
+  <= p, S = text_len) over G devices (blocks of Lk sources, Ls positions): device i
+  visits blocks i + 1, i, i - 1, ... down to the lowest its positions i Ls .. reach."""
+  if g * (ls - lk) > lk:             # src[p] <= p < (i + 1) Ls may lie beyond block i + 1
+    return g
+  return min(g, max(i + 2 - max(0, (i * ls - text_len + 1) // lk) for i in range(g)))
+
+
+def _place(flat, src, text_len: int, monotone: bool):
+  """The frame tokens flat float[B, K, D] moved to the LLM positions: position p takes
+  flat[src[p]] (src int32[B, S'], read at the visual positions only) -> float[B, S', D],
+  or None where no mesh splits the length (the caller's plain gather is then local) or
+  the blocks do not divide.
+
+  With the length split over G devices a gather would all-gather all K tokens on every
+  device (32 GiB a chip for 2M frames at 4M positions). Here the blocks travel round
+  the ring instead, one ppermute a round (ring attention's pattern), and each device
+  picks its positions' tokens out of the block it holds: two blocks in memory. G rounds
+  visit every block; `monotone` placements (one placeholder, or movie mode: the frame
+  tokens in order, fewer than S text positions before any, so p - S < src[p] <= p) need
+  only `ring_rounds`."""
   from llamavid_jax import sharding
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
   b, k, d = flat.shape
+  s_out = src.shape[1]
   rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
   spec = sharding.fit_spec(sharding.logical_to_spec(("batch", "length", None), rules), (b, s_out, d), mesh)
   axes, g = sharding.spec_axes(spec[1]), sharding.shards(mesh, spec[1])
-  text = input_ids.shape[1]
-  if g == 1 or k % g or s_out % g or 2 * text > k // g or s_out - k != text - 1:   # s_out - k = text - 1: P = 1
+  if g == 1 or k % g or s_out % g:
     return None
   lk, ls = k // g, s_out // g
-  is_img = (input_ids == image_token_id) & text_mask.astype(bool)
-  off = jnp.argmax(is_img, axis=1).astype(jnp.int32)                      # [B] the placeholder's position
+  rounds = ring_rounds(g, lk, ls, text_len) if monotone else g
   axis = axes[0] if len(axes) == 1 else axes
+  ring = lambda x, step: jax.lax.ppermute(x, axis, [(j, (j + step) % g) for j in range(g)])
 
-  def local(blk, off):                                                    # blk [b, Lk, D]
-    i = jax.lax.axis_index(axis)
-    prev = jax.lax.ppermute(blk, axis, [(j, j + 1) for j in range(g - 1)])   # block i - 1 (zeros on 0)
-    nxt = jax.lax.ppermute(blk, axis, [(j + 1, j) for j in range(g - 1)])    # block i + 1
-    window = jnp.concatenate([prev, blk, nxt], axis=1)                   # source (i - 1) Lk .. (i + 2) Lk
-    start = i * ls - off - (i - 1) * lk                                  # [b] output i Ls = source i Ls - off
-    return jax.vmap(lambda w, st: jax.lax.dynamic_slice_in_dim(w, st, ls, axis=0))(window, start)
+  def owned(src, r):   # round r: device i holds block i + 1 - r -> (index into it, hit) [b, Ls]
+    idx = src - ((jax.lax.axis_index(axis) + 1 - r) % g) * lk
+    return jnp.clip(idx, 0, lk - 1), (idx >= 0) & (idx < lk)
 
-  place = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(spec[0])), out_specs=spec,
+  def forward(blk, src):                                # blk [b, Lk, D]; src [b, Ls] -> [b, Ls, D]
+    def visit(r, carry):
+      held, out = carry
+      idx, hit = owned(src, r)
+      out = jnp.where(hit[..., None], jnp.take_along_axis(held, idx[..., None], 1), out)
+      return ring(held, 1), out
+
+    out = jnp.zeros((blk.shape[0], ls, d), blk.dtype)
+    return jax.lax.fori_loop(0, rounds, visit, (ring(blk, -1), out))[1]   # starts at block i + 1
+
+  def backward(src, ct):                                # ct [b, Ls, D] -> d blk [b, Lk, D]
+    def visit(r, acc):                                  # acc: block i + 1 - r's, travelling with it
+      idx, hit = owned(src, r)
+      add = jax.vmap(lambda a, i, x: a.at[i].add(x))
+      return ring(add(acc, idx, jnp.where(hit[..., None], ct, 0)), 1)
+
+    acc = jax.lax.fori_loop(0, rounds, visit, jnp.zeros((ct.shape[0], lk, d), ct.dtype))
+    return ring(acc, 1 - rounds)                        # block i + 1 - rounds + 1, home to its device
+
+  # A custom VJP so that the backward pass is the reverse ring (each block's gradient
+  # travels and is added to where its tokens were picked): autodiff of the loop would
+  # keep every round's [b, Ls, D] select mask (8.5 GiB a chip at 4M positions).
+  @jax.custom_vjp
+  def place(blk, src):
+    return forward(blk, src)
+
+  place.defvjp(lambda blk, src: (forward(blk, src), src), lambda src, ct: (backward(src, ct), None))
+  local = jax.shard_map(place, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(*spec[:2])), out_specs=spec,
                         check_vma=False)
-  return place(flat, off)
+  return local(flat, src)
 
 
 def _chunk_fetcher(features, chunk: int):
@@ -208,7 +245,7 @@ class LlamaVid(nn.Module):
     qformer_ids, qformer_mask = _prompts(qformer_ids, qformer_mask)
     layout = splice_layout(input_ids, text_mask, frame_mask, c.tokens_per_frame, c.image_token_id,
                            qformer_ids.shape[1], movie=c.movie)
-    x = jnp.take_along_axis(self.llm.embed(input_ids), layout.text_idx[..., None], 1)
+    x = self.llm.embed(jnp.take_along_axis(input_ids, layout.text_idx, 1))   # ids gathered: no [B, S, D] gather
     out = {"layout": layout}
     if frame_mask.shape[1]:
       vis, weights = self.encode_visual(frame_mask, qformer_ids, qformer_mask, frames, features)
@@ -216,9 +253,10 @@ class LlamaVid(nn.Module):
       # frame's (movie: [B, 1, T*tpf, D] read as T placeholders of tpf)
       k = c.tokens_per_frame if c.movie else vis.shape[2]
       flat = vis.reshape(vis.shape[0], -1, vis.shape[-1])                   # [B, P*T*tpf, D]
-      v = None if c.movie else _place_shifted(flat, input_ids, text_mask, c.image_token_id, x.shape[1])
-      if v is None:   # the general gather (the operand is all-gathered where the length is split)
-        v = jnp.take_along_axis(flat, (layout.prompt_idx * k + layout.vis_idx)[..., None], 1)
+      src = layout.prompt_idx * k + layout.vis_idx                          # [B, S'] into flat
+      v = _place(flat, src, input_ids.shape[1], monotone=c.movie or vis.shape[1] == 1)
+      if v is None:   # no split length: the plain gather
+        v = jnp.take_along_axis(flat, src[..., None], 1)
       x = jnp.where(layout.is_vis[..., None], v.astype(x.dtype), x)
       out["context_attention"] = weights
     x = jnp.where(layout.valid[..., None], x, 0)
