@@ -27,7 +27,7 @@ NUM_SAMPLES = 9_000
 def get_config(arg: str | None = None):
   a = common.parse_arg(arg, size="7b")
   c = common.defaults()
-  c.model = common.release_model(a.size, attention_impl="ring", frame_chunk=1024, mlp_chunk=16384, video_mode="movie",
+  c.model = common.release_model(a.size, attention_impl="auto", frame_chunk=1024, mlp_chunk=16384, video_mode="movie",
                                  llm=dict(max_positions=MAX_LEN, rope_scaling=float(math.ceil(MAX_LEN / 4096))))
   c.mesh = dict(data=1, fsdp=-1, tensor=1, sequence=8)
   c.batch_size = 8

@@ -2,6 +2,9 @@
 reference: outputs and gradients, with GQA, causality and key padding."""
 
 import dataclasses
+import functools
+import math
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -145,10 +148,51 @@ def test_auto_picks_per_backend_and_the_ring_on_a_split_sequence():
   assert A.auto_impl(shape, (1, 4096, 8, 64), True, False, backend="gpu") == "chunked"   # a KV cache
   assert A.auto_impl(shape, shape, True, True, backend="tpu") == "chunked"                # explicit slots
   with jax.set_mesh(sharding.make_mesh({"sequence": 2}, jax.devices()[:2])):
-    assert A.auto_impl(shape, shape, True, False, backend="tpu") == "ring"
+    assert A.auto_impl(shape, shape, True, True, backend="tpu") == "splash"   # the splash ring: 256-chunks
+    assert A.auto_impl((1, 1280, 8, 64), (1, 1280, 8, 64), True, True, backend="tpu") == "ring"   # 320-chunks
+    assert A.auto_impl(shape, shape, True, True, backend="cpu") == "ring"
   q, k, v, kv_valid, slots = inputs()
   np.testing.assert_allclose(A.attention(q, k, v, kv_valid=kv_valid, q_slots=slots, impl="auto"),
                              A.attention(q, k, v, kv_valid=kv_valid, q_slots=slots, impl="reference"), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape", [{"data": 2, "sequence": 4}])
+def test_splash_ring_equals_the_reference_in_the_pallas_interpreter(mesh_shape):
+  """Splash inside the ring's shard_map (Pallas' interpreter on CPU): the zig-zag
+  training layout, chunks of 128, GQA, one row right-padded past a chunk; forward and
+  gradients against the dense fp32 reference on the real rows. A layout that is not
+  the zig-zag one (natural order on the ring) takes the blockwise ring at run time."""
+  n = mesh_shape["sequence"]
+  b, s, h, kh, d = 2, 2 * n * 128, 4, 2, 64
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, s, m, d)), jnp.float32) for m in (h, kh, kh))
+  valid = jnp.asarray(np.arange(s)[None] < np.array([[s], [s - 200]]))
+  slots = jnp.broadcast_to(jnp.arange(s), (b, s))
+  keep = np.asarray(valid)[:, :, None, None]
+  w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  zz, back = (lambda x: A.zigzag(x, n)), (lambda x: A.zigzag(x, n, inverse=True))
+
+  def ring(q, k, v, order=True):
+    f = zz if order else (lambda x: x)
+    out = A.attention(f(q), f(k), f(v), kv_valid=f(valid), q_slots=f(slots), kv_slots=f(slots), impl="splash")
+    return back(out) if order else out
+
+  loss = lambda f: jax.value_and_grad(lambda *x: jnp.sum(jnp.where(keep, f(*x), 0) * w), argnums=(0, 1, 2))
+  want = loss(lambda q, k, v: A._reference(q, k, v, valid, slots, None, d ** -0.5))(q, k, v)
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape.values())])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), mock.patch.dict(
+      A.IMPLS, splash=functools.partial(A._splash, interpret=True)):
+    got = jax.jit(loss(ring))(*_on_mesh(mesh, q, k, v))
+    out, natural = (jax.jit(lambda *x: ring(*x, order=o))(*_on_mesh(mesh, q, k, v)) for o in (True, False))
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, r in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-4)
+  ref = lambda m: A._reference(q, k, v, m, slots, None, d ** -0.5)
+  # which kernel ran shows on the padding rows: splash's segment ids let a padded query
+  # see the padded keys, the blockwise kernel the real ones
+  np.testing.assert_allclose(np.where(keep, 0, out), np.where(keep, 0, ref(~valid)), atol=1e-5)
+  np.testing.assert_allclose(natural, ref(valid), atol=1e-5)
 
 
 @pytest.mark.slow

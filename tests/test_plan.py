@@ -117,3 +117,29 @@ def test_splash_attention_lowers_and_compiles_for_v5p():
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k, valid)
     assert lowered.as_text().count("tpu_custom_call") == 3   # forward, dq, dkv kernels
     assert lowered.compile().memory_analysis().temp_size_in_bytes > 0
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI's venv has none")
+def test_splash_ring_lowers_and_compiles_for_v5p():
+  """attention_impl="splash" with the sequence split (fsdp 2 x sequence 2 on v5p-8): the
+  ring of splash steps in the zig-zag layout; 3 step kernels forward, and their dq and
+  dkv backward kernels."""
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from llamavid_jax import sharding
+  from llamavid_jax.ops import attention as A
+  mesh = sharding.make_mesh(dict(fsdp=2, sequence=2), list(plan.topology("v5p-8").devices))
+  b, s, h, kh, d = 2, 4096, 8, 4, 128
+  spec = NamedSharding(mesh, P("fsdp", "sequence"))
+  q = jax.ShapeDtypeStruct((b, s, h, d), jnp.bfloat16, sharding=spec)
+  k = jax.ShapeDtypeStruct((b, s, kh, d), jnp.bfloat16, sharding=spec)
+  valid = jax.ShapeDtypeStruct((b, s), jnp.bool_, sharding=spec)
+  order = lambda: jnp.broadcast_to(A.zigzag(jnp.arange(s), 2, axis=0), (b, s))
+  loss = lambda q, k, v, m: jnp.sum(A.attention(q, k, v, kv_valid=m, q_slots=order(), kv_slots=order(),
+                                                impl="splash").astype(jnp.float32) ** 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), jax.default_matmul_precision("default"):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k, valid)
+    assert lowered.as_text().count("tpu_custom_call") == 9
+    assert lowered.compile().memory_analysis().temp_size_in_bytes > 0

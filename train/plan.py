@@ -354,7 +354,7 @@ def plan(c, topo: Topology, seq_len: int | None = None, batch: int | None = None
       batch, batch_rule = max(rows, batch // rows * rows), batch_rule + f", a multiple of data x fsdp = {rows}"
   except ValueError:
     pass
-  sizes, mesh_why = choose_mesh(c.mesh, n, shape, batch, model_cfg.attention_impl == "ring")
+  sizes, mesh_why = choose_mesh(c.mesh, n, shape, batch, model_cfg.attention_impl in ("ring", "splash", "auto"))
   rows = sizes["data"] * sizes["fsdp"]
   if batch % rows and scaled:
     batch = max(rows, batch // rows * rows)

@@ -32,10 +32,11 @@ Implementations:
               2n-1-d of 2n), so every device does the same number of blocks.
   splash      TPU only: Pallas splash attention (jax.experimental.pallas.ops.tpu), causal
               self-attention of training (query i at slot i, S = T in whole blocks;
-              padding by segment ids), shard_mapped over batch and heads; the sequence
-              must not be split (sequence-sharded: `ring`).
+              padding by segment ids), shard_mapped over batch and heads. With the
+              sequence split over `sequence`, a ring of splash steps in the zig-zag
+              layout (`_splash_ring`: one static-mask kernel a step, no masked block).
   auto        per backend: splash on TPU, cudnn on GPU, chunked on CPU; a sequence split
-              over `sequence` always takes `ring`.
+              over `sequence` takes the splash ring on TPU, `ring` elsewhere.
 """
 
 from __future__ import annotations
@@ -369,7 +370,7 @@ def ring_shards(impl: str) -> int:
   """The number of ring devices `impl` splits the sequence over under the current mesh
   (1: no ring)."""
   mesh = _current_mesh()
-  if impl not in ("ring", "auto") or mesh is None:
+  if impl not in ("ring", "splash", "auto") or mesh is None:
     return 1
   return mesh.shape.get("sequence", 1)
 
@@ -422,6 +423,8 @@ def _splash(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK, interpret=
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   b, s, h, _ = q.shape
+  if ring_shards("splash") > 1:
+    return _splash_ring(q, k, v, kv_valid, q_slots, kv_slots, scale, _current_mesh(), interpret=interpret)
   if q_slots is None or kv_slots is not None or s != k.shape[1] or s % min(block, s):
     raise ValueError(f"splash attention: causal self-attention (S = T in whole {block}-blocks) only, got "
                      f"S={s}, T={k.shape[1]}, causal={q_slots is not None}")
@@ -443,7 +446,7 @@ def _splash(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK, interpret=
     from llamavid_jax import sharding
     qs, ks, _, _ = _specs(q, k, mesh, sharding_axis(q, k, mesh))
     if sharding.shards(mesh, qs[1]) > 1:
-      raise ValueError(f"splash attention: the sequence is split over {qs[1]}: use attention_impl='ring'")
+      raise ValueError(f"splash attention: the sequence is split over {qs[1]}, not over 'sequence'")
     qs, ks = P(qs[0], None, *qs[2:]), P(ks[0], None, *ks[2:])
     local = jax.shard_map(local, mesh=mesh, in_specs=(qs, ks, ks, P(qs[0], None)), out_specs=qs, check_vma=False)
   layout = jnp.all(q_slots == jnp.arange(s, dtype=q_slots.dtype)[None])
@@ -451,16 +454,230 @@ def _splash(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK, interpret=
                       lambda q, k, v: _chunked(q, k, v, kv_valid, q_slots, None, scale, block), q, k, v)
 
 
+# --- splash inside the ring ------------------------------------------------------------
+# In the zig-zag layout (chunks d and 2n-1-d of 2n on device d, c positions each) every
+# step of the ring is one of three fixed shapes: step 0 is causal self-attention over
+# the device's own 2c positions (its slots increase); at step s it holds the chunks of
+# device j = d - s mod n, and either j < d (all 2c queries see the first chunk of j in
+# full) or j > d (the second chunk of queries sees both chunks of j in full). So each
+# step is one splash call on a static mask (causal, or full 2c x c / c x 2c), picked by
+# a lax.cond: only unmasked blocks are computed, and every device computes as many.
+# The steps merge by their log-sum-exps. The backward pass needs each step's gradients
+# against the *global* statistics (the merged output and log-sum-exp), which splash's
+# public VJP cannot take (its own residuals are the step's); `_splash_block_bwd` calls
+# the kernel module's backward with them. Tested in Pallas' interpreter on CPU.
+
+def _splash_block(c: int) -> int:
+  """The splash block for zig-zag chunks of c positions: 512 or the largest multiple of
+  128 dividing c; 0 where there is none (c not a multiple of 128)."""
+  b = math.gcd(c, BLOCK)
+  return b if b % 128 == 0 else 0
+
+
+def _ring_kernels(c: int, heads: int, interpret: bool):
+  """The three splash kernels of a ring step (save_residuals: they return the
+  log-sum-exp): causal (2c, 2c), the early chunk full (2c, c), the late queries full
+  (c, 2c)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  blk = _splash_block(c)
+  sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                        block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+  make = lambda mask: sk.make_splash_mha(mask=sm.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
+                                         block_sizes=sizes, save_residuals=True, interpret=interpret)
+  return make(sm.CausalMask((2 * c, 2 * c))), make(sm.FullMask((2 * c, c))), make(sm.FullMask((c, 2 * c)))
+
+
+_heads_first = lambda x: jnp.swapaxes(x, 1, 2)           # [b, S, H, D] <-> [b, H, S, D]
+
+
+def _splash_block_fwd(kernel, q, k, v, q_seg, kv_seg):
+  """q [b, s, H, D] (scaled), k, v [b, t, K, D], segment ids int32[b, s] / [b, t] ->
+  (o float32[b, s, H, D], lse float32[b, H, s])."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  o, (lse,) = jax.vmap(kernel)(_heads_first(q), _heads_first(k), _heads_first(v), sk.SegmentIds(q=q_seg, kv=kv_seg))
+  return _heads_first(o).astype(jnp.float32), lse
+
+
+def _splash_block_bwd(kernel, q, k, v, q_seg, kv_seg, o, lse, do):
+  """The gradients (dq, dk, dv, float32) of one step's block against the merged output
+  o [b, s, H, D] and log-sum-exp lse [b, H, s]: splash's backward kernels (dq, dkv)
+  given those statistics as their residuals."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  kw = kernel.kwargs
+
+  def collapse(info):   # as the kernel's own entry point does with partial mask blocks
+    if info is None or info.partial_mask_blocks is None:
+      return info
+    return info._replace(partial_mask_blocks=info.partial_mask_blocks.reshape(-1, *info.partial_mask_blocks.shape[-2:]))
+
+  def one(q, k, v, q_seg, kv_seg, o, lse, do):
+    res = (q, k, v, sk.SegmentIds(q=q_seg, kv=kv_seg), None, o, lse, collapse(kernel.dq_mask_info),
+           collapse(kernel.dkv_mask_info))
+    grads = sk._splash_attention_bwd(False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"],
+                                     kw["residual_checkpoint_name"], kw["mask_function"],
+                                     kw["attn_logits_soft_cap"], kw["interpret"], res, do)
+    return grads[3:6]
+
+  hf = _heads_first
+  dq, dk, dv = jax.vmap(one)(hf(q), hf(k), hf(v), q_seg, kv_seg, hf(o), lse, hf(do))
+  return tuple(hf(g).astype(jnp.float32) for g in (dq, dk, dv))
+
+
+def _merge(o, lse, o_s, lse_s):
+  """Two partial softmaxes over disjoint keys -> their union's (o, lse)."""
+  new = jnp.logaddexp(lse, lse_s)
+  w = lambda l: jnp.moveaxis(jnp.exp(l - new), -1, 1)[..., None]        # [b, s, H, 1]
+  return o * w(lse) + o_s * w(lse_s), new
+
+
+def _splash_ring_fwd_local(use, q, k, v, seg, q_slots, k_slots, *, axis, interpret):
+  """Per device: q [b, 2c, H, D] (scaled), k, v [b, 2c, K, D], seg int32[b, 2c] (1 real,
+  0 padding) -> (o float32[b, 2c, H, D], lse float32[b, H, 2c]): the splash steps where
+  `use` (the layout is zig-zag), else the blockwise kernel's on the slots."""
+  n, d = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+  b, s, h, dh = q.shape
+  c = s // 2
+
+  def splash():
+    causal, early, late = _ring_kernels(c, h, interpret)
+    o, lse = _splash_block_fwd(causal, q, k, v, seg, seg)
+
+    def step(i, carry):
+      o, lse, kv = carry
+      kv = _ring_shift(kv, axis)                       # now device d - i's chunks
+      kc, vc, sc = kv
+
+      def from_early(kc, vc, sc):                      # j < d: all queries, j's first chunk
+        return _splash_block_fwd(early, q, kc[:, :c], vc[:, :c], seg, sc[:, :c])
+
+      def from_late(kc, vc, sc):                       # j > d: the second chunk of queries, all of j
+        o2, l2 = _splash_block_fwd(late, q[:, c:], kc, vc, seg[:, c:], sc)
+        return (jnp.concatenate([jnp.zeros_like(o2), o2], 1),
+                jnp.concatenate([jnp.full_like(l2, NEG), l2], -1))
+
+      o_s, lse_s = jax.lax.cond((d - i) % n < d, from_early, from_late, kc, vc, sc)
+      return (*_merge(o, lse, o_s, lse_s), kv)
+
+    o, lse, _ = _loop(n - 1, lambda i, carry: step(i + 1, carry), (o, lse, (k, v, seg)))
+    return o, lse
+
+  def blockwise():
+    o, lse = _local_fwd(q, k, v, q_slots, seg > 0, k_slots, scale=1.0, axis=axis, block=_splash_block(c))
+    return o.reshape(b, s, h, dh), lse.reshape(b, h, s)
+
+  return jax.lax.cond(use, splash, blockwise)
+
+
+def _splash_ring_bwd_local(use, q, k, v, seg, q_slots, k_slots, o, lse, do, *, axis, interpret):
+  """The backward pass per device: the same steps, each block's gradients against the
+  merged statistics; dK/dV travel with their chunks and come home at the end."""
+  n, d = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+  b, s, h, dh = q.shape
+  c = s // 2
+
+  def splash():
+    causal, early, late = _ring_kernels(c, h, interpret)
+    dq, dk, dv = _splash_block_bwd(causal, q, k, v, seg, seg, o, lse, do)
+
+    def step(i, carry):
+      dq, travel = carry
+      kc, vc, sc, dk, dv = _ring_shift(travel, axis)
+
+      def from_early(kc, vc, sc):
+        gq, gk, gv = _splash_block_bwd(early, q, kc[:, :c], vc[:, :c], seg, sc[:, :c], o, lse, do)
+        pad = lambda g: jnp.concatenate([g, jnp.zeros_like(g)], 1)
+        return gq, pad(gk), pad(gv)
+
+      def from_late(kc, vc, sc):
+        gq, gk, gv = _splash_block_bwd(late, q[:, c:], kc, vc, seg[:, c:], sc, o[:, c:], lse[..., c:], do[:, c:])
+        return jnp.concatenate([jnp.zeros_like(gq), gq], 1), gk, gv
+
+      gq, gk, gv = jax.lax.cond((d - i) % n < d, from_early, from_late, kc, vc, sc)
+      return dq + gq, (kc, vc, sc, dk + gk, dv + gv)
+
+    dq, travel = _loop(n - 1, lambda i, carry: step(i + 1, carry), (dq, (k, v, seg, dk, dv)))
+    dk, dv = _ring_shift(travel[3:], axis)            # the n-th shift: home
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+  def blockwise():
+    kh = k.shape[2]
+    return _local_bwd(q, k, v, q_slots, seg > 0, k_slots, o.reshape(b, s, kh, h // kh, dh),
+                      lse.reshape(b, kh, h // kh, s), do, scale=1.0, axis=axis, block=_splash_block(c))
+
+  return jax.lax.cond(use, splash, blockwise)
+
+
+def _splash_ring_specs(q, k, mesh, axis):
+  qs, ks, qsl, _ = _specs(q, k, mesh, axis)
+  return qs, ks, qsl, P(qs[0], qs[2], qs[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _splash_ring_op(use, q, k, v, seg, q_slots, k_slots, axis, mesh, interpret):
+  return _splash_ring_op_fwd(use, q, k, v, seg, q_slots, k_slots, axis, mesh, interpret)[0]
+
+
+def _splash_ring_op_fwd(use, q, k, v, seg, q_slots, k_slots, axis, mesh, interpret):
+  qs, ks, sl, stat = _splash_ring_specs(q, k, mesh, axis)
+  fwd = jax.shard_map(functools.partial(_splash_ring_fwd_local, axis=axis, interpret=interpret), mesh=mesh,
+                      in_specs=(P(), qs, ks, ks, sl, sl, sl), out_specs=(qs, stat), check_vma=False)
+  o, lse = fwd(use, q, k, v, seg, q_slots, k_slots)
+  return o.astype(q.dtype), (use, q, k, v, seg, q_slots, k_slots, o, lse)
+
+
+def _splash_ring_op_bwd(axis, mesh, interpret, res, g):
+  use, q, k, v, seg, q_slots, k_slots, o, lse = res
+  qs, ks, sl, stat = _splash_ring_specs(q, k, mesh, axis)
+  bwd = jax.shard_map(functools.partial(_splash_ring_bwd_local, axis=axis, interpret=interpret), mesh=mesh,
+                      in_specs=(P(), qs, ks, ks, sl, sl, sl, qs, stat, qs), out_specs=(qs, ks, ks), check_vma=False)
+  return (None, *bwd(use, q, k, v, seg, q_slots, k_slots, o, lse, g), None, None, None)
+
+
+_splash_ring_op.defvjp(_splash_ring_op_fwd, _splash_ring_op_bwd)
+
+
+def _splash_ring(q, k, v, kv_valid, q_slots, kv_slots, scale, mesh, axis="sequence", interpret=False):
+  """`splash` with the sequence split over `axis`: the ring above for the training
+  layout in zig-zag order (q_slots = kv_slots = `ring_order`, checked at run time),
+  the blockwise kernel's steps for any other."""
+  n, (b, s) = mesh.shape[axis], q.shape[:2]
+  if q_slots is None or kv_slots is None or s != k.shape[1] or s % (2 * n) or not _splash_block(s // (2 * n)):
+    raise ValueError(f"splash attention on a ring of {n}: causal self-attention with key slots, in chunks of "
+                     f"a multiple of 128 positions (S = 2 x {n} x c), got S={s}, T={k.shape[1]}, "
+                     f"causal={q_slots is not None}, key slots={kv_slots is not None}")
+  # the choice is made inside the one custom VJP (a lax.cond in each shard_map), not by
+  # a lax.cond between this ring and `_ring`: that one crashes libtpu's memory space
+  # assignment (jax 0.10.2, "Check failed: preferred_offset ... Aliased use")
+  order = zigzag(jnp.arange(s, dtype=jnp.int32), n, axis=0)[None]
+  use = jnp.all(q_slots == order) & jnp.all(kv_slots == order)
+  seg = (jnp.ones((b, s), bool) if kv_valid is None else kv_valid).astype(jnp.int32)
+  # q scaled here (splash takes no scale), so the kernels' dq is d(loss)/d(scaled q)
+  return _splash_ring_op(use, q * jnp.asarray(scale, q.dtype), k, v, seg, q_slots.astype(jnp.int32),
+                         kv_slots.astype(jnp.int32), axis, mesh, interpret)
+
+
+def target_backend() -> str:
+  """The platform the current computation is for: that of the enclosing mesh's devices
+  (a TPU topology's in an ahead-of-time plan on a CPU host), else JAX's default."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return getattr(device, "platform", None) or jax.default_backend()
+
+
 def auto_impl(q_shape, k_shape, causal: bool, explicit_slots: bool, backend: str | None = None,
               dtype=jnp.bfloat16) -> str:
-  """What `auto` runs: `ring` where the current mesh splits the sequence; else per
+  """What `auto` runs: where the current mesh splits the sequence, a ring (of splash
+  steps on TPU, else `ring`); else per
   backend, `splash` on TPU (causal self-attention in whole blocks), `cudnn` on GPU (in
   bf16 / fp16: cuDNN's flash kernel has no fp32), `chunked` elsewhere (and wherever the
   fused kernels do not apply)."""
-  if ring_shards("ring") > 1:
-    return "ring"
-  backend = backend or jax.default_backend()
+  backend = backend or target_backend()
   s, t = q_shape[1], k_shape[1]
+  n = ring_shards("ring")
+  if n > 1:   # splash inside the ring on TPU, for the zig-zag training layout in whole 128-blocks
+    fits = causal and s == t and s % (2 * n) == 0 and _splash_block(s // (2 * n))
+    return "splash" if backend == "tpu" and fits else "ring"
   if backend == "tpu" and causal and not explicit_slots and s == t and s >= 128 and s % min(BLOCK, s) == 0:
     return "splash"
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
