@@ -274,9 +274,9 @@ def test_frame_chunks_equal_all_frames_at_once(tiny_cfg):
   """frame_chunk (nn.scan over chunks of frames, for long videos) changes nothing."""
   model = LlamaVid(tiny_cfg)
   batch = make_batch(tiny_cfg, 4, np.random.RandomState(3), valid_frames=[4, 3])
-  params = model.init(jax.random.key(0), **batch)["params"]
-  want, out = model.apply({"params": params}, **batch)
-  got, out2 = LlamaVid(dataclasses.replace(tiny_cfg, frame_chunk=2)).apply({"params": params}, **batch)
+  params = jax.jit(model.init)(jax.random.key(0), **batch)["params"]   # jit: one compile, not op by op
+  want, out = jax.jit(model.apply)({"params": params}, **batch)
+  got, out2 = jax.jit(LlamaVid(dataclasses.replace(tiny_cfg, frame_chunk=2)).apply)({"params": params}, **batch)
   np.testing.assert_allclose(got, want, atol=1e-5)
   np.testing.assert_allclose(out2["context_attention"], out["context_attention"], atol=1e-6)
 
