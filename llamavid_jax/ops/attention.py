@@ -468,8 +468,8 @@ def _splash(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK, interpret=
 # the kernel module's backward with them. Tested in Pallas' interpreter on CPU.
 
 def _splash_block(c: int) -> int:
-  """The splash block for zig-zag chunks of c positions: 512 or the largest multiple of
-  128 dividing c; 0 where there is none (c not a multiple of 128)."""
+  """The splash block for zig-zag chunks of c positions: gcd(c, 512), so 512, 256 or
+  128; 0 where c is not a multiple of 128."""
   b = math.gcd(c, BLOCK)
   return b if b % 128 == 0 else 0
 
