@@ -529,27 +529,29 @@ def _merge(o, lse, o_s, lse_s):
   return o * jnp.exp(lse - new)[..., None] + o_s * jnp.exp(lse_s - new)[..., None], new
 
 
-def _splash_ring_fwd_local(use, q, k, v, seg, *, axis, interpret):
+def _splash_ring_fwd_local(use, q, k, v, seg, q_slots, k_slots, *, axis, interpret):
   """Per device: q [b, 2c, H, D] (scaled), k, v [b, 2c, K, D], seg int32[b, 2c] (1 real,
-  0 padding), in the zig-zag layout -> (o float32[b, 2c, H, D], lse float32[b, H, 2c]).
-  The steps work heads first (the kernels' layout), transposed once, not a step at a
-  time."""
+  0 padding) -> (o float32[b, 2c, H, D], lse float32[b, H, 2c]): the splash steps where
+  `use` (the layout is zig-zag), else the blockwise kernel's on the slots. The splash
+  steps work heads first (the kernels' layout), transposed once, not a step at a time."""
   n, d = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
-  c, h = q.shape[1] // 2, q.shape[2]
-  def ring():
+  b, s, h, dh = q.shape
+  c = s // 2
+
+  def splash():
     causal, early, late = _ring_kernels(c, h, interpret)
-    qh = _heads_first(q)                                 # [b, H, 2c, D]
-    kv = (_heads_first(k), _heads_first(v), seg)          # [b, K, 2c, D] x 2, [b, 2c]: they travel
+    qh = _heads_first(q)                               # [b, H, 2c, D]
+    kv = (_heads_first(k), _heads_first(v), seg)        # [b, K, 2c, D] x 2, [b, 2c]: they travel
     o, lse = _splash_block_fwd(causal, qh, *kv[:2], seg, seg)
 
     def step(i, carry):
       o, lse, kv = carry
-      kv = _ring_shift(kv, axis)                         # now device d - i's chunks
+      kv = _ring_shift(kv, axis)                       # now device d - i's chunks
 
-      def from_early(o, lse, kc, vc, sc):                # j < d: all queries, j's first chunk
+      def from_early(o, lse, kc, vc, sc):              # j < d: all queries, j's first chunk
         return _merge(o, lse, *_splash_block_fwd(early, qh, kc[:, :, :c], vc[:, :, :c], seg, sc[:, :c]))
 
-      def from_late(o, lse, kc, vc, sc):                 # j > d: the second chunk of queries, all of j
+      def from_late(o, lse, kc, vc, sc):               # j > d: the second chunk of queries, all of j
         o2, l2 = _merge(o[:, :, c:], lse[..., c:], *_splash_block_fwd(late, qh[:, :, c:], kc, vc, seg[:, c:], sc))
         return o.at[:, :, c:].set(o2), lse.at[..., c:].set(l2)
 
@@ -558,18 +560,21 @@ def _splash_ring_fwd_local(use, q, k, v, seg, *, axis, interpret):
     o, lse, _ = _loop(n - 1, lambda i, carry: step(i + 1, carry), (o, lse, kv))
     return _heads_first(o), lse
 
-  def refuse():   # not the zig-zag layout: NaN (a branch that keeps no buffers of its own)
-    return jnp.full(q.shape, jnp.nan, jnp.float32), jnp.full((q.shape[0], h, 2 * c), jnp.nan, jnp.float32)
+  def blockwise():
+    o, lse = _local_fwd(q, k, v, q_slots, seg > 0, k_slots, scale=1.0, axis=axis, block=_splash_block(c))
+    return o.reshape(b, s, h, dh), lse.reshape(b, h, s)
 
-  return jax.lax.cond(use, ring, refuse)
+  return jax.lax.cond(use, splash, blockwise)
 
 
-def _splash_ring_bwd_local(use, q, k, v, seg, o, lse, do, *, axis, interpret):
+def _splash_ring_bwd_local(use, q, k, v, seg, q_slots, k_slots, o, lse, do, *, axis, interpret):
   """The backward pass per device: the same steps, each block's gradients against the
   merged statistics; dK/dV travel with their chunks and come home at the end."""
   n, d = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
-  c, h = q.shape[1] // 2, q.shape[2]
-  def ring():
+  b, s, h, dh = q.shape
+  c = s // 2
+
+  def splash():
     causal, early, late = _ring_kernels(c, h, interpret)
     qh, oh, doh = _heads_first(q), _heads_first(o), _heads_first(do)
     kh, vh = _heads_first(k), _heads_first(v)
@@ -579,7 +584,7 @@ def _splash_ring_bwd_local(use, q, k, v, seg, o, lse, do, *, axis, interpret):
       dq, travel = carry
       kc, vc, sc, dk, dv = _ring_shift(travel, axis)
 
-      def from_early(dq, dk, dv):                        # in place: no padded copies of a step's gradients
+      def from_early(dq, dk, dv):                      # in place: no padded copies of a step's gradients
         gq, gk, gv = _splash_block_bwd(early, qh, kc[:, :, :c], vc[:, :, :c], seg, sc[:, :c], oh, lse, doh)
         return dq + gq, dk.at[:, :, :c].add(gk), dv.at[:, :, :c].add(gv)
 
@@ -592,13 +597,15 @@ def _splash_ring_bwd_local(use, q, k, v, seg, o, lse, do, *, axis, interpret):
       return dq, (kc, vc, sc, dk, dv)
 
     dq, travel = _loop(n - 1, lambda i, carry: step(i + 1, carry), (dq, (kh, vh, seg, dk, dv)))
-    dk, dv = _ring_shift(travel[3:], axis)              # the n-th shift: home
+    dk, dv = _ring_shift(travel[3:], axis)            # the n-th shift: home
     return tuple(_heads_first(g).astype(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
 
-  def refuse():
-    return tuple(jnp.full(x.shape, jnp.nan, x.dtype) for x in (q, k, v))
+  def blockwise():
+    kh = k.shape[2]
+    return _local_bwd(q, k, v, q_slots, seg > 0, k_slots, o.reshape(b, s, kh, h // kh, dh),
+                      lse.reshape(b, kh, h // kh, s), do, scale=1.0, axis=axis, block=_splash_block(c))
 
-  return jax.lax.cond(use, ring, refuse)
+  return jax.lax.cond(use, splash, blockwise)
 
 
 def _splash_ring_specs(q, k, mesh, axis):
@@ -606,51 +613,51 @@ def _splash_ring_specs(q, k, mesh, axis):
   return qs, ks, qsl, P(qs[0], qs[2], qs[1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _splash_ring_op(use, q, k, v, seg, axis, mesh, interpret):
-  return _splash_ring_op_fwd(use, q, k, v, seg, axis, mesh, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _splash_ring_op(use, q, k, v, seg, q_slots, k_slots, axis, mesh, interpret):
+  return _splash_ring_op_fwd(use, q, k, v, seg, q_slots, k_slots, axis, mesh, interpret)[0]
 
 
-def _splash_ring_op_fwd(use, q, k, v, seg, axis, mesh, interpret):
+def _splash_ring_op_fwd(use, q, k, v, seg, q_slots, k_slots, axis, mesh, interpret):
   qs, ks, sl, stat = _splash_ring_specs(q, k, mesh, axis)
   fwd = jax.shard_map(functools.partial(_splash_ring_fwd_local, axis=axis, interpret=interpret), mesh=mesh,
-                      in_specs=(P(), qs, ks, ks, sl), out_specs=(qs, stat), check_vma=False)
-  o, lse = fwd(use, q, k, v, seg)
+                      in_specs=(P(), qs, ks, ks, sl, sl, sl), out_specs=(qs, stat), check_vma=False)
+  o, lse = fwd(use, q, k, v, seg, q_slots, k_slots)
   o = o.astype(q.dtype)   # the output, and the residual (what splash's own VJP keeps)
-  return o, (use, q, k, v, seg, o, lse)
+  return o, (use, q, k, v, seg, q_slots, k_slots, o, lse)
 
 
 def _splash_ring_op_bwd(axis, mesh, interpret, res, g):
-  use, q, k, v, seg, o, lse = res
+  use, q, k, v, seg, q_slots, k_slots, o, lse = res
   qs, ks, sl, stat = _splash_ring_specs(q, k, mesh, axis)
   bwd = jax.shard_map(functools.partial(_splash_ring_bwd_local, axis=axis, interpret=interpret), mesh=mesh,
-                      in_specs=(P(), qs, ks, ks, sl, qs, stat, qs), out_specs=(qs, ks, ks), check_vma=False)
-  return (None, *bwd(use, q, k, v, seg, o, lse, g), None)
+                      in_specs=(P(), qs, ks, ks, sl, sl, sl, qs, stat, qs), out_specs=(qs, ks, ks), check_vma=False)
+  return (None, *bwd(use, q, k, v, seg, q_slots, k_slots, o, lse, g), None, None, None)
 
 
 _splash_ring_op.defvjp(_splash_ring_op_fwd, _splash_ring_op_bwd)
 
 
 def _splash_ring(q, k, v, kv_valid, q_slots, kv_slots, scale, mesh, axis="sequence", interpret=False):
-  """`splash` with the sequence split over `axis`: the ring above, for the training
-  layout in zig-zag order only (q_slots = kv_slots = `ring_order`: what
-  `LlamaVid.hidden_states` lays out). Any other layout gives NaN everywhere, checked at
-  run time: a fallback kernel behind the `lax.cond` would keep buffers of its own (XLA
-  does not share them across the branches: 16 GiB a chip at 1M positions on 4 chips),
-  and a `lax.cond` between this ring and `_ring` crashes libtpu's memory space
-  assignment (jax 0.10.2, "Check failed: preferred_offset ... Aliased use"). (The
-  branch on `use` inside each shard_map also keeps libtpu's copy insertion from
-  failing on the ring's loop, "Can't deep copy instruction tuple".)"""
+  """`splash` with the sequence split over `axis`: the ring above for the training
+  layout in zig-zag order (q_slots = kv_slots = `ring_order`, what
+  `LlamaVid.hidden_states` lays out; checked at run time), the blockwise kernel's steps
+  for any other. The fallback is a branch inside each shard_map of the one custom VJP:
+  a `lax.cond` between this ring and `_ring` crashes libtpu's memory space assignment
+  (jax 0.10.2, "Check failed: preferred_offset ... Aliased use"), and the ring without
+  a branch there fails its copy insertion ("Can't deep copy instruction tuple"). XLA
+  keeps the fallback's buffers apart: 3 GiB a chip at 1M positions on 4 chips."""
   n, (b, s) = mesh.shape[axis], q.shape[:2]
   if q_slots is None or kv_slots is None or s != k.shape[1] or s % (2 * n) or not _splash_block(s // (2 * n)):
-    raise ValueError(f"splash attention on a ring of {n}: causal self-attention in the zig-zag layout, in "
-                     f"chunks of a multiple of 128 positions (S = 2 x {n} x c), got S={s}, T={k.shape[1]}, "
+    raise ValueError(f"splash attention on a ring of {n}: causal self-attention with key slots, in chunks of "
+                     f"a multiple of 128 positions (S = 2 x {n} x c), got S={s}, T={k.shape[1]}, "
                      f"causal={q_slots is not None}, key slots={kv_slots is not None}")
   order = zigzag(jnp.arange(s, dtype=jnp.int32), n, axis=0)[None]
-  layout = jnp.all(q_slots == order) & jnp.all(kv_slots == order)
+  use = jnp.all(q_slots == order) & jnp.all(kv_slots == order)
   seg = (jnp.ones((b, s), bool) if kv_valid is None else kv_valid).astype(jnp.int32)
   # q scaled here (splash takes no scale), so the kernels' dq is d(loss)/d(scaled q)
-  return _splash_ring_op(layout, q * jnp.asarray(scale, q.dtype), k, v, seg, axis, mesh, interpret)
+  return _splash_ring_op(use, q * jnp.asarray(scale, q.dtype), k, v, seg, q_slots.astype(jnp.int32),
+                         kv_slots.astype(jnp.int32), axis, mesh, interpret)
 
 
 def target_backend() -> str:
