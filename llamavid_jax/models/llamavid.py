@@ -87,7 +87,6 @@ def _place(flat, src, text_len: int, monotone: bool):
   lk, ls = k // g, s_out // g
   rounds = ring_rounds(g, lk, ls, text_len) if monotone else g
   axis = axes[0] if len(axes) == 1 else axes
-  ring = lambda x, step: jax.lax.ppermute(x, axis, [(j, (j + step) % g) for j in range(g)])
 
   def owned(src, r):   # round r: device i holds block i + 1 - r -> (index into it, hit) [b, Ls]
     idx = src - ((jax.lax.axis_index(axis) + 1 - r) % g) * lk
@@ -98,19 +97,19 @@ def _place(flat, src, text_len: int, monotone: bool):
       held, out = carry
       idx, hit = owned(src, r)
       out = jnp.where(hit[..., None], jnp.take_along_axis(held, idx[..., None], 1), out)
-      return ring(held, 1), out
+      return attention.ring_shift(held, axis), out
 
     out = jnp.zeros((blk.shape[0], ls, d), blk.dtype)
-    return jax.lax.fori_loop(0, rounds, visit, (ring(blk, -1), out))[1]   # starts at block i + 1
+    return jax.lax.fori_loop(0, rounds, visit, (attention.ring_shift(blk, axis, -1), out))[1]   # starts at block i + 1
 
   def backward(src, ct):                                # ct [b, Ls, D] -> d blk [b, Lk, D]
     def visit(r, acc):                                  # acc: block i + 1 - r's, travelling with it
       idx, hit = owned(src, r)
       add = jax.vmap(lambda a, i, x: a.at[i].add(x))
-      return ring(add(acc, idx, jnp.where(hit[..., None], ct, 0)), 1)
+      return attention.ring_shift(add(acc, idx, jnp.where(hit[..., None], ct, 0)), axis)
 
     acc = jax.lax.fori_loop(0, rounds, visit, jnp.zeros((ct.shape[0], lk, d), ct.dtype))
-    return ring(acc, 1 - rounds)                        # block i + 1 - rounds + 1, home to its device
+    return attention.ring_shift(acc, axis, 1 - rounds)   # block i + 1 - rounds + 1, home to its device
 
   # A custom VJP so that the backward pass is the reverse ring (each block's gradient
   # travels and is added to where its tokens were picked): autodiff of the loop would

@@ -212,11 +212,13 @@ def _bwd_chunk(q, k, v, q_slots, k_slots, k_valid, do, lse, delta, block, scale,
   return _loop(q.shape[1] // qb, tile, carry)
 
 
-def _ring_shift(xs, axis):
+def ring_shift(xs, axis, step: int = 1):
+  """Inside a shard_map: every device's xs (any pytree) sent to device i + step (mod n)
+  of `axis` (a name or a tuple of names; None: unchanged). step 1 is the ring's turn."""
   if axis is None:
     return xs
   n = jax.lax.axis_size(axis)
-  return jax.lax.ppermute(xs, axis, [(i, (i + 1) % n) for i in range(n)])
+  return jax.lax.ppermute(xs, axis, [(i, (i + step) % n) for i in range(n)])
 
 
 def _local_fwd(q, k, v, q_slots, kv_valid, kv_slots, *, scale, axis, block):
@@ -234,7 +236,7 @@ def _local_fwd(q, k, v, q_slots, kv_valid, kv_slots, *, scale, axis, block):
   def step(i, carry):   # a loop, not n unrolled steps: XLA keeps one step's buffers, not n in flight
     (o, m, l), kv = carry
     oml = _fwd_chunk(qg, kv[0], kv[1], q_slots, kv[2], kv[3], (o, m, l), block, scale)   # no work where the chunk is all in the future
-    return oml, _ring_shift(kv, axis)
+    return oml, ring_shift(kv, axis)
 
   (o, m, l), kv = _loop(n - 1, step, ((o, m, l), kv))
   o, m, l = _fwd_chunk(qg, kv[0], kv[1], q_slots, kv[2], kv[3], (o, m, l), block, scale)
@@ -256,7 +258,7 @@ def _local_bwd(q, k, v, q_slots, kv_valid, kv_slots, o, lse, do, *, scale, axis,
   def step(i, carry):
     dq, (kc, vc, slots, valid, dk, dv) = carry
     dq, dk, dv = _bwd_chunk(qg, kc, vc, q_slots, slots, valid, do, lse, delta, block, scale, (dq, dk, dv))
-    return dq, _ring_shift((kc, vc, slots, valid, dk, dv), axis)   # n shifts: dK/dV come home
+    return dq, ring_shift((kc, vc, slots, valid, dk, dv), axis)   # n shifts: dK/dV come home
 
   dq, travel = _loop(n, step, (dq, travel))
   dk, dv = travel[4], travel[5]
@@ -546,7 +548,7 @@ def _splash_ring_fwd_local(use, q, k, v, seg, q_slots, k_slots, *, axis, interpr
 
     def step(i, carry):
       o, lse, kv = carry
-      kv = _ring_shift(kv, axis)                       # now device d - i's chunks
+      kv = ring_shift(kv, axis)                       # now device d - i's chunks
 
       def from_early(o, lse, kc, vc, sc):              # j < d: all queries, j's first chunk
         return _merge(o, lse, *_splash_block_fwd(early, qh, kc[:, :, :c], vc[:, :, :c], seg, sc[:, :c]))
@@ -582,7 +584,7 @@ def _splash_ring_bwd_local(use, q, k, v, seg, q_slots, k_slots, o, lse, do, *, a
 
     def step(i, carry):
       dq, travel = carry
-      kc, vc, sc, dk, dv = _ring_shift(travel, axis)
+      kc, vc, sc, dk, dv = ring_shift(travel, axis)
 
       def from_early(dq, dk, dv):                      # in place: no padded copies of a step's gradients
         gq, gk, gv = _splash_block_bwd(early, qh, kc[:, :, :c], vc[:, :, :c], seg, sc[:, :c], oh, lse, doh)
@@ -597,7 +599,7 @@ def _splash_ring_bwd_local(use, q, k, v, seg, q_slots, k_slots, o, lse, do, *, a
       return dq, (kc, vc, sc, dk, dv)
 
     dq, travel = _loop(n - 1, lambda i, carry: step(i + 1, carry), (dq, (kh, vh, seg, dk, dv)))
-    dk, dv = _ring_shift(travel[3:], axis)            # the n-th shift: home
+    dk, dv = ring_shift(travel[3:], axis)            # the n-th shift: home
     return tuple(_heads_first(g).astype(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
 
   def blockwise():
