@@ -328,6 +328,7 @@ def plan(c, topo: Topology, seq_len: int | None = None, batch: int | None = None
   from llamavid_jax.models import LlamaVid
   from llamavid_jax.models.config import from_dict
   from train import metrics, optim, step as S
+  from llamavid_jax.ops import attention
   from llamavid_jax.sharding import mesh_sizes
   from train.train import build, input_placement
 
@@ -354,7 +355,7 @@ def plan(c, topo: Topology, seq_len: int | None = None, batch: int | None = None
       batch, batch_rule = max(rows, batch // rows * rows), batch_rule + f", a multiple of data x fsdp = {rows}"
   except ValueError:
     pass
-  sizes, mesh_why = choose_mesh(c.mesh, n, shape, batch, model_cfg.attention_impl in ("ring", "splash", "auto"))
+  sizes, mesh_why = choose_mesh(c.mesh, n, shape, batch, model_cfg.attention_impl in attention.RING_IMPLS)
   rows = sizes["data"] * sizes["fsdp"]
   if batch % rows and scaled:
     batch = max(rows, batch // rows * rows)

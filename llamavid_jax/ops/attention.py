@@ -368,11 +368,14 @@ def _ring(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK, axis="sequen
 # applies it once, to the LLM input with its positions, slots and padding (and the loss
 # to its targets), not per layer; attention sees the order through `kv_slots`.
 
+RING_IMPLS = ("ring", "splash", "auto")   # the impls that run as a ring where `sequence` splits the length
+
+
 def ring_shards(impl: str) -> int:
   """The number of ring devices `impl` splits the sequence over under the current mesh
   (1: no ring)."""
   mesh = _current_mesh()
-  if impl not in ("ring", "splash", "auto") or mesh is None:
+  if impl not in RING_IMPLS or mesh is None:
     return 1
   return mesh.shape.get("sequence", 1)
 
