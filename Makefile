@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv test test-fast test-lmms demo needle clean
+.PHONY: venv lint-imports test test-fast test-lmms demo needle clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,11 +17,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
-test: venv
+# The layers (core -> serving -> CLIs, no cycles): pyproject.toml's [tool.importlinter] contracts.
+lint-imports: venv
+	$(BIN)/lint-imports --no-logo
+
+test: lint-imports
 	$(BIN)/python -m pytest -q tests
 
 # Everything but the tests marked `slow` (subprocess / multi-step training, dataset generation, TFDS builds).
-test-fast: venv
+test-fast: lint-imports
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # lmms-eval (optional, its own venv): the `lmms` extra, then lmms-eval itself with --no-deps

@@ -79,8 +79,11 @@ def release_sampling(kw: dict, media: inference.Media | None) -> dict:
 
 
 def check_ckpt(p: argparse.ArgumentParser, path: str) -> None:
-  if not os.path.isdir(path):
-    p.error(f"--ckpt {path}: no such directory")
+  """`inference.check_ckpt` as a usage error of `p`."""
+  try:
+    inference.check_ckpt(path)
+  except inference.CheckpointError as e:
+    p.error(str(e))
 
 
 def _turn(m: inference.Model, turns: list[str], media: inference.Media, kw: dict, as_json: bool, out) -> str:

@@ -230,7 +230,7 @@ def run(args, predictor: Predictor | None = None) -> dict:
   predicted = failed = 0
   seconds = 0.0
   if todo:
-    predictor = predictor or model_predictor(args)
+    predictor = predictor or (mod.predictor(args) if hasattr(mod, "predictor") else model_predictor(args))
     from tqdm import tqdm
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     start = time.perf_counter()

@@ -17,7 +17,7 @@ as LAVIS, the converter builds 39 blocks and ignores block 39, `norm` and `head`
 N blocks instead. Any other key the model does not take is an error.
 
 OUT holds the Orbax parameters, the model config and both tokenizers
-(`checkpoint/orbax_io.py`), so OUT alone runs the model. Weights are streamed one
+(`checkpoint/layout.py`), so OUT alone runs the model. Weights are streamed one
 file at a time (`checkpoint/stream.py`); `--dtype` defaults to the source dtypes,
 which keeps `llamavid_jax.export` bit-exact.
 """

@@ -3,7 +3,7 @@
   python -m llamavid_jax.export --ckpt OUT --out DIR [--max-shard-gb 5] [--no-pth]
   python -m llamavid_jax.export --from-train WORKDIR [--step N] --out DIR
 
-`--from-train` writes DIR in the layout `convert` writes (`checkpoint/orbax_io.py`:
+`--from-train` writes DIR in the layout `convert` writes (`checkpoint/layout.py`:
 model_config.json, params/, tokenizer/, qformer_tokenizer/) from the parameters of
 step N (default: the latest) of WORKDIR/checkpoints (no optimizer state is read), the
 run's WORKDIR/config.json and the tokenizers it names (`data.llm_tokenizer`,
@@ -35,7 +35,7 @@ import shutil
 
 import numpy as np
 
-from llamavid_jax.checkpoint import mapping, orbax_io, release, torch_io
+from llamavid_jax.checkpoint import layout, mapping, orbax_io, release, torch_io
 from llamavid_jax.checkpoint.stream import _progress
 
 log = logging.getLogger("llamavid_jax.export")
@@ -61,7 +61,7 @@ def export(ckpt: str, out: str, *, max_shard_bytes: int = 5 << 30, write_pth: bo
   cfg = orbax_io.load_config(ckpt)
   conv = orbax_io.load_conversion(ckpt)
   if "release_config" not in conv:
-    raise ValueError(f"{os.path.join(ckpt, orbax_io.CONVERSION)}: no release_config (made by "
+    raise ValueError(f"{os.path.join(ckpt, layout.CONVERSION)}: no release_config (made by "
                      f"{conv.get('source', 'an unknown tool')}, not converted from a release): there is no "
                      "release config.json to write")
   params = orbax_io.restore(ckpt, cfg=cfg)
@@ -87,7 +87,7 @@ def export(ckpt: str, out: str, *, max_shard_bytes: int = 5 << 30, write_pth: bo
              release.ignored_summary(conv["vit_ignored"]))
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(conv["release_config"], f, indent=2)
-  tok = os.path.join(ckpt, orbax_io.TOKENIZER)
+  tok = os.path.join(ckpt, layout.TOKENIZER)
   for n in os.listdir(tok):
     shutil.copyfile(os.path.join(tok, n), os.path.join(out, n))
   log.info("wrote %s: %s", out, names)

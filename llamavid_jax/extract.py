@@ -1,8 +1,9 @@
 """ViT features of movies, as the release's `scripts/extra_tool/extract_video_features_subtitles.py`
-makes them: `python -m llamavid_jax.data.features extract` (the CLI is in `data/features.py`).
+makes them (serving: it loads a checkpoint; the files it writes are `data.features`'):
 
-  python -m llamavid_jax.data.features extract --ckpt DIR --video-dir movies/ --out feats/ \\
-      --subtitle-dir subs/ [--dtype float16|bfloat16] [--compute-dtype float32|bfloat16] [--batch-size 64]
+  python -m llamavid_jax.extract --ckpt DIR (--video F | --videos LIST.txt | --video-dir DIR) --out DIR
+      [--subtitles F.srt|F.vtt | --subtitle-dir DIR] [--dtype float16|bfloat16]
+      [--compute-dtype float32|bfloat16] [--batch-size 64]
 
 Per video:
 - frames at 1 fps by the release's rule (every round(avg_fps)-th frame, `data.frames`), each
@@ -31,6 +32,7 @@ the exit status is 1 if any failed, 2 for bad arguments.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import glob
 import math
@@ -44,6 +46,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from llamavid_jax import inference
 from llamavid_jax.data import SampleError
 from llamavid_jax.data import features as ft
 from llamavid_jax.data import subtitles as subs
@@ -71,17 +74,6 @@ class Job:
 
 
 # ---- planning (no model) ---------------------------------------------------------------
-
-
-def check_ckpt(ckpt: str) -> None:
-  """Raises UsageError unless `ckpt` is a converted / inference directory or a train WORKDIR."""
-  from llamavid_jax.checkpoint.orbax_io import MODEL_CONFIG, TRAIN_CHECKPOINTS, TRAIN_CONFIG
-  if not os.path.isdir(ckpt):
-    raise UsageError(f"--ckpt {ckpt}: no such directory")
-  if not (os.path.isfile(os.path.join(ckpt, MODEL_CONFIG)) or (
-      os.path.isfile(os.path.join(ckpt, TRAIN_CONFIG)) and os.path.isdir(os.path.join(ckpt, TRAIN_CHECKPOINTS)))):
-    raise UsageError(f"--ckpt {ckpt}: neither a converted / inference directory (no {MODEL_CONFIG}) nor a "
-                     f"train WORKDIR (no {TRAIN_CONFIG} + {TRAIN_CHECKPOINTS}/)")
 
 
 def list_videos(video: str | None = None, videos: str | None = None, video_dir: str | None = None) -> list[str]:
@@ -295,26 +287,51 @@ def run(jobs: list[Job], load_model: Callable[[], object], *, dtype: str = "floa
   return counts
 
 
-def main(a) -> int:
-  """The `extract` command (`a`: the parsed arguments of `data/features.py`'s parser)."""
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m llamavid_jax.extract",
+                              description="Videos -> ViT features [T, N+1, C] + subtitles -> .safetensors (the "
+                              "release's extract_video_features_subtitles.py).")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--video", help="one video file")
+  src.add_argument("--videos", help="a text file: one video path a line")
+  src.add_argument("--video-dir", help="a directory of videos (not recursive)")
+  p.add_argument("--ckpt", required=True, help="a converted / inference directory or a train WORKDIR")
+  p.add_argument("--out", required=True, help="output directory: <video stem>.safetensors each")
+  st = p.add_mutually_exclusive_group()
+  st.add_argument("--subtitles", help="a .srt / .vtt file for --video")
+  st.add_argument("--subtitle-dir", help="NAME.srt or NAME.vtt for each video NAME.*")
+  p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                 help="stored dtype (float16: the release's)")
+  p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="the ViT's parameters and compute")
+  p.add_argument("--batch-size", type=int, default=64, help="frames per ViT step (over all devices)")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command (module docstring) -> its exit status."""
+  a = parser().parse_args(argv)
   try:
     if a.batch_size < 1:
       raise UsageError(f"--batch-size {a.batch_size}: must be at least 1")
-    check_ckpt(a.ckpt)
+    inference.check_ckpt(a.ckpt)
     videos = list_videos(a.video, a.videos, a.video_dir)
     if os.path.exists(a.out) and not os.path.isdir(a.out):
       raise UsageError(f"--out {a.out}: not a directory")
     jobs = plan(videos, a.out, subtitles=a.subtitles, subtitle_dir=a.subtitle_dir)
     os.makedirs(a.out, exist_ok=True)
-  except (UsageError, OSError) as e:
+  except (UsageError, inference.CheckpointError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
   def load():
-    from llamavid_jax import inference
     return inference.load(a.ckpt, dtype=a.compute_dtype)
 
   counts = run(jobs, load, dtype=a.dtype, batch_size=a.batch_size)
   print(f"{len(jobs)} videos: extracted {counts['extracted']}, skipped {counts['skipped']} (exists), "
         f"failed {counts['failed']}")
   return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

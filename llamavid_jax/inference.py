@@ -32,6 +32,7 @@ prompt, up to and without the `</s>`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Iterator, Literal, Sequence
@@ -40,7 +41,7 @@ import jax
 import numpy as np
 
 from llamavid_jax import generate as gen
-from llamavid_jax.checkpoint import orbax_io
+from llamavid_jax.checkpoint import layout, orbax_io
 from llamavid_jax.data import IMAGE_TOKEN
 from llamavid_jax.data.conversation import build_prompt, get_template, movie_prompt, tokenize_with_image
 from llamavid_jax.models import LlamaVid
@@ -98,6 +99,20 @@ def media_kind(path: str) -> Literal["video", "image", "features"]:
   return "video"
 
 
+class CheckpointError(ValueError):
+  """A --ckpt that is no checkpoint directory (`check_ckpt`)."""
+
+
+def check_ckpt(path: str, flag: str = "--ckpt") -> str:
+  """Raises CheckpointError (one line naming `flag`) unless `path` is a converted /
+  inference directory or a train WORKDIR (`checkpoint.layout`); no file is read."""
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{flag} {path}: no such directory")
+  if layout.kind(path) is None:
+    raise CheckpointError(f"{flag} {layout.neither(path)}")
+  return path
+
+
 def check_file(path: str, what: str) -> str:
   """Raises FileNotFoundError naming `what` (a flag) unless `path` is a file."""
   if not os.path.isfile(path):
@@ -145,6 +160,21 @@ class Model:
     self.eos_id = self.tokenizer.eos_token_id
     self._attention = jax.jit(lambda model, p, x: model.apply(
         {"params": p}, **x, method=LlamaVid.embed_inputs)[2].get("context_attention"), static_argnums=0)
+
+  REPLACEABLE = ("cfg", "dtype", "max_frames", "video_fps", "sample_cap", "image_aspect")
+
+  def replace(self, **changes) -> "Model":
+    """A new Model with `changes` (attributes of REPLACEABLE), sharing this one's
+    parameters and tokenizers (dataclasses.replace style; this one is unchanged). A new
+    `cfg` must keep the parameters' shapes; the module is rebuilt from it."""
+    bad = sorted(set(changes) - set(self.REPLACEABLE))
+    if bad:
+      raise TypeError(f"Model.replace: {bad} cannot be replaced (only {', '.join(self.REPLACEABLE)})")
+    new = copy.copy(self)
+    vars(new).update(changes)
+    if "cfg" in changes:
+      new.model = LlamaVid(new.cfg)
+    return new
 
   @property
   def sampling(self) -> str:

@@ -1,4 +1,4 @@
-"""`features extract`: movies -> 1-fps ViT features + subtitle-interleaved `inputs`, as the
+"""`python -m llamavid_jax.extract`: movies -> 1-fps ViT features + subtitle-interleaved `inputs`, as the
 release's extract_video_features_subtitles.py: features equal to the model's ViT, the
 release's subtitle placement on .srt / .vtt files, a folder that resumes after a kill,
 broken videos named and counted."""
@@ -110,7 +110,7 @@ def _write(path, text):
 
 
 def _extract(*args):
-  return ft.main(["extract", *map(str, args)])
+  return extract.main([*map(str, args)])
 
 
 _VIT = jax.jit(lambda model, p, x: model.apply({"params": p}, x, method=lambda mod, x: mod.vit(x)), static_argnums=0)
@@ -311,3 +311,9 @@ def test_bad_arguments_stop_before_the_model_is_loaded(ckpt, tmp_path, monkeypat
           "batch": ["--ckpt", ckpt, "--video", v, "--batch-size", 0]}[case]
   assert _extract(*args, "--out", tmp_path / "out") == 2
   assert why.format(t=tmp_path) in capsys.readouterr().err
+
+
+def test_the_old_data_command_names_the_new_one(capsys):
+  """`data.features` hosts no command that loads a checkpoint: its old `extract` says where it went."""
+  assert ft.main(["extract", "--ckpt", "my dir", "--video", "a.mp4"]) == 2
+  assert capsys.readouterr().err.strip() == "error: `extract` moved: python -m llamavid_jax.extract --ckpt 'my dir' --video a.mp4"

@@ -377,7 +377,7 @@ def test_mmbench_all_rounds(tmp_path):
 
 def test_registry_and_interface():
   assert set(BENCHMARKS) == {"msvd_qa", "msrvtt_qa", "activitynet_qa", "video_chatgpt", "gqa", "pope", "mme",
-                             "scienceqa", "mmbench", "vqav2"}
+                             "scienceqa", "mmbench", "vqav2", "needle"}
   for name in BENCHMARKS:
     mod = BENCHMARKS[name]
     assert mod.KIND == "generate" and {"temperature", "max_new_tokens"} <= set(mod.GENERATION)

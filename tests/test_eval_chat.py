@@ -159,6 +159,7 @@ def test_the_command_reads_a_runs_inference_directory_on_other_devices(tiny_ckpt
 def test_a_bad_argument_is_named_before_any_model_is_loaded(tmp_path, monkeypatch, capsys, flag, value):
   monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("a model was loaded"))
   open(tmp_path / "clip.mp4", "w").close()
+  open(tmp_path / "model_config.json", "w").close()   # a checkpoint directory, as far as flags are checked
   argv = {"--ckpt": str(tmp_path), "--video": str(tmp_path / "clip.mp4"), "--question": Q1}
   argv[flag] = str(tmp_path / value) if flag in ("--ckpt", "--video") else value
   with pytest.raises(SystemExit) as e:
@@ -168,10 +169,12 @@ def test_a_bad_argument_is_named_before_any_model_is_loaded(tmp_path, monkeypatc
   assert f"{flag} " in err.splitlines()[-1] and value in err, err
 
 
-def test_a_directory_without_a_checkpoint_is_named(tmp_path, video):
+def test_a_directory_without_a_checkpoint_is_named(tmp_path, video, monkeypatch, capsys):
+  monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("a model was loaded"))
   with pytest.raises(SystemExit) as e:
     chat.main(["--ckpt", str(tmp_path), "--video", video, "--question", Q1])
-  assert str(e.value.code).startswith(f"eval.chat: --ckpt {tmp_path}: neither a converted")
+  assert e.value.code == 2
+  assert f"error: --ckpt {tmp_path}: neither a converted" in capsys.readouterr().err.splitlines()[-1]
 
 
 @pytest.mark.parametrize("name, flag", [("clip.mp4", "--video"), ("photo.png", "--image"),

@@ -129,3 +129,27 @@ def test_tiny_model_end_to_end(tmp_path):
   assert all(isinstance(c["answer"], str) for c in saved["clips"])
   assert [r["positions"] for r in saved["runs"]] == [36 - 1 + 2 * 8, 36 - 1 + 2 * 16]   # 36 prompt ids, one -200
   assert Image.open(os.path.join(ev, "needle.png")).format == "PNG"
+
+
+def test_eval_run_runs_the_needle_benchmark_and_resumes(tmp_path):
+  """`python -m eval.run needle`: the same cells through the benchmark runner (records,
+  resume, --score-only, the heat map as --export) on the fake predictor."""
+  from eval import run as runner
+  pred, png = tmp_path / "pred" / "needle.jsonl", tmp_path / "heat.png"
+  argv = ["needle", "--ckpt", str(tmp_path), "--out", str(pred), "--lengths", "4,8", "--depths", "0,50,100",
+          "--per-cell", "2", "--size", "28", "--batch-size", "4", "--no-progress"]
+  asked = []
+  predictor = argparse.Namespace(predict=fake_predict(asked))
+  s = runner.main([*argv, "--export", str(png)], predictor=predictor)
+  assert s["counts"] == dict(items=12, predicted=11, skipped_existing=0, missing_media=0, failed=1)
+  assert s["metric"]["accuracy"] == [[1.0, 0.0, 0.0], [0.0, 0.5, 1.0]] and s["metric"]["overall"] == 5 / 11
+  assert s["metric"]["lengths"] == [4, 8] and s["metric"]["depths"] == [0.0, 50.0, 100.0]
+  assert Image.open(png).format == "PNG" and s["export"]["entries"] == 6
+  assert sorted(os.listdir(tmp_path / "pred" / "needle_clips"))[0] == "needle_L4_d0_0_seed0_s28.mp4"
+  with open(pred) as f:
+    first = json.loads(f.readline())
+  assert first["id"] == "needle_L4_d0_0_seed0" and first["correct"] and first["frame"] == 0
+  again = runner.main(argv, predictor=argparse.Namespace(predict=fake_predict(asked := [])))
+  assert asked == [[4]] and again["counts"]["skipped_existing"] == 11   # only the unanswered clip again
+  scored = runner.main(["needle", "--score-only", "--pred", str(pred)])
+  assert scored["metric"]["accuracy"] == s["metric"]["accuracy"]

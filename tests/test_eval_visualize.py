@@ -83,7 +83,7 @@ def model(tiny_ckpt):
 
 
 @pytest.mark.slow   # the shared tiny training run
-def test_the_cli_draws_the_models_frames_and_attention(model, tmp_path, monkeypatch, capsys):
+def test_the_cli_draws_the_models_frames_and_attention(model, tiny_ckpt, tmp_path, monkeypatch, capsys):
   from llamavid_jax.data.image import frames_to_uint8
   from llamavid_jax.data.video import load_video
   monkeypatch.setattr(inference, "load", lambda *a, **k: model)     # loaded once for the module
@@ -92,7 +92,8 @@ def test_the_cli_draws_the_models_frames_and_attention(model, tmp_path, monkeypa
   monkeypatch.setattr(model, "sample_cap", 4)
   clip = video_fixtures.write_counter_clip(str(tmp_path / "clip.mp4"), 60, 10)
   out = str(tmp_path / "att.png")
-  pic = visualize.main(["--ckpt", str(tmp_path), "--video", clip, "--question", QUESTION, "--out", out,
+  ckpt = os.path.join(tiny_ckpt, "inference")   # its config is read; the model is `model`
+  pic = visualize.main(["--ckpt", ckpt, "--video", clip, "--question", QUESTION, "--out", out,
                         "--frames", "3", "--answer", "--max-new-tokens", "6"])
   assert "wrote" in capsys.readouterr().out
   raw, info = load_video(clip, fps=model.video_fps, max_frames=model.sample_cap)
@@ -110,7 +111,7 @@ def test_the_cli_draws_the_models_frames_and_attention(model, tmp_path, monkeypa
 
   img = tmp_path / "still.png"
   Image.fromarray(video_fixtures.counter_frame(5)).save(img)
-  pic = visualize.main(["--ckpt", str(tmp_path), "--image", str(img), "--question", "What is this?", "--out", out])
+  pic = visualize.main(["--ckpt", ckpt, "--image", str(img), "--question", "What is this?", "--out", out])
   attn = model.context_attention(model.request("What is this?", model.media(image=str(img))))
   assert pic.frames == [0] and pic.captions == [f"image · peak {overlay.peak_ratio(attn)[0]:.1f}×"]
   assert len(pic.title) == 2   # the question and the colour scale: no --answer

@@ -23,6 +23,8 @@ import jax
 import orbax.checkpoint as ocp
 import grain
 
+from llamavid_jax.checkpoint import layout
+
 
 class IteratorState:
   """Adapts any iterator with `get_state()/set_state()` (dict or bytes) to grain's
@@ -134,7 +136,7 @@ class Checkpointer:
     if step in self.mngr.all_steps():
       return False
     self.wait()   # orbax would too; here a failure of the previous save is named by its step
-    items = dict(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_data_item(data_iter)))
+    items = {layout.STATE: ocp.args.StandardSave(state), "data": grain.checkpoint.CheckpointSave(_data_item(data_iter))}
     if self._schedule is not None:
       items["schedule"] = ocp.args.JsonSave(self._schedule)
     with self._failure(step):
@@ -146,10 +148,10 @@ class Checkpointer:
     """abstract_state: jax.ShapeDtypeStruct tree with shardings -> state; the data
     iterator is set in place."""
     step = self.latest_step() if step is None else step
-    out = self.mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(_data_item(data_iter))))
-    return out["state"]
+    out = self.mngr.restore(step, args=ocp.args.Composite(**{
+        layout.STATE: ocp.args.StandardRestore(abstract_state),
+        "data": grain.checkpoint.CheckpointRestore(_data_item(data_iter))}))
+    return out[layout.STATE]
 
   def schedule(self, step: int | None = None) -> dict | None:
     """The `schedule` dict saved with `step` (default: the latest); None if it has none."""
@@ -193,7 +195,7 @@ def load_init_params(path: str, params, mesh, model_cfg):
   -> (params, number of leaves loaded)."""
   path = os.path.abspath(path)
   flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  if os.path.exists(os.path.join(path, "model_config.json")):
+  if layout.is_inference_dir(path):
     from llamavid_jax.checkpoint import orbax_io
     loaded = orbax_io.restore(path, mesh, cfg=model_cfg)
   else:
@@ -203,9 +205,9 @@ def load_init_params(path: str, params, mesh, model_cfg):
       if step is None:
         raise FileNotFoundError(f"init_from={path}: no checkpoint there")
       item = {"params": target}
-      loaded = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      loaded = m.restore(step, args=ocp.args.Composite(**{layout.STATE: ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True)))["state"]["params"]
+          partial_restore=True)}))[layout.STATE]["params"]
   new = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
   for k, v in new.items():
     if k not in flat:

@@ -11,8 +11,9 @@ Every module has
 and may have `check(args, mode)` (more argument problems), `key(record)` (its name in a
 prediction file; default common.default_key on ID_FIELD) and `export(records, path,
 args)` (the release's downstream file: GQA's predictions, VQAv2 / MMBench submissions,
-Video-ChatGPT's joined consistency lines). `args.benchmark` is the name it runs under
-(video_qa serves three).
+Video-ChatGPT's joined consistency lines) and `predictor(args)` (the model side, where the
+runner's default `eval.predict` over `inference.load` does not fit: the needle's frame
+chunks and RoPE factors). `args.benchmark` is the name it runs under (video_qa serves three).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 _MODULES = {
     "msvd_qa": "video_qa", "msrvtt_qa": "video_qa", "activitynet_qa": "video_qa",
     "video_chatgpt": "video_chatgpt", "gqa": "gqa", "pope": "pope", "mme": "mme",
-    "scienceqa": "scienceqa", "mmbench": "mmbench", "vqav2": "vqav2",
+    "scienceqa": "scienceqa", "mmbench": "mmbench", "vqav2": "vqav2", "needle": "needle",
 }
 
 

@@ -1,19 +1,16 @@
-"""A converted checkpoint directory: Orbax parameters + everything needed to run them.
+"""A checkpoint directory read and written: Orbax parameters + everything needed to run them.
 
-    OUT/params/              Orbax (StandardCheckpointer) tree of the parameters
-    OUT/model_config.json    our LlamaVidConfig (`config.to_dict`)
-    OUT/conversion.json      provenance: the release config.json, each torch key's
-                             source dtype (for a bit-exact export), skipped tensors
-    OUT/tokenizer/           the LLaMA tokenizer files
-    OUT/qformer_tokenizer/   the BERT tokenizer with `[DEC]`
+The two layouts (an inference directory: params/, model_config.json, conversion.json,
+tokenizer/, qformer_tokenizer/; a train WORKDIR: config.json, checkpoints/STEP/state, ...)
+are named once, in `checkpoint.layout`.
 
-`restore` reads the parameters straight into arrays sharded on a mesh by the logical
-rules of `llamavid_jax.sharding` (each process reads only the slices its devices
-hold), optionally cast to another dtype.
+`restore` reads the parameters of an inference directory straight into arrays sharded on
+a mesh by the logical rules of `llamavid_jax.sharding` (each process reads only the
+slices its devices hold), optionally cast to another dtype.
 
-The same layout is what `train.train` leaves in WORKDIR/inference at the end of a run
-and what `llamavid_jax.export --from-train` writes for any saved step (`save_inference`;
-conversion.json then holds the run's provenance instead of a release config).
+`save_inference` writes an inference directory: `convert` from a release, `train.train`
+into WORKDIR/inference at the end of a run, `llamavid_jax.export --from-train` for any
+saved step (conversion.json then holds the run's provenance instead of a release config).
 `load_for_inference(DIR)` loads either that directory or a train WORKDIR itself
 (WORKDIR/config.json, the run's ConfigDict, + the parameters of a step of
 WORKDIR/checkpoints; tokenizers from its `data.llm_tokenizer` / `data.qformer_tokenizer`).
@@ -31,12 +28,11 @@ import numpy as np
 from flax import linen as nn
 
 from llamavid_jax import sharding as shd
+from llamavid_jax.checkpoint import layout
+from llamavid_jax.checkpoint.layout import (CONVERSION, MODEL_CONFIG, PARAMS, QFORMER_TOKENIZER, TOKENIZER,  # noqa: F401
+                                            TRAIN_CHECKPOINTS, TRAIN_CONFIG, is_train_workdir)
 from llamavid_jax.models import config as C
 from llamavid_jax.models.llamavid import LlamaVid
-
-PARAMS, MODEL_CONFIG, CONVERSION = "params", "model_config.json", "conversion.json"
-TOKENIZER, QFORMER_TOKENIZER = "tokenizer", "qformer_tokenizer"
-TRAIN_CONFIG, TRAIN_CHECKPOINTS = "config.json", "checkpoints"   # of a train.train WORKDIR
 
 
 def _ocp():
@@ -119,6 +115,14 @@ def load_config(ckpt: str) -> C.LlamaVidConfig:
     return C.from_dict(json.load(f))
 
 
+def load_model_config(path: str) -> C.LlamaVidConfig:
+  """The model config of an inference directory or a train WORKDIR, without its parameters."""
+  found = layout.kind(path)
+  if found is None:
+    raise FileNotFoundError(layout.neither(path))
+  return load_config(path) if found == "inference" else C.from_dict(read_train_config(path)["model"])
+
+
 def load_conversion(ckpt: str) -> dict:
   path = os.path.join(ckpt, CONVERSION)
   if not os.path.exists(path):
@@ -190,10 +194,6 @@ class Inference(typing.NamedTuple):
   meta: dict                       # conversion.json, or the train run's provenance
 
 
-def is_train_workdir(path: str) -> bool:
-  return os.path.exists(os.path.join(path, TRAIN_CONFIG)) and os.path.isdir(os.path.join(path, TRAIN_CHECKPOINTS))
-
-
 def read_train_config(workdir: str) -> dict:
   """WORKDIR/config.json (train.train's ConfigDict as JSON) -> dict."""
   path = os.path.join(workdir, TRAIN_CONFIG)
@@ -219,7 +219,7 @@ def train_tokenizers(workdir: str, train_cfg: dict) -> tuple[str, str]:
 def train_step(workdir: str, step: int | None = None) -> int:
   """`step` (checked to be saved) or the latest step of WORKDIR/checkpoints."""
   ckdir = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINTS)
-  steps = sorted(int(n) for n in os.listdir(ckdir) if n.isdigit()) if os.path.isdir(ckdir) else []
+  steps = layout.saved_steps(workdir)
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(f"{ckdir}: no checkpoint of step {step if step is not None else '(any)'}; "
                             f"saved steps: {steps}")
@@ -230,7 +230,7 @@ def restore_train_params(workdir: str, step: int, dtype=None) -> dict:
   """The parameters of a train checkpoint (`state/params` of WORKDIR/checkpoints/STEP),
   as host numpy, without reading the optimizer state."""
   ocp = _ocp()
-  path = os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINTS, str(step), "state")
+  path = os.path.join(layout.step_dir(os.path.abspath(workdir), step), layout.STATE)
   with ocp.PyTreeCheckpointer() as ckpt:
     meta = ckpt.metadata(path).item_metadata.tree["params"]
   params = _restore_numpy(path, {"params": meta}, partial=True)["params"]
@@ -281,11 +281,12 @@ def load_for_inference(path: str, *, step: int | None = None, dtype=None,
   """A converted / inference directory, or a train WORKDIR (its `step`, default the
   latest) -> `Inference`. Missing files are named before any parameter is read."""
   from llamavid_jax.data.tokenizer import load_llm_tokenizer, load_qformer_tokenizer
-  if os.path.exists(os.path.join(path, MODEL_CONFIG)):
+  found = layout.kind(path)
+  if found == "inference":
     cfg, meta = load_config(path), load_conversion(path)
     llm_dir, q_dir = os.path.join(path, TOKENIZER), os.path.join(path, QFORMER_TOKENIZER)
     load = lambda: restore(path, mesh, dtype, cfg=cfg)
-  elif is_train_workdir(path):
+  elif found == "train":
     train_cfg = read_train_config(path)
     cfg, step = C.from_dict(train_cfg["model"]), train_step(path, step)
     llm_dir, q_dir = train_tokenizers(path, train_cfg)
@@ -294,8 +295,7 @@ def load_for_inference(path: str, *, step: int | None = None, dtype=None,
       raise ValueError(f"{path}: a train WORKDIR is restored on the host; export it (--from-train) for a mesh")
     load = lambda: restore_train_params(path, step, dtype)
   else:
-    raise FileNotFoundError(f"{path}: neither a converted / inference directory (no {MODEL_CONFIG}) nor a "
-                            f"train WORKDIR (no {TRAIN_CONFIG} + {TRAIN_CHECKPOINTS}/)")
+    raise FileNotFoundError(layout.neither(path))
   tok = load_llm_tokenizer(llm_dir)
   qtok = load_qformer_tokenizer(q_dir, max_length=cfg.qformer.max_text_len)
   return Inference(cfg, load(), tok, qtok, meta)

@@ -34,12 +34,8 @@ A directory is walked for `*.pkl` (recursively; OUT_DIR mirrors the layout, `.sa
 for `.pkl`). Existing outputs are skipped; each failure is printed with its reason; the
 exit status is 1 if any file failed.
 
-  python -m llamavid_jax.data.features extract --ckpt DIR (--video F | --videos LIST.txt |
-      --video-dir DIR) --out DIR [--subtitles F.srt|F.vtt | --subtitle-dir DIR]
-      [--dtype float16|bfloat16] [--compute-dtype float32|bfloat16] [--batch-size 64]
-Videos -> 1-fps ViT features and subtitle-interleaved `inputs`, as the release's
-`extract_video_features_subtitles.py` (with subtitle files instead of Whisper), written with
-`write_safetensors`; resumable over a folder (`llamavid_jax/extract.py`).
+Making these files from videos needs a checkpoint (the ViT), so that command is in the
+serving layer: `python -m llamavid_jax.extract` (`llamavid_jax/extract.py`).
 """
 
 from __future__ import annotations
@@ -51,6 +47,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shlex
 import struct
 import sys
 from typing import Any
@@ -405,22 +402,10 @@ def main(argv: list[str] | None = None) -> int:
   c = sub.add_parser("convert", help="the release's .pkl movie files -> .safetensors (never runs the pickle)")
   c.add_argument("input", help="a .pkl file, or a directory walked for *.pkl")
   c.add_argument("output", help="the .safetensors file (for one input) or the output directory")
-  e = sub.add_parser("extract", help="videos -> ViT features [T, N+1, C] + subtitles -> .safetensors (the "
-                     "release's extract_video_features_subtitles.py; llamavid_jax/extract.py)")
-  src = e.add_mutually_exclusive_group(required=True)
-  src.add_argument("--video", help="one video file")
-  src.add_argument("--videos", help="a text file: one video path a line")
-  src.add_argument("--video-dir", help="a directory of videos (not recursive)")
-  e.add_argument("--ckpt", required=True, help="a converted / inference directory or a train WORKDIR")
-  e.add_argument("--out", required=True, help="output directory: <video stem>.safetensors each")
-  st = e.add_mutually_exclusive_group()
-  st.add_argument("--subtitles", help="a .srt / .vtt file for --video")
-  st.add_argument("--subtitle-dir", help="NAME.srt or NAME.vtt for each video NAME.*")
-  e.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
-                 help="stored dtype (float16: the release's)")
-  e.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="the ViT's parameters and compute")
-  e.add_argument("--batch-size", type=int, default=64, help="frames per ViT step (over all devices)")
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["extract"]:   # it loads a checkpoint: serving, not data
+    print("error: `extract` moved: python -m llamavid_jax.extract " + shlex.join(argv[1:]), file=sys.stderr)
+    return 2
   a = p.parse_args(argv)
   if a.command == "convert":
     if os.path.isdir(a.input) and os.path.exists(a.output) and not os.path.isdir(a.output):
@@ -437,9 +422,6 @@ def main(argv: list[str] | None = None) -> int:
       print(f"error: no .pkl files under {a.input}", file=sys.stderr)
       return 2
     return 1 if counts["failed"] else 0
-  if a.command == "extract":
-    from llamavid_jax import extract
-    return extract.main(a)
   return 2   # pragma: no cover - argparse requires a command
 
 
