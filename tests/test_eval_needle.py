@@ -109,7 +109,9 @@ def test_tiny_model_end_to_end(tmp_path):
   """The documented commands on the tiny variant: needle clips of 4-8 frames, then
   `python -m train.train --config configs/needle.py:tiny` (4 steps), then `python -m
   eval.needle` at 2 lengths x 2 depths (frame-chunked Q-Former, chunked prefill), one
-  CPU device. ~45 s on 2 busy cores, most of it compiling."""
+  CPU device, then `eval.run needle` in-process on the same clips (the same greedy answers).
+  ~45 s on 2 busy cores for the commands, most of it compiling; the eval.run part adds a load
+  and a compile."""
   from configs import needle as needle_config
   data, wd, ev = str(tmp_path / "data"), str(tmp_path / "wd"), str(tmp_path / "eval")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -129,6 +131,16 @@ def test_tiny_model_end_to_end(tmp_path):
   assert all(isinstance(c["answer"], str) for c in saved["clips"])
   assert [r["positions"] for r in saved["runs"]] == [36 - 1 + 2 * 8, 36 - 1 + 2 * 16]   # 36 prompt ids, one -200
   assert Image.open(os.path.join(ev, "needle.png")).format == "PNG"
+  # the same clips through `eval.run needle` (its predictor, the clip size read off the checkpoint's config)
+  from eval import run as runner
+  pred = os.path.join(str(tmp_path), "run", "pred.jsonl")
+  s = runner.main(["needle", "--ckpt", os.path.join(wd, "inference"), "--out", pred, "--lengths", "16,8",
+                   "--depths", "100,0", "--per-cell", "1", "--prefill-chunk", "16", "--frame-chunk", "4",
+                   "--dtype", "float32", "--no-progress", "--clip-dir", os.path.join(ev, "clips")])
+  assert s["counts"]["predicted"] == 4 and s["metric"]["lengths"] == [8, 16]
+  with open(pred) as f:
+    got = {r["id"]: r["answer"] for r in map(json.loads, f)}
+  assert got == {c["id"]: c["answer"] for c in saved["clips"]}
 
 
 def test_eval_run_runs_the_needle_benchmark_and_resumes(tmp_path):
