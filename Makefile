@@ -21,12 +21,17 @@ venv: $(VENV)/.installed
 lint-imports: venv
 	$(BIN)/lint-imports --no-logo
 
+# Two pytest workers (pytest-xdist; the machines have 2 cores), whole files to a worker so that
+# module fixtures are built once; the persistent compile cache (tests/conftest.py) is shared.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
 test: lint-imports
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 # Everything but the tests marked `slow` (subprocess / multi-step training, dataset generation, TFDS builds).
 test-fast: lint-imports
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # lmms-eval (optional, its own venv): the `lmms` extra, then lmms-eval itself with --no-deps
 # (its declared dependencies would replace torch; see pyproject.toml), then its test.
