@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llamavid_jax.cli import ConfigError, run as run_cli
 from train.evaluators import Evaluators, check as check_evals
 
 
@@ -68,10 +69,6 @@ def make_data(c, model_cfg):
     return iter(pipeline.make_pipeline(pipeline.PipelineConfig(**kw), spec, shard_index=pi, shard_count=pc,
                                        processor=processor))
   raise ValueError(f"config.data.kind={d.kind!r}: expected 'toy' or 'pipeline'")
-
-
-class ConfigError(ValueError):
-  """A training config that cannot run; the message names the key."""
 
 
 def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
@@ -383,4 +380,4 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import: tests, the demo and bench/ import this module.
   _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file[:arg]", lock_config=True)
-  app.run(main)
+  run_cli(lambda: app.run(main))
