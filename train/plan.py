@@ -257,6 +257,8 @@ def main(argv):
   from absl import flags
   f = flags.FLAGS
   c = _CONFIG.value
+  from train.train import check_config
+  check_config(c, planned=True)   # the mesh and the batch are the plan's to choose
   topo = topology(f.topology)
   seq_lens = [int(s) for s in f["seq-len"].value.split(",")] if f["seq-len"].value else [None]
   plans = []
