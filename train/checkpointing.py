@@ -209,7 +209,9 @@ def load_init_params(path: str, params, mesh, model_cfg, partial: bool = False):
       loaded = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
           partial_restore=True)))["state"]["params"]
-  new = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  # a partial restore gives the leaves the checkpoint lacks back as their ShapeDtypeStruct
+  new = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]
+         if not isinstance(v, jax.ShapeDtypeStruct)}
   for k, v in new.items():
     if k not in flat:
       raise ValueError(f"init_from={path}: {k} is not a parameter of this model")
