@@ -3,8 +3,8 @@ on stderr, one line per message, no traceback, exit status 2 for usage and confi
 errors, 1 for errors of the run (data, media, checkpoints).
 
   if __name__ == "__main__":
-    cli.run(lambda: app.run(main))       # absl: app.run's flags parsing happens inside
-    cli.run(lambda: main(sys.argv[1:]))  # argparse
+    cli.run(lambda: app.run(main, flags_parser=cli.parse_flags))   # absl (flag errors: one line too)
+    cli.run(lambda: main(sys.argv[1:]))                              # argparse
 
 `--debug` on the command line (removed from sys.argv before `main` runs) or
 LLAMAVID_DEBUG=1 re-raises instead, traceback and all.
@@ -18,6 +18,7 @@ so this module imports nothing of the project and any layer may use it.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable, NoReturn
 
@@ -34,9 +35,50 @@ class ConfigError(ValueError):
     super().__init__("; ".join(self.messages))
 
 
+class UsageError(ValueError):
+  """Command-line arguments that cannot run (exit status 2)."""
+
+
+def _last_line(text: str) -> str:
+  """The last non-empty line of `text`, without a leading "SomeError: "."""
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  last = lines[-1] if lines else text
+  return last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`, every failure a
+  one-line `UsageError`: a bad flag; a config file that fails (ml_collections'
+  config_flags puts the file's traceback in the message: its last line is kept) or is
+  missing (config_flags reports that only when the config is first read: read here);
+  an override of a key the config lacks (`--config.nokey=1`)."""
+  from absl import flags
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    text = str(e)
+    if "Traceback (most recent call last)" in text:
+      flag = re.match(r"(flag --\S+?): ", text)
+      text = (f"{flag.group(1)}: " if flag else "") + _last_line(text)
+    raise UsageError(text) from e
+  except (AttributeError, KeyError) as e:   # config_flags: an override of a key the config lacks
+    key = str(e).strip("\"'")
+    arg = next((a for a in argv[1:] if a.startswith("--") and f".{key}" in a.split("=")[0]), None)
+    raise UsageError(f"{arg or key}: no such key in the config") from e
+  for name in flags.FLAGS:
+    f = flags.FLAGS[name]
+    if f.present:
+      try:
+        hasattr(f.value, "keys")   # config_flags' placeholder for a config that failed to load raises
+      except OSError as e:
+        raise UsageError(f"--{name}: {_last_line(str(e))}") from e
+  return rest
+
+
 # "module:Class" -> exit status. Subclasses count (MRO), so SubtitleError is a MovieError.
 ERRORS: dict[str, int] = {
     "llamavid_jax.cli:ConfigError": USAGE,
+    "llamavid_jax.cli:UsageError": USAGE,
     "llamavid_jax.extract:UsageError": USAGE,
     "builtins:FileNotFoundError": USAGE,          # an input named on the command line or in the config
     "llamavid_jax.data:DataError": FAILED,

@@ -167,16 +167,24 @@ def test_every_config_error_is_reported_at_once():
   assert str(e.value) == "; ".join(e.value.messages)
 
 
-def test_cli_prints_config_errors_one_line_each_with_exit_status_2():
-  """python -m train.train with two bad values: no traceback, one `error:` line each."""
+@pytest.mark.parametrize("args,lines", [
+    ([":toy,tiny", "--config.batch_size=0", "--config.total_steps=-1"],
+     ["error: config.batch_size=0: must be a positive integer",
+      "error: config.total_steps=-1: must be a positive integer"]),
+    ([":toy,tiny,bad"], ["error: flag --config=CONFIG:toy,tiny,bad: config argument 'bad': expected one of "
+                         "['content_only', 'tiny', 'toy']"]),
+    ([":toy,tiny", "--config.nokey=3"], ["error: --config.nokey=3: no such key in the config"]),
+])
+def test_cli_prints_config_errors_one_line_each_with_exit_status_2(args, lines):
+  """python -m train.train with bad values, a bad recipe variant, a key the config
+  lacks: no traceback, one `error:` line each, exit status 2."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("LLAMAVID_DEBUG", None)
-  cmd = [sys.executable, "-m", "train.train", "--config", f"{REPO}/configs/demo.py:toy,tiny",
-         "--config.batch_size=0", "--config.total_steps=-1"]
+  config = f"{REPO}/configs/demo.py"
+  cmd = [sys.executable, "-m", "train.train", "--config", config + args[0], *args[1:]]
   p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 2, p.stderr
-  assert p.stderr.splitlines() == ["error: config.batch_size=0: must be a positive integer",
-                                   "error: config.total_steps=-1: must be a positive integer"]
+  assert p.stderr.replace(config, "CONFIG").splitlines() == lines
 
 
 def _exits(main, argv=(), env=None):

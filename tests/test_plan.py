@@ -204,3 +204,29 @@ def test_hardware_facts_are_one_table_read_by_planner_and_metrics():
   assert hardware.for_device_kind("cpu") is None and metrics.peak_flops_per_device() is None   # the CPU suite
   assert metrics.peak_flops_per_device(100) == 100e12
   assert not hasattr(plan, "GENERATIONS") and not hasattr(metrics, "PEAK_TFLOPS")
+
+
+def test_run_plan_report_names_mesh_attention_placements_offloads_remat():
+  """The stage-3 recipe on the 8 test devices (nothing built or compiled): its mesh, the
+  LLM's ring, the frame tokens' ring, host features fetched by chunk, host optimizer
+  state, remat; a ViT impl that would run as a ring is a FALLBACK line."""
+  from llamavid_jax import sharding
+  from train.planning.policy import run_mesh
+  from train.planning.report import run_plan_report
+  c = stage3_long_video_7b.get_config()
+  sizes, why = run_mesh(c, 8)
+  assert run_plan_report(c, sharding.make_mesh(sizes), why) == [
+      "plan of the run:",
+      "  mesh: data=1 fsdp=1 tensor=1 sequence=8 [the config's]",
+      "  attention llm: auto -> ring (65536 positions, ring over sequence=8)",
+      "  attention vit: xla (257 positions)",
+      "  attention qformer: xla (288 positions)",
+      "  frame tokens: round the ring over 8 length shards (7680 tokens a block)",
+      "  host inputs ['features']: fetched a frame chunk (1024) at a time",
+      "  offloads: optimizer state in host memory; inputs ['features'] in host memory",
+      "  remat: nothing_saveable (frame_chunk=1024, mlp_chunk=16384)",
+      "  init_from: workdir/stage2_instruct_7b/checkpoints (every parameter must be there)"]
+  c.model.vision_attention_impl = "ring"
+  vit = run_plan_report(c, sharding.make_mesh(sizes), why)[3]
+  assert vit == ("  attention vit: ring (257 positions, ring over sequence=8); FALLBACK: the vit's short sequence "
+                 "runs as a ring because the mesh splits the LLM's")

@@ -224,5 +224,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from llamavid_jax.cli import run
-  run(lambda: app.run(main))
+  from llamavid_jax.cli import parse_flags, run
+  run(lambda: app.run(main, flags_parser=parse_flags))

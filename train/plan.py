@@ -286,5 +286,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("frames", None, "frames per row (default: the config's longest bucket's share, scaled)")
   flags.DEFINE_bool("json", False, "one JSON object per plan per line")
   flags.mark_flag_as_required("config")
-  from llamavid_jax.cli import run
-  run(lambda: app.run(main))
+  from llamavid_jax.cli import parse_flags, run
+  run(lambda: app.run(main, flags_parser=parse_flags))

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llamavid_jax.cli import ConfigError, run as run_cli
+from llamavid_jax.cli import ConfigError, parse_flags, run as run_cli
 from train.evaluators import Evaluators, check as check_evals
 
 
@@ -461,4 +461,4 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import: tests, the demo and bench/ import this module.
   _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file[:arg]", lock_config=True)
-  run_cli(lambda: app.run(main))
+  run_cli(lambda: app.run(main, flags_parser=parse_flags))

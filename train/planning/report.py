@@ -25,7 +25,7 @@ def _platform(mesh) -> str:
   return jax.default_backend()
 
 
-def _attention(model_cfg, mesh, seq_len: int) -> list[str]:
+def _attention(model_cfg, mesh, seq_len: int, qformer_len: int) -> list[str]:
   """One line per tower: the configured impl, what `auto` resolves to, and whether it
   runs as a ring over `sequence`."""
   import jax
@@ -37,7 +37,7 @@ def _attention(model_cfg, mesh, seq_len: int) -> list[str]:
             ("vit", model_cfg.vision_attention_impl, v.grid ** 2 + 1, False)]
   if model_cfg.use_context_token:
     q = model_cfg.qformer
-    towers.append(("qformer", model_cfg.vision_attention_impl, q.num_query, False))
+    towers.append(("qformer", model_cfg.vision_attention_impl, q.num_query + qformer_len, False))
   out = []
   for name, impl, s, causal in towers:
     resolved = impl
@@ -104,7 +104,7 @@ def run_plan_report(config, mesh, mesh_rule: str | None = None) -> list[str]:
   shape = config_shape(config, model_cfg.input_spec)
   rule = mesh_rule or ('mesh="auto"' if is_auto(config.mesh) else "the config's")
   lines = [HEADER, "mesh: " + " ".join(f"{k}={v}" for k, v in sizes.items()) + f" [{rule}]"]
-  lines += _attention(model_cfg, mesh, shape.seq_len)
+  lines += _attention(model_cfg, mesh, shape.seq_len, config.data.get("qformer_len", 0))
   lines += _placements(config, model_cfg, sizes, shape)
   offloads = []
   if config.optim.get("host_state", False):
