@@ -107,8 +107,10 @@ def _loaded(name: str) -> bool:
 
 
 def messages(e: BaseException) -> list[str]:
-  """The lines `run` prints for `e` (without "error: ")."""
-  return list(getattr(e, "messages", None) or [str(e) or type(e).__name__])
+  """The lines `run` prints for `e` (without "error: "): one per message, a message's
+  own line breaks joined with spaces."""
+  return [" ".join(l.strip() for l in str(m).splitlines()) or type(e).__name__
+          for m in (getattr(e, "messages", None) or [str(e)])]
 
 
 def run(main: Callable[[], int | None], *, debug_env: str = "LLAMAVID_DEBUG") -> NoReturn:
