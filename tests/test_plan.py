@@ -230,3 +230,12 @@ def test_run_plan_report_names_mesh_attention_placements_offloads_remat():
   vit = run_plan_report(c, sharding.make_mesh(sizes), why)[3]
   assert vit == ("  attention vit: ring (257 positions, ring over sequence=8); FALLBACK: the vit's short sequence "
                  "runs as a ring because the mesh splits the LLM's")
+
+
+def test_run_plan_report_names_parameters_fit_spec_would_replicate():
+  from train.planning.report import run_plan_report
+  lines = run_plan_report(demo.get_config("toy,tiny"), dict(data=1, fsdp=2, tensor=4, sequence=1))
+  assert [l for l in lines if "FALLBACK" in l] == [
+      "  parameters: FALLBACK: llm kv_heads 2 does not split over tensor=4: replicated over it"]
+  assert not [l for l in run_plan_report(demo.get_config("toy,tiny"), dict(data=1, fsdp=8, tensor=1, sequence=1))
+              if "FALLBACK" in l]

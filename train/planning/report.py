@@ -93,6 +93,29 @@ def _placements(c, model_cfg, sizes: dict, shape) -> list[str]:
   return out
 
 
+def _parameter_fallbacks(model_cfg, sizes: dict) -> list[str]:
+  """Parameter dims that `sharding.fit_spec` would not split as the logical rules say
+  (it drops the mesh axes a dim does not divide: the parameter is replicated over them)."""
+  import types
+  from llamavid_jax import sharding
+  mesh = types.SimpleNamespace(shape=sizes)
+  l, v, q = model_cfg.llm, model_cfg.vision, model_cfg.qformer
+  dims = [("llm d_model", "embed", l.d_model), ("llm heads", "heads", l.num_heads),
+          ("llm kv_heads", "kv_heads", l.num_kv_heads), ("llm mlp", "mlp", l.mlp_dim),
+          ("llm vocab", "vocab", l.vocab_size), ("vit width", "embed", v.width)]
+  if model_cfg.use_context_token:
+    dims.append(("qformer hidden", "embed", q.hidden))
+  out = []
+  for what, axis, n in dims:
+    want = sharding.logical_to_spec((axis,))
+    got = sharding.fit_spec(want, (n,), mesh)
+    lost = [a for a in sharding.spec_axes(want[0]) if a not in sharding.spec_axes(got[0]) and sizes.get(a, 1) > 1]
+    if lost:
+      out.append(f"parameters: FALLBACK: {what} {n} does not split over {' x '.join(f'{a}={sizes[a]}' for a in lost)}: "
+                 "replicated over it")
+  return out
+
+
 def run_plan_report(config, mesh, mesh_rule: str | None = None) -> list[str]:
   """The lines of the run's plan (the first is `HEADER`) for ConfigDict `config` on
   `mesh` (a jax Mesh, or its axis sizes); `mesh_rule` says why this mesh ("the
@@ -106,6 +129,7 @@ def run_plan_report(config, mesh, mesh_rule: str | None = None) -> list[str]:
   lines = [HEADER, "mesh: " + " ".join(f"{k}={v}" for k, v in sizes.items()) + f" [{rule}]"]
   lines += _attention(model_cfg, mesh, shape.seq_len, config.data.get("qformer_len", 0))
   lines += _placements(config, model_cfg, sizes, shape)
+  lines += _parameter_fallbacks(model_cfg, sizes)
   offloads = []
   if config.optim.get("host_state", False):
     offloads.append("optimizer state in host memory")
