@@ -62,10 +62,14 @@ def defaults() -> ml_collections.ConfigDict:
   """A training config's run blocks with their usual values; a recipe sets `model`,
   `data`, `optim`, `batch_size`, `total_steps` and `workdir`, and changes the rest."""
   c = ml_collections.ConfigDict()
+  # axis sizes, or "auto" (train/planning/policy.py: choose_mesh, as train.plan plans it)
   c.mesh = dict(data=1, fsdp=-1, tensor=1, sequence=1)   # ZeRO-like: params sharded over all chips
   c.accum_steps = 1
   c.seed = 0
   c.init_from = ""   # a converted checkpoint or an earlier stage's checkpoints/ directory
+  # True: parameters init_from lacks keep their fresh init (a stage that adds new layers);
+  # False: a missing parameter is an error listing them
+  c.init_from_partial = False
   c.ckpt = dict(every=1000, keep=1, async_save=True)
   c.log = dict(every=1, progress=True, peak_tflops=None)
   c.distributed = dict(auto=False, num_processes=1, process_id=0, coordinator="")

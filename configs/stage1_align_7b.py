@@ -34,4 +34,5 @@ def get_config(arg: str | None = None):
       # short captions: images (1 frame) and videos (<= 64 frames) by text length
       buckets=((128, 1), (512, 1), (128, 64), (512, 64), (MAX_LEN - 127, 64)))
   c.optim = common.optim(1e-3, trainable=[r"token_gen/"])   # converted release/Vicuna weights: init_from
+  c.init_from_partial = True   # Vicuna + EVA-ViT-g + Q-Former converted; the projectors (token_gen/) start fresh
   return c

@@ -132,3 +132,98 @@ def _refused_before_any_compile(c, error, match):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert compiles == []
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("data.bucket", ((12, 2),), r"config.data: unknown keys \['bucket'\]"),
+    ("data.seed", 3, r"config.data.seed: not a data key \(set config.seed\)"),
+    ("ckpt.evry", 3, r"config.ckpt: unknown keys \['evry'\]"),
+    ("optim.learning_rate", 1e-3, r"config.optim: unknown keys \['learning_rate'\]"),
+    ("totl_steps", 3, r"config: unknown keys \['totl_steps'\]"),
+])
+def test_unknown_config_keys_are_errors_in_every_block(key, value, match, tmp_path):
+  c = demo.get_config("toy,tiny")
+  c.workdir = str(tmp_path)
+  with c.unlocked():
+    *block, last = key.split(".")
+    node = c
+    for b in block:
+      node = node[b]
+    node[last] = value
+  _refused_before_any_compile(c, ConfigError, match)
+
+
+def test_every_config_error_is_reported_at_once():
+  c = demo.get_config("toy,tiny")
+  c.batch_size, c.log.every, c.data.kind = 0, -2, "tfds"
+  with c.unlocked():
+    c.data.colour = 1
+  with pytest.raises(ConfigError) as e:
+    check_config(c)
+  assert e.value.messages == [
+      "config.data: unknown keys ['colour']; expected some of " + e.value.messages[0].split("expected some of ")[1],
+      "config.batch_size=0: must be a positive integer", "config.log.every=-2: must be a positive integer",
+      "config.data.kind='tfds': expected 'toy' or 'pipeline'"]
+  assert str(e.value) == "; ".join(e.value.messages)
+
+
+@pytest.mark.parametrize("args,lines", [
+    ([":toy,tiny", "--config.batch_size=0", "--config.total_steps=-1"],
+     ["error: config.batch_size=0: must be a positive integer",
+      "error: config.total_steps=-1: must be a positive integer"]),
+    ([":toy,tiny,bad"], ["error: flag --config=CONFIG:toy,tiny,bad: config argument 'bad': expected one of "
+                         "['content_only', 'tiny', 'toy']"]),
+    ([":toy,tiny", "--config.nokey=3"], ["error: --config.nokey=3: no such key in the config"]),
+])
+def test_cli_prints_config_errors_one_line_each_with_exit_status_2(args, lines):
+  """python -m train.train with bad values, a bad recipe variant, a key the config
+  lacks: no traceback, one `error:` line each, exit status 2."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("LLAMAVID_DEBUG", None)
+  config = f"{REPO}/configs/demo.py"
+  cmd = [sys.executable, "-m", "train.train", "--config", config + args[0], *args[1:]]
+  p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr
+  assert p.stderr.replace(config, "CONFIG").splitlines() == lines
+
+
+def _exits(main, argv=(), env=None):
+  """cli.run(main) -> (exit status, stderr lines)."""
+  import contextlib
+  import io
+  from llamavid_jax import cli
+  err = io.StringIO()
+  old = sys.argv
+  sys.argv = ["prog", *argv]
+  try:
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+      cli.run(main, debug_env="LLAMAVID_TEST_DEBUG")
+  finally:
+    sys.argv = old
+  return e.value.code, err.getvalue().splitlines()
+
+
+def test_cli_run_turns_known_errors_into_one_line_and_an_exit_status(monkeypatch):
+  from llamavid_jax.data import DataError
+  from llamavid_jax.inference import MediaError
+
+  def raise_(e):
+    def main():
+      raise e
+    return main
+
+  assert _exits(lambda: 0) == (0, [])
+  assert _exits(raise_(ConfigError("config.a=1: bad", "config.b=2: worse"))) == (
+      2, ["error: config.a=1: bad", "error: config.b=2: worse"])
+  assert _exits(raise_(FileNotFoundError("/x.json: no such file"))) == (2, ["error: /x.json: no such file"])
+  assert _exits(raise_(DataError("too many skips"))) == (1, ["error: too many skips"])
+  assert _exits(raise_(MediaError("/v.mp4", "no video stream"))) == (1, ["error: /v.mp4: no video stream"])
+  with pytest.raises(KeyError):          # not ours: a bug keeps its traceback
+    _exits(raise_(KeyError("x")))
+  seen = []
+  with pytest.raises(ConfigError):       # --debug: the traceback, and main never sees the flag
+    _exits(lambda: seen.append(sys.argv[1:]) or raise_(ConfigError("c"))(), ["--debug", "--x=1"])
+  assert seen == [["--x=1"]]
+  monkeypatch.setenv("LLAMAVID_TEST_DEBUG", "1")
+  with pytest.raises(DataError):
+    _exits(raise_(DataError("d")))

@@ -4,6 +4,7 @@ on the 8 CPU devices (no libtpu); TPU plans only where libtpu is installed."""
 import importlib.util
 import json
 
+import jax
 import pytest
 
 from configs import demo, stage3_long_video_7b
@@ -73,7 +74,23 @@ def test_plan_on_cpu_devices_gives_the_json_keys():
   with c.unlocked():
     c.accum_steps, c.data.use_features = 1, True   # a compile as small as it gets: no ViT, no Q-Former
   topo = plan.topology("cpu:8")
-  p = plan.plan(c, topo)
+  compiles, report = [], []
+  listener = lambda event, duration, **kw: compiles.append(event) if "compile" in event else None
+
+  class Report:   # the run-plan report is printed before anything compiles
+    def write(self, text):
+      report.append((text, list(compiles)))
+
+    def flush(self):
+      pass
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    p = plan.plan(c, topo, report=Report())
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles and report[0][0].startswith("plan of the run:\n  mesh: data=8 fsdp=1 tensor=1 sequence=1 [the config's]")
+  assert all(seen == [] for _, seen in report)
   line = json.loads(plan.json_record(p))
   for key in ("topology", "seq_len", "per_chip_bytes", "hbm_bytes", "fits", "flops_per_step", "compile_seconds",
               "mesh", "batch", "accum_steps"):
@@ -143,3 +160,82 @@ def test_splash_ring_lowers_and_compiles_for_v5p():
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k, valid)
     assert lowered.as_text().count("tpu_custom_call") == 9
     assert lowered.compile().memory_analysis().temp_size_in_bytes > 0
+
+
+def _auto(c, **model):
+  """`c` with mesh="auto" (a string where the recipe has axis sizes)."""
+  with c.unlocked():
+    del c["mesh"]
+    c.mesh = "auto"
+    c.model.update(model)
+  return c
+
+
+@pytest.mark.parametrize("model,batch,seq,want", [
+    (dict(), 16, 0, dict(data=1, fsdp=8, tensor=1, sequence=1)),                         # no ring: fsdp over all
+    (dict(attention_impl="ring"), 2, 65536, dict(data=1, fsdp=1, tensor=1, sequence=8)),   # 8 x 8192 positions
+    (dict(attention_impl="ring"), 2, 32768, dict(data=1, fsdp=2, tensor=1, sequence=4)),   # 4 x 8192; fsdp the rest
+])
+def test_auto_mesh_in_train_is_the_planners(model, batch, seq, want):
+  """mesh="auto": train.train's mesh (build, nothing compiled) is the one train.plan
+  plans for the same config on the same 8 devices, by the same rule."""
+  from train.train import build
+  c = _auto(demo.get_config("toy,tiny"), **model)
+  with c.unlocked():
+    c.batch_size, c.accum_steps = batch, 1
+    if seq:   # ring shards of >= 8192 positions (choose_mesh's min_local); nothing is compiled
+      c.data.buckets, c.data.max_len, c.model.llm.max_positions = ((seq - 3, 2, 1),), seq, seq
+  planned = plan.setup(c, 8)
+  b = build(c)
+  assert dict(b.mesh.shape) == planned.sizes == want
+  assert b.mesh_rule == planned.mesh_rule and b.mesh_rule.startswith('mesh="auto"')
+  assert planned.batch == batch   # the config's (the micro-batches are the planner's own rule)
+
+
+def test_hardware_facts_are_one_table_read_by_planner_and_metrics():
+  from llamavid_jax import hardware
+  from train import metrics
+  v5p = hardware.for_device_kind("TPU v5")
+  assert v5p.name == "v5p" and v5p.hbm_bytes == 95 << 30 and v5p.peak_bf16_flops == 459e12
+  assert hardware.for_device_kind("TPU v5 lite").name == "v5e" and hardware.tpu_generation("v5litepod").name == "v5e"
+  assert hardware.for_device_kind("NVIDIA H100 80GB HBM3").hbm_bandwidth == 3.35e12
+  assert hardware.for_device_kind("NVIDIA A100-SXM4-40GB").name == "a100-40gb"
+  assert hardware.for_device_kind("NVIDIA A100 80GB PCIe").name == "a100-80gb"
+  assert hardware.for_device_kind("cpu") is None and metrics.peak_flops_per_device() is None   # the CPU suite
+  assert metrics.peak_flops_per_device(100) == 100e12
+  assert not hasattr(plan, "GENERATIONS") and not hasattr(metrics, "PEAK_TFLOPS")
+
+
+def test_run_plan_report_names_mesh_attention_placements_offloads_remat():
+  """The stage-3 recipe on the 8 test devices (nothing built or compiled): its mesh, the
+  LLM's ring, the frame tokens' ring, host features fetched by chunk, host optimizer
+  state, remat; a ViT impl that would run as a ring is a FALLBACK line."""
+  from llamavid_jax import sharding
+  from train.planning.policy import run_mesh
+  from train.planning.report import run_plan_report
+  c = stage3_long_video_7b.get_config()
+  sizes, why = run_mesh(c, 8)
+  assert run_plan_report(c, sharding.make_mesh(sizes), why) == [
+      "plan of the run:",
+      "  mesh: data=1 fsdp=1 tensor=1 sequence=8 [the config's]",
+      "  attention llm: auto -> ring (65536 positions, ring over sequence=8)",
+      "  attention vit: xla (257 positions)",
+      "  attention qformer: xla (288 positions)",
+      "  frame tokens: round the ring over 8 length shards (7680 tokens a block)",
+      "  host inputs ['features']: fetched a frame chunk (1024) at a time",
+      "  offloads: optimizer state in host memory; inputs ['features'] in host memory",
+      "  remat: nothing_saveable (frame_chunk=1024, mlp_chunk=16384)",
+      "  init_from: workdir/stage2_instruct_7b/checkpoints (every parameter must be there)"]
+  c.model.vision_attention_impl = "ring"
+  vit = run_plan_report(c, sharding.make_mesh(sizes), why)[3]
+  assert vit == ("  attention vit: ring (257 positions, ring over sequence=8); FALLBACK: the vit's short sequence "
+                 "runs as a ring because the mesh splits the LLM's")
+
+
+def test_run_plan_report_names_parameters_fit_spec_would_replicate():
+  from train.planning.report import run_plan_report
+  lines = run_plan_report(demo.get_config("toy,tiny"), dict(data=1, fsdp=2, tensor=4, sequence=1))
+  assert [l for l in lines if "FALLBACK" in l] == [
+      "  parameters: FALLBACK: llm kv_heads 2 does not split over tensor=4: replicated over it"]
+  assert not [l for l in run_plan_report(demo.get_config("toy,tiny"), dict(data=1, fsdp=8, tensor=1, sequence=1))
+              if "FALLBACK" in l]

@@ -1,6 +1,7 @@
 """Failures that stop training loudly: a checkpoint that cannot be written (disk full,
-directory not creatable) ends the run at once naming the path and the errno; TensorBoard
-curves reach disk at every logging step (a killed run keeps them)."""
+directory not creatable) ends the run at once naming the path and the errno; an
+init_from checkpoint without every parameter is refused unless the config allows a
+partial init; TensorBoard curves reach disk at every logging step (a killed run keeps them)."""
 
 import errno
 import os
@@ -8,8 +9,9 @@ import subprocess
 
 import pytest
 
+from llamavid_jax.cli import ConfigError
 from tests.test_train_resume import config, events, launch, metrics
-from train.checkpointing import CheckpointSaveError
+from train.checkpointing import CheckpointSaveError, load_init_params
 from train.metrics import MetricLogger
 from train.train import train
 
@@ -35,17 +37,20 @@ def test_full_disk_stops_the_run_naming_the_path_and_errno(tmp_path, tiny_disk):
   p = launch(tmp_path, "total_steps=50", "ckpt.every=40")
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 1, out[-3000:]
-  assert (f"CheckpointSaveError: saving checkpoint step 1 to {tiny_disk} failed: "
+  assert (f"error: saving checkpoint step 1 to {tiny_disk} failed: "
           f"[Errno 28] No space left on device (ENOSPC); ValueError: RESOURCE_EXHAUSTED") in out, out[-3000:]
   steps = [m["step"] for m in metrics(tmp_path)]
   assert steps == list(range(1, len(steps) + 1)) and 1 <= steps[-1] < 40, steps
   assert os.listdir(tiny_disk) == ["1.orbax-checkpoint-tmp"]   # never finalised
 
 
-def test_uncreatable_checkpoint_directory_names_the_path(tmp_path):
+def test_uncreatable_checkpoint_directory_names_the_path(tmp_path, capsys):
   (tmp_path / "checkpoints").write_text("a file where the directory should be")
   with pytest.raises(CheckpointSaveError) as e:
     train(config(tmp_path))
+  # the run-plan report is the first thing train.train prints
+  assert capsys.readouterr().out.startswith("plan of the run:\n  mesh: data=8 fsdp=1 tensor=1 sequence=1 "
+                                            "[the config's]\n  attention llm: xla")
   assert e.value.errno == errno.EEXIST and e.value.step is None
   assert str(e.value).startswith(f"creating the checkpoint directory {tmp_path / 'checkpoints'} failed: "
                                  f"[Errno 17] File exists (EEXIST); FileExistsError")
@@ -77,3 +82,20 @@ def test_tensorboard_scalars_are_on_disk_before_close(tmp_path):
     assert tps == pytest.approx(ttps * 100 / 40, rel=1e-6) and tps > 0
   finally:
     log.close(png=None)
+
+
+def test_init_from_without_every_parameter_is_an_error_unless_partial(tmp_path):
+  """A previous stage's checkpoints/ holding `a` only, for a model with `a` and `b`:
+  refused naming `b`; with partial=True (config.init_from_partial) `a` is loaded and
+  `b` keeps its init."""
+  import jax.numpy as jnp
+  import numpy as np
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(tmp_path / "checkpoints") as m:
+    m.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": {"a": np.full(2, 7.0, np.float32)}})))
+  params = {"a": jnp.zeros(2), "b": jnp.ones(3)}
+  with pytest.raises(ConfigError, match=r"init_from=.*checkpoints: 1 of 2 parameter arrays of the model are not "
+                                        r"there: \['b'\]; set config.init_from_partial=True"):
+    load_init_params(str(tmp_path / "checkpoints"), params, None, None)
+  out, n = load_init_params(str(tmp_path / "checkpoints"), params, None, None, partial=True)
+  assert n == 1 and out["a"].tolist() == [7.0, 7.0] and out["b"].tolist() == [1.0, 1.0, 1.0]

@@ -22,6 +22,7 @@ import re
 import jax
 import orbax.checkpoint as ocp
 import grain
+from absl import logging
 
 from llamavid_jax.checkpoint import layout
 
@@ -187,11 +188,13 @@ def abstract_like(shardings, shapes):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
-def load_init_params(path: str, params, mesh, model_cfg):
+def load_init_params(path: str, params, mesh, model_cfg, partial: bool = False):
   """`params` (initialised, sharded) with every leaf found at `path` replaced by the
   stored one: `path` is a converted checkpoint (llamavid_jax.checkpoint.orbax_io
-  layout, possibly partial: e.g. Vicuna + EVA-ViT-g + Q-Former, projectors new) or a
-  previous stage's `checkpoints/` directory (its latest step's parameters).
+  layout) or a previous stage's `checkpoints/` directory (its latest step's
+  parameters). A leaf of the model missing at `path` is a `ConfigError` listing them,
+  unless `partial` (config.init_from_partial: e.g. Vicuna + EVA-ViT-g + Q-Former
+  converted, the projectors new), where they keep their fresh init (logged).
   -> (params, number of leaves loaded)."""
   path = os.path.abspath(path)
   flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -208,12 +211,23 @@ def load_init_params(path: str, params, mesh, model_cfg):
       loaded = m.restore(step, args=ocp.args.Composite(**{layout.STATE: ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
           partial_restore=True)}))[layout.STATE]["params"]
-  new = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  # a partial restore gives the leaves the checkpoint lacks back as their ShapeDtypeStruct
+  new = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]
+         if not isinstance(v, jax.ShapeDtypeStruct)}
   for k, v in new.items():
     if k not in flat:
       raise ValueError(f"init_from={path}: {k} is not a parameter of this model")
     if v.shape != flat[k].shape:
       raise ValueError(f"init_from={path}: {k} has shape {v.shape}, the model {flat[k].shape}")
+  missing = [k for k in flat if k not in new]
+  if missing and not partial:
+    from llamavid_jax.cli import ConfigError
+    shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
+    raise ConfigError(f"init_from={path}: {len(missing)} of {len(flat)} parameter arrays of the model are not "
+                      f"there: {shown}; set config.init_from_partial=True to keep their fresh init")
+  if missing:
+    logging.warning("init_from %s (init_from_partial): %d parameter arrays keep their fresh init: %s", path,
+                    len(missing), ", ".join(missing))
   out = jax.tree_util.tree_map_with_path(
       lambda p, v: new[jax.tree_util.keystr(p)].astype(v.dtype) if jax.tree_util.keystr(p) in new else v, params)
   return out, len(new)

@@ -172,10 +172,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "the cont
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from train.train import train
+  from train.train import check_config, train
 
   t0 = time.time()
   base = _CONFIG.value
+  check_config(base)   # every config error, one line each, before the data is made
   generate_data(base, _SYNTHETIC_ARGS.value)
   print(f"[demo] data ready in {time.time() - t0:.0f}s: {base.data.data_path}, {base.evals.heldout.args.question_file}", flush=True)
   if _DATA_ONLY.value:
@@ -223,4 +224,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from llamavid_jax.cli import parse_flags, run
+  run(lambda: app.run(main, flags_parser=parse_flags))

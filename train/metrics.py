@@ -20,22 +20,17 @@ import time
 import jax
 import numpy as np
 
+from llamavid_jax import hardware
 from llamavid_jax.models.splice import spliced_length
 from llamavid_jax.models.token_gen import projector
 
-# Dense bf16 peak per device in TFLOP/s, by `device_kind` prefix (vendor figures).
-PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
-               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5": 459.0, "TPU v6": 918.0}
-
 
 def peak_flops_per_device(override_tflops: float | None = None) -> float | None:
+  """Dense bf16 FLOP/s of this process's devices (llamavid_jax/hardware.py), or the
+  config's `log.peak_tflops`; None on CPU and unknown chips: MFU is not reported."""
   if override_tflops:
     return override_tflops * 1e12
-  kind = jax.devices()[0].device_kind
-  for k, v in PEAK_TFLOPS.items():
-    if kind.startswith(k):
-      return v * 1e12
-  return None   # CPU: no meaningful peak; MFU is not reported
+  return hardware.peak_flops(jax.devices()[0].device_kind)
 
 
 def _tower(params_per_token, tokens, attn, trains, upstream_trains):

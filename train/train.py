@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llamavid_jax.cli import ConfigError, parse_flags, run as run_cli
 from train.evaluators import Evaluators, check as check_evals
 
 
@@ -70,64 +71,132 @@ def make_data(c, model_cfg):
   raise ValueError(f"config.data.kind={d.kind!r}: expected 'toy' or 'pipeline'")
 
 
-class ConfigError(ValueError):
-  """A training config that cannot run; the message names the key."""
+# The keys a training config may have, block by block (`check_config` refuses others:
+# a misspelt key must not be dropped silently). `data` also takes PipelineConfig's fields.
+TOP_KEYS = frozenset({"model", "data", "optim", "mesh", "batch_size", "total_steps", "accum_steps", "seed",
+                      "init_from", "init_from_partial", "ckpt", "log", "distributed", "debug", "export_inference",
+                      "workdir", "evals"})
+BLOCK_KEYS = {
+    "ckpt": frozenset({"every", "keep", "async_save"}),
+    "log": frozenset({"every", "progress", "peak_tflops"}),
+    "distributed": frozenset({"auto", "num_processes", "process_id", "coordinator"}),
+    "debug": frozenset({"kill_after_save_step"}),
+    "optim": frozenset({"lr", "warmup_ratio", "warmup_steps", "end_lr_ratio", "b1", "b2", "eps", "weight_decay",
+                        "clip_norm", "trainable", "lr_mults", "host_state"}),
+}
+# data keys every kind reads (train.make_data, build, the planner); `root`: a recipe's
+# data folder its paths derive from; `nan_batch`: the toy data's fault injection
+DATA_KEYS = frozenset({"kind", "text_len", "num_frames", "qformer_len", "use_features", "host_inputs",
+                       "input_dtypes", "max_len", "buckets", "root", "nan_batch"})
+# PipelineConfig fields that come from elsewhere in the config, never from `data`
+DATA_FROM_ELSEWHERE = {"batch_size": "config.batch_size", "seed": "config.seed",
+                       "qformer_max_len": "config.data.qformer_len"}
 
 
-def check_config(c, mesh_shape: dict[str, int] | None = None) -> None:
-  """Refuses a config that cannot run, before any model is built or compiled: sizes,
-  the mesh against the devices (or the given mesh's axis sizes), the batch against the
-  mesh and the processes, every bucket's spliced LLM length against `data.max_len`.
-  Raises `ConfigError` naming the key."""
+def _keys(block) -> set[str]:
+  return set(block.keys()) if hasattr(block, "keys") else set()
+
+
+def unknown_key_errors(c) -> list[str]:
+  """One message per unknown key of the config and of each of its blocks."""
+  import dataclasses
+  from llamavid_jax.data import pipeline
+  errors = []
+  unknown = sorted(_keys(c) - TOP_KEYS)
+  if unknown:
+    errors.append(f"config: unknown keys {unknown}; expected some of {sorted(TOP_KEYS)}")
+  for name, known in BLOCK_KEYS.items():
+    unknown = sorted(_keys(c.get(name, None)) - known)
+    if unknown:
+      errors.append(f"config.{name}: unknown keys {unknown}; expected some of {sorted(known)}")
+  fields = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
+  data = _keys(c.get("data", None))
+  for k in sorted(data & set(DATA_FROM_ELSEWHERE)):
+    errors.append(f"config.data.{k}: not a data key (set {DATA_FROM_ELSEWHERE[k]})")
+  unknown = sorted(data - DATA_KEYS - fields - set(DATA_FROM_ELSEWHERE))
+  if unknown:
+    errors.append(f"config.data: unknown keys {unknown}; expected some of "
+                  f"{sorted(DATA_KEYS | fields - set(DATA_FROM_ELSEWHERE))}")
+  return errors
+
+
+def config_errors(c, mesh_shape: dict[str, int] | None = None, *, planned: bool = False) -> list[str]:
+  """Every problem of config `c` that stops it running, one message each naming the
+  key (see `check_config`). planned=True: the mesh and batch are the planner's to
+  choose (train.plan), so only the rest is checked."""
   from llamavid_jax.data.buckets import as_bucket, llm_length
   from llamavid_jax.models.config import from_dict
-  from llamavid_jax.sharding import mesh_sizes
+  from train.planning.policy import run_mesh
 
-  positive = {"batch_size": c.batch_size, "total_steps": c.total_steps, "accum_steps": c.accum_steps,
-              "ckpt.every": c.ckpt.every, "log.every": c.log.every}
+  errors = unknown_key_errors(c)
+  positive = {"batch_size": c.get("batch_size", None), "total_steps": c.get("total_steps", None),
+              "accum_steps": c.get("accum_steps", None), "ckpt.every": c.ckpt.get("every", None),
+              "log.every": c.log.get("every", None)}
+  bad_sizes = False
   for key, v in positive.items():
-    if not isinstance(v, int) or v <= 0:
-      raise ConfigError(f"config.{key}={v!r}: must be a positive integer")
-  try:
-    sizes = dict(mesh_shape) if mesh_shape is not None else mesh_sizes(dict(c.mesh), jax.device_count())
-  except ValueError as e:
-    raise ConfigError(f"config.mesh={dict(c.mesh)}: {e}") from None
-  rows, n_proc = c.accum_steps * sizes.get("data", 1) * sizes.get("fsdp", 1), jax.process_count()
-  if c.batch_size % rows or c.batch_size % n_proc:
-    raise ConfigError(f"config.batch_size={c.batch_size}: must be a multiple of accum_steps x mesh data x fsdp "
-                      f"({rows}) and of the number of processes ({n_proc})")
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      errors.append(f"config.{key}={v!r}: must be a positive integer")
+      bad_sizes = True
+  if not isinstance(c.get("init_from_partial", False), bool):
+    errors.append(f"config.init_from_partial={c.init_from_partial!r}: must be True or False")
+  spec = None
   try:
     spec = from_dict(c.model).input_spec
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.model: {e}") from None
+    errors.append(f"config.model: {e}")
+  if not planned:
+    sizes = None
+    try:
+      sizes = dict(mesh_shape) if mesh_shape is not None else run_mesh(c, jax.device_count())[0]
+    except (TypeError, ValueError) as e:
+      errors.append(f"config.mesh={c.mesh if isinstance(c.mesh, str) else dict(c.mesh)}: {e}")
+    if sizes is not None and not bad_sizes:
+      rows, n_proc = c.accum_steps * sizes.get("data", 1) * sizes.get("fsdp", 1), jax.process_count()
+      if c.batch_size % rows or c.batch_size % n_proc:
+        errors.append(f"config.batch_size={c.batch_size}: must be a multiple of accum_steps x mesh data x fsdp "
+                      f"({rows}) and of the number of processes ({n_proc})")
   try:
     check_evals(c)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    errors.append(str(e))
   d = c.data
   from llamavid_jax.sharding import INPUT_AXES
   for key in ("host_inputs", "input_dtypes"):
     unknown = sorted(set(d.get(key, None) or ()) - set(INPUT_AXES))
     if unknown:
-      raise ConfigError(f"config.data.{key}: unknown inputs {unknown}; expected some of {sorted(INPUT_AXES)}")
+      errors.append(f"config.data.{key}: unknown inputs {unknown}; expected some of {sorted(INPUT_AXES)}")
   try:
     input_placement(d)
   except TypeError as e:
-    raise ConfigError(f"config.data.input_dtypes={dict(d.get('input_dtypes'))}: {e}") from None
-  if d.kind not in ("toy", "pipeline"):
-    raise ConfigError(f"config.data.kind={d.kind!r}: expected 'toy' or 'pipeline'")
+    errors.append(f"config.data.input_dtypes={dict(d.get('input_dtypes'))}: {e}")
+  if d.get("kind", None) not in ("toy", "pipeline"):
+    errors.append(f"config.data.kind={d.get('kind', None)!r}: expected 'toy' or 'pipeline'")
   for i, b in enumerate(d.get("buckets") or ((d.text_len, d.num_frames),)):
     try:
       b = as_bucket(b)
     except ValueError as e:
-      raise ConfigError(f"config.data.buckets[{i}]: {e}") from None
+      errors.append(f"config.data.buckets[{i}]: {e}")
+      continue
     if b.text_len <= 0 or b.frames < 0:
-      raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: expected text_len > 0 and frames >= 0")
-    if llm_length(b, spec) > d.max_len:
+      errors.append(f"config.data.buckets[{i}]={tuple(b)}: expected text_len > 0 and frames >= 0")
+      continue
+    if spec is not None and llm_length(b, spec) > d.max_len:
       visual = (f"{b.frames} frames x ({spec.tokens_per_frame} tokens - 1)" if spec.movie else
                 f"{b.prompts} slot(s) x ({b.frames} frames x {spec.tokens_per_frame} tokens - 1)")
-      raise ConfigError(f"config.data.buckets[{i}]={tuple(b)}: {b.text_len} text + {visual} = {llm_length(b, spec)} "
-                        f"LLM positions > config.data.max_len={d.max_len}")
+      errors.append(f"config.data.buckets[{i}]={tuple(b)}: {b.text_len} text + {visual} = {llm_length(b, spec)} "
+                    f"LLM positions > config.data.max_len={d.max_len}")
+  return errors
+
+
+def check_config(c, mesh_shape: dict[str, int] | None = None, *, planned: bool = False) -> None:
+  """Refuses a config that cannot run, before any model is built or compiled: unknown
+  keys in any block, sizes, the mesh against the devices (or the given mesh's axis
+  sizes; `mesh="auto"`: `planning.policy.run_mesh`'s), the batch against the mesh and
+  the processes, every bucket's spliced LLM length against `data.max_len`. Raises
+  `ConfigError` holding every problem found, each naming its key."""
+  errors = config_errors(c, mesh_shape, planned=planned)
+  if errors:
+    raise ConfigError(*errors)
 
 
 def input_placement(d) -> dict:
@@ -204,16 +273,21 @@ class _Preemption:
 
 def build(c, mesh=None) -> types.SimpleNamespace:
   """Model, optimizer, shardings and the jitted step for config `c` on `mesh`
-  (default: from `c.mesh` over all devices)."""
+  (default: `c.mesh` over all devices; `mesh="auto"`: `planning.policy.run_mesh`'s,
+  the mesh `train.plan` plans). Compiles nothing."""
   from llamavid_jax import sharding
   from llamavid_jax.models import LlamaVid
   from llamavid_jax.models.config import from_dict
   from train import optim, step as S
+  from train.planning.policy import run_mesh
 
   check_config(c, None if mesh is None else dict(mesh.shape))
   model_cfg = from_dict(c.model)
   model = LlamaVid(model_cfg)
-  mesh = mesh if mesh is not None else sharding.make_mesh(dict(c.mesh))
+  mesh_rule = "the caller's"
+  if mesh is None:
+    sizes, mesh_rule = run_mesh(c, jax.device_count())
+    mesh = sharding.make_mesh(sizes)
   d = c.data
   inputs = S.dummy_inputs(model_cfg, 1, d.text_len, d.num_frames, d.qformer_len, d.use_features)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))["params"]
@@ -227,7 +301,7 @@ def build(c, mesh=None) -> types.SimpleNamespace:
   shardings = S.state_shardings(abstract, mesh, host_opt_state=c.optim.get("host_state", False))
   trainer = S.Trainer(model, tx, schedule, labels, mesh, shardings, c.accum_steps, **input_placement(c.data))
   init = lambda seed: S.init_state(model, tx, inputs, jax.random.key(seed), shardings)
-  return types.SimpleNamespace(model_cfg=model_cfg, model=model, mesh=mesh, tx=tx, schedule=schedule,
+  return types.SimpleNamespace(model_cfg=model_cfg, model=model, mesh=mesh, mesh_rule=mesh_rule, tx=tx, schedule=schedule,
                                labels=labels, abstract=abstract, shardings=shardings, trainer=trainer, init=init)
 
 
@@ -247,6 +321,9 @@ def train(c) -> dict:
   check_config(c)
   evaluators = Evaluators(c) if c.get("evals") else None
   b = build(c)
+  if jax.process_index() == 0:   # the plan of the run, before anything compiles
+    from train.planning.report import run_plan_report
+    print("\n".join(run_plan_report(c, b.mesh, b.mesh_rule)), flush=True)
   _write_config(c)
   model_cfg, d, shardings, abstract = b.model_cfg, c.data, b.shardings, b.abstract
   data = make_data(c, model_cfg)
@@ -261,7 +338,8 @@ def train(c) -> dict:
   else:
     state = b.init(c.seed)
     if c.init_from:
-      params, n = checkpointing.load_init_params(c.init_from, state["params"], b.mesh, model_cfg)
+      params, n = checkpointing.load_init_params(c.init_from, state["params"], b.mesh, model_cfg,
+                                                 partial=c.get("init_from_partial", False))
       state = dict(state, params=params)
       logging.warning("init_from %s: %d of %d parameter arrays loaded", c.init_from, n,
                       len(jax.tree.leaves(params)))
@@ -383,4 +461,4 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import: tests, the demo and bench/ import this module.
   _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file[:arg]", lock_config=True)
-  app.run(main)
+  run_cli(lambda: app.run(main, flags_parser=parse_flags))
