@@ -7,7 +7,9 @@
 DIR: a converted / inference directory (`llamavid_jax.convert`, a run's WORKDIR/inference)
 or a `train.train` WORKDIR (its latest step). With `--question` it prints one answer;
 without it runs the release's interactive loop (`serve/cli.py`): "USER: " reads a
-question (an empty line or end of input quits), "ASSISTANT: " streams the answer,
+question as typed, only its line ending dropped, as the release's `input()` (an empty
+line or end of input quits; a line that is not UTF-8 is named on stderr and skipped; a
+question too long for the model's positions is named and dropped), "ASSISTANT: " streams the answer,
 and the conversation goes on with the media in the latest turn and the latest question
 as the Q-Former instruction (`llamavid_jax/inference.py` has the prompt). The history
 keeps each answer without its `</s>` (the release stores it with, which doubles the
@@ -29,7 +31,7 @@ import json
 import os
 import sys
 
-from llamavid_jax import inference
+from llamavid_jax import cli, inference, validation
 
 
 def parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -57,16 +59,13 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def check_sampling(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
-  """Validates the sampling flags (p.error exits) -> keyword arguments of generate/stream
-  (temperature / top_p None where not given: `release_sampling` fills them per media)."""
-  if a.temperature is not None and a.temperature < 0:
-    p.error(f"--temperature must be >= 0, got {a.temperature}")
-  if a.top_p is not None and not 0 < a.top_p <= 1:
-    p.error(f"--top-p must be in (0, 1], got {a.top_p}")
-  if a.max_new_tokens < 1:
-    p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-  if a.prefill_chunk < 0:
-    p.error(f"--prefill-chunk must be >= 0, got {a.prefill_chunk}")
+  """Validates the sampling flags (`validation.check_sampling`; p.error exits, naming
+  every bad flag) -> keyword arguments of generate/stream (temperature / top_p None
+  where not given: `release_sampling` fills them per media)."""
+  errs = validation.check_sampling(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                                   prefill_chunk=a.prefill_chunk)
+  if errs:
+    p.error("; ".join(errs))
   return dict(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed,
               prefill_chunk=a.prefill_chunk)
 
@@ -116,7 +115,10 @@ def main(argv=None, stdin=None, stdout=None) -> None:
     sys.exit(f"eval.chat: {e}")
   kw = release_sampling(kw, media)
   if a.question is not None:
-    _turn(m, [a.question], media, kw, a.json, stdout)
+    try:
+      _turn(m, [a.question], media, kw, a.json, stdout)
+    except validation.BudgetError as e:
+      sys.exit(f"eval.chat: {e}")
     return
   turns: list[str] = []
   user, bot = "USER", "ASSISTANT"
@@ -125,16 +127,52 @@ def main(argv=None, stdin=None, stdout=None) -> None:
     if not a.json:
       print(text, end=end, file=stdout, flush=True)
 
+  lines = read_lines(stdin)
   while True:
     say(f"{user}: ")
-    line = stdin.readline()
-    if not line.strip():
+    line = next(lines, None)
+    if isinstance(line, UnicodeDecodeError):   # the loop goes on: the line is named and dropped
+      print(f"eval.chat: that line is not UTF-8 text (byte {line.start}: {line.object[line.start:line.start + 1]!r}); "
+            "it was ignored", file=sys.stderr, flush=True)
+      continue
+    if not line:   # end of input, or an empty line (the release's `if not inp`)
       say("exit...", end="\n")
       return
-    turns.append(line.strip())
     say(f"{bot}: ")
-    turns.append(_turn(m, turns, media, kw, a.json, stdout))
+    try:
+      answer = _turn(m, turns + [line], media, kw, a.json, stdout)
+    except validation.BudgetError as e:   # too long for the model: the turn is dropped, the chat goes on
+      say("", end="\n")
+      print(f"eval.chat: {e}; that question was dropped", file=sys.stderr, flush=True)
+      continue
+    turns += [line, answer]
+
+
+def read_lines(stdin):
+  """The lines of `stdin` without their line ending (what the release's `input()` gives),
+  or a UnicodeDecodeError for a line that is not UTF-8 (from the byte stream when there
+  is one, so that one bad line loses only itself); ends at end of input."""
+  raw = getattr(stdin, "buffer", None)
+  while True:
+    if raw is not None:
+      data = raw.readline()
+      if not data:
+        return
+      try:
+        line = data.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield e
+        continue
+    else:
+      try:
+        line = stdin.readline()
+      except UnicodeDecodeError as e:
+        yield e
+        continue
+      if not line:
+        return
+    yield line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)
