@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from llamavid_jax import inference
+from llamavid_jax import inference, validation
 
 log = logging.getLogger("eval.predict")
 
@@ -58,9 +58,14 @@ class Predictor:
       reqs: list[dict | None] = []
       for it in batch:
         try:
-          reqs.append(self.request(it))
+          req = self.request(it)
+          self.model.check_request(req, self.kw["max_new_tokens"], what=f"item {it.id}")
+          reqs.append(req)
         except inference.MediaError as e:
           log.warning("%s: %s", it.id, e)
+          reqs.append(None)
+        except validation.BudgetError as e:   # too long for the model: failed, named, the run goes on
+          log.warning("%s", e)
           reqs.append(None)
       ok = [r for r in reqs if r is not None]
       kinds = {("features" if "features" in r else "frames") for r in ok}

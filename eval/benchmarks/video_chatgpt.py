@@ -43,9 +43,9 @@ def load(args) -> list[Item]:
     raise ValueError(f"{args.gt_file}: expected a JSON list")
   items = []
   for n, e in enumerate(entries):
-    if "video_name" not in e:
+    if not isinstance(e, dict) or "video_name" not in e:
       raise ValueError(f"{args.gt_file}: entry {n} has no video_name")
-    video = find_video(args.video_folder, e["video_name"])
+    video = find_video(args.video_folder, e["video_name"], where=f"{args.gt_file}: entry {n}")
     qs = [("pred1", e["Q1"]), ("pred2", e["Q2"])] if "Q1" in e else [("pred", e.get("Q"))]
     for j, (field, q) in enumerate(qs):
       if q is None:

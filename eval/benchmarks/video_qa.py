@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-from eval.benchmarks.common import Item, find_video, keyed, read_json, unique_ids
+from eval.benchmarks.common import Item, check_ids, find_video, keyed, read_json, unique_ids
 
 NAMES = ("msvd_qa", "msrvtt_qa", "activitynet_qa")
 VIDEO_PREFIX = {"activitynet_qa": "v_"}
@@ -69,19 +69,28 @@ def _entries(args) -> list[dict]:
       answers = [by_id[q["question_id"]] for q in qs]
   out = []
   for n, q in enumerate(qs):
+    if not isinstance(q, dict):
+      raise ValueError(f"{qfile}: entry {n} is a {type(q).__name__}, not a JSON object")
     video = q.get("video_id", q.get("video_name"))
     qid = q.get("id", q.get("question_id"))
-    ans = answers[n]["answer"] if answers is not None else q.get("answer")
     if video is None or "question" not in q or qid is None:
       raise ValueError(f"{qfile}: entry {n} lacks video_id/video_name, question or id/question_id")
-    out.append({"video": str(video), "question": q["question"], "answer": ans, "id": qid})
+    if not isinstance(q["question"], str) or isinstance(video, (dict, list, bool, float)):
+      raise ValueError(f"{qfile}: entry {n}: 'question' must be a string and the video id a string or integer")
+    src, a = (args.gt_file, answers[n]) if answers is not None else (qfile, q)
+    if not isinstance(a, dict) or "answer" not in a:   # the metric would count fewer items without a word
+      raise ValueError(f"{src}: entry {n} (id {qid!r}) has no 'answer'")
+    out.append({"video": str(video), "question": q["question"], "answer": a["answer"], "id": qid})
+  check_ids(qfile, [e["id"] for e in out])
   return out
 
 
 def load(args) -> list[Item]:
   prefix = args.video_prefix if args.video_prefix is not None else VIDEO_PREFIX.get(args.benchmark, "")
   entries = _entries(args)
-  return [Item(iid, e["question"], e["question"], find_video(args.video_folder, prefix + e["video"]), "video",
+  return [Item(iid, e["question"], e["question"],
+               find_video(args.video_folder, prefix + e["video"], where=f"{args.question_file or args.gt_file}: id {e['id']!r}"),
+               "video",
                {"id": e["id"], "question": e["question"], "answer": e["answer"]})
           for e, iid in zip(entries, unique_ids(e["id"] for e in entries))]
 
