@@ -1,7 +1,7 @@
 """Chat with a checkpoint about a video, an image or a feature file.
 
   python -m eval.chat --ckpt DIR (--video F | --image F | --features F) [--question Q]
-      [--temperature 0.2] [--top-p 0.7] [--max-new-tokens 512] [--dtype float32|bfloat16]
+      [--temperature 0.2] [--top-p 0.7] [--max-new-tokens N] [--dtype float32|bfloat16]
       [--json] [--seed 0] [--prefill-chunk 0]
 
 DIR: a converted / inference directory (`llamavid_jax.convert`, a run's WORKDIR/inference)
@@ -34,6 +34,9 @@ import sys
 from llamavid_jax import cli, inference, validation
 
 
+DEFAULT_NEW_TOKENS = 512   # the release's chat
+
+
 def parser(description: str = __doc__) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", required=True, help="converted / inference directory, or a train.train WORKDIR")
@@ -52,7 +55,8 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
   p.add_argument("--temperature", type=float, help="0: greedy (default: the release's, 0.2 for chat, "
                  "0.6 for a movie feature file)")
   p.add_argument("--top-p", type=float, help="default: the release's, 0.7 for chat, 0.9 for a movie")
-  p.add_argument("--max-new-tokens", type=int, default=512)
+  p.add_argument("--max-new-tokens", type=int, help=f"default: {DEFAULT_NEW_TOKENS}, or as many as the model's "
+                 "positions leave after the prompt (a value given must fit them)")
   p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--prefill-chunk", type=int, default=0, help="prefill C positions at a time (0: all at once)")
@@ -83,8 +87,11 @@ def check_ckpt(p: argparse.ArgumentParser, path: str) -> None:
 
 
 def _turn(m: inference.Model, turns: list[str], media: inference.Media, kw: dict, as_json: bool, out) -> str:
-  """Streams one answer to `out` (or prints its JSON) -> the answer's text."""
+  """Streams one answer to `out` (or prints its JSON) -> the answer's text. Without
+  --max-new-tokens, answers stop at 512 tokens or where the model's positions end."""
   req = m.request(turns, media)
+  if kw.get("max_new_tokens") is None:
+    kw = {**kw, "max_new_tokens": min(DEFAULT_NEW_TOKENS, m.room(req))}
   if as_json:
     [ans] = m.generate([req], **kw)
     print(json.dumps({"text": ans.text, "token_ids": ans.token_ids}), file=out, flush=True)

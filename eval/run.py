@@ -62,11 +62,12 @@ def model_predictor(args):
   from eval.predict import Predictor as ModelPredictor
   from llamavid_jax import inference
   m = inference.load(args.ckpt, dtype=args.dtype)
-  # the answer alone must fit beside the shortest prompt: refused before anything compiles
-  validation.check_positions(m.cfg, prompt_ids=1, num_frames=0, max_new_tokens=args.max_new_tokens,
-                             what="--max-new-tokens")
+  given = getattr(args, "max_new_tokens_given", True)
+  if given:   # the answer alone must fit beside the shortest prompt: refused before anything compiles
+    validation.check_positions(m.cfg, prompt_ids=1, num_frames=0, max_new_tokens=args.max_new_tokens,
+                               what="--max-new-tokens")
   return ModelPredictor(m, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, fit_max_new_tokens=not given)
 
 
 # --- arguments ----------------------------------------------------------------------
@@ -87,7 +88,8 @@ def build_parser(bench: str | None) -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--summary", help="where to write the summary JSON (run)")
   p.add_argument("--export", help="also write the release's downstream file (GQA predictions, submissions)")
-  p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (the release's)")
+  p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (the release's), or as many as "
+                 "the model's positions leave; a value given must fit them")
   p.add_argument("--temperature", type=float, help="default: the benchmark's (the release's)")
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
@@ -144,6 +146,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Argume
   if errs:
     p.error("; ".join(errs))
   gen = mod.GENERATION
+  args.max_new_tokens_given = args.max_new_tokens is not None   # else the benchmark's, cut to the positions left
   args.max_new_tokens = gen["max_new_tokens"] if args.max_new_tokens is None else args.max_new_tokens
   args.temperature = gen["temperature"] if args.temperature is None else args.temperature
   args.model_id = args.model_id or os.path.basename(os.path.normpath(args.ckpt or "llamavid-jax"))

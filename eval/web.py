@@ -151,14 +151,17 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
     mnt = int(budget) if isinstance(budget, (int, float)) and math.isfinite(budget) else number(budget)
     errs = validation.check_sampling(temperature=number(temp), top_p=number(tp), max_new_tokens=mnt, prefix="")
     problem = (NO_QUESTION if not question else NO_MEDIA if state is None else "; ".join(errs) or None)
-    request = None
+    request, cut = None, ""
     if not problem:
       turns = history_turns(history) + [question]
       request = model.request(turns, state["media"])
       try:   # the same rules as every CLI: the request must fit the model's positions
-        model.check_request(request, int(budget))
+        room = model.room(request)
       except validation.BudgetError as e:
         problem = str(e)
+      else:   # the slider's value, or as many as the positions leave (said in the status line)
+        cut = f" (max new tokens cut to {room}: the model's positions end there)" if mnt > room else ""
+        mnt = min(mnt, room)
     if problem:
       gr.Warning(problem)
       yield history, question, gr.skip(), problem
@@ -175,7 +178,7 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
     final = model.last_answer
     history[-1] = {"role": "assistant", "content": final.text}
     empty = "" if final.text else " (they decode to no text)"
-    yield history, "", gallery, f"`{state['name']}`: answered in {len(final.token_ids)} tokens{empty}."
+    yield history, "", gallery, f"`{state['name']}`: answered in {len(final.token_ids)} tokens{empty}{cut}."
 
   def on_clear(state):
     return [], "", [], (f"`{state['name']}`: new conversation." if state else "")
@@ -215,6 +218,7 @@ def main(argv=None) -> None:
   p = parser()
   a = p.parse_args(argv)
   kw = chat.release_sampling(chat.check_sampling(p, a), None)   # the sliders start at the chat's
+  kw["max_new_tokens"] = kw["max_new_tokens"] or chat.DEFAULT_NEW_TOKENS
   if not 0 < a.port < 65536:
     p.error(f"--port must be in 1..65535, got {a.port}")
   if a.max_frames < 1:

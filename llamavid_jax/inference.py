@@ -43,6 +43,7 @@ from llamavid_jax import generate as gen
 from llamavid_jax import validation
 from llamavid_jax.checkpoint import orbax_io
 from llamavid_jax.data import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llamavid_jax.data.tokenizer import RemoteCodeError
 from llamavid_jax.data.conversation import build_prompt, get_template, movie_prompt, tokenize_with_image
 from llamavid_jax.models import LlamaVid
 
@@ -233,6 +234,11 @@ class Model:
         max_new_tokens=max_new_tokens, movie=request.get("video_mode") == "movie",
         placeholders=int((ids == IMAGE_TOKEN_INDEX).sum()), what=what)
 
+  def room(self, request: dict) -> int:
+    """How many new tokens fit after the request's prompt and frames (>= 1; BudgetError
+    naming the positions when not even one does)."""
+    return self.position_budget - self.check_request(request, 1) + 1
+
   def check_generation(self, requests: Sequence[dict], *, max_new_tokens: int, temperature: float = 0.0,
                        top_k: int = 0, top_p: float = 1.0, prefill_chunk: int = 0) -> None:
     """Sampling values and every request's positions, checked before anything compiles."""
@@ -245,8 +251,8 @@ class Model:
   def image_media(self, img, path: str = "") -> Media:
     """A PIL image -> Media: padded to a square of the mean colour when the checkpoint's
     `image_aspect_ratio` is `pad`, then CLIP-preprocessed."""
-    from llamavid_jax.data.image import preprocess_image
-    arr = preprocess_image(img.convert("RGB"), size=self.cfg.vision.image_size, aspect=self.image_aspect)[None]
+    from llamavid_jax.data.image import preprocess_image, to_rgb
+    arr = preprocess_image(to_rgb(img), size=self.cfg.vision.image_size, aspect=self.image_aspect)[None]
     return self._checked(Media("frames", np.asarray(arr, np.float32), path))
 
   # --- requests -------------------------------------------------------------------
@@ -360,5 +366,25 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
   import jax.numpy as jnp
-  loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype))
+  cfg_file = os.path.join(ckpt, orbax_io.MODEL_CONFIG)
+  if os.path.isfile(cfg_file):   # a bad config is named before any parameter is read
+    try:
+      orbax_io.load_config(ckpt)
+    except Exception as e:   # noqa: BLE001  (JSONDecodeError, TypeError of an unknown field, ...)
+      raise CheckpointError(cfg_file, f"not a model config: {type(e).__name__}: {validation.one_line(e, 300)}") from None
+  try:
+    loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype))
+  except (FileNotFoundError, RemoteCodeError):   # named already (a missing file, a refused tokenizer)
+    raise
+  except Exception as e:   # noqa: BLE001  (orbax / tensorstore on a torn or garbled parameter file)
+    raise CheckpointError(ckpt, f"corrupt or unreadable checkpoint (its parameters or their metadata, "
+                                f"e.g. params/_METADATA): {type(e).__name__}: {validation.one_line(e, 300)}") from None
   return Model(loaded, dtype=dtype, max_frames=max_frames)
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint whose files cannot be read: names the file (or directory) and why."""
+
+  def __init__(self, path: str, why: str):
+    super().__init__(f"{path}: {why}")
+    self.path, self.why = path, why
