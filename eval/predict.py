@@ -30,9 +30,25 @@ class Predictor:
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.model, self.batch_size = model, batch_size
+    self.problems: list[str] = []
     self.fit = fit_max_new_tokens   # a default (the benchmark's): cut to what the positions leave
     self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    prefill_chunk=prefill_chunk, stop=tuple(stop))
+
+  SHOWN = 5   # problems logged one by one; the rest are counted (`summary`)
+
+  def problem(self, text: str) -> None:
+    self.problems.append(text)
+    if len(self.problems) <= self.SHOWN:
+      log.warning("%s", text)
+    elif len(self.problems) == self.SHOWN + 1:
+      log.warning("more items failed; they are counted and summed up at the end")
+
+  def summary(self) -> str | None:
+    """One line over every failed item, or None (nothing failed beyond those logged)."""
+    if len(self.problems) <= self.SHOWN:
+      return None
+    return validation.capped("items failed", self.problems, self.SHOWN)
 
   def media(self, item) -> inference.Media | None:
     """The Item's media as model input (None for a text-only question)."""
@@ -62,11 +78,8 @@ class Predictor:
           req = self.request(it)
           self.model.check_request(req, 1 if self.fit else self.kw["max_new_tokens"], what=f"item {it.id}")
           reqs.append(req)
-        except inference.MediaError as e:
-          log.warning("%s: %s", it.id, e)
-          reqs.append(None)
-        except validation.BudgetError as e:   # too long for the model: failed, named, the run goes on
-          log.warning("%s", e)
+        except (inference.MediaError, validation.BudgetError) as e:   # failed, named, the run goes on
+          self.problem(f"{it.id}: {e}")
           reqs.append(None)
       ok = [r for r in reqs if r is not None]
       kw = self.kw

@@ -275,7 +275,8 @@ def run(args, predictor: Predictor | None = None) -> dict:
         for it, pred in zip(batch, preds):
           if pred is None:
             failed += 1
-            log.warning("%s: no answer (media unreadable), skipped", it.id)
+            if failed <= 5:
+              log.warning("%s: no answer (media unreadable or too long), skipped", it.id)
             continue
           rec = mod.record(it, pred, model_id=args.model_id)
           if record_key(mod, rec) != it.id:
@@ -286,6 +287,9 @@ def run(args, predictor: Predictor | None = None) -> dict:
         os.fsync(f.fileno())
         bar.update(len(batch))
     seconds = time.perf_counter() - start
+    if failed > 5:   # one line for the rest
+      said = getattr(predictor, "summary", lambda: None)()
+      log.warning("%s", said or f"{failed:,} items had no answer and were skipped (a rerun retries them)")
   records = read_records(out) if os.path.exists(out) else []
   summary = {"benchmark": args.benchmark, "metric": mod.score(records, args),
              "counts": {"items": len(items), "predicted": predicted,

@@ -121,17 +121,20 @@ def default_frame_cap(cfg, text_positions: int = DEFAULT_TEXT_POSITIONS) -> int:
 
 
 # --- optimizer ------------------------------------------------------------------------
-_POSITIVE = ("lr", "learning_rate", "peak_lr", "b1", "b2", "eps", "max_grad_norm", "clip_grad_norm")
-_NON_NEGATIVE = ("weight_decay", "warmup_ratio", "warmup_steps", "min_lr", "end_lr", "min_lr_ratio")
+_POSITIVE = ("lr", "learning_rate", "peak_lr", "eps")
+_NON_NEGATIVE = ("weight_decay", "warmup_ratio", "warmup_steps", "min_lr", "end_lr", "end_lr_ratio", "min_lr_ratio",
+                 "clip_norm", "max_grad_norm")   # clip_norm 0: no clipping (train/optim.py)
 
 
 def check_optimizer(optim: Mapping[str, Any] | Any, prefix: str = "optim.") -> list[str]:
   """Problems with an optimizer config (a mapping or an object with attributes): every
-  number finite; learning rate, eps and clipping positive; betas in (0, 1); weight
-  decay, warmup and the end learning rate >= 0; warmup_ratio <= 1."""
-  get = (lambda k: optim.get(k)) if isinstance(optim, Mapping) else (lambda k: getattr(optim, k, None))
-  keys = list(optim.keys()) if isinstance(optim, Mapping) else [
-      k for k in dir(optim) if not k.startswith("_") and not callable(getattr(optim, k, None))]
+  number finite; learning rate and eps positive; betas in (0, 1); weight decay, warmup,
+  clipping (0: none) and the end learning rate >= 0; warmup_ratio <= 1."""
+  if hasattr(optim, "keys"):   # a dict or an ml_collections ConfigDict
+    keys, get = list(optim.keys()), (lambda k: optim[k])
+  else:   # a dataclass or a plain object
+    keys = [k for k in vars(optim) if not k.startswith("_")]
+    get = lambda k: getattr(optim, k)   # noqa: E731
   errs = []
   for k in keys:
     v = get(k)

@@ -593,3 +593,25 @@ def test_cli_run_prints_one_line(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("LLAMAVID_DEBUG", "1")
   with pytest.raises(validation.UsageError):
     cli.run(usage)
+
+
+def test_missing_media_and_failures_are_summed_up_in_one_line(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(run, "model_predictor", lambda args: pytest.fail("a model was loaded"))
+  (tmp_path / "video").mkdir()
+  for i in range(0, 30, 3):
+    (tmp_path / "video" / f"v{i}.mp4").write_bytes(b"x")
+  qfile = tmp_path / "q.json"
+  qfile.write_text(json.dumps([{"video_id": f"v{i}", "question": Q, "answer": "x", "id": i} for i in range(30)]))
+
+  class Failing:
+    def predict(self, items):
+      return [None] * len(items)
+
+  with caplog.at_level("WARNING"):
+    s = run.main(["msvd_qa", "--ckpt", str(tmp_path), "--out", str(tmp_path / "p.jsonl"), "--gt-file", str(qfile),
+                  "--video-folder", str(tmp_path / "video"), "--no-progress"], predictor=Failing())
+  assert (s["counts"]["missing_media"], s["counts"]["failed"]) == (20, 10)
+  missing = [r.message for r in caplog.records if "no media file" in r.message]
+  assert len(missing) == 1 and missing[0].startswith("20 of 30 items have no media file, first 5: 1: ")
+  failed = [r.message for r in caplog.records if "no answer" in r.message]
+  assert len(failed) == 6 and failed[-1].startswith("10 items had no answer")

@@ -121,3 +121,25 @@ def score(records: list[dict], args=None) -> dict:
   return {"count": n, "exact": pct(exact), "normalized": pct(norm), "contains": pct(contains),
           "correct": {"exact": exact, "normalized": norm, "contains": contains},
           "note": "the release's metric is GPT-judged (eval.judge); these are string matches"}
+
+
+# --- the GPT judge's prompts (eval.judge, task "qa"): the release's eval_msvd_qa.py /
+# eval_activitynet_qa.py, word for word ----------------------------------------------------
+JUDGE_SYSTEM = {
+  "qa":
+    "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for question-answer pairs. "
+    "Your task is to compare the predicted answer with the correct answer and determine if they match meaningfully. Here's how you can accomplish the task:"
+    "------"
+    "##INSTRUCTIONS: "
+    "- Focus on the meaningful match between the predicted answer and the correct answer.\n"
+    "- Consider synonyms or paraphrases as valid matches.\n"
+    "- Evaluate the correctness of the prediction compared to the answer.",
+}
+
+JUDGE_INSTRUCTION = {   # the user message after the item's fields
+  "qa":
+    "Provide your evaluation only as a yes/no and score where the score is an integer value between 0 and 5, with 5 indicating the highest meaningful match. "
+    "Please generate the response in the form of a Python dictionary string with keys 'pred' and 'score', where value of 'pred' is  a string of 'yes' or 'no' and value of 'score' is in INTEGER, not STRING."
+    "DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary string. "
+    "For example, your response should look like this: {'pred': 'yes', 'score': 4.8}.",
+}
