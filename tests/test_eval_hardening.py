@@ -572,6 +572,12 @@ def test_broken_checkpoints_are_named_in_one_line(tiny_ckpt, tmp_path, video):
   with pytest.raises(inference.CheckpointError, match=rf"^{garbled}: corrupt or unreadable checkpoint"):
     inference.load(str(garbled))
   assert digest(garbled) == before
+  torn = tmp_path / "torn"   # a parameter file cut short (a copy killed mid-way)
+  shutil.copytree(good, torn)
+  data = next(os.path.join(d, f) for d, _, fs in os.walk(torn / "params") for f in fs if os.sep + "d" in d)
+  os.truncate(data, 50)
+  with pytest.raises(inference.CheckpointError, match=rf"^{torn}: corrupt or unreadable checkpoint .*size 50"):
+    inference.load(str(torn))
 
 
 def test_cli_run_prints_one_line(tmp_path, capsys, monkeypatch):
