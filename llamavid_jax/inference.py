@@ -217,7 +217,9 @@ class Model:
     except Exception:   # noqa: BLE001  (unreadable: load_video names it)
       return
     t = sampled_frame_count(n, avg_fps, self.video_fps, None)
-    cap = self.max_frames or self.default_frame_cap
+    cap = self.default_frame_cap
+    if self.max_frames and t > self.max_frames:   # the caller's cap (eval.web's --max-frames), before decoding
+      raise MediaError(path, f"{t:,} frames at {self.sampling}, more than the cap of {self.max_frames}")
     if t > cap:
       k = self.cfg.tokens_per_frame
       raise MediaError(path, f"{t:,} frames at {self.sampling} need {t * k:,} LLM positions ({k} a frame); the "
