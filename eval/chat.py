@@ -1,13 +1,15 @@
 """Chat with a checkpoint about a video, an image or a feature file.
 
   python -m eval.chat --ckpt DIR (--video F | --image F | --features F) [--question Q]
-      [--temperature 0.2] [--top-p 0.7] [--max-new-tokens 512] [--dtype float32|bfloat16]
+      [--temperature 0.2] [--top-p 0.7] [--max-new-tokens N] [--dtype float32|bfloat16]
       [--json] [--seed 0] [--prefill-chunk 0]
 
 DIR: a converted / inference directory (`llamavid_jax.convert`, a run's WORKDIR/inference)
 or a `train.train` WORKDIR (its latest step). With `--question` it prints one answer;
 without it runs the release's interactive loop (`serve/cli.py`): "USER: " reads a
-question (an empty line or end of input quits), "ASSISTANT: " streams the answer,
+question as typed, only its line ending dropped, as the release's `input()` (an empty
+line or end of input quits; a line that is not UTF-8 is named on stderr and skipped; a
+question too long for the model's positions is named and dropped), "ASSISTANT: " streams the answer,
 and the conversation goes on with the media in the latest turn and the latest question
 as the Q-Former instruction (`llamavid_jax/inference.py` has the prompt). The history
 keeps each answer without its `</s>` (the release stores it with, which doubles the
@@ -29,7 +31,10 @@ import json
 import os
 import sys
 
-from llamavid_jax import inference
+from llamavid_jax import cli, inference, validation
+
+
+DEFAULT_NEW_TOKENS = 512   # the release's chat
 
 
 def parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -50,23 +55,21 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
   p.add_argument("--temperature", type=float, help="0: greedy (default: the release's, 0.2 for chat, "
                  "0.6 for a movie feature file)")
   p.add_argument("--top-p", type=float, help="default: the release's, 0.7 for chat, 0.9 for a movie")
-  p.add_argument("--max-new-tokens", type=int, default=512)
+  p.add_argument("--max-new-tokens", type=int, help=f"default: {DEFAULT_NEW_TOKENS}, or as many as the model's "
+                 "positions leave after the prompt (a value given must fit them)")
   p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--prefill-chunk", type=int, default=0, help="prefill C positions at a time (0: all at once)")
 
 
 def check_sampling(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
-  """Validates the sampling flags (p.error exits) -> keyword arguments of generate/stream
-  (temperature / top_p None where not given: `release_sampling` fills them per media)."""
-  if a.temperature is not None and a.temperature < 0:
-    p.error(f"--temperature must be >= 0, got {a.temperature}")
-  if a.top_p is not None and not 0 < a.top_p <= 1:
-    p.error(f"--top-p must be in (0, 1], got {a.top_p}")
-  if a.max_new_tokens < 1:
-    p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-  if a.prefill_chunk < 0:
-    p.error(f"--prefill-chunk must be >= 0, got {a.prefill_chunk}")
+  """Validates the sampling flags (`validation.check_sampling`; p.error exits, naming
+  every bad flag) -> keyword arguments of generate/stream (temperature / top_p None
+  where not given: `release_sampling` fills them per media)."""
+  errs = validation.check_sampling(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                                   prefill_chunk=a.prefill_chunk)
+  if errs:
+    p.error("; ".join(errs))
   return dict(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed,
               prefill_chunk=a.prefill_chunk)
 
@@ -87,8 +90,11 @@ def check_ckpt(p: argparse.ArgumentParser, path: str) -> None:
 
 
 def _turn(m: inference.Model, turns: list[str], media: inference.Media, kw: dict, as_json: bool, out) -> str:
-  """Streams one answer to `out` (or prints its JSON) -> the answer's text."""
+  """Streams one answer to `out` (or prints its JSON) -> the answer's text. Without
+  --max-new-tokens, answers stop at 512 tokens or where the model's positions end."""
   req = m.request(turns, media)
+  if kw.get("max_new_tokens") is None:
+    kw = {**kw, "max_new_tokens": min(DEFAULT_NEW_TOKENS, m.room(req))}
   if as_json:
     [ans] = m.generate([req], **kw)
     print(json.dumps({"text": ans.text, "token_ids": ans.token_ids}), file=out, flush=True)
@@ -119,7 +125,10 @@ def main(argv=None, stdin=None, stdout=None) -> None:
     sys.exit(f"eval.chat: {e}")
   kw = release_sampling(kw, media)
   if a.question is not None:
-    _turn(m, [a.question], media, kw, a.json, stdout)
+    try:
+      _turn(m, [a.question], media, kw, a.json, stdout)
+    except validation.BudgetError as e:
+      sys.exit(f"eval.chat: {e}")
     return
   turns: list[str] = []
   user, bot = "USER", "ASSISTANT"
@@ -128,16 +137,52 @@ def main(argv=None, stdin=None, stdout=None) -> None:
     if not a.json:
       print(text, end=end, file=stdout, flush=True)
 
+  lines = read_lines(stdin)
   while True:
     say(f"{user}: ")
-    line = stdin.readline()
-    if not line.strip():
+    line = next(lines, None)
+    if isinstance(line, UnicodeDecodeError):   # the loop goes on: the line is named and dropped
+      print(f"eval.chat: that line is not UTF-8 text (byte {line.start}: {line.object[line.start:line.start + 1]!r}); "
+            "it was ignored", file=sys.stderr, flush=True)
+      continue
+    if not line:   # end of input, or an empty line (the release's `if not inp`)
       say("exit...", end="\n")
       return
-    turns.append(line.strip())
     say(f"{bot}: ")
-    turns.append(_turn(m, turns, media, kw, a.json, stdout))
+    try:
+      answer = _turn(m, turns + [line], media, kw, a.json, stdout)
+    except validation.BudgetError as e:   # too long for the model: the turn is dropped, the chat goes on
+      say("", end="\n")
+      print(f"eval.chat: {e}; that question was dropped", file=sys.stderr, flush=True)
+      continue
+    turns += [line, answer]
+
+
+def read_lines(stdin):
+  """The lines of `stdin` without their line ending (what the release's `input()` gives),
+  or a UnicodeDecodeError for a line that is not UTF-8 (from the byte stream when there
+  is one, so that one bad line loses only itself); ends at end of input."""
+  raw = getattr(stdin, "buffer", None)
+  while True:
+    if raw is not None:
+      data = raw.readline()
+      if not data:
+        return
+      try:
+        line = data.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield e
+        continue
+    else:
+      try:
+        line = stdin.readline()
+      except UnicodeDecodeError as e:
+        yield e
+        continue
+      if not line:
+        return
+    yield line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -3,7 +3,7 @@
   python -m eval.judge --pred PRED.jsonl --out SUMMARY.json \
       [--task qa|correctness|detail|context|temporal|consistency] \
       [--api-base URL] [--api-key KEY] [--judge-model gpt-3.5-turbo] [--cache CACHE.jsonl] \
-      [--workers 4] [--max-retries 5] [--backoff 1.0] [--timeout 60] [--temperature T]
+      [--workers 4] [--max-retries 5] [--backoff 1.0] [--timeout 60] [--deadline S] [--temperature T]
 
 PRED.jsonl holds one prediction a line: `{id, question, answer, pred}` (task `qa`: MSVD /
 MSRVTT / ActivityNet-QA, `llamavid/eval/eval_{msvd,activitynet}_qa.py`; and the Video-ChatGPT
@@ -18,8 +18,11 @@ messages, word for word. The judge answers with a Python-dict string, "{'pred': 
 'score': 4}" (`qa`) or "{'score': 3}" (the others), read as the release reads it
 (`parse_verdict`). HTTP 429 / 408 / 409 / 5xx and connection errors are retried with
 exponential backoff (`--backoff` seconds, doubling); other HTTP errors stop the run. A reply
-that does not parse is asked again, up to `--max-retries` times; then the item is counted
-`malformed`, left out of the metrics and named in the summary.
+that does not parse (a 200 whose body is not JSON included) is asked again; failed requests
+and malformed replies share one budget of `--max-retries` + 1 requests per item, after
+which the item is counted `malformed`, left out of the metrics and named in the summary.
+`--deadline` bounds the whole run (each request's timeout is cut to what is left). `--out`
+may not be `--pred` or the cache (the summary goes beside the predictions).
 
 Verdicts are appended (and flushed) to the cache, JSON lines keyed by item id, task, judge
 model and a digest of the prompt (default `SUMMARY.json.cache.jsonl`), so that a rerun asks
@@ -52,94 +55,19 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from eval.benchmarks import video_chatgpt, video_qa
+from llamavid_jax import cli, validation
+
 log = logging.getLogger("eval.judge")
 
 TASKS = ("qa", "correctness", "detail", "context", "temporal", "consistency")
 RETRY_STATUS = (408, 409, 429)   # and every 5xx
 
-# --- the release's prompts (llamavid/eval/eval_msvd_qa.py, evaluate_benchmark_*.py) --------
-_HEAD = "Please evaluate the following video-based question-answer pair:\n\n"
-_TAIL = ("DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary string. "
-         "For example, your response should look like this: {''score': 4.8}.")
-
-SYSTEM = {
-  "qa":
-    "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for question-answer pairs. "
-    "Your task is to compare the predicted answer with the correct answer and determine if they match meaningfully. Here's how you can accomplish the task:"
-    "------"
-    "##INSTRUCTIONS: "
-    "- Focus on the meaningful match between the predicted answer and the correct answer.\n"
-    "- Consider synonyms or paraphrases as valid matches.\n"
-    "- Evaluate the correctness of the prediction compared to the answer.",
-  "correctness":
-    "You are an intelligent chatbot designed for evaluating the factual accuracy of generative outputs for video-based question-answer pairs. "
-    "Your task is to compare the predicted answer with the correct answer and determine if they are factually consistent. Here's how you can accomplish the task:"
-    "------"
-    "##INSTRUCTIONS: "
-    "- Focus on the factual consistency between the predicted answer and the correct answer. The predicted answer should not contain any misinterpretations or misinformation.\n"
-    "- The predicted answer must be factually accurate and align with the video content.\n"
-    "- Consider synonyms or paraphrases as valid matches.\n"
-    "- Evaluate the factual accuracy of the prediction compared to the answer.",
-  "detail":
-    "You are an intelligent chatbot designed for evaluating the detail orientation of generative outputs for video-based question-answer pairs. "
-    "Your task is to compare the predicted answer with the correct answer and determine its level of detail, considering both completeness and specificity. Here's how you can accomplish the task:"
-    "------"
-    "##INSTRUCTIONS: "
-    "- Check if the predicted answer covers all major points from the video. The response should not leave out any key aspects.\n"
-    "- Evaluate whether the predicted answer includes specific details rather than just generic points. It should provide comprehensive information that is tied to specific elements of the video.\n"
-    "- Consider synonyms or paraphrases as valid matches.\n"
-    "- Provide a single evaluation score that reflects the level of detail orientation of the prediction, considering both completeness and specificity.",
-  "context":
-    "You are an intelligent chatbot designed for evaluating the contextual understanding of generative outputs for video-based question-answer pairs. "
-    "Your task is to compare the predicted answer with the correct answer and determine if the generated response aligns with the overall context of the video content. Here's how you can accomplish the task:"
-    "------"
-    "##INSTRUCTIONS: "
-    "- Evaluate whether the predicted answer aligns with the overall context of the video content. It should not provide information that is out of context or misaligned.\n"
-    "- The predicted answer must capture the main themes and sentiments of the video.\n"
-    "- Consider synonyms or paraphrases as valid matches.\n"
-    "- Provide your evaluation of the contextual understanding of the prediction compared to the answer.",
-  "temporal":
-    "You are an intelligent chatbot designed for evaluating the temporal understanding of generative outputs for video-based question-answer pairs. "
-    "Your task is to compare the predicted answer with the correct answer and determine if they correctly reflect the temporal sequence of events in the video content. Here's how you can accomplish the task:"
-    "------"
-    "##INSTRUCTIONS: "
-    "- Focus on the temporal consistency between the predicted answer and the correct answer. The predicted answer should correctly reflect the sequence of events or details as they are presented in the video content.\n"
-    "- Consider synonyms or paraphrases as valid matches, but only if the temporal order is maintained.\n"
-    "- Evaluate the temporal accuracy of the prediction compared to the answer.",
-  "consistency":
-    "You are an intelligent chatbot designed for evaluating the consistency of generative outputs for similar video-based question-answer pairs. "
-    "You will be given two very similar questions, a common answer common to both the questions and predicted answers for the two questions ."
-    "Your task is to compare the predicted answers for two very similar question, with a common correct answer and determine if they are consistent. Here's how you can accomplish the task:"
-    "------"
-    "##INSTRUCTIONS: "
-    "- Focus on the consistency between the two predicted answers and the correct answer. Both predicted answers should correspond to the correct answer and to each other, and should not contain any contradictions or significant differences in the conveyed information.\n"
-    "- Both predicted answers must be consistent with each other and the correct answer, in terms of the information they provide about the video content.\n"
-    "- Consider synonyms or paraphrases as valid matches, but only if they maintain the consistency in the conveyed information.\n"
-    "- Evaluate the consistency of the two predicted answers compared to the correct answer.",
-}
-
-INSTRUCTION = {   # the user message after the item's fields
-  "qa":
-    "Provide your evaluation only as a yes/no and score where the score is an integer value between 0 and 5, with 5 indicating the highest meaningful match. "
-    "Please generate the response in the form of a Python dictionary string with keys 'pred' and 'score', where value of 'pred' is  a string of 'yes' or 'no' and value of 'score' is in INTEGER, not STRING."
-    "DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary string. "
-    "For example, your response should look like this: {'pred': 'yes', 'score': 4.8}.",
-  "correctness":
-    "Provide your evaluation only as a factual accuracy score where the factual accuracy score is an integer value between 0 and 5, with 5 indicating the highest level of factual consistency. "
-    "Please generate the response in the form of a Python dictionary string with keys 'score', where its value is the factual accuracy score in INTEGER, not STRING." + _TAIL,
-  "detail":
-    "Provide your evaluation only as a detail orientation score where the detail orientation score is an integer value between 0 and 5, with 5 indicating the highest level of detail orientation. "
-    "Please generate the response in the form of a Python dictionary string with keys 'score', where its value is the detail orientation score in INTEGER, not STRING." + _TAIL,
-  "context":
-    "Provide your evaluation only as a contextual understanding score where the contextual understanding score is an integer value between 0 and 5, with 5 indicating the highest level of contextual understanding. "
-    "Please generate the response in the form of a Python dictionary string with keys 'score', where its value is contextual understanding score in INTEGER, not STRING." + _TAIL,
-  "temporal":
-    "Provide your evaluation only as a temporal accuracy score where the temporal accuracy score is an integer value between 0 and 5, with 5 indicating the highest level of temporal consistency. "
-    "Please generate the response in the form of a Python dictionary string with keys 'score', where its value is the temporal accuracy score in INTEGER, not STRING." + _TAIL,
-  "consistency":
-    "Provide your evaluation only as a consistency score where the consistency score is an integer value between 0 and 5, with 5 indicating the highest level of consistency. "
-    "Please generate the response in the form of a Python dictionary string with keys 'score', where its value is the consistency score in INTEGER, not STRING." + _TAIL,
-}
+# --- the release's prompts, kept beside their benchmarks (eval/benchmarks/video_qa.py: "qa";
+# video_chatgpt.py: the other five tasks) ------------------------------------------------
+_HEAD = video_chatgpt.JUDGE_HEAD   # the same first line for every task
+SYSTEM = {**video_qa.JUDGE_SYSTEM, **video_chatgpt.JUDGE_SYSTEM}
+INSTRUCTION = {**video_qa.JUDGE_INSTRUCTION, **video_chatgpt.JUDGE_INSTRUCTION}
 
 FIELDS = {"qa": ("question", "answer", "pred"), "consistency": ("question1", "question2", "answer", "pred1", "pred2")}
 ALIASES = {"id": "video_name", "question": "Q", "answer": "A", "question1": "Q1", "question2": "Q2"}
@@ -258,44 +186,69 @@ class Judge:
 
   def __init__(self, api_base: str, api_key: str | None, model: str = "gpt-3.5-turbo", *,
                temperature: float | None = None, timeout: float = 60.0, max_retries: int = 5,
-               backoff: float = 1.0):
+               backoff: float = 1.0, deadline: float | None = None):
+    if max_retries < 0 or not timeout > 0 or backoff < 0 or (deadline is not None and not deadline > 0):
+      raise ValueError(f"max_retries must be >= 0, timeout and deadline > 0, backoff >= 0; got {max_retries}, "
+                       f"{timeout}, {deadline}, {backoff}")
     try:
       import openai   # lazily: the package imports without the `judge` extra
     except ImportError as e:
       raise JudgeError("the judge needs the openai client: pip install 'llamavid-jax[judge]'") from e
     self._openai = openai
     self.client = openai.OpenAI(base_url=api_base, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout)
-    self.model, self.temperature = model, temperature
+    self.model, self.temperature, self.timeout = model, temperature, timeout
     self.max_retries, self.backoff = max_retries, backoff
+    self.deadline = None if deadline is None else time.monotonic() + deadline   # one for the whole run
+    self.deadline_s = deadline
 
-  def ask(self, messages: list[dict]) -> tuple[str, int]:
+  def _left(self) -> float:
+    """Seconds to the overall deadline (inf without one); JudgeError once it has passed."""
+    if self.deadline is None:
+      return float("inf")
+    left = self.deadline - time.monotonic()
+    if left <= 0:
+      raise JudgeError(f"the overall --deadline of {self.deadline_s:g} s has passed")
+    return left
+
+  def ask(self, messages: list[dict], tries: int | None = None) -> tuple[str | None, int]:
+    """-> (reply text, HTTP retries); a reply that is not a chat completion (a 200 whose
+    body is not JSON, or has no message) is None: malformed, asked again by `verdict`.
+    At most `tries` requests (default max_retries + 1)."""
     kw = {} if self.temperature is None else {"temperature": self.temperature}
-    for attempt in range(self.max_retries + 1):
+    tries = self.max_retries + 1 if tries is None else tries
+    err = None
+    for attempt in range(tries):
+      left = self._left()
       try:
-        r = self.client.chat.completions.create(model=self.model, messages=messages, **kw)
-        return (r.choices[0].message.content or "") if r.choices else "", attempt
+        r = self.client.chat.completions.create(model=self.model, messages=messages,
+                                                timeout=min(self.timeout, left), **kw)
+        return ((r.choices[0].message.content or "") if r.choices else ""), attempt
       except self._openai.APIStatusError as e:
         if e.status_code < 500 and e.status_code not in RETRY_STATUS:
           raise JudgeError(f"judge endpoint refused the request: HTTP {e.status_code}: {e.message}") from e
         err = e
       except self._openai.APIConnectionError as e:   # timeouts included
         err = e
-      if attempt < self.max_retries:
-        time.sleep(self.backoff * 2 ** attempt)
-    raise JudgeError(f"judge endpoint failed {self.max_retries + 1} times in a row; last error: {err}")
+      except (ValueError, AttributeError, TypeError, IndexError, self._openai.APIResponseValidationError):
+        return None, attempt   # a 200 that is not JSON / not a completion: a malformed reply
+      if attempt < tries - 1:
+        time.sleep(min(self.backoff * 2 ** attempt, self._left()))
+    raise JudgeError(f"judge endpoint failed {tries} times in a row; last error: {err}")
 
   def verdict(self, messages: list[dict], task: str) -> tuple[dict | None, str, int, int]:
-    """-> (verdict or None, last reply, malformed replies, HTTP retries); a malformed reply is
-    asked again up to max_retries times."""
-    malformed = retries = 0
-    for _ in range(self.max_retries + 1):
-      reply, r = self.ask(messages)
-      retries += r
+    """-> (verdict or None, last reply, malformed replies, HTTP retries). Failed requests
+    and malformed replies share one budget of max_retries + 1 requests per item (one wave
+    of retries, not a wave of HTTP retries per malformed reply)."""
+    malformed = retries = used = 0
+    reply = None
+    while used <= self.max_retries:
+      reply, r = self.ask(messages, tries=self.max_retries + 1 - used)
+      retries, used = retries + r, used + r + 1
       v = parse_verdict(reply, task)
       if v is not None:
         return v, reply, malformed, retries
       malformed += 1
-    return None, reply, malformed, retries
+    return None, reply or "", malformed, retries
 
 
 def _cache_key(uid: str, task: str, model: str, messages: list[dict]) -> str:
@@ -386,34 +339,46 @@ def main(argv=None) -> dict:
   p.add_argument("--max-retries", type=int, default=5, help="per request (HTTP) and per item (malformed replies)")
   p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubling")
   p.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
+  p.add_argument("--deadline", type=float, help="seconds for the whole run (default: none); verdicts so far are kept")
   p.add_argument("--temperature", type=float, help="default: not sent (the endpoint's default), as the release")
   p.add_argument("--consistency-q2", action="store_true",
                  help="send Q2 as 'Question 2' (the release, and so its numbers, sends Q1 twice)")
   a = p.parse_args(argv)
+  cache = f"{a.out}.cache.jsonl" if a.cache is None else (a.cache or None)
+  errs = [] if os.path.isfile(a.pred) else [f"--pred {a.pred}: no such file"]
+  errs += [f"--{k.replace('_', '-')} must be >= 0, got {v}" for k, v in
+           (("max_retries", a.max_retries), ("backoff", a.backoff)) if not v >= 0]
+  errs += [f"--{k} must be > 0, got {v}" for k, v in (("timeout", a.timeout), ("workers", a.workers),
+                                                     ("deadline", a.deadline)) if v is not None and not v > 0]
+  errs += [f"--timeout must be finite, got {a.timeout}" for _ in [0] if a.timeout == float("inf")]
+  errs += validation.check_sampling(temperature=a.temperature, max_new_tokens=None, prefill_chunk=None)
+  errs += validation.check_out(a.out, {"--pred": a.pred, "--cache": cache})
+  errs += validation.check_out(cache, {"--pred": a.pred}, "--cache")
+  if errs:
+    p.error("; ".join(errs))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   try:
     items = load_predictions(a.pred, a.task)
-  except ValueError as e:
-    raise SystemExit(f"eval.judge: {e}")
+  except (ValueError, OSError) as e:
+    raise SystemExit(f"eval.judge: {cli.message(e)}")
   api_base = a.api_base or os.environ.get("OPENAI_API_BASE") or os.environ.get("OPENAI_BASE_URL")
   if not api_base:
     print("eval.judge: no judge endpoint (--api-base, $OPENAI_API_BASE, $OPENAI_BASE_URL); "
           "reporting exact-match metrics only", file=sys.stderr)
     summary = match_summary(items, a.task)
   else:
-    cache = f"{a.out}.cache.jsonl" if a.cache is None else (a.cache or None)
     try:
       judge = Judge(api_base, a.api_key or os.environ.get("OPENAI_API_KEY"), a.judge_model,
-                    temperature=a.temperature, timeout=a.timeout, max_retries=a.max_retries, backoff=a.backoff)
+                    temperature=a.temperature, timeout=a.timeout, max_retries=a.max_retries, backoff=a.backoff,
+                    deadline=a.deadline)
       summary = run_judge(items, a.task, judge, cache=cache, workers=a.workers, consistency_q2=a.consistency_q2)
     except JudgeError as e:
       kept = f" (verdicts so far are in {cache}; rerun to resume)" if cache and os.path.exists(cache) else ""
       raise SystemExit(f"eval.judge: {e}{kept}")
-  with open(a.out, "w") as f:
-    json.dump(summary, f, indent=2)
+  validation.write_atomic(a.out, json.dumps(summary, indent=2))   # beside the predictions, never over them
   print(json.dumps(summary))
   return summary
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

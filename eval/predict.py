@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from llamavid_jax import inference
+from llamavid_jax import inference, validation
 
 log = logging.getLogger("eval.predict")
 
@@ -26,12 +26,29 @@ log = logging.getLogger("eval.predict")
 class Predictor:
   def __init__(self, model: inference.Model, *, batch_size: int = 1, max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, prefill_chunk: int = 0,
-               stop: Sequence[str] = ()):
+               stop: Sequence[str] = (), fit_max_new_tokens: bool = False):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.model, self.batch_size = model, batch_size
+    self.problems: list[str] = []
+    self.fit = fit_max_new_tokens   # a default (the benchmark's): cut to what the positions leave
     self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    prefill_chunk=prefill_chunk, stop=tuple(stop))
+
+  SHOWN = 5   # problems logged one by one; the rest are counted (`summary`)
+
+  def problem(self, text: str) -> None:
+    self.problems.append(text)
+    if len(self.problems) <= self.SHOWN:
+      log.warning("%s", text)
+    elif len(self.problems) == self.SHOWN + 1:
+      log.warning("more items failed; they are counted and summed up at the end")
+
+  def summary(self) -> str | None:
+    """One line over every failed item, or None (nothing failed beyond those logged)."""
+    if len(self.problems) <= self.SHOWN:
+      return None
+    return validation.capped("items failed", self.problems, self.SHOWN)
 
   def media(self, item) -> inference.Media | None:
     """The Item's media as model input (None for a text-only question)."""
@@ -58,15 +75,20 @@ class Predictor:
       reqs: list[dict | None] = []
       for it in batch:
         try:
-          reqs.append(self.request(it))
-        except inference.MediaError as e:
-          log.warning("%s: %s", it.id, e)
+          req = self.request(it)
+          self.model.check_request(req, 1 if self.fit else self.kw["max_new_tokens"], what=f"item {it.id}")
+          reqs.append(req)
+        except (inference.MediaError, validation.BudgetError) as e:   # failed, named, the run goes on
+          self.problem(f"{it.id}: {e}")
           reqs.append(None)
       ok = [r for r in reqs if r is not None]
+      kw = self.kw
+      if self.fit and ok:
+        kw = {**kw, "max_new_tokens": min([kw["max_new_tokens"]] + [self.model.room(r) for r in ok])}
       kinds = {("features" if "features" in r else "frames") for r in ok}
       if len(kinds) > 1:   # frames and feature files cannot share a batch
-        texts = iter([self.model.generate([r], **self.kw)[0].text for r in ok])
+        texts = iter([self.model.generate([r], **kw)[0].text for r in ok])
       else:
-        texts = iter([a.text for a in self.model.generate(ok, **self.kw)] if ok else [])
+        texts = iter([a.text for a in self.model.generate(ok, **kw)] if ok else [])
       out += [None if r is None else next(texts) for r in reqs]
     return out

@@ -43,6 +43,7 @@ from typing import Protocol, Sequence
 
 from eval.benchmarks import BENCHMARKS
 from eval.benchmarks.common import Item, check_media, check_paths, default_key, get_chunk, read_jsonl
+from llamavid_jax import cli, validation
 
 log = logging.getLogger("eval.run")
 
@@ -61,8 +62,12 @@ def model_predictor(args):
   from eval.predict import Predictor as ModelPredictor
   from llamavid_jax import inference
   m = inference.load(args.ckpt, dtype=args.dtype)
+  given = getattr(args, "max_new_tokens_given", True)
+  if given:   # the answer alone must fit beside the shortest prompt: refused before anything compiles
+    validation.check_positions(m.cfg, prompt_ids=1, num_frames=0, max_new_tokens=args.max_new_tokens,
+                               what="--max-new-tokens")
   return ModelPredictor(m, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, fit_max_new_tokens=not given)
 
 
 # --- arguments ----------------------------------------------------------------------
@@ -83,7 +88,8 @@ def build_parser(bench: str | None) -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--summary", help="where to write the summary JSON (run)")
   p.add_argument("--export", help="also write the release's downstream file (GQA predictions, submissions)")
-  p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (the release's)")
+  p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (the release's), or as many as "
+                 "the model's positions leave; a value given must fit them")
   p.add_argument("--temperature", type=float, help="default: the benchmark's (the release's)")
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
@@ -134,13 +140,39 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Argume
       errs += mod.check(args, mode)
   if args.export and not hasattr(mod, "export"):
     errs.append(f"--export: {args.benchmark} has no downstream file (its predictions are the release's file)")
+  errs += validation.check_sampling(temperature=args.temperature, top_p=args.top_p,
+                                    max_new_tokens=args.max_new_tokens)
+  errs += check_outputs(mod, args, mode)
   if errs:
     p.error("; ".join(errs))
   gen = mod.GENERATION
+  args.max_new_tokens_given = args.max_new_tokens is not None   # else the benchmark's, cut to the positions left
   args.max_new_tokens = gen["max_new_tokens"] if args.max_new_tokens is None else args.max_new_tokens
   args.temperature = gen["temperature"] if args.temperature is None else args.temperature
   args.model_id = args.model_id or os.path.basename(os.path.normpath(args.ckpt or "llamavid-jax"))
   return args, p
+
+
+def check_outputs(mod, args, mode: str) -> list[str]:
+  """Problems with the files this run writes: none may be (or be the same file as) an
+  input (the benchmark's question / answer files, --pred, the chunk files), nor another
+  output (--summary over the predictions)."""
+  inputs = {"--" + name.replace("_", "-"): getattr(args, name, None)
+            for name, (kind, _) in mod.FILES.items() if kind == "file"}
+  if mode == "score":
+    inputs["--pred"] = args.pred
+  if mode == "merge":
+    inputs.update({f"chunk file {x}": x for x in args.inputs if os.path.isfile(x)})
+  errs = []
+  outs = {"--out": args.out, "--summary": args.summary if mode == "run" else None, "--export": args.export}
+  for flag, path in outs.items():
+    errs += validation.check_out(path, inputs, flag)
+  if mode == "run":
+    pred = {"--out": args.out}
+    errs += validation.check_out(args.summary, pred, "--summary") + validation.check_out(args.export, pred, "--export")
+  elif mode == "score":
+    errs += validation.check_out(args.export, {"--out": args.out}, "--export")
+  return errs
 
 
 # --- prediction files ---------------------------------------------------------------
@@ -153,8 +185,8 @@ def read_records(path: str, *, repair: bool = False) -> list[dict]:
   with open(path) as f:
     head = f.read(1).lstrip()
   if head == "[":   # some release files are one JSON list
-    with open(path) as f:
-      return json.load(f)
+    from eval.benchmarks.common import read_json_or_jsonl
+    return read_json_or_jsonl(path)
   recs, good = read_jsonl(path)
   if good is not None and repair:
     with open(path, "r+b") as f:
@@ -219,10 +251,9 @@ def run(args, predictor: Predictor | None = None) -> dict:
   if args.limit is not None:
     items = items[:args.limit]
   ok, missing = check_media(items)
-  for iid, path in missing:
-    log.warning("%s: media missing: %s", iid, path)
-  if missing:
-    log.warning("%d of %d items have no media file and are skipped", len(missing), len(items))
+  if missing:   # one line, however many (a half-copied media folder names thousands)
+    log.warning("%s; they are skipped", validation.capped(f"of {len(items):,} items have no media file",
+                                                          [f"{i}: {p}" for i, p in missing]))
   done = set()
   if os.path.exists(out):
     done = {record_key(mod, r) for r in read_records(out, repair=True)}
@@ -244,7 +275,8 @@ def run(args, predictor: Predictor | None = None) -> dict:
         for it, pred in zip(batch, preds):
           if pred is None:
             failed += 1
-            log.warning("%s: no answer (media unreadable), skipped", it.id)
+            if failed <= 5:
+              log.warning("%s: no answer (media unreadable or too long), skipped", it.id)
             continue
           rec = mod.record(it, pred, model_id=args.model_id)
           if record_key(mod, rec) != it.id:
@@ -255,6 +287,9 @@ def run(args, predictor: Predictor | None = None) -> dict:
         os.fsync(f.fileno())
         bar.update(len(batch))
     seconds = time.perf_counter() - start
+    if failed > 5:   # one line for the rest
+      said = getattr(predictor, "summary", lambda: None)()
+      log.warning("%s", said or f"{failed:,} items had no answer and were skipped (a rerun retries them)")
   records = read_records(out) if os.path.exists(out) else []
   summary = {"benchmark": args.benchmark, "metric": mod.score(records, args),
              "counts": {"items": len(items), "predicted": predicted,
@@ -273,7 +308,12 @@ def run(args, predictor: Predictor | None = None) -> dict:
 def score_only(args) -> dict:
   mod = BENCHMARKS[args.benchmark]
   records = read_records(args.pred)
-  summary = {"benchmark": args.benchmark, "metric": mod.score(records, args),
+  try:
+    metric = mod.score(records, args)
+  except KeyError as e:   # another benchmark's (or no benchmark's) records
+    raise ValueError(f"--pred {args.pred}: a record has no {e} field; are these {args.benchmark} "
+                     "predictions?") from None
+  summary = {"benchmark": args.benchmark, "metric": metric,
              "counts": {"records": len(records)}, "pred": args.pred}
   if args.export:
     summary["export"] = {"path": args.export, "entries": mod.export(records, args.export, args)}
@@ -283,10 +323,8 @@ def score_only(args) -> dict:
 
 
 def write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
+  """`obj` as indented JSON, through a temporary file and a rename."""
+  validation.write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None, predictor: Predictor | None = None) -> dict:
@@ -299,11 +337,11 @@ def main(argv: Sequence[str] | None = None, predictor: Predictor | None = None) 
       result = score_only(args)
     else:
       result = run(args, predictor)
-  except (FileNotFoundError, ValueError) as e:
-    p.exit(2, f"{p.prog}: error: {e}\n")
+  except (OSError, ValueError) as e:
+    p.exit(2 if isinstance(e, validation.UsageError) else 1, f"{p.prog}: error: {cli.message(e)}\n")
   print(json.dumps(result, indent=2))
   return result
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

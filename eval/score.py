@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llamavid_jax import inference
+from llamavid_jax import cli, inference, validation
+from llamavid_jax.data import IMAGE_TOKEN_INDEX
 from llamavid_jax.inference import inference_prompt  # noqa: F401  (the prompt, re-exported)
 from llamavid_jax.data.conversation import tokenize_with_image
 
@@ -73,6 +74,8 @@ class Scorer:
     if media is None:
       media = inference.Media("frames", frames) if frames is not None else inference.Media("features", features)
     ids, n_prompt = self.token_ids(question, answer, with_eos, media)
+    validation.check_positions(self.cfg, prompt_ids=len(ids), num_frames=media.num_frames, max_new_tokens=0,
+                               movie=media.is_movie, placeholders=ids.count(IMAGE_TOKEN_INDEX))
     q = self.qtokenizer(question, truncation=True, max_length=self.cfg.qformer.max_text_len)
     batch = dict(input_ids=jnp.asarray([ids], jnp.int32), text_mask=jnp.ones((1, len(ids)), bool),
                  frame_mask=jnp.ones((1, media.num_frames), bool),
@@ -104,8 +107,9 @@ def read_choices(path: str, media_folder: str = "") -> list[dict]:
   [str, ...], answer: the right option's index or text (optional), and one of video /
   image / features: a path under `media_folder`}. Bad entries raise ValueError naming
   the file, the entry and the field."""
-  from eval.benchmarks.common import read_json_or_jsonl
+  from eval.benchmarks.common import check_ids, media_path, read_json_or_jsonl
   rows = read_json_or_jsonl(path)
+  check_ids(path, [r.get("id", n) for n, r in enumerate(rows)])
   out = []
   for n, r in enumerate(rows):
     where = f"{path}: entry {n} (id {r.get('id', n)!r})"
@@ -125,7 +129,7 @@ def read_choices(path: str, media_folder: str = "") -> list[dict]:
     elif ans is not None and not (isinstance(ans, int) and 0 <= ans < len(opts)):
       raise ValueError(f"{where}: 'answer' must be an option index in [0, {len(opts)}) or an option's text")
     out.append(dict(id=r.get("id", n), question=r["question"], options=opts, answer=ans,
-                    kind=media[0], path=os.path.join(media_folder, r[media[0]])))
+                    kind=media[0], path=media_path(media_folder, r[media[0]], where)))
   return out
 
 
@@ -179,6 +183,9 @@ def main(argv=None) -> dict:
       p.error("--choices takes its questions, options and media from the file: drop --question/--answer/--video...")
     if not os.path.isfile(a.choices):
       p.error(f"--choices {a.choices}: no such file")
+    errs = validation.check_out(a.out, {"--choices": a.choices})
+    if errs:
+      p.error("; ".join(errs))
     try:
       rows = read_choices(a.choices, a.media_folder)
     except ValueError as e:
@@ -188,8 +195,7 @@ def main(argv=None) -> dict:
       p.error(f"{len(missing)} media file(s) not found: " + "; ".join(missing[:5]))
     records = choose(Scorer(a.ckpt, dtype=a.dtype), rows, a.with_eos)
     if a.out:
-      with open(a.out, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+      validation.write_atomic(a.out, "".join(json.dumps(r) + "\n" for r in records))
     summary = choice_accuracy(records)
     print(json.dumps(summary))
     return summary
@@ -200,11 +206,14 @@ def main(argv=None) -> dict:
   if not os.path.isfile(path):
     p.error(f"--{flag} {path}: no such file")
   scorer = Scorer(a.ckpt, dtype=a.dtype)
-  media = scorer.m.media(**{flag: path})
+  try:
+    media = scorer.m.media(**{flag: path})
+  except inference.MediaError as e:
+    p.exit(1, f"eval.score: {e}\n")
   result = scorer.score(a.question, a.answer, with_eos=a.with_eos, media=media)
   print(json.dumps(result))
   return result
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -25,6 +25,7 @@ Arguments and the checkpoint directory are checked before the model is loaded.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from eval import chat, overlay
-from llamavid_jax import inference
+from llamavid_jax import cli, inference, validation
 
 SHOWN_FRAMES = 16
 UPLOAD_TYPES = list(inference.VIDEO_SUFFIXES + inference.IMAGE_SUFFIXES + (".npy", ".safetensors"))
@@ -146,21 +147,30 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
     """Streams (chatbot, textbox, gallery, status) as the answer grows."""
     history = list(history or [])
     question = (question or "").strip()
-    problem = (NO_QUESTION if not question else NO_MEDIA if state is None else
-               f"temperature must be >= 0, got {temp}" if temp is None or temp < 0 else
-               f"top_p must be in (0, 1], got {tp}" if tp is None or not 0 < tp <= 1 else
-               f"max new tokens must be >= 1, got {budget}" if budget is None or int(budget) < 1 else None)
+    number = lambda x: x if x is not None else "nothing"   # noqa: E731  (a cleared slider is refused)
+    mnt = int(budget) if isinstance(budget, (int, float)) and math.isfinite(budget) else number(budget)
+    errs = validation.check_sampling(temperature=number(temp), top_p=number(tp), max_new_tokens=mnt, prefix="")
+    problem = (NO_QUESTION if not question else NO_MEDIA if state is None else "; ".join(errs) or None)
+    request, cut = None, ""
+    if not problem:
+      turns = history_turns(history) + [question]
+      request = model.request(turns, state["media"])
+      try:   # the same rules as every CLI: the request must fit the model's positions
+        room = model.room(request)
+      except validation.BudgetError as e:
+        problem = str(e)
+      else:   # the slider's value, or as many as the positions leave (said in the status line)
+        cut = f" (max new tokens cut to {room}: the model's positions end there)" if mnt > room else ""
+        mnt = min(mnt, room)
     if problem:
       gr.Warning(problem)
       yield history, question, gr.skip(), problem
       return
-    turns = history_turns(history) + [question]
-    request = model.request(turns, state["media"])
     gallery = attention_gallery(model, request, state)
     history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
     yield history, "", gallery, "Answering…"
     answer = ""
-    for piece in model.stream(request, max_new_tokens=int(budget), temperature=float(temp), top_p=float(tp),
+    for piece in model.stream(request, max_new_tokens=mnt, temperature=float(temp), top_p=float(tp),
                               seed=seed, prefill_chunk=prefill_chunk):
       answer += piece
       history[-1] = {"role": "assistant", "content": answer}
@@ -168,7 +178,7 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
     final = model.last_answer
     history[-1] = {"role": "assistant", "content": final.text}
     empty = "" if final.text else " (they decode to no text)"
-    yield history, "", gallery, f"`{state['name']}`: answered in {len(final.token_ids)} tokens{empty}."
+    yield history, "", gallery, f"`{state['name']}`: answered in {len(final.token_ids)} tokens{empty}{cut}."
 
   def on_clear(state):
     return [], "", [], (f"`{state['name']}`: new conversation." if state else "")
@@ -208,6 +218,7 @@ def main(argv=None) -> None:
   p = parser()
   a = p.parse_args(argv)
   kw = chat.release_sampling(chat.check_sampling(p, a), None)   # the sliders start at the chat's
+  kw["max_new_tokens"] = kw["max_new_tokens"] or chat.DEFAULT_NEW_TOKENS
   if not 0 < a.port < 65536:
     p.error(f"--port must be in 1..65535, got {a.port}")
   if a.max_frames < 1:
@@ -224,4 +235,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

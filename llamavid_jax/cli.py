@@ -24,6 +24,7 @@ from typing import Callable, NoReturn
 
 USAGE = 2   # exit status: the command line or the config cannot run
 FAILED = 1  # exit status: the run started and stopped on bad data, media or files
+LIMIT = 2000   # characters of one error line
 
 
 class ConfigError(ValueError):
@@ -95,10 +96,18 @@ ERRORS: dict[str, int] = {
 
 
 def exit_code(e: BaseException) -> int | None:
-  """The exit status `run` gives `e` (USAGE or FAILED), None for an error it does not
-  know (a bug: that one keeps its traceback)."""
+  """The exit status `run` gives `e`: the table above first; then any class of the
+  project's own modules named UsageError / ConfigError (USAGE) or any other of its
+  classes, an OSError, ValueError or RuntimeError (FAILED); None for anything else
+  (a bug: that one keeps its traceback)."""
   names = {f"{c.__module__}:{c.__qualname__}" for c in type(e).__mro__}
-  return next((code for name, code in ERRORS.items() if name in names and _loaded(name)), None)
+  code = next((code for name, code in ERRORS.items() if name in names and _loaded(name)), None)
+  if code is not None:
+    return code
+  if any(c.__name__ in ("UsageError", "ConfigError") for c in type(e).__mro__):
+    return USAGE
+  ours = {c.__module__.split(".")[0] for c in type(e).__mro__} & {"llamavid_jax", "eval", "train"}
+  return FAILED if ours or isinstance(e, (OSError, ValueError, RuntimeError)) else None
 
 
 def _loaded(name: str) -> bool:
@@ -109,8 +118,15 @@ def _loaded(name: str) -> bool:
 def messages(e: BaseException) -> list[str]:
   """The lines `run` prints for `e` (without "error: "): one per message, a message's
   own line breaks joined with spaces."""
-  return [" ".join(l.strip() for l in str(m).splitlines()) or type(e).__name__
-          for m in (getattr(e, "messages", None) or [str(e)])]
+  lines = [" ".join(l.strip() for l in str(m).splitlines()) or type(e).__name__
+           for m in (getattr(e, "messages", None) or [str(e)])]
+  return [l if len(l) <= LIMIT else f"{l[:LIMIT]}... ({len(l) - LIMIT:,} more characters)" for l in lines]
+
+
+def message(e: BaseException, limit: int = LIMIT) -> str:
+  """`e` as one line of at most `limit` characters (its messages joined with '; ')."""
+  text = "; ".join(messages(e))
+  return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 
 
 def run(main: Callable[[], int | None], *, debug_env: str = "LLAMAVID_DEBUG") -> NoReturn:
@@ -124,6 +140,9 @@ def run(main: Callable[[], int | None], *, debug_env: str = "LLAMAVID_DEBUG") ->
     debug = True
   try:
     sys.exit(main())
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    sys.exit(130)
   except Exception as e:   # noqa: BLE001 - unknown errors are re-raised below
     code = exit_code(e)
     if debug or code is None:

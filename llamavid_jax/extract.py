@@ -33,6 +33,7 @@ the exit status is 1 if any failed, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import glob
 import math
@@ -120,7 +121,7 @@ def subtitle_file(video: str, subtitle_dir: str) -> str:
 
 
 def plan(videos: Sequence[str], out_dir: str, *, subtitles: str | None = None,
-         subtitle_dir: str | None = None) -> list[Job]:
+         subtitle_dir: str | None = None, subtitle_encoding: str | None = None) -> list[Job]:
   """One Job per video, already `skipped` (output exists) or `failed` (missing video,
   missing or unreadable subtitles) where that is known without the model. Raises
   UsageError for options that cannot go together, two videos with one output name, or a
@@ -153,7 +154,7 @@ def plan(videos: Sequence[str], out_dir: str, *, subtitles: str | None = None,
       if subtitle_dir is not None:
         job.subtitles = subtitle_file(v, subtitle_dir)
       if job.subtitles is not None:
-        job.cues = subs.read_subtitles(job.subtitles)
+        job.cues = subs.read_subtitles(job.subtitles, subtitle_encoding)
     except (SampleError, ft.MovieError) as e:
       job.status, job.error = "failed", describe(e)
   return jobs
@@ -300,6 +301,8 @@ def parser() -> argparse.ArgumentParser:
   st = p.add_mutually_exclusive_group()
   st.add_argument("--subtitles", help="a .srt / .vtt file for --video")
   st.add_argument("--subtitle-dir", help="NAME.srt or NAME.vtt for each video NAME.*")
+  p.add_argument("--subtitle-encoding", default=None,
+                 help="the subtitle files' encoding where they have no BOM (e.g. cp1252; default UTF-8)")
   p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
                  help="stored dtype (float16: the release's)")
   p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -318,7 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     videos = list_videos(a.video, a.videos, a.video_dir)
     if os.path.exists(a.out) and not os.path.isdir(a.out):
       raise UsageError(f"--out {a.out}: not a directory")
-    jobs = plan(videos, a.out, subtitles=a.subtitles, subtitle_dir=a.subtitle_dir)
+    if a.subtitle_encoding is not None:
+      try:
+        codecs.lookup(a.subtitle_encoding)
+      except LookupError:
+        raise UsageError(f"--subtitle-encoding {a.subtitle_encoding}: no such encoding") from None
+    jobs = plan(videos, a.out, subtitles=a.subtitles, subtitle_dir=a.subtitle_dir,
+                subtitle_encoding=a.subtitle_encoding)
     os.makedirs(a.out, exist_ok=True)
   except (UsageError, inference.CheckpointError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -41,8 +41,10 @@ import jax
 import numpy as np
 
 from llamavid_jax import generate as gen
+from llamavid_jax import validation
 from llamavid_jax.checkpoint import layout, orbax_io
-from llamavid_jax.data import IMAGE_TOKEN
+from llamavid_jax.data import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llamavid_jax.data.tokenizer import RemoteCodeError
 from llamavid_jax.data.conversation import build_prompt, get_template, movie_prompt, tokenize_with_image
 from llamavid_jax.models import LlamaVid
 
@@ -100,7 +102,13 @@ def media_kind(path: str) -> Literal["video", "image", "features"]:
 
 
 class CheckpointError(ValueError):
-  """A --ckpt that is no checkpoint directory (`check_ckpt`)."""
+  """A --ckpt that is no checkpoint directory (`check_ckpt`: one message naming the
+  flag), or a checkpoint whose files cannot be read (`path` and `why`: names the file
+  or directory and why)."""
+
+  def __init__(self, path: str, why: str | None = None):
+    super().__init__(path if why is None else f"{path}: {why}")
+    self.path, self.why = path, why
 
 
 def check_ckpt(path: str, flag: str = "--ckpt") -> str:
@@ -121,12 +129,16 @@ def check_file(path: str, what: str) -> str:
 
 
 def prompt_turns(turns: Sequence[str], media: bool = True) -> list[str]:
-  """User / assistant texts (alternating, ending with a user turn) -> the same turns
-  with `<image>` removed everywhere and, with media, put at the start of the latest
-  user turn."""
+  """User / assistant texts (alternating, ending with a user turn) -> the same turns as
+  typed (no stripping: the release puts them into the prompt as they are) with
+  `<image>` removed everywhere (`<image>\\n` first, as the release's chat removes it from
+  earlier turns) and, with media, put at the start of the latest user turn."""
   if len(turns) % 2 != 1:
     raise ValueError(f"turns must alternate user, assistant and end with a user turn; got {len(turns)}")
-  clean = [t.replace(IMAGE_TOKEN, "").strip() for t in turns]
+  bad = [i for i, t in enumerate(turns) if not isinstance(t, str)]
+  if bad:
+    raise ValueError(f"turn {bad[0]} is a {type(turns[bad[0]]).__name__}, not text")
+  clean = [t.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "") for t in turns]
   if media:
     clean[-1] = f"{IMAGE_TOKEN}\n{clean[-1]}"
   return clean
@@ -203,6 +215,8 @@ class Model:
       else:
         from llamavid_jax.data.image import preprocess_frames
         from llamavid_jax.data.video import load_video
+        if not self.sample_cap:   # a checkpoint without a frame cap: refuse before decoding
+          self._check_video_length(video)
         frames, _ = load_video(video, fps=self.video_fps, max_frames=self.sample_cap)
         arr, kind = preprocess_frames(frames, size=self.cfg.vision.image_size), "frames"
     except (VideoError, SampleError) as e:   # their str() names the path (and a JSON field) again
@@ -214,16 +228,70 @@ class Model:
   def _checked(self, media: Media) -> Media:
     if media.num_frames == 0:
       raise MediaError(media.path, "no frames")
+    bad = media.array.size - int(np.isfinite(media.array).sum())
+    if bad:
+      raise MediaError(media.path, f"{bad:,} of {media.array.size:,} values are NaN or infinite")
     if self.max_frames and media.num_frames > self.max_frames:
       raise MediaError(media.path, f"{media.num_frames} frames at {self.sampling}, more than the cap of {self.max_frames}")
     return media
 
+  @property
+  def position_budget(self) -> int:
+    """LLM positions of the model: llm.max_positions x rope_scaling (`validation`)."""
+    return validation.position_budget(self.cfg)
+
+  @property
+  def default_frame_cap(self) -> int:
+    """The frames a video may give when the checkpoint stores no cap (`validation`)."""
+    return validation.default_frame_cap(self.cfg)
+
+  def _check_video_length(self, path: str) -> None:
+    """MediaError before decoding when the frames taken from `path` cannot fit the budget."""
+    from llamavid_jax.data.sources import probe_video, sampled_frame_count
+    try:
+      n, avg_fps = probe_video(path)
+    except Exception:   # noqa: BLE001  (unreadable: load_video names it)
+      return
+    t = sampled_frame_count(n, avg_fps, self.video_fps, None)
+    cap = self.default_frame_cap
+    if self.max_frames and t > self.max_frames:   # the caller's cap (eval.web's --max-frames), before decoding
+      raise MediaError(path, f"{t:,} frames at {self.sampling}, more than the cap of {self.max_frames}")
+    if t > cap:
+      k = self.cfg.tokens_per_frame
+      raise MediaError(path, f"{t:,} frames at {self.sampling} need {t * k:,} LLM positions ({k} a frame); the "
+                             f"model has {self.position_budget:,} (llm.max_positions x rope_scaling), room for "
+                             f"at most {cap:,} frames")
+
+  def check_request(self, request: dict, max_new_tokens: int = 0, what: str = "") -> int:
+    """Raises validation.BudgetError unless the request's prompt, frames and
+    max_new_tokens fit the model's positions -> the positions it needs."""
+    ids = np.asarray(request["input_ids"])
+    arr = request.get("frames", request.get("features"))
+    return validation.check_positions(
+        self.cfg, prompt_ids=len(ids), num_frames=0 if arr is None else int(arr.shape[0]),
+        max_new_tokens=max_new_tokens, movie=request.get("video_mode") == "movie",
+        placeholders=int((ids == IMAGE_TOKEN_INDEX).sum()), what=what)
+
+  def room(self, request: dict) -> int:
+    """How many new tokens fit after the request's prompt and frames (>= 1; BudgetError
+    naming the positions when not even one does)."""
+    return self.position_budget - self.check_request(request, 1) + 1
+
+  def check_generation(self, requests: Sequence[dict], *, max_new_tokens: int, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, prefill_chunk: int = 0) -> None:
+    """Sampling values and every request's positions, checked before anything compiles."""
+    validation.raise_all(validation.check_sampling(
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+        prefill_chunk=prefill_chunk, prefix=""))
+    for r in requests:
+      self.check_request(r, max_new_tokens)
+
   def image_media(self, img, path: str = "") -> Media:
     """A PIL image -> Media: padded to a square of the mean colour when the checkpoint's
     `image_aspect_ratio` is `pad`, then CLIP-preprocessed."""
-    from llamavid_jax.data.image import preprocess_image
-    arr = preprocess_image(img.convert("RGB"), size=self.cfg.vision.image_size, aspect=self.image_aspect)[None]
-    return Media("frames", np.asarray(arr, np.float32), path)
+    from llamavid_jax.data.image import preprocess_image, to_rgb
+    arr = preprocess_image(to_rgb(img), size=self.cfg.vision.image_size, aspect=self.image_aspect)[None]
+    return self._checked(Media("frames", np.asarray(arr, np.float32), path))
 
   # --- requests -------------------------------------------------------------------
   def prompt(self, turns: Sequence[str] | str, media: Media | None) -> str:
@@ -244,8 +312,8 @@ class Model:
     instruction (default: the latest question), the media array; a movie's request
     carries `video_mode="movie"` (the latest turn becomes `movie_prompt`)."""
     turns = [turns] if isinstance(turns, str) else list(turns)
-    if instruction is None:
-      instruction = turns[-1].replace(IMAGE_TOKEN, "").strip()
+    if instruction is None:   # the release's `update_prompt([[question]])`: the question as typed
+      instruction = turns[-1].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
     q = self.qtokenizer(instruction, truncation=True, max_length=self.cfg.qformer.max_text_len)
     if media is None:
       s = self.cfg.vision.image_size
@@ -282,7 +350,10 @@ class Model:
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
                prefill_chunk: int = 0, text_buckets: Sequence[int] | None = None,
                frame_buckets: Sequence[int] | None = None) -> list[Answer]:
-    """Requests (`request`) -> one Answer each, generated as one left-padded batch."""
+    """Requests (`request`) -> one Answer each, generated as one left-padded batch.
+    Raises validation.UsageError / BudgetError before compiling (`check_generation`)."""
+    self.check_generation(requests, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, prefill_chunk=prefill_chunk)
     batch = self._batch(requests, text_buckets, frame_buckets)
     toks = gen.generate(self.model_for(requests), self.params, batch, jax.random.key(seed), max_new_tokens=max_new_tokens,
                         eos_id=self.eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -295,6 +366,8 @@ class Model:
     """One request -> its answer's text, yielded in pieces as tokens are produced
     (`chunk` tokens per step). The pieces join to `generate`'s text with the same
     arguments; `last_answer` holds the Answer once the stream is exhausted."""
+    self.check_generation([request], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, prefill_chunk=prefill_chunk)
     batch = self._batch([request], None, None)
     ids: list[int] = []
     shown = ""
@@ -331,5 +404,17 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
   import jax.numpy as jnp
-  loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype))
+  cfg_file = os.path.join(ckpt, orbax_io.MODEL_CONFIG)
+  if os.path.isfile(cfg_file):   # a bad config is named before any parameter is read
+    try:
+      orbax_io.load_config(ckpt)
+    except Exception as e:   # noqa: BLE001  (JSONDecodeError, TypeError of an unknown field, ...)
+      raise CheckpointError(cfg_file, f"not a model config: {type(e).__name__}: {validation.one_line(e, 300)}") from None
+  try:
+    loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype))
+  except (FileNotFoundError, RemoteCodeError):   # named already (a missing file, a refused tokenizer)
+    raise
+  except Exception as e:   # noqa: BLE001  (orbax / tensorstore on a torn or garbled parameter file)
+    raise CheckpointError(ckpt, f"corrupt or unreadable checkpoint (its parameters or their metadata, "
+                                f"e.g. params/_METADATA): {type(e).__name__}: {validation.one_line(e, 300)}") from None
   return Model(loaded, dtype=dtype, max_frames=max_frames)

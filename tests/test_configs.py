@@ -174,6 +174,8 @@ def test_every_config_error_is_reported_at_once():
     ([":toy,tiny,bad"], ["error: flag --config=CONFIG:toy,tiny,bad: config argument 'bad': expected one of "
                          "['content_only', 'tiny', 'toy']"]),
     ([":toy,tiny", "--config.nokey=3"], ["error: --config.nokey=3: no such key in the config"]),
+    ([":toy,tiny", "--config.optim.lr=-1", "--config.optim.b2=1.5"],
+     ["error: config.optim.b2 must be in (0, 1), got 1.5", "error: config.optim.lr must be > 0, got -1.0"]),
 ])
 def test_cli_prints_config_errors_one_line_each_with_exit_status_2(args, lines):
   """python -m train.train with bad values, a bad recipe variant, a key the config

@@ -103,7 +103,7 @@ def test_missing_media_named_and_counted(tmp_path, msvd, caplog):
     s = msvd(tmp_path / "pred.json", "--summary", str(tmp_path / "summary.json"), predictor=Fake())
   path = str(tmp_path / "video" / "vid5.{mp4,avi,mov,mkv}")
   assert s["counts"]["missing_media"] == 1 and s["missing_media"] == [["5", path]]
-  assert f"5: media missing: {path}" in caplog.text
+  assert f"1 of 7 items have no media file: 5: {path}; they are skipped" in caplog.text
   saved = json.load(open(tmp_path / "summary.json"))
   assert saved["counts"] == s["counts"] and saved["benchmark"] == "msvd_qa"
   # 0, 2, 4, 6 answered exactly, 1, 3 not: 4 of 6

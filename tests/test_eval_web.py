@@ -151,7 +151,7 @@ def test_display_frames_are_the_models_crop_at_1_fps(tmp_path):
     (["--ckpt", ".", "--port", "0"], "--port must be in 1..65535, got 0"),
     (["--ckpt", ".", "--max-frames", "0"], "--max-frames must be >= 1, got 0"),
     (["--ckpt", ".", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["--ckpt", ".", "--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["--ckpt", ".", "--temperature", "-1"], "--temperature must be a finite number >= 0 (0: greedy), got -1.0"),
 ])
 def test_flags_are_checked_before_the_model_loads(argv, message, capsys, monkeypatch):
   from eval import web

@@ -128,7 +128,10 @@ def config_errors(c, mesh_shape: dict[str, int] | None = None, *, planned: bool 
   from llamavid_jax.models.config import from_dict
   from train.planning.policy import run_mesh
 
+  from llamavid_jax import validation
   errors = unknown_key_errors(c)
+  if "optim" in c:
+    errors += [f"config.{e}" for e in validation.check_optimizer(c.optim)]
   positive = {"batch_size": c.get("batch_size", None), "total_steps": c.get("total_steps", None),
               "accum_steps": c.get("accum_steps", None), "ckpt.every": c.ckpt.get("every", None),
               "log.every": c.log.get("every", None)}

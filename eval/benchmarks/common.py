@@ -97,9 +97,39 @@ def check_media(items: Sequence[Item]) -> tuple[list[Item], list[tuple[str, str]
   return ok, missing
 
 
-def find_video(folder: str, name: str, formats: Sequence[str] = VIDEO_FORMATS) -> str:
+def media_path(folder: str, name, where: str = "") -> str:
+  """folder/name for a media name read from a question file; raises ValueError (naming
+  `where`: the file and entry) when the name is not a string, is absolute, or leads
+  outside `folder` (`../`, a symlink is followed only by the reader)."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"{where}: the media name {name!r} is not a file name")
+  if os.path.isabs(name) or name.startswith("~"):
+    raise ValueError(f"{where}: the media name {name!r} is an absolute path; names are read inside the media folder")
+  root = os.path.abspath(folder or ".")
+  path = os.path.abspath(os.path.join(root, name))
+  if os.path.commonpath([root, path]) != root:
+    raise ValueError(f"{where}: the media name {name!r} leads outside the media folder {folder or '.'}")
+  return os.path.join(folder, name)
+
+
+def check_ids(path: str, ids: Sequence[Any], field: str = "id") -> None:
+  """Raises ValueError unless every id is a string or an integer and no two ids of
+  different types read the same (1 and "1": one key in the prediction file)."""
+  seen: dict[str, Any] = {}
+  for n, i in enumerate(ids):
+    if isinstance(i, bool) or not isinstance(i, (str, int)):
+      raise ValueError(f"{path}: entry {n}: {field} {i!r} is a {type(i).__name__}, not a string or an integer")
+    if str(i) in seen and type(seen[str(i)]) is not type(i):
+      raise ValueError(f"{path}: entry {n}: {field} {i!r} and an earlier {seen[str(i)]!r} are one key in the "
+                       "predictions; make the ids distinct")
+    seen.setdefault(str(i), i)
+
+
+def find_video(folder: str, name: str, formats: Sequence[str] = VIDEO_FORMATS, where: str = "") -> str:
   """folder/name + the first suffix of `formats` that exists; when none does, the
-  pattern `folder/name.{mp4,avi,...}` (which `check_media` then reports)."""
+  pattern `folder/name.{mp4,avi,...}` (which `check_media` then reports). `name` must
+  stay inside `folder` (`media_path`)."""
+  media_path(folder, name, where or f"video {name!r}")
   for ext in formats:
     path = os.path.join(folder, f"{name}{ext}")
     if os.path.isfile(path):
@@ -150,6 +180,10 @@ def read_json_or_jsonl(path: str) -> list[dict]:
     data = read_json(path)
     if not isinstance(data, list):
       raise ValueError(f"{path}: expected a JSON list")
+    bad = [i for i, r in enumerate(data) if not isinstance(r, dict)]
+    if bad:
+      raise ValueError(f"{path}: entry {bad[0]} is a {type(data[bad[0]]).__name__}, not a JSON object "
+                       f"({len(bad):,} of {len(data):,} entries are not)")
     return data
   return read_jsonl(path)[0]
 
@@ -180,12 +214,17 @@ def load_llava_jsonl(question_file: str, image_folder: str) -> list[Item]:
   Items: prompt and Q-Former instruction are both `text` (the release passes the whole
   line text, instruction suffix included, to `update_prompt`)."""
   qs, torn = read_jsonl(question_file, torn_ok=False)
-  items = []
-  for q, iid in zip(qs, unique_ids(q.get("question_id") for q in qs)):
+  for n, q in enumerate(qs):
     for k in ("question_id", "image", "text"):
       if k not in q:
-        raise ValueError(f"{question_file}: question {iid} has no {k!r}")
-    items.append(Item(iid, q["text"], q["text"], os.path.join(image_folder, q["image"]), "image",
+        raise ValueError(f"{question_file}:{n + 1}: question {q.get('question_id', n)!r} has no {k!r}")
+    if not isinstance(q["text"], str):
+      raise ValueError(f"{question_file}:{n + 1}: 'text' is a {type(q['text']).__name__}, not a string")
+  check_ids(question_file, [q["question_id"] for q in qs], "question_id")
+  items = []
+  for n, (q, iid) in enumerate(zip(qs, unique_ids(q.get("question_id") for q in qs))):
+    items.append(Item(iid, q["text"], q["text"], media_path(image_folder, q["image"], f"{question_file}:{n + 1}"),
+                      "image",
                       {"question_id": q["question_id"], "category": q.get("category"), "image": q["image"]}))
   return items
 

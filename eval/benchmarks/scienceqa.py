@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import re
 
-from eval.benchmarks.common import SINGLE_LETTER, Item, answer_id, keyed, read_json, unique_ids
+from eval.benchmarks.common import SINGLE_LETTER, Item, answer_id, keyed, media_path, read_json, unique_ids
 
 KIND = "generate"
 ID_FIELD = "question_id"
@@ -47,13 +47,15 @@ def add_arguments(parser) -> None:
 
 def load(args) -> list[Item]:
   qs = read_json(args.question_file, "--question-file")
+  if not isinstance(qs, list) or not all(isinstance(q, dict) for q in qs):
+    raise ValueError(f"{args.question_file}: expected a JSON list of question objects")
   items = []
   for q, iid in zip(qs, unique_ids(q.get("id") for q in qs)):
     text = q["conversations"][0]["value"].replace("<image>", "").strip() + "\n" + SINGLE_LETTER
     if "image" in q:
       if not args.image_folder:
         raise ValueError(f"{args.question_file}: question {iid} has an image; --image-folder is required")
-      media, kind = os.path.join(args.image_folder, q["image"]), "image"
+      media, kind = media_path(args.image_folder, q["image"], f"{args.question_file}: question {iid}"), "image"
     else:
       media, kind = None, "none"
     items.append(Item(iid, text, text, media, kind, {"id": q["id"]}))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-from eval.benchmarks.common import Item, find_video, keyed, read_json, unique_ids
+from eval.benchmarks.common import Item, check_ids, find_video, keyed, read_json, unique_ids
 
 NAMES = ("msvd_qa", "msrvtt_qa", "activitynet_qa")
 VIDEO_PREFIX = {"activitynet_qa": "v_"}
@@ -69,19 +69,28 @@ def _entries(args) -> list[dict]:
       answers = [by_id[q["question_id"]] for q in qs]
   out = []
   for n, q in enumerate(qs):
+    if not isinstance(q, dict):
+      raise ValueError(f"{qfile}: entry {n} is a {type(q).__name__}, not a JSON object")
     video = q.get("video_id", q.get("video_name"))
     qid = q.get("id", q.get("question_id"))
-    ans = answers[n]["answer"] if answers is not None else q.get("answer")
     if video is None or "question" not in q or qid is None:
       raise ValueError(f"{qfile}: entry {n} lacks video_id/video_name, question or id/question_id")
-    out.append({"video": str(video), "question": q["question"], "answer": ans, "id": qid})
+    if not isinstance(q["question"], str) or isinstance(video, (dict, list, bool, float)):
+      raise ValueError(f"{qfile}: entry {n}: 'question' must be a string and the video id a string or integer")
+    src, a = (args.gt_file, answers[n]) if answers is not None else (qfile, q)
+    if not isinstance(a, dict) or "answer" not in a:   # the metric would count fewer items without a word
+      raise ValueError(f"{src}: entry {n} (id {qid!r}) has no 'answer'")
+    out.append({"video": str(video), "question": q["question"], "answer": a["answer"], "id": qid})
+  check_ids(qfile, [e["id"] for e in out])
   return out
 
 
 def load(args) -> list[Item]:
   prefix = args.video_prefix if args.video_prefix is not None else VIDEO_PREFIX.get(args.benchmark, "")
   entries = _entries(args)
-  return [Item(iid, e["question"], e["question"], find_video(args.video_folder, prefix + e["video"]), "video",
+  return [Item(iid, e["question"], e["question"],
+               find_video(args.video_folder, prefix + e["video"], where=f"{args.question_file or args.gt_file}: id {e['id']!r}"),
+               "video",
                {"id": e["id"], "question": e["question"], "answer": e["answer"]})
           for e, iid in zip(entries, unique_ids(e["id"] for e in entries))]
 
@@ -112,3 +121,25 @@ def score(records: list[dict], args=None) -> dict:
   return {"count": n, "exact": pct(exact), "normalized": pct(norm), "contains": pct(contains),
           "correct": {"exact": exact, "normalized": norm, "contains": contains},
           "note": "the release's metric is GPT-judged (eval.judge); these are string matches"}
+
+
+# --- the GPT judge's prompts (eval.judge, task "qa"): the release's eval_msvd_qa.py /
+# eval_activitynet_qa.py, word for word ----------------------------------------------------
+JUDGE_SYSTEM = {
+  "qa":
+    "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for question-answer pairs. "
+    "Your task is to compare the predicted answer with the correct answer and determine if they match meaningfully. Here's how you can accomplish the task:"
+    "------"
+    "##INSTRUCTIONS: "
+    "- Focus on the meaningful match between the predicted answer and the correct answer.\n"
+    "- Consider synonyms or paraphrases as valid matches.\n"
+    "- Evaluate the correctness of the prediction compared to the answer.",
+}
+
+JUDGE_INSTRUCTION = {   # the user message after the item's fields
+  "qa":
+    "Provide your evaluation only as a yes/no and score where the score is an integer value between 0 and 5, with 5 indicating the highest meaningful match. "
+    "Please generate the response in the form of a Python dictionary string with keys 'pred' and 'score', where value of 'pred' is  a string of 'yes' or 'no' and value of 'score' is in INTEGER, not STRING."
+    "DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary string. "
+    "For example, your response should look like this: {'pred': 'yes', 'score': 4.8}.",
+}

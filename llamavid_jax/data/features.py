@@ -147,8 +147,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     self.path = path
     mm = _multiarray()
     self._table = {
-        ("numpy.core.multiarray", "_reconstruct"): mm._reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): mm._reconstruct,
+        ("numpy.core.multiarray", "_reconstruct"): self._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): self._reconstruct,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): self._dtype,
         ("numpy.core.multiarray", "scalar"): self._scalar,
@@ -156,6 +156,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("_codecs", "encode"): self._latin1,
         ("collections", "OrderedDict"): collections.OrderedDict,
         **{(m, n): getattr(builtins, n) for m, n in ALLOWED_GLOBALS if m == "builtins"},
+        ("builtins", "bytes"): self._bytes(bytes), ("builtins", "bytearray"): self._bytes(bytearray),
     }
     assert set(self._table) == set(ALLOWED_GLOBALS)
 
@@ -187,6 +188,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
       self._refuse_object(f"scalar of dtype {dtype!r}")
     return _multiarray().scalar(dtype, data)
 
+  def _reconstruct(self, subtype, shape, dtype):
+    # numpy's reduce always starts from an empty array, (0,): any other shape would allocate
+    # it here, from a few bytes of pickle (the size bound: data come from the file itself)
+    if subtype is not np.ndarray or not isinstance(shape, tuple) or shape != (0,):
+      raise UnsafePickleError(f"refused numpy _reconstruct of shape {str(shape)[:80]}: numpy's own pickles "
+                              "start from an empty array; this one would allocate memory the file does not hold",
+                              self.path)
+    return _multiarray()._reconstruct(subtype, shape, dtype)
+
+  def _bytes(self, kind):
+    def make(*args):
+      if args and not isinstance(args[0], (bytes, bytearray, str)):   # bytes(10**9): zeros from nothing
+        raise UnsafePickleError(f"refused {kind.__name__}({type(args[0]).__name__}): only bytes held in the file "
+                                "are read", self.path)
+      return kind(*args)
+    return make
+
   def _latin1(self, s, encoding="utf-8"):
     if not isinstance(s, str) or encoding != "latin1":
       raise UnsafePickleError(f"refused _codecs.encode({type(s).__name__}, {encoding!r}): only the "
@@ -216,8 +234,10 @@ def _read_pickle(path: str) -> Movie:
     raise MovieError("bad_features", f"expected a dict with 'feats' and 'inputs', got {type(obj).__name__}",
                      path)
   if "feats" not in obj or set(obj) - {"feats", "inputs"}:
-    raise MovieError("bad_features", f"expected the keys 'feats' and 'inputs', got {sorted(map(str, obj))}",
-                     path)
+    keys = [str(k)[:40] for k in list(obj)[:5]]   # a dict of a million keys gives one short line
+    more = f" and {len(obj) - 5:,} more" if len(obj) > 5 else ""
+    raise MovieError("bad_features", f"expected the keys 'feats' and 'inputs', got {len(obj):,} keys: "
+                     f"{keys}{more}", path)
   feats, inputs = obj["feats"], obj.get("inputs")
   if type(feats) is not np.ndarray:
     raise MovieError("bad_features", f"'feats' is a {type(feats).__name__}, expected a numpy array", path)
@@ -225,6 +245,9 @@ def _read_pickle(path: str) -> Movie:
     raise UnsafePickleError(f"refused an object array (dtype {feats.dtype})", path)
   if inputs is not None and not isinstance(inputs, str):
     raise MovieError("bad_inputs", f"'inputs' is a {type(inputs).__name__}, expected a str", path)
+  size = os.path.getsize(path)
+  if feats.nbytes > size:   # a plain pickle holds its arrays' bytes: anything larger was made up
+    raise UnsafePickleError(f"refused features of {feats.nbytes:,} bytes from a file of {size:,} bytes", path)
   return Movie(feats, inputs)
 
 
@@ -277,6 +300,19 @@ def check_movie(movie: Movie, path: str) -> Movie:
   if movie.inputs is not None:
     check_inputs(movie.inputs, shape[0], path)
   return movie
+
+
+def check_finite(feats: np.ndarray, path: str) -> None:
+  """Raises `MovieError` (`bad_features`, naming `path`, the count and the first frame)
+  if any feature is NaN or infinite; checked a frame at a time (no copy of the movie)."""
+  bad, first = 0, None
+  for t in range(feats.shape[0]):
+    n = feats[t].size - int(np.isfinite(feats[t]).sum())
+    if n and first is None:
+      first = t
+    bad += n
+  if bad:
+    raise MovieError("bad_features", f"{bad:,} feature values are NaN or infinite (first in frame {first})", path)
 
 
 def check_inputs(inputs: str, num_frames: int, path: str) -> None:
@@ -352,6 +388,7 @@ def _convert_one(src: str, dst: str) -> str:
   if os.path.exists(dst):
     return "skipped"
   movie = read_movie(src)
+  check_finite(movie.feats, src)
   os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
   write_safetensors(dst, movie)
   return "converted"

@@ -30,12 +30,29 @@ PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
 Aspect = Literal["pad", "crop"]
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+  """`img` as 8-bit RGB. 16-bit grayscale (PIL modes `I;16*`, and `I` as PNG gives it) is
+  scaled to 8 bits (value / 257, rounded), not clipped at 255 as PIL's `convert` does;
+  a 32-bit float image (mode `F`) is taken as 0..1 if its values are, else as 0..255."""
+  if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    a = np.asarray(img).astype(np.float64)
+    if img.mode != "I" or img.format == "PNG" or a.max(initial=0) > 255:
+      a = a / 257.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+  if img.mode == "F":
+    a = np.nan_to_num(np.asarray(img, np.float64))
+    a = a * 255.0 if a.max(initial=0) <= 1.0 else a
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+  return img.convert("RGB")
+
+
 def load_image(path: str) -> Image.Image:
-  """Opens and fully decodes an image as RGB; raises `SampleError` (field `image`)."""
+  """Opens and fully decodes an image as RGB (`to_rgb`: 16-bit scaled to 8); raises
+  `SampleError` (field `image`)."""
   try:
     with Image.open(path) as img:
       img.load()
-      return img.convert("RGB")
+      return to_rgb(img)
   except FileNotFoundError:
     raise SampleError("missing_file", "image", "file not found", path) from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

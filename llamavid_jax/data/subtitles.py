@@ -15,7 +15,9 @@ decoded and markup is dropped (`<i>`, `</b>`, `<c.yellow>`, `<v Name>`, VTT time
 `<00:01.500>`, ASS overrides `{\\an8}`, and any literal `<image>`). Cues left without
 text are dropped (the release's `check`). Errors name the file and line
 (`SubtitleError`): a timing line that does not parse, END before START, text before the
-first cue, a file that is not UTF-8, or no cue at all.
+first cue, a file that does not decode, or no cue at all. Encoding: a byte order mark
+decides (UTF-8, UTF-16, UTF-32), else the one given (`--subtitle-encoding`), else UTF-8;
+a confident guess is only offered in the error message.
 
 Placement (`frame_texts`, `movie_inputs`): the release's `load_video_input` (both
 extraction scripts). Cues are taken in file order with a pointer over the frames that
@@ -33,6 +35,7 @@ LAST frame of the movie. Here it goes on frame 0, where it was shown.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import html
 import re
@@ -130,8 +133,50 @@ def parse_subtitles(text: str, path: str = "<subtitles>") -> list[Cue]:
   return out
 
 
-def read_subtitles(path: str) -> list[Cue]:
-  """The cues of a `.srt` / `.vtt` file (UTF-8, with or without BOM); raises SubtitleError."""
+# byte order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one)
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def decode_subtitles(data: bytes, path: str, encoding: str | None = None) -> str:
+  """The text of a subtitle file's bytes: a byte order mark decides the encoding (UTF-8,
+  UTF-16, UTF-32), else `encoding` (`--subtitle-encoding`), else UTF-8. A file that does not decode raises
+  SubtitleError naming the byte; a confident guess (charset-normalizer) is offered in
+  the message, never applied."""
+  for bom, enc in BOMS:
+    if data.startswith(bom):
+      data, encoding, why = data[len(bom):], enc, "its byte order mark"
+      break
+  else:
+    why = "--subtitle-encoding" if encoding else "the default (no byte order mark)"
+    encoding = encoding or "utf-8"
+  try:
+    codecs.lookup(encoding)
+  except LookupError:
+    raise SubtitleError(f"unknown encoding {encoding!r}", path) from None
+  try:
+    return data.decode(encoding)
+  except UnicodeDecodeError as e:
+    hint = _guess(data)
+    hint = f"; it looks like {hint}: give --subtitle-encoding {hint}" if hint and hint != encoding else (
+        "; give its encoding with --subtitle-encoding")
+    raise SubtitleError(f"not {encoding} text (byte {e.start}: {data[e.start:e.start + 1]!r}; {encoding} is "
+                        f"{why}){hint}", path) from None
+
+
+def _guess(data: bytes) -> str | None:
+  """charset-normalizer's best encoding when it is confident (chaos < 10%), else None."""
+  try:
+    from charset_normalizer import from_bytes
+  except ImportError:
+    return None
+  best = from_bytes(data[:65536]).best()
+  return best.encoding if best is not None and best.chaos < 0.1 else None
+
+
+def read_subtitles(path: str, encoding: str | None = None) -> list[Cue]:
+  """The cues of a `.srt` / `.vtt` file (`decode_subtitles`: BOM, else `encoding`, else
+  UTF-8); raises SubtitleError."""
   if not path.lower().endswith(SUFFIXES):
     raise SubtitleError(f"not a subtitle file (expected one of {SUFFIXES})", path)
   try:
@@ -141,12 +186,7 @@ def read_subtitles(path: str) -> list[Cue]:
     raise SubtitleError("file not found", path, reason="missing_file") from None
   except OSError as e:
     raise SubtitleError(f"{type(e).__name__}: {e}", path) from None
-  try:
-    text = data.decode("utf-8-sig")
-  except UnicodeDecodeError as e:
-    raise SubtitleError(f"not UTF-8 text (byte {e.start}); convert it first, e.g. "
-                        "`iconv -f cp1252 -t utf-8`", path) from None
-  return parse_subtitles(text, path)
+  return parse_subtitles(decode_subtitles(data, path, encoding), path)
 
 
 def frame_texts(cues: Sequence[Cue], frame_times: Sequence[float]) -> list[list[str]]:

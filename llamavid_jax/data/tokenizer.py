@@ -13,14 +13,41 @@ token like the release (vocab 30522 -> 30523), truncation on the left, max 256.
 
 from __future__ import annotations
 
+import json
 import os
 
 QFORMER_MAX_LENGTH = 256
+# files of a tokenizer directory that may name Python code to import (`auto_map`)
+CODE_FILES = ("tokenizer_config.json", "config.json", "processor_config.json", "preprocessor_config.json")
+
+
+class RemoteCodeError(ValueError):
+  """A checkpoint's tokenizer that asks to run its own Python code (refused)."""
 
 
 def _check_dir(path: str, what: str) -> None:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{what} tokenizer directory not found: {path}")
+  check_no_code(path)
+
+
+def check_no_code(path: str) -> None:
+  """Raises RemoteCodeError naming the file if a JSON file of the directory `path` has
+  an `auto_map` (custom classes that transformers would import from the checkpoint's
+  own .py files). Read before any transformers call, so nothing asks on stdin."""
+  for name in CODE_FILES:
+    f = os.path.join(path, name)
+    if not os.path.isfile(f):
+      continue
+    try:
+      with open(f, encoding="utf-8") as fh:
+        data = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as e:
+      raise RemoteCodeError(f"{f}: not a JSON file ({e})") from None
+    if isinstance(data, dict) and "auto_map" in data:
+      raise RemoteCodeError(f"{f}: has an 'auto_map' ({', '.join(map(str, data['auto_map']))}): the checkpoint "
+                            "asks to run its own Python code, which is refused; remove 'auto_map' to use the "
+                            "built-in tokenizer classes")
 
 
 def load_llm_tokenizer(path: str, *, model_max_length: int | None = None):
@@ -28,7 +55,7 @@ def load_llm_tokenizer(path: str, *, model_max_length: int | None = None):
   from transformers import AutoTokenizer
 
   _check_dir(path, "LLM")
-  kwargs = {"legacy": True, "padding_side": "right", "local_files_only": True}
+  kwargs = {"legacy": True, "padding_side": "right", "local_files_only": True, "trust_remote_code": False}
   if model_max_length is not None:
     kwargs["model_max_length"] = model_max_length
   tok = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -46,6 +73,7 @@ def load_qformer_tokenizer(path: str, *, max_length: int = QFORMER_MAX_LENGTH):
 
   _check_dir(path, "Q-Former")
   tok = BertTokenizerFast.from_pretrained(
-      path, truncation_side="left", model_max_length=max_length, local_files_only=True)
+      path, truncation_side="left", model_max_length=max_length, local_files_only=True,
+      trust_remote_code=False)
   tok.add_special_tokens({"bos_token": "[DEC]"})
   return tok
