@@ -418,6 +418,15 @@ def test_subtitle_encodings_give_the_same_inputs(tmp_path):
   msg = str(e.value)
   assert msg.startswith(f"{paths['cp1252']}: bad_subtitles: not utf-8 text (byte 35: b'\\xe9'")
   assert "--subtitle-encoding" in msg and "\n" not in msg
+  # the extract CLI's planning reads the cues with --subtitle-encoding
+  from llamavid_jax import extract
+  (tmp_path / "v.mp4").write_bytes(b"")
+  job, = extract.plan([str(tmp_path / "v.mp4")], str(tmp_path / "out"), subtitles=str(paths["cp1252"]),
+                      subtitle_encoding="cp1252")
+  assert job.status != "failed" and subs.movie_inputs(job.cues, times) == want
+  job, = extract.plan([str(tmp_path / "v.mp4")], str(tmp_path / "out"), subtitles=str(paths["cp1252"]))
+  assert job.status == "failed" and "bad_subtitles" in job.error
+  (tmp_path / "v.mp4").unlink()
   assert digest(tmp_path) == before
 
 
