@@ -261,6 +261,7 @@ class Engine:
     self.finished: collections.Counter = collections.Counter()   # finish_reason -> requests
     self.ttft: collections.deque = collections.deque(maxlen=4096)  # seconds, submit -> first token
     self.ttft_sum, self.ttft_count = 0.0, 0
+    self._rate: collections.deque = collections.deque(maxlen=2048)   # (time, generated_tokens) after each step
     self.error: BaseException | None = None   # what stopped the loop, if anything did
     self._thread = threading.Thread(target=self._loop, name="llamavid-engine", daemon=True)
     if start:
@@ -431,6 +432,7 @@ class Engine:
     busy = [i for i, h in enumerate(self._rows) if h is not None]
     self.steps += self.decode_chunk
     self.busy_row_steps += len(busy) * self.decode_chunk
+    self._rate.append((time.monotonic(), self.generated_tokens))
     for i in busy:
       h = self._rows[i]
       try:
@@ -491,6 +493,16 @@ class Engine:
     h._finish(self._completion(h, reason))
 
   # --- figures ----------------------------------------------------------------------
+  def tokens_per_second(self, window: float = 10.0) -> float:
+    """Generated tokens per second over the last `window` seconds (0 when idle): between
+    the last step before the window (or its first step) and now."""
+    now, rate = time.monotonic(), list(self._rate)
+    older = [(t, n) for t, n in rate if now - t > window]
+    base = older[-1] if older else (rate[0] if rate else None)
+    if base is None or rate[-1][1] == base[1]:
+      return 0.0
+    return (rate[-1][1] - base[1]) / max(now - base[0], 1e-9)
+
   def stats(self) -> dict:
     """Counters and gauges for /metrics."""
     ttft = sorted(self.ttft)
@@ -498,4 +510,5 @@ class Engine:
     return dict(queue_depth=self.queue_depth, slots=self.slots, slots_in_use=self.slots_in_use,
                 generated_tokens=self.generated_tokens, decode_steps=self.steps, busy_row_steps=self.busy_row_steps,
                 compiles=self.compiles, finished=dict(self.finished), ttft_quantiles={p: q(p) for p in (0.5, 0.9, 0.99)},
-                ttft_sum=self.ttft_sum, ttft_count=self.ttft_count, alive=self.alive)
+                ttft_sum=self.ttft_sum, ttft_count=self.ttft_count, alive=self.alive,
+                tokens_per_second=self.tokens_per_second())
