@@ -49,13 +49,18 @@ def _data_url(img) -> str:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-  """--media-root: a 2-frame (at 1 fps) clip, an image, a text file; a file outside it
-  and a symbolic link in it pointing there."""
+  """--media-root: a 2-frame (at 1 fps) clip, an image, a text file, a movie feature
+  file (3 frames, subtitles); a file outside it and a symbolic link in it pointing there."""
   d = tmp_path_factory.mktemp("media_root")
   objects = synthetic.make_clip(np.random.default_rng(0), 28, 2, grid=2, n=2)
   synthetic.write_mp4(str(d / "clip.mp4"), [synthetic.draw(28, objects, k / 2) for k in range(4)], fps=2)
   data_fixtures.random_image(np.random.default_rng(1), 20, 12).save(d / "image.png")
   (d / "notes.mp4").write_text("not a video\n")
+  from configs import tiny
+  from llamavid_jax.data.features import Movie, write_safetensors
+  vision = tiny.model_config().vision
+  feats = np.random.default_rng(3).standard_normal((3, vision.num_tokens, vision.width)).astype(np.float16)
+  write_safetensors(str(d / "movie.safetensors"), Movie(feats, "<image>Hello...<image><image>A dog runs."))
   outside = tmp_path_factory.mktemp("outside") / "secret.mp4"
   outside.write_bytes((d / "clip.mp4").read_bytes())
   os.symlink(outside, d / "link.mp4")
@@ -166,6 +171,32 @@ def test_seeded_sampling_is_generates(client, model, cases, root):
   assert ids == ans.token_ids
 
 
+def test_stop_strings_cut_the_answer_as_generate_does_streaming_and_not(client, model, cases, root):
+  msgs, want, budget = cases[0]
+  full = model.tokenizer.decode(want, skip_special_tokens=True).strip()
+  assert len(full.split()) >= 2
+  stop = " " + full.split()[1]          # the answer's second word: the answer is its first
+  [ans] = model.generate([model.request(Q1, model.media(video=f"{root}/clip.mp4"))], max_new_tokens=NEW, stop=(stop,))
+  assert ans.text == full.split()[0] and len(ans.token_ids) < len(want)
+  ids, r = _ask(client, msgs, budget, stop=stop)
+  assert (ids, r.choices[0].message.content, r.choices[0].finish_reason) == (ans.token_ids, ans.text, "stop")
+  chunks = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=budget, stop=[stop],
+                                          stream=True)
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == ans.text
+
+
+def test_a_movie_feature_file_is_answered_with_the_movie_prompt(client, model, root):
+  path = f"{root}/movie.safetensors"
+  media = model.media(features=path)
+  assert media.is_movie
+  [ans] = model.generate([model.request(Q3, media)], max_new_tokens=NEW)
+  msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
+                                       {"type": "text", "text": Q3}]}]
+  ids, r = _ask(client, msgs, NEW)
+  assert ids == ans.token_ids and r.choices[0].message.content == ans.text
+  assert r.usage.prompt_tokens > 3 * model.cfg.tokens_per_frame   # the subtitles and the frames' tokens
+
+
 def test_concurrent_requests_get_their_one_at_a_time_tokens_and_compile_once(client, server, cases):
   eng = server.engine
 
@@ -182,7 +213,9 @@ def test_concurrent_requests_get_their_one_at_a_time_tokens_and_compile_once(cli
     assert round_() == [want for _, want, _ in cases]   # more than SLOTS at once: some queue, then join
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  assert eng.compiles == compiles == 1 + 4 and not events   # the decode step, a prefill per (text, frame) bucket
+  assert eng.compiles == compiles and not events
+  clip = [k for k in eng.shapes if k[:2] == ("prefill", "clip")]
+  assert len(clip) == 4 and ("decode", SLOTS, POSITIONS, 4) in eng.shapes   # a prefill per (text, frame) bucket
 
 
 def test_a_request_arriving_mid_decode_starts_before_the_others_end(server, model, root, monkeypatch):
