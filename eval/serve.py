@@ -302,6 +302,11 @@ def load_media(m: inference.Model, chat: Chat, limits: Limits) -> inference.Medi
   finally:
     if tmp is not None:
       os.unlink(tmp)
+  if media.kind == "features":   # the model checks it too, but only once the request has its slot
+    want = dataclasses.replace(m.cfg, video_mode="movie" if media.is_movie else "clip").feature_shape
+    if tuple(media.array.shape[1:]) != tuple(want):
+      raise ApiError(400, f"{param}: features of shape {list(media.array.shape)}; this model takes "
+                     f"[T, {want[0]}, {want[1]}]", param, "invalid_video")
   if media.num_frames > limits.max_frames:
     raise ApiError(400, f"{param}: {media.num_frames} frames at {m.sampling}, more than the server's --max-frames "
                    f"{limits.max_frames}", param, "too_many_frames")

@@ -50,7 +50,8 @@ def _data_url(img) -> str:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
   """--media-root: a 2-frame (at 1 fps) clip, an image, a text file, a movie feature
-  file (3 frames, subtitles); a file outside it and a symbolic link in it pointing there."""
+  file (3 frames, subtitles), features one channel too wide; a file outside it and a
+  symbolic link in it pointing there."""
   d = tmp_path_factory.mktemp("media_root")
   objects = synthetic.make_clip(np.random.default_rng(0), 28, 2, grid=2, n=2)
   synthetic.write_mp4(str(d / "clip.mp4"), [synthetic.draw(28, objects, k / 2) for k in range(4)], fps=2)
@@ -61,6 +62,7 @@ def root(tmp_path_factory):
   vision = tiny.model_config().vision
   feats = np.random.default_rng(3).standard_normal((3, vision.num_tokens, vision.width)).astype(np.float16)
   write_safetensors(str(d / "movie.safetensors"), Movie(feats, "<image>Hello...<image><image>A dog runs."))
+  np.save(d / "wide.npy", np.zeros((2, vision.num_tokens, vision.width + 1), np.float32))
   outside = tmp_path_factory.mktemp("outside") / "secret.mp4"
   outside.write_bytes((d / "clip.mp4").read_bytes())
   os.symlink(outside, d / "link.mp4")
@@ -301,6 +303,8 @@ def test_a_bad_request_gets_a_4xx_naming_the_field_and_the_server_goes_on(name, 
      "media_outside_root"),
     ("missing_file", {"type": "video_url", "video_url": {"url": "file://ROOT/none.mp4"}}, 1, "file_not_found"),
     ("not_a_video", {"type": "video_url", "video_url": {"url": "file://ROOT/notes.mp4"}}, 1, "invalid_video"),
+    ("features_of_another_model", {"type": "video_url", "video_url": {"url": "file://ROOT/wide.npy"}}, 1,
+     "invalid_video"),
     ("image_as_video", {"type": "video_url", "video_url": {"url": "file://ROOT/image.png"}}, 1, "invalid_video"),
     ("network_url", {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}, 1, "invalid_url"),
     ("too_many_frames", {"type": "image_url", "image_url": {"url": "file://ROOT/image.png"}}, MAX_FRAMES + 1,
