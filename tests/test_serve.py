@@ -398,3 +398,24 @@ def test_arguments_are_checked_before_the_model_loads(tmp_path, capsys):
   with pytest.raises(SystemExit):
     serve.main(["--ckpt", str(tmp_path), "--slots", "0"])
   assert "--slots must be >= 1" in capsys.readouterr().err
+
+
+def test_main_serves_the_checkpoint_under_its_name(tiny_ckpt, root, monkeypatch):
+  """`python -m eval.serve`'s wiring: the model loads, the engine starts, the app goes to
+  uvicorn on the flags' host and port (uvicorn.run replaced: the app is asked in-process)."""
+  import uvicorn
+  from fastapi.testclient import TestClient
+  seen = {}
+
+  def run(app, host, port, **kw):
+    seen.update(host=host, port=port)
+    with TestClient(app) as c:
+      seen["models"] = c.get("/v1/models").json()
+      seen["outside"] = c.post("/v1/chat/completions", json={"model": "toy", "messages": [{"role": "user", "content": [
+          {"type": "video_url", "video_url": {"url": "file:///etc/hostname"}}]}]}).json()["error"]["code"]
+
+  monkeypatch.setattr(uvicorn, "run", run)
+  serve.main(["--ckpt", tiny_ckpt, "--served-model-name", "toy", "--port", "8123", "--slots", "2",
+              "--max-positions", "64", "--media-root", root])
+  assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+  assert [d["id"] for d in seen["models"]["data"]] == ["toy"] and seen["outside"] == "media_outside_root"
