@@ -373,6 +373,38 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, root, monke
   _health(server)
 
 
+def test_a_client_that_disconnects_while_waiting_for_a_whole_answer_frees_its_slot(server, root, monkeypatch):
+  """Not streamed: the client closes its socket while its request decodes (the engine
+  held after the request's first piece, as above)."""
+  import json
+  import socket
+  eng = server.engine
+  before, take, running = dict(eng.finished), eng._take, threading.Event()
+
+  def take_then_wait(h, toks):
+    reason = take(h, toks)
+    deadline = time.monotonic() + 60
+    while h.shown and not h.cancelled and time.monotonic() < deadline:
+      running.set()
+      time.sleep(0.01)
+    return reason
+
+  monkeypatch.setattr(eng, "_take", take_then_wait)
+  body = json.dumps({"model": MODEL, "temperature": 0, "max_tokens": 60, "messages": [{"role": "user", "content": [
+      {"type": "video_url", "video_url": {"url": f"file://{root}/clip.mp4"}}, {"type": "text", "text": Q1}]}]}).encode()
+  with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert running.wait(60), "the request never decoded"
+  deadline = time.monotonic() + 60
+  while eng.slots_in_use:
+    assert time.monotonic() < deadline, "the slot was not freed"
+    time.sleep(0.05)
+  assert eng.finished["cancelled"] == before.get("cancelled", 0) + 1
+  assert eng.finished["length"] == before.get("length", 0)
+  _health(server)
+
+
 def test_models_health_and_metrics(server, post):
   models = httpx.get(server.url + "/v1/models").json()
   assert [d["id"] for d in models["data"]] == [MODEL]
