@@ -68,7 +68,8 @@ def _image_url(rng, w: int, h: int) -> dict:
   from PIL import Image
   buf = io.BytesIO()
   Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-  return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+  url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+  return {"type": "image_url", "image_url": {"url": url}}
 
 
 def requests(n: int, max_tokens: int) -> list[dict]:

@@ -432,7 +432,6 @@ class Engine:
     busy = [i for i, h in enumerate(self._rows) if h is not None]
     self.steps += self.decode_chunk
     self.busy_row_steps += len(busy) * self.decode_chunk
-    self._rate.append((time.monotonic(), self.generated_tokens))
     for i in busy:
       h = self._rows[i]
       try:
@@ -444,6 +443,7 @@ class Engine:
         continue
       if reason is not None:
         self._end(i, reason)
+    self._rate.append((time.monotonic(), self.generated_tokens))
 
   def _take(self, h: Handle, toks: list[int]) -> str | None:
     """Appends a row's new tokens to its request, emits the new text -> the finish
@@ -509,6 +509,7 @@ class Engine:
     q = lambda p: ttft[min(len(ttft) - 1, int(p * len(ttft)))] if ttft else float("nan")
     return dict(queue_depth=self.queue_depth, slots=self.slots, slots_in_use=self.slots_in_use,
                 generated_tokens=self.generated_tokens, decode_steps=self.steps, busy_row_steps=self.busy_row_steps,
-                compiles=self.compiles, finished=dict(self.finished), ttft_quantiles={p: q(p) for p in (0.5, 0.9, 0.99)},
+                compiles=self.compiles, finished=dict(self.finished),
+                ttft_quantiles={p: q(p) for p in (0.5, 0.9, 0.99)},
                 ttft_sum=self.ttft_sum, ttft_count=self.ttft_count, alive=self.alive,
                 tokens_per_second=self.tokens_per_second())

@@ -255,7 +255,8 @@ BAD = {   # name: (body, status, param, code)
     "n_2": (dict(n=2), 400, "n", "invalid_value"),
     "max_tokens_over_limit": (dict(max_tokens=65), 400, "max_tokens", "invalid_value"),
     "bad_stop": (dict(stop=[1]), 400, "stop", "invalid_value"),
-    "ends_with_assistant": (dict(messages=[{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hi."}]),
+    "ends_with_assistant": (dict(messages=[{"role": "user", "content": "Hi."},
+                                           {"role": "assistant", "content": "Hi."}]),
                             400, "messages", "invalid_value"),
     "unknown_part": (dict(messages=[{"role": "user", "content": [{"type": "audio_url"}]}]), 400,
                      "messages[0].content[0].type", "invalid_value"),
@@ -296,7 +297,8 @@ def test_a_bad_request_gets_a_4xx_naming_the_field_and_the_server_goes_on(name, 
     ("data_url_not_an_image", {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
                                                                          + base64.b64encode(b"text").decode()}}, 1,
      "invalid_image"),
-    ("outside_media_root", {"type": "video_url", "video_url": {"url": "file:///etc/hostname"}}, 1, "media_outside_root"),
+    ("outside_media_root", {"type": "video_url", "video_url": {"url": "file:///etc/hostname"}}, 1,
+     "media_outside_root"),
     ("link_out_of_media_root", {"type": "video_url", "video_url": {"url": "file://ROOT/link.mp4"}}, 1,
      "media_outside_root"),
     ("dot_dot_out_of_media_root", {"type": "video_url", "video_url": {"url": "file://ROOT/../outside/x.mp4"}}, 1,
@@ -333,8 +335,8 @@ def test_malformed_json_a_large_body_a_full_queue_and_a_long_prompt(post, server
   assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
   # a prompt that leaves no room for its budget (the slot holds POSITIONS)
   video = {"type": "video_url", "video_url": {"url": f"file://{root}/clip.mp4"}}
-  _check_error(post({"max_tokens": 64, "messages": [{"role": "user", "content": [video, {"type": "text", "text": Q1}]}]}), 400,
-               "max_tokens", "context_length_exceeded")
+  long = {"max_tokens": 64, "messages": [{"role": "user", "content": [video, {"type": "text", "text": Q1}]}]}
+  _check_error(post(long), 400, "max_tokens", "context_length_exceeded")
   assert post({}).status_code == 200
   _health(server)
 
@@ -355,8 +357,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, root, monke
 
   monkeypatch.setattr(eng, "_take", take_then_wait)
   body = {"model": MODEL, "stream": True, "temperature": 0, "max_tokens": 60,
-          "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{root}/clip.mp4"}},
-                                                    {"type": "text", "text": Q1}]}]}
+          "messages": [{"role": "user", "content": [
+              {"type": "video_url", "video_url": {"url": f"file://{root}/clip.mp4"}}, {"type": "text", "text": Q1}]}]}
   with httpx.Client(timeout=120) as c:
     with c.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
       lines = r.iter_lines()
