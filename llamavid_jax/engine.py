@@ -1,0 +1,515 @@
+"""Continuous batching: one loaded model, a fixed number of decode slots, requests that
+join and leave the running batch at step boundaries.
+
+  eng = engine.Engine(inference.load("out/"), slots=16, max_positions=2048)
+  h = eng.submit(m.request(["What is he doing?"], media), engine.Sampling(max_tokens=64))
+  for piece in h: print(piece, end="")          # text as it is produced (or h.result())
+  h.cancel()                                     # frees its slot at the next step
+  eng.close()
+
+A background thread runs the step loop: it admits queued requests into free slots
+(prefill of one request, its KV cache written into its slot's row), then runs
+`decode_chunk` decode steps of every slot in one dispatch, hands each row's new tokens
+to its request (text pieces, cut at eos, at the token budget and before stop strings,
+as `inference.Model.generate` cuts them) and frees the slot of every row that ended.
+
+The KV cache is float[layers, slots, max_positions, K, Dh]; each row keeps its own
+write index, positions and slot mask (`valid`), so rows of different prompt lengths
+and ages decode together: one decode step is `LlamaVid.extend_cache` vmapped over the
+rows (a row is a batch of one). A row samples with its own temperature, top_p and
+seed: step i of a request draws with fold_in(key(seed), i), as `generate.generate`
+does for a batch of one, so a request's tokens are those of `Model.generate([req])`
+with the same arguments, greedy or sampled, whatever else runs beside it.
+
+Compiles are bounded: the decode step compiles once; a prefill compiles once per
+(video_mode, media kind, text bucket, frame bucket, Q-Former bucket), the buckets
+being `generate.batch_requests`'s (powers of two unless given), all capped by
+`max_positions`. `compiles` counts the distinct shapes run so far.
+
+Not here: chunked prefill interleaved with decode steps (a long movie's prefill runs
+whole while the other rows wait), and paged attention (every row attends over all
+`max_positions` slots, masked).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+import traceback
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llamavid_jax import generate as gen
+from llamavid_jax import inference
+from llamavid_jax.models import LlamaVid
+from llamavid_jax.models.splice import batch_spliced_length
+
+_INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
+
+
+class QueueFull(RuntimeError):
+  """The request queue holds `max_queue` requests already: try again later."""
+
+
+class RequestTooLarge(ValueError):
+  """A request that cannot fit a slot: `field` names what is too large."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(message)
+    self.field = field
+
+
+class EngineStopped(RuntimeError):
+  """The engine was closed (or its loop died) before the request ended."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Per-request generation settings. temperature 0: greedy; `max_tokens`: the token
+  budget; `stop`: strings the answer is cut before (it ends at the first)."""
+
+  max_tokens: int = 64
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  text: str
+  token_ids: list[int]        # generated ids without the prompt, cut at eos / stop (as `inference.Answer`)
+  finish_reason: str          # "stop" (eos or a stop string), "length" (budget), "cancelled"
+  prompt_tokens: int          # the prompt's LLM positions (text + visual tokens)
+  completion_tokens: int      # tokens generated (eos included)
+
+
+class Handle:
+  """One submitted request: its text pieces as they come (iterate, or `on_event`),
+  `result()`, `cancel()`, and the engine's timestamps (time.monotonic()): submitted,
+  started (prefilled into its slot), first_token, finished; `start_step` /
+  `finish_step`: the engine's decode-step count then."""
+
+  def __init__(self, rid: int, request: dict, sampling: Sampling, positions: int,
+               on_event: Callable[[str, object], None] | None):
+    self.id, self.request, self.sampling, self.positions = rid, request, sampling, positions
+    self.on_event = on_event
+    self.events: queue.Queue = queue.Queue()
+    self.submitted = time.monotonic()
+    self.started = self.first_token = self.finished = None
+    self.start_step = self.finish_step = None
+    self.slot: int | None = None
+    self.batch: dict | None = None   # its prefill batch (`Engine.batch`)
+    self.prompt_tokens = 0
+    self.ids: list[int] = []
+    self.shown = ""
+    self.completion: Completion | None = None
+    self.error: BaseException | None = None
+    self._cancelled = threading.Event()
+    self._done = threading.Event()
+
+  @property
+  def cancelled(self) -> bool:
+    return self._cancelled.is_set()
+
+  @property
+  def done(self) -> bool:
+    return self._done.is_set()
+
+  def cancel(self) -> None:
+    """Ends the request at the next step boundary (its slot freed), or drops it from the
+    queue; a finished request stays as it is."""
+    self._cancelled.set()
+
+  def _emit(self, kind: str, payload: object) -> None:
+    self.events.put((kind, payload))
+    if self.on_event is not None:
+      self.on_event(kind, payload)
+
+  def _finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
+    if self._done.is_set():
+      return
+    self.completion, self.error, self.finished = completion, error, time.monotonic()
+    self._done.set()
+    self._emit("error", error) if error is not None else self._emit("done", completion)
+
+  def __iter__(self) -> Iterator[str]:
+    while True:
+      kind, payload = self.events.get()
+      if kind == "delta":
+        yield payload
+      elif kind == "error":
+        raise payload
+      else:
+        return
+
+  def result(self, timeout: float | None = None) -> Completion:
+    if not self._done.wait(timeout):
+      raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
+    if self.error is not None:
+      raise self.error
+    return self.completion
+
+
+# --- the jitted steps ---------------------------------------------------------------------
+def _sample_rows(logits, key_data, steps, temperature, top_p):
+  """float32[B, V] logits, uint32[B, 2] keys, int32[B] steps, float32[B] temperature /
+  top_p -> int32[B]: row r is `generate.sample` of a batch of one with
+  fold_in(key_r, step_r) (argmax at temperature 0)."""
+
+  def one(lg, kd, i, t, p):
+    key = jax.random.fold_in(jax.random.wrap_key_data(kd), i)
+    scaled = lg / jnp.where(t > 0, t, 1.0)
+    ranked = jnp.sort(scaled)[::-1]
+    probs = jax.nn.softmax(ranked)
+    keep = (jnp.cumsum(probs) - probs) < p
+    floor = ranked[keep.sum() - 1]
+    scaled = jnp.where((p < 1.0) & (scaled < floor), -jnp.inf, scaled)
+    drawn = jax.random.categorical(key, scaled[None])[0]
+    return jnp.where(t > 0, drawn, jnp.argmax(lg)).astype(jnp.int32)
+
+  return jax.vmap(one)(logits, key_data, steps, temperature, top_p)
+
+
+def _extend_rows(model: LlamaVid, params, tok, cache):
+  """int32[B] tokens appended to each row of the cache at the row's own index: the
+  model's `extend_cache` on each row as a batch of one -> (float32[B, V], cache)."""
+
+  def one(t, k, v, valid, index, pos):
+    c = dict(k=k[:, None], v=v[:, None], valid=valid[None], index=index, pos=pos[None])
+    logits, c = model.apply({"params": params}, t[None], c, method=LlamaVid.extend_cache)
+    return logits[0], c["k"][:, 0], c["v"][:, 0], c["valid"][0], c["index"], c["pos"][0]
+
+  axes = (0, 1, 1, 0, 0, 0)
+  logits, k, v, valid, index, pos = jax.vmap(one, in_axes=axes, out_axes=axes)(
+      tok, cache["k"], cache["v"], cache["valid"], cache["index"], cache["pos"])
+  return logits, dict(k=k, v=v, valid=valid, index=index, pos=pos)
+
+
+def _decode(model, params, st, n: int, eos_id: int):
+  """n decode steps of every row -> (state, int32[B, n] tokens); a row that emitted eos
+  emits eos after it."""
+
+  def step(st, _):
+    tok = _sample_rows(st["logits"], st["key"], st["step"], st["temperature"], st["top_p"])
+    tok = jnp.where(st["done"], eos_id, tok)
+    logits, cache = _extend_rows(model, params, tok, st["cache"])
+    st = dict(st, logits=logits, cache=cache, done=st["done"] | (tok == eos_id), step=st["step"] + 1)
+    return st, tok
+
+  st, toks = jax.lax.scan(step, st, None, length=n)
+  return st, toks.T
+
+
+def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len: int, prefill_chunk: int):
+  """Prefills one request (a batch of one) into a fresh cache of `max_len` slots and
+  writes it into row `row` of the state -> (state, int32[] its prompt positions)."""
+  inputs = {k: v for k, v in batch.items() if k in _INPUTS}
+  logits, c = model.apply({"params": params}, **inputs, max_len=max_len, chunk=prefill_chunk,
+                          method=LlamaVid.prefill_cache)
+  cache = st["cache"]
+  cache = dict(k=cache["k"].at[:, row].set(c["k"][:, 0].astype(cache["k"].dtype)),
+               v=cache["v"].at[:, row].set(c["v"][:, 0].astype(cache["v"].dtype)),
+               valid=cache["valid"].at[row].set(c["valid"][0]), index=cache["index"].at[row].set(c["index"]),
+               pos=cache["pos"].at[row].set(c["pos"][0]))
+  st = dict(st, cache=cache, logits=st["logits"].at[row].set(logits[0]), done=st["done"].at[row].set(False),
+            step=st["step"].at[row].set(0), key=st["key"].at[row].set(key_data),
+            temperature=st["temperature"].at[row].set(temperature), top_p=st["top_p"].at[row].set(top_p))
+  return st, c["pos"][0]
+
+
+class Engine:
+  """`slots` decode rows of `max_positions` cache slots each (prompt, spliced and
+  bucketed, plus answer) over one `inference.Model`; at most `max_queue` requests wait.
+  `decode_chunk` steps run per dispatch (a request joins or leaves between them).
+  text / frame / qformer buckets: `generate.batch_requests`'s (None: powers of two)."""
+
+  def __init__(self, model: inference.Model, *, slots: int = 16, max_positions: int = 2048,
+               decode_chunk: int = 4, max_queue: int = 64, prefill_chunk: int = 0,
+               text_buckets: Sequence[int] | None = None, frame_buckets: Sequence[int] | None = None,
+               qformer_buckets: Sequence[int] | None = None, start: bool = True):
+    if slots < 1 or max_positions < 2 or decode_chunk < 1 or max_queue < 0:
+      raise ValueError(f"engine: slots {slots}, max_positions {max_positions}, decode_chunk {decode_chunk}, "
+                       f"max_queue {max_queue}: need slots >= 1, max_positions >= 2, decode_chunk >= 1, max_queue >= 0")
+    self.m, self.slots, self.max_positions = model, slots, max_positions
+    self.decode_chunk, self.max_queue, self.prefill_chunk = decode_chunk, max_queue, prefill_chunk
+    self.buckets = dict(text_buckets=text_buckets, frame_buckets=frame_buckets, qformer_buckets=qformer_buckets)
+    self.eos_id = model.eos_id
+    self.tokenizer_lock = threading.Lock()   # fast tokenizers are not safe to call from two threads at once
+    cfg = dataclasses.replace(model.cfg, dtype=model.dtype)
+    self._models = {mode: LlamaVid(dataclasses.replace(cfg, video_mode=mode)) for mode in ("clip", "movie")}
+    self._decode_model = self._models[cfg.video_mode]
+    self._decode_jit = jax.jit(_decode, static_argnums=(0, 3, 4), donate_argnums=(2,))
+    self._admit_jit = jax.jit(_admit, static_argnums=(0, 8, 9), donate_argnums=(2,))
+    self._state = self._init_state()
+    self._rows: list[Handle | None] = [None] * slots
+    self._queue: collections.deque[Handle] = collections.deque()
+    self._cv = threading.Condition()
+    self._ids = itertools.count()
+    self._stop = False
+    self.shapes: set = set()          # distinct compiled shapes (one compile each)
+    self.steps = 0                    # decode steps run
+    self.busy_row_steps = 0           # sum over steps of the rows in use
+    self.generated_tokens = 0
+    self.finished: collections.Counter = collections.Counter()   # finish_reason -> requests
+    self.ttft: collections.deque = collections.deque(maxlen=4096)  # seconds, submit -> first token
+    self.ttft_sum, self.ttft_count = 0.0, 0
+    self._rate: collections.deque = collections.deque(maxlen=2048)   # (time, generated_tokens) after each step
+    self.error: BaseException | None = None   # what stopped the loop, if anything did
+    self._thread = threading.Thread(target=self._loop, name="llamavid-engine", daemon=True)
+    if start:
+      self.start()
+
+  # --- state ------------------------------------------------------------------------
+  def _init_state(self) -> dict:
+    llm = self.m.cfg.llm
+    b, t = self.slots, self.max_positions
+    kv = (llm.num_layers, b, t, llm.num_kv_heads, llm.head_dim)
+    dtype = jnp.dtype(self.m.dtype)
+    cache = dict(k=jnp.zeros(kv, dtype), v=jnp.zeros(kv, dtype), valid=jnp.zeros((b, t), bool),
+                 index=jnp.zeros((b,), jnp.int32), pos=jnp.zeros((b,), jnp.int32))
+    return dict(cache=cache, logits=jnp.zeros((b, llm.vocab_size), jnp.float32), done=jnp.ones((b,), bool),
+                step=jnp.zeros((b,), jnp.int32), key=jnp.zeros((b, 2), jnp.uint32),
+                temperature=jnp.zeros((b,), jnp.float32), top_p=jnp.ones((b,), jnp.float32))
+
+  @property
+  def compiles(self) -> int:
+    return len(self.shapes)
+
+  @property
+  def slots_in_use(self) -> int:
+    return sum(r is not None for r in self._rows)
+
+  @property
+  def queue_depth(self) -> int:
+    return len(self._queue)
+
+  @property
+  def alive(self) -> bool:
+    return self._thread.is_alive() and self.error is None
+
+  def start(self) -> None:
+    """Compiles the decode step, then starts the step loop."""
+    self._run_decode()
+    self._thread.start()
+
+  def close(self, timeout: float = 30.0) -> None:
+    """Stops the loop; requests still queued or running end with EngineStopped."""
+    with self._cv:
+      self._stop = True
+      self._cv.notify_all()
+    if self._thread.is_alive():
+      self._thread.join(timeout)
+    for h in list(self._queue) + [r for r in self._rows if r is not None]:
+      h._finish(None, EngineStopped("the engine stopped"))
+    self._queue.clear()
+    self._rows = [None] * self.slots
+
+  # --- requests ---------------------------------------------------------------------
+  def batch(self, request: dict) -> dict:
+    """One request (`inference.Model.request`) -> its prefill batch (a batch of one, bucketed)."""
+    return gen.batch_requests([request], pad_id=self.m.tokenizer.pad_token_id, **self.buckets)
+
+  def positions(self, request: dict, batch: dict | None = None) -> int:
+    """Cache slots the request's prompt takes (spliced, in its text and frame buckets)."""
+    model = self._models[request.get("video_mode", "clip")]
+    batch = self.batch(request) if batch is None else batch
+    return batch_spliced_length(batch, model.cfg.tokens_per_frame, movie=model.cfg.movie)
+
+  def check(self, request: dict, max_tokens: int, batch: dict | None = None) -> int:
+    """Raises RequestTooLarge unless the prompt and `max_tokens` fit a slot -> prompt positions."""
+    n = self.positions(request, batch)
+    room = self.max_positions - n
+    if room < 1:
+      raise RequestTooLarge("messages", f"the prompt takes {n} positions (text and visual tokens, bucketed); "
+                            f"a slot holds {self.max_positions}")
+    if max_tokens > room:
+      raise RequestTooLarge("max_tokens", f"max_tokens {max_tokens} does not fit: the prompt takes {n} of the "
+                            f"slot's {self.max_positions} positions, leaving {room}")
+    return n
+
+  def submit(self, request: dict, sampling: Sampling,
+             on_event: Callable[[str, object], None] | None = None) -> Handle:
+    """Queues a request -> its Handle. Raises RequestTooLarge (prompt + budget exceed a
+    slot), QueueFull, EngineStopped. `on_event(kind, payload)` is called from the
+    engine's thread for each event: ("delta", str), ("done", Completion), ("error", exc)."""
+    if sampling.max_tokens < 1:
+      raise RequestTooLarge("max_tokens", f"max_tokens must be >= 1, got {sampling.max_tokens}")
+    batch = self.batch(request)   # here, in the caller's thread: the engine's thread only runs the model
+    n = self.check(request, sampling.max_tokens, batch)
+    with self._cv:
+      if self._stop or not self.alive:
+        raise EngineStopped("the engine is not running" + (f": {self.error!r}" if self.error else ""))
+      if len(self._queue) >= self.max_queue:
+        raise QueueFull(f"{len(self._queue)} requests are queued (max_queue {self.max_queue})")
+      h = Handle(next(self._ids), request, sampling, n, on_event)
+      h.batch = batch
+      self._queue.append(h)
+      self._cv.notify_all()
+    return h
+
+  # --- the loop ---------------------------------------------------------------------
+  def _loop(self) -> None:
+    try:
+      while True:
+        with self._cv:
+          while not self._stop and not self._queue and all(r is None for r in self._rows):
+            self._cv.wait()
+          if self._stop:
+            return
+        self._free_cancelled()
+        self._drop_cancelled()
+        self._admit_waiting()
+        if any(r is not None for r in self._rows):
+          self._step()
+    except BaseException as e:   # a bug, not a bad request (those fail alone): every request learns of it
+      self.error = e
+      traceback.print_exc()
+      with self._cv:
+        self._stop = True
+      for h in list(self._queue) + [r for r in self._rows if r is not None]:
+        h._finish(None, EngineStopped(f"the engine's loop failed: {e!r}"))
+
+  def _free_cancelled(self) -> None:
+    for i, h in enumerate(self._rows):
+      if h is not None and h.cancelled:
+        self._end(i, "cancelled")
+
+  def _drop_cancelled(self) -> None:
+    with self._cv:
+      gone = [h for h in self._queue if h.cancelled]
+      for h in gone:
+        self._queue.remove(h)
+    for h in gone:
+      self.finished["cancelled"] += 1
+      h._finish(self._completion(h, "cancelled"))
+
+  def _admit_waiting(self) -> None:
+    while None in self._rows:
+      with self._cv:
+        if not self._queue:
+          return
+        h = self._queue.popleft()
+      if h.cancelled:
+        h._finish(self._completion(h, "cancelled"))
+        self.finished["cancelled"] += 1
+        continue
+      row = self._rows.index(None)
+      try:
+        self._prefill(h, row)
+      except Exception as e:   # this request's failure (a shape the model refuses): it alone ends
+        h._finish(None, e)
+        self.finished["error"] += 1
+        continue
+      self._rows[row] = h
+
+  def _prefill(self, h: Handle, row: int) -> None:
+    mode, batch = h.request.get("video_mode", "clip"), h.batch
+    self.shapes.add(("prefill", mode) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
+    s = h.sampling
+    key = jax.random.key_data(jax.random.key(s.seed))
+    self._state, n = self._admit_jit(self._models[mode], self.m.params, self._state, batch, jnp.int32(row), key,
+                                     jnp.float32(s.temperature), jnp.float32(s.top_p), self.max_positions,
+                                     self.prefill_chunk)
+    h.prompt_tokens, h.slot = int(n), row
+    h.started, h.start_step = time.monotonic(), self.steps
+
+  def _run_decode(self) -> np.ndarray:
+    self.shapes.add(("decode", self.slots, self.max_positions, self.decode_chunk))
+    self._state, toks = self._decode_jit(self._decode_model, self.m.params, self._state, self.decode_chunk,
+                                         self.eos_id)
+    return np.asarray(toks)
+
+  def _step(self) -> None:
+    toks = self._run_decode()
+    busy = [i for i, h in enumerate(self._rows) if h is not None]
+    self.steps += self.decode_chunk
+    self.busy_row_steps += len(busy) * self.decode_chunk
+    for i in busy:
+      h = self._rows[i]
+      try:
+        reason = self._take(h, toks[i].tolist())
+      except Exception as e:   # decoding this row's text failed: it alone ends
+        self._rows[i] = None
+        h._finish(None, e)
+        self.finished["error"] += 1
+        continue
+      if reason is not None:
+        self._end(i, reason)
+    self._rate.append((time.monotonic(), self.generated_tokens))
+
+  def _take(self, h: Handle, toks: list[int]) -> str | None:
+    """Appends a row's new tokens to its request, emits the new text -> the finish
+    reason once it ended, else None."""
+    budget, eos = h.sampling.max_tokens, False
+    for t in toks:
+      if len(h.ids) >= budget:
+        break
+      h.ids.append(int(t))
+      self.generated_tokens += 1
+      if h.first_token is None:
+        h.first_token = time.monotonic()
+        self.ttft.append(h.first_token - h.submitted)
+        self.ttft_sum += h.first_token - h.submitted
+        self.ttft_count += 1
+      if t == self.eos_id:
+        eos = True
+        break
+    stop = h.sampling.stop
+    with self.tokenizer_lock:
+      text = self.m.tokenizer.decode(h.ids[:len(h.ids) - eos], skip_special_tokens=True).strip()
+      cut = any(s and s in text for s in stop)
+      done = eos or cut or len(h.ids) >= budget
+      if done:
+        text = self.m._answer(h.ids, stop).text
+      else:
+        hold = max((len(s) for s in stop if s), default=1) - 1   # a stop string may be starting
+        text = text[:len(text) - hold] if hold else text
+        text = text.rstrip()
+    if (done or "\ufffd" not in text[len(h.shown):]) and text.startswith(h.shown) and len(text) > len(h.shown):
+      h._emit("delta", text[len(h.shown):])
+      h.shown = text
+    if not done:
+      return None
+    return "stop" if eos or cut else "length"
+
+  def _completion(self, h: Handle, reason: str) -> Completion:
+    with self.tokenizer_lock:
+      ans = self.m._answer(h.ids, h.sampling.stop)
+    return Completion(ans.text, ans.token_ids, reason, h.prompt_tokens, len(h.ids))
+
+  def _end(self, row: int, reason: str) -> None:
+    h = self._rows[row]
+    self._rows[row] = None
+    h.finish_step = self.steps
+    self.finished[reason] += 1
+    h._finish(self._completion(h, reason))
+
+  # --- figures ----------------------------------------------------------------------
+  def tokens_per_second(self, window: float = 10.0) -> float:
+    """Generated tokens per second over the last `window` seconds (0 when idle): between
+    the last step before the window (or its first step) and now."""
+    now, rate = time.monotonic(), list(self._rate)
+    older = [(t, n) for t, n in rate if now - t > window]
+    base = older[-1] if older else (rate[0] if rate else None)
+    if base is None or rate[-1][1] == base[1]:
+      return 0.0
+    return (rate[-1][1] - base[1]) / max(now - base[0], 1e-9)
+
+  def stats(self) -> dict:
+    """Counters and gauges for /metrics."""
+    ttft = sorted(self.ttft)
+    q = lambda p: ttft[min(len(ttft) - 1, int(p * len(ttft)))] if ttft else float("nan")
+    return dict(queue_depth=self.queue_depth, slots=self.slots, slots_in_use=self.slots_in_use,
+                generated_tokens=self.generated_tokens, decode_steps=self.steps, busy_row_steps=self.busy_row_steps,
+                compiles=self.compiles, finished=dict(self.finished),
+                ttft_quantiles={p: q(p) for p in (0.5, 0.9, 0.99)},
+                ttft_sum=self.ttft_sum, ttft_count=self.ttft_count, alive=self.alive,
+                tokens_per_second=self.tokens_per_second())
