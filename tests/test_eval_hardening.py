@@ -112,6 +112,7 @@ def recorded(model, monkeypatch):
   monkeypatch.setattr(inference.Model, "generate", fake_generate)
   monkeypatch.setattr(inference.Model, "stream", fake_stream)
   monkeypatch.setattr(inference, "load", lambda *a, **k: model)
+  monkeypatch.setattr(inference, "check_ckpt", lambda path, *a, **k: path)   # --ckpt is a stand-in
   for name in ("generate", "stream"):
     monkeypatch.setattr(gen, name, lambda *a, **k: pytest.fail("the generator was reached"))
   return asked
