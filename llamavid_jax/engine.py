@@ -468,7 +468,7 @@ class Engine:
       cut = any(s and s in text for s in stop)
       done = eos or cut or len(h.ids) >= budget
       if done:
-        text = self.m._answer(h.ids, stop).text
+        text = self.m.answer(h.ids, stop).text
       else:
         hold = max((len(s) for s in stop if s), default=1) - 1   # a stop string may be starting
         text = text[:len(text) - hold] if hold else text
@@ -482,7 +482,7 @@ class Engine:
 
   def _completion(self, h: Handle, reason: str) -> Completion:
     with self.tokenizer_lock:
-      ans = self.m._answer(h.ids, h.sampling.stop)
+      ans = self.m.answer(h.ids, h.sampling.stop)
     return Completion(ans.text, ans.token_ids, reason, h.prompt_tokens, len(h.ids))
 
   def _end(self, row: int, reason: str) -> None:

@@ -334,7 +334,9 @@ class Model:
     return gen.batch_requests(requests, text_buckets=text_buckets, frame_buckets=frame_buckets,
                               pad_id=self.tokenizer.pad_token_id)
 
-  def _answer(self, row: Sequence[int], stop: Sequence[str]) -> Answer:
+  def answer(self, row: Sequence[int], stop: Sequence[str] = ()) -> Answer:
+    """Generated ids -> Answer: cut at eos, then before the first stop string (the ids
+    kept are those whose text ends before it)."""
     row = list(row)
     row = row[:row.index(self.eos_id)] if self.eos_id in row else row
     text = self.tokenizer.decode(row, skip_special_tokens=True)
@@ -358,7 +360,7 @@ class Model:
     toks = gen.generate(self.model_for(requests), self.params, batch, jax.random.key(seed), max_new_tokens=max_new_tokens,
                         eos_id=self.eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
                         prefill_chunk=prefill_chunk, dtype=self.dtype)
-    return [self._answer(row, stop) for row in np.asarray(toks).tolist()]
+    return [self.answer(row, stop) for row in np.asarray(toks).tolist()]
 
   def stream(self, request: dict, *, max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), chunk: int = 4,
@@ -376,7 +378,7 @@ class Model:
                            eos_id=self.eos_id, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
                            prefill_chunk=prefill_chunk, dtype=self.dtype):
       ids += toks[0].tolist()
-      ans = self._answer(ids, stop)
+      ans = self.answer(ids, stop)
       done = self.eos_id in ids or len(ans.token_ids) < len(ids)
       text = ans.text if done else self.tokenizer.decode(ids, skip_special_tokens=True).strip()
       if "\ufffd" not in text[len(shown):] or done:   # wait for a whole multi-byte character
