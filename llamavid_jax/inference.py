@@ -256,7 +256,8 @@ class Model:
     batch = self._batch(requests, text_buckets, frame_buckets)
     toks = gen.generate(self.model_for(requests), self.params, batch, jax.random.key(seed), max_new_tokens=max_new_tokens,
                         eos_id=self.eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                        prefill_chunk=prefill_chunk, dtype=self.dtype)
+                        prefill_chunk=prefill_chunk, dtype=self.dtype,
+                        ended=gen.stop_check(self.tokenizer, self.eos_id, stop))
     return [self._answer(row, stop) for row in np.asarray(toks).tolist()]
 
   def stream(self, request: dict, *, max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
