@@ -58,7 +58,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: i
 
 
 def _model(model: LlamaVid, dtype: str | None) -> LlamaVid:
-  return model if dtype is None else LlamaVid(dataclasses.replace(model.cfg, dtype=dtype))
+  # clone keeps the model's class: a quantized model (quant.py) stays quantized
+  return model if dtype is None else model.clone(cfg=dataclasses.replace(model.cfg, dtype=dtype))
 
 
 def prompt_length(model: LlamaVid, batch: dict) -> int:
@@ -70,7 +71,7 @@ def _prefill(model, params, batch, max_len, prefill_chunk):
   """-> (logits float32[B, V], cache, done bool[B])."""
   inputs = {k: v for k, v in batch.items() if k in _INPUTS}
   logits, cache = model.apply({"params": params}, **inputs, max_len=max_len, chunk=prefill_chunk,
-                              method=LlamaVid.prefill_cache)
+                              method="prefill_cache")   # by name: a quantized model wraps it
   return logits, cache, jnp.zeros(logits.shape[:1], bool)
 
 
@@ -82,7 +83,7 @@ def _decode(model, params, state, rng, start, n, eos_id, temperature, top_k, top
     logits, cache, done = carry
     tok = jnp.where(done, eos_id, sample(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p))
     done = done | (tok == eos_id)
-    logits, cache = model.apply({"params": params}, tok, cache, method=LlamaVid.extend_cache)
+    logits, cache = model.apply({"params": params}, tok, cache, method="extend_cache")
     return (logits, cache, done), tok
 
   state, tokens = jax.lax.scan(step, state, start + jnp.arange(n))

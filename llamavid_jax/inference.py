@@ -129,13 +129,21 @@ def inference_prompt(turns: Sequence[str] | str, template: str = "vicuna_v1", me
 class Model:
   """Parameters, config and both tokenizers of one checkpoint (see `load`)."""
 
-  def __init__(self, loaded: orbax_io.Inference, dtype: str = "float32", max_frames: int | None = None):
+  def __init__(self, loaded: orbax_io.Inference, dtype: str = "float32", max_frames: int | None = None,
+               quant: str | None = None):
     self.cfg, self.meta = loaded.cfg, loaded.meta
     # onto the device once: a jitted call copies numpy arguments on every call (every
-    # streamed chunk), which for a 7B model is the whole model each time
-    self.params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), loaded.params)
+    # streamed chunk), which for a 7B model is the whole model each time. Quantized
+    # (llamavid_jax/quant.py): the LLM's kernels go over one at a time and only their
+    # quantized arrays stay; the model is then Qwix's PTQ wrapper of LlamaVid.
+    self.quant = quant
+    if quant is None:
+      self.params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), loaded.params)
+      self.model = LlamaVid(self.cfg)
+    else:
+      from llamavid_jax import quant as Q
+      self.model, self.params = Q.quantize(LlamaVid(self.cfg), loaded.params, quant)
     self.tokenizer, self.qtokenizer = loaded.tokenizer, loaded.qformer_tokenizer
-    self.model = LlamaVid(self.cfg)
     self.dtype = dtype
     self.max_frames = max_frames
     aspect = self.meta.get("release_config", self.meta).get("image_aspect_ratio", "pad")
@@ -230,7 +238,7 @@ class Model:
     if len(modes) != 1:
       raise ValueError(f"one batch takes one video_mode, got {sorted(modes)}")
     mode = modes.pop()
-    return self.model if mode == self.cfg.video_mode else LlamaVid(dataclasses.replace(self.cfg, video_mode=mode))
+    return self.model if mode == self.cfg.video_mode else self.model.clone(cfg=dataclasses.replace(self.cfg, video_mode=mode))
 
   def _batch(self, requests: Sequence[dict], text_buckets, frame_buckets) -> dict:
     return gen.batch_requests(requests, text_buckets=text_buckets, frame_buckets=frame_buckets,
@@ -296,11 +304,16 @@ class Model:
     return np.asarray(w[0, 0, :t].mean(1), np.float32)
 
 
-def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_frames: int | None = None) -> Model:
+def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_frames: int | None = None,
+         quant: str | None = None) -> Model:
   """A converted / inference directory, or a train WORKDIR (its `step`, default the
-  latest) -> Model. `dtype` sets both the stored parameters' and the compute dtype."""
+  latest) -> Model. `dtype` sets both the stored parameters' and the compute dtype.
+  `quant` "int8" | "int4" quantizes the LLM's weights with Qwix (llamavid_jax/quant.py);
+  an unknown mode is refused before anything is read."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+  from llamavid_jax import quant as Q
+  Q.check(quant)
   import jax.numpy as jnp
   loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype))
-  return Model(loaded, dtype=dtype, max_frames=max_frames)
+  return Model(loaded, dtype=dtype, max_frames=max_frames, quant=quant)
