@@ -142,7 +142,7 @@ class Model:
       self.model = LlamaVid(self.cfg)
     else:
       from llamavid_jax import quant as Q
-      self.model, self.params = Q.quantize(LlamaVid(self.cfg), loaded.params, quant)
+      self.model, self.params = Q.quantize(LlamaVid(dataclasses.replace(self.cfg, dtype=dtype)), loaded.params, quant)
     self.tokenizer, self.qtokenizer = loaded.tokenizer, loaded.qformer_tokenizer
     self.dtype = dtype
     self.max_frames = max_frames

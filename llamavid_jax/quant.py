@@ -92,16 +92,18 @@ def _mlp_how(quant: str, cfg):
   return tree["kernel"]
 
 
-def _quantize_leaf(w: jax.Array, how, stacked: bool):
+def _quantize_leaf(w: jax.Array, how, stacked: bool, scale_dtype):
   q = lambda a: qwix.quantize(a, how.qtype, channelwise_axes=how.channelwise_axes, tiled_axes=how.tiled_axes,
-                              calibration_method=how.calibration_method)
+                              calibration_method=how.calibration_method, scale_dtype=scale_dtype)
   return jax.jit(jax.vmap(q) if stacked else q)(w)
 
 
 def quantize(model: LlamaVid, params: Any, quant: str) -> tuple[LlamaVid, Any]:
   """(model, float params) -> (the PTQ model, params with the LLM's kernels replaced by
   Qwix's quantized arrays). Leaves are moved to the device one at a time; each float
-  kernel is quantized there and dropped."""
+  kernel is quantized there and dropped. The scales are made in the model's compute
+  dtype (`cfg.dtype`: a quantized matmul returns the scales' dtype), so the model
+  must be quantized in the dtype it will run in (no `dtype=` override afterwards)."""
   check(quant)
   qmodel = quantized_model(model, quant)
   abstract = jax.eval_shape(qmodel.init, jax.random.key(0), **_example(model.cfg))["params"]
@@ -118,7 +120,7 @@ def quantize(model: LlamaVid, params: Any, quant: str) -> tuple[LlamaVid, Any]:
     if is_aux(aux):
       # a scanned stack's kernels carry a leading `layers` axis: quantized a layer at a time
       stacked = w.ndim == 3 if path[-2] in _MLP else getattr(aux.array.qvalue, "names", (None,))[0] == "layers"
-      out[path] = aux.replace(array=_quantize_leaf(w, aux.how, stacked))
+      out[path] = aux.replace(array=_quantize_leaf(w, aux.how, stacked, jnp.dtype(model.cfg.dtype)))
       if mine:
         w.delete()
     else:

@@ -77,9 +77,9 @@ def test_kernels_are_stored_quantized_and_logprobs_stay_close(setup, mode, bits,
   assert 0 < delta.mean() <= mean_max, (delta.mean(), delta.max())
 
 
-def test_quantized_generation_and_dtype_override(setup):
-  """Greedy decoding runs on the quantized model (its ids are the quantized model's
-  argmax, checked against its own full forward), also with a bf16 compute override."""
+def test_quantized_generation_in_bfloat16(setup):
+  """Greedy decoding runs on the quantized model (its first ids are the quantized
+  model's argmax, checked against its own full forward), also quantized for bf16."""
   model, params, batch = setup
   qmodel, qparams = quant.quantize(model, params, "int8")
   new = G.generate(qmodel, qparams, batch, max_new_tokens=3, eos_id=-1)
@@ -87,8 +87,11 @@ def test_quantized_generation_and_dtype_override(setup):
   valid = np.asarray(out["layout"].valid)
   last = valid.shape[1] - 1 - np.argmax(valid[:, ::-1], 1)
   np.testing.assert_array_equal(np.argmax(np.asarray(logits)[np.arange(3), last], -1), new[:, 0])
-  bf16 = G.generate(qmodel, qparams, batch, max_new_tokens=3, eos_id=-1, dtype="bfloat16")
-  assert bf16.shape == (3, 3)
+  bf16 = LlamaVid(dataclasses.replace(model.cfg, dtype="bfloat16"))
+  qmodel, qparams = quant.quantize(bf16, params, "int4")
+  assert qparams["llm"]["lm_head"]["kernel"].array.scale.dtype == jnp.bfloat16
+  got = G.generate(qmodel, qparams, batch, max_new_tokens=3, eos_id=-1, dtype="bfloat16")
+  assert got.shape == (3, 3) and ((got >= 0) & (got < model.cfg.llm.vocab_size)).all()
 
 
 def test_load_quantized(tiny_ckpt):

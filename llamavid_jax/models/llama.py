@@ -143,9 +143,14 @@ class Llama(nn.Module):
     out = self.embed_tokens.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
     return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
+  CACHE_AXES = ("layers", "batch", "length", "kv_heads", "kv")
+
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-    """Zero KV cache: dict(k, v) of float[layers, B, max_len, K, Dh]."""
+    """Zero KV cache: dict(k, v) of float[layers, B, max_len, K, Dh], constrained to the
+    logical axes CACHE_AXES (under a mesh and rules: batch over data / fsdp, slots over
+    sequence, key/value heads over tensor; a no-op without)."""
     c = self.cfg
     shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype), self.CACHE_AXES)
+    return {"k": zeros(), "v": zeros()}
 
