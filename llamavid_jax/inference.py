@@ -305,15 +305,19 @@ class Model:
 
 
 def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_frames: int | None = None,
-         quant: str | None = None) -> Model:
+         quant: str | None = None, mesh: jax.sharding.Mesh | None = None) -> Model:
   """A converted / inference directory, or a train WORKDIR (its `step`, default the
   latest) -> Model. `dtype` sets both the stored parameters' and the compute dtype.
   `quant` "int8" | "int4" quantizes the LLM's weights with Qwix (llamavid_jax/quant.py);
-  an unknown mode is refused before anything is read."""
+  an unknown mode is refused before anything is read. `mesh` (`sharding.make_mesh`)
+  restores an inference directory's parameters sharded by the training's logical rules
+  (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
   from llamavid_jax import quant as Q
   Q.check(quant)
+  if quant is not None and mesh is not None:
+    raise ValueError(f"quant {quant!r} with a mesh: quantized parameters are not placed on a mesh yet")
   import jax.numpy as jnp
-  loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype))
+  loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype), mesh=mesh)
   return Model(loaded, dtype=dtype, max_frames=max_frames, quant=quant)
