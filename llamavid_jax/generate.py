@@ -1,26 +1,30 @@
 """Decoding: prefill the prompt into a KV cache, then extend it one token at a time.
 
-  generate(model, params, batch, max_new_tokens=64, eos_id=2)        # greedy, one dispatch
+  generate(model, params, batch, max_new_tokens=64, eos_id=2)        # greedy -> int32[B, 64]
   generate(..., rng=key, **CHAT)                                     # temperature 0.2, top_p 0.7
   for toks in stream(model, params, batch, ...): ...                 # int32[B, k] per chunk
   generate_text(model, params, batch, tokenizer, stop=("###",), ...) # strings cut at stops
   batch = batch_requests([req, ...], text_buckets=(64, 128))         # left padded, bucketed
 
-`generate` jits prefill plus a `lax.scan` over the new tokens (one dispatch, one
-compile per (batch shapes, settings)). `stream` jits the prefill and a scanned chunk of
-k tokens, and yields each chunk as it is produced; both draw step i's sample with
-`fold_in(rng, i)`, so they give the same tokens. After a row emits `eos_id` every later
-token is `eos_id`. Stop strings need the tokenizer: `answers` cuts the decoded text on
-the host. `batch_requests` left-pads requests of different prompt lengths and frame
-counts into one batch whose text length and frame count are rounded up to buckets, so
-that a stream of requests compiles once per bucket (the Q-Former instructions too).
+Decoding stops when every row has ended. `generate` and `stream` jit the prefill and a
+scanned chunk of k tokens (one compile each per (batch shapes, settings)) and check on
+the host between chunks whether every row has emitted `eos_id` (or, for `generate`, hit
+a stop string: `stop_check`); so a budget of 1024 new tokens costs only the chunks the
+answers need. The KV cache starts with room for one chunk and doubles when full (padded
+slots are masked). Step i's sample is drawn with `fold_in(rng, i)`, so the tokens do not
+depend on where decoding stopped: a longer budget's tokens begin with a shorter one's.
+After a row emits `eos_id` every later token is `eos_id`. `answers` cuts the decoded
+text at stop strings on the host. `batch_requests` left-pads requests of different prompt
+lengths and frame counts into one batch whose text length and frame count are rounded
+up to buckets, so that a stream of requests compiles once per bucket (the Q-Former
+instructions too).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +35,6 @@ from llamavid_jax.models.splice import batch_spliced_length
 
 CHAT = dict(temperature=0.2, top_p=0.7)   # the release's chat sampling
 _INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
-_STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p", "prefill_chunk", "dtype")
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int = 0,
@@ -55,7 +58,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: i
 
 
 def _model(model: LlamaVid, dtype: str | None) -> LlamaVid:
-  return model if dtype is None else LlamaVid(dataclasses.replace(model.cfg, dtype=dtype))
+  # clone keeps the model's class: a quantized model (quant.py) stays quantized
+  return model if dtype is None else model.clone(cfg=dataclasses.replace(model.cfg, dtype=dtype))
 
 
 def prompt_length(model: LlamaVid, batch: dict) -> int:
@@ -67,7 +71,7 @@ def _prefill(model, params, batch, max_len, prefill_chunk):
   """-> (logits float32[B, V], cache, done bool[B])."""
   inputs = {k: v for k, v in batch.items() if k in _INPUTS}
   logits, cache = model.apply({"params": params}, **inputs, max_len=max_len, chunk=prefill_chunk,
-                              method=LlamaVid.prefill_cache)
+                              method="prefill_cache")   # by name: a quantized model wraps it
   return logits, cache, jnp.zeros(logits.shape[:1], bool)
 
 
@@ -79,47 +83,101 @@ def _decode(model, params, state, rng, start, n, eos_id, temperature, top_k, top
     logits, cache, done = carry
     tok = jnp.where(done, eos_id, sample(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p))
     done = done | (tok == eos_id)
-    logits, cache = model.apply({"params": params}, tok, cache, method=LlamaVid.extend_cache)
+    logits, cache = model.apply({"params": params}, tok, cache, method="extend_cache")
     return (logits, cache, done), tok
 
   state, tokens = jax.lax.scan(step, state, start + jnp.arange(n))
   return state, tokens.T
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 3, 4))
+_decode_jit = jax.jit(_decode, static_argnums=(0, 5, 7, 8, 9))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _grow(state, room: int):
+  """The cache of `state` with `room` slots more (masked, not yet valid): decoding past
+  the slots it was built with, without a prefill of the whole budget up front."""
+  logits, cache, done = state
+  pad = lambda a, axis: jnp.pad(a, [(0, room if i == axis else 0) for i in range(a.ndim)])
+  cache = dict(cache, k=pad(cache["k"], 2), v=pad(cache["v"], 2), valid=pad(cache["valid"], 1))
+  return logits, cache, done
+
+
+def _chunks(model, params, batch, rng, max_new_tokens, eos_id, chunk, temperature, top_k, top_p, prefill_chunk,
+            dtype, ended) -> Iterator[np.ndarray]:
+  """Decodes `chunk` tokens per dispatch and yields int32[B, k] numpy chunks until every
+  row has emitted `eos_id` (or `ended` says it is over) or `max_new_tokens` are out.
+  The cache starts with room for one chunk of new tokens and doubles when full, so a
+  budget of 1024 tokens costs what the tokens produced cost: the same prefill and
+  decode programs as a budget of one chunk, until an answer outgrows it (then one
+  compile per doubling). Padded slots are masked, so they change no token."""
+  model = _model(model, dtype)
+  chunk = max(1, min(chunk, max_new_tokens))
+  steps = -(-max_new_tokens // chunk) * chunk
+  room = chunk
+  state = _prefill_jit(model, params, batch, prompt_length(model, batch) + room, prefill_chunk)
+  rng = jax.random.key(0) if rng is None else rng
+  seen: list[np.ndarray] = []
+  for start in range(0, max_new_tokens, chunk):
+    if start + chunk > room:
+      more = min(room, steps - room)
+      state, room = _grow(state, more), room + more
+    state, toks = _decode_jit(model, params, state, rng, jnp.int32(start), chunk, eos_id, temperature, top_k, top_p)
+    toks = np.asarray(toks)[:, :max_new_tokens - start]
+    yield toks
+    done = np.asarray(state[2])
+    if ended is not None and not done.all():
+      seen.append(toks)
+      done = done | np.asarray(ended(np.concatenate(seen, 1)), bool)
+    if done.all():
+      return
+
+
 def generate(model: LlamaVid, params, batch: dict, rng: jax.Array | None = None, *, max_new_tokens: int,
              eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, prefill_chunk: int = 0,
-             dtype: str | None = None) -> jax.Array:
+             dtype: str | None = None, chunk: int = 8, ended: Callable[[np.ndarray], np.ndarray] | None = None
+             ) -> np.ndarray:
   """batch: the model's inputs (input_ids, text_mask, frame_mask, qformer_ids,
   qformer_mask, frames | features; padding left, right or both) -> int32[B, max_new_tokens]
   new tokens; after a sample's `eos_id` every further token is `eos_id`.
   temperature 0 = greedy; `prefill_chunk` C > 0 prefills C positions at a time;
-  `dtype` overrides the model config's compute dtype ("bfloat16", "float32")."""
-  model = _model(model, dtype)
-  state = _prefill(model, params, batch, prompt_length(model, batch) + max_new_tokens, prefill_chunk)
-  rng = jax.random.key(0) if rng is None else rng
-  return _decode(model, params, state, rng, 0, max_new_tokens, eos_id, temperature, top_k, top_p)[1]
+  `dtype` overrides the model config's compute dtype ("bfloat16", "float32").
 
-
-_prefill_jit = jax.jit(_prefill, static_argnums=(0, 3, 4))
-_decode_jit = jax.jit(_decode, static_argnums=(0, 5, 7, 8, 9))
+  Decoding stops once every row has ended: emitted `eos_id`, or `ended(tokens int[B, n])
+  -> bool[B]` (a host check between chunks of `chunk` tokens: `stop_check`'s stop
+  strings) says so; the rest of the budget is filled with `eos_id` without being
+  computed. A longer budget's tokens begin with a shorter one's (greedy, and sampled
+  with the same `rng`), with the same `chunk`."""
+  parts = list(_chunks(model, params, batch, rng, max_new_tokens, eos_id, chunk, temperature, top_k, top_p,
+                       prefill_chunk, dtype, ended))
+  toks = np.concatenate(parts, 1)
+  return np.pad(toks, ((0, 0), (0, max_new_tokens - toks.shape[1])), constant_values=eos_id)
 
 
 def stream(model: LlamaVid, params, batch: dict, rng: jax.Array | None = None, *, max_new_tokens: int,
            eos_id: int, chunk: int = 8, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            prefill_chunk: int = 0, dtype: str | None = None) -> Iterator[np.ndarray]:
   """`generate`, yielding int32[B, k] numpy chunks of k = `chunk` tokens (the last one
-  shorter) as they are produced; stops early once every row has emitted `eos_id`.
-  The concatenated chunks equal `generate`'s tokens (with the same arguments)."""
-  model = _model(model, dtype)
-  steps = -(-max_new_tokens // chunk) * chunk
-  state = _prefill_jit(model, params, batch, prompt_length(model, batch) + steps, prefill_chunk)
-  rng = jax.random.key(0) if rng is None else rng
-  for start in range(0, max_new_tokens, chunk):
-    state, toks = _decode_jit(model, params, state, rng, jnp.int32(start), chunk, eos_id, temperature, top_k, top_p)
-    yield np.asarray(toks)[:, :max_new_tokens - start]
-    if bool(np.asarray(state[2]).all()):
-      return
+  shorter) as they are produced; stops once every row has emitted `eos_id`.
+  The concatenated chunks equal `generate`'s tokens up to where it stopped."""
+  yield from _chunks(model, params, batch, rng, max_new_tokens, eos_id, chunk, temperature, top_k, top_p,
+                     prefill_chunk, dtype, None)
+
+
+def stop_check(tokenizer, eos_id: int, stop: Sequence[str]) -> Callable[[np.ndarray], np.ndarray] | None:
+  """`generate`'s `ended` for stop strings: int[B, n] tokens so far -> bool[B], True
+  where a row's text (up to its `eos_id`, decoded as `answers` does) contains one of
+  `stop`; None without stop strings."""
+  stop = [s for s in stop if s]
+  if not stop:
+    return None
+
+  def ended(tokens: np.ndarray) -> np.ndarray:
+    rows = [r[:r.index(eos_id)] if eos_id in r else r for r in np.asarray(tokens).tolist()]
+    return np.array([any(s in tokenizer.decode(r, skip_special_tokens=True) for s in stop) for r in rows])
+
+  return ended
 
 
 def answers(tokens, tokenizer, *, eos_id: int, stop: Sequence[str] = ()) -> list[str]:
@@ -140,7 +198,8 @@ def generate_text(model: LlamaVid, params, batch: dict, tokenizer, *, stop: Sequ
   """`generate` (kw: max_new_tokens, rng, sampling, ...) -> B answers cut at eos and
   at the stop strings; eos_id defaults to the tokenizer's."""
   eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
-  return answers(generate(model, params, batch, eos_id=eos_id, **kw), tokenizer, eos_id=eos_id, stop=stop)
+  toks = generate(model, params, batch, eos_id=eos_id, ended=stop_check(tokenizer, eos_id, stop), **kw)
+  return answers(toks, tokenizer, eos_id=eos_id, stop=stop)
 
 
 # --- batching requests ------------------------------------------------------------------

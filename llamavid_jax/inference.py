@@ -156,13 +156,21 @@ def inference_prompt(turns: Sequence[str] | str, template: str = "vicuna_v1", me
 class Model:
   """Parameters, config and both tokenizers of one checkpoint (see `load`)."""
 
-  def __init__(self, loaded: orbax_io.Inference, dtype: str = "float32", max_frames: int | None = None):
+  def __init__(self, loaded: orbax_io.Inference, dtype: str = "float32", max_frames: int | None = None,
+               quant: str | None = None):
     self.cfg, self.meta = loaded.cfg, loaded.meta
     # onto the device once: a jitted call copies numpy arguments on every call (every
-    # streamed chunk), which for a 7B model is the whole model each time
-    self.params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), loaded.params)
+    # streamed chunk), which for a 7B model is the whole model each time. Quantized
+    # (llamavid_jax/quant.py): the LLM's kernels go over one at a time and only their
+    # quantized arrays stay; the model is then Qwix's PTQ wrapper of LlamaVid.
+    self.quant = quant
+    if quant is None:
+      self.params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), loaded.params)
+      self.model = LlamaVid(self.cfg)
+    else:
+      from llamavid_jax import quant as Q
+      self.model, self.params = Q.quantize(LlamaVid(dataclasses.replace(self.cfg, dtype=dtype)), loaded.params, quant)
     self.tokenizer, self.qtokenizer = loaded.tokenizer, loaded.qformer_tokenizer
-    self.model = LlamaVid(self.cfg)
     self.dtype = dtype
     self.max_frames = max_frames
     aspect = self.meta.get("release_config", self.meta).get("image_aspect_ratio", "pad")
@@ -184,8 +192,8 @@ class Model:
       raise TypeError(f"Model.replace: {bad} cannot be replaced (only {', '.join(self.REPLACEABLE)})")
     new = copy.copy(self)
     vars(new).update(changes)
-    if "cfg" in changes:
-      new.model = LlamaVid(new.cfg)
+    if "cfg" in changes:   # clone: a quantized model keeps its Qwix wrapper
+      new.model = self.model.clone(cfg=new.cfg)
     return new
 
   @property
@@ -328,7 +336,7 @@ class Model:
     if len(modes) != 1:
       raise ValueError(f"one batch takes one video_mode, got {sorted(modes)}")
     mode = modes.pop()
-    return self.model if mode == self.cfg.video_mode else LlamaVid(dataclasses.replace(self.cfg, video_mode=mode))
+    return self.model if mode == self.cfg.video_mode else self.model.clone(cfg=dataclasses.replace(self.cfg, video_mode=mode))
 
   def _batch(self, requests: Sequence[dict], text_buckets, frame_buckets) -> dict:
     return gen.batch_requests(requests, text_buckets=text_buckets, frame_buckets=frame_buckets,
@@ -359,7 +367,8 @@ class Model:
     batch = self._batch(requests, text_buckets, frame_buckets)
     toks = gen.generate(self.model_for(requests), self.params, batch, jax.random.key(seed), max_new_tokens=max_new_tokens,
                         eos_id=self.eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                        prefill_chunk=prefill_chunk, dtype=self.dtype)
+                        prefill_chunk=prefill_chunk, dtype=self.dtype,
+                        ended=gen.stop_check(self.tokenizer, self.eos_id, stop))
     return [self.answer(row, stop) for row in np.asarray(toks).tolist()]
 
   def stream(self, request: dict, *, max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
@@ -400,11 +409,20 @@ class Model:
     return np.asarray(w[0, 0, :t].mean(1), np.float32)
 
 
-def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_frames: int | None = None) -> Model:
+def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_frames: int | None = None,
+         quant: str | None = None, mesh: jax.sharding.Mesh | None = None) -> Model:
   """A converted / inference directory, or a train WORKDIR (its `step`, default the
-  latest) -> Model. `dtype` sets both the stored parameters' and the compute dtype."""
+  latest) -> Model. `dtype` sets both the stored parameters' and the compute dtype.
+  `quant` "int8" | "int4" quantizes the LLM's weights with Qwix (llamavid_jax/quant.py);
+  an unknown mode is refused before anything is read. `mesh` (`sharding.make_mesh`)
+  restores an inference directory's parameters sharded by the training's logical rules
+  (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+  from llamavid_jax import quant as Q
+  Q.check(quant)
+  if quant is not None and mesh is not None:
+    raise ValueError(f"quant {quant!r} with a mesh: quantized parameters are not placed on a mesh yet")
   import jax.numpy as jnp
   cfg_file = os.path.join(ckpt, orbax_io.MODEL_CONFIG)
   if os.path.isfile(cfg_file):   # a bad config is named before any parameter is read
@@ -413,10 +431,10 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
     except Exception as e:   # noqa: BLE001  (JSONDecodeError, TypeError of an unknown field, ...)
       raise CheckpointError(cfg_file, f"not a model config: {type(e).__name__}: {validation.one_line(e, 300)}") from None
   try:
-    loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype))
+    loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype), mesh=mesh)
   except (FileNotFoundError, RemoteCodeError):   # named already (a missing file, a refused tokenizer)
     raise
   except Exception as e:   # noqa: BLE001  (orbax / tensorstore on a torn or garbled parameter file)
     raise CheckpointError(ckpt, f"corrupt or unreadable checkpoint (its parameters or their metadata, "
                                 f"e.g. params/_METADATA): {type(e).__name__}: {validation.one_line(e, 300)}") from None
-  return Model(loaded, dtype=dtype, max_frames=max_frames)
+  return Model(loaded, dtype=dtype, max_frames=max_frames, quant=quant)

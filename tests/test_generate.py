@@ -1,4 +1,4 @@
-"""Generation: left-padded batches, sampling, stop strings, buckets, streaming, chunked prefill."""
+"""Generation: left-padded batches, sampling, stop strings, early stop, buckets, streaming, chunked prefill."""
 
 import jax
 import numpy as np
@@ -78,6 +78,74 @@ def test_eos_ends_a_row(setup):
   np.testing.assert_array_equal(got[0], list(free[0, :2]) + [eos] * 4)
 
 
+def first_index(rows, tok):
+  return [list(r).index(tok) if tok in r else len(r) for r in rows]
+
+
+def test_early_stop_equals_a_full_decode_cut_at_eos(setup, monkeypatch):
+  """Rows ending at different steps: decoding stops after the chunk where the last one
+  ends, and every row's ids equal the full-length decode's up to its eos (eos after)."""
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs[:2])
+  full = G.generate(model, params, batch, max_new_tokens=40, eos_id=-1)          # 5 chunks of 8, cache grown 3x
+  # the eos: a token both rows emit, first at different steps, the later one past the first chunk
+  ends, eos = max((first_index(full, t), t) for t in set(full[0]) & set(full[1])
+                  if len(set(first_index(full, t))) > 1 and max(first_index(full, t)) < 32)
+  assert max(ends) >= 8, ends
+  want = np.array([list(r[:e]) + [eos] * (40 - e) for r, e in zip(full, ends)])
+  starts = []
+  decode = G._decode_jit
+  monkeypatch.setattr(G, "_decode_jit", lambda *a: starts.append(int(a[4])) or decode(*a))
+  got = G.generate(model, params, batch, max_new_tokens=40, eos_id=eos)
+  np.testing.assert_array_equal(got, want)
+  assert starts == list(range(0, max(ends) + 1, 8)), (starts, ends)     # stopped after max(ends)'s chunk
+  monkeypatch.undo()
+  np.testing.assert_array_equal(G.generate(model, params, batch, max_new_tokens=1024, eos_id=eos),
+                                np.pad(want, ((0, 0), (0, 1024 - 40)), constant_values=eos))
+  # sampled: the same seed gives the same tokens whatever the budget and wherever it stopped
+  batch = G.batch_requests(reqs)
+  key = jax.random.key(5)
+  free = G.generate(model, params, batch, key, max_new_tokens=24, eos_id=-1, temperature=1.0)
+  tok = int(free[0, 3])
+  stopped = G.generate(model, params, batch, key, max_new_tokens=512, eos_id=tok, temperature=1.0)
+  ends = first_index(free, tok)
+  assert len(set(ends)) > 1, ends
+  for r, s, e in zip(free, stopped, ends):
+    np.testing.assert_array_equal(s[:e + 1], r[:e + 1])
+    assert (s[e:] == tok).all() or e == 24
+
+
+def test_stop_strings_end_decoding(setup):
+  """`ended` (a stop string) ends rows as eos does: decoding stops when every row ended."""
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs)
+  full = G.generate(model, params, batch, max_new_tokens=24, eos_id=-1)
+  seen = []
+
+  def ended(t):   # row i "says its stop string" at step 3 + i
+    seen.append(t.shape[1])
+    np.testing.assert_array_equal(t, full[:, :t.shape[1]])
+    return t.shape[1] > 3 + np.arange(3)
+
+  got = G.generate(model, params, batch, max_new_tokens=24, eos_id=-1, chunk=2, ended=ended)
+  assert seen == [2, 4, 6], seen
+  np.testing.assert_array_equal(got[:, :6], full[:, :6])
+  assert (got[:, 6:] == -1).all()
+
+
+class _Chars:
+  """A tokenizer stand-in: id i decodes to chr(ord('a') + i % 26)."""
+
+  def decode(self, ids, skip_special_tokens=True):
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_check_reads_text_up_to_eos():
+  ended = G.stop_check(_Chars(), eos_id=25, stop=("cd", ""))
+  assert ended(np.array([[0, 2, 3, 1], [2, 25, 3, 0], [3, 2, 1, 0]])).tolist() == [True, False, False]
+  assert G.stop_check(_Chars(), eos_id=25, stop=("",)) is None
+
+
 def test_stop_strings_cut_the_answer(tmp_path):
   from transformers import AutoTokenizer
   from tests.data_fixtures import make_llm_tokenizer
@@ -127,11 +195,11 @@ def test_twenty_requests_compile_once_per_bucket(setup, tiny_cfg):
       r = request(tiny_cfg, rng, rng.randint(3, 30), rng.randint(1, 4))
       batch = G.batch_requests([r], text_buckets=(8, 16, 32), frame_buckets=(2, 4))
       buckets.add((batch["input_ids"].shape[1], batch["frame_mask"].shape[1]))
-      G.generate(model, params, batch, max_new_tokens=2, eos_id=-1).block_until_ready()
+      G.generate(model, params, batch, max_new_tokens=2, eos_id=-1)
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
   assert 1 < len(buckets) <= 6
-  assert 0 < len(compiles) <= len(buckets), (len(compiles), buckets)
+  assert 0 < len(compiles) <= 2 * len(buckets), (len(compiles), buckets)   # a prefill and a decode chunk
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ class DenseGeneral(nn.Module):
     axis = tuple(a % x.ndim for a in self.axis)
     in_dims = tuple(x.shape[a] for a in axis)
     kernel = kernel_param(self, in_dims + self.features, self.names, self.std, self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)   # (not astype: Qwix's PTQ intercepts this)
     y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
     if self.use_bias:
       bias = self.param("bias", partitioned(nn.initializers.zeros_init(), self.names[len(axis):]),

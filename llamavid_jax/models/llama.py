@@ -88,15 +88,18 @@ class LlamaBlock(nn.Module):
     256K positions a chip its [S, mlp] activations are most of a 7B layer's memory."""
     c = self.cfg
     kw = dict(std=c.initializer_range, param_dtype=self.param_dtype)
-    wg = Kernel((c.d_model, c.mlp_dim), ("embed", "mlp"), name="gate_proj", **kw)().astype(self.dtype)
-    wu = Kernel((c.d_model, c.mlp_dim), ("embed", "mlp"), name="up_proj", **kw)().astype(self.dtype)
-    wd = Kernel((c.mlp_dim, c.d_model), ("mlp", "embed"), name="down_proj", **kw)().astype(self.dtype)
+    # promote_dtype and jnp.dot, not astype and @: Qwix's PTQ (llamavid_jax/quant.py)
+    # intercepts them, and the kernels may be its quantized arrays
+    wg, wu, wd = nn.dtypes.promote_dtype(
+        Kernel((c.d_model, c.mlp_dim), ("embed", "mlp"), name="gate_proj", **kw)(),
+        Kernel((c.d_model, c.mlp_dim), ("embed", "mlp"), name="up_proj", **kw)(),
+        Kernel((c.mlp_dim, c.d_model), ("mlp", "embed"), name="down_proj", **kw)(), dtype=self.dtype)
 
     def swiglu(h):   # [B, ..., D] -> [B, ..., D]: [B, S, D], or a chunk [B, shards, chunk, D]
       h = h.astype(self.dtype)
-      y = jax.nn.silu(h @ wg) * (h @ wu)
+      y = jax.nn.silu(jnp.dot(h, wg)) * jnp.dot(h, wu)
       names = ("batch", "length") + (None,) * (y.ndim - 3) + ("mlp",)
-      return nn.with_logical_constraint(y, names) @ wd
+      return jnp.dot(nn.with_logical_constraint(y, names), wd)
 
     if not (self.mlp_chunk and h.shape[1] > self.mlp_chunk * length_shards(h.shape[1])):
       return swiglu(h)
@@ -140,9 +143,14 @@ class Llama(nn.Module):
     out = self.embed_tokens.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
     return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
+  CACHE_AXES = ("layers", "batch", "length", "kv_heads", "kv")
+
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-    """Zero KV cache: dict(k, v) of float[layers, B, max_len, K, Dh]."""
+    """Zero KV cache: dict(k, v) of float[layers, B, max_len, K, Dh], constrained to the
+    logical axes CACHE_AXES (under a mesh and rules: batch over data / fsdp, slots over
+    sequence, key/value heads over tensor; a no-op without)."""
     c = self.cfg
     shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype), self.CACHE_AXES)
+    return {"k": zeros(), "v": zeros()}
 
