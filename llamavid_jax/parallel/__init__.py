@@ -1,0 +1,71 @@
+"""Multi-device machinery the model does not know about.
+
+  layout.py     the context layout of the LLM sequence (zig-zag over the ring: apply,
+                invert, slots), decided once per step by `context_layout`
+  placement.py  frame tokens to their positions on a split length (`ring_placement`;
+                the model's default is a plain gather)
+  host.py       frames from host memory, a chunk at a time (`frame_fetcher`, `to_device`)
+
+The train step and inference compose embed -> layout -> decode -> loss / logits with
+these. `describe` returns every decision (attention per tower, layout, placement, frame
+fetch) as one line each, for the run's plan report, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import linen as nn
+
+from llamavid_jax import sharding
+from llamavid_jax.parallel.host import fetch_decision, frame_fetcher, to_device
+from llamavid_jax.parallel.layout import ContextLayout, Decision, context_layout, ring_order, ring_shift, zigzag
+from llamavid_jax.parallel.placement import gather, placement_decision, ring_placement, ring_rounds
+
+
+def llm_layout(cfg, length: int) -> ContextLayout:
+  """The context layout of an LLM sequence of `length` positions under the current mesh
+  and logical rules, for `cfg.attention_impl` (zig-zag where it runs as a ring)."""
+  from llamavid_jax.ops import attention
+  return context_layout(attention.ring_shards(cfg.attention_impl, "llm"), length)
+
+
+def describe(cfg, mesh, batch: dict, rules=sharding.LOGICAL_RULES) -> list[str]:
+  """The decisions a train step (or a prefill) on `mesh` makes for a global batch, one
+  line each: attention per tower (LLM, ViT, Q-Former), the context layout, how frame
+  tokens reach their positions, how frames are fetched. cfg: LlamaVidConfig; batch: the
+  model inputs (arrays or jax.ShapeDtypeStruct; shapes are all that is read): input_ids
+  [B, S], frame_mask [B, T], qformer_ids [B, L] or [B, P, L], frames or features. A line
+  with "ALL-GATHER" or "across devices" is a fallback that costs memory or time."""
+  from llamavid_jax.models.splice import batch_spliced_length
+  from llamavid_jax.ops import attention
+  b, t = batch["frame_mask"].shape
+  q = batch["qformer_ids"]
+  p = q.shape[1] if q.ndim == 3 else 1
+  s_out = batch_spliced_length(batch, cfg.tokens_per_frame, movie=cfg.movie)
+  k = t * cfg.tokens_per_frame * (1 if cfg.movie else p)
+  llm, vis, qf = cfg.llm, cfg.vision, cfg.qformer
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    layout = llm_layout(cfg, s_out)
+    lines = [attention.decide(cfg.attention_impl, "llm", (b, s_out, llm.num_heads, llm.head_dim),
+                              (b, s_out, llm.num_kv_heads, llm.head_dim), True, layout.ring, cfg.dtype)[1]]
+    frames = b * t * (p if cfg.use_context_token else 1)
+    if "frames" in batch:
+      n = vis.num_tokens
+      lines.append(attention.decide(cfg.vision_attention_impl, "vit", (b * t, n, vis.num_heads, vis.width // vis.num_heads),
+                                    (b * t, n, vis.num_heads, vis.width // vis.num_heads), False, False, cfg.dtype)[1])
+    if cfg.use_context_token:
+      m = qf.num_query + q.shape[-1]
+      hd = qf.hidden // qf.num_heads
+      lines.append(attention.decide(cfg.vision_attention_impl, "qformer", (frames, m, qf.num_heads, hd),
+                                    (frames, m, qf.num_heads, hd), False, False, cfg.dtype)[1])
+    lines.append(f"context layout: {layout.why}")
+    lines.append(placement_decision(mesh, b, k, s_out, llm.d_model).why)
+    if "features" in batch or "frames" in batch:
+      x = batch["features"] if "features" in batch else batch["frames"]
+      lines.append(fetch_decision(mesh, x.shape, cfg.frame_chunk).why)
+  return lines
+
+
+__all__ = ["ContextLayout", "Decision", "context_layout", "describe", "fetch_decision", "frame_fetcher", "gather",
+           "llm_layout", "placement_decision", "ring_order", "ring_placement", "ring_rounds", "ring_shift", "to_device",
+           "zigzag"]
