@@ -29,13 +29,15 @@ def llm_layout(cfg, length: int) -> ContextLayout:
   return context_layout(attention.ring_shards(cfg.attention_impl, "llm"), length)
 
 
-def describe(cfg, mesh, batch: dict, rules=sharding.LOGICAL_RULES) -> list[str]:
+def describe(cfg, mesh, batch: dict, params=None, rules=sharding.LOGICAL_RULES) -> list[str]:
   """The decisions a train step (or a prefill) on `mesh` makes for a global batch, one
   line each: attention per tower (LLM, ViT, Q-Former), the context layout, how frame
   tokens reach their positions, how frames are fetched. cfg: LlamaVidConfig; batch: the
   model inputs (arrays or jax.ShapeDtypeStruct; shapes are all that is read): input_ids
   [B, S], frame_mask [B, T], qformer_ids [B, L] or [B, P, L], frames or features. A line
-  with "ALL-GATHER" or "across devices" is a fallback that costs memory or time."""
+  with "ALL-GATHER" or "across devices" is a fallback that costs memory or time. params:
+  the boxed abstract parameters (`jax.eval_shape(model.init, ...)`), to add a line on the
+  leaves that keep fewer mesh axes than their names ask for (`sharding.replicated_leaves`)."""
   from llamavid_jax.models.splice import batch_spliced_length
   from llamavid_jax.ops import attention
   b, t = batch["frame_mask"].shape
@@ -63,6 +65,10 @@ def describe(cfg, mesh, batch: dict, rules=sharding.LOGICAL_RULES) -> list[str]:
     if "features" in batch or "frames" in batch:
       x = batch["features"] if "features" in batch else batch["frames"]
       lines.append(fetch_decision(mesh, x.shape, cfg.frame_chunk).why)
+  if params is not None:
+    leaves = sharding.replicated_leaves(params, mesh, rules)
+    lines.append(f"parameters: {len(leaves)} leaves keep fewer mesh axes than their names ask"
+                 + (f" ({'; '.join(leaves[:3])}{'; ...' if len(leaves) > 3 else ''})" if leaves else ""))
   return lines
 
 

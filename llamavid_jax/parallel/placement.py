@@ -49,6 +49,11 @@ def placement_decision(mesh, b: int, k: int, s_out: int, d: int = 1) -> Decision
   spec = _spec(mesh, b, s_out, d)
   g = sharding.shards(mesh, spec[1])
   if g == 1:
+    asked = sharding.shards(mesh, sharding.logical_to_spec(("length",), nn.get_logical_axis_rules() or
+                                                           sharding.LOGICAL_RULES)[0])
+    if asked > 1:
+      return Decision("gather", f"frame tokens: plain gather ({s_out} positions do not split over {asked} devices: "
+                                f"the length stays whole on each)")
     return Decision("gather", "frame tokens: plain gather (the LLM length is not split)")
   if k % g or s_out % g:
     return Decision("all-gather", f"frame tokens: ALL-GATHER of {k} tokens on each of {g} devices ({k} tokens or "
