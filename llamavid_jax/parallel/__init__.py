@@ -19,7 +19,7 @@ from flax import linen as nn
 from llamavid_jax import sharding
 from llamavid_jax.parallel.host import fetch_decision, frame_fetcher, to_device
 from llamavid_jax.parallel.layout import ContextLayout, Decision, context_layout, ring_order, ring_shift, zigzag
-from llamavid_jax.parallel.placement import gather, placement_decision, ring_placement, ring_rounds
+from llamavid_jax.parallel.placement import placement_decision, ring_placement, ring_rounds
 
 
 def llm_layout(cfg, length: int) -> ContextLayout:
@@ -72,6 +72,6 @@ def describe(cfg, mesh, batch: dict, params=None, rules=sharding.LOGICAL_RULES) 
   return lines
 
 
-__all__ = ["ContextLayout", "Decision", "context_layout", "describe", "fetch_decision", "frame_fetcher", "gather",
+__all__ = ["ContextLayout", "Decision", "context_layout", "describe", "fetch_decision", "frame_fetcher",
            "llm_layout", "placement_decision", "ring_order", "ring_placement", "ring_rounds", "ring_shift", "to_device",
            "zigzag"]

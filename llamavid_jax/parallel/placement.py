@@ -2,9 +2,9 @@
 
 The model splices frame tokens with a placement callable `place(flat, src, text_len=,
 monotone=) -> float[B, S', D]` (position p takes flat[src[p]]); its default is a plain
-gather. On a mesh whose logical `length` axis is split over G devices a gather would
-all-gather all K frame tokens on every device (32 GiB a chip for 2M frames at 4M
-positions): `ring_placement` sends the blocks round the ring instead.
+gather (`models.llamavid.gather`). On a mesh whose logical `length` axis is split over G
+devices a gather would all-gather all K frame tokens on every device (32 GiB a chip for
+2M frames at 4M positions): `ring_placement` sends the blocks round the ring instead.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ from llamavid_jax import sharding
 from llamavid_jax.parallel.layout import Decision, ring_shift
 
 log = logging.getLogger(__name__)
-
-
-def gather(flat, src, *, text_len: int = 0, monotone: bool = False):
-  """flat float[B, K, D], src int32[B, S'] -> float[B, S', D]: the plain gather."""
-  return jnp.take_along_axis(flat, src[..., None], 1)
 
 
 def ring_rounds(g: int, lk: int, ls: int, text_len: int) -> int:
@@ -76,7 +71,7 @@ def ring_placement(strict: bool = True):
         raise ValueError(f"{decision.why}; pad the frames or the text, or pass ring_placement(strict=False)")
       log.warning("%s", decision.why)
     if decision.kind != "ring":
-      return gather(flat, src)
+      return jnp.take_along_axis(flat, src[..., None], 1)   # the model's own gather
     return _ring_place(flat, src, text_len, monotone, mesh)
 
   return place
