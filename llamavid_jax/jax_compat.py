@@ -22,6 +22,14 @@ def require(what: str) -> None:
                        f"installed {jax.__version__}")
 
 
+def require_splash_vendored() -> None:
+  """The vendored splash kernel (ops/attention/third_party, from JAX 0.10.2) uses JAX's own
+  mask modules: refuse a JAX whose minor version differs (re-vendor from it instead)."""
+  if _version()[:2] != (0, 10):
+    raise RuntimeError(f"the vendored splash attention kernel is JAX 0.10.2's; installed jax {jax.__version__}: "
+                       f"re-vendor llamavid_jax/ops/attention/third_party/splash_attention_kernel.py from it")
+
+
 def in_host_memory(x) -> bool:
   """Whether the traced or concrete array x lives in host memory (`jax.memory.Space.Host`)."""
   require("host-memory inputs (jax.typeof(x).memory_space)")

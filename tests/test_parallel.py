@@ -68,3 +68,16 @@ def test_fit_spec_reports_or_refuses_what_it_cannot_split(tiny_cfg):
     sharding.param_shardings(boxed, mesh, strict=True)
   batch = S.abstract_batch(tiny_cfg, 2, 6, 2, 4, use_features=True)
   assert parallel.describe(tiny_cfg, mesh, batch, params=boxed)[-1].startswith(f"parameters: {len(leaves)} leaves")
+
+
+def test_jax_features_are_version_checks_that_fail_loudly(monkeypatch):
+  """No getattr probes with silent defaults: an older JAX fails with one line."""
+  from llamavid_jax import jax_compat
+  assert not jax_compat.in_host_memory(jnp.zeros(2))
+  with jax.set_mesh(sharding.make_mesh({"data": 2}, jax.devices()[:2])):
+    assert jax_compat.mesh_platform(jax.sharding.get_abstract_mesh()) == "cpu"
+  monkeypatch.setattr(jax, "__version__", "0.9.1")
+  with pytest.raises(RuntimeError, match=r"needs jax >= 0.10 \(tested 0.10.2\); installed 0.9.1"):
+    jax_compat.in_host_memory(jnp.zeros(2))
+  with pytest.raises(RuntimeError, match="re-vendor"):
+    jax_compat.require_splash_vendored()

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
-from llamavid_jax import sharding
+from llamavid_jax import jax_compat, sharding
 from llamavid_jax.ops.attention.blockwise import (BLOCK, chunked, current_mesh, length_axis, local_bwd, local_fwd,
                                                   loop, ring_specs)
 from llamavid_jax.ops.attention.third_party import splash_attention_kernel as sk
@@ -34,6 +34,7 @@ def splash(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK, interpret=F
   keys by segment ids (a padded query sees the padded keys, never a fully masked row).
   With the length split over a ring: `splash_ring`. interpret: run the kernel's Pallas
   interpreter instead (tests on CPU)."""
+  jax_compat.require_splash_vendored()
   b, s, h, _ = q.shape
   mesh = current_mesh()
   axis, n = length_axis(mesh)
