@@ -130,6 +130,16 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, strict: bool = False) ->
   return P(*out)
 
 
+def logical_shards(name: str, size: int) -> int:
+  """Devices the active logical rules (else LOGICAL_RULES) and the current mesh
+  (`jax.set_mesh`) split a dim of `size` named `name` over (1: no mesh, or not split)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  rules = nn.get_logical_axis_rules() or LOGICAL_RULES
+  return shards(mesh, fit_spec(logical_to_spec((name,), rules), (size,), mesh)[0])
+
+
 def input_spec(key: str, shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES) -> P:
   """PartitionSpec of the model input `key` of global `shape` (see INPUT_AXES)."""
   if key not in INPUT_AXES:
