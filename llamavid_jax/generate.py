@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llamavid_jax import parallel
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.splice import batch_spliced_length
 
@@ -70,7 +71,10 @@ def prompt_length(model: LlamaVid, batch: dict) -> int:
 def _prefill(model, params, batch, max_len, prefill_chunk):
   """-> (logits float32[B, V], cache, done bool[B])."""
   inputs = {k: v for k, v in batch.items() if k in _INPUTS}
+  # on a mesh that splits the length: frame tokens round the ring, frames fetched per
+  # device; a fallback is logged as a decision (prompt shapes vary, so never an error here)
   logits, cache = model.apply({"params": params}, **inputs, max_len=max_len, chunk=prefill_chunk,
+                              place=parallel.ring_placement(strict=False), fetch=parallel.frame_fetcher(strict=False),
                               method="prefill_cache")   # by name: a quantized model wraps it
   return logits, cache, jnp.zeros(logits.shape[:1], bool)
 

@@ -98,10 +98,28 @@ def mesh_axes(name: str, rules=LOGICAL_RULES) -> tuple[str, ...]:
   return spec_axes(logical_to_spec((name,), rules)[0])
 
 
-def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+def dropped_axes(spec: P, shape: Sequence[int], mesh: Mesh) -> list[tuple[int, tuple[str, ...]]]:
+  """[(dim, the mesh axes `fit_spec` drops from it)] for each dim of `shape` that `spec`'s
+  axes do not divide."""
+  out = []
+  for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+    names = spec_axes(axes)
+    kept = names
+    while kept and dim % math.prod(mesh.shape[a] for a in kept):
+      kept = kept[:-1]
+    if kept != names:
+      out.append((i, names[len(kept):]))
+  return out
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, strict: bool = False) -> P:
   """Drops the mesh axes of any dim they do not divide, the last first (a 1408-wide
   `embed` on fsdp x sequence = 4 x 32 keeps fsdp; 2 kv heads on tensor=4 are
-  replicated) instead of failing. Real configs divide evenly."""
+  replicated). That changes memory: `replicated_leaves` lists where it happens for the
+  parameters (a decision in the run's plan), and strict=True raises instead."""
+  if strict and (dropped := dropped_axes(spec, shape, mesh)):
+    raise ValueError(f"shape {tuple(shape)} with {spec}: " + ", ".join(
+        f"dim {i} ({shape[i]}) does not split over {'x'.join(a)}" for i, a in dropped))
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = spec_axes(axes)
@@ -112,6 +130,16 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   return P(*out)
 
 
+def logical_shards(name: str, size: int) -> int:
+  """Devices the active logical rules (else LOGICAL_RULES) and the current mesh
+  (`jax.set_mesh`) split a dim of `size` named `name` over (1: no mesh, or not split)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  rules = nn.get_logical_axis_rules() or LOGICAL_RULES
+  return shards(mesh, fit_spec(logical_to_spec((name,), rules), (size,), mesh)[0])
+
+
 def input_spec(key: str, shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES) -> P:
   """PartitionSpec of the model input `key` of global `shape` (see INPUT_AXES)."""
   if key not in INPUT_AXES:
@@ -119,15 +147,32 @@ def input_spec(key: str, shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES) 
   return fit_spec(logical_to_spec(INPUT_AXES[key][:len(shape)], rules), shape, mesh)
 
 
-def param_shardings(abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
+def param_shardings(abstract_params, mesh: Mesh, rules=LOGICAL_RULES, strict: bool = False):
   """NamedShardings for a boxed (`nn.Partitioned`) parameter tree, e.g. from
-  `jax.eval_shape(model.init, ...)`; works on any pytree of boxed leaves."""
+  `jax.eval_shape(model.init, ...)`; works on any pytree of boxed leaves. strict: a leaf
+  whose dims its axes do not divide is an error (else it keeps fewer axes: see
+  `replicated_leaves`)."""
   is_box = lambda x: isinstance(x, nn.Partitioned)
 
   def one(leaf):
     if not is_box(leaf):
       return NamedSharding(mesh, P())
     spec = logical_to_spec(leaf.names, rules)
-    return NamedSharding(mesh, fit_spec(spec, leaf.value.shape, mesh))
+    return NamedSharding(mesh, fit_spec(spec, leaf.value.shape, mesh, strict=strict))
 
   return jax.tree.map(one, abstract_params, is_leaf=is_box)
+
+
+def replicated_leaves(abstract_params, mesh: Mesh, rules=LOGICAL_RULES) -> list[str]:
+  """One line per boxed parameter leaf that keeps fewer mesh axes than its logical names
+  ask for (`fit_spec` drops those that do not divide), e.g. "qformer/.../kernel: dim 1
+  (1408) not split over sequence": the decisions `param_shardings` makes silently."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  out = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params, is_leaf=is_box):
+    if not is_box(leaf):
+      continue
+    shape = leaf.value.shape
+    for i, axes in dropped_axes(logical_to_spec(leaf.names, rules), shape, mesh):
+      out.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')}: dim {i} ({shape[i]}) not split over {'x'.join(axes)}")
+  return out

@@ -113,11 +113,13 @@ def test_frame_tokens_placed_round_the_ring_equal_the_gather(tiny_cfg, mode, mes
   import dataclasses
   from flax import linen as nn
   from llamavid_jax import sharding
-  cfg = dataclasses.replace(tiny_cfg, frame_chunk=4, video_mode="movie" if mode == "movie" else "clip")
+  cfg = dataclasses.replace(tiny_cfg, frame_chunk=mesh_shape["sequence"], video_mode="movie" if mode == "movie" else "clip")
   model = LlamaVid(cfg)
   inputs = _placement_inputs(cfg, mode, np.random.default_rng(0))
   params = jax.jit(model.init)(jax.random.key(0), **inputs)["params"]
-  embed = jax.jit(lambda p, x: model.apply({"params": p}, **x, method=LlamaVid.embed_inputs)[0])
+  from llamavid_jax import parallel
+  embed = jax.jit(lambda p, x: model.apply({"params": p}, **x, place=parallel.ring_placement(),
+                                           fetch=parallel.frame_fetcher(), method=LlamaVid.embed_inputs)[0])
   want = embed(params, inputs)
   mesh = sharding.make_mesh(mesh_shape)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
@@ -125,6 +127,28 @@ def test_frame_tokens_placed_round_the_ring_equal_the_gather(tiny_cfg, mode, mes
     got = embed(params, inputs)
   assert "collective-permute" in lowered.compile().as_text()   # the ring, not the gather
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_former_silent_fallbacks_are_errors_or_printed_decisions(caplog):
+  """Where the frame-token blocks or the frame chunks do not split over the devices, the
+  strict placement and fetcher raise; the lenient ones log the decision; `describe`
+  names it before anything compiles."""
+  from flax import linen as nn
+  from llamavid_jax import parallel, sharding
+  mesh = sharding.make_mesh({"sequence": 4}, jax.devices()[:4])
+  flat, src = jnp.zeros((1, 6, 2)), jnp.zeros((1, 8), jnp.int32)            # K = 6 tokens: not 4 blocks
+  feats = jnp.zeros((1, 8, 3, 2))                                           # T = 8 frames, chunks of 2 on 4
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with pytest.raises(ValueError, match="ALL-GATHER of 6 tokens on each of 4 devices"):
+      parallel.ring_placement()(flat, src, text_len=2, monotone=True)
+    with pytest.raises(ValueError, match="frame_chunk=2 does not split over the 4 devices"):
+      parallel.frame_fetcher()(feats, 2)
+    with caplog.at_level("WARNING"):
+      assert parallel.ring_placement(strict=False)(flat, src, text_len=2, monotone=True).shape == (1, 8, 2)
+      assert parallel.frame_fetcher(strict=False)(feats, 2)[1] == 1
+  assert "ALL-GATHER" in caplog.text and "frame_chunk=2" in caplog.text
+  assert parallel.placement_decision(mesh, 1, 8, 8).kind == "ring"
+  assert parallel.fetch_decision(mesh, feats.shape, 4).kind == "split"
 
 
 def test_ring_placement_reaches_the_farthest_source_in_the_fewest_rounds():
@@ -135,9 +159,9 @@ def test_ring_placement_reaches_the_farthest_source_in_the_fewest_rounds():
   keep zeros. A placement in no order takes all 8 rounds."""
   from flax import linen as nn
   from llamavid_jax import sharding
-  from llamavid_jax.models import llamavid
+  from llamavid_jax.parallel import placement
   g, k, s_out, text = 8, 128, 144, 17
-  assert llamavid.ring_rounds(g, k // g, s_out // g, text) == 3
+  assert placement.ring_rounds(g, k // g, s_out // g, text) == 3
   rng = np.random.default_rng(0)
   flat = rng.standard_normal((2, k, 4)).astype(np.float32)
   p = np.arange(s_out)
@@ -149,15 +173,15 @@ def test_ring_placement_reaches_the_farthest_source_in_the_fewest_rounds():
   want_grad = grad(lambda f: jnp.take_along_axis(f, src[..., None], 1))
   mesh = sharding.make_mesh({"sequence": g})
   for rounds, equal in ((3, True), (2, False)):
-    with mock.patch.object(llamavid, "ring_rounds", lambda *a: rounds), jax.set_mesh(mesh), \
+    with mock.patch.object(placement, "ring_rounds", lambda *a: rounds), jax.set_mesh(mesh), \
          nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      place = lambda f: llamavid._place(f, src, text, monotone=True)
+      place = lambda f: placement.ring_placement()(f, src, text_len=text, monotone=True)
       got, got_grad = np.asarray(jax.jit(place)(flat)), np.asarray(grad(place))
     assert np.array_equal(got, want) == equal
     assert np.allclose(got_grad, want_grad, atol=1e-6) == equal
   anywhere = rng.integers(0, k, (2, s_out)).astype(np.int32)         # not monotone: all 8 rounds
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    place = lambda f: llamavid._place(f, anywhere, text, monotone=False)
+    place = lambda f: placement.ring_placement()(f, anywhere, text_len=text, monotone=False)
     np.testing.assert_array_equal(jax.jit(place)(flat), np.take_along_axis(flat, anywhere[..., None], 1))
     np.testing.assert_allclose(grad(place), grad(lambda f: jnp.take_along_axis(f, anywhere[..., None], 1)),
                                atol=1e-6)

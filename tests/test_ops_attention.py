@@ -39,8 +39,7 @@ def assert_close(got, want, tol=2e-5):
 def test_chunked_matches_reference(causal, block, monkeypatch):
   q, k, v, kv_valid, slots = inputs()
   slots = slots if causal else None
-  monkeypatch.setattr(A, "BLOCK", block)
-  monkeypatch.setitem(A.IMPLS, "chunked", lambda *a: A._chunked(*a, block=block))
+  monkeypatch.setitem(A.IMPLS, "chunked", dataclasses.replace(A.IMPLS["chunked"], fn=lambda *a: A.chunked(*a, block=block)))
   assert_close(loss_and_grads("chunked", q, k, v, kv_valid, slots),
                loss_and_grads("reference", q, k, v, kv_valid, slots))
   np.testing.assert_allclose(A.attention(q, k, v, kv_valid=kv_valid, q_slots=slots, impl="xla"),
@@ -65,7 +64,7 @@ def test_blockwise_ring_and_zigzag_equal_dense_attention(impl, n, padded):
   kv_valid = kv_valid if padded else None
   want = loss_and_grads("reference", q, k, v, kv_valid, slots)
   if impl == "chunked":
-    f = lambda q, k, v: jnp.sum(A._chunked(q, k, v, kv_valid, slots, None, 8 ** -0.5, block=s // n) * W(q))
+    f = lambda q, k, v: jnp.sum(A.chunked(q, k, v, kv_valid, slots, None, 8 ** -0.5, block=s // n) * W(q))
     got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
   else:
     mesh = sharding.make_mesh({"sequence": n}, jax.devices()[:n])
@@ -131,12 +130,12 @@ def test_cudnn_arguments_equal_the_reference():
   right padding uses it, and equals the reference on the real rows; left padding (not
   a prefix) takes the blockwise kernel at run time and equals it everywhere."""
   q, k, v, kv_valid, slots = inputs(s=16)
-  cudnn = jax.jit(lambda q, k, v, m: A._cudnn(q, k, v, m, slots, None, 8 ** -0.5, implementation="xla"))
-  ref = A._reference(q, k, v, kv_valid, slots, None, 8 ** -0.5)
+  cudnn = jax.jit(lambda q, k, v, m: A.cudnn(q, k, v, m, slots, None, 8 ** -0.5, implementation="xla"))
+  ref = A.reference(q, k, v, kv_valid, slots, None, 8 ** -0.5)
   rows = np.asarray(kv_valid)[:, :, None, None]
   np.testing.assert_allclose(np.where(rows, cudnn(q, k, v, kv_valid), 0), np.where(rows, ref, 0), atol=1e-5)
   left = kv_valid[:, ::-1]
-  np.testing.assert_allclose(cudnn(q, k, v, left), A._reference(q, k, v, left, slots, None, 8 ** -0.5), atol=1e-5)
+  np.testing.assert_allclose(cudnn(q, k, v, left), A.reference(q, k, v, left, slots, None, 8 ** -0.5), atol=1e-5)
 
 
 def test_auto_picks_per_backend_and_the_ring_on_a_split_sequence():
@@ -154,6 +153,34 @@ def test_auto_picks_per_backend_and_the_ring_on_a_split_sequence():
   q, k, v, kv_valid, slots = inputs()
   np.testing.assert_allclose(A.attention(q, k, v, kv_valid=kv_valid, q_slots=slots, impl="auto"),
                              A.attention(q, k, v, kv_valid=kv_valid, q_slots=slots, impl="reference"), atol=1e-5)
+
+
+def test_auto_never_rings_the_vit_or_the_qformer():
+  """On a mesh that splits the LLM length, `auto` rings the LLM only: the ViT's and the
+  Q-Former's sequences are not split (their activations name no `length`), so a ring
+  there would reshard them. Their attention on that mesh equals the reference."""
+  vit = (4, 257, 16, 88)
+  with jax.set_mesh(sharding.make_mesh({"sequence": 4}, jax.devices()[:4])), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    assert A.auto_impl(vit, vit, False, False, backend="cpu", tower="llm") == "ring"
+    for tower in ("vit", "qformer"):
+      assert A.auto_impl(vit, vit, False, False, backend="cpu", tower=tower) == "chunked"
+      assert A.auto_impl(vit, vit, False, False, backend="tpu", tower=tower) == "chunked"
+      name, line = A.decide("auto", tower, vit, vit, False, False, jnp.float32)
+      assert name == "chunked" and line.startswith(f"attention {tower}: auto -> chunked (one device"), line
+      assert A.decide("ring", tower, vit, vit, False, False, jnp.float32)[0] == "chunked"
+    assert A.decide("auto", "llm", vit, vit, True, True, jnp.float32)[1].startswith(
+        "attention llm: auto -> ring (a ring over 4 devices")
+    q, k, v, kv_valid, _ = inputs(s=12)
+    got = jax.jit(lambda q, k, v: A.attention(q, k, v, kv_valid=kv_valid, impl="auto", tower="vit"))(q, k, v)
+  np.testing.assert_allclose(got, A.reference(q, k, v, kv_valid, None, None, 8 ** -0.5), atol=1e-5)
+
+
+def test_registry_declares_what_each_impl_supports():
+  assert A.IMPLS["cudnn"].backends == ("gpu",) and not A.IMPLS["cudnn"].kv_cache
+  assert A.IMPLS["splash"].backends == ("tpu",) and A.IMPLS["splash"].ring
+  assert A.RING_IMPLS == ("ring", "splash", "auto")
+  with pytest.raises(ValueError, match="attention tower 'llama'"):
+    A.decide("xla", "llama", (1, 4, 2, 8), (1, 4, 2, 8), True, False, jnp.float32)
 
 
 @pytest.mark.slow
@@ -179,16 +206,16 @@ def test_splash_ring_equals_the_reference_in_the_pallas_interpreter(mesh_shape):
     return back(out) if order else out
 
   loss = lambda f: jax.value_and_grad(lambda *x: jnp.sum(jnp.where(keep, f(*x), 0) * w), argnums=(0, 1, 2))
-  want = loss(lambda q, k, v: A._reference(q, k, v, valid, slots, None, d ** -0.5))(q, k, v)
+  want = loss(lambda q, k, v: A.reference(q, k, v, valid, slots, None, d ** -0.5))(q, k, v)
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape.values())])
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), mock.patch.dict(
-      A.IMPLS, splash=functools.partial(A._splash, interpret=True)):
+      A.IMPLS, splash=dataclasses.replace(A.IMPLS["splash"], fn=functools.partial(A.splash, interpret=True))):
     got = jax.jit(loss(ring))(*_on_mesh(mesh, q, k, v))
     out, natural = (jax.jit(lambda *x: ring(*x, order=o))(*_on_mesh(mesh, q, k, v)) for o in (True, False))
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for g, r in zip(got[1], want[1]):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-4)
-  ref = lambda m: A._reference(q, k, v, m, slots, None, d ** -0.5)
+  ref = lambda m: A.reference(q, k, v, m, slots, None, d ** -0.5)
   # which kernels ran shows on the padding rows: splash's segment ids let a padded query
   # see the padded keys, the blockwise kernel the real ones
   np.testing.assert_allclose(np.where(keep, 0, out), np.where(keep, 0, ref(~valid)), atol=1e-5)
@@ -225,11 +252,11 @@ def test_splash_matches_reference_in_the_pallas_interpreter():
   valid = jnp.asarray(np.arange(s)[None] < np.array([[s], [s - 100]]))
   slots = jnp.broadcast_to(jnp.arange(s), (b, s))
   keep = np.asarray(valid)[:, :, None, None]
-  splash = lambda q, k, v: A._splash(q, k, v, valid, slots, None, d ** -0.5, block=128, interpret=True)
-  ref = lambda q, k, v: A._reference(q, k, v, valid, slots, None, d ** -0.5)
+  splash = lambda q, k, v: A.splash(q, k, v, valid, slots, None, d ** -0.5, block=128, interpret=True)
+  ref = lambda q, k, v: A.reference(q, k, v, valid, slots, None, d ** -0.5)
   np.testing.assert_allclose(np.where(keep, splash(q, k, v), 0), np.where(keep, ref(q, k, v), 0), atol=2e-6)
   loss = lambda f: jax.grad(lambda *x: jnp.sum(jnp.where(keep, f(*x), 0) ** 2), argnums=(0, 1, 2))
   for a, r in zip(loss(splash)(q, k, v), loss(ref)(q, k, v)):
     np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="causal self-attention"):
-    A._splash(q, k, v, valid, None, None, 1.0, interpret=True)
+    A.splash(q, k, v, valid, None, None, 1.0, interpret=True)

@@ -21,10 +21,10 @@ import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llamavid_jax import sharding
+from llamavid_jax import decisions, jax_compat, parallel, sharding
 from llamavid_jax.models import LlamaVid, splice_labels
+from llamavid_jax.models.llamavid import natural_positions
 from llamavid_jax.models.splice import IGNORE, batch_spliced_length
-from llamavid_jax.ops import attention
 from train.optim import TRAINABLE
 
 MODEL_INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
@@ -41,12 +41,17 @@ def loss_sums(model: LlamaVid, params, batch: dict, chunk: int = LOSS_CHUNK) -> 
   never exist (MaxText's vocabulary tiling): at 64K positions and V = 32000 they would
   be 8 GiB per sample. Shorter ones take the plain path."""
   variables = {"params": params}
-  h, out = model.apply(variables, **{k: batch[k] for k in MODEL_INPUTS if k in batch}, ring_layout=True,
-                       method=LlamaVid.hidden_states)                     # [B, S', D]
-  labels = splice_labels(batch["labels"], out["layout"])                  # [B, S']
+  x, layout, _ = model.apply(variables, **{k: batch[k] for k in MODEL_INPUTS if k in batch},
+                             place=parallel.ring_placement(), fetch=parallel.frame_fetcher(),
+                             method=LlamaVid.embed_inputs)                 # [B, S', D], natural order
+  labels = splice_labels(batch["labels"], layout)                         # [B, S']
   targets = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE)   # position i predicts i + 1
-  if out["ring_shards"] > 1:   # h is in the ring's zig-zag order: so are the targets (the sum is the same)
-    targets = attention.zigzag(targets, out["ring_shards"])
+  positions, slots = natural_positions(layout.valid)
+  # The one layout decision: the LLM runs on it and the loss sums over its targets in the
+  # same order (the sum is the same; no permutation back).
+  ctx = decisions.llm_layout(model.cfg, x.shape[1])
+  x, positions, slots, valid, targets = ctx.apply(x, positions, slots, layout.valid, targets)
+  h = model.apply(variables, x, positions, slots, valid, kv_slots=ctx.kv_slots(slots), method=LlamaVid.decode)
 
   logits_of = lambda h: model.apply(variables, h, method=LlamaVid.logits)   # [B, c, D] -> [B, c, V]
 
@@ -167,7 +172,7 @@ HOST = "pinned_host"   # the memory kind of `host_inputs`
 
 def _memory_kind(x) -> str | None:
   """HOST for a traced array that lives in host memory, else None (the device's)."""
-  return HOST if getattr(getattr(x, "aval", None), "memory_space", None) == jax.memory.Space.Host else None
+  return HOST if jax_compat.in_host_memory(x) else None
 
 
 def dummy_inputs(cfg, batch: int, text_len: int, num_frames: int, qformer_len: int, use_features: bool):

@@ -69,7 +69,7 @@ class VitBlock(nn.Module):
     q_bias = self.param("q_bias", partitioned(nn.initializers.zeros_init(), ("heads", "kv")), (h, dh), self.param_dtype)
     v_bias = self.param("v_bias", partitioned(nn.initializers.zeros_init(), ("heads", "kv")), (h, dh), self.param_dtype)
     q, k, v = qkv[:, :, 0] + q_bias, qkv[:, :, 1], qkv[:, :, 2] + v_bias  # [B, N, H, Dh]
-    y = attention(q.astype(self.dtype), k, v.astype(self.dtype), impl=self.attention_impl)
+    y = attention(q.astype(self.dtype), k, v.astype(self.dtype), impl=self.attention_impl, tower="vit")
     x = x + dense(c.width, ("heads", "kv", "embed"), axis=(-2, -1), name="proj", **kw)(y)
     y = layer_norm(c.ln_eps, name="norm2", **kw)(x)
     y = gelu(dense(c.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(y))

@@ -62,12 +62,8 @@ class Kernel(nn.Module):
 
 def length_shards(length: int) -> int:
   """Devices the active logical rules and mesh split the `length` axis over (1: none)."""
-  from llamavid_jax import sharding   # leaf module
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
-  return sharding.shards(mesh, sharding.fit_spec(sharding.logical_to_spec(("length",), rules), (length,), mesh)[0])
+  from llamavid_jax import sharding   # leaf module: the rules table answers, no mesh is named here
+  return sharding.logical_shards("length", length)
 
 
 def over_sequence_chunks(f, x, chunk: int):

@@ -17,6 +17,13 @@ text is `LlamaVidConfig.video_mode`:
 Splicing is a gather with static shapes: no Python loop over the batch or the frames;
 padding frames (frame_mask False, always after the valid ones) drop out.
 
+Steps: `embed_inputs` (frames + text -> spliced embeddings), `decode` (the LLM over
+embeddings in any order: positions and slots say where each one is), `logits`. The train
+step composes them with a context layout (`llamavid_jax.parallel`); `hidden_states` and
+`__call__` run them in the natural order. Multi-device parts come in as arguments: `place`
+(frame tokens to positions; default a gather) and `fetch` (frames a chunk at a time;
+default a slice). This file names no mesh.
+
 Decoding follows big_vision: `prefill_cache` then `extend_cache` one token at a time.
 """
 
@@ -33,7 +40,6 @@ from llamavid_jax.models.llama import Llama
 from llamavid_jax.models.qformer import QFormer
 from llamavid_jax.models.splice import splice_layout
 from llamavid_jax.models.token_gen import TokenGenerator
-from llamavid_jax.ops import attention
 
 
 def _prompts(qformer_ids, qformer_mask):
@@ -43,107 +49,24 @@ def _prompts(qformer_ids, qformer_mask):
   return qformer_ids, qformer_mask
 
 
-def _on_device(x):
-  """x itself, or its copy in device memory where it lives in host memory (long-video
-  features kept on the host: `train.step.Trainer(host_inputs=...)`)."""
-  if getattr(getattr(x, "aval", None), "memory_space", None) == jax.memory.Space.Host:
-    return jax.device_put(x, jax.memory.Space.Device)
-  return x
+def gather(flat, src, *, text_len: int = 0, monotone: bool = False):
+  """The default placement: flat float[B, K, D], src int32[B, S'] -> float[B, S', D],
+  position p takes flat[src[p]]. `parallel.ring_placement` is the one for a split length."""
+  return jnp.take_along_axis(flat, src[..., None], 1)
 
 
-def ring_rounds(g: int, lk: int, ls: int, text_len: int) -> int:
-  """Rounds of `_place` that reach every source of a monotone placement (p - S < src[p]
-  <= p, S = text_len) over G devices (blocks of Lk sources, Ls positions): device i
-  visits blocks i + 1, i, i - 1, ... down to the lowest its positions i Ls .. reach."""
-  if g * (ls - lk) > lk:             # src[p] <= p < (i + 1) Ls may lie beyond block i + 1
-    return g
-  return min(g, max(i + 2 - max(0, (i * ls - text_len + 1) // lk) for i in range(g)))
+def slice_frames(features, chunk: int):
+  """The default frame fetcher: features float[B, T, ...] -> (get(i) -> frames
+  i * chunk .. (i + 1) * chunk - 1, 1). `parallel.frame_fetcher` is the one for frames
+  split over devices or kept in host memory."""
+  return (lambda i: jax.lax.dynamic_slice_in_dim(features, i * chunk, chunk, axis=1)), 1
 
 
-def _place(flat, src, text_len: int, monotone: bool):
-  """The frame tokens flat float[B, K, D] moved to the LLM positions: position p takes
-  flat[src[p]] (src int32[B, S'], read at the visual positions only) -> float[B, S', D],
-  or None where no mesh splits the length (the caller's plain gather is then local) or
-  the blocks do not divide.
-
-  With the length split over G devices a gather would all-gather all K tokens on every
-  device (32 GiB a chip for 2M frames at 4M positions). Here the blocks travel round
-  the ring instead, one ppermute a round (ring attention's pattern), and each device
-  picks its positions' tokens out of the block it holds: two blocks in memory. G rounds
-  visit every block; `monotone` placements (one placeholder, or movie mode: the frame
-  tokens in order, fewer than S text positions before any, so p - S < src[p] <= p) need
-  only `ring_rounds`."""
-  from llamavid_jax import sharding
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return None
-  b, k, d = flat.shape
-  s_out = src.shape[1]
-  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
-  spec = sharding.fit_spec(sharding.logical_to_spec(("batch", "length", None), rules), (b, s_out, d), mesh)
-  axes, g = sharding.spec_axes(spec[1]), sharding.shards(mesh, spec[1])
-  if g == 1 or k % g or s_out % g:
-    return None
-  lk, ls = k // g, s_out // g
-  rounds = ring_rounds(g, lk, ls, text_len) if monotone else g
-  axis = axes[0] if len(axes) == 1 else axes
-
-  def owned(src, r):   # round r: device i holds block i + 1 - r -> (index into it, hit) [b, Ls]
-    idx = src - ((jax.lax.axis_index(axis) + 1 - r) % g) * lk
-    return jnp.clip(idx, 0, lk - 1), (idx >= 0) & (idx < lk)
-
-  def forward(blk, src):                                # blk [b, Lk, D]; src [b, Ls] -> [b, Ls, D]
-    def visit(r, carry):
-      held, out = carry
-      idx, hit = owned(src, r)
-      out = jnp.where(hit[..., None], jnp.take_along_axis(held, idx[..., None], 1), out)
-      return attention.ring_shift(held, axis), out
-
-    out = jnp.zeros((blk.shape[0], ls, d), blk.dtype)
-    return jax.lax.fori_loop(0, rounds, visit, (attention.ring_shift(blk, axis, -1), out))[1]   # starts at block i + 1
-
-  def backward(src, ct):                                # ct [b, Ls, D] -> d blk [b, Lk, D]
-    def visit(r, acc):                                  # acc: block i + 1 - r's, travelling with it
-      idx, hit = owned(src, r)
-      add = jax.vmap(lambda a, i, x: a.at[i].add(x))
-      return attention.ring_shift(add(acc, idx, jnp.where(hit[..., None], ct, 0)), axis)
-
-    acc = jax.lax.fori_loop(0, rounds, visit, jnp.zeros((ct.shape[0], lk, d), ct.dtype))
-    return attention.ring_shift(acc, axis, 1 - rounds)   # block i + 1 - rounds + 1, home to its device
-
-  # A custom VJP so that the backward pass is the reverse ring (each block's gradient
-  # travels and is added to where its tokens were picked): autodiff of the loop would
-  # keep every round's [b, Ls, D] select mask (8.5 GiB a chip at 4M positions).
-  @jax.custom_vjp
-  def place(blk, src):
-    return forward(blk, src)
-
-  place.defvjp(lambda blk, src: (forward(blk, src), src), lambda src, ct: (backward(src, ct), None))
-  local = jax.shard_map(place, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec(*spec[:2])), out_specs=spec,
-                        check_vma=False)
-  return local(flat, src)
-
-
-def _chunk_fetcher(features, chunk: int):
-  """features float[B, T, N+1, C] -> (fetch(i) -> float[B, chunk, N+1, C] on the device,
-  G): the i-th frame chunk when T is split over G devices by the logical axis `frames`
-  (each device slices frames i * c .. (i + 1) * c - 1 of its own block, c = chunk / G, in
-  a shard_map), else frames i * chunk .. (i + 1) * chunk - 1 (G = 1)."""
-  from llamavid_jax import sharding   # the logical rules only; no mesh axis is named here
-  mesh = jax.sharding.get_abstract_mesh()
-  whole = lambda i: _on_device(jax.lax.dynamic_slice_in_dim(features, i * chunk, chunk, axis=1))
-  if mesh.empty:
-    return whole, 1
-  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
-  spec = sharding.fit_spec(sharding.logical_to_spec(("batch", "frames", None, None), rules), features.shape, mesh)
-  g = sharding.shards(mesh, spec[1])
-  if g == 1 or chunk % g:
-    return whole, 1
-  c = chunk // g
-  local = lambda x, i: _on_device(jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1))
-  fetch = jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec,
-                        check_vma=False)
-  return (lambda i: fetch(features, i)), g
+def natural_positions(valid):
+  """valid bool[B, S'] -> (positions int32[B, S']: RoPE positions, padding skipped;
+  slots int32[B, S']: each position's index)."""
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+  return positions, jnp.broadcast_to(jnp.arange(valid.shape[1], dtype=jnp.int32), positions.shape)
 
 
 class LlamaVid(nn.Module):
@@ -159,10 +82,11 @@ class LlamaVid(nn.Module):
                                     use_context=c.use_context_token, **kw)
     self.llm = Llama(c.llm, attention_impl=c.attention_impl, remat_policy=c.remat_policy, mlp_chunk=c.mlp_chunk, **kw)
 
-  def encode_visual(self, frame_mask, qformer_ids, qformer_mask, frames=None, features=None):
+  def encode_visual(self, frame_mask, qformer_ids, qformer_mask, frames=None, features=None, fetch=None):
     """frames: float[B, T, H, W, 3] or features: ViT output, float[B, T, N+1, C] with CLS
     (clip) or float[B, T, N, C] without (movie; any float dtype, cast inside);
-    qformer_ids/mask: [B, P, L] (or [B, L] for one instruction; movie: one) ->
+    qformer_ids/mask: [B, P, L] (or [B, L] for one instruction; movie: one); fetch:
+    fetch(features, chunk) -> (get(i), G) (default `slice_frames`) ->
     (float[B, P, T*tokens_per_frame, D] frame tokens per instruction,
     float32[B, P, T, M, N] context-attention weights or None)."""
     if (frames is None) == (features is None):
@@ -186,8 +110,9 @@ class LlamaVid(nn.Module):
                        f"[B, T, {n}, {w}] (ViT output {'without' if c.movie else 'with'} CLS, width {w})")
     b, t = features.shape[:2]
     chunk = self.cfg.frame_chunk
+    fetch = fetch or slice_frames
     if not chunk or chunk >= t:
-      tokens, weights = self._frame_tokens(_on_device(features), qformer_ids, qformer_mask)
+      tokens, weights = self._frame_tokens(fetch(features, t)[0](0), qformer_ids, qformer_mask)
     else:  # long video: scan over chunks of frames, one compiled step, bounded memory
       if t % chunk:
         raise ValueError(f"{t} frames are not a multiple of frame_chunk={chunk}")
@@ -197,10 +122,10 @@ class LlamaVid(nn.Module):
       # out of its own block where it lives: features kept in host memory reach the
       # device one chunk at a time, never as a whole (and never reshaped on the host).
       n = t // chunk
-      fetch, g = _chunk_fetcher(features, chunk)
+      get, g = fetch(features, chunk)
 
       def step(mdl, carry, i):
-        x = nn.with_logical_constraint(fetch(i), ("batch", "frames", None, None))   # [B, chunk, N+1, C]
+        x = nn.with_logical_constraint(get(i), ("batch", "frames", None, None))   # [B, chunk, N+1, C]
         return carry, mdl._frame_tokens(x, qformer_ids, qformer_mask)
 
       _, (tokens, weights) = nn.scan(step, variable_broadcast="params", split_rngs={"params": False},
@@ -238,8 +163,10 @@ class LlamaVid(nn.Module):
     return jnp.broadcast_to(tokens, (b, p) + tokens.shape[2:]), weights
 
   def embed_inputs(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
-                   frames=None, features=None):
-    """-> (float[B, S', D] spliced embeddings, Layout, out dict)."""
+                   frames=None, features=None, place=None, fetch=None):
+    """-> (float[B, S', D] spliced embeddings in the natural order, Layout, out dict).
+    place(flat, src, text_len=, monotone=) puts the frame tokens at their positions
+    (default `gather`); fetch: see `encode_visual`."""
     c = self.cfg
     qformer_ids, qformer_mask = _prompts(qformer_ids, qformer_mask)
     layout = splice_layout(input_ids, text_mask, frame_mask, c.tokens_per_frame, c.image_token_id,
@@ -247,15 +174,13 @@ class LlamaVid(nn.Module):
     x = self.llm.embed(jnp.take_along_axis(input_ids, layout.text_idx, 1))   # ids gathered: no [B, S, D] gather
     out = {"layout": layout}
     if frame_mask.shape[1]:
-      vis, weights = self.encode_visual(frame_mask, qformer_ids, qformer_mask, frames, features)
+      vis, weights = self.encode_visual(frame_mask, qformer_ids, qformer_mask, frames, features, fetch)
       # K visual tokens per placeholder: all frames' (clip: [B, P, T*tpf, D]), one
       # frame's (movie: [B, 1, T*tpf, D] read as T placeholders of tpf)
       k = c.tokens_per_frame if c.movie else vis.shape[2]
       flat = vis.reshape(vis.shape[0], -1, vis.shape[-1])                   # [B, P*T*tpf, D]
       src = layout.prompt_idx * k + layout.vis_idx                          # [B, S'] into flat
-      v = _place(flat, src, input_ids.shape[1], monotone=c.movie or vis.shape[1] == 1)
-      if v is None:   # no split length: the plain gather
-        v = jnp.take_along_axis(flat, src[..., None], 1)
+      v = (place or gather)(flat, src, text_len=input_ids.shape[1], monotone=c.movie or vis.shape[1] == 1)
       x = jnp.where(layout.is_vis[..., None], v.astype(x.dtype), x)
       out["context_attention"] = weights
     x = jnp.where(layout.valid[..., None], x, 0)
@@ -275,28 +200,22 @@ class LlamaVid(nn.Module):
     return self.logits(h), out
 
   def hidden_states(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
-                    frames=None, features=None, ring_layout: bool = False):
-    """`__call__` without the LM head -> (float[B, S', D] final-normed hidden states,
-    out dict as `__call__`'s). The training loss applies `logits` in sequence chunks.
-
-    Under ring attention over n > 1 devices the LLM runs on the sequence in zig-zag
-    order (`attention.zigzag`: balanced causal work), laid out once here with its
-    positions, slots and padding; out["ring_shards"] = n. The hidden states come back in
-    the natural order, or, with ring_layout=True, stay in the zig-zag one (the loss
-    puts its targets in that order instead: no permutation back)."""
-    x, layout, out = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
-    positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0)
-    slots = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
-    valid = layout.valid
-    n = attention.ring_shards(self.cfg.attention_impl)
-    n = n if n > 1 and x.shape[1] % (2 * n) == 0 else 1   # else the ring's own check names the length
-    if n > 1:
-      x, positions, slots, valid = (attention.zigzag(a, n) for a in (x, positions, slots, valid))
-    h, _ = self.llm(x, positions, slots, valid, kv_slots=slots if n > 1 else None)
-    if n > 1 and not ring_layout:
-      h = attention.zigzag(h, n, inverse=True)
-    out["hidden"], out["ring_shards"] = h, n
+                    frames=None, features=None, place=None, fetch=None):
+    """`__call__` without the LM head, in the natural order -> (float[B, S', D]
+    final-normed hidden states, out dict as `__call__`'s)."""
+    x, layout, out = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features,
+                                       place, fetch)
+    positions, slots = natural_positions(layout.valid)
+    h = self.decode(x, positions, slots, layout.valid)
+    out["hidden"] = h
     return h, out
+
+  def decode(self, x, positions, slots, valid, kv_slots=None):
+    """The LLM over embeddings x float[B, S', D] in any order: positions int32[B, S']
+    (RoPE), slots int32[B, S'] (causal order), valid bool[B, S']; kv_slots: the keys'
+    slots where they are not their indices (a ring's zig-zag layout) -> float[B, S', D]
+    final-normed hidden states, in x's order."""
+    return self.llm(x, positions, slots, valid, kv_slots=kv_slots)[0]
 
   def logits(self, h):
     """float[B, S, D] hidden states -> float32[B, S, V]."""
@@ -304,7 +223,7 @@ class LlamaVid(nn.Module):
 
   # --- decoding (big_vision style) ------------------------------------------------
   def prefill_cache(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
-                    frames=None, features=None, *, max_len: int, chunk: int = 0):
+                    frames=None, features=None, *, max_len: int, chunk: int = 0, place=None, fetch=None):
     """Runs the prompt into a fresh cache of `max_len` slots -> (float32[B, V] logits of
     each sample's last real token, cache dict(k, v, valid bool[B, max_len],
     index int32[] next free slot, pos int32[B] next position)).
@@ -312,8 +231,9 @@ class LlamaVid(nn.Module):
     Padding may sit anywhere (left padding included): positions are cumsum(valid) and
     padded slots are masked by `valid`. `chunk` = C > 0 runs the LLM over the S'
     spliced positions C at a time (an nn.scan writing the cache chunk by chunk), so
-    activation memory grows with C, not with S'."""
-    x, layout, _ = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features)
+    activation memory grows with C, not with S'. place, fetch: as `embed_inputs`'s."""
+    x, layout, _ = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features,
+                                     place, fetch)
     b, s = layout.valid.shape
     if s > max_len:
       raise ValueError(f"prompt of {s} positions does not fit a cache of {max_len}")

@@ -37,7 +37,7 @@ class BertAttention(nn.Module):
     q = dense((h, dh), ("embed", "heads", "kv"), name="query", std=std, **kw)(x)
     k = dense((h, dh), kv_names + ("heads", "kv"), name="key", std=std, **kw)(kv)
     v = dense((h, dh), kv_names + ("heads", "kv"), name="value", std=std, **kw)(kv)
-    y = attention(q, k, v, kv_valid=kv_valid, impl=self.attention_impl)            # [B, Q, H, Dh]
+    y = attention(q, k, v, kv_valid=kv_valid, impl=self.attention_impl, tower="qformer")          # [B, Q, H, Dh]
     y = dense(c.hidden, ("heads", "kv", "embed"), axis=(-2, -1), name="out", std=std, **kw)(y)
     return layer_norm(c.ln_eps, name="ln", **kw)(y + x)
 
