@@ -3,6 +3,8 @@ release's extract_video_features_subtitles.py: features equal to the model's ViT
 release's subtitle placement on .srt / .vtt files, a folder that resumes after a kill,
 broken videos named and counted."""
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -171,6 +173,20 @@ def test_subtitles_are_placed_in_the_stored_inputs(ckpt, tmp_path):
 # ---- features ----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def vit_compiles():
+  """The compiles of extract's ViT step inside the block (jax.log_compiles logs
+  "Compiling jit(_vit) ..." once per compile, cache hits not)."""
+  compiles, handler = [], logging.Handler()
+  handler.emit = lambda r: compiles.append(r.getMessage()) if r.getMessage().startswith("Compiling jit(_vit)") else None
+  logging.getLogger("jax").addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      yield compiles
+  finally:
+    logging.getLogger("jax").removeHandler(handler)
+
+
 def test_features_are_the_models_vit_rounded_once(ckpt, tmp_path):
   """20 frames in steps of 8 over the 8 devices (the last zero-padded), one frame a device:
   bitwise the model's float32 ViT frame by frame, rounded once to float16 / bfloat16, and
@@ -181,19 +197,19 @@ def test_features_are_the_models_vit_rounded_once(ckpt, tmp_path):
   ref = np.concatenate([_vit(ckpt, frames[t: t + 1]) for t in range(len(frames))])
   assert ref.shape == (20, 5, 32)
   np.testing.assert_allclose(ref, _vit(ckpt, frames), rtol=1e-5, atol=1e-5)
-  compiled = extract.vit_step._cache_size()
-  assert _extract("--ckpt", ckpt, "--video", video, "--out", tmp_path / "f16", "--batch-size", "5") == 0
-  got = ft.read_movie(str(tmp_path / "f16" / "long.safetensors"))
-  assert got.feats.dtype == np.float16 and got.inputs == "<image>" * 20
-  assert got.feats.astype(np.float32).tobytes() == ref.astype(np.float16).astype(np.float32).tobytes()
+  with vit_compiles() as compiles:
+    assert _extract("--ckpt", ckpt, "--video", video, "--out", tmp_path / "f16", "--batch-size", "5") == 0
+    got = ft.read_movie(str(tmp_path / "f16" / "long.safetensors"))
+    assert got.feats.dtype == np.float16 and got.inputs == "<image>" * 20
+    assert got.feats.astype(np.float32).tobytes() == ref.astype(np.float16).astype(np.float32).tobytes()
 
-  ex = extract.Extractor(inference.load(ckpt), batch_size=5)
-  assert ex.batch == 8 and ex.mesh.devices.size == jax.device_count() == 8
-  crops = frames_to_uint8(load_video(video)[0], size=28)
-  bf16 = ex.features(crops, np.dtype(ml_dtypes.bfloat16))
-  assert bf16.dtype == ml_dtypes.bfloat16 and bf16.tobytes() == ref.astype(ml_dtypes.bfloat16).tobytes()
-  assert ex.features(crops[:3], np.float32).tobytes() == ref[:3].tobytes()
-  assert extract.vit_step._cache_size() == compiled + 1
+    ex = extract.Extractor(inference.load(ckpt), batch_size=5)
+    assert ex.batch == 8 and ex.mesh.devices.size == jax.device_count() == 8
+    crops = frames_to_uint8(load_video(video)[0], size=28)
+    bf16 = ex.features(crops, np.dtype(ml_dtypes.bfloat16))
+    assert bf16.dtype == ml_dtypes.bfloat16 and bf16.tobytes() == ref.astype(ml_dtypes.bfloat16).tobytes()
+    assert ex.features(crops[:3], np.float32).tobytes() == ref[:3].tobytes()
+  assert len(compiles) == 1, compiles
 
 
 def test_bfloat16_files_read_back_without_jax(ckpt, tmp_path):
