@@ -31,6 +31,7 @@ import json
 import os
 import sys
 
+from eval import args as eval_args
 from llamavid_jax import cli, inference, validation
 
 
@@ -39,7 +40,7 @@ DEFAULT_NEW_TOKENS = 512   # the release's chat
 
 def parser(description: str = __doc__) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", required=True, help="converted / inference directory, or a train.train WORKDIR")
+  eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   media = p.add_mutually_exclusive_group(required=True)
   media.add_argument("--video", help="a video file (frames at 1 fps)")
   media.add_argument("--image", help="an image file")
@@ -57,7 +58,6 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
   p.add_argument("--top-p", type=float, help="default: the release's, 0.7 for chat, 0.9 for a movie")
   p.add_argument("--max-new-tokens", type=int, help=f"default: {DEFAULT_NEW_TOKENS}, or as many as the model's "
                  "positions leave after the prompt (a value given must fit them)")
-  p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--prefill-chunk", type=int, default=0, help="prefill C positions at a time (0: all at once)")
 
@@ -108,6 +108,7 @@ def _turn(m: inference.Model, turns: list[str], media: inference.Media, kw: dict
 def main(argv=None, stdin=None, stdout=None) -> None:
   p = parser()
   a = p.parse_args(argv)
+  eval_args.check_model_flags(p, a)
   kw = check_sampling(p, a)
   check_ckpt(p, a.ckpt)
   flag = next(k for k in ("video", "image", "features") if getattr(a, k))
@@ -116,7 +117,7 @@ def main(argv=None, stdin=None, stdout=None) -> None:
     p.error(f"--{flag} {path}: no such file")
   stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
   try:
-    m = inference.load(a.ckpt, dtype=a.dtype)
+    m = eval_args.load(a)
   except FileNotFoundError as e:   # a directory that holds no checkpoint
     sys.exit(f"eval.chat: --ckpt {e}")
   try:

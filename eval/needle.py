@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from eval import args as eval_args
 from eval.benchmarks import needle as bench
 from eval.benchmarks.common import Item
 from eval.benchmarks.needle import (CHANCE, DEPTHS, LENGTHS, ModelPredict, clip_specs, heatmap, is_right,  # noqa: F401
@@ -100,12 +101,11 @@ def run(args: argparse.Namespace, predict: Callable[[list[Item]], list[str | Non
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m eval.needle", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", required=True, help="converted / inference directory or train WORKDIR")
+  eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   p.add_argument("--out", default="needle_out", help="folder for needle.json, needle.png and clips/ (the clip cache)")
   p.add_argument("--seed", type=int, default=0, help="draws the needles' colours and shapes")
   p.add_argument("--batch-size", type=int, default=8, help="clips per generate call (at most)")
   p.add_argument("--max-new-tokens", type=int, default=bench.GENERATION["max_new_tokens"])
-  p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   bench.add_arguments(p)
   return p
 
@@ -127,6 +127,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     errs.append(f"--out {a.out}: is a file (want a folder)")
   if errs:
     p.error("; ".join(errs))
+  eval_args.check_model_flags(p, a)
   return a
 
 

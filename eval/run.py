@@ -41,6 +41,7 @@ import sys
 import time
 from typing import Protocol, Sequence
 
+from eval import args as eval_args
 from eval.benchmarks import BENCHMARKS
 from eval.benchmarks.common import Item, check_media, check_paths, default_key, get_chunk, read_jsonl
 from llamavid_jax import cli, validation
@@ -61,7 +62,7 @@ def model_predictor(args):
   the flags') sampling; an unreadable media file gives None (counted as failed)."""
   from eval.predict import Predictor as ModelPredictor
   from llamavid_jax import inference
-  m = inference.load(args.ckpt, dtype=args.dtype)
+  m = eval_args.load(args)
   given = getattr(args, "max_new_tokens_given", True)
   if given:   # the answer alone must fit beside the shortest prompt: refused before anything compiles
     validation.check_positions(m.cfg, prompt_ids=1, num_frames=0, max_new_tokens=args.max_new_tokens,
@@ -76,7 +77,7 @@ def build_parser(bench: str | None) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("benchmark", choices=sorted(BENCHMARKS))
   p.add_argument("inputs", nargs="*", default=[], help="--merge: chunk prediction files (or a quoted glob)")
-  p.add_argument("--ckpt", help="converted / inference directory or train WORKDIR")
+  eval_args.add_model_flags(p, dtype="bfloat16", ckpt_required=False)   # --ckpt --dtype --mesh --quant
   p.add_argument("--out", help="prediction file (run, merge) or summary JSON (--score-only)")
   p.add_argument("--merge", action="store_true")
   p.add_argument("--score-only", action="store_true")
@@ -93,7 +94,6 @@ def build_parser(bench: str | None) -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, help="default: the benchmark's (the release's)")
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   p.add_argument("--model-id", help="model_id in LLaVA-style records (default: the --ckpt folder's name)")
   p.add_argument("--no-progress", action="store_true")
   if bench in BENCHMARKS:
@@ -145,6 +145,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Argume
   errs += check_outputs(mod, args, mode)
   if errs:
     p.error("; ".join(errs))
+  eval_args.check_model_flags(p, args)
   gen = mod.GENERATION
   args.max_new_tokens_given = args.max_new_tokens is not None   # else the benchmark's, cut to the positions left
   args.max_new_tokens = gen["max_new_tokens"] if args.max_new_tokens is None else args.max_new_tokens

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval import args as eval_args
 from llamavid_jax import cli, inference, validation
 from llamavid_jax.data import IMAGE_TOKEN_INDEX
 from llamavid_jax.inference import inference_prompt  # noqa: F401  (the prompt, re-exported)
@@ -161,8 +162,7 @@ def choice_accuracy(records: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", required=True, help="converted / inference directory (llamavid_jax.convert, "
-                 "WORKDIR/inference) or a train.train WORKDIR (its latest step)")
+  eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   media = p.add_mutually_exclusive_group()
   media.add_argument("--video")
   media.add_argument("--image")
@@ -174,8 +174,8 @@ def main(argv=None) -> dict:
   p.add_argument("--media-folder", default="", help="--choices: the folder its media paths are under")
   p.add_argument("--out", help="--choices: write one JSON line per question here")
   p.add_argument("--with-eos", action="store_true", help="also score the closing </s>")
-  p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   a = p.parse_args(argv)
+  eval_args.check_model_flags(p, a)
   if not os.path.isdir(a.ckpt):
     p.error(f"--ckpt {a.ckpt}: no such directory")
   if a.choices:
@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
     missing = [f"{r['id']}: {r['path']}" for r in rows if not os.path.isfile(r["path"])]
     if missing:
       p.error(f"{len(missing)} media file(s) not found: " + "; ".join(missing[:5]))
-    records = choose(Scorer(a.ckpt, dtype=a.dtype), rows, a.with_eos)
+    records = choose(Scorer(eval_args.load(a)), rows, a.with_eos)
     if a.out:
       validation.write_atomic(a.out, "".join(json.dumps(r) + "\n" for r in records))
     summary = choice_accuracy(records)
@@ -205,7 +205,7 @@ def main(argv=None) -> dict:
   path, flag = getattr(a, flags[0]), flags[0]
   if not os.path.isfile(path):
     p.error(f"--{flag} {path}: no such file")
-  scorer = Scorer(a.ckpt, dtype=a.dtype)
+  scorer = Scorer(eval_args.load(a))
   try:
     media = scorer.m.media(**{flag: path})
   except inference.MediaError as e:

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from eval import chat, overlay
+from eval import args as eval_args, chat, overlay
 from llamavid_jax import inference
 
 DPI = 100
@@ -232,7 +232,7 @@ def visualize(m: inference.Model, *, question: str, out: str, video: str | None 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m eval.visualize", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", required=True, help="converted / inference directory, or a train.train WORKDIR")
+  eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   media = p.add_mutually_exclusive_group(required=True)
   media.add_argument("--video", help="a video file (the checkpoint's frame sampling: 1 fps for a release model)")
   media.add_argument("--image", help="an image file")
@@ -242,7 +242,6 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--alpha", type=float, default=0.5, help="heat map opacity in [0, 1]")
   p.add_argument("--answer", action="store_true", help="also generate the greedy answer and put it in the title")
   p.add_argument("--max-new-tokens", type=int, default=64, help="the answer's token budget (with --answer)")
-  p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   return p
 
 
@@ -276,6 +275,7 @@ def check_media(kind: str, path: str) -> None:
 def main(argv=None) -> Picture:
   p = parser()
   a = p.parse_args(argv)
+  eval_args.check_model_flags(p, a)
   if not a.question.strip():
     p.error("--question is empty")
   if a.frames < 1:
@@ -304,7 +304,7 @@ def main(argv=None) -> Picture:
     check_media(kind, path)
   except inference.MediaError as e:
     sys.exit(f"eval.visualize: --{kind} {e}")
-  m = inference.load(a.ckpt, dtype=a.dtype)
+  m = eval_args.load(a)
   try:
     pic = visualize(m, question=a.question.strip(), out=a.out, frames=a.frames, alpha=a.alpha, answer=a.answer,
                     max_new_tokens=a.max_new_tokens, ckpt=a.ckpt, **{kind: path})

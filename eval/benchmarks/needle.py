@@ -291,7 +291,8 @@ class ModelPredict:
     from llamavid_jax import inference
     from llamavid_jax.data.conversation import tokenize_with_image
     self.args = args
-    m = inference.load(args.ckpt, dtype=args.dtype)
+    from eval import args as eval_args
+    m = eval_args.load(args)
     chunk = args.frame_chunk if args.frame_chunk is not None else (m.cfg.frame_chunk or DEFAULT_FRAME_CHUNK)
     # the needle is 3 frames: a uniform frame cap would skip it
     self.m = m.replace(cfg=dataclasses.replace(m.cfg, frame_chunk=chunk), sample_cap=None)

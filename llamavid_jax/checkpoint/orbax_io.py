@@ -291,9 +291,11 @@ def load_for_inference(path: str, *, step: int | None = None, dtype=None,
     cfg, step = C.from_dict(train_cfg["model"]), train_step(path, step)
     llm_dir, q_dir = train_tokenizers(path, train_cfg)
     meta = train_provenance(path, step, train_cfg)
-    if mesh is not None:
-      raise ValueError(f"{path}: a train WORKDIR is restored on the host; export it (--from-train) for a mesh")
-    load = lambda: restore_train_params(path, step, dtype)
+    def load():   # restored on the host, then placed by the logical rules
+      params = restore_train_params(path, step, dtype)
+      if mesh is None:
+        return params
+      return jax.device_put(params, shd.param_shardings(_prune(abstract_params(cfg), params), mesh))
   else:
     raise FileNotFoundError(layout.neither(path))
   tok = load_llm_tokenizer(llm_dir)
