@@ -1,6 +1,7 @@
 """The flags every inference command shares, spelled once: where the model comes from
 and how it is held (`--ckpt`, `--dtype`, `--mesh`, `--quant`), checked before anything
-is loaded, and the one call that loads it (`load`).
+is loaded, the one call that loads it (`load`), and the sampling flags
+(`add_sampling_flags`, `check_sampling_flags`).
 
   p = argparse.ArgumentParser(...)
   args.add_model_flags(p)                  # --ckpt --dtype --mesh --quant
@@ -33,6 +34,33 @@ def add_model_flags(p: argparse.ArgumentParser, *, dtype: str = "float32", ckpt_
                       f"{', '.join(sharding.MESH_AXES)}; default: one device)")
   p.add_argument("--quant", default=None, choices=QUANT,
                  help="LLM weights quantized with Qwix: int8 per channel, int4 per group (default: none)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, *, new_tokens: str, temperature: str = "the release's, 0.2 for "
+                       "chat, 0.6 for a movie feature file", top_p: str = "the release's, 0.7 for chat, 0.9 for a movie",
+                       prefill: bool = True) -> None:
+  """The generation flags (chat, web demo, benchmark runner): --temperature, --top-p,
+  --max-new-tokens (None where not given: each command says its default in the help),
+  --seed and, with `prefill`, --prefill-chunk."""
+  p.add_argument("--temperature", type=float, help=f"0: greedy (default: {temperature})")
+  p.add_argument("--top-p", type=float, help=f"default: {top_p}")
+  p.add_argument("--max-new-tokens", type=int, help=f"default: {new_tokens} (a value given must fit the positions)")
+  p.add_argument("--seed", type=int, default=0)
+  if prefill:
+    p.add_argument("--prefill-chunk", type=int, default=0, help="prefill C positions at a time (0: all at once)")
+
+
+def check_sampling_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
+  """Validates the sampling flags (`validation.check_sampling`; p.error exits, naming
+  every bad flag) -> keyword arguments of generate/stream (None where not given)."""
+  from llamavid_jax import validation
+  prefill = getattr(a, "prefill_chunk", None)
+  errs = validation.check_sampling(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                                   prefill_chunk=prefill)
+  if errs:
+    p.error("; ".join(errs))
+  kw = dict(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed)
+  return kw if prefill is None else {**kw, "prefill_chunk": prefill}
 
 
 def parse_mesh(text: str) -> dict[str, int]:

@@ -46,32 +46,10 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
   media.add_argument("--image", help="an image file")
   media.add_argument("--features", help=".npy / .safetensors float[T, N+1, C] ViT features")
   p.add_argument("--question", help="ask once and exit (else: an interactive loop)")
-  add_sampling(p)
+  eval_args.add_sampling_flags(p, new_tokens=f"{DEFAULT_NEW_TOKENS}, or as many as the model's positions leave "
+                              "after the prompt")
   p.add_argument("--json", action="store_true", help='print {"text", "token_ids"} per answer')
   return p
-
-
-def add_sampling(p: argparse.ArgumentParser) -> None:
-  """The generation flags that the chat, the web demo and the benchmark runner share."""
-  p.add_argument("--temperature", type=float, help="0: greedy (default: the release's, 0.2 for chat, "
-                 "0.6 for a movie feature file)")
-  p.add_argument("--top-p", type=float, help="default: the release's, 0.7 for chat, 0.9 for a movie")
-  p.add_argument("--max-new-tokens", type=int, help=f"default: {DEFAULT_NEW_TOKENS}, or as many as the model's "
-                 "positions leave after the prompt (a value given must fit them)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--prefill-chunk", type=int, default=0, help="prefill C positions at a time (0: all at once)")
-
-
-def check_sampling(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict:
-  """Validates the sampling flags (`validation.check_sampling`; p.error exits, naming
-  every bad flag) -> keyword arguments of generate/stream (temperature / top_p None
-  where not given: `release_sampling` fills them per media)."""
-  errs = validation.check_sampling(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                                   prefill_chunk=a.prefill_chunk)
-  if errs:
-    p.error("; ".join(errs))
-  return dict(temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed,
-              prefill_chunk=a.prefill_chunk)
 
 
 def release_sampling(kw: dict, media: inference.Media | None) -> dict:
@@ -109,7 +87,7 @@ def main(argv=None, stdin=None, stdout=None) -> None:
   p = parser()
   a = p.parse_args(argv)
   eval_args.check_model_flags(p, a)
-  kw = check_sampling(p, a)
+  kw = eval_args.check_sampling_flags(p, a)
   check_ckpt(p, a.ckpt)
   flag = next(k for k in ("video", "image", "features") if getattr(a, k))
   path = getattr(a, flag)

@@ -89,11 +89,9 @@ def build_parser(bench: str | None) -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--summary", help="where to write the summary JSON (run)")
   p.add_argument("--export", help="also write the release's downstream file (GQA predictions, submissions)")
-  p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (the release's), or as many as "
-                 "the model's positions leave; a value given must fit them")
-  p.add_argument("--temperature", type=float, help="default: the benchmark's (the release's)")
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
+  eval_args.add_sampling_flags(p, new_tokens="the benchmark's (the release's), or as many as the model's "
+                              "positions leave", temperature="the benchmark's (the release's)", top_p="1.0",
+                              prefill=False)
   p.add_argument("--model-id", help="model_id in LLaVA-style records (default: the --ckpt folder's name)")
   p.add_argument("--no-progress", action="store_true")
   if bench in BENCHMARKS:
@@ -150,6 +148,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Argume
   args.max_new_tokens_given = args.max_new_tokens is not None   # else the benchmark's, cut to the positions left
   args.max_new_tokens = gen["max_new_tokens"] if args.max_new_tokens is None else args.max_new_tokens
   args.temperature = gen["temperature"] if args.temperature is None else args.temperature
+  args.top_p = 1.0 if args.top_p is None else args.top_p
   args.model_id = args.model_id or os.path.basename(os.path.normpath(args.ckpt or "llamavid-jax"))
   return args, p
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from eval import chat, overlay
+from eval import args as eval_args, chat, overlay
 from llamavid_jax import cli, inference, validation
 
 SHOWN_FRAMES = 16
@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
   p.add_argument("--port", type=int, default=7860)
   p.add_argument("--max-frames", type=int, default=600, help="uploads with more frames at 1 fps are refused")
-  chat.add_sampling(p)
+  eval_args.add_sampling_flags(p, new_tokens=f"{chat.DEFAULT_NEW_TOKENS}, or as many as the model's positions "
+                              "leave after the prompt")
   return p
 
 
@@ -217,7 +218,7 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
 def main(argv=None) -> None:
   p = parser()
   a = p.parse_args(argv)
-  kw = chat.release_sampling(chat.check_sampling(p, a), None)   # the sliders start at the chat's
+  kw = chat.release_sampling(eval_args.check_sampling_flags(p, a), None)   # the sliders start at the chat's
   kw["max_new_tokens"] = kw["max_new_tokens"] or chat.DEFAULT_NEW_TOKENS
   if not 0 < a.port < 65536:
     p.error(f"--port must be in 1..65535, got {a.port}")

@@ -38,11 +38,26 @@ def tiny_cfg():
 def tiny_ckpt(tmp_path_factory):
   """WORKDIR of the toy tiny run (configs/demo.py:toy,tiny: 6 steps on random batches,
   the data fixtures' tokenizers, config.export_inference=True, so WORKDIR/inference too):
-  an untrained checkpoint for the inference and CLI tests."""
+  an untrained checkpoint for the inference and CLI tests. Under pytest-xdist the
+  workers share one: the first builds it (under a file lock) in the run's base folder."""
+  import filelock
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):   # .../pytest-N/popen-gwK: the run's folder is the parent
+    root = base.parent / "tiny_ckpt"
+    with filelock.FileLock(str(root) + ".lock"):
+      if not (root / "done").exists():
+        _train_tiny(root)
+        (root / "done").write_text("")
+    return str(root / "wd")
+  root = tmp_path_factory.mktemp("tiny_ckpt")
+  _train_tiny(root)
+  return str(root / "wd")
+
+
+def _train_tiny(root):
   from configs import demo
   from tests import data_fixtures
   from train.train import train
-  root = tmp_path_factory.mktemp("tiny_ckpt")
   c = demo.get_config("toy,tiny")
   c.workdir = str(root / "wd")
   c.export_inference = True
@@ -50,4 +65,3 @@ def tiny_ckpt(tmp_path_factory):
   c.data.qformer_tokenizer = data_fixtures.make_bert_tokenizer(str(root / "bert"))
   out = train(c)
   assert out["step"] == c.total_steps and not out["preempted"]
-  return c.workdir
