@@ -61,7 +61,6 @@ def model_predictor(args):
   the Q-Former text, `--batch-size` items per generate call with the benchmark's (or
   the flags') sampling; an unreadable media file gives None (counted as failed)."""
   from eval.predict import Predictor as ModelPredictor
-  from llamavid_jax import inference
   m = eval_args.load(args)
   given = getattr(args, "max_new_tokens_given", True)
   if given:   # the answer alone must fit beside the shortest prompt: refused before anything compiles

@@ -35,6 +35,17 @@ def tiny_cfg():
 
 
 @pytest.fixture(scope="session")
+def clip28(tmp_path_factory):
+  """A 28 px mp4 of two shapes, 4 frames at 2 fps (2 frames at the 1-fps rule)."""
+  import numpy as np
+  from llamavid_jax.data import synthetic
+  path = str(tmp_path_factory.mktemp("media") / "clip.mp4")
+  objects = synthetic.make_clip(np.random.default_rng(0), 28, 2, grid=2, n=2)
+  synthetic.write_mp4(path, [synthetic.draw(28, objects, k / 2) for k in range(4)], fps=2)
+  return path
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
   """WORKDIR of the toy tiny run (configs/demo.py:toy,tiny: 6 steps on random batches,
   the data fixtures' tokenizers, config.export_inference=True, so WORKDIR/inference too):

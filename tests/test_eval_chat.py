@@ -17,7 +17,7 @@ import pytest
 from eval import chat, score
 from llamavid_jax import generate as gen
 from llamavid_jax import inference
-from llamavid_jax.data import IMAGE_TOKEN_INDEX, synthetic
+from llamavid_jax.data import IMAGE_TOKEN_INDEX
 from tests.conftest import COMPILE_EVENTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +38,8 @@ def run(argv, stdin=""):
 
 
 @pytest.fixture(scope="module")
-def video(tmp_path_factory):
-  """A 28 px clip of two shapes, 4 frames at 2 fps (2 frames at the 1-fps rule)."""
-  path = str(tmp_path_factory.mktemp("media") / "clip.mp4")
-  objects = synthetic.make_clip(np.random.default_rng(0), 28, 2, grid=2, n=2)
-  synthetic.write_mp4(path, [synthetic.draw(28, objects, k / 2) for k in range(4)], fps=2)
-  return path
+def video(clip28):
+  return clip28
 
 
 @pytest.fixture(scope="module")

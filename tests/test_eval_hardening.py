@@ -33,7 +33,6 @@ from llamavid_jax import generate as gen
 from llamavid_jax import inference, validation
 from llamavid_jax.data import features as ft
 from llamavid_jax.data import subtitles as subs
-from llamavid_jax.data import synthetic
 from llamavid_jax.data import tokenizer as tok_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,11 +85,8 @@ def model(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def video(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("media") / "clip.mp4")
-  objects = synthetic.make_clip(np.random.default_rng(0), 28, 2, grid=2, n=2)
-  synthetic.write_mp4(path, [synthetic.draw(28, objects, k / 2) for k in range(4)], fps=2)
-  return path
+def video(clip28):
+  return clip28
 
 
 @pytest.fixture
