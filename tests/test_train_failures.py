@@ -99,3 +99,24 @@ def test_init_from_without_every_parameter_is_an_error_unless_partial(tmp_path):
     load_init_params(str(tmp_path / "checkpoints"), params, None, None)
   out, n = load_init_params(str(tmp_path / "checkpoints"), params, None, None, partial=True)
   assert n == 1 and out["a"].tolist() == [7.0, 7.0] and out["b"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_resume_with_other_model_shapes_or_batch_is_refused_before_building(tiny_ckpt):
+  """A WORKDIR with checkpoints (the toy tiny run) resumes only with the shapes and the
+  global batch it was saved with; each difference is named (nothing is built)."""
+  from configs import demo
+  from train.train import ConfigError, check_resume
+  c = demo.get_config("toy,tiny")
+  c.workdir = tiny_ckpt
+  check_resume(c)   # the same config: resumes
+  c.model.attention_impl = "chunked"   # not a shape: allowed
+  check_resume(c)
+  c.batch_size *= 2
+  c.model.llm.mlp_dim *= 2
+  with pytest.raises(ConfigError) as e:
+    check_resume(c)
+  batch, shapes = e.value.messages
+  assert batch == (f"config.batch_size=32: the checkpoints in {tiny_ckpt} were saved with batch_size=16 "
+                   "(the global batch must stay the same to resume)")
+  assert shapes.startswith(f"config.model: the parameter shapes differ from the checkpoints' in {tiny_ckpt} "
+                           "(3 arrays, e.g. ['llm']['layers']['down_proj']['kernel'] (2, 64, 32) -> (2, 128, 32); ")

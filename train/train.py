@@ -236,6 +236,33 @@ def _check_export(c) -> None:
                       "config.export_inference=False)") from None
 
 
+def check_resume(c) -> None:
+  """A WORKDIR that holds checkpoints resumes only with the model shapes and global
+  batch it was saved with: anything else raises ConfigError naming what differs (before
+  anything is built or compiled; a changed lr, schedule or attention impl is allowed)."""
+  from llamavid_jax.checkpoint import layout, orbax_io
+  from llamavid_jax.models.config import from_dict
+  old_file = os.path.join(c.workdir, orbax_io.TRAIN_CONFIG)
+  if not layout.saved_steps(c.workdir) or not os.path.isfile(old_file):
+    return
+  with open(old_file) as f:
+    old = json.load(f)
+  errors = []
+  if old.get("batch_size") != c.batch_size:
+    errors.append(f"config.batch_size={c.batch_size}: the checkpoints in {c.workdir} were saved with "
+                  f"batch_size={old.get('batch_size')} (the global batch must stay the same to resume)")
+  was, now = (jax.tree_util.tree_flatten_with_path(orbax_io.shape_tree(from_dict(m)),
+                                                   is_leaf=lambda x: isinstance(x, tuple))[0]
+              for m in (old["model"], c.model.to_dict()))
+  was, now = ({jax.tree_util.keystr(k): v for k, v in t} for t in (was, now))
+  differ = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+  if differ:
+    errors.append(f"config.model: the parameter shapes differ from the checkpoints' in {c.workdir} "
+                  f"({len(differ)} arrays, e.g. {'; '.join(differ[:3])}): use another workdir")
+  if errors:
+    raise ConfigError(*errors)
+
+
 def _write_config(c) -> None:
   """WORKDIR/config.json: the run's config (what `export --from-train` reads)."""
   from llamavid_jax.checkpoint import orbax_io
@@ -322,6 +349,7 @@ def train(c) -> dict:
   _check_export(c)
   # the evaluators' question files are read (and missing ones named) before anything compiles
   check_config(c)
+  check_resume(c)
   evaluators = Evaluators(c) if c.get("evals") else None
   b = build(c)
   if jax.process_index() == 0:   # the plan of the run, before anything compiles
