@@ -225,6 +225,12 @@ def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len:
   return st, c["pos"][0]
 
 
+# one jit each for every engine of the process: engines of the same model and shapes share
+# their compiles (eval.chat makes one per call)
+_decode_jit = jax.jit(_decode, static_argnums=(0, 3, 4), donate_argnums=(2,))
+_admit_jit = jax.jit(_admit, static_argnums=(0, 8, 9), donate_argnums=(2,))
+
+
 class Engine:
   """`slots` decode rows of `max_positions` cache slots each (prompt, spliced and
   bucketed, plus answer) over one `inference.Model`; at most `max_queue` requests wait.
@@ -246,8 +252,7 @@ class Engine:
     cfg = dataclasses.replace(model.cfg, dtype=model.dtype)
     self._models = {mode: LlamaVid(dataclasses.replace(cfg, video_mode=mode)) for mode in ("clip", "movie")}
     self._decode_model = self._models[cfg.video_mode]
-    self._decode_jit = jax.jit(_decode, static_argnums=(0, 3, 4), donate_argnums=(2,))
-    self._admit_jit = jax.jit(_admit, static_argnums=(0, 8, 9), donate_argnums=(2,))
+    self._decode_jit, self._admit_jit = _decode_jit, _admit_jit
     self._state = self._init_state()
     self._rows: list[Handle | None] = [None] * slots
     self._queue: collections.deque[Handle] = collections.deque()
