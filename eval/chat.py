@@ -23,9 +23,10 @@ answer and nothing else, no "USER: " prompts). Arguments and files are checked b
 the model is loaded; a file that is no video / image / feature file, or a directory
 that holds no checkpoint, exits with a message naming it.
 
-Answers come from the serving engine (`llamavid_jax/engine.py`, one decode slot of
-twice the model's position budget: room for any prompt's bucket padding), the one
-generation loop that the server and the web demo run too; its tokens are
+Answers come from the serving engine (`llamavid_jax/engine.py`: one decode slot, of
+the power of two of cache positions that the question's prompt, in its buckets, and
+its answer need; made anew, larger, when a later turn needs more), the one generation
+loop that the server and the web demo run too; its tokens are
 `inference.Model.generate`'s for the same request and sampling.
 """
 
@@ -95,11 +96,21 @@ def check_ckpt(p: argparse.ArgumentParser, path: str) -> None:
     p.error(str(e))
 
 
-def make_engine(m: inference.Model, prefill_chunk: int = 0) -> engine_lib.Engine:
-  """The chat's engine: one slot of twice the model's position budget, so that any
-  request the model takes fits with its text and frame buckets' padding."""
-  return engine_lib.Engine(m, slots=1, max_positions=2 * m.position_budget, max_queue=1,
-                           prefill_chunk=prefill_chunk)
+def make_engine(m: inference.Model, positions: int, prefill_chunk: int = 0) -> engine_lib.Engine:
+  """The chat's engine: one slot of `positions` cache positions."""
+  return engine_lib.Engine(m, slots=1, max_positions=positions, max_queue=1, prefill_chunk=prefill_chunk)
+
+
+def _engine_for(engines: list, m: inference.Model, req: dict, max_new_tokens: int, prefill_chunk: int):
+  """engines[0], made (again) when it is missing or too small for `req`: sizes are powers
+  of two, so a conversation compiles a few sizes at most."""
+  need = engine_lib.prompt_positions(m, req) + max_new_tokens
+  if engines and engines[0].max_positions >= need:
+    return engines[0]
+  for eng in engines:
+    eng.close()
+  engines[:] = [make_engine(m, 1 << (need - 1).bit_length(), prefill_chunk)]
+  return engines[0]
 
 
 def _turn(engines: list, m: inference.Model, turns: list[str], media: inference.Media, kw: dict,
@@ -110,9 +121,8 @@ def _turn(engines: list, m: inference.Model, turns: list[str], media: inference.
   if kw.get("max_new_tokens") is None:
     kw = {**kw, "max_new_tokens": min(DEFAULT_NEW_TOKENS, m.room(req))}
   m.check_generation([req], **{k: kw[k] for k in ("max_new_tokens", "temperature", "top_p", "prefill_chunk")})
-  if not engines:   # made at the first question that fits: nothing compiles before
-    engines.append(make_engine(m, kw["prefill_chunk"]))
-  h = engines[0].submit(req, engine_lib.Sampling(max_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
+  eng = _engine_for(engines, m, req, kw["max_new_tokens"], kw["prefill_chunk"])   # nothing compiles before
+  h = eng.submit(req, engine_lib.Sampling(max_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
                                           top_p=kw["top_p"], seed=kw["seed"]))
   try:
     if as_json:

@@ -225,6 +225,14 @@ def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len:
   return st, c["pos"][0]
 
 
+def prompt_positions(model: inference.Model, request: dict) -> int:
+  """Cache slots a request's prompt takes in an engine with the default buckets (what
+  `Engine.positions` gives): for sizing an engine before making it."""
+  cfg = dataclasses.replace(model.cfg, video_mode=request.get("video_mode", "clip"))
+  batch = gen.batch_requests([request], pad_id=model.tokenizer.pad_token_id)
+  return batch_spliced_length(batch, cfg.tokens_per_frame, movie=cfg.movie)
+
+
 # one jit each for every engine of the process: engines of the same model and shapes share
 # their compiles (eval.chat makes one per call)
 _decode_jit = jax.jit(_decode, static_argnums=(0, 3, 4), donate_argnums=(2,))

@@ -121,8 +121,8 @@ def recorded(model, monkeypatch):
       pass
 
   class FakeEngine:   # eval.chat's engine: records, answers "ok", compiles nothing
-    def __init__(self, m, **kw):
-      pass
+    def __init__(self, m, max_positions, **kw):
+      self.max_positions = max_positions
 
     def submit(self, request, sampling):
       asked.append(request)
