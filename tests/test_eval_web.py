@@ -170,6 +170,31 @@ def test_two_users_at_once_a_clip_and_a_movie_get_their_greedy_answers_in_one_ba
   assert eng.slots_in_use == 0 and eng.queue_depth == 0
 
 
+@pytest.mark.slow
+def test_a_user_who_cancels_mid_answer_frees_the_slot(demo, tmp_path, monkeypatch):
+  from gradio_client import handle_file
+  m, client = demo
+  eng = client.engine
+  take, before = eng._take, eng.finished["cancelled"]
+
+  def slow_take(h, toks):   # 0.1 s a decode dispatch: the 400-token answer is still running when cancelled
+    time.sleep(0.1)
+    return take(h, toks)
+
+  monkeypatch.setattr(eng, "_take", slow_take)
+  clip = video_fixtures.write_counter_clip(str(tmp_path / "clip.mp4"), 30, 10)
+  client.predict(handle_file(clip), api_name="/upload")
+  job = client.submit("What is in the video?", [], 0.0, 0.7, 400, api_name="/ask")
+  deadline = time.monotonic() + TIMEOUT   # bounds on the waits, not timing assertions
+  while not eng.slots_in_use and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert eng.slots_in_use == 1
+  job.cancel()
+  while eng.slots_in_use and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert eng.slots_in_use == 0 and eng.finished["cancelled"] == before + 1
+
+
 def test_overlay_colours_the_attended_patch():
   frames = np.full((2, 28, 56, 3), 100, np.uint8)     # 2 frames, a 2 x 2 patch grid upsampled to 28 x 56
   attn = np.asarray([[1, 0, 0, 0], [0.25, 0.25, 0.25, 0.25]], np.float32)
