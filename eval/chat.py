@@ -22,6 +22,12 @@ generated LLM ids without the prompt and without `</s>` (in the loop: one line p
 answer and nothing else, no "USER: " prompts). Arguments and files are checked before
 the model is loaded; a file that is no video / image / feature file, or a directory
 that holds no checkpoint, exits with a message naming it.
+
+Answers come from the serving engine (`llamavid_jax/engine.py`: one decode slot, of
+the power of two of cache positions that the question's prompt, in its buckets, and
+its answer need; made anew, larger, when a later turn needs more), the one generation
+loop that the server and the web demo run too; its tokens are
+`inference.Model.generate`'s for the same request and sampling.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import sys
 
 from eval import args as eval_args
 from llamavid_jax import cli, inference, validation
+from llamavid_jax import engine as engine_lib
 
 
 DEFAULT_NEW_TOKENS = 512   # the release's chat
@@ -67,20 +74,45 @@ def check_ckpt(p: argparse.ArgumentParser, path: str) -> None:
     p.error(str(e))
 
 
-def _turn(m: inference.Model, turns: list[str], media: inference.Media, kw: dict, as_json: bool, out) -> str:
+def make_engine(m: inference.Model, positions: int, prefill_chunk: int = 0) -> engine_lib.Engine:
+  """The chat's engine: one slot of `positions` cache positions."""
+  return engine_lib.Engine(m, slots=1, max_positions=positions, max_queue=1, prefill_chunk=prefill_chunk)
+
+
+def _engine_for(engines: list, m: inference.Model, req: dict, max_new_tokens: int, prefill_chunk: int):
+  """engines[0], made (again) when it is missing or too small for `req`: sizes are powers
+  of two, so a conversation compiles a few sizes at most."""
+  need = engine_lib.prompt_positions(m, req) + max_new_tokens
+  if engines and engines[0].max_positions >= need:
+    return engines[0]
+  for eng in engines:
+    eng.close()
+  engines[:] = [make_engine(m, 1 << (need - 1).bit_length(), prefill_chunk)]
+  return engines[0]
+
+
+def _turn(engines: list, m: inference.Model, turns: list[str], media: inference.Media, kw: dict,
+          as_json: bool, out) -> str:
   """Streams one answer to `out` (or prints its JSON) -> the answer's text. Without
   --max-new-tokens, answers stop at 512 tokens or where the model's positions end."""
   req = m.request(turns, media)
   if kw.get("max_new_tokens") is None:
     kw = {**kw, "max_new_tokens": min(DEFAULT_NEW_TOKENS, m.room(req))}
-  if as_json:
-    [ans] = m.generate([req], **kw)
-    print(json.dumps({"text": ans.text, "token_ids": ans.token_ids}), file=out, flush=True)
-    return ans.text
-  for piece in m.stream(req, **kw):
-    print(piece, end="", file=out, flush=True)
-  print(file=out, flush=True)
-  return m.last_answer.text
+  m.check_generation([req], **{k: kw[k] for k in ("max_new_tokens", "temperature", "top_p", "prefill_chunk")})
+  eng = _engine_for(engines, m, req, kw["max_new_tokens"], kw["prefill_chunk"])   # nothing compiles before
+  h = eng.submit(req, engine_lib.Sampling(max_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
+                                          top_p=kw["top_p"], seed=kw["seed"]))
+  try:
+    if as_json:
+      ans = h.result()
+      print(json.dumps({"text": ans.text, "token_ids": ans.token_ids}), file=out, flush=True)
+      return ans.text
+    for piece in h:
+      print(piece, end="", file=out, flush=True)
+    print(file=out, flush=True)
+    return h.result().text
+  finally:
+    h.cancel()
 
 
 def main(argv=None, stdin=None, stdout=None) -> None:
@@ -103,9 +135,20 @@ def main(argv=None, stdin=None, stdout=None) -> None:
   except inference.MediaError as e:
     sys.exit(f"eval.chat: {e}")
   kw = release_sampling(kw, media)
+  engines: list[engine_lib.Engine] = []
+  try:
+    _chat(a, m, engines, media, kw, stdin, stdout)
+  finally:
+    for eng in engines:
+      eng.close()
+
+
+def _chat(a: argparse.Namespace, m: inference.Model, engines: list, media: inference.Media, kw: dict,
+          stdin, stdout) -> None:
+  """One question (--question) or the interactive loop."""
   if a.question is not None:
     try:
-      _turn(m, [a.question], media, kw, a.json, stdout)
+      _turn(engines, m, [a.question], media, kw, a.json, stdout)
     except validation.BudgetError as e:
       sys.exit(f"eval.chat: {e}")
     return
@@ -129,7 +172,7 @@ def main(argv=None, stdin=None, stdout=None) -> None:
       return
     say(f"{bot}: ")
     try:
-      answer = _turn(m, turns + [line], media, kw, a.json, stdout)
+      answer = _turn(engines, m, turns + [line], media, kw, a.json, stdout)
     except validation.BudgetError as e:   # too long for the model: the turn is dropped, the chat goes on
       say("", end="\n")
       print(f"eval.chat: {e}; that question was dropped", file=sys.stderr, flush=True)

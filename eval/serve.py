@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from eval import args as eval_args
 from llamavid_jax import engine as engine_lib
 from llamavid_jax import inference
 
@@ -537,7 +538,7 @@ class Running:
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", required=True, help="converted / inference directory, or a train.train WORKDIR")
+  eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--slots", type=int, default=16, help="requests decoded at once")
@@ -548,7 +549,6 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--max-frames", type=int, default=256, help="frames per request (at 1 fps for a video)")
   p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
   p.add_argument("--max-body-mb", type=float, default=64.0, help="request bodies over this get 413")
-  p.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   p.add_argument("--decode-chunk", type=int, default=4, help="decode steps per dispatch (requests join between)")
   p.add_argument("--served-model-name", help="the model id clients name (default: the --ckpt directory's name)")
   return p
@@ -557,6 +557,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
   p = parser()
   a = p.parse_args(argv)
+  eval_args.check_model_flags(p, a)
   if not os.path.isdir(a.ckpt):
     p.error(f"--ckpt {a.ckpt}: no such directory")
   if a.media_root is not None and not os.path.isdir(a.media_root):
@@ -573,7 +574,7 @@ def main(argv=None) -> None:
     sys.exit(f"eval.serve: {e.name} is missing: pip install 'llamavid-jax[serve]'")
   name = a.served_model_name or os.path.basename(os.path.normpath(a.ckpt))
   try:
-    m = inference.load(a.ckpt, dtype=a.dtype)
+    m = eval_args.load(a)
   except FileNotFoundError as e:
     sys.exit(f"eval.serve: --ckpt {e}")
   llm = m.cfg.llm

@@ -3,12 +3,13 @@ the context token looked in each frame.
 
   python -m eval.web --ckpt DIR [--host 127.0.0.1] [--port 7860] [--max-frames 600]
       [--temperature 0.2] [--top-p 0.7] [--max-new-tokens 512] [--dtype float32|bfloat16]
-      [--seed 0] [--prefill-chunk 0]
+      [--seed 0] [--prefill-chunk 0] [--slots 4] [--max-positions N] [--max-queue 16]
 
 DIR as for `eval.chat` (a converted / inference directory or a train WORKDIR). The page
 (the release's `serve/gradio_web_server.py` without its controller and workers) has an
 upload for one video (frames at 1 fps, at most `--max-frames` of them), image or feature
-file; a chat whose answers stream in; sliders for the temperature (0: greedy), top_p and
+file (a movie `.safetensors` with subtitles is the release's long-video mode: its movie
+prompt; the status line gives the release's movie sampling, 0.6 / 0.9); a chat whose answers stream in; sliders for the temperature (0: greedy), top_p and
 the answer's token budget, starting at the flags' values; and a gallery of up to 16
 evenly spaced frames with the context token's attention over their patches as a heat map
 (`eval/overlay.py`; feature files have no frames to show). The conversation is the
@@ -17,7 +18,12 @@ and the latest question as the Q-Former instruction (`llamavid_jax/inference.py`
 upload or Clear starts a new one. Bad uploads and questions without media get a message
 on the page, and the server goes on serving.
 
-Questions are answered one at a time (the model serves one stream). It listens on
+Answers come from the continuous-batching engine (`llamavid_jax/engine.py`): several
+browser users chat at once, up to `--slots` answers decode together and up to
+`--max-queue` more wait (beyond that a question is told to try again); a user who leaves
+mid-answer frees the slot. `--max-positions` (KV cache positions per slot; default twice
+the model's position budget, room for any prompt's bucket padding) and `--slots` set
+the cache's memory, printed before compiling. It listens on
 localhost unless `--host` says otherwise; needs `pip install 'llamavid-jax[web]'`.
 Arguments and the checkpoint directory are checked before the model is loaded.
 """
@@ -34,22 +40,36 @@ import numpy as np
 
 from eval import args as eval_args, chat, overlay
 from llamavid_jax import cli, inference, validation
+from llamavid_jax import engine as engine_lib
 
 SHOWN_FRAMES = 16
 UPLOAD_TYPES = list(inference.VIDEO_SUFFIXES + inference.IMAGE_SUFFIXES + (".npy", ".safetensors"))
 NO_MEDIA = "Upload a video or an image first."
 NO_QUESTION = "Type a question."
+BUSY = "The server is busy (every slot and the queue are taken): try again in a moment."
 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ckpt", required=True, help="converted / inference directory, or a train.train WORKDIR")
+  eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
   p.add_argument("--port", type=int, default=7860)
   p.add_argument("--max-frames", type=int, default=600, help="uploads with more frames at 1 fps are refused")
+  p.add_argument("--slots", type=int, default=4, help="answers decoded at once (the engine's decode slots)")
+  p.add_argument("--max-positions", type=int, help="KV cache positions per slot (default: twice the model's "
+                 "position budget)")
+  p.add_argument("--max-queue", type=int, default=16, help="questions waiting for a slot; more are told to retry")
   eval_args.add_sampling_flags(p, new_tokens=f"{chat.DEFAULT_NEW_TOKENS}, or as many as the model's positions "
                               "leave after the prompt")
   return p
+
+
+def make_engine(model: inference.Model, slots: int = 4, max_positions: int | None = None, max_queue: int = 16,
+                prefill_chunk: int = 0) -> engine_lib.Engine:
+  """The demo's engine: `max_positions` defaults to twice the model's position budget,
+  so that any prompt the model takes fits with its text and frame buckets' padding."""
+  return engine_lib.Engine(model, slots=slots, max_positions=max_positions or 2 * model.position_budget,
+                           max_queue=max_queue, prefill_chunk=prefill_chunk)
 
 
 def _text(content: Any) -> str:
@@ -118,12 +138,14 @@ def attention_gallery(model: inference.Model, request: dict, state: dict) -> lis
 
 def build_app(model: inference.Model, max_frames: int | None = 600, *, temperature: float = inference.CHAT["temperature"],
               top_p: float = inference.CHAT["top_p"], max_new_tokens: int = 512, seed: int = 0,
-              prefill_chunk: int = 0):
-  """-> the demo's gr.Blocks (not launched) over `model`; sliders start at the given
-  sampling values. Sets `model.max_frames` to `max_frames` (the upload cap)."""
+              prefill_chunk: int = 0, engine: engine_lib.Engine | None = None):
+  """-> the demo's gr.Blocks (not launched) over `model`, answering through `engine`
+  (default: `make_engine(model)`); sliders start at the given sampling values. Sets
+  `model.max_frames` to `max_frames` (the upload cap)."""
   import gradio as gr
 
   model.max_frames = max_frames
+  eng = make_engine(model, prefill_chunk=prefill_chunk) if engine is None else engine
   cap = f"at most {max_frames} frames, taken at {model.sampling}" if max_frames else "any length"
   attention_note = ("" if model.cfg.use_context_token else
                     " (this checkpoint has no context token: nothing to show)")
@@ -142,6 +164,9 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
     n = state["media"].num_frames
     what = {"video": f"video, {n} frame{'s' * (n != 1)} at {model.sampling}", "image": "image",
             "features": f"features of {n} frame{'s' * (n != 1)}"}[state["kind"]]
+    if state["media"].is_movie:
+      what = (f"a movie, features of {n} frame{'s' * (n != 1)} with subtitles (the release's long-video mode; "
+              f"it samples at temperature {inference.MOVIE['temperature']}, top_p {inference.MOVIE['top_p']})")
     return state, f"`{state['name']}`: {what}. Ask a question.", [], []
 
   def on_ask(question, history, state, temp, tp, budget):
@@ -153,30 +178,43 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
     errs = validation.check_sampling(temperature=number(temp), top_p=number(tp), max_new_tokens=mnt, prefix="")
     problem = (NO_QUESTION if not question else NO_MEDIA if state is None else "; ".join(errs) or None)
     request, cut = None, ""
+    handle = None
     if not problem:
       turns = history_turns(history) + [question]
-      request = model.request(turns, state["media"])
+      with eng.tokenizer_lock:   # the engine's thread decodes text with the same tokenizer
+        request = model.request(turns, state["media"])
       try:   # the same rules as every CLI: the request must fit the model's positions
-        room = model.room(request)
-      except validation.BudgetError as e:
-        problem = str(e)
-      else:   # the slider's value, or as many as the positions leave (said in the status line)
+        room = min(model.room(request), eng.max_positions - eng.positions(request))
+        if room < 1:
+          raise engine_lib.RequestTooLarge("messages", f"the prompt takes {eng.positions(request)} positions "
+                                           f"(bucketed); a slot holds {eng.max_positions}")
+        # the slider's value, or as many as the positions leave (said in the status line)
         cut = f" (max new tokens cut to {room}: the model's positions end there)" if mnt > room else ""
         mnt = min(mnt, room)
+        handle = eng.submit(request, engine_lib.Sampling(max_tokens=mnt, temperature=float(temp), top_p=float(tp),
+                                                         seed=seed))
+      except (validation.BudgetError, engine_lib.RequestTooLarge) as e:
+        problem = str(e)
+      except engine_lib.QueueFull:
+        problem = BUSY
+      except engine_lib.EngineStopped as e:
+        problem = f"The model stopped serving: {e}"
     if problem:
       gr.Warning(problem)
       yield history, question, gr.skip(), problem
       return
-    gallery = attention_gallery(model, request, state)
-    history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-    yield history, "", gallery, "Answering…"
-    answer = ""
-    for piece in model.stream(request, max_new_tokens=mnt, temperature=float(temp), top_p=float(tp),
-                              seed=seed, prefill_chunk=prefill_chunk):
-      answer += piece
-      history[-1] = {"role": "assistant", "content": answer}
+    try:   # a user who leaves mid-answer (the generator is closed) frees the slot
+      gallery = attention_gallery(model, request, state)
+      history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
       yield history, "", gallery, "Answering…"
-    final = model.last_answer
+      answer = ""
+      for piece in handle:
+        answer += piece
+        history[-1] = {"role": "assistant", "content": answer}
+        yield history, "", gallery, "Answering…"
+      final = handle.result()
+    finally:
+      handle.cancel()
     history[-1] = {"role": "assistant", "content": final.text}
     empty = "" if final.text else " (they decode to no text)"
     yield history, "", gallery, f"`{state['name']}`: answered in {len(final.token_ids)} tokens{empty}{cut}."
@@ -207,8 +245,9 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
                                     f"peak: the largest weight over uniform's){attention_note}"),
                              columns=4, object_fit="contain", format="png", elem_id="attention")
     upload.change(on_upload, [upload], [state, status, chatbot, gallery], api_name="upload")
+    # every user's question goes to the engine at once: it batches them (its queue is the bound)
     ask = dict(fn=on_ask, inputs=[box, chatbot, state, temp, tp, budget], outputs=[chatbot, box, gallery, status],
-               concurrency_limit=1, concurrency_id="model")
+               concurrency_limit=eng.slots + eng.max_queue, concurrency_id="model")
     send.click(**ask, api_name="ask")
     box.submit(**ask, api_name="ask_enter", api_visibility="undocumented")
     clear.click(on_clear, [state], [chatbot, box, gallery, status], api_name="clear")
@@ -218,21 +257,34 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
 def main(argv=None) -> None:
   p = parser()
   a = p.parse_args(argv)
+  eval_args.check_model_flags(p, a)
   kw = chat.release_sampling(eval_args.check_sampling_flags(p, a), None)   # the sliders start at the chat's
   kw["max_new_tokens"] = kw["max_new_tokens"] or chat.DEFAULT_NEW_TOKENS
   if not 0 < a.port < 65536:
     p.error(f"--port must be in 1..65535, got {a.port}")
   if a.max_frames < 1:
     p.error(f"--max-frames must be >= 1, got {a.max_frames}")
+  if a.slots < 1 or a.max_queue < 0 or (a.max_positions is not None and a.max_positions < 2):
+    p.error(f"--slots must be >= 1, --max-queue >= 0 and --max-positions >= 2, got {a.slots}, {a.max_queue}, "
+            f"{a.max_positions}")
   chat.check_ckpt(p, a.ckpt)
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
   try:
     import gradio  # noqa: F401
   except ImportError:
     sys.exit("eval.web needs gradio: pip install 'llamavid-jax[web]'")
-  m = inference.load(a.ckpt, dtype=a.dtype, max_frames=a.max_frames)
-  app = build_app(m, a.max_frames, **kw)
-  app.queue().launch(server_name=a.host, server_port=a.port)
+  m = eval_args.load(a, max_frames=a.max_frames)
+  positions = a.max_positions or 2 * m.position_budget
+  llm = m.cfg.llm
+  kv = 2 * llm.num_layers * a.slots * positions * llm.num_kv_heads * llm.head_dim * np.dtype(a.dtype).itemsize
+  print(f"eval.web: {a.slots} slots x {positions} positions, KV cache {kv / 2 ** 30:.2f} GiB ({a.dtype}); "
+        "compiling the decode step", flush=True)
+  eng = make_engine(m, a.slots, positions, a.max_queue, kw["prefill_chunk"])
+  app = build_app(m, a.max_frames, engine=eng, **kw)
+  try:
+    app.queue().launch(server_name=a.host, server_port=a.port)
+  finally:
+    eng.close()
 
 
 if __name__ == "__main__":

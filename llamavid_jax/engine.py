@@ -184,7 +184,7 @@ def _extend_rows(model: LlamaVid, params, tok, cache):
 
   def one(t, k, v, valid, index, pos):
     c = dict(k=k[:, None], v=v[:, None], valid=valid[None], index=index, pos=pos[None])
-    logits, c = model.apply({"params": params}, t[None], c, method=LlamaVid.extend_cache)
+    logits, c = model.apply({"params": params}, t[None], c, method="extend_cache")   # by name: a quantized model wraps it
     return logits[0], c["k"][:, 0], c["v"][:, 0], c["valid"][0], c["index"], c["pos"][0]
 
   axes = (0, 1, 1, 0, 0, 0)
@@ -213,7 +213,7 @@ def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len:
   writes it into row `row` of the state -> (state, int32[] its prompt positions)."""
   inputs = {k: v for k, v in batch.items() if k in _INPUTS}
   logits, c = model.apply({"params": params}, **inputs, max_len=max_len, chunk=prefill_chunk,
-                          method=LlamaVid.prefill_cache)
+                          method="prefill_cache")
   cache = st["cache"]
   cache = dict(k=cache["k"].at[:, row].set(c["k"][:, 0].astype(cache["k"].dtype)),
                v=cache["v"].at[:, row].set(c["v"][:, 0].astype(cache["v"].dtype)),
@@ -223,6 +223,20 @@ def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len:
             step=st["step"].at[row].set(0), key=st["key"].at[row].set(key_data),
             temperature=st["temperature"].at[row].set(temperature), top_p=st["top_p"].at[row].set(top_p))
   return st, c["pos"][0]
+
+
+def prompt_positions(model: inference.Model, request: dict) -> int:
+  """Cache slots a request's prompt takes in an engine with the default buckets (what
+  `Engine.positions` gives): for sizing an engine before making it."""
+  cfg = dataclasses.replace(model.cfg, video_mode=request.get("video_mode", "clip"))
+  batch = gen.batch_requests([request], pad_id=model.tokenizer.pad_token_id)
+  return batch_spliced_length(batch, cfg.tokens_per_frame, movie=cfg.movie)
+
+
+# one jit each for every engine of the process: engines of the same model and shapes share
+# their compiles (eval.chat makes one per call)
+_decode_jit = jax.jit(_decode, static_argnums=(0, 3, 4), donate_argnums=(2,))
+_admit_jit = jax.jit(_admit, static_argnums=(0, 8, 9), donate_argnums=(2,))
 
 
 class Engine:
@@ -243,11 +257,14 @@ class Engine:
     self.buckets = dict(text_buckets=text_buckets, frame_buckets=frame_buckets, qformer_buckets=qformer_buckets)
     self.eos_id = model.eos_id
     self.tokenizer_lock = threading.Lock()   # fast tokenizers are not safe to call from two threads at once
-    cfg = dataclasses.replace(model.cfg, dtype=model.dtype)
-    self._models = {mode: LlamaVid(dataclasses.replace(cfg, video_mode=mode)) for mode in ("clip", "movie")}
-    self._decode_model = self._models[cfg.video_mode]
-    self._decode_jit = jax.jit(_decode, static_argnums=(0, 3, 4), donate_argnums=(2,))
-    self._admit_jit = jax.jit(_admit, static_argnums=(0, 8, 9), donate_argnums=(2,))
+    # the model's own module per video mode (`Model.model_for`: a quantized model keeps its
+    # wrapper), computing in the model's dtype
+    self._models = {}
+    for mode in ("clip", "movie"):
+      base = model.model_for([{"video_mode": mode}])
+      self._models[mode] = base.clone(cfg=dataclasses.replace(base.cfg, dtype=model.dtype))
+    self._decode_model = self._models[model.cfg.video_mode]
+    self._decode_jit, self._admit_jit = _decode_jit, _admit_jit
     self._state = self._init_state()
     self._rows: list[Handle | None] = [None] * slots
     self._queue: collections.deque[Handle] = collections.deque()

@@ -29,6 +29,7 @@ import pytest
 
 from eval import chat, judge, predict, run, score
 from eval.benchmarks import common
+from llamavid_jax import engine as engine_lib
 from llamavid_jax import generate as gen
 from llamavid_jax import inference, validation
 from llamavid_jax.data import features as ft
@@ -105,8 +106,30 @@ def recorded(model, monkeypatch):
     yield from (a.text for a in fake_generate(self, [request], **kw))
     self.last_answer = inference.Answer("ok", [5])
 
+  class FakeHandle(list):   # iterates the answer's pieces
+    def __init__(self):
+      super().__init__(["ok"])
+
+    def result(self):
+      return engine_lib.Completion("ok", [5], "stop", 0, 1)
+
+    def cancel(self):
+      pass
+
+  class FakeEngine:   # eval.chat's engine: records, answers "ok", compiles nothing
+    def __init__(self, m, max_positions, **kw):
+      self.max_positions = max_positions
+
+    def submit(self, request, sampling):
+      asked.append(request)
+      return FakeHandle()
+
+    def close(self):
+      pass
+
   monkeypatch.setattr(inference.Model, "generate", fake_generate)
   monkeypatch.setattr(inference.Model, "stream", fake_stream)
+  monkeypatch.setattr(engine_lib, "Engine", FakeEngine)
   monkeypatch.setattr(inference, "load", lambda *a, **k: model)
   monkeypatch.setattr(inference, "check_ckpt", lambda path, *a, **k: path)   # --ckpt is a stand-in
   for name in ("generate", "stream"):

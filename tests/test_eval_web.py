@@ -1,6 +1,7 @@
 """The web demo (`eval.web`) served on localhost and driven through gradio_client, on a
 trained tiny checkpoint; the attention overlay (`eval.overlay`) on its own."""
 
+import os
 import re
 import socket
 import time
@@ -29,15 +30,19 @@ def demo(tiny_ckpt):
   from eval import web
   from llamavid_jax import inference
   m = inference.load(tiny_ckpt, max_frames=4)
-  app = web.build_app(m, 4)
+  eng = web.make_engine(m, slots=4)
+  app = web.build_app(m, 4, engine=eng)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
   try:
-    yield m, Client(f"http://127.0.0.1:{port}/", verbose=False)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    client.engine, client.url = eng, f"http://127.0.0.1:{port}/"
+    yield m, client
   finally:
     app.close()
+    eng.close()
 
 
 def _ask(client, question, history, *, max_new_tokens, temperature=0.0):
@@ -108,6 +113,86 @@ def test_bad_uploads_get_a_message_and_the_server_goes_on(demo, tmp_path):
 
   history, box, _, status = client.predict("", [], 0.0, 0.7, 8, api_name="/ask")
   assert status == "Type a question." and history == []
+
+
+@pytest.mark.slow
+def test_two_users_at_once_a_clip_and_a_movie_get_their_greedy_answers_in_one_batch(demo, tmp_path, monkeypatch):
+  """Two gradio_client sessions (two browser users), one asking about a clip and one
+  about a movie feature file (the release's long-video mode), each twice: their
+  questions wait for each other in the engine's queue (so the page must pass them on at
+  once: a demo serving one at a time never fills it) and decode in one batch; each gets
+  Model.generate's greedy answer with its own conversation."""
+  from gradio_client import Client, handle_file
+
+  from configs import tiny
+  from llamavid_jax.data.features import Movie, write_safetensors
+  m, first = demo
+  eng = first.engine
+  clip = video_fixtures.write_counter_clip(str(tmp_path / "clip.mp4"), 30, 10)
+  vision = tiny.model_config().vision
+  feats = np.random.default_rng(3).standard_normal((3, vision.num_tokens, vision.width)).astype(np.float16)
+  movie = str(tmp_path / "movie.safetensors")
+  write_safetensors(movie, Movie(feats, "<image>Hello...<image><image>A dog runs."))
+  users = {"clip": (first, clip), "movie": (Client(first.url, verbose=False), movie)}
+  assert users["clip"][0].session_hash != users["movie"][0].session_hash
+  status = users["movie"][0].predict(handle_file(movie), api_name="/upload")[0]
+  assert status.startswith("`movie.safetensors`: a movie, features of 3 frames with subtitles"), status
+  assert users["clip"][0].predict(handle_file(clip), api_name="/upload")[0].startswith("`clip.mp4`: video")
+
+  met = []   # admits nothing until both questions wait (at most 60 s): then both start at one step
+  admit = eng._admit_waiting
+
+  def both_then_admit():
+    if len(eng._queue) < 2 and len(met) < 600:
+      met.append(False)
+      time.sleep(0.1)
+      return
+    met.append(len(eng._queue) == 2)
+    monkeypatch.setattr(eng, "_admit_waiting", admit)
+    admit()
+
+  histories = {k: [] for k in users}
+  for question in ("What is in the video?", "And then?"):
+    met.clear()
+    steps, busy = eng.steps, eng.busy_row_steps
+    monkeypatch.setattr(eng, "_admit_waiting", both_then_admit)
+    jobs = {k: client.submit(question, histories[k], 0.0, 0.7, 10, api_name="/ask") for k, (client, _) in users.items()}
+    for k, (client, path) in users.items():
+      histories[k], _, _, status = jobs[k].result(timeout=TIMEOUT)
+      turns = [_text(h) for h in histories[k]]
+      [want] = m.generate([m.request(turns[:-1], m.media(**{"video" if k == "clip" else "features": path}))],
+                          max_new_tokens=10, temperature=0)
+      assert want.text and turns[-1] == want.text, (k, turns, want)
+      assert status == f"`{os.path.basename(path)}`: answered in {len(want.token_ids)} tokens.", status
+      print(f"WEB {k} {question!r} -> {want.text!r}")
+    assert met and met[-1], "the two questions never waited in the engine's queue together"
+    assert eng.busy_row_steps - busy > eng.steps - steps   # some step decoded both
+  assert eng.slots_in_use == 0 and eng.queue_depth == 0
+
+
+@pytest.mark.slow
+def test_a_user_who_cancels_mid_answer_frees_the_slot(demo, tmp_path, monkeypatch):
+  from gradio_client import handle_file
+  m, client = demo
+  eng = client.engine
+  take, before = eng._take, eng.finished["cancelled"]
+
+  def slow_take(h, toks):   # 0.1 s a decode dispatch: the 400-token answer is still running when cancelled
+    time.sleep(0.1)
+    return take(h, toks)
+
+  monkeypatch.setattr(eng, "_take", slow_take)
+  clip = video_fixtures.write_counter_clip(str(tmp_path / "clip.mp4"), 30, 10)
+  client.predict(handle_file(clip), api_name="/upload")
+  job = client.submit("What is in the video?", [], 0.0, 0.7, 400, api_name="/ask")
+  deadline = time.monotonic() + TIMEOUT   # bounds on the waits, not timing assertions
+  while not eng.slots_in_use and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert eng.slots_in_use == 1
+  job.cancel()
+  while eng.slots_in_use and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert eng.slots_in_use == 0 and eng.finished["cancelled"] == before + 1
 
 
 def test_overlay_colours_the_attended_patch():
