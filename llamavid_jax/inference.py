@@ -173,6 +173,9 @@ class Model:
     self.tokenizer, self.qtokenizer = loaded.tokenizer, loaded.qformer_tokenizer
     self.dtype = dtype
     self.max_frames = max_frames
+    # True: requests may run past llm.max_positions x rope_scaling (what a RoPE
+    # extrapolation study measures, eval.needle); the budget is otherwise enforced
+    self.extrapolate = False
     aspect = self.meta.get("release_config", self.meta).get("image_aspect_ratio", "pad")
     self.image_aspect = "pad" if aspect == "pad" else "crop"
     # frame sampling: the training run's (orbax_io.data_provenance), else the release's 1 fps
@@ -181,7 +184,7 @@ class Model:
     self._attention = jax.jit(lambda model, p, x: model.apply(
         {"params": p}, **x, method=LlamaVid.embed_inputs)[2].get("context_attention"), static_argnums=0)
 
-  REPLACEABLE = ("cfg", "dtype", "max_frames", "video_fps", "sample_cap", "image_aspect")
+  REPLACEABLE = ("cfg", "dtype", "max_frames", "video_fps", "sample_cap", "image_aspect", "extrapolate")
 
   def replace(self, **changes) -> "Model":
     """A new Model with `changes` (attributes of REPLACEABLE), sharing this one's
@@ -261,7 +264,7 @@ class Model:
     except Exception:   # noqa: BLE001  (unreadable: load_video names it)
       return
     t = sampled_frame_count(n, avg_fps, self.video_fps, None)
-    cap = self.default_frame_cap
+    cap = self.default_frame_cap if not self.extrapolate else t
     if self.max_frames and t > self.max_frames:   # the caller's cap (eval.web's --max-frames), before decoding
       raise MediaError(path, f"{t:,} frames at {self.sampling}, more than the cap of {self.max_frames}")
     if t > cap:
@@ -275,6 +278,10 @@ class Model:
     max_new_tokens fit the model's positions -> the positions it needs."""
     ids = np.asarray(request["input_ids"])
     arr = request.get("frames", request.get("features"))
+    if self.extrapolate:
+      return max_new_tokens + validation.request_positions(
+          self.cfg, len(ids), 0 if arr is None else int(arr.shape[0]), movie=request.get("video_mode") == "movie",
+          placeholders=int((ids == IMAGE_TOKEN_INDEX).sum()))
     return validation.check_positions(
         self.cfg, prompt_ids=len(ids), num_frames=0 if arr is None else int(arr.shape[0]),
         max_new_tokens=max_new_tokens, movie=request.get("video_mode") == "movie",

@@ -294,8 +294,9 @@ class ModelPredict:
     from eval import args as eval_args
     m = eval_args.load(args)
     chunk = args.frame_chunk if args.frame_chunk is not None else (m.cfg.frame_chunk or DEFAULT_FRAME_CHUNK)
-    # the needle is 3 frames: a uniform frame cap would skip it
-    self.m = m.replace(cfg=dataclasses.replace(m.cfg, frame_chunk=chunk), sample_cap=None)
+    # the needle is 3 frames: a uniform frame cap would skip it; clips may run past the
+    # trained positions (without --rope-scaling auto that is what the table measures)
+    self.m = m.replace(cfg=dataclasses.replace(m.cfg, frame_chunk=chunk), sample_cap=None, extrapolate=True)
     self.cfg = self.m.cfg
     self._by_rope = {self.cfg.llm.rope_scaling: self.m}
     self.size = args.size or m.cfg.vision.image_size
