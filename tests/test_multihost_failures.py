@@ -78,12 +78,34 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_bitwise(
   outs = wait_all(procs, timeout=120)
   assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   assert all("(preempted)" in out for out in outs)
-  steps = _saved(run)
-  assert len(steps) == 1 and 2 <= steps[0] < 6, steps
+  last = metrics(run)[-1]["step"]
+  assert max(_saved(run)) == last and 2 <= last < 6, (_saved(run), last)   # saved where it stopped
   for i in range(2):   # both processes' data iterators saved at that step
-    assert (run / "checkpoints" / str(steps[0]) / "data" / f"process_{i}-of-2.json").exists()
+    assert (run / "checkpoints" / str(last) / "data" / f"process_{i}-of-2.json").exists()
   outs = wait_all(launch2(run, "total_steps=6", "ckpt.every=100"), timeout=300)
   got = {}
   for m in metrics(run):
     got[m["step"]] = m["loss"]
   assert got == want, (got, want, outs[0][-2000:])   # bitwise: float equality
+
+
+def test_sigkill_to_one_process_stops_the_other_promptly_saying_what_to_do(tmp_path):
+  procs = launch2(tmp_path, "total_steps=100000", "ckpt.every=3", "distributed.heartbeat_timeout_s=10")
+  try:
+    wait_for_step(tmp_path, procs, 4)
+    procs[1].kill()
+    t0 = time.time()
+    out = procs[0].communicate(timeout=90)[0]
+    elapsed = time.time() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  print(f"process 0 exited {procs[0].returncode} {elapsed:.1f} s after process 1 was killed")
+  assert procs[0].returncode != 0 and elapsed < 60, out[-3000:]
+  lines = out.splitlines()
+  first = next(i for i, l in enumerate(lines) if "lost process 1" in l or "lost another process" in l)
+  assert lines[first].startswith("error: lost "), lines[first]
+  assert "resume from the last checkpoint, step 3" in lines[first] or "resume from the last checkpoint, step" in lines[first]
+  dump = [i for i, l in enumerate(lines) if l.startswith(("F1", "E1", "*** ", "Fatal Python", "Check failed"))]
+  assert not dump or first < min(dump), "\n".join(lines[first - 5:first + 5])

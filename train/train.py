@@ -75,6 +75,18 @@ def init_distributed(d) -> None:
     jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **timeouts)
 
 
+def lost_process_message(e: BaseException, last_saved: int | None) -> str:
+  """The one line for a collective that failed under this process (a peer died)."""
+  import re
+  text = str(e)
+  m = re.search(r"[Tt]ask[ :/_]*(\d+)|process[ _]?(?:id)?[ :=]*(\d+)", text)
+  who = f"process {m.group(1) or m.group(2)}" if m else "another process"
+  first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+  resume = f"step {last_saved}" if last_saved is not None else "the start (no checkpoint yet)"
+  return (f"lost {who} (a collective failed: {first[:300]}); every process stops: restart all of them to "
+          f"resume from the last checkpoint, {resume}")
+
+
 def agree(step: int, failure: BaseException | None, stop: bool) -> bool:
   """The step-boundary status exchange of several processes: -> whether any process
   asked to stop (SIGTERM). Raises on every process when any process's save failed: its
@@ -389,6 +401,7 @@ def train(c) -> dict:
   if c.debug.get("fail_save_process", -1) == jax.process_index():   # fault injection for the tests
     ckpt.inject_errno = errno.ENOSPC
   if ckpt.latest_step() is not None:
+    _check_global_batch(ckpt.schedule(), c, ckpt.latest_step())
     state = ckpt.restore(checkpointing.abstract_like(shardings, nn.unbox(abstract)), data)
     logging.info("resumed from step %d", int(state["step"]))
     _warn_schedule_changes(ckpt.schedule(), schedule)
@@ -418,6 +431,11 @@ def train(c) -> dict:
   except HostFailure:
     host_failed = True   # a save of this or another process failed: waiting for ours could hang
     raise
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    host_failed = True   # a collective failed: most likely another process died
+    raise HostFailure(lost_process_message(e, ckpt.latest_step())) from e
   finally:
     preempt.restore()
     if not host_failed:
@@ -487,8 +505,19 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators
 
 
 def _schedule_config(c) -> dict:
-  """The config the learning-rate schedule and optimizer depend on (saved with checkpoints)."""
-  return dict(total_steps=c.total_steps, optim=c.optim.to_dict())
+  """The config the learning-rate schedule, optimizer and data order depend on (saved
+  with checkpoints): the global batch size is the data's (any process count sees the
+  same global batches for it)."""
+  return dict(total_steps=c.total_steps, optim=c.optim.to_dict(), batch_size=c.batch_size)
+
+
+def _check_global_batch(saved: dict | None, c, step: int) -> None:
+  """A resume with another global batch size would train on other batches: refused."""
+  if saved is not None and "batch_size" in saved and saved["batch_size"] != c.batch_size:
+    raise ConfigError(f"config.batch_size={c.batch_size}: the checkpoint of step {step} in {c.workdir} was "
+                      f"trained with a global batch size of {saved['batch_size']}; a resume keeps it (the "
+                      f"number of processes may change, the global batch may not): set "
+                      f"config.batch_size={saved['batch_size']} or start a new workdir")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
