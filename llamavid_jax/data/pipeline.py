@@ -9,7 +9,8 @@ Design (why batches are planned up front):
 
   1. order: `grain.MapDataset.range(N).seed(seed).shuffle().repeat(num_epochs)`
      (grain's index shuffle, reshuffled each epoch).
-  2. each sample goes to its bucket (`buckets.choose_bucket`: the smallest
+  2. each sample goes to its bucket (the verdicts come from `plan`: computed once,
+     cached as a manifest, shared by every process; `buckets.choose_bucket`: the smallest
      `(max_text_len, max_frames[, prompts])` that fits, separately for frame and
      feature samples); samples that fit none, or whose text is invalid, or whose
      media file is missing / unreadable at probe time, are skipped here (counted
