@@ -102,6 +102,8 @@ def test_sigkill_to_one_process_stops_the_other_promptly_saying_what_to_do(tmp_p
       if p.poll() is None:
         p.kill()
   print(f"process 0 exited {procs[0].returncode} {elapsed:.1f} s after process 1 was killed")
+  if os.environ.get("KILL_OUT"):
+    open(os.environ["KILL_OUT"], "w").write(out)
   assert procs[0].returncode != 0 and elapsed < 60, out[-3000:]
   lines = out.splitlines()
   first = next(i for i, l in enumerate(lines) if "lost process 1" in l or "lost another process" in l)

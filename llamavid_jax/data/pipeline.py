@@ -327,10 +327,13 @@ def plan_batches(config: PipelineConfig, processor: SampleProcessor, *, shard_in
   global_batches: list[tuple[BucketKey, list[int]]] = []
   for i in range(len(order)):
     index = int(order[i])
-    if index not in verdicts:
+    if index not in verdicts:   # not planned by `plan` beforehand: probed here, one by one
+      from llamavid_jax.data import plan as plan_lib
+
       sample = processor.source[index]
       try:
-        verdicts[index] = processor.bucket_of(sample)
+        verdicts[index] = processor.bucket_of(
+            sample, plan_lib.probe_one(processor, index, plan_lib.RetryPolicy(attempts=config.io_attempts)))
       except SampleError as e:
         verdicts[index] = Skip.of(sample, e)
         log.warning("skipped %s", verdicts[index].message())
