@@ -104,8 +104,8 @@ def test_init_from_without_every_parameter_is_an_error_unless_partial(tmp_path):
 def test_resume_with_another_global_batch_size_is_refused(tmp_path):
   """The global batch is the data's: a resume may change the process count, not it."""
   train(config(tmp_path, total_steps=1))
-  c = config(tmp_path, total_steps=2, batch_size=8)
-  with pytest.raises(ConfigError, match=r"config.batch_size=8: the checkpoint of step 1 in .* was trained with a "
+  c = config(tmp_path, total_steps=2, batch_size=32)
+  with pytest.raises(ConfigError, match=r"config.batch_size=32: the checkpoint of step 1 in .* was trained with a "
                                         r"global batch size of 16; a resume keeps it .*set config.batch_size=16"):
     train(c)
   assert [m["step"] for m in metrics(tmp_path)] == [1]
