@@ -72,8 +72,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.init_from_partial = False
   c.ckpt = dict(every=1000, keep=1, async_save=True)
   c.log = dict(every=1, progress=True, peak_tflops=None)
-  c.distributed = dict(auto=False, num_processes=1, process_id=0, coordinator="")
-  c.debug = dict(kill_after_save_step=-1)   # fault injection for the resume tests
+  # failure settings (train/train.py, DISTRIBUTED_DEFAULTS): a process silent for heartbeat_timeout_s
+  # is declared dead and every process stops; save failures and SIGTERM are agreed every agree_every steps
+  c.distributed = dict(auto=False, num_processes=1, process_id=0, coordinator="", heartbeat_timeout_s=20,
+                       shutdown_timeout_s=30, initialization_timeout_s=300, agree_every=1)
+  # fault injection for the resume / failure tests (fail_save_process: that process's saves fail, ENOSPC)
+  c.debug = dict(kill_after_save_step=-1, fail_save_process=-1)
   # at the end of a run: WORKDIR/inference, the final params + data.llm_tokenizer / qformer_tokenizer
   c.export_inference = True
   return c

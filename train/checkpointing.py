@@ -108,6 +108,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self._schedule = schedule
     self._saving = None   # the step of a save started and not yet seen to finish
+    self.inject_errno = 0   # fault injection (config.debug.fail_save_process): saves "fail" with it
     with self._failure(None):
       os.makedirs(self.directory, exist_ok=True)   # orbax accepts a file here and fails at the first save
       self.mngr = ocp.CheckpointManager(
@@ -165,6 +166,8 @@ class Checkpointer:
     """Blocks until a background save is done; raises CheckpointSaveError if it failed."""
     with self._failure(self._saving):
       self.mngr.wait_until_finished()
+      if self.inject_errno and self._saving is not None:   # as if the background write had failed
+        raise OSError(self.inject_errno, os.strerror(self.inject_errno), self.directory)
     self._saving = None
 
   def poll(self):

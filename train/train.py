@@ -15,13 +15,23 @@ the config is checked (`check_config`) before anything is built or compiled.
 Several processes (one per host, or 2 x 4 CPU devices on localhost for tests):
   --config.distributed.num_processes=2 --config.distributed.process_id=I
   --config.distributed.coordinator=localhost:12345   (auto=True: let JAX detect the cluster)
+
+One host's failure stops every host (docs: DISTRIBUTED_DEFAULTS below):
+  - a process that dies: the distributed runtime's heartbeat (`heartbeat_timeout_s`)
+    notices and stops the others; `shutdown_timeout_s` bounds the exit barrier;
+  - at every `agree_every`-th step boundary the processes exchange a status
+    (`multihost_utils.process_allgather`): a failed checkpoint save on any process
+    stops every process naming that process and the errno (`HostFailure`), and a
+    SIGTERM on any process makes every process save the same step and exit.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import sys
 import types
 
 import jax
@@ -34,15 +44,69 @@ from train.evaluators import Evaluators, check as check_evals
 
 
 
+# config.distributed's failure settings (seconds; `agree_every` in steps): a process
+# missing heartbeats this long is declared dead and the others stop (JAX's default 100 s
+# leaves a pod idle for minutes); the exit barrier waits this long for the others; the
+# start waits this long for every process to join; the step-boundary status exchange
+# (save failures, SIGTERM) runs every `agree_every` steps (it syncs host and device).
+DISTRIBUTED_DEFAULTS = dict(heartbeat_timeout_s=20, shutdown_timeout_s=30, initialization_timeout_s=300,
+                            agree_every=1)
+
+
+class HostFailure(RuntimeError):
+  """Another process failed (its save failed, or it was lost); every process stops."""
+
+
+def _dist(d, key):
+  return d.get(key, DISTRIBUTED_DEFAULTS[key]) if d is not None else DISTRIBUTED_DEFAULTS[key]
+
+
 def init_distributed(d) -> None:
   if not (d.get("auto") or d.get("num_processes", 1) > 1):
     return
   if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  timeouts = dict(heartbeat_timeout_seconds=int(_dist(d, "heartbeat_timeout_s")),
+                  shutdown_timeout_seconds=int(_dist(d, "shutdown_timeout_s")),
+                  initialization_timeout=int(_dist(d, "initialization_timeout_s")))
   if d.get("auto"):
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   else:
-    jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id)
+    jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **timeouts)
+
+
+def lost_process_message(e: BaseException, last_saved: int | None) -> str:
+  """The one line for a collective that failed under this process (a peer died)."""
+  import re
+  text = str(e)
+  m = re.search(r"[Tt]ask[ :/_]*(\d+)|process[ _]?(?:id)?[ :=]*(\d+)", text)
+  who = f"process {m.group(1) or m.group(2)}" if m else "another process"
+  first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+  resume = f"step {last_saved}" if last_saved is not None else "the start (no checkpoint yet)"
+  return (f"lost {who} (a collective failed: {first[:300]}); every process stops: restart all of them to "
+          f"resume from the last checkpoint, {resume}")
+
+
+def agree(step: int, failure: BaseException | None, stop: bool) -> bool:
+  """The step-boundary status exchange of several processes: -> whether any process
+  asked to stop (SIGTERM). Raises on every process when any process's save failed: its
+  own `CheckpointSaveError` on that process, `HostFailure` naming it and the errno on
+  the others."""
+  from jax.experimental import multihost_utils
+  code = (getattr(failure, "errno", None) or -1) if failure is not None else 0
+  saving = getattr(failure, "step", None) or 0
+  mine = np.asarray([code, saving, int(stop)], np.int32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 3)
+  bad = [p for p in range(len(every)) if every[p, 0]]
+  if failure is not None:
+    raise HostFailure(f"process {jax.process_index()}: {failure}; every process stops at step {step} "
+                      f"(resume from the last checkpoint)") from failure
+  if bad:
+    p, e = bad[0], int(every[bad[0], 0])
+    what = f"[Errno {e}] {os.strerror(e)} ({errno.errorcode.get(e, '?')})" if e > 0 else "no errno"
+    raise HostFailure(f"process {p} failed to save checkpoint step {int(every[p, 1])}: {what}; every process "
+                      f"stops at step {step} (resume from the last checkpoint)")
+  return bool(every[:, 2].any())
 
 
 def make_data(c, model_cfg):
@@ -79,8 +143,8 @@ TOP_KEYS = frozenset({"model", "data", "optim", "mesh", "batch_size", "total_ste
 BLOCK_KEYS = {
     "ckpt": frozenset({"every", "keep", "async_save"}),
     "log": frozenset({"every", "progress", "peak_tflops"}),
-    "distributed": frozenset({"auto", "num_processes", "process_id", "coordinator"}),
-    "debug": frozenset({"kill_after_save_step"}),
+    "distributed": frozenset({"auto", "num_processes", "process_id", "coordinator", *DISTRIBUTED_DEFAULTS}),
+    "debug": frozenset({"kill_after_save_step", "fail_save_process"}),
     "optim": frozenset({"lr", "warmup_ratio", "warmup_steps", "end_lr_ratio", "b1", "b2", "eps", "weight_decay",
                         "clip_norm", "trainable", "lr_mults", "host_state"}),
 }
@@ -237,9 +301,10 @@ def _check_export(c) -> None:
 
 
 def check_resume(c) -> None:
-  """A WORKDIR that holds checkpoints resumes only with the model shapes and global
-  batch it was saved with: anything else raises ConfigError naming what differs (before
-  anything is built or compiled; a changed lr, schedule or attention impl is allowed)."""
+  """A WORKDIR that holds checkpoints resumes only with the model shapes it was saved
+  with: other shapes raise ConfigError naming the arrays (before anything is built or
+  compiled; a changed lr, schedule or attention impl is allowed). The global batch is
+  checked against the checkpoint's own record (`_check_global_batch`)."""
   from llamavid_jax.checkpoint import layout, orbax_io
   from llamavid_jax.models.config import from_dict
   old_file = os.path.join(c.workdir, orbax_io.TRAIN_CONFIG)
@@ -248,9 +313,6 @@ def check_resume(c) -> None:
   with open(old_file) as f:
     old = json.load(f)
   errors = []
-  if old.get("batch_size") != c.batch_size:
-    errors.append(f"config.batch_size={c.batch_size}: the checkpoints in {c.workdir} were saved with "
-                  f"batch_size={old.get('batch_size')} (the global batch must stay the same to resume)")
   was, now = (jax.tree_util.tree_flatten_with_path(orbax_io.shape_tree(from_dict(m)),
                                                    is_leaf=lambda x: isinstance(x, tuple))[0]
               for m in (old["model"], c.model.to_dict()))
@@ -362,7 +424,10 @@ def train(c) -> dict:
   schedule = _schedule_config(c)
   ckpt = checkpointing.Checkpointer(os.path.join(c.workdir, "checkpoints"), c.ckpt.every, c.ckpt.keep,
                                     c.ckpt.async_save, schedule=schedule)
+  if c.debug.get("fail_save_process", -1) == jax.process_index():   # fault injection for the tests
+    ckpt.inject_errno = errno.ENOSPC
   if ckpt.latest_step() is not None:
+    _check_global_batch(ckpt.schedule(), c, ckpt.latest_step())
     state = ckpt.restore(checkpointing.abstract_like(shardings, nn.unbox(abstract)), data)
     logging.info("resumed from step %d", int(state["step"]))
     _warn_schedule_changes(ckpt.schedule(), schedule)
@@ -386,12 +451,21 @@ def train(c) -> dict:
                              metrics.peak_flops_per_device(c.log.get("peak_tflops")), c.log.progress)
   trainer = b.trainer
   preempt = _Preemption()
-  losses, preempted, evals = {}, False, {}
+  losses, preempted, evals, host_failed = {}, False, {}, False
   try:
     state, preempted = _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators, evals)
+  except HostFailure:
+    host_failed = True   # a save of this or another process failed: waiting for ours could hang
+    raise
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    host_failed = True   # a collective failed: most likely another process died
+    raise HostFailure(lost_process_message(e, ckpt.latest_step())) from e
   finally:
     preempt.restore()
-    ckpt.close()
+    if not host_failed:
+      ckpt.close()
     log.close()
   step = start + len(losses)
   if c.get("export_inference", False) and not preempted:
@@ -405,7 +479,10 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators
 
   A step's metrics reach the host while the next step runs (no host sync between
   steps), except before a save: the loss of the saved state is checked first."""
+  from train import checkpointing
   pending = None   # (1-based step, device metrics, batch sample ids) not yet checked
+  several, failure = jax.process_count() > 1, None
+  agree_every = int(_dist(c.get("distributed"), "agree_every"))
   for i in range(start, c.total_steps):
     try:
       batch = next(data)
@@ -413,7 +490,15 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators
       raise RuntimeError(f"the data ran out after {i} steps of {c.total_steps}: "
                          f"raise config.data.num_epochs (0 = as many as needed)") from None
     state, m = trainer(state, batch)
-    ckpt.poll()   # a failed background save stops the run here, not at the next save
+    try:
+      ckpt.poll()   # a failed background save stops the run here, not at the next save
+    except checkpointing.CheckpointSaveError as e:
+      if not several:
+        raise
+      failure = failure or e   # told to the others at the next exchange
+    agreed_stop = False
+    if several and ((i + 1) % agree_every == 0 or i + 1 == c.total_steps):
+      agreed_stop = agree(i + 1, failure, preempt.requested)   # every process, the same answer
     if pending is not None:
       _check_and_log(*pending, losses, log)
     pending = (i + 1, m, batch.get("sample_index"))
@@ -423,12 +508,18 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators
       pending = None
       evals[i + 1] = evaluators.maybe_run(i + 1, state["params"], last, log.scalars)
     kill = i + 1 == c.debug.get("kill_after_save_step", -1)   # fault injection for the resume test
-    stop = preempt.requested or ckpt.reached_preemption(i + 1)
+    stop = (agreed_stop if several else preempt.requested) or ckpt.reached_preemption(i + 1)
     if not (ckpt.due(i + 1) or kill or stop or i + 1 == c.total_steps):
       continue
     if pending is not None:
       _check_and_log(*pending, losses, log)
     pending = None
+    if several:   # the previous save's failure, anywhere, stops every process before this one starts
+      try:
+        ckpt.wait()
+      except checkpointing.CheckpointSaveError as e:
+        failure = failure or e
+      agree(i + 1, failure, False)
     ckpt.save(i + 1, state, data, force=stop or i + 1 == c.total_steps)
     if kill:
       ckpt.wait()
@@ -440,8 +531,19 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators
 
 
 def _schedule_config(c) -> dict:
-  """The config the learning-rate schedule and optimizer depend on (saved with checkpoints)."""
-  return dict(total_steps=c.total_steps, optim=c.optim.to_dict())
+  """The config the learning-rate schedule, optimizer and data order depend on (saved
+  with checkpoints): the global batch size is the data's (any process count sees the
+  same global batches for it)."""
+  return dict(total_steps=c.total_steps, optim=c.optim.to_dict(), batch_size=c.batch_size)
+
+
+def _check_global_batch(saved: dict | None, c, step: int) -> None:
+  """A resume with another global batch size would train on other batches: refused."""
+  if saved is not None and "batch_size" in saved and saved["batch_size"] != c.batch_size:
+    raise ConfigError(f"config.batch_size={c.batch_size}: the checkpoint of step {step} in {c.workdir} was "
+                      f"trained with a global batch size of {saved['batch_size']}; a resume keeps it (the "
+                      f"number of processes may change, the global batch may not): set "
+                      f"config.batch_size={saved['batch_size']} or start a new workdir")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -485,7 +587,13 @@ def main(argv):
   c = _CONFIG.value
   init_distributed(c.distributed)
   logging.info("devices: %s x %d processes", jax.device_count(), jax.process_count())
-  out = train(c)
+  try:
+    out = train(c)
+  except HostFailure as e:   # every process got here; skip the exit barrier and background saves
+    from llamavid_jax.cli import messages
+    sys.stdout.flush()
+    print("\n".join(f"error: {m}" for m in messages(e)), file=sys.stderr, flush=True)
+    os._exit(1)
   print(f"finished at step {out['step']}" + (" (preempted)" if out["preempted"] else ""), flush=True)
 
 

@@ -15,6 +15,8 @@ Modules (import them directly; this package keeps its import light):
   buckets       sample lengths -> bucket (`choose_bucket`; pure)
   rows          encoded text + decoded media -> padded rows, batches
   skips         `Skip` and the one skip budget (`SkipBudget`)
+  plan          the planning verdicts once: manifest cache, parallel probing, I/O retries,
+                shared by every process (hash-checked)
   pipeline      grain pipeline: plan (shuffle, shard, bucket), batch, skip accounting
   tfds_builder  LLaVA JSON + media -> ArrayRecord (TFDS), read back without TF
 

@@ -9,7 +9,8 @@ Design (why batches are planned up front):
 
   1. order: `grain.MapDataset.range(N).seed(seed).shuffle().repeat(num_epochs)`
      (grain's index shuffle, reshuffled each epoch).
-  2. each sample goes to its bucket (`buckets.choose_bucket`: the smallest
+  2. each sample goes to its bucket (the verdicts come from `plan`: computed once,
+     cached as a manifest, shared by every process; `buckets.choose_bucket`: the smallest
      `(max_text_len, max_frames[, prompts])` that fits, separately for frame and
      feature samples); samples that fit none, or whose text is invalid, or whose
      media file is missing / unreadable at probe time, are skipped here (counted
@@ -101,6 +102,11 @@ class PipelineConfig:
     qformer_max_len: Q-Former instruction length (left truncation, padded).
     feature_dtype: dtype of the `features` rows: `float32`, or `float16` / `bfloat16`
       (half the host memory and transfer of a long movie; the model casts inside).
+    plan_cache_dir: where the plan manifest goes when the data folder is read-only
+      (`plan`; "" = $LLAMAVID_PLAN_CACHE or ~/.cache/llamavid_jax/plans).
+    plan_threads: threads probing media headers while planning.
+    io_attempts: tries of a file read failing with an I/O hiccup (planning and loading;
+      exponential backoff) before the sample becomes the skip `io_error`.
   """
 
   data_path: str = ""
@@ -124,6 +130,9 @@ class PipelineConfig:
   max_len: int = 2048
   qformer_max_len: int = 256
   feature_dtype: str = "float32"
+  plan_cache_dir: str = ""
+  plan_threads: int = 16
+  io_attempts: int = 4
 
 
 FEATURE_DTYPES = ("float32", "float16", "bfloat16")
@@ -149,11 +158,14 @@ class Plan:
       a `BucketKey` (`frames` | `features`, index into `config.buckets`).
     skips: samples dropped while planning, one entry per source index.
     num_samples: source size.
+    digest: sha256 (hex) of the global batch list, the same on every process of a run
+      (`plan.check_same` compares it before step 0).
   """
 
   batches: list[tuple[BucketKey, np.ndarray]]
   skips: list[Skip]
   num_samples: int
+  digest: str = ""
 
 
 class SampleProcessor:
@@ -201,16 +213,35 @@ class SampleProcessor:
     """Movie mode and a sample with media (text-only samples stay text)."""
     return self.spec.movie and sample.has_media
 
-  def bucket_of(self, sample: sources_lib.RawSample) -> BucketKey:
-    """The bucket key of `sample`; raises `SampleError` (too long, bad text, ...)."""
-    cfg = self.config
+  def probe(self, sample: sources_lib.RawSample):
+    """The media metadata planning needs, read from file headers (the I/O of planning,
+    run in a thread pool by `plan.probe_all`): a movie's (shape, inputs), else the frame
+    count. Raises `SampleError`, or `OSError` for an I/O hiccup (`sources.is_transient`)."""
     if self.is_movie(sample):
-      shape, inputs = sources_lib.movie_header(media_lib.movie_path(sample))
+      return sources_lib.movie_header(media_lib.movie_path(sample))
+    return self.source.num_frames(sample, fps=self.config.video_fps, max_frames=self.config.max_frames)
+
+  def bucket_of(self, sample: sources_lib.RawSample, probed=None) -> BucketKey:
+    """The bucket key of `sample` from `probed` (`probe`'s result, or the `SampleError`
+    it raised; None: probe now); raises `SampleError` (too long, bad text, ...): a
+    sample's text is judged before its media, as ever."""
+    cfg = self.config
+    if probed is None:
+      try:
+        probed = self.probe(sample)
+      except SampleError as e:
+        probed = e
+    if self.is_movie(sample):
+      if isinstance(probed, SampleError):
+        raise probed
+      shape, inputs = probed
       media_lib.check_movie_length(shape[0], cfg.max_frames, sample.path)
       enc, frames, prompts = self.encode_text(sample, inputs), shape[0], 1
     else:
       enc = self.encode_text(sample)
-      frames = self.source.num_frames(sample, fps=cfg.video_fps, max_frames=cfg.max_frames)
+      if isinstance(probed, SampleError):
+        raise probed
+      frames = probed
       prompts = enc.num_images
     return buckets_lib.choose_bucket(len(enc.input_ids), frames, prompts,
                                      features=sample.kind == "features", buckets=self.buckets,
@@ -251,6 +282,17 @@ class SampleProcessor:
     qs = self.q_tok(list(enc.instructions), truncation=True, max_length=cfg.qformer_max_len).input_ids
     return rows_lib.fill_row(self.empty_row(key), key[0], sample.index, enc, visual, qs, sample.path)
 
+  def _example_with_retries(self, index: int, key: BucketKey) -> dict[str, np.ndarray]:
+    """`example`, retried on an I/O hiccup (`plan.with_retries`); a persistent one is a
+    `SampleError` (`io_error`), so the row is padding, as for a bad file."""
+    from llamavid_jax.data import plan as plan_lib
+
+    policy = plan_lib.RetryPolicy(attempts=self.config.io_attempts)
+    try:
+      return plan_lib.with_retries(lambda: self.example(index, key), f"loading sample index {index}", policy)
+    except OSError as e:
+      raise plan_lib.io_error(self.source[index], e, policy.attempts) from None
+
   def make_batch(self, spec: tuple[BucketKey, np.ndarray]) -> dict[str, Any]:
     """Planned batch -> stacked rows, plus `_skips` and `_attempted` for accounting."""
     key, indices = spec
@@ -260,7 +302,7 @@ class SampleProcessor:
         rows.append(self.empty_row(key))
         continue
       try:
-        rows.append(self.example(int(index), key))
+        rows.append(self._example_with_retries(int(index), key))
       except SampleError as e:
         skips.append(dataclasses.asdict(Skip.of(self.source[int(index)], e)))
         rows.append(self.empty_row(key))
@@ -285,10 +327,13 @@ def plan_batches(config: PipelineConfig, processor: SampleProcessor, *, shard_in
   global_batches: list[tuple[BucketKey, list[int]]] = []
   for i in range(len(order)):
     index = int(order[i])
-    if index not in verdicts:
+    if index not in verdicts:   # not planned by `plan` beforehand: probed here, one by one
+      from llamavid_jax.data import plan as plan_lib
+
       sample = processor.source[index]
       try:
-        verdicts[index] = processor.bucket_of(sample)
+        verdicts[index] = processor.bucket_of(
+            sample, plan_lib.probe_one(processor, index, plan_lib.RetryPolicy(attempts=config.io_attempts)))
       except SampleError as e:
         verdicts[index] = Skip.of(sample, e)
         log.warning("skipped %s", verdicts[index].message())
@@ -305,7 +350,18 @@ def plan_batches(config: PipelineConfig, processor: SampleProcessor, *, shard_in
     global_batches.append((key, pending[key] + [-1] * (global_bs - len(pending[key]))))
   lo, hi = shard_index * config.batch_size, (shard_index + 1) * config.batch_size
   batches = [(key, np.asarray(rows[lo:hi], np.int64)) for key, rows in global_batches]
-  return Plan(batches, skips, n)
+  return Plan(batches, skips, n, plan_digest(global_batches, n))
+
+
+def plan_digest(global_batches, num_samples: int) -> str:
+  """sha256 (hex) of the global batch list: each batch's bucket key and source indices."""
+  import hashlib
+
+  h = hashlib.sha256(str(num_samples).encode())
+  for key, rows in global_batches:
+    h.update(f"{key.kind}:{key.index};".encode())
+    h.update(np.asarray(rows, np.int64).tobytes())
+  return h.hexdigest()
 
 
 def skip_budget(config: PipelineConfig) -> SkipBudget:
@@ -445,10 +501,24 @@ def make_pipeline(config: PipelineConfig, spec: InputSpec, *, source: sources_li
 
 
 def _planned_pipeline(config, processor, shard_index, shard_count) -> Pipeline:
+  import jax
+
+  from llamavid_jax.data import plan as plan_lib
+
   if shard_index is None or shard_count is None:
     shard = grain.sharding.ShardByJaxProcess()
     shard_index, shard_count = shard.shard_index, shard.shard_count
+  pods = shard_count == jax.process_count() > 1   # one shard per JAX process: they plan together
+  if len(processor.planned) < len(processor.source):   # else an earlier plan's verdicts
+    kw = dict(cache_dir=config.plan_cache_dir or None, threads=config.plan_threads,
+              policy=plan_lib.RetryPolicy(attempts=config.io_attempts))
+    if pods:
+      plan_lib.shared_verdicts(processor, **kw)
+    else:
+      processor.planned.update(plan_lib.load_or_build(processor, **kw)[0])
   plan = plan_batches(config, processor, shard_index=shard_index, shard_count=shard_count)
+  if pods:
+    plan_lib.check_same(plan.digest, "data plans (hash of the global batch list)")
   _check_plan_skips(config, plan)
   return Pipeline(config, processor, plan)
 

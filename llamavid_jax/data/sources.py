@@ -15,12 +15,15 @@ tensor (or one named `features`) and may carry `prompt` (the Q-Former instructio
 A source returns `RawSample`s by index (`src[i]`, cheap, picklable) and knows each
 sample's frame count cheaply (`num_frames`, by `frames.frame_count`: the rule the
 decoder picks frames by) so the pipeline can bucket before any decoding. Media are
-decoded later, in the pipeline's workers (`media.decode`).
+decoded later, in the pipeline's workers (`media.decode`). Probing raises an I/O hiccup
+(`is_transient`: EIO, ETIMEDOUT, ESTALE, ...) as `OSError`, for the planner to retry; any
+other failure is a `SampleError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from typing import Any, Literal, Protocol
@@ -83,6 +86,19 @@ def sampled_frame_count(num_frames: int, avg_fps: float, fps: float | None,
   return frames_lib.frame_count(num_frames, avg_fps, fps, max_frames)
 
 
+# errnos of an I/O hiccup (a network file system, a busy disk), not of a bad file: probing
+# re-raises them as OSError so the planner retries (`plan.with_retries`); a missing, unreadable
+# or corrupt file stays a `SampleError` (a counted skip).
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY,
+                              errno.ECONNRESET, errno.ECONNABORTED, errno.ENETDOWN, errno.ENETUNREACH,
+                              errno.EHOSTUNREACH, errno.ENOLCK})
+
+
+def is_transient(e: BaseException) -> bool:
+  """Whether `e` is an I/O error worth retrying (`TRANSIENT_ERRNOS`)."""
+  return isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS
+
+
 PICKLE_REFUSED = ("pickled features are not read (unsafe); convert them to .safetensors with "
                   "`python -m llamavid_jax.data.features convert`")
 
@@ -112,6 +128,8 @@ def probe_video(path: str) -> tuple[int, float]:
       if not n and stream.duration and stream.time_base:
         n = int(round(float(stream.duration * stream.time_base) * avg_fps))
   except (av.error.FFmpegError, OSError, ValueError) as e:
+    if is_transient(e):
+      raise
     raise SampleError("unreadable_video", "video", f"{type(e).__name__}: {e}", path) from None
   if n <= 0 or avg_fps <= 0:
     raise SampleError("empty_video", "video", f"{n} frames at {avg_fps} fps", path)
@@ -136,6 +154,8 @@ def feature_file_shape(path: str) -> tuple[int, ...]:
   except features_lib.MovieError as e:
     raise _sample_error(e) from None
   except features_lib.file_errors() as e:
+    if is_transient(e):
+      raise
     raise SampleError("unreadable_features", "video", f"{type(e).__name__}: {e}", path) from None
 
 
@@ -178,6 +198,8 @@ def movie_header(path: str) -> tuple[tuple[int, ...], str]:
       with safe_open(path, framework="numpy") as f:
         inputs = (f.metadata() or {}).get("inputs")
     except features_lib.file_errors() as e:
+      if is_transient(e):
+        raise
       raise SampleError("unreadable_features", "video", f"{type(e).__name__}: {e}", path) from None
   if inputs is None:
     raise SampleError("missing_inputs", "video", MISSING_INPUTS, path)
