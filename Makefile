@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv lint-imports test test-fast test-lmms demo needle clean
+.PHONY: venv lint-imports test test-fast test-faults test-lmms demo needle clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: lint-imports
 # Everything but the tests marked `slow` (subprocess / multi-step training, dataset generation, TFDS builds).
 test-fast: lint-imports
 	$(PYTEST) -m "not slow" tests
+
+# Fault injection over several local processes (tests/test_multihost_failures.py): a failed
+# save, SIGTERM and SIGKILL on one process. Minutes each, one at a time.
+test-faults: lint-imports
+	LLAMAVID_FAULT_TESTS=1 $(BIN)/python -m pytest -q tests/test_multihost_failures.py
 
 # lmms-eval (optional, its own venv): the `lmms` extra, then lmms-eval itself with --no-deps
 # (its declared dependencies would replace torch; see pyproject.toml), then its test.

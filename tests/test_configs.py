@@ -80,7 +80,7 @@ def test_documented_train_command_runs_on_generated_demo_data(tmp_path):
   data = tmp_path / demo.DATA
   gen = [sys.executable, "-m", "llamavid_jax.data.synthetic", "--out", str(data), *demo.SYNTHETIC_ARGS.split(),
          "--num-train", "32", "--num-eval", "4", "--workers", "1"]
-  subprocess.run(gen, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+  subprocess.run(gen, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=900)
   cmd = [sys.executable, "-m", "train.train", f"--config={REPO}/configs/demo.py", "--config.total_steps=3",
          "--config.log.progress=False"]
   p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -184,7 +184,7 @@ def test_cli_prints_config_errors_one_line_each_with_exit_status_2(args, lines):
   env.pop("LLAMAVID_DEBUG", None)
   config = f"{REPO}/configs/demo.py"
   cmd = [sys.executable, "-m", "train.train", "--config", config + args[0], *args[1:]]
-  p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 2, p.stderr
   assert p.stderr.replace(config, "CONFIG").splitlines() == lines
 

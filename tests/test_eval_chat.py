@@ -145,7 +145,7 @@ def test_the_command_reads_a_runs_inference_directory_on_other_devices(tiny_ckpt
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   cmd = [sys.executable, "-m", "eval.chat", *args, "--question", Q1, "--json", *GREEDY]
   cmd[cmd.index("--ckpt") + 1] = os.path.join(tiny_ckpt, "inference")
-  p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr
   assert json.loads(p.stdout) == json.loads(run(args + ["--question", Q1, "--json", *GREEDY]))
 
@@ -216,7 +216,7 @@ def test_a_model_trained_on_synthetic_clips_answers_held_out_clips_through_eval_
   p = subprocess.run([sys.executable, "-m", "train.train", f"--config={REPO}/configs/demo.py:tiny",
                       f"--config.data.root={data}", f"--config.workdir={wd}",
                       *[f"--config.{kv}" for kv in TRAIN_OVERRIDES.split()]],
-                     env=env, capture_output=True, text=True, timeout=300)
+                     env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0 and "finished at step 200" in p.stdout, p.stdout + p.stderr
 
   heldout = json.load(open(data / "heldout.json"))

@@ -117,7 +117,7 @@ def test_tiny_model_end_to_end(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   synthetic.main(["--out", data, *needle_config.TINY_SYNTHETIC_ARGS.split(), "--workers", "1"])
   run = lambda *cmd: subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=env, capture_output=True, text=True,
-                                    timeout=300)
+                                    timeout=900)
   r = run("train.train", "--config=configs/needle.py:tiny", f"--config.data.root={data}", f"--config.workdir={wd}")
   assert r.returncode == 0 and "finished at step 4" in r.stdout, r.stderr[-3000:]
   r = run("eval.needle", "--ckpt", os.path.join(wd, "inference"), "--lengths", "8,16", "--depths", "0,100",

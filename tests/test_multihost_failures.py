@@ -14,7 +14,11 @@ import pytest
 
 from tests.test_train_resume import _free_port, launch, metrics
 
-pytestmark = pytest.mark.slow
+# Fault injection over 2 processes x 4 devices, minutes each and sensitive to a loaded
+# machine (the SIGTERM case failed twice in 10 runs on a busy 2-core box): opt-in, as
+# `make test-faults` (LLAMAVID_FAULT_TESTS=1), not part of `make test`.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("LLAMAVID_FAULT_TESTS") != "1",
+                                                   reason="fault injection: make test-faults")]
 
 
 def launch2(workdir, *overrides, port=None):
