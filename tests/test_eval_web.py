@@ -177,8 +177,8 @@ def test_a_user_who_cancels_mid_answer_frees_the_slot(demo, tmp_path, monkeypatc
   eng = client.engine
   take, before = eng._take, eng.finished["cancelled"]
 
-  def slow_take(h, toks):   # 0.1 s a decode dispatch: the 400-token answer is still running when cancelled
-    time.sleep(0.1)
+  def slow_take(h, toks):   # 0.5 s a decode dispatch: the answer (its budget cut to the model's positions,
+    time.sleep(0.5)         # tens of dispatches) is still running when the cancel arrives, even on a loaded box
     return take(h, toks)
 
   monkeypatch.setattr(eng, "_take", slow_take)
