@@ -577,8 +577,7 @@ def main(argv=None) -> None:
     m = eval_args.load(a)
   except FileNotFoundError as e:
     sys.exit(f"eval.serve: --ckpt {e}")
-  llm = m.cfg.llm
-  kv = 2 * llm.num_layers * a.slots * a.max_positions * llm.num_kv_heads * llm.head_dim * np.dtype(a.dtype).itemsize
+  kv = engine_lib.cache_bytes(m.cfg, a.slots, a.max_positions, a.dtype)
   print(f"eval.serve: {name}: {a.slots} slots x {a.max_positions} positions, KV cache {kv / 2 ** 30:.2f} GiB "
         f"({a.dtype}); compiling the decode step", flush=True)
   eng = engine_lib.Engine(m, slots=a.slots, max_positions=a.max_positions, decode_chunk=a.decode_chunk,

@@ -275,8 +275,7 @@ def main(argv=None) -> None:
     sys.exit("eval.web needs gradio: pip install 'llamavid-jax[web]'")
   m = eval_args.load(a, max_frames=a.max_frames)
   positions = a.max_positions or 2 * m.position_budget
-  llm = m.cfg.llm
-  kv = 2 * llm.num_layers * a.slots * positions * llm.num_kv_heads * llm.head_dim * np.dtype(a.dtype).itemsize
+  kv = engine_lib.cache_bytes(m.cfg, a.slots, positions, a.dtype)
   print(f"eval.web: {a.slots} slots x {positions} positions, KV cache {kv / 2 ** 30:.2f} GiB ({a.dtype}); "
         "compiling the decode step", flush=True)
   eng = make_engine(m, a.slots, positions, a.max_queue, kw["prefill_chunk"])

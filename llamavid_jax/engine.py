@@ -225,6 +225,13 @@ def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len:
   return st, c["pos"][0]
 
 
+def cache_bytes(cfg, slots: int, max_positions: int, dtype: str) -> int:
+  """Bytes of the engine's KV cache: K and V of every LLM layer for `slots` rows of
+  `max_positions` positions in `dtype` (what the CLIs print before compiling)."""
+  llm = cfg.llm
+  return 2 * llm.num_layers * slots * max_positions * llm.num_kv_heads * llm.head_dim * np.dtype(dtype).itemsize
+
+
 def prompt_positions(model: inference.Model, request: dict) -> int:
   """Cache slots a request's prompt takes in an engine with the default buckets (what
   `Engine.positions` gives): for sizing an engine before making it."""
