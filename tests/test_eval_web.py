@@ -177,9 +177,11 @@ def test_a_user_who_cancels_mid_answer_frees_the_slot(demo, tmp_path, monkeypatc
   eng = client.engine
   take, before = eng._take, eng.finished["cancelled"]
 
-  def slow_take(h, toks):   # 0.5 s a decode dispatch: the answer (its budget cut to the model's positions,
-    time.sleep(0.5)         # tens of dispatches) is still running when the cancel arrives, even on a loaded box
-    return take(h, toks)
+  word = m.tokenizer.encode("video", add_special_tokens=False)[-1]
+
+  def slow_take(h, toks):   # 0.5 s a decode dispatch, and no </s>: the answer (its budget cut to the model's
+    time.sleep(0.5)         # positions, tens of dispatches) is still running when the cancel arrives
+    return take(h, [word if t == eng.eos_id else t for t in toks])
 
   monkeypatch.setattr(eng, "_take", slow_take)
   clip = video_fixtures.write_counter_clip(str(tmp_path / "clip.mp4"), 30, 10)
