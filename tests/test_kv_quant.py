@@ -74,6 +74,7 @@ def test_int8_cache_stores_int8_and_scales(setup):
   assert not np.asarray(q).any() and not np.asarray(scale).any()
 
 
+@pytest.mark.slow
 def test_int8_decoding_stays_close_to_the_float_cache(setup):
   """Teacher-forced decode log-probs (prefill + 12 extend steps, 3 rows) with the int8
   cache vs the float32 cache: mean |delta| <= 0.01, max <= 0.03 (measured: see the
@@ -91,6 +92,7 @@ def test_int8_decoding_stays_close_to_the_float_cache(setup):
   np.testing.assert_array_equal(G.generate(int8(model), params, batch, max_new_tokens=STEPS, eos_id=-1), teacher)
 
 
+@pytest.mark.slow
 def test_engine_with_int8_cache_gives_generates_tokens(tiny_ckpt):
   """Continuous batching stays exact under the int8 cache: each request's engine tokens
   are `Model.generate`'s for it alone, with the same int8 cache; the engine's state
