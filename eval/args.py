@@ -1,12 +1,12 @@
 """The flags every inference command shares, spelled once: where the model comes from
-and how it is held (`--ckpt`, `--dtype`, `--mesh`, `--quant`, `--kv-cache`), checked before anything
-is loaded, the one call that loads it (`load`), and the sampling flags
+and how it is held (`--ckpt`, `--dtype`, `--mesh`, `--quant`, `--kv-cache`), checked
+before anything is loaded, the one call that loads it (`load`), and the sampling flags
 (`add_sampling_flags`, `check_sampling_flags`).
 
   p = argparse.ArgumentParser(...)
   args.add_model_flags(p)                  # --ckpt --dtype --mesh --quant --kv-cache
   a = p.parse_args(argv)
-  args.check_model_flags(p, a)             # a bad mesh / quant: p.error (exit 2), nothing loaded
+  args.check_model_flags(p, a)             # a bad mesh / quant / kv-cache: p.error (exit 2), nothing loaded
   m = args.load(a)                         # inference.load(a.ckpt, dtype=, mesh=, quant=, kv_cache=)
 
 `--mesh` is `axis=size[,axis=size...]` over the training's axes (data, fsdp, tensor,

@@ -428,8 +428,8 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
   `quant` "int8" | "int4" quantizes the LLM's weights with Qwix (llamavid_jax/quant.py);
   an unknown mode is refused before anything is read. `kv_cache` "int8" stores the
   decoding KV cache as int8 with a float32 scale per (row, slot, head)
-  (`llama.cache_spec`; None: the compute dtype), checked before anything is read too. `mesh` (`sharding.make_mesh`)
-  restores an inference directory's parameters sharded by the training's logical rules
+  (`llama.cache_spec`; None: the compute dtype), checked before anything is read too.
+  `mesh` (`sharding.make_mesh`) restores an inference directory's parameters sharded by the training's logical rules
   (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")

@@ -110,3 +110,23 @@ def test_engine_with_int8_cache_gives_generates_tokens(tiny_ckpt):
   finally:
     eng.close()
   assert got == want and any(want), (got, want)
+
+
+@pytest.mark.slow
+def test_int8_cache_on_a_mesh_equals_one_device(tiny_ckpt, tmp_path):
+  """eval.chat --kv-cache int8 with the model split over the 8 devices (heads over
+  tensor, cache slots over sequence): the one-device greedy ids."""
+  import io
+  import json
+
+  from eval import chat
+  feats = tmp_path / "f.npy"
+  np.save(feats, np.random.default_rng(0).normal(size=(2, 5, 32)).astype(np.float32))
+
+  def chat_ids(*extra):
+    out = io.StringIO()
+    chat.main(["--ckpt", tiny_ckpt, "--features", str(feats), "--question", "What is this?", "--json",
+               "--temperature", "0", "--max-new-tokens", "6", "--kv-cache", "int8", *extra], stdout=out)
+    return json.loads(out.getvalue())["token_ids"]
+
+  assert chat_ids("--mesh", "tensor=2,sequence=4") == chat_ids()
