@@ -1,6 +1,7 @@
 """Generation speed and prefill memory.
 
   python bench/generate.py [--dtype float32] [--steps 16] [--skip_7b]
+  python bench/generate.py --kv_int8 [--dtype bfloat16] [--skip_7b]
 
 1. peak RSS (ru_maxrss) of a 16K-token prompt (8192 frames x 2 tokens) on the tiny model,
    prefilled in chunks of 1K positions versus at once, each in a fresh subprocess,
@@ -16,6 +17,18 @@ Measured (CPU): 667M parameters, bf16 1272 MiB of which the embedding table 250 
 int8 761 MiB = 0.598x bf16 (the kernels alone 0.500x); int4 769 MiB = 0.604x on the
 CPU, which stores int4 one element a byte, 0.403x counted at 4 bits (kernels alone
 0.257x). At 2 layers the embedding table is a fifth of the weights (2 % of 7B's 32).
+
+`--kv_int8`: the int8 KV cache (`kv_cache="int8"`, models/llama.py `cache_spec`) against
+the `--dtype` cache, for the tiny model (LLM init std 0.15, so that its next-token
+distributions are peaked) and the 7B slice: the cache's bytes, and the log-probs of
+the full-precision cache's greedy tokens, teacher-forced through prefill + `--steps`
+decode steps on 4 left-padded prompts of 8 frames and 32 text ids, with either cache.
+Measured (CPU, --steps 16, 64 tokens): tiny fp32 0.375x the bytes, mean |delta log p|
+0.0029, max 0.0103, greedy ids equal in 3 of 4 rows (the 4th parts at token 6); tiny
+bf16 0.750x (Dh 8), 0.0071 / 0.0424; 7B slice fp32 0.258x (1056 vs 4096 MiB for a
+32-layer row of 4096 positions), 0.0200 / 0.0721; 7B slice bf16 0.516x (1056 vs 2048
+MiB), 0.0223 / 0.0799 (log p -5.9 +- 0.4: flat random distributions, greedy ids part
+after 2-8 tokens in some rows).
 
 Measured on the 2-core dev CPU, fp32 (best of 3; tiny figures swing 2-5x with the shared
 cores): 16K prompt peak RSS 1.29 GiB in 1K chunks, 14.80 GiB at once (0.46 before);
@@ -41,14 +54,18 @@ from llamavid_jax import generate as G
 from llamavid_jax import quant as Q
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.config import LlmConfig
+from llamavid_jax.models.llama import cache_spec
 
 SLICE_7B = LlmConfig(vocab_size=32000, d_model=4096, num_layers=2, num_heads=32, num_kv_heads=32, mlp_dim=11008)
 
 
-def model_and_params(kind: str, dtype: str):
+def model_and_params(kind: str, dtype: str, std: float | None = None):
+  """std: the LLM's init std (None: the config's)."""
   cfg = tiny.model_config()
   if kind == "7b-slice":
     cfg = dataclasses.replace(cfg, llm=SLICE_7B)
+  if std is not None:
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, initializer_range=std))
   model = LlamaVid(dataclasses.replace(cfg, dtype=dtype, remat_policy="none"))
   params = jax.jit(model.init)(jax.random.key(0), **batch(cfg, 1, 1, 8))["params"]
   return model, nn.unbox(params)
@@ -108,6 +125,45 @@ def rss(chunk: int, dtype: str) -> tuple[int, float, float]:
   return s, base / 2**20, peak / 2**20                   # ru_maxrss is KiB on Linux -> GiB
 
 
+def decode_logprobs(model, params, x, teacher) -> np.ndarray:
+  """float32[B, n]: log p(teacher[:, i]) at decode step i (prefill, then extend_cache with
+  the teacher's tokens)."""
+  max_len = G.prompt_length(model, x) + teacher.shape[1]
+
+  def run(p):
+    logits, cache = model.apply({"params": p}, **x, max_len=max_len, method="prefill_cache")
+
+    def step(carry, tok):
+      logits, cache = carry
+      lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], 1)[:, 0]
+      return model.apply({"params": p}, tok, cache, method="extend_cache"), lp
+
+    return jax.lax.scan(step, (logits, cache), teacher.T)[1].T
+
+  return np.asarray(jax.jit(run)(params))
+
+
+def kv_int8(kind: str, dtype: str, steps: int) -> None:
+  """The int8 KV cache against the `dtype` cache: bytes, log-prob deltas, greedy ids."""
+  model, params = model_and_params(kind, dtype, std=0.15 if kind == "tiny" else None)
+  q = model.clone(cfg=dataclasses.replace(model.cfg, kv_cache="int8"))
+  llm, full = model.cfg.llm, dataclasses.replace(model.cfg.llm, num_layers=32)
+  size = lambda c, kv: sum(a.size * a.dtype.itemsize for a in cache_spec(c, 1, 4096, dtype, kv).values())
+  x = batch(model.cfg, 4, 8, 32)
+  teacher = G.generate(model, params, x, max_new_tokens=steps, eos_id=-1)
+  want = decode_logprobs(model, params, x, teacher)
+  got = decode_logprobs(q, params, x, teacher)
+  ids = G.generate(q, params, x, max_new_tokens=steps, eos_id=-1)
+  same = (ids == teacher).cumprod(1).sum(1)        # leading ids equal, per row
+  d = np.abs(got - want)
+  print(f"{kind} ({dtype}, {llm.num_layers} layers, K={llm.num_kv_heads}, Dh={llm.head_dim}): int8 KV cache "
+        f"{size(llm, 'int8') / size(llm, None):.3f} x the {dtype} cache's bytes "
+        f"(32 layers x 4096 positions: {size(full, 'int8') / 2**20:.0f} vs {size(full, None) / 2**20:.0f} MiB a row); "
+        f"teacher-forced decode over {d.size} tokens (log p {want.mean():.2f} +- {want.std():.2f}): "
+        f"mean |delta log p| {d.mean():.5f}, max {d.max():.5f}; greedy ids equal for the first "
+        f"{same.tolist()} of {steps} tokens", flush=True)
+
+
 def quant_bytes() -> None:
   """Device bytes of the 7B slice's LLM parameters: bf16 (the baseline), int8, int4."""
   model, params = model_and_params("7b-slice", "bfloat16")
@@ -134,9 +190,14 @@ def main():
   ap.add_argument("--skip_7b", action="store_true")
   ap.add_argument("--rss_chunk", type=int, default=None, help=argparse.SUPPRESS)
   ap.add_argument("--quant_bytes", action="store_true", help="only the quantized parameter bytes of the 7B slice")
+  ap.add_argument("--kv_int8", action="store_true", help="only the int8 KV cache's bytes and log-prob deltas")
   a = ap.parse_args()
   if a.quant_bytes:
     return quant_bytes()
+  if a.kv_int8:
+    for kind in ("tiny",) + (() if a.skip_7b else ("7b-slice",)):
+      kv_int8(kind, a.dtype, a.steps)
+    return
   if a.rss_chunk is not None:
     return rss_child(a.rss_chunk, a.dtype)
   print(f"backend {jax.default_backend()}, {a.dtype}")

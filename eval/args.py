@@ -1,13 +1,13 @@
 """The flags every inference command shares, spelled once: where the model comes from
-and how it is held (`--ckpt`, `--dtype`, `--mesh`, `--quant`), checked before anything
-is loaded, the one call that loads it (`load`), and the sampling flags
+and how it is held (`--ckpt`, `--dtype`, `--mesh`, `--quant`, `--kv-cache`), checked
+before anything is loaded, the one call that loads it (`load`), and the sampling flags
 (`add_sampling_flags`, `check_sampling_flags`).
 
   p = argparse.ArgumentParser(...)
-  args.add_model_flags(p)                  # --ckpt --dtype --mesh --quant
+  args.add_model_flags(p)                  # --ckpt --dtype --mesh --quant --kv-cache
   a = p.parse_args(argv)
-  args.check_model_flags(p, a)             # a bad mesh / quant: p.error (exit 2), nothing loaded
-  m = args.load(a)                         # inference.load(a.ckpt, dtype=, mesh=, quant=)
+  args.check_model_flags(p, a)             # a bad mesh / quant / kv-cache: p.error (exit 2), nothing loaded
+  m = args.load(a)                         # inference.load(a.ckpt, dtype=, mesh=, quant=, kv_cache=)
 
 `--mesh` is `axis=size[,axis=size...]` over the training's axes (data, fsdp, tensor,
 sequence), e.g. `tensor=4,sequence=2`; the sizes must use every device (one size may
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 from llamavid_jax import inference, sharding
+from llamavid_jax.models.config import KV_CACHES
 
 QUANT = ("int8", "int4")
 
@@ -34,6 +35,9 @@ def add_model_flags(p: argparse.ArgumentParser, *, dtype: str = "float32", ckpt_
                       f"{', '.join(sharding.MESH_AXES)}; default: one device)")
   p.add_argument("--quant", default=None, choices=QUANT,
                  help="LLM weights quantized with Qwix: int8 per channel, int4 per group (default: none)")
+  p.add_argument("--kv-cache", default=None, choices=KV_CACHES,
+                 help="decoding KV cache stored as int8 with a float32 scale per position and key/value head "
+                      "(about half the bytes of bf16; default: the compute dtype)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, *, new_tokens: str, temperature: str = "the release's, 0.2 for "
@@ -96,10 +100,12 @@ def check_model_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None
 
 
 def load(a: argparse.Namespace, **kw) -> inference.Model:
-  """The checked flags' model: `inference.load(a.ckpt, dtype, mesh, quant, **kw)`."""
+  """The checked flags' model: `inference.load(a.ckpt, dtype, mesh, quant, kv_cache, **kw)`."""
   sizes = getattr(a, "mesh_sizes", None)
   if sizes:
     kw["mesh"] = sharding.make_mesh(sizes)
   if getattr(a, "quant", None):
     kw["quant"] = a.quant
+  if getattr(a, "kv_cache", None):
+    kw["kv_cache"] = a.kv_cache
   return inference.load(a.ckpt, dtype=a.dtype, **kw)

@@ -579,7 +579,7 @@ def main(argv=None) -> None:
     sys.exit(f"eval.serve: --ckpt {e}")
   kv = engine_lib.cache_bytes(m.cfg, a.slots, a.max_positions, a.dtype)
   print(f"eval.serve: {name}: {a.slots} slots x {a.max_positions} positions, KV cache {kv / 2 ** 30:.2f} GiB "
-        f"({a.dtype}); compiling the decode step", flush=True)
+        f"({m.cfg.kv_cache or a.dtype}); compiling the decode step", flush=True)
   eng = engine_lib.Engine(m, slots=a.slots, max_positions=a.max_positions, decode_chunk=a.decode_chunk,
                           max_queue=a.max_queue)
   limits = Limits(media_root=a.media_root, max_frames=a.max_frames, max_tokens=a.max_tokens,

@@ -276,8 +276,8 @@ def main(argv=None) -> None:
   m = eval_args.load(a, max_frames=a.max_frames)
   positions = a.max_positions or 2 * m.position_budget
   kv = engine_lib.cache_bytes(m.cfg, a.slots, positions, a.dtype)
-  print(f"eval.web: {a.slots} slots x {positions} positions, KV cache {kv / 2 ** 30:.2f} GiB ({a.dtype}); "
-        "compiling the decode step", flush=True)
+  print(f"eval.web: {a.slots} slots x {positions} positions, KV cache {kv / 2 ** 30:.2f} GiB "
+        f"({m.cfg.kv_cache or a.dtype}); compiling the decode step", flush=True)
   eng = make_engine(m, a.slots, positions, a.max_queue, kw["prefill_chunk"])
   app = build_app(m, a.max_frames, engine=eng, **kw)
   try:

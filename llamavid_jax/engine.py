@@ -13,7 +13,8 @@ A background thread runs the step loop: it admits queued requests into free slot
 to its request (text pieces, cut at eos, at the token budget and before stop strings,
 as `inference.Model.generate` cuts them) and frees the slot of every row that ended.
 
-The KV cache is float[layers, slots, max_positions, K, Dh]; each row keeps its own
+The KV cache is float[layers, slots, max_positions, K, Dh] (with `kv_cache="int8"`:
+int8 plus a float32 scale per slot and head, `llama.cache_spec`); each row keeps its own
 write index, positions and slot mask (`valid`), so rows of different prompt lengths
 and ages decode together: one decode step is `LlamaVid.extend_cache` vmapped over the
 rows (a row is a batch of one). A row samples with its own temperature, top_p and
@@ -49,6 +50,7 @@ import numpy as np
 from llamavid_jax import generate as gen
 from llamavid_jax import inference
 from llamavid_jax.models import LlamaVid
+from llamavid_jax.models.llama import KV_ARRAYS, cache_spec
 from llamavid_jax.models.splice import batch_spliced_length
 
 _INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
@@ -182,15 +184,16 @@ def _extend_rows(model: LlamaVid, params, tok, cache):
   """int32[B] tokens appended to each row of the cache at the row's own index: the
   model's `extend_cache` on each row as a batch of one -> (float32[B, V], cache)."""
 
-  def one(t, k, v, valid, index, pos):
-    c = dict(k=k[:, None], v=v[:, None], valid=valid[None], index=index, pos=pos[None])
+  def one(t, kv, valid, index, pos):
+    c = dict({n: a[:, None] for n, a in kv.items()}, valid=valid[None], index=index, pos=pos[None])
     logits, c = model.apply({"params": params}, t[None], c, method="extend_cache")   # by name: a quantized model wraps it
-    return logits[0], c["k"][:, 0], c["v"][:, 0], c["valid"][0], c["index"], c["pos"][0]
+    return logits[0], {n: c[n][:, 0] for n in kv}, c["valid"][0], c["index"], c["pos"][0]
 
-  axes = (0, 1, 1, 0, 0, 0)
-  logits, k, v, valid, index, pos = jax.vmap(one, in_axes=axes, out_axes=axes)(
-      tok, cache["k"], cache["v"], cache["valid"], cache["index"], cache["pos"])
-  return logits, dict(k=k, v=v, valid=valid, index=index, pos=pos)
+  kv = {n: cache[n] for n in KV_ARRAYS if n in cache}   # [layers, B, T, ...]: rows are axis 1
+  axes = (0, 1, 0, 0, 0)
+  logits, kv, valid, index, pos = jax.vmap(one, in_axes=axes, out_axes=axes)(
+      tok, kv, cache["valid"], cache["index"], cache["pos"])
+  return logits, dict(kv, valid=valid, index=index, pos=pos)
 
 
 def _decode(model, params, st, n: int, eos_id: int):
@@ -215,9 +218,8 @@ def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len:
   logits, c = model.apply({"params": params}, **inputs, max_len=max_len, chunk=prefill_chunk,
                           method="prefill_cache")
   cache = st["cache"]
-  cache = dict(k=cache["k"].at[:, row].set(c["k"][:, 0].astype(cache["k"].dtype)),
-               v=cache["v"].at[:, row].set(c["v"][:, 0].astype(cache["v"].dtype)),
-               valid=cache["valid"].at[row].set(c["valid"][0]), index=cache["index"].at[row].set(c["index"]),
+  kv = {n: cache[n].at[:, row].set(c[n][:, 0].astype(cache[n].dtype)) for n in KV_ARRAYS if n in cache}
+  cache = dict(kv, valid=cache["valid"].at[row].set(c["valid"][0]), index=cache["index"].at[row].set(c["index"]),
                pos=cache["pos"].at[row].set(c["pos"][0]))
   st = dict(st, cache=cache, logits=st["logits"].at[row].set(logits[0]), done=st["done"].at[row].set(False),
             step=st["step"].at[row].set(0), key=st["key"].at[row].set(key_data),
@@ -227,9 +229,10 @@ def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len:
 
 def cache_bytes(cfg, slots: int, max_positions: int, dtype: str) -> int:
   """Bytes of the engine's KV cache: K and V of every LLM layer for `slots` rows of
-  `max_positions` positions in `dtype` (what the CLIs print before compiling)."""
-  llm = cfg.llm
-  return 2 * llm.num_layers * slots * max_positions * llm.num_kv_heads * llm.head_dim * np.dtype(dtype).itemsize
+  `max_positions` positions in `dtype`, or in `cfg.kv_cache`'s format (int8 and its
+  scales) (what the CLIs print before compiling)."""
+  spec = cache_spec(cfg.llm, slots, max_positions, dtype, cfg.kv_cache)
+  return sum(a.size * a.dtype.itemsize for a in spec.values())
 
 
 def prompt_positions(model: inference.Model, request: dict) -> int:
@@ -295,9 +298,8 @@ class Engine:
   def _init_state(self) -> dict:
     llm = self.m.cfg.llm
     b, t = self.slots, self.max_positions
-    kv = (llm.num_layers, b, t, llm.num_kv_heads, llm.head_dim)
-    dtype = jnp.dtype(self.m.dtype)
-    cache = dict(k=jnp.zeros(kv, dtype), v=jnp.zeros(kv, dtype), valid=jnp.zeros((b, t), bool),
+    kv = {n: jnp.zeros(a.shape, a.dtype) for n, a in cache_spec(llm, b, t, self.m.dtype, self.m.cfg.kv_cache).items()}
+    cache = dict(kv, valid=jnp.zeros((b, t), bool),
                  index=jnp.zeros((b,), jnp.int32), pos=jnp.zeros((b,), jnp.int32))
     return dict(cache=cache, logits=jnp.zeros((b, llm.vocab_size), jnp.float32), done=jnp.ones((b,), bool),
                 step=jnp.zeros((b,), jnp.int32), key=jnp.zeros((b, 2), jnp.uint32),

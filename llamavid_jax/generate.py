@@ -32,6 +32,7 @@ import numpy as np
 
 from llamavid_jax import parallel
 from llamavid_jax.models import LlamaVid
+from llamavid_jax.models.llama import KV_ARRAYS
 from llamavid_jax.models.splice import batch_spliced_length
 
 CHAT = dict(temperature=0.2, top_p=0.7)   # the release's chat sampling
@@ -104,7 +105,8 @@ def _grow(state, room: int):
   the slots it was built with, without a prefill of the whole budget up front."""
   logits, cache, done = state
   pad = lambda a, axis: jnp.pad(a, [(0, room if i == axis else 0) for i in range(a.ndim)])
-  cache = dict(cache, k=pad(cache["k"], 2), v=pad(cache["v"], 2), valid=pad(cache["valid"], 1))
+  kv = {n: pad(cache[n], 2) for n in KV_ARRAYS if n in cache}   # [layers, B, T, ...]: slots are axis 2
+  cache = dict(cache, **kv, valid=pad(cache["valid"], 1))
   return logits, cache, done
 
 

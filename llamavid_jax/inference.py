@@ -47,6 +47,7 @@ from llamavid_jax.data import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llamavid_jax.data.tokenizer import RemoteCodeError
 from llamavid_jax.data.conversation import build_prompt, get_template, movie_prompt, tokenize_with_image
 from llamavid_jax.models import LlamaVid
+from llamavid_jax.models.config import check_kv_cache
 
 CHAT = gen.CHAT   # temperature 0.2, top_p 0.7: the release's chat and video-QA sampling
 MOVIE = dict(temperature=0.6, top_p=0.9)   # the release's movie sampling (run_llamavid_movie.py)
@@ -157,8 +158,12 @@ class Model:
   """Parameters, config and both tokenizers of one checkpoint (see `load`)."""
 
   def __init__(self, loaded: orbax_io.Inference, dtype: str = "float32", max_frames: int | None = None,
-               quant: str | None = None):
+               quant: str | None = None, kv_cache: str | None = None):
+    # kv_cache: the decoding cache's stored format ("int8"; None: the config's, by default
+    # the compute dtype)
     self.cfg, self.meta = loaded.cfg, loaded.meta
+    if kv_cache is not None:
+      self.cfg = dataclasses.replace(self.cfg, kv_cache=kv_cache)
     # onto the device once: a jitted call copies numpy arguments on every call (every
     # streamed chunk), which for a 7B model is the whole model each time. Quantized
     # (llamavid_jax/quant.py): the LLM's kernels go over one at a time and only their
@@ -417,17 +422,20 @@ class Model:
 
 
 def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_frames: int | None = None,
-         quant: str | None = None, mesh: jax.sharding.Mesh | None = None) -> Model:
+         quant: str | None = None, mesh: jax.sharding.Mesh | None = None, kv_cache: str | None = None) -> Model:
   """A converted / inference directory, or a train WORKDIR (its `step`, default the
   latest) -> Model. `dtype` sets both the stored parameters' and the compute dtype.
   `quant` "int8" | "int4" quantizes the LLM's weights with Qwix (llamavid_jax/quant.py);
-  an unknown mode is refused before anything is read. `mesh` (`sharding.make_mesh`)
-  restores an inference directory's parameters sharded by the training's logical rules
+  an unknown mode is refused before anything is read. `kv_cache` "int8" stores the
+  decoding KV cache as int8 with a float32 scale per (row, slot, head)
+  (`llama.cache_spec`; None: the compute dtype), checked before anything is read too.
+  `mesh` (`sharding.make_mesh`) restores an inference directory's parameters sharded by the training's logical rules
   (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
   from llamavid_jax import quant as Q
   Q.check(quant)
+  check_kv_cache(kv_cache)
   if quant is not None and mesh is not None:
     raise ValueError(f"quant {quant!r} with a mesh: quantized parameters are not placed on a mesh yet")
   import jax.numpy as jnp
@@ -444,4 +452,4 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
   except Exception as e:   # noqa: BLE001  (orbax / tensorstore on a torn or garbled parameter file)
     raise CheckpointError(ckpt, f"corrupt or unreadable checkpoint (its parameters or their metadata, "
                                 f"e.g. params/_METADATA): {type(e).__name__}: {validation.one_line(e, 300)}") from None
-  return Model(loaded, dtype=dtype, max_frames=max_frames, quant=quant)
+  return Model(loaded, dtype=dtype, max_frames=max_frames, quant=quant, kv_cache=kv_cache)

@@ -22,6 +22,7 @@ Q = "What is this?"
     (["--mesh", "tensor=4,tensor=2"], "--mesh tensor=4,tensor=2: axis 'tensor' given twice"),
     (["--mesh", "tensor=8", "--quant", "int8"], "--quant int8 with --mesh: quantized parameters are not placed"),
     (["--quant", "int3"], "argument --quant: invalid choice: 'int3'"),
+    (["--kv-cache", "int4"], "argument --kv-cache: invalid choice: 'int4'"),
 ])
 @pytest.mark.parametrize("main", [chat.main, score.main], ids=["chat", "score"])
 def test_bad_mesh_or_quant_is_refused_before_loading(main, flags, message, tiny_ckpt, monkeypatch, capsys, tmp_path):

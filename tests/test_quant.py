@@ -95,8 +95,9 @@ def test_quantized_generation_in_bfloat16(setup):
 
 
 def test_load_quantized(tiny_ckpt):
-  m = inference.load(tiny_ckpt + "/inference", quant="int4")
+  """int4 weights, with the int8 KV cache beside them (the two are independent)."""
+  m = inference.load(tiny_ckpt + "/inference", quant="int4", kv_cache="int8")
   q = m.params["llm"]["layers"]["q_proj"]["kernel"].array
-  assert q.qvalue.dtype == jnp.int4 and m.quant == "int4"
+  assert q.qvalue.dtype == jnp.int4 and m.quant == "int4" and m.cfg.kv_cache == "int8"
   [ans] = m.generate([m.request("What is it?", None)], max_new_tokens=4)
   assert len(ans.token_ids) <= 4

@@ -91,6 +91,13 @@ class InputSpec:
 
 
 VIDEO_MODES = ("clip", "movie")
+KV_CACHES = ("int8",)   # stored KV-cache formats besides None (the compute dtype): models/llama.py cache_spec
+
+
+def check_kv_cache(kv_cache: str | None) -> None:
+  """Raises a one-line ValueError unless `kv_cache` is None or one of KV_CACHES."""
+  if kv_cache is not None and kv_cache not in KV_CACHES:
+    raise ValueError(f"kv_cache {kv_cache!r} is not one of {KV_CACHES} (or None: the compute dtype)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +122,9 @@ class LlamaVidConfig:
   param_dtype: str = "float32"
   attention_impl: str = "xla"          # the LLM's, an ops.attention.IMPLS name ("auto": per backend)
   vision_attention_impl: str = "xla"   # the ViT's and the Q-Former's (short sequences)
+  # The decoding KV cache's stored format: None, the compute dtype; "int8", int8 keys and
+  # values with a float32 scale per (row, slot, key/value head) (models/llama.py).
+  kv_cache: str | None = None
   # Layer stacks are always nn.scan'ned; each layer is rematerialised with this
   # jax.checkpoint_policies name ("nothing_saveable", "dots_saveable", ...), one of
   # layers.REMAT_POLICIES ("offload_layer_inputs": the LLM layers' inputs wait in host
@@ -143,6 +153,7 @@ class LlamaVidConfig:
     for impl in (self.attention_impl, self.vision_attention_impl):
       if impl not in attention.IMPLS:
         raise ValueError(f"attention_impl {impl!r}: expected one of {sorted(attention.IMPLS)}")
+    check_kv_cache(self.kv_cache)
     if self.video_mode not in VIDEO_MODES:
       raise ValueError(f"video_mode {self.video_mode!r}: expected one of {list(VIDEO_MODES)}")
     if self.remat_policy != "none":

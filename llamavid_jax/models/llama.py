@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from llamavid_jax.models.config import LlmConfig
+from llamavid_jax.models.config import LlmConfig, check_kv_cache
 from llamavid_jax.models.layers import (LAYER_INPUT, Kernel, dense, length_shards, over_sequence_chunks, partitioned,
                                         scan_stack)
 from llamavid_jax.ops.attention import attention
@@ -45,6 +45,58 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: float) -> ja
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+# --- the KV cache ------------------------------------------------------------------
+KV_ARRAYS = ("k", "v", "k_scale", "v_scale")   # a cache's arrays that are per layer, all [layers, B, T, ...]
+_KV_AXES, _SCALE_AXES = ("layers", "batch", "length", "kv_heads", "kv"), ("layers", "batch", "length", "kv_heads")
+CACHE_AXES = {"k": _KV_AXES, "v": _KV_AXES, "k_scale": _SCALE_AXES, "v_scale": _SCALE_AXES}   # logical axes
+
+
+def cache_spec(cfg: LlmConfig, batch: int, max_len: int, dtype, kv_cache: str | None = None
+               ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The KV cache's arrays (the one statement of its layout): None, k and v of
+  dtype[layers, B, max_len, K, Dh]; "int8", k and v of int8[layers, B, max_len, K, Dh]
+  with k_scale and v_scale float32[layers, B, max_len, K] (each slot's head is
+  int8 x scale, scale = absmax over Dh / 127)."""
+  check_kv_cache(kv_cache)
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  if kv_cache is None:
+    return {n: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for n in ("k", "v")}
+  return {"k": jax.ShapeDtypeStruct(shape, jnp.int8), "v": jax.ShapeDtypeStruct(shape, jnp.int8),
+          "k_scale": jax.ShapeDtypeStruct(shape[:-1], jnp.float32),
+          "v_scale": jax.ShapeDtypeStruct(shape[:-1], jnp.float32)}
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """float[B, S, K, Dh] -> (int8[B, S, K, Dh], float32[B, S, K] scale): symmetric
+  absmax over Dh (scale = absmax / 127; an all-zero head stores 0 with scale 0)."""
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=-1)                                             # [B, S, K]
+  inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+  q = jnp.clip(jnp.round(x * inv[..., None]), -127, 127).astype(jnp.int8)
+  return q, amax / 127.0
+
+
+def dequantize_kv(q: jax.Array, scale: jax.Array) -> jax.Array:
+  """int8[B, T, K, Dh], float32[B, T, K] -> float32[B, T, K, Dh]."""
+  return q.astype(jnp.float32) * scale[..., None]
+
+
+def write_cache(cache: dict, k: jax.Array, v: jax.Array, index) -> tuple[dict, jax.Array, jax.Array]:
+  """One layer's cache (`cache_spec` without the layers axis) with k, v float[B, S, K, Dh]
+  written at slot `index` -> (the cache, the keys and values attention reads
+  [B, T, K, Dh]): the stored ones, dequantized to float32 for an int8 cache (the new
+  positions too, so prefill and decode see the same keys)."""
+  put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), index, axis=1)
+  if "k_scale" not in cache:
+    cache = {"k": put(cache["k"], k), "v": put(cache["v"], v)}
+    return cache, cache["k"], cache["v"]
+  out = {}
+  for n, x in (("k", k), ("v", v)):
+    q, scale = quantize_kv(x)
+    out[n], out[n + "_scale"] = put(cache[n], q), put(cache[n + "_scale"], scale)
+  return out, dequantize_kv(out["k"], out["k_scale"]), dequantize_kv(out["v"], out["v_scale"])
+
+
 class LlamaBlock(nn.Module):
   cfg: LlmConfig
   dtype: Any = jnp.float32
@@ -57,8 +109,9 @@ class LlamaBlock(nn.Module):
     """x: float[B, S, D]; positions: int32[B, S] (RoPE); q_slots: int32[B, S] each
     query's slot (causal: it sees key slots <= its own); kv_valid: bool[B, T]; kv_slots:
     int32[B, T] each key's slot, or None for its index (a ring's zig-zag order sets it);
-    cache: None or (k, v) float[B, T, K, Dh] of this layer, written at slot
-    `cache_index` (T = S without cache) -> (x, updated (k, v) or None)."""
+    cache: None or this layer's cache dict (`cache_spec` without the layers axis: k, v
+    [B, T, K, Dh], int8 ones with k_scale, v_scale [B, T, K]), written at slot
+    `cache_index` (T = S without cache) -> (x, updated cache or None)."""
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     proj = dict(kw, use_bias=False, std=c.initializer_range)
     x = checkpoint_name(x, LAYER_INPUT)   # what remat_policy "offload_layer_inputs" keeps on the host
@@ -69,9 +122,7 @@ class LlamaBlock(nn.Module):
     q = rope(q, positions, c.rope_theta, c.rope_scaling)
     k = rope(k, positions, c.rope_theta, c.rope_scaling)
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
-      cache = (k, v)
+      cache, k, v = write_cache(cache, k, v, cache_index)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     y = attention(q, k.astype(self.dtype), v.astype(self.dtype), kv_valid=kv_valid, q_slots=q_slots,
                   kv_slots=kv_slots, impl=self.attention_impl)
@@ -113,6 +164,7 @@ class Llama(nn.Module):
   attention_impl: str = "xla"
   remat_policy: str = "nothing_saveable"
   mlp_chunk: int = 0
+  kv_cache: str | None = None   # stored KV format: None (the compute dtype) or a KV_CACHES name
 
   def setup(self):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -131,26 +183,22 @@ class Llama(nn.Module):
   def __call__(self, x, positions, q_slots, kv_valid, cache=None, cache_index=0, kv_slots=None):
     """x: float[B, S, D]; positions: int32[B, S]; q_slots: int32[B, S]; kv_valid: bool[B, T];
     kv_slots: int32[B, T] or None (`LlamaBlock`);
-    cache: None or dict(k, v) of float[layers, B, T, K, Dh] ->
-    (final-normed hidden float[B, S, D], updated cache or None)."""
+    cache: None or a dict holding the KV arrays of `cache_spec` ([layers, B, T, ...];
+    other entries are ignored) -> (final-normed hidden float[B, S, D], the updated KV
+    arrays or None)."""
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
-    kv = None if cache is None else (cache["k"], cache["v"])
+    kv = None if cache is None else {n: cache[n] for n in KV_ARRAYS if n in cache}
     x, kv = self.layers(x, positions, q_slots, kv_valid, kv_slots, kv, cache_index)
-    return self.norm(x), (None if kv is None else {"k": kv[0], "v": kv[1]})
+    return self.norm(x), kv
 
   def logits(self, h: jax.Array) -> jax.Array:
     """float[B, S, D] -> float32[B, S, V]."""
     out = self.embed_tokens.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
     return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
-  CACHE_AXES = ("layers", "batch", "length", "kv_heads", "kv")
-
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-    """Zero KV cache: dict(k, v) of float[layers, B, max_len, K, Dh], constrained to the
-    logical axes CACHE_AXES (under a mesh and rules: batch over data / fsdp, slots over
-    sequence, key/value heads over tensor; a no-op without)."""
-    c = self.cfg
-    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-    zeros = lambda: nn.with_logical_constraint(jnp.zeros(shape, dtype), self.CACHE_AXES)
-    return {"k": zeros(), "v": zeros()}
-
+    """Zero KV cache (`cache_spec`, in `dtype` or this module's `kv_cache` format),
+    constrained to the logical axes CACHE_AXES (under a mesh and rules: batch over data
+    / fsdp, slots over sequence, key/value heads over tensor; a no-op without)."""
+    spec = cache_spec(self.cfg, batch, max_len, dtype, self.kv_cache)
+    return {n: nn.with_logical_constraint(jnp.zeros(a.shape, a.dtype), CACHE_AXES[n]) for n, a in spec.items()}

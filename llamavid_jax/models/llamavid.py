@@ -80,7 +80,8 @@ class LlamaVid(nn.Module):
       self.qformer = QFormer(c.qformer, attention_impl=c.vision_attention_impl, remat_policy=c.remat_policy, **kw)
     self.token_gen = TokenGenerator(c.llm.d_model, c.compress_type, c.mm_projector_type,
                                     use_context=c.use_context_token, **kw)
-    self.llm = Llama(c.llm, attention_impl=c.attention_impl, remat_policy=c.remat_policy, mlp_chunk=c.mlp_chunk, **kw)
+    self.llm = Llama(c.llm, attention_impl=c.attention_impl, remat_policy=c.remat_policy, mlp_chunk=c.mlp_chunk,
+                     kv_cache=c.kv_cache, **kw)
 
   def encode_visual(self, frame_mask, qformer_ids, qformer_mask, frames=None, features=None, fetch=None):
     """frames: float[B, T, H, W, 3] or features: ViT output, float[B, T, N+1, C] with CLS
@@ -225,8 +226,9 @@ class LlamaVid(nn.Module):
   def prefill_cache(self, input_ids, text_mask, frame_mask, qformer_ids, qformer_mask,
                     frames=None, features=None, *, max_len: int, chunk: int = 0, place=None, fetch=None):
     """Runs the prompt into a fresh cache of `max_len` slots -> (float32[B, V] logits of
-    each sample's last real token, cache dict(k, v, valid bool[B, max_len],
-    index int32[] next free slot, pos int32[B] next position)).
+    each sample's last real token, cache dict(k, v (+ k_scale, v_scale of an int8 cache:
+    `llama.cache_spec`), valid bool[B, max_len], index int32[] next free slot, pos
+    int32[B] next position)).
 
     Padding may sit anywhere (left padding included): positions are cumsum(valid) and
     padded slots are masked by `valid`. `chunk` = C > 0 runs the LLM over the S'
@@ -283,6 +285,6 @@ class LlamaVid(nn.Module):
     valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], jnp.ones((b, 1), bool), idx, axis=1)
     x = self.llm.embed(token[:, None])
     slots = jnp.full((b, 1), idx)
-    h, kv = self.llm(x, cache["pos"][:, None], slots, valid, {"k": cache["k"], "v": cache["v"]}, idx)
-    cache = dict(kv, valid=valid, index=idx + 1, pos=cache["pos"] + 1)
+    h, kv = self.llm(x, cache["pos"][:, None], slots, valid, cache, idx)
+    cache = dict(cache, **kv, valid=valid, index=idx + 1, pos=cache["pos"] + 1)
     return self.llm.logits(h[:, 0]), cache
