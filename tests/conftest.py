@@ -5,11 +5,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-# The suite's time is mostly XLA:CPU compiling tiny models that then run for milliseconds:
-# LLVM without its expensive optimisations compiles them about a third faster (public XLA
-# flags; same HLO, same numerics contract). LLAMAVID_TEST_XLA_OPT=1 keeps XLA's defaults.
-if os.environ.get("LLAMAVID_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 # One persistent compilation cache per test session, shared by the subprocesses the tests
 # start (they inherit these variables): the same tiny train step or decode loop, built
