@@ -109,21 +109,28 @@ def rss(chunk: int, dtype: str) -> tuple[int, float, float]:
 
 
 def quant_bytes() -> None:
-  """Device bytes of the 7B slice's LLM parameters: bf16 (the baseline), int8, int4."""
+  """Device bytes of the 7B slice's parameters: bf16 (the baseline), int8, int4, summed
+  over the leaves' arrays as placed (`on_device_size_in_bytes`; `nbytes` agrees)."""
   model, params = model_and_params("7b-slice", "bfloat16")
   params = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), params)   # on the host, as a loaded checkpoint
   on_device = lambda t: sum(a.on_device_size_in_bytes() for a in jax.tree.leaves(t))
+  nbytes = lambda t: sum(a.nbytes for a in jax.tree.leaves(t))
   base = jax.tree.map(jax.device_put, params)
-  ref = on_device(base["llm"])
+  ref, ref_all = on_device(base["llm"]), on_device(base)
   emb = on_device(base["llm"]["embed_tokens"])
   del base
+  int4 = jnp.zeros(1000, jnp.int4)
+  print(f"{jax.default_backend()}: an int4 array of 1000 elements takes {int4.on_device_size_in_bytes()} bytes "
+        f"on the device (nbytes {int4.nbytes}): {'packed' if int4.on_device_size_in_bytes() <= 500 else 'one a byte'}")
   print(f"7B slice LLM ({sum(a.size for a in jax.tree.leaves(params['llm'])) / 1e6:.0f}M parameters): "
-        f"bf16 {ref / 2**20:.0f} MiB (embedding table {emb / 2**20:.0f} MiB)", flush=True)
+        f"bf16 {ref / 2**20:.0f} MiB (embedding table {emb / 2**20:.0f} MiB); whole model {ref_all / 2**20:.0f} MiB",
+        flush=True)
   for mode in Q.QUANTS:
     _, qp = Q.quantize(model, params, mode)
-    got = on_device(qp["llm"])
-    print(f"  {mode}: {got / 2**20:.0f} MiB on device = {got / ref:.3f} x bf16; without the bf16 embedding table "
-          f"{(got - emb) / (ref - emb):.3f} x; logical bits {Q.param_bytes(qp['llm']) / ref:.3f} x", flush=True)
+    got, got_all = on_device(qp["llm"]), on_device(qp)
+    assert got == nbytes(qp["llm"]), (got, nbytes(qp["llm"]))
+    print(f"  {mode}: LLM {got / 2**20:.0f} MiB on device = {got / ref:.3f} x bf16 (whole model "
+          f"{got_all / ref_all:.3f} x); counting int4 at 4 bits {Q.param_bytes(qp['llm']) / ref:.3f} x", flush=True)
     del qp
 
 

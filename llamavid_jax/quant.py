@@ -10,8 +10,13 @@ group of `INT4_GROUP` input features). Activations stay in the compute dtype (Qw
 weight-only PTQ: the matmul runs on the int weights, the scale is applied to its output).
 
 What is quantized: the LLM's matmul kernels (q/k/v/o projections, the SwiGLU MLP and
-the LM head). The token embedding table is a lookup, not a matmul, and Qwix's PTQ does
-not quantize lookups: it stays in the load dtype. The ViT, Q-Former and token
+the LM head), and its token embedding table, per row (int8: one scale a row; int4: one
+per row and group of `group(cfg)` features). Qwix's PTQ quantizes matmuls only, not
+lookups, so the table is ours: `quantize` stores it as a `qwix.QArray`, and the
+provider here (`Provider`) also intercepts `jnp.take` (what `nn.Embed` gathers with): a
+quantized table gives the gathered rows' int values times their scales, so only the
+looked-up rows are ever dequantized. A tied table (`llm.tie_embeddings`, also the LM
+head) stays float (a printed decision). The ViT, Q-Former and token
 generator are not quantized (not measured: they are a small part of the weights of a
 7B model, and the frozen ViT's features feed everything after it).
 
@@ -24,6 +29,11 @@ full-precision copy dropped, so the device holds one full-precision kernel at mo
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import os
+import shutil
 from typing import Any
 
 import flax
@@ -32,14 +42,33 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
+from llamavid_jax.checkpoint import layout, orbax_io
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.layers import dense
 
 INT4_GROUP = 128   # input features per int4 scale (the usual GPTQ / AWQ group)
 QUANTS = ("int8", "int4")
 METHODS = ("__call__", "prefill_cache", "extend_cache")
-_LLM = r"llm/(?!embed_tokens).*"   # every LLM module but the embedding lookup
+_LLM = r"llm/(?!embed_tokens).*"   # every LLM module but the embedding lookup (ours, `Provider`)
 _MLP = ("gate_proj", "up_proj", "down_proj")
+EMBED = ("llm", "embed_tokens", "embedding")
+
+
+class Provider(qwix.PtqProvider):
+  """Qwix's PTQ provider, plus the lookup of a quantized embedding table: `jnp.take`
+  of a `qwix.QArray` (rows along axis 0) gathers the rows' int values and scales, then
+  dequantizes them (in the scales' dtype, the compute dtype). Every other `jnp.take` is
+  jax's."""
+
+  def get_intercept_map(self):
+    return super().get_intercept_map() | {"jax.numpy.take": self.take}
+
+  def take(self, a, indices, axis=None, **kw):
+    if not isinstance(a, qwix.QArray):
+      return jnp.take(a, indices, axis=axis, **kw)   # the interceptor is off inside its handler: jax's take
+    if axis != 0 or kw:
+      raise ValueError(f"a quantized table is looked up by rows (axis 0), not axis={axis} {kw or ''}")
+    return qwix.dequantize(a[indices])               # [*indices.shape, D] in the scales' dtype
 
 
 def check(quant: str | None) -> None:
@@ -67,7 +96,7 @@ def rule(quant: str, cfg, module_path: str = _LLM) -> qwix.QuantizationRule:
 
 def quantized_model(model: LlamaVid, quant: str) -> LlamaVid:
   """The model under Qwix's PTQ provider (apply it with method names)."""
-  return qwix.quantize_model(model, qwix.PtqProvider([rule(quant, model.cfg)]), methods=METHODS)
+  return qwix.quantize_model(model, Provider([rule(quant, model.cfg)]), methods=METHODS)
 
 
 def _example(cfg) -> dict:
@@ -92,40 +121,196 @@ def _mlp_how(quant: str, cfg):
   return tree["kernel"]
 
 
+def quantize_embedding(table: jax.Array, quant: str, cfg) -> qwix.QArray:
+  """float[V, D] -> QArray: int8 with one scale a row, or int4 with one a row and group
+  of `group(cfg)` features; scales in the compute dtype `cfg.dtype`."""
+  check(quant)
+  tiles = {} if quant == "int8" else {1: group(cfg)}
+  q = lambda t: qwix.quantize(t, jnp.int8 if quant == "int8" else jnp.int4, channelwise_axes=(0,),
+                              tiled_axes=tiles, scale_dtype=jnp.dtype(cfg.dtype))
+  return jax.jit(q)(table)
+
+
 def _quantize_leaf(w: jax.Array, how, stacked: bool, scale_dtype):
   q = lambda a: qwix.quantize(a, how.qtype, channelwise_axes=how.channelwise_axes, tiled_axes=how.tiled_axes,
                               calibration_method=how.calibration_method, scale_dtype=scale_dtype)
   return jax.jit(jax.vmap(q) if stacked else q)(w)
 
 
-def quantize(model: LlamaVid, params: Any, quant: str) -> tuple[LlamaVid, Any]:
-  """(model, float params) -> (the PTQ model, params with the LLM's kernels replaced by
-  Qwix's quantized arrays). Leaves are moved to the device one at a time; each float
-  kernel is quantized there and dropped. The scales are made in the model's compute
-  dtype (`cfg.dtype`: a quantized matmul returns the scales' dtype), so the model
-  must be quantized in the dtype it will run in (no `dtype=` override afterwards)."""
-  check(quant)
-  qmodel = quantized_model(model, quant)
-  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), **_example(model.cfg))["params"]
-  is_aux = lambda x: hasattr(x, "how") and hasattr(x, "array")
-  hows = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: is_aux(x))
-  mlp = _mlp_how(quant, model.cfg)
-  out = {}
-  for path, w in flax.traverse_util.flatten_dict(params).items():
-    aux = hows.get(path)
-    if not is_aux(aux) and path[0] == "llm" and len(path) >= 2 and path[-2] in _MLP:
-      aux = mlp
+def _is_aux(x) -> bool:
+  return hasattr(x, "how") and hasattr(x, "array")
+
+
+def is_quantized(leaf) -> bool:
+  """A leaf as `quantize` stores a quantized one: Qwix's WithAux (a kernel) or a
+  QArray (the embedding table)."""
+  return _is_aux(leaf) or isinstance(leaf, qwix.QArray)
+
+
+class Plan:
+  """How `quant` stores each parameter of `model`: `plan(path, w)` -> the leaf the PTQ
+  model (`plan.model`) takes (moved to the device; a kernel or the embedding table
+  quantized there, its float copy dropped when it was ours), `plan.rebuild(path,
+  qvalue, scale)` -> the same quantized leaf from stored arrays, `plan.quantized(path)`
+  -> whether `path` is stored quantized."""
+
+  def __init__(self, model: LlamaVid, quant: str):
+    check(quant)
+    self.quant, self.cfg = quant, model.cfg
+    self.model = quantized_model(model, quant)
+    abstract = jax.eval_shape(self.model.init, jax.random.key(0), **_example(model.cfg))["params"]
+    self.hows = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: _is_aux(x))
+    self.mlp = _mlp_how(quant, model.cfg)
+    if model.cfg.llm.tie_embeddings:
+      print(f"quant {quant}: the tied embedding table (also the LM head) stays {jnp.dtype(model.cfg.dtype).name}")
+
+  def _aux(self, path):
+    aux = self.hows.get(path)
+    if not _is_aux(aux) and path[0] == "llm" and len(path) >= 2 and path[-2] in _MLP:
+      return self.mlp
+    return aux if _is_aux(aux) else None
+
+  def quantized(self, path) -> bool:
+    return (path == EMBED and not self.cfg.llm.tie_embeddings) or self._aux(path) is not None
+
+  def __call__(self, path, w):
+    if is_quantized(w):   # already quantized (a quantized checkpoint): kept as it is
+      return w
     mine = not isinstance(w, jax.Array)   # a host array: its device copy is ours to drop
     w = jax.device_put(w)
-    if is_aux(aux):
+    if not self.quantized(path):
+      return w
+    if path == EMBED:
+      q = quantize_embedding(w, self.quant, self.cfg)
+    else:
+      aux = self._aux(path)
       # a scanned stack's kernels carry a leading `layers` axis: quantized a layer at a time
       stacked = w.ndim == 3 if path[-2] in _MLP else getattr(aux.array.qvalue, "names", (None,))[0] == "layers"
-      out[path] = aux.replace(array=_quantize_leaf(w, aux.how, stacked, jnp.dtype(model.cfg.dtype)))
-      if mine:
-        w.delete()
+      q = aux.replace(array=_quantize_leaf(w, aux.how, stacked, jnp.dtype(self.cfg.dtype)))
+    if mine:
+      w.delete()
+    return q
+
+  def rebuild(self, path, qvalue: jax.Array, scale: jax.Array):
+    q = qwix.QArray(qvalue, scale)
+    return q if path == EMBED else self._aux(path).replace(array=q)
+
+
+def quantize(model: LlamaVid, params: Any, quant: str) -> tuple[LlamaVid, Any]:
+  """(model, float params) -> (the PTQ model, params with the LLM's kernels replaced by
+  Qwix's quantized arrays and its embedding table by a QArray). Leaves are moved to the
+  device one at a time; each float kernel is quantized there and dropped. Leaves
+  already quantized (a quantized checkpoint, `restore`) are kept. The scales are made
+  in the model's compute dtype (`cfg.dtype`: a quantized matmul returns the scales'
+  dtype), so the model must be quantized in the dtype it will run in (no `dtype=`
+  override afterwards)."""
+  plan = Plan(model, quant)
+  flat = flax.traverse_util.flatten_dict(params, is_leaf=lambda _, x: is_quantized(x))
+  return plan.model, flax.traverse_util.unflatten_dict({path: plan(path, w) for path, w in flat.items()})
+
+
+# --- quantized checkpoints -------------------------------------------------------------
+RECORD = "quantized"   # conversion.json's key of a quantized checkpoint: {mode, dtype, group, source}
+
+
+def stored_quant(ckpt: str) -> str | None:
+  """The mode a quantized inference directory was saved in (its conversion.json's
+  RECORD), None for any other directory. Reads no parameter."""
+  path = os.path.join(ckpt, layout.CONVERSION)
+  if layout.kind(ckpt) != "inference" or not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    record = json.load(f).get(RECORD)
+  return None if record is None else record["mode"]
+
+
+def check_stored(ckpt: str, quant: str | None) -> str | None:
+  """The mode to load `ckpt` in: `quant`, or a quantized checkpoint's own mode. Raises
+  a one-line ValueError, before any parameter is read, when `quant` asks a quantized
+  checkpoint for another mode (its float weights are gone: nothing to requantize)."""
+  check(quant)
+  stored = stored_quant(ckpt)
+  if stored is not None and quant not in (None, stored):
+    raise ValueError(f"{ckpt}: the checkpoint is quantized {stored}; quant={quant!r} asks for {quant} "
+                     f"(load it with quant=None or {stored!r}, or quantize its float source)")
+  return quant or stored
+
+
+def _to_stored(params: Any) -> dict:
+  """Quantized tree -> plain nested dicts for Orbax: a quantized leaf becomes
+  {"qvalue": int8 / int4, "scale": float}."""
+  out = {}
+  for path, w in flax.traverse_util.flatten_dict(params, is_leaf=lambda _, x: is_quantized(x)).items():
+    q = w.array if _is_aux(w) else w
+    if isinstance(q, qwix.QArray):
+      out[path + ("qvalue",)], out[path + ("scale",)] = q.qvalue, q.scale
     else:
       out[path] = w
-  return qmodel, flax.traverse_util.unflatten_dict(out)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def restore(ckpt: str, model: LlamaVid, quant: str) -> tuple[LlamaVid, Any]:
+  """A quantized inference directory (`save`) -> (the PTQ model, params) read straight
+  into device arrays, nothing requantized: int values as stored, the float leaves and
+  scales cast to the compute dtype `model.cfg.dtype`. The stored tree is checked
+  against the model (one line naming the path) before any array is read."""
+  import orbax.checkpoint as ocp
+  plan = Plan(model, quant)
+  stored = flax.traverse_util.flatten_dict(orbax_io.stored_metadata(ckpt))
+  want = flax.traverse_util.flatten_dict(orbax_io.shape_tree(model.cfg), is_leaf=lambda _, x: isinstance(x, tuple))
+  keys = {p[:-1] if p[-1] in ("qvalue", "scale") and p[:-1] in want else p for p in stored}
+  for path in sorted(keys):   # the stored leaves, as `orbax_io.restore` checks a float tree
+    q = path + ("qvalue",) in stored
+    if path not in want:
+      raise ValueError(f"{ckpt}: stored parameter {'/'.join(path)} is not in the model")
+    shape = tuple(stored[path + ("qvalue",)].shape if q else stored[path].shape)
+    if q != plan.quantized(path) or shape != tuple(want[path]):
+      kind = lambda quantized: "quantized" if quantized else "float"
+      raise ValueError(f"{ckpt}: parameter {'/'.join(path)}: stored {kind(q)} {shape}, the model takes "
+                       f"{kind(plan.quantized(path))} {tuple(want[path])}")
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  cast = lambda p, m: m.dtype if p[-1] == "qvalue" else jnp.dtype(model.cfg.dtype)
+  target = {p: jax.ShapeDtypeStruct(tuple(m.shape), cast(p, m), sharding=dev) for p, m in stored.items()}
+  with ocp.StandardCheckpointer() as c:
+    arrays = flax.traverse_util.flatten_dict(c.restore(os.path.join(os.path.abspath(ckpt), layout.PARAMS),
+                                                       flax.traverse_util.unflatten_dict(target)))
+  out = {p: plan.rebuild(p, arrays[p + ("qvalue",)], arrays[p + ("scale",)]) if plan.quantized(p) else arrays[p]
+         for p in keys}
+  return plan.model, flax.traverse_util.unflatten_dict(out)
+
+
+def reader(quant: str, dtype: str):
+  """`orbax_io.load_for_inference`'s `read_params` for `quant` at compute `dtype`: a
+  quantized checkpoint of that mode is restored as stored (`restore`); any other is
+  read a leaf at a time (`orbax_io.iter_params`) and each leaf quantized on the device
+  before the next is read, so its full-precision copy is never all resident."""
+  def read(path: str, step: int | None, cfg) -> Any:
+    model = LlamaVid(dataclasses.replace(cfg, dtype=dtype))
+    if stored_quant(path) is not None:
+      return restore(path, model, check_stored(path, quant))[1]
+    plan = Plan(model, quant)
+    out = {key: plan(key, w) for key, w in orbax_io.iter_params(path, step=step, dtype=jnp.dtype(dtype))}
+    return flax.traverse_util.unflatten_dict(out)
+  return read
+
+
+def save(out: str, model: LlamaVid, params: Any, quant: str, source: str) -> None:
+  """A quantized inference directory: `params` (from `quantize` / `reader`) with Orbax
+  as int values + scales, `model`'s config, conversion.json = the source's + RECORD
+  (mode, compute dtype, int4 group, source path), the source's tokenizers copied.
+  `source` must be an inference directory (a train WORKDIR: export it first)."""
+  if layout.kind(source) != "inference":
+    raise ValueError(f"{source}: not an inference directory (export a train WORKDIR first: "
+                     "python -m llamavid_jax.export --from-train)")
+  cfg = model.cfg
+  meta = orbax_io.load_conversion(source)
+  if RECORD in meta:
+    raise ValueError(f"{source}: already quantized {meta[RECORD]['mode']}")
+  meta[RECORD] = dict(mode=quant, dtype=jnp.dtype(cfg.dtype).name, group=group(cfg) if quant == "int4" else None,
+                      source=os.path.abspath(source))
+  orbax_io.save(out, _to_stored(params), cfg, meta)
+  for name in (layout.TOKENIZER, layout.QFORMER_TOKENIZER):
+    shutil.copytree(os.path.join(source, name), os.path.join(out, name), dirs_exist_ok=True)
 
 
 def param_bytes(params: Any) -> int:
@@ -142,4 +327,35 @@ def device_bytes(params: Any) -> int:
   return sum(s.data.nbytes for a in jax.tree.leaves(params) for s in a.addressable_shards)
 
 
-__all__ = ["QUANTS", "INT4_GROUP", "check", "quantize", "quantized_model", "param_bytes", "device_bytes"]
+def main(argv=None) -> None:
+  """python -m llamavid_jax.quant save --ckpt IN --quant int8 --out DIR [--dtype bfloat16]"""
+  p = argparse.ArgumentParser(prog="python -m llamavid_jax.quant", description=main.__doc__)
+  sub = p.add_subparsers(dest="command", required=True)
+  s = sub.add_parser("save", help="quantize an inference directory's LLM and save it (inference.load reads it as is)")
+  s.add_argument("--ckpt", required=True, help="a float inference directory (converted or exported)")
+  s.add_argument("--quant", required=True, choices=QUANTS)
+  s.add_argument("--out", required=True, help="the quantized inference directory to write")
+  s.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                 help="compute dtype: the scales' and the float leaves' (inference.load's dtype)")
+  a = p.parse_args(argv)
+  found = layout.kind(a.ckpt)
+  if found is None:
+    p.error(f"--ckpt {layout.neither(a.ckpt)}")
+  if found == "train":
+    p.error(f"--ckpt {a.ckpt}: a train WORKDIR; export it first (python -m llamavid_jax.export --from-train)")
+  if stored_quant(a.ckpt) is not None:
+    p.error(f"--ckpt {a.ckpt}: already quantized {stored_quant(a.ckpt)}")
+  if os.path.abspath(a.out) == os.path.abspath(a.ckpt) or layout.kind(a.out) is not None:
+    p.error(f"--out {a.out}: holds a checkpoint already (write a new directory)")
+  cfg = dataclasses.replace(orbax_io.load_config(a.ckpt), dtype=a.dtype)
+  params = reader(a.quant, a.dtype)(a.ckpt, None, cfg)
+  save(a.out, LlamaVid(cfg), params, a.quant, a.ckpt)
+  print(f"{a.out}: LLM quantized {a.quant} ({a.dtype} scales), {param_bytes(params) / 2**20:.1f} MiB of parameters")
+
+
+__all__ = ["QUANTS", "INT4_GROUP", "RECORD", "check", "check_stored", "quantize", "quantized_model", "reader",
+           "restore", "save", "stored_quant", "param_bytes", "device_bytes"]
+
+
+if __name__ == "__main__":
+  main()

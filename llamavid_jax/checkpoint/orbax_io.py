@@ -237,6 +237,30 @@ def restore_train_params(workdir: str, step: int, dtype=None) -> dict:
   return params if dtype is None else jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
 
 
+def iter_params(path: str, *, step: int | None = None, dtype=None):
+  """(leaf path, host numpy) of every parameter of an inference directory or of a
+  train WORKDIR's `step` (default the latest), read one leaf at a time (an Orbax
+  partial restore each), cast to `dtype` when given: a caller that keeps only a
+  transformed copy of each leaf (quantization) never holds more than one stored leaf.
+  An inference directory's tree is checked against its model config first."""
+  import flax
+  path = os.path.abspath(path)
+  if layout.kind(path) == "inference":
+    item, stored = os.path.join(path, PARAMS), stored_metadata(path)
+    _prune(abstract_params(load_config(path)), stored)
+    wrap, unwrap = (lambda t: t), (lambda t: t)
+  else:
+    item = os.path.join(layout.step_dir(path, train_step(path, step)), layout.STATE)
+    with _ocp().PyTreeCheckpointer() as ckpt:
+      stored = ckpt.metadata(item).item_metadata.tree["params"]
+    wrap, unwrap = (lambda t: {"params": t}), (lambda t: t["params"])
+  for key, meta in flax.traverse_util.flatten_dict(stored).items():
+    tree = unwrap(_restore_numpy(item, wrap(flax.traverse_util.unflatten_dict({key: meta})), partial=True))
+    leaf = flax.traverse_util.flatten_dict(tree)[key]
+    del tree
+    yield key, leaf if dtype is None else np.asarray(leaf).astype(dtype)
+
+
 def _restore_numpy(path: str, meta, partial: bool = False):
   """The arrays of `meta`'s tree (orbax metadata) at `path` as host numpy, whatever the
   devices they were saved from: a checkpoint written by 8 (or 256) devices restores in a
@@ -277,9 +301,11 @@ def save_from_train(out: str, workdir: str, train_cfg: dict, step: int, params=N
 
 
 def load_for_inference(path: str, *, step: int | None = None, dtype=None,
-                       mesh: jax.sharding.Mesh | None = None) -> Inference:
+                       mesh: jax.sharding.Mesh | None = None, read_params=None) -> Inference:
   """A converted / inference directory, or a train WORKDIR (its `step`, default the
-  latest) -> `Inference`. Missing files are named before any parameter is read."""
+  latest) -> `Inference`. Missing files are named before any parameter is read.
+  `read_params(path, step, cfg)`, when given, reads the parameters instead (the
+  quantizing loader of `llamavid_jax.quant`: leaf by leaf)."""
   from llamavid_jax.data.tokenizer import load_llm_tokenizer, load_qformer_tokenizer
   found = layout.kind(path)
   if found == "inference":
@@ -300,4 +326,4 @@ def load_for_inference(path: str, *, step: int | None = None, dtype=None,
     raise FileNotFoundError(layout.neither(path))
   tok = load_llm_tokenizer(llm_dir)
   qtok = load_qformer_tokenizer(q_dir, max_length=cfg.qformer.max_text_len)
-  return Inference(cfg, load(), tok, qtok, meta)
+  return Inference(cfg, load() if read_params is None else read_params(path, step, cfg), tok, qtok, meta)
