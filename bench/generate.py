@@ -9,13 +9,14 @@
    heads, mlp 11008, vocab 32000; tiny vision towers, precomputed features in),
 3. prefill seconds per 1K visual tokens (512 frames x 2 tokens, batch 1) for both.
 
-`--quant_bytes`: only the device-resident bytes of the 7B-shaped 2-layer slice's LLM
-parameters in bf16, int8 and int4 (llamavid_jax/quant.py), read from the arrays
-(`on_device_size_in_bytes`), with the share of the embedding table that stays bf16.
-Measured (CPU): 667M parameters, bf16 1272 MiB of which the embedding table 250 MiB;
-int8 761 MiB = 0.598x bf16 (the kernels alone 0.500x); int4 769 MiB = 0.604x on the
-CPU, which stores int4 one element a byte, 0.403x counted at 4 bits (kernels alone
-0.257x). At 2 layers the embedding table is a fifth of the weights (2 % of 7B's 32).
+`--quant_bytes`: only the device-resident bytes of the 7B-shaped 2-layer slice's
+parameters in bf16, int8 and int4 (llamavid_jax/quant.py, the embedding table quantized
+too), summed over the arrays as placed (`on_device_size_in_bytes`, equal to `nbytes`).
+Measured (CPU): 667M LLM parameters, bf16 1272 MiB (embedding table 250 MiB); int8 636
+MiB = 0.500x bf16 (whole model 0.513x); int4 645 MiB = 0.507x on the CPU, whose int4
+arrays take a byte an element (an int4 array of 1000 elements: 1000 bytes), 0.257x
+counted at 4 bits (what a backend that packs int4 holds). Before the table was
+quantized: int8 0.598x, int4 0.604x.
 
 Measured on the 2-core dev CPU, fp32 (best of 3; tiny figures swing 2-5x with the shared
 cores): 16K prompt peak RSS 1.29 GiB in 1K chunks, 14.80 GiB at once (0.46 before);

@@ -3,6 +3,8 @@
   quant.check("int8")                                   # ValueError for an unknown mode
   qmodel, qparams = quant.quantize(model, params, "int8")
   logits, cache = qmodel.apply({"params": qparams}, **batch, max_len=n, method="prefill_cache")
+  python -m llamavid_jax.quant save --ckpt IN --quant int8 --out DIR   # a quantized checkpoint
+  inference.load(DIR)                                   # read as stored, nothing requantized
 
 Modes (`QUANTS`): `int8`, per-channel int8 weights (one scale per output feature of
 each kernel); `int4`, group-wise int4 weights (one scale per output feature and per
@@ -24,7 +26,15 @@ generator are not quantized (not measured: they are a small part of the weights 
 `prefill_cache` and `extend_cache` run under the provider), so it must be applied with
 method NAMES ("prefill_cache"), not `LlamaVid.prefill_cache`. `qparams` holds Qwix's
 quantized arrays in place of the kernels; each kernel is quantized on its own and its
-full-precision copy dropped, so the device holds one full-precision kernel at most.
+full-precision copy dropped, so the device holds one full-precision kernel at most,
+and in slices of CHUNK_BYTES along an output axis (bounded temporaries; the same values).
+
+Checkpoints: `reader` is what `inference.load(..., quant=)` reads parameters with: a
+float checkpoint a leaf at a time (`orbax_io.iter_params`, largest first), each leaf
+quantized before the next is read; a quantized one (`save`: int values and scales with
+Orbax, conversion.json's RECORD naming the mode) as stored (`restore`). A quantized
+checkpoint loads in its own mode; another is refused before any parameter is read
+(`check_stored`). Peak host memory of both: bench/quant_memory.py.
 """
 
 from __future__ import annotations
@@ -121,6 +131,23 @@ def _mlp_how(quant: str, cfg):
   return tree["kernel"]
 
 
+CHUNK_BYTES = 32 << 20   # a leaf is quantized in slices of at most this many input bytes
+
+
+def _chunked(q, w: jax.Array, axis: int):
+  """q(w) computed on slices of `w` along `axis` (one q's scales do not reduce over,
+  so each slice's values and scales are those of the whole), concatenated: the device
+  holds one slice's temporaries (XLA's CPU quantization of a whole 250 MiB bf16 table
+  takes ~3x its size more), not the whole leaf's."""
+  n = min(w.shape[axis], max(1, -(-w.nbytes // CHUNK_BYTES)))
+  if n == 1:
+    return jax.jit(q)(w)
+  cuts = np.linspace(0, w.shape[axis], n + 1).astype(int)
+  qj = jax.jit(q)
+  parts = [qj(jax.lax.slice_in_dim(w, a, b, axis=axis)) for a, b in zip(cuts[:-1], cuts[1:])]
+  return jax.tree.map(lambda *x: jnp.concatenate(x, axis=axis), *parts)
+
+
 def quantize_embedding(table: jax.Array, quant: str, cfg) -> qwix.QArray:
   """float[V, D] -> QArray: int8 with one scale a row, or int4 with one a row and group
   of `group(cfg)` features; scales in the compute dtype `cfg.dtype`."""
@@ -128,13 +155,16 @@ def quantize_embedding(table: jax.Array, quant: str, cfg) -> qwix.QArray:
   tiles = {} if quant == "int8" else {1: group(cfg)}
   q = lambda t: qwix.quantize(t, jnp.int8 if quant == "int8" else jnp.int4, channelwise_axes=(0,),
                               tiled_axes=tiles, scale_dtype=jnp.dtype(cfg.dtype))
-  return jax.jit(q)(table)
+  return _chunked(q, table, 0)
 
 
 def _quantize_leaf(w: jax.Array, how, stacked: bool, scale_dtype):
+  """A kernel (a scanned stack of them: `stacked`, a layer at a time), in slices along
+  its largest channelwise (output) axis."""
   q = lambda a: qwix.quantize(a, how.qtype, channelwise_axes=how.channelwise_axes, tiled_axes=how.tiled_axes,
                               calibration_method=how.calibration_method, scale_dtype=scale_dtype)
-  return jax.jit(jax.vmap(q) if stacked else q)(w)
+  axes = [a + stacked for a in how.channelwise_axes] + ([0] if stacked else [])
+  return _chunked(jax.vmap(q) if stacked else q, w, max(axes, key=lambda a: w.shape[a]))
 
 
 def _is_aux(x) -> bool:
@@ -250,11 +280,10 @@ def _to_stored(params: Any) -> dict:
 
 
 def restore(ckpt: str, model: LlamaVid, quant: str) -> tuple[LlamaVid, Any]:
-  """A quantized inference directory (`save`) -> (the PTQ model, params) read straight
-  into device arrays, nothing requantized: int values as stored, the float leaves and
+  """A quantized inference directory (`save`) -> (the PTQ model, params) read a leaf
+  at a time straight into device arrays, nothing requantized: int values as stored, the float leaves and
   scales cast to the compute dtype `model.cfg.dtype`. The stored tree is checked
   against the model (one line naming the path) before any array is read."""
-  import orbax.checkpoint as ocp
   plan = Plan(model, quant)
   stored = flax.traverse_util.flatten_dict(orbax_io.stored_metadata(ckpt))
   want = flax.traverse_util.flatten_dict(orbax_io.shape_tree(model.cfg), is_leaf=lambda _, x: isinstance(x, tuple))
@@ -268,14 +297,15 @@ def restore(ckpt: str, model: LlamaVid, quant: str) -> tuple[LlamaVid, Any]:
       kind = lambda quantized: "quantized" if quantized else "float"
       raise ValueError(f"{ckpt}: parameter {'/'.join(path)}: stored {kind(q)} {shape}, the model takes "
                        f"{kind(plan.quantized(path))} {tuple(want[path])}")
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  cast = lambda p, m: m.dtype if p[-1] == "qvalue" else jnp.dtype(model.cfg.dtype)
-  target = {p: jax.ShapeDtypeStruct(tuple(m.shape), cast(p, m), sharding=dev) for p, m in stored.items()}
-  with ocp.StandardCheckpointer() as c:
-    arrays = flax.traverse_util.flatten_dict(c.restore(os.path.join(os.path.abspath(ckpt), layout.PARAMS),
-                                                       flax.traverse_util.unflatten_dict(target)))
-  out = {p: plan.rebuild(p, arrays[p + ("qvalue",)], arrays[p + ("scale",)]) if plan.quantized(p) else arrays[p]
-         for p in keys}
+  out, parts = {}, {}
+  for key, a in orbax_io.iter_params(ckpt, dtype=jnp.dtype(model.cfg.dtype), check=False, device=True):
+    if key[:-1] in keys and plan.quantized(key[:-1]):   # a qvalue or a scale: a leaf once both are read
+      parts.setdefault(key[:-1], {})[key[-1]] = a
+      if len(parts[key[:-1]]) == 2:
+        q = parts.pop(key[:-1])
+        out[key[:-1]] = plan.rebuild(key[:-1], q["qvalue"], q["scale"])
+    else:
+      out[key] = a
   return plan.model, flax.traverse_util.unflatten_dict(out)
 
 
@@ -289,7 +319,12 @@ def reader(quant: str, dtype: str):
     if stored_quant(path) is not None:
       return restore(path, model, check_stored(path, quant))[1]
     plan = Plan(model, quant)
-    out = {key: plan(key, w) for key, w in orbax_io.iter_params(path, step=step, dtype=jnp.dtype(dtype))}
+    out = {}
+    for key, w in orbax_io.iter_params(path, step=step, dtype=jnp.dtype(dtype), device=True):
+      out[key] = plan(key, w)
+      if plan.quantized(key):   # its float copy goes before the next leaf is read
+        w.delete()
+      del w
     return flax.traverse_util.unflatten_dict(out)
   return read
 

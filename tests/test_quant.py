@@ -83,6 +83,19 @@ def test_kernels_are_stored_quantized_and_logprobs_stay_close(setup, mode, bits,
   assert 0 < delta.mean() <= mean_max, (delta.mean(), delta.max())
 
 
+def test_quantizing_in_slices_changes_no_value(setup, monkeypatch):
+  """A leaf quantized in slices along an output axis (`quant.CHUNK_BYTES`, what bounds
+  the temporaries of a 7B table) has the values and scales of it quantized whole."""
+  model, params, _ = setup
+  _, whole = quant.quantize(model, params, "int4")
+  monkeypatch.setattr(quant, "CHUNK_BYTES", 4096)   # the table and every kernel in several slices
+  _, sliced = quant.quantize(model, params, "int4")
+  assert jax.tree.structure(whole) == jax.tree.structure(sliced)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(sliced)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_quantized_generation_in_bfloat16(setup):
   """Greedy decoding runs on the quantized model (its first ids are the quantized
   model's argmax, checked against its own full forward), also quantized for bf16."""
