@@ -11,12 +11,13 @@
 
 `--quant_bytes`: only the device-resident bytes of the 7B-shaped 2-layer slice's
 parameters in bf16, int8 and int4 (llamavid_jax/quant.py, the embedding table quantized
-too), summed over the arrays as placed (`on_device_size_in_bytes`, equal to `nbytes`).
-Measured (CPU): 667M LLM parameters, bf16 1272 MiB (embedding table 250 MiB); int8 636
-MiB = 0.500x bf16 (whole model 0.513x); int4 645 MiB = 0.507x on the CPU, whose int4
-arrays take a byte an element (an int4 array of 1000 elements: 1000 bytes), 0.257x
-counted at 4 bits (what a backend that packs int4 holds). Before the table was
-quantized: int8 0.598x, int4 0.604x.
+too), summed over the arrays as placed (`on_device_size_in_bytes`, equal to `nbytes`),
+and first whether int4 is held packed. Measured (CPU): 667M LLM parameters, bf16 1272
+MiB (embedding table 250 MiB); int8 636 MiB = 0.500x bf16 (whole model 0.513x); int4
+0.507x by `nbytes`, which on the CPU counts an int4 element as a byte, but the CPU holds
+int4 packed (an int4 array of 256M elements: nbytes 256 MiB, the process grew 131 MiB),
+so what it holds is 0.257x (whole model 0.276x), the bytes at 4 bits an element. Before
+the table was quantized: int8 0.598x, int4 0.604x (0.403x at 4 bits).
 
 Measured on the 2-core dev CPU, fp32 (best of 3; tiny figures swing 2-5x with the shared
 cores): 16K prompt peak RSS 1.29 GiB in 1K chunks, 14.80 GiB at once (0.46 before);
@@ -109,9 +110,24 @@ def rss(chunk: int, dtype: str) -> tuple[int, float, float]:
   return s, base / 2**20, peak / 2**20                   # ru_maxrss is KiB on Linux -> GiB
 
 
+def int4_probe() -> str:
+  """Whether the backend holds int4 packed: an int4 array of 256M elements made on the
+  device, its `nbytes` / `on_device_size_in_bytes()` against what this process's
+  resident memory grew by (on the CPU the device memory is the process's)."""
+  rss = lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+  jax.block_until_ready(jnp.zeros(4, jnp.int4))
+  before = rss()
+  a = jax.block_until_ready(jax.jit(lambda: jnp.full((256, 1 << 20), 3, jnp.int4))())
+  grew = rss() - before
+  return (f"{jax.default_backend()}: an int4 array of 256M elements: nbytes {a.nbytes >> 20} MiB, "
+          f"on_device_size_in_bytes {a.on_device_size_in_bytes() >> 20} MiB, resident memory grew {grew >> 20} MiB"
+          + (" (held packed, 4 bits an element)" if jax.default_backend() == "cpu" and grew < a.nbytes * 0.6 else ""))
+
+
 def quant_bytes() -> None:
   """Device bytes of the 7B slice's parameters: bf16 (the baseline), int8, int4, summed
   over the leaves' arrays as placed (`on_device_size_in_bytes`; `nbytes` agrees)."""
+  print(int4_probe(), flush=True)   # first: later, freed memory is reused without growing the process
   model, params = model_and_params("7b-slice", "bfloat16")
   params = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), params)   # on the host, as a loaded checkpoint
   on_device = lambda t: sum(a.on_device_size_in_bytes() for a in jax.tree.leaves(t))
@@ -120,9 +136,6 @@ def quant_bytes() -> None:
   ref, ref_all = on_device(base["llm"]), on_device(base)
   emb = on_device(base["llm"]["embed_tokens"])
   del base
-  int4 = jnp.zeros(1000, jnp.int4)
-  print(f"{jax.default_backend()}: an int4 array of 1000 elements takes {int4.on_device_size_in_bytes()} bytes "
-        f"on the device (nbytes {int4.nbytes}): {'packed' if int4.on_device_size_in_bytes() <= 500 else 'one a byte'}")
   print(f"7B slice LLM ({sum(a.size for a in jax.tree.leaves(params['llm'])) / 1e6:.0f}M parameters): "
         f"bf16 {ref / 2**20:.0f} MiB (embedding table {emb / 2**20:.0f} MiB); whole model {ref_all / 2**20:.0f} MiB",
         flush=True)
@@ -131,7 +144,8 @@ def quant_bytes() -> None:
     got, got_all = on_device(qp["llm"]), on_device(qp)
     assert got == nbytes(qp["llm"]), (got, nbytes(qp["llm"]))
     print(f"  {mode}: LLM {got / 2**20:.0f} MiB on device = {got / ref:.3f} x bf16 (whole model "
-          f"{got_all / ref_all:.3f} x); counting int4 at 4 bits {Q.param_bytes(qp['llm']) / ref:.3f} x", flush=True)
+          f"{got_all / ref_all:.3f} x); at 4 bits an int4 element (as held packed) {Q.param_bytes(qp['llm']) / ref:.3f} x "
+          f"(whole model {Q.param_bytes(qp) / ref_all:.3f} x)", flush=True)
     del qp
 
 

@@ -23,11 +23,15 @@ quantized parameters' bytes (on the device, which on the CPU is this process's m
 `--env KEY=VALUE` sets a variable in the measured processes (e.g. glibc's
 MALLOC_MMAP_THRESHOLD_=65536: freed large buffers go back to the system at once).
 
-Measured (2-core dev CPU, int8, python bench/quant_memory.py --all): checkpoints bf16 1017 MiB,
-int8 595 MiB on disk; floor 399 MiB; quantized parameters 669 MiB (LLM 636 + the float
-towers); bf16 load 3093 MiB; whole (before) 3093 MiB = 4.03x less the floor; stream 1589
-MiB = 1.78x less the floor (2.37x with it); stored 1254 MiB = 1.28x less the floor (1.87x
-with it).
+Measured (2-core dev CPU, int8, python bench/quant_memory.py --all): checkpoints bf16
+1017 MiB, int8 595 MiB on disk; floor 399 MiB; quantized parameters 669 MiB (LLM 636 +
+the float towers); bf16 load 3093 MiB; whole (before) 3094 MiB = 4.03x them less the
+floor; stream 1546 MiB = 1.71x less the floor (2.31x with it); stored 1254 MiB = 1.28x
+less the floor (1.87x with it). With --env MALLOC_MMAP_THRESHOLD_=65536: stream 1433 MiB
+= 1.55x less the floor, stored 1224 MiB = 1.23x. The floor alone is 0.6x the int8
+parameters of this slice, so 1.5x with it is out of reach here; what stream holds above
+"stored" is one float leaf being read (a read takes twice the leaf: the reader's buffer
+and the array), its slices' temporaries, and memory the allocator keeps after frees.
 """
 
 from __future__ import annotations

@@ -142,7 +142,9 @@ def _chunked(q, w: jax.Array, axis: int):
   n = min(w.shape[axis], max(1, -(-w.nbytes // CHUNK_BYTES)))
   if n == 1:
     return jax.jit(q)(w)
-  cuts = np.linspace(0, w.shape[axis], n + 1).astype(int)
+  size = w.shape[axis]
+  n = next((k for k in range(n, min(size, 4 * n) + 1) if size % k == 0), n)   # equal slices: one compile
+  cuts = np.linspace(0, size, n + 1).astype(int)
   qj = jax.jit(q)
   parts = [qj(jax.lax.slice_in_dim(w, a, b, axis=axis)) for a, b in zip(cuts[:-1], cuts[1:])]
   return jax.tree.map(lambda *x: jnp.concatenate(x, axis=axis), *parts)
@@ -245,13 +247,17 @@ RECORD = "quantized"   # conversion.json's key of a quantized checkpoint: {mode,
 
 def stored_quant(ckpt: str) -> str | None:
   """The mode a quantized inference directory was saved in (its conversion.json's
-  RECORD), None for any other directory. Reads no parameter."""
+  RECORD), None for any other directory (or an unreadable conversion.json, which the
+  load then names). Reads no parameter."""
   path = os.path.join(ckpt, layout.CONVERSION)
   if layout.kind(ckpt) != "inference" or not os.path.isfile(path):
     return None
-  with open(path) as f:
-    record = json.load(f).get(RECORD)
-  return None if record is None else record["mode"]
+  try:
+    with open(path) as f:
+      record = json.load(f).get(RECORD)
+    return None if record is None else record["mode"]
+  except (OSError, ValueError, AttributeError, TypeError, KeyError):   # unreadable: the load names it
+    return None
 
 
 def check_stored(ckpt: str, quant: str | None) -> str | None:
