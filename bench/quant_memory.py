@@ -24,11 +24,12 @@ quantized parameters' bytes (on the device, which on the CPU is this process's m
 MALLOC_MMAP_THRESHOLD_=65536: freed large buffers go back to the system at once).
 
 Measured (2-core dev CPU, int8, python bench/quant_memory.py --all): checkpoints bf16
-1017 MiB, int8 595 MiB on disk; floor 399 MiB; quantized parameters 669 MiB (LLM 636 +
-the float towers); bf16 load 3093 MiB; whole (before) 3094 MiB = 4.03x them less the
-floor; stream 1546 MiB = 1.71x less the floor (2.31x with it); stored 1254 MiB = 1.28x
-less the floor (1.87x with it). With --env MALLOC_MMAP_THRESHOLD_=65536: stream 1433 MiB
-= 1.55x less the floor, stored 1224 MiB = 1.23x. The floor alone is 0.6x the int8
+1017 MiB, int8 595 MiB on disk (int4: 309 MiB, packed); floor 399 MiB; quantized
+parameters 669 MiB (LLM 636 + the float towers); bf16 load 3093 MiB; whole (before)
+3094 MiB = 4.03x them less the floor; stream 1535 MiB = 1.70x less the floor (2.30x with
+it); stored 1279 MiB = 1.32x less the floor (1.91x with it); the last two move by ~50
+MiB from run to run (the allocator). With --env MALLOC_MMAP_THRESHOLD_=65536 stream
+1433 and 1582 MiB, stored 1224 and 1225 MiB (two runs). The floor alone is 0.6x the int8
 parameters of this slice, so 1.5x with it is out of reach here; what stream holds above
 "stored" is one float leaf being read (a read takes twice the leaf: the reader's buffer
 and the array), its slices' temporaries, and memory the allocator keeps after frees.

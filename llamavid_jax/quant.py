@@ -146,7 +146,8 @@ def _chunked(q, w: jax.Array, axis: int):
   n = next((k for k in range(n, min(size, 4 * n) + 1) if size % k == 0), n)   # equal slices: one compile
   cuts = np.linspace(0, size, n + 1).astype(int)
   qj = jax.jit(q)
-  parts = [qj(jax.lax.slice_in_dim(w, a, b, axis=axis)) for a, b in zip(cuts[:-1], cuts[1:])]
+  # each slice done before the next is cut: dispatched ahead, all slices' copies would coexist
+  parts = [jax.block_until_ready(qj(jax.lax.slice_in_dim(w, a, b, axis=axis))) for a, b in zip(cuts[:-1], cuts[1:])]
   return jax.tree.map(lambda *x: jnp.concatenate(x, axis=axis), *parts)
 
 
