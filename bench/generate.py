@@ -10,13 +10,15 @@
    heads, mlp 11008, vocab 32000; tiny vision towers, precomputed features in),
 3. prefill seconds per 1K visual tokens (512 frames x 2 tokens, batch 1) for both.
 
-`--quant_bytes`: only the device-resident bytes of the 7B-shaped 2-layer slice's LLM
-parameters in bf16, int8 and int4 (llamavid_jax/quant.py), read from the arrays
-(`on_device_size_in_bytes`), with the share of the embedding table that stays bf16.
-Measured (CPU): 667M parameters, bf16 1272 MiB of which the embedding table 250 MiB;
-int8 761 MiB = 0.598x bf16 (the kernels alone 0.500x); int4 769 MiB = 0.604x on the
-CPU, which stores int4 one element a byte, 0.403x counted at 4 bits (kernels alone
-0.257x). At 2 layers the embedding table is a fifth of the weights (2 % of 7B's 32).
+`--quant_bytes`: only the device-resident bytes of the 7B-shaped 2-layer slice's
+parameters in bf16, int8 and int4 (llamavid_jax/quant.py, the embedding table quantized
+too), summed over the arrays as placed (`on_device_size_in_bytes`, equal to `nbytes`),
+and first whether int4 is held packed. Measured (CPU): 667M LLM parameters, bf16 1272
+MiB (embedding table 250 MiB); int8 636 MiB = 0.500x bf16 (whole model 0.513x); int4
+0.507x by `nbytes`, which on the CPU counts an int4 element as a byte, but the CPU holds
+int4 packed (an int4 array of 256M elements: nbytes 256 MiB, the process grew 131 MiB),
+so what it holds is 0.257x (whole model 0.276x), the bytes at 4 bits an element. Before
+the table was quantized: int8 0.598x, int4 0.604x (0.403x at 4 bits).
 
 `--kv_int8`: the int8 KV cache (`kv_cache="int8"`, models/llama.py `cache_spec`) against
 the `--dtype` cache, for the tiny model (LLM init std 0.15, so that its next-token
@@ -164,22 +166,42 @@ def kv_int8(kind: str, dtype: str, steps: int) -> None:
         f"{same.tolist()} of {steps} tokens", flush=True)
 
 
+def int4_probe() -> str:
+  """Whether the backend holds int4 packed: an int4 array of 256M elements made on the
+  device, its `nbytes` / `on_device_size_in_bytes()` against what this process's
+  resident memory grew by (on the CPU the device memory is the process's)."""
+  rss = lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+  jax.block_until_ready(jnp.zeros(4, jnp.int4))
+  before = rss()
+  a = jax.block_until_ready(jax.jit(lambda: jnp.full((256, 1 << 20), 3, jnp.int4))())
+  grew = rss() - before
+  return (f"{jax.default_backend()}: an int4 array of 256M elements: nbytes {a.nbytes >> 20} MiB, "
+          f"on_device_size_in_bytes {a.on_device_size_in_bytes() >> 20} MiB, resident memory grew {grew >> 20} MiB"
+          + (" (held packed, 4 bits an element)" if jax.default_backend() == "cpu" and grew < a.nbytes * 0.6 else ""))
+
+
 def quant_bytes() -> None:
-  """Device bytes of the 7B slice's LLM parameters: bf16 (the baseline), int8, int4."""
+  """Device bytes of the 7B slice's parameters: bf16 (the baseline), int8, int4, summed
+  over the leaves' arrays as placed (`on_device_size_in_bytes`; `nbytes` agrees)."""
+  print(int4_probe(), flush=True)   # first: later, freed memory is reused without growing the process
   model, params = model_and_params("7b-slice", "bfloat16")
   params = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), params)   # on the host, as a loaded checkpoint
   on_device = lambda t: sum(a.on_device_size_in_bytes() for a in jax.tree.leaves(t))
+  nbytes = lambda t: sum(a.nbytes for a in jax.tree.leaves(t))
   base = jax.tree.map(jax.device_put, params)
-  ref = on_device(base["llm"])
+  ref, ref_all = on_device(base["llm"]), on_device(base)
   emb = on_device(base["llm"]["embed_tokens"])
   del base
   print(f"7B slice LLM ({sum(a.size for a in jax.tree.leaves(params['llm'])) / 1e6:.0f}M parameters): "
-        f"bf16 {ref / 2**20:.0f} MiB (embedding table {emb / 2**20:.0f} MiB)", flush=True)
+        f"bf16 {ref / 2**20:.0f} MiB (embedding table {emb / 2**20:.0f} MiB); whole model {ref_all / 2**20:.0f} MiB",
+        flush=True)
   for mode in Q.QUANTS:
     _, qp = Q.quantize(model, params, mode)
-    got = on_device(qp["llm"])
-    print(f"  {mode}: {got / 2**20:.0f} MiB on device = {got / ref:.3f} x bf16; without the bf16 embedding table "
-          f"{(got - emb) / (ref - emb):.3f} x; logical bits {Q.param_bytes(qp['llm']) / ref:.3f} x", flush=True)
+    got, got_all = on_device(qp["llm"]), on_device(qp)
+    assert got == nbytes(qp["llm"]), (got, nbytes(qp["llm"]))
+    print(f"  {mode}: LLM {got / 2**20:.0f} MiB on device = {got / ref:.3f} x bf16 (whole model "
+          f"{got_all / ref_all:.3f} x); at 4 bits an int4 element (as held packed) {Q.param_bytes(qp['llm']) / ref:.3f} x "
+          f"(whole model {Q.param_bytes(qp) / ref_all:.3f} x)", flush=True)
     del qp
 
 

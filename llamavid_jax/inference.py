@@ -167,7 +167,8 @@ class Model:
     # onto the device once: a jitted call copies numpy arguments on every call (every
     # streamed chunk), which for a 7B model is the whole model each time. Quantized
     # (llamavid_jax/quant.py): the LLM's kernels go over one at a time and only their
-    # quantized arrays stay; the model is then Qwix's PTQ wrapper of LlamaVid.
+    # quantized arrays stay (already so when `load` read them with quant.reader); the
+    # model is then Qwix's PTQ wrapper of LlamaVid.
     self.quant = quant
     if quant is None:
       self.params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), loaded.params)
@@ -425,16 +426,18 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
          quant: str | None = None, mesh: jax.sharding.Mesh | None = None, kv_cache: str | None = None) -> Model:
   """A converted / inference directory, or a train WORKDIR (its `step`, default the
   latest) -> Model. `dtype` sets both the stored parameters' and the compute dtype.
-  `quant` "int8" | "int4" quantizes the LLM's weights with Qwix (llamavid_jax/quant.py);
-  an unknown mode is refused before anything is read. `kv_cache` "int8" stores the
-  decoding KV cache as int8 with a float32 scale per (row, slot, head)
-  (`llama.cache_spec`; None: the compute dtype), checked before anything is read too.
-  `mesh` (`sharding.make_mesh`) restores an inference directory's parameters sharded by the training's logical rules
+  `quant` "int8" | "int4" quantizes the LLM's weights with Qwix (llamavid_jax/quant.py)
+  a leaf at a time as they are read; a quantized checkpoint (`quant.save`) loads as
+  stored in its own mode (quant None or that mode; another is refused). An unknown mode
+  is refused before anything is read. `kv_cache` "int8" stores the decoding KV cache as
+  int8 with a float32 scale per (row, slot, head) (`llama.cache_spec`; None: the compute
+  dtype), checked before anything is read too. `mesh` (`sharding.make_mesh`)
+  restores an inference directory's parameters sharded by the training's logical rules
   (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
   from llamavid_jax import quant as Q
-  Q.check(quant)
+  quant = Q.check_stored(ckpt, quant)   # a quantized checkpoint loads in its own mode (another: refused)
   check_kv_cache(kv_cache)
   if quant is not None and mesh is not None:
     raise ValueError(f"quant {quant!r} with a mesh: quantized parameters are not placed on a mesh yet")
@@ -446,7 +449,8 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
     except Exception as e:   # noqa: BLE001  (JSONDecodeError, TypeError of an unknown field, ...)
       raise CheckpointError(cfg_file, f"not a model config: {type(e).__name__}: {validation.one_line(e, 300)}") from None
   try:
-    loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype), mesh=mesh)
+    loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype), mesh=mesh,
+                                         read_params=None if quant is None else Q.reader(quant, dtype))
   except (FileNotFoundError, RemoteCodeError):   # named already (a missing file, a refused tokenizer)
     raise
   except Exception as e:   # noqa: BLE001  (orbax / tensorstore on a torn or garbled parameter file)

@@ -3,6 +3,8 @@
   quant.check("int8")                                   # ValueError for an unknown mode
   qmodel, qparams = quant.quantize(model, params, "int8")
   logits, cache = qmodel.apply({"params": qparams}, **batch, max_len=n, method="prefill_cache")
+  python -m llamavid_jax.quant save --ckpt IN --quant int8 --out DIR   # a quantized checkpoint
+  inference.load(DIR)                                   # read as stored, nothing requantized
 
 Modes (`QUANTS`): `int8`, per-channel int8 weights (one scale per output feature of
 each kernel); `int4`, group-wise int4 weights (one scale per output feature and per
@@ -10,8 +12,13 @@ group of `INT4_GROUP` input features). Activations stay in the compute dtype (Qw
 weight-only PTQ: the matmul runs on the int weights, the scale is applied to its output).
 
 What is quantized: the LLM's matmul kernels (q/k/v/o projections, the SwiGLU MLP and
-the LM head). The token embedding table is a lookup, not a matmul, and Qwix's PTQ does
-not quantize lookups: it stays in the load dtype. The ViT, Q-Former and token
+the LM head), and its token embedding table, per row (int8: one scale a row; int4: one
+per row and group of `group(cfg)` features). Qwix's PTQ quantizes matmuls only, not
+lookups, so the table is ours: `quantize` stores it as a `qwix.QArray`, and the
+provider here (`Provider`) also intercepts `jnp.take` (what `nn.Embed` gathers with): a
+quantized table gives the gathered rows' int values times their scales, so only the
+looked-up rows are ever dequantized. A tied table (`llm.tie_embeddings`, also the LM
+head) stays float (a printed decision). The ViT, Q-Former and token
 generator are not quantized (not measured: they are a small part of the weights of a
 7B model, and the frozen ViT's features feed everything after it).
 
@@ -19,11 +26,24 @@ generator are not quantized (not measured: they are a small part of the weights 
 `prefill_cache` and `extend_cache` run under the provider), so it must be applied with
 method NAMES ("prefill_cache"), not `LlamaVid.prefill_cache`. `qparams` holds Qwix's
 quantized arrays in place of the kernels; each kernel is quantized on its own and its
-full-precision copy dropped, so the device holds one full-precision kernel at most.
+full-precision copy dropped, so the device holds one full-precision kernel at most,
+and in slices of CHUNK_BYTES along an output axis (bounded temporaries; the same values).
+
+Checkpoints: `reader` is what `inference.load(..., quant=)` reads parameters with: a
+float checkpoint a leaf at a time (`orbax_io.iter_params`, largest first), each leaf
+quantized before the next is read; a quantized one (`save`: int values and scales with
+Orbax, conversion.json's RECORD naming the mode) as stored (`restore`). A quantized
+checkpoint loads in its own mode; another is refused before any parameter is read
+(`check_stored`). Peak host memory of both: bench/quant_memory.py.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import os
+import shutil
 from typing import Any
 
 import flax
@@ -32,14 +52,33 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
+from llamavid_jax.checkpoint import layout, orbax_io
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.layers import dense
 
 INT4_GROUP = 128   # input features per int4 scale (the usual GPTQ / AWQ group)
 QUANTS = ("int8", "int4")
 METHODS = ("__call__", "prefill_cache", "extend_cache")
-_LLM = r"llm/(?!embed_tokens).*"   # every LLM module but the embedding lookup
+_LLM = r"llm/(?!embed_tokens).*"   # every LLM module but the embedding lookup (ours, `Provider`)
 _MLP = ("gate_proj", "up_proj", "down_proj")
+EMBED = ("llm", "embed_tokens", "embedding")
+
+
+class Provider(qwix.PtqProvider):
+  """Qwix's PTQ provider, plus the lookup of a quantized embedding table: `jnp.take`
+  of a `qwix.QArray` (rows along axis 0) gathers the rows' int values and scales, then
+  dequantizes them (in the scales' dtype, the compute dtype). Every other `jnp.take` is
+  jax's."""
+
+  def get_intercept_map(self):
+    return super().get_intercept_map() | {"jax.numpy.take": self.take}
+
+  def take(self, a, indices, axis=None, **kw):
+    if not isinstance(a, qwix.QArray):
+      return jnp.take(a, indices, axis=axis, **kw)   # the interceptor is off inside its handler: jax's take
+    if axis != 0 or kw:
+      raise ValueError(f"a quantized table is looked up by rows (axis 0), not axis={axis} {kw or ''}")
+    return qwix.dequantize(a[indices])               # [*indices.shape, D] in the scales' dtype
 
 
 def check(quant: str | None) -> None:
@@ -67,7 +106,7 @@ def rule(quant: str, cfg, module_path: str = _LLM) -> qwix.QuantizationRule:
 
 def quantized_model(model: LlamaVid, quant: str) -> LlamaVid:
   """The model under Qwix's PTQ provider (apply it with method names)."""
-  return qwix.quantize_model(model, qwix.PtqProvider([rule(quant, model.cfg)]), methods=METHODS)
+  return qwix.quantize_model(model, Provider([rule(quant, model.cfg)]), methods=METHODS)
 
 
 def _example(cfg) -> dict:
@@ -92,40 +131,228 @@ def _mlp_how(quant: str, cfg):
   return tree["kernel"]
 
 
+CHUNK_BYTES = 32 << 20   # a leaf is quantized in slices of at most this many input bytes
+
+
+def _chunked(q, w: jax.Array, axis: int):
+  """q(w) computed on slices of `w` along `axis` (one q's scales do not reduce over,
+  so each slice's values and scales are those of the whole), concatenated: the device
+  holds one slice's temporaries (XLA's CPU quantization of a whole 250 MiB bf16 table
+  takes ~3x its size more), not the whole leaf's."""
+  n = min(w.shape[axis], max(1, -(-w.nbytes // CHUNK_BYTES)))
+  if n == 1:
+    return jax.jit(q)(w)
+  size = w.shape[axis]
+  n = next((k for k in range(n, min(size, 4 * n) + 1) if size % k == 0), n)   # equal slices: one compile
+  cuts = np.linspace(0, size, n + 1).astype(int)
+  qj = jax.jit(q)
+  # each slice done before the next is cut: dispatched ahead, all slices' copies would coexist
+  parts = [jax.block_until_ready(qj(jax.lax.slice_in_dim(w, a, b, axis=axis))) for a, b in zip(cuts[:-1], cuts[1:])]
+  return jax.tree.map(lambda *x: jnp.concatenate(x, axis=axis), *parts)
+
+
+def quantize_embedding(table: jax.Array, quant: str, cfg) -> qwix.QArray:
+  """float[V, D] -> QArray: int8 with one scale a row, or int4 with one a row and group
+  of `group(cfg)` features; scales in the compute dtype `cfg.dtype`."""
+  check(quant)
+  tiles = {} if quant == "int8" else {1: group(cfg)}
+  q = lambda t: qwix.quantize(t, jnp.int8 if quant == "int8" else jnp.int4, channelwise_axes=(0,),
+                              tiled_axes=tiles, scale_dtype=jnp.dtype(cfg.dtype))
+  return _chunked(q, table, 0)
+
+
 def _quantize_leaf(w: jax.Array, how, stacked: bool, scale_dtype):
+  """A kernel (a scanned stack of them: `stacked`, a layer at a time), in slices along
+  its largest channelwise (output) axis."""
   q = lambda a: qwix.quantize(a, how.qtype, channelwise_axes=how.channelwise_axes, tiled_axes=how.tiled_axes,
                               calibration_method=how.calibration_method, scale_dtype=scale_dtype)
-  return jax.jit(jax.vmap(q) if stacked else q)(w)
+  axes = [a + stacked for a in how.channelwise_axes] + ([0] if stacked else [])
+  return _chunked(jax.vmap(q) if stacked else q, w, max(axes, key=lambda a: w.shape[a]))
+
+
+def _is_aux(x) -> bool:
+  return hasattr(x, "how") and hasattr(x, "array")
+
+
+def is_quantized(leaf) -> bool:
+  """A leaf as `quantize` stores a quantized one: Qwix's WithAux (a kernel) or a
+  QArray (the embedding table)."""
+  return _is_aux(leaf) or isinstance(leaf, qwix.QArray)
+
+
+class Plan:
+  """How `quant` stores each parameter of `model`: `plan(path, w)` -> the leaf the PTQ
+  model (`plan.model`) takes (moved to the device; a kernel or the embedding table
+  quantized there, its float copy dropped when it was ours), `plan.rebuild(path,
+  qvalue, scale)` -> the same quantized leaf from stored arrays, `plan.quantized(path)`
+  -> whether `path` is stored quantized."""
+
+  def __init__(self, model: LlamaVid, quant: str):
+    check(quant)
+    self.quant, self.cfg = quant, model.cfg
+    self.model = quantized_model(model, quant)
+    abstract = jax.eval_shape(self.model.init, jax.random.key(0), **_example(model.cfg))["params"]
+    self.hows = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: _is_aux(x))
+    self.mlp = _mlp_how(quant, model.cfg)
+    if model.cfg.llm.tie_embeddings:
+      print(f"quant {quant}: the tied embedding table (also the LM head) stays {jnp.dtype(model.cfg.dtype).name}")
+
+  def _aux(self, path):
+    aux = self.hows.get(path)
+    if not _is_aux(aux) and path[0] == "llm" and len(path) >= 2 and path[-2] in _MLP:
+      return self.mlp
+    return aux if _is_aux(aux) else None
+
+  def quantized(self, path) -> bool:
+    return (path == EMBED and not self.cfg.llm.tie_embeddings) or self._aux(path) is not None
+
+  def __call__(self, path, w):
+    if is_quantized(w):   # already quantized (a quantized checkpoint): kept as it is
+      return w
+    mine = not isinstance(w, jax.Array)   # a host array: its device copy is ours to drop
+    w = jax.device_put(w)
+    if not self.quantized(path):
+      return w
+    if path == EMBED:
+      q = quantize_embedding(w, self.quant, self.cfg)
+    else:
+      aux = self._aux(path)
+      # a scanned stack's kernels carry a leading `layers` axis: quantized a layer at a time
+      stacked = w.ndim == 3 if path[-2] in _MLP else getattr(aux.array.qvalue, "names", (None,))[0] == "layers"
+      q = aux.replace(array=_quantize_leaf(w, aux.how, stacked, jnp.dtype(self.cfg.dtype)))
+    if mine:
+      w.delete()
+    return q
+
+  def rebuild(self, path, qvalue: jax.Array, scale: jax.Array):
+    q = qwix.QArray(qvalue, scale)
+    return q if path == EMBED else self._aux(path).replace(array=q)
 
 
 def quantize(model: LlamaVid, params: Any, quant: str) -> tuple[LlamaVid, Any]:
   """(model, float params) -> (the PTQ model, params with the LLM's kernels replaced by
-  Qwix's quantized arrays). Leaves are moved to the device one at a time; each float
-  kernel is quantized there and dropped. The scales are made in the model's compute
-  dtype (`cfg.dtype`: a quantized matmul returns the scales' dtype), so the model
-  must be quantized in the dtype it will run in (no `dtype=` override afterwards)."""
+  Qwix's quantized arrays and its embedding table by a QArray). Leaves are moved to the
+  device one at a time; each float kernel is quantized there and dropped. Leaves
+  already quantized (a quantized checkpoint, `restore`) are kept. The scales are made
+  in the model's compute dtype (`cfg.dtype`: a quantized matmul returns the scales'
+  dtype), so the model must be quantized in the dtype it will run in (no `dtype=`
+  override afterwards)."""
+  plan = Plan(model, quant)
+  flat = flax.traverse_util.flatten_dict(params, is_leaf=lambda _, x: is_quantized(x))
+  return plan.model, flax.traverse_util.unflatten_dict({path: plan(path, w) for path, w in flat.items()})
+
+
+# --- quantized checkpoints -------------------------------------------------------------
+RECORD = "quantized"   # conversion.json's key of a quantized checkpoint: {mode, dtype, group, source}
+
+
+def stored_quant(ckpt: str) -> str | None:
+  """The mode a quantized inference directory was saved in (its conversion.json's
+  RECORD), None for any other directory (or an unreadable conversion.json, which the
+  load then names). Reads no parameter."""
+  path = os.path.join(ckpt, layout.CONVERSION)
+  if layout.kind(ckpt) != "inference" or not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      record = json.load(f).get(RECORD)
+    return None if record is None else record["mode"]
+  except (OSError, ValueError, AttributeError, TypeError, KeyError):   # unreadable: the load names it
+    return None
+
+
+def check_stored(ckpt: str, quant: str | None) -> str | None:
+  """The mode to load `ckpt` in: `quant`, or a quantized checkpoint's own mode. Raises
+  a one-line ValueError, before any parameter is read, when `quant` asks a quantized
+  checkpoint for another mode (its float weights are gone: nothing to requantize)."""
   check(quant)
-  qmodel = quantized_model(model, quant)
-  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), **_example(model.cfg))["params"]
-  is_aux = lambda x: hasattr(x, "how") and hasattr(x, "array")
-  hows = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: is_aux(x))
-  mlp = _mlp_how(quant, model.cfg)
+  stored = stored_quant(ckpt)
+  if stored is not None and quant not in (None, stored):
+    raise ValueError(f"{ckpt}: the checkpoint is quantized {stored}; quant={quant!r} asks for {quant} "
+                     f"(load it with quant=None or {stored!r}, or quantize its float source)")
+  return quant or stored
+
+
+def _to_stored(params: Any) -> dict:
+  """Quantized tree -> plain nested dicts for Orbax: a quantized leaf becomes
+  {"qvalue": int8 / int4, "scale": float}."""
   out = {}
-  for path, w in flax.traverse_util.flatten_dict(params).items():
-    aux = hows.get(path)
-    if not is_aux(aux) and path[0] == "llm" and len(path) >= 2 and path[-2] in _MLP:
-      aux = mlp
-    mine = not isinstance(w, jax.Array)   # a host array: its device copy is ours to drop
-    w = jax.device_put(w)
-    if is_aux(aux):
-      # a scanned stack's kernels carry a leading `layers` axis: quantized a layer at a time
-      stacked = w.ndim == 3 if path[-2] in _MLP else getattr(aux.array.qvalue, "names", (None,))[0] == "layers"
-      out[path] = aux.replace(array=_quantize_leaf(w, aux.how, stacked, jnp.dtype(model.cfg.dtype)))
-      if mine:
-        w.delete()
+  for path, w in flax.traverse_util.flatten_dict(params, is_leaf=lambda _, x: is_quantized(x)).items():
+    q = w.array if _is_aux(w) else w
+    if isinstance(q, qwix.QArray):
+      out[path + ("qvalue",)], out[path + ("scale",)] = q.qvalue, q.scale
     else:
       out[path] = w
-  return qmodel, flax.traverse_util.unflatten_dict(out)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def restore(ckpt: str, model: LlamaVid, quant: str) -> tuple[LlamaVid, Any]:
+  """A quantized inference directory (`save`) -> (the PTQ model, params) read a leaf
+  at a time straight into device arrays, nothing requantized: int values as stored, the float leaves and
+  scales cast to the compute dtype `model.cfg.dtype`. The stored tree is checked
+  against the model (one line naming the path) before any array is read."""
+  plan = Plan(model, quant)
+  stored = flax.traverse_util.flatten_dict(orbax_io.stored_metadata(ckpt))
+  want = flax.traverse_util.flatten_dict(orbax_io.shape_tree(model.cfg), is_leaf=lambda _, x: isinstance(x, tuple))
+  keys = {p[:-1] if p[-1] in ("qvalue", "scale") and p[:-1] in want else p for p in stored}
+  for path in sorted(keys):   # the stored leaves, as `orbax_io.restore` checks a float tree
+    q = path + ("qvalue",) in stored
+    if path not in want:
+      raise ValueError(f"{ckpt}: stored parameter {'/'.join(path)} is not in the model")
+    shape = tuple(stored[path + ("qvalue",)].shape if q else stored[path].shape)
+    if q != plan.quantized(path) or shape != tuple(want[path]):
+      kind = lambda quantized: "quantized" if quantized else "float"
+      raise ValueError(f"{ckpt}: parameter {'/'.join(path)}: stored {kind(q)} {shape}, the model takes "
+                       f"{kind(plan.quantized(path))} {tuple(want[path])}")
+  out, parts = {}, {}
+  for key, a in orbax_io.iter_params(ckpt, dtype=jnp.dtype(model.cfg.dtype), check=False, device=True):
+    if key[:-1] in keys and plan.quantized(key[:-1]):   # a qvalue or a scale: a leaf once both are read
+      parts.setdefault(key[:-1], {})[key[-1]] = a
+      if len(parts[key[:-1]]) == 2:
+        q = parts.pop(key[:-1])
+        out[key[:-1]] = plan.rebuild(key[:-1], q["qvalue"], q["scale"])
+    else:
+      out[key] = a
+  return plan.model, flax.traverse_util.unflatten_dict(out)
+
+
+def reader(quant: str, dtype: str):
+  """`orbax_io.load_for_inference`'s `read_params` for `quant` at compute `dtype`: a
+  quantized checkpoint of that mode is restored as stored (`restore`); any other is
+  read a leaf at a time (`orbax_io.iter_params`) and each leaf quantized on the device
+  before the next is read, so its full-precision copy is never all resident."""
+  def read(path: str, step: int | None, cfg) -> Any:
+    model = LlamaVid(dataclasses.replace(cfg, dtype=dtype))
+    if stored_quant(path) is not None:
+      return restore(path, model, check_stored(path, quant))[1]
+    plan = Plan(model, quant)
+    out = {}
+    for key, w in orbax_io.iter_params(path, step=step, dtype=jnp.dtype(dtype), device=True):
+      out[key] = plan(key, w)
+      if plan.quantized(key):   # its float copy goes before the next leaf is read
+        w.delete()
+      del w
+    return flax.traverse_util.unflatten_dict(out)
+  return read
+
+
+def save(out: str, model: LlamaVid, params: Any, quant: str, source: str) -> None:
+  """A quantized inference directory: `params` (from `quantize` / `reader`) with Orbax
+  as int values + scales, `model`'s config, conversion.json = the source's + RECORD
+  (mode, compute dtype, int4 group, source path), the source's tokenizers copied.
+  `source` must be an inference directory (a train WORKDIR: export it first)."""
+  if layout.kind(source) != "inference":
+    raise ValueError(f"{source}: not an inference directory (export a train WORKDIR first: "
+                     "python -m llamavid_jax.export --from-train)")
+  cfg = model.cfg
+  meta = orbax_io.load_conversion(source)
+  if RECORD in meta:
+    raise ValueError(f"{source}: already quantized {meta[RECORD]['mode']}")
+  meta[RECORD] = dict(mode=quant, dtype=jnp.dtype(cfg.dtype).name, group=group(cfg) if quant == "int4" else None,
+                      source=os.path.abspath(source))
+  orbax_io.save(out, _to_stored(params), cfg, meta)
+  for name in (layout.TOKENIZER, layout.QFORMER_TOKENIZER):
+    shutil.copytree(os.path.join(source, name), os.path.join(out, name), dirs_exist_ok=True)
 
 
 def param_bytes(params: Any) -> int:
@@ -142,4 +369,35 @@ def device_bytes(params: Any) -> int:
   return sum(s.data.nbytes for a in jax.tree.leaves(params) for s in a.addressable_shards)
 
 
-__all__ = ["QUANTS", "INT4_GROUP", "check", "quantize", "quantized_model", "param_bytes", "device_bytes"]
+def main(argv=None) -> None:
+  """python -m llamavid_jax.quant save --ckpt IN --quant int8 --out DIR [--dtype bfloat16]"""
+  p = argparse.ArgumentParser(prog="python -m llamavid_jax.quant", description=main.__doc__)
+  sub = p.add_subparsers(dest="command", required=True)
+  s = sub.add_parser("save", help="quantize an inference directory's LLM and save it (inference.load reads it as is)")
+  s.add_argument("--ckpt", required=True, help="a float inference directory (converted or exported)")
+  s.add_argument("--quant", required=True, choices=QUANTS)
+  s.add_argument("--out", required=True, help="the quantized inference directory to write")
+  s.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                 help="compute dtype: the scales' and the float leaves' (inference.load's dtype)")
+  a = p.parse_args(argv)
+  found = layout.kind(a.ckpt)
+  if found is None:
+    p.error(f"--ckpt {layout.neither(a.ckpt)}")
+  if found == "train":
+    p.error(f"--ckpt {a.ckpt}: a train WORKDIR; export it first (python -m llamavid_jax.export --from-train)")
+  if stored_quant(a.ckpt) is not None:
+    p.error(f"--ckpt {a.ckpt}: already quantized {stored_quant(a.ckpt)}")
+  if os.path.abspath(a.out) == os.path.abspath(a.ckpt) or layout.kind(a.out) is not None:
+    p.error(f"--out {a.out}: holds a checkpoint already (write a new directory)")
+  cfg = dataclasses.replace(orbax_io.load_config(a.ckpt), dtype=a.dtype)
+  params = reader(a.quant, a.dtype)(a.ckpt, None, cfg)
+  save(a.out, LlamaVid(cfg), params, a.quant, a.ckpt)
+  print(f"{a.out}: LLM quantized {a.quant} ({a.dtype} scales), {param_bytes(params) / 2**20:.1f} MiB of parameters")
+
+
+__all__ = ["QUANTS", "INT4_GROUP", "RECORD", "check", "check_stored", "quantize", "quantized_model", "reader",
+           "restore", "save", "stored_quant", "param_bytes", "device_bytes"]
+
+
+if __name__ == "__main__":
+  main()

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import qwix
 from flax import linen as nn
 
 from llamavid_jax import generate as G
@@ -62,9 +63,14 @@ def test_kernels_are_stored_quantized_and_logprobs_stay_close(setup, mode, bits,
       assert jnp.iinfo(q.qvalue.dtype).bits == bits and q.qvalue.shape == params["llm"][path[0]][name]["kernel"].shape \
           if path[0] == "layers" else q.qvalue.shape == params["llm"][name]["kernel"].shape, path
       kinds[name] = q.qvalue.dtype
-    else:   # norms and the embedding table stay float
-      assert leaf.dtype == jnp.float32, path
-  assert set(kinds) == set(KERNELS), kinds
+    elif path == ("embed_tokens", "embedding"):   # ours: per row (and group of features for int4)
+      assert isinstance(leaf, qwix.QArray) and jnp.iinfo(leaf.qvalue.dtype).bits == bits, leaf
+      v, d = params["llm"]["embed_tokens"]["embedding"].shape
+      assert leaf.qvalue.shape == (v, d) and leaf.scale.shape == (v, 1 if mode == "int8" else d // quant.group(model.cfg))
+      kinds["embed_tokens"] = leaf.qvalue.dtype
+    else:   # the norms stay float
+      assert path[-1] == "scale" and leaf.dtype == jnp.float32, path
+  assert set(kinds) == set(KERNELS) | {"embed_tokens"}, kinds
   # int8: one scale per output feature; int4: one per output feature and group of inputs
   gate = flat[("layers", "gate_proj", "kernel")].array
   d, f = model.cfg.llm.d_model, model.cfg.llm.mlp_dim
@@ -75,6 +81,19 @@ def test_kernels_are_stored_quantized_and_logprobs_stay_close(setup, mode, bits,
   delta = np.abs(got - want)
   print(f"{mode}: mean |delta logprob| {delta.mean():.4f}, max {delta.max():.4f} over {delta.size} tokens")
   assert 0 < delta.mean() <= mean_max, (delta.mean(), delta.max())
+
+
+def test_quantizing_in_slices_changes_no_value(setup, monkeypatch):
+  """A leaf quantized in slices along an output axis (`quant.CHUNK_BYTES`, what bounds
+  the temporaries of a 7B table) has the values and scales of it quantized whole."""
+  model, params, _ = setup
+  _, whole = quant.quantize(model, params, "int4")
+  monkeypatch.setattr(quant, "CHUNK_BYTES", 4096)   # the table and every kernel in several slices
+  _, sliced = quant.quantize(model, params, "int4")
+  assert jax.tree.structure(whole) == jax.tree.structure(sliced)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(sliced)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_quantized_generation_in_bfloat16(setup):
@@ -101,3 +120,34 @@ def test_load_quantized(tiny_ckpt):
   assert q.qvalue.dtype == jnp.int4 and m.quant == "int4" and m.cfg.kv_cache == "int8"
   [ans] = m.generate([m.request("What is it?", None)], max_new_tokens=4)
   assert len(ans.token_ids) <= 4
+
+
+@pytest.mark.slow
+def test_saved_quantized_checkpoint_loads_as_stored(tiny_ckpt, tmp_path, monkeypatch):
+  """`python -m llamavid_jax.quant save` writes int values + scales with Orbax and the
+  mode in conversion.json; `inference.load` reads them back bitwise (nothing
+  requantized: the float source is not read) and equal to a fresh streamed quantization
+  and to `quantize` of the whole float tree; another mode is refused before any
+  parameter is read."""
+  from llamavid_jax.checkpoint import orbax_io
+  src, out = tiny_ckpt + "/inference", str(tmp_path / "q8")
+  quant.main(["save", "--ckpt", src, "--quant", "int8", "--out", out, "--dtype", "float32"])
+  assert quant.stored_quant(out) == "int8" and quant.stored_quant(src) is None
+  fresh = inference.load(src, quant="int8")
+  base = inference.load(src)
+  _, whole = quant.quantize(base.model, base.params, "int8")
+  for fn in ("_quantize_leaf", "quantize_embedding"):   # reading the stored tree quantizes nothing
+    monkeypatch.setattr(quant, fn, None)
+  m = inference.load(out)
+  assert m.quant == "int8" and isinstance(m.params["llm"]["embed_tokens"]["embedding"], qwix.QArray)
+  assert jax.tree.structure(m.params) == jax.tree.structure(fresh.params) == jax.tree.structure(whole)
+  for got, want, w in zip(jax.tree.leaves(m.params), jax.tree.leaves(fresh.params), jax.tree.leaves(whole)):
+    assert got.dtype == want.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(want))
+  batch = G.batch_requests([m.request("What is it?", None)])
+  logits = [np.asarray(x.model.apply({"params": x.params}, **batch)[0]) for x in (m, fresh)]
+  np.testing.assert_array_equal(*logits)
+  monkeypatch.setattr(orbax_io, "load_for_inference", None)   # the refusals come first
+  with pytest.raises(ValueError, match=r"q8: the checkpoint is quantized int8; quant='int4' asks for int4"):
+    inference.load(out, quant="int4")

@@ -237,6 +237,49 @@ def restore_train_params(workdir: str, step: int, dtype=None) -> dict:
   return params if dtype is None else jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
 
 
+def iter_params(path: str, *, step: int | None = None, dtype=None, check: bool = True, device: bool = False):
+  """(leaf path, array) of every parameter of an inference directory or of a train
+  WORKDIR's `step` (default the latest), read one leaf at a time (an Orbax partial
+  restore each, the largest first): a caller that keeps only a transformed copy of each
+  leaf (quantization) never holds more than one stored leaf. `dtype`: floating leaves cast
+  to it (integer leaves, a quantized checkpoint's, never are); `device`: jax.Arrays on
+  the default device, read straight into it, else host numpy. `check`: an inference
+  directory's tree is checked against its model config first."""
+  import flax
+  ocp = _ocp()
+  path = os.path.abspath(path)
+  if layout.kind(path) == "inference":
+    item, stored = os.path.join(path, PARAMS), stored_metadata(path)
+    if check:
+      _prune(abstract_params(load_config(path)), stored)
+    wrap, unwrap = (lambda t: t), (lambda t: t)
+  else:
+    item = os.path.join(layout.step_dir(path, train_step(path, step)), layout.STATE)
+    with ocp.PyTreeCheckpointer() as ckpt:
+      stored = ckpt.metadata(item).item_metadata.tree["params"]
+    wrap, unwrap = (lambda t: {"params": t}), (lambda t: t["params"])
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.PyTreeCheckpointer() as ckpt:
+    # largest first: a caller that keeps a smaller copy of each (quantization) reads the
+    # big leaves, whose reads and transforms take the most, while it holds the least
+    leaves = flax.traverse_util.flatten_dict(stored).items()
+    for key, meta in sorted(leaves, key=lambda kv: -int(np.prod(kv[1].shape)) * np.dtype(kv[1].dtype).itemsize):
+      want = meta.dtype if dtype is None or not jnp.issubdtype(meta.dtype, jnp.floating) else jnp.dtype(dtype)
+      if device:
+        one, args = jax.ShapeDtypeStruct(tuple(meta.shape), want, sharding=dev), ocp.ArrayRestoreArgs(sharding=dev,
+                                                                                                     dtype=want)
+      else:
+        one, args = np.zeros((), meta.dtype), ocp.RestoreArgs(restore_type=np.ndarray, dtype=want)
+      tree = flax.traverse_util.unflatten_dict({key: one})
+      restore_args = flax.traverse_util.unflatten_dict({key: args})
+      got = ckpt.restore(item, args=ocp.args.PyTreeRestore(item=wrap(tree), restore_args=wrap(restore_args),
+                                                           partial_restore=True))
+      leaf = flax.traverse_util.flatten_dict(unwrap(got))[key]
+      del got
+      yield key, leaf
+      del leaf   # the caller's now: not held while the next leaf is read
+
+
 def _restore_numpy(path: str, meta, partial: bool = False):
   """The arrays of `meta`'s tree (orbax metadata) at `path` as host numpy, whatever the
   devices they were saved from: a checkpoint written by 8 (or 256) devices restores in a
@@ -277,9 +320,11 @@ def save_from_train(out: str, workdir: str, train_cfg: dict, step: int, params=N
 
 
 def load_for_inference(path: str, *, step: int | None = None, dtype=None,
-                       mesh: jax.sharding.Mesh | None = None) -> Inference:
+                       mesh: jax.sharding.Mesh | None = None, read_params=None) -> Inference:
   """A converted / inference directory, or a train WORKDIR (its `step`, default the
-  latest) -> `Inference`. Missing files are named before any parameter is read."""
+  latest) -> `Inference`. Missing files are named before any parameter is read.
+  `read_params(path, step, cfg)`, when given, reads the parameters instead (the
+  quantizing loader of `llamavid_jax.quant`: leaf by leaf)."""
   from llamavid_jax.data.tokenizer import load_llm_tokenizer, load_qformer_tokenizer
   found = layout.kind(path)
   if found == "inference":
@@ -300,4 +345,4 @@ def load_for_inference(path: str, *, step: int | None = None, dtype=None,
     raise FileNotFoundError(layout.neither(path))
   tok = load_llm_tokenizer(llm_dir)
   qtok = load_qformer_tokenizer(q_dir, max_length=cfg.qformer.max_text_len)
-  return Inference(cfg, load(), tok, qtok, meta)
+  return Inference(cfg, load() if read_params is None else read_params(path, step, cfg), tok, qtok, meta)
