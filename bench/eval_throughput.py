@@ -6,11 +6,13 @@ with the benchmark's own token budget and with a short one.
 
 Reads DATA/heldout_qa.json (the synthetic generator's MSVD-QA-format held-out file)
 through `eval.benchmarks.video_qa`, and for each batch size answers the first `limit`
-questions with `eval.predict.Predictor` (greedy) twice: with the benchmark's default
-budget (`GENERATION["max_new_tokens"]`: the release's 1024) and with `max_new_tokens`;
-each once untimed (to compile every bucket the questions fall in: timing a pass that
-compiles would charge the budget timed first for both), then timed. Prints questions/s of both, their ratio
-and whether the predictions are identical. The time includes decoding the videos on
+questions (greedy) with the benchmark's default budget (`GENERATION["max_new_tokens"]`:
+the release's 1024) and with `max_new_tokens`, each by two paths: `eval.predict.Predictor`
+(the runner's: the serving engine with `batch` slots) and `generate_answers` (the
+runner's path before it: `batch` items a left-padded `Model.generate` call); each once
+untimed (to compile every bucket the questions fall in: timing a pass that compiles
+would charge the budget timed first for both), then timed. Prints questions/s of each,
+their ratio and whether the predictions are identical. The time includes decoding the videos on
 the host, as a benchmark run does. Decoding stops when every row of a batch has emitted
 </s> (`llamavid_jax.generate`), so the long budget costs only the tokens produced.
 
@@ -39,6 +41,17 @@ _LIMIT = flags.DEFINE_integer("limit", 64, "questions per timed pass")
 _TOKENS = flags.DEFINE_integer("max_new_tokens", 8, "the short budget, timed beside the benchmark's default")
 
 
+def generate_answers(m, items, batch_size: int, max_new_tokens: int) -> list[str]:
+  """The runner's path before the engine: `batch_size` items a left-padded
+  `Model.generate` call (greedy), which stops once every row of the batch has ended."""
+  from eval.predict import Predictor
+  reqs = Predictor(m).requests(items)
+  out = []
+  for i in range(0, len(reqs), batch_size):
+    out += [a.text for a in m.generate(reqs[i:i + batch_size], max_new_tokens=max_new_tokens)]
+  return out
+
+
 def main(argv):
   del argv
   from eval.benchmarks import BENCHMARKS
@@ -54,17 +67,29 @@ def main(argv):
   for b in map(int, _BATCH.value):
     rate, preds = {}, {}
     for n in budgets:
-      p = Predictor(m, batch_size=b, max_new_tokens=n)
-      p.predict(items)   # compile every (text, frame) bucket the questions fall in, for this budget
-      t = time.perf_counter()
-      preds[n] = p.predict(items)
-      dt = time.perf_counter() - t
-      rate[n] = len(items) / dt
-      acc = sum(x.strip().lower() == it.meta["answer"].lower() for x, it in zip(preds[n], items)) / len(items)
-      print(f"batch {b}, {n} new tokens: {rate[n]:.2f} questions/s ({dt:.1f}s, exact {acc:.3f})", flush=True)
-    same = sum(x == y for x, y in zip(*preds.values()))
-    print(f"batch {b}: time with {budgets[0]} / with {budgets[1]} new tokens {rate[budgets[1]] / rate[budgets[0]]:.2f}x, "
-          f"predictions identical {same}/{len(items)}", flush=True)
+      for path in ("engine", "generate"):
+        if path == "engine":
+          p = Predictor(m, batch_size=b, max_new_tokens=n)
+          answer = p.predict
+        else:
+          p, answer = None, lambda its: generate_answers(m, its, b, n)
+        answer(items)   # compile every (text, frame) bucket the questions fall in, for this budget
+        t = time.perf_counter()
+        preds[path, n] = answer(items)
+        dt = time.perf_counter() - t
+        if p is not None:
+          p.close()
+        rate[path, n] = len(items) / dt
+        acc = sum(x.strip().lower() == it.meta["answer"].lower() for x, it in zip(preds[path, n], items)) / len(items)
+        print(f"batch {b}, {n} new tokens, {path}: {rate[path, n]:.2f} questions/s ({dt:.1f}s, exact {acc:.3f})",
+              flush=True)
+      same = sum(x == y for x, y in zip(preds["engine", n], preds["generate", n]))
+      print(f"batch {b}, {n} new tokens: engine / generate {rate['engine', n] / rate['generate', n]:.2f}x, "
+            f"predictions identical {same}/{len(items)}", flush=True)
+    same = sum(x == y for x, y in zip(preds["engine", budgets[0]], preds["engine", budgets[1]]))
+    print(f"batch {b}, engine: time with {budgets[0]} / with {budgets[1]} new tokens "
+          f"{rate['engine', budgets[1]] / rate['engine', budgets[0]]:.2f}x, predictions identical {same}/{len(items)}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
-"""Benchmark Items -> answers with a loaded model: batched, jitted generation.
+"""Benchmark Items -> answers with a loaded model, on the serving engine.
 
   p = Predictor(inference.load(ckpt), batch_size=8, max_new_tokens=64, temperature=0.0)
   texts = p.predict(items)            # one answer per `eval.benchmarks.common.Item`
+  p.close()                           # the engine's thread and KV cache
 
 Each Item's media (video at 1 fps, image, feature file, or none) is read on the host,
 its prompt becomes the release's single-turn inference prompt (`<image>\\n` + prompt,
 `llamavid_jax/inference.py`) with the Item's `instruction` as the Q-Former text, and
-`batch_size` Items at a time go through one left-padded `generate` call. Prompt lengths
-and frame counts are rounded up to powers of two (`generate.batch_requests`), so a
-benchmark compiles once per (text bucket, frame bucket), not once per question.
+`batch_size` Items at a time are submitted to the continuous-batching engine
+(`llamavid_jax/engine.py`, `batch_size` slots: the one generation loop of eval.chat,
+eval.web and eval.serve), whose answers are those of `Model.generate` of each Item
+alone, greedy or sampled; an answer that ends (</s>, a stop string) frees its slot at
+once. The engine's cache holds a power of two of positions a slot, enough for the
+batch's longest prompt and the budget; a batch that needs more makes it again (at most
+log2 sizes). Prompt lengths and frame counts are rounded up to powers of two
+(`generate.batch_requests`), so a benchmark compiles once per (text bucket, frame
+bucket), not once per question.
 An Item whose media cannot be read (`inference.MediaError`) gets None and a warning
 naming the file; the runner counts it as failed and retries it on the next run.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+from llamavid_jax import engine as engine_lib
 from llamavid_jax import inference, validation
 
 log = logging.getLogger("eval.predict")
@@ -29,11 +37,40 @@ class Predictor:
                stop: Sequence[str] = (), fit_max_new_tokens: bool = False):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    validation.raise_all(validation.check_sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                                   prefill_chunk=prefill_chunk, prefix=""))
     self.model, self.batch_size = model, batch_size
     self.problems: list[str] = []
     self.fit = fit_max_new_tokens   # a default (the benchmark's): cut to what the positions leave
     self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    prefill_chunk=prefill_chunk, stop=tuple(stop))
+    self.engine: engine_lib.Engine | None = None
+
+  def engine_for(self, need: int) -> engine_lib.Engine:
+    """The engine (`batch_size` slots), made (again) with the power of two of positions a
+    slot >= `need` when it is missing or holds fewer."""
+    if self.engine is not None and self.engine.max_positions >= need:
+      return self.engine
+    self.close()
+    self.engine = engine_lib.Engine(self.model, slots=self.batch_size, max_positions=1 << max(need - 1, 1).bit_length(),
+                                    decode_chunk=8, max_queue=self.batch_size, prefill_chunk=self.kw["prefill_chunk"])
+    return self.engine
+
+  def close(self) -> None:
+    """Stops the engine (its thread, its KV cache); a later `predict` makes another."""
+    if self.engine is not None:
+      self.engine.close()
+      self.engine = None
+
+  def answers(self, requests: list[dict], max_new_tokens: int) -> list[str]:
+    """Requests -> their answers' texts, all submitted to the engine at once."""
+    kw = self.kw
+    need = max(engine_lib.prompt_positions(self.model, r) for r in requests) + max_new_tokens
+    eng = self.engine_for(need)
+    sampling = engine_lib.Sampling(max_tokens=max_new_tokens, temperature=kw["temperature"], top_p=kw["top_p"],
+                                   seed=kw["seed"], stop=kw["stop"])
+    handles = [eng.submit(r, sampling) for r in requests]
+    return [h.result().text for h in handles]
 
   SHOWN = 5   # problems logged one by one; the rest are counted (`summary`)
 
@@ -82,13 +119,9 @@ class Predictor:
           self.problem(f"{it.id}: {e}")
           reqs.append(None)
       ok = [r for r in reqs if r is not None]
-      kw = self.kw
+      budget = self.kw["max_new_tokens"]
       if self.fit and ok:
-        kw = {**kw, "max_new_tokens": min([kw["max_new_tokens"]] + [self.model.room(r) for r in ok])}
-      kinds = {("features" if "features" in r else "frames") for r in ok}
-      if len(kinds) > 1:   # frames and feature files cannot share a batch
-        texts = iter([self.model.generate([r], **kw)[0].text for r in ok])
-      else:
-        texts = iter([a.text for a in self.model.generate(ok, **kw)] if ok else [])
+        budget = min([budget] + [self.model.room(r) for r in ok])
+      texts = iter(self.answers(ok, budget) if ok else [])
       out += [None if r is None else next(texts) for r in reqs]
     return out

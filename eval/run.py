@@ -58,8 +58,9 @@ class Predictor(Protocol):
 def model_predictor(args):
   """The checkpoint as a Predictor (`eval.predict`): each item's media read, its prompt
   asked with `<image>\\n` before it (none for a text-only item) and its instruction as
-  the Q-Former text, `--batch-size` items per generate call with the benchmark's (or
-  the flags') sampling; an unreadable media file gives None (counted as failed)."""
+  the Q-Former text, `--batch-size` items at a time on the serving engine (as many
+  slots) with the benchmark's (or the flags') sampling; an unreadable media file gives
+  None (counted as failed)."""
   from eval.predict import Predictor as ModelPredictor
   m = eval_args.load(args)
   given = getattr(args, "max_new_tokens_given", True)
@@ -260,6 +261,7 @@ def run(args, predictor: Predictor | None = None) -> dict:
   predicted = failed = 0
   seconds = 0.0
   if todo:
+    made = predictor is None   # ours to close (an engine's thread and cache) once the items are done
     predictor = predictor or (mod.predictor(args) if hasattr(mod, "predictor") else model_predictor(args))
     from tqdm import tqdm
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -286,6 +288,8 @@ def run(args, predictor: Predictor | None = None) -> dict:
         os.fsync(f.fileno())
         bar.update(len(batch))
     seconds = time.perf_counter() - start
+    if made and hasattr(predictor, "close"):
+      predictor.close()
     if failed > 5:   # one line for the rest
       said = getattr(predictor, "summary", lambda: None)()
       log.warning("%s", said or f"{failed:,} items had no answer and were skipped (a rerun retries them)")

@@ -335,7 +335,10 @@ class ModelPredict:
     bs = -(-len(its) // -(-len(its) // cap))   # equal batches: a smaller last one would compile again
     p = Predictor(self.model(length), batch_size=bs, max_new_tokens=self.args.max_new_tokens, temperature=0.0,
                   prefill_chunk=self.args.prefill_chunk)
-    return p.predict(its)
+    try:
+      return p.predict(its)
+    finally:
+      p.close()   # its engine's cache: the next length sizes its own
 
   def predict(self, its: list[Item]) -> list[str | None]:
     """Clips of any lengths -> answers in their order, one length a call."""
