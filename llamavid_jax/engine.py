@@ -530,7 +530,7 @@ class Engine:
     key = jax.random.key_data(jax.random.key(s.seed))
     self._state, n = self._admit_jit(self._models[mode], self.m.params, self._state, batch, jnp.int32(row), key,
                                      jnp.float32(s.temperature), jnp.float32(s.top_p), self.max_positions)
-    h.prompt_tokens, h.slot = int(n), row
+    h.prompt_tokens, h.slot = n, row   # a device scalar, read when the request ends: no wait here
     h.started, h.start_step = time.monotonic(), self.steps
 
   # --- chunked prefill --------------------------------------------------------------
@@ -589,7 +589,7 @@ class Engine:
     row = self._rows.index(None)
     self.shapes.add(("install", self._stage_len, self.max_positions))
     key = jax.random.key_data(jax.random.key(s.seed))
-    h.prompt_tokens = int(f.stage["pos"][0])
+    h.prompt_tokens = f.stage["pos"][0]   # read when the request ends
     self._state = _install_jit(self._state, f.stage, jnp.int32(row), key, jnp.float32(s.temperature),
                                jnp.float32(s.top_p), self.max_positions)
     self._filling = None
@@ -658,7 +658,7 @@ class Engine:
   def _completion(self, h: Handle, reason: str) -> Completion:
     with self.tokenizer_lock:
       ans = self.m.answer(h.ids, h.sampling.stop)
-    return Completion(ans.text, ans.token_ids, reason, h.prompt_tokens, len(h.ids))
+    return Completion(ans.text, ans.token_ids, reason, int(h.prompt_tokens), len(h.ids))
 
   def _end(self, row: int, reason: str) -> None:
     h = self._rows[row]
