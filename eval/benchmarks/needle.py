@@ -18,8 +18,8 @@ The predictor (`predictor(args)`, which `eval.run` takes instead of its default)
 checkpoint on every frame at 1 fps (the training frame cap is lifted), the Q-Former and
 token generator over chunks of `--frame-chunk` frames (default: the checkpoint's
 `frame_chunk`, or 256 where it has none; 0 = all at once), the LLM prefill over chunks of
-`--prefill-chunk` positions, at most `--max-batch-frames` frames a generate call (at least
-one clip), one clip length a call.
+`--prefill-chunk` positions, at most `--max-batch-frames` frames a batch (the engine's
+slots, `eval.predict`; at least one clip), one clip length a batch.
 
 Positions: a clip of L frames puts S' = prompt + L * tokens_per_frame - 1 positions before
 the answer, far more than a model trained on short clips has seen. `--rope-scaling auto`
@@ -74,7 +74,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--prefill-chunk", type=int, default=1024, help="LLM prefill positions per step (0: all at once)")
   parser.add_argument("--frame-chunk", type=int, default=None,
                       help=f"frames per Q-Former step (default: the checkpoint's, or {DEFAULT_FRAME_CHUNK}; 0: all)")
-  parser.add_argument("--max-batch-frames", type=int, default=4096, help="frames per generate call (at least one clip)")
+  parser.add_argument("--max-batch-frames", type=int, default=4096, help="frames per batch of clips (at least one clip)")
   parser.add_argument("--rope-scaling", default="", help="linear RoPE factor: a number, or auto (per length: "
                       "ceil(positions / the checkpoint's llm.max_positions)); default: the checkpoint's")
 
