@@ -3,7 +3,7 @@
   python -m eval.serve --ckpt DIR [--host 127.0.0.1] [--port 8000] [--slots 16]
       [--media-root DIR] [--max-queue 64] [--max-positions 2048] [--max-frames 256]
       [--max-tokens 1024] [--max-body-mb 64] [--dtype float32|bfloat16] [--decode-chunk 4]
-      [--served-model-name NAME]
+      [--prefill-chunk C] [--mesh AXIS=N,...] [--quant int8|int4] [--served-model-name NAME]
 
 Endpoints:
 - `POST /v1/chat/completions`: `messages` whose `content` is a string or a list of parts:
@@ -550,6 +550,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
   p.add_argument("--max-body-mb", type=float, default=64.0, help="request bodies over this get 413")
   p.add_argument("--decode-chunk", type=int, default=4, help="decode steps per dispatch (requests join between)")
+  p.add_argument("--prefill-chunk", type=int, default=0,
+                 help="prefill a prompt C positions per dispatch, the running requests decoding between "
+                      "(0: each prompt in one dispatch)")
   p.add_argument("--served-model-name", help="the model id clients name (default: the --ckpt directory's name)")
   return p
 
@@ -565,8 +568,9 @@ def main(argv=None) -> None:
   for flag in ("slots", "max_frames", "max_tokens", "decode_chunk"):
     if getattr(a, flag) < 1:
       p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-  if a.max_queue < 0 or a.max_positions < 2 or a.max_body_mb <= 0 or not 0 <= a.port < 65536:
-    p.error("--max-queue >= 0, --max-positions >= 2, --max-body-mb > 0 and a port in [0, 65535] are needed")
+  if a.max_queue < 0 or a.max_positions < 2 or a.max_body_mb <= 0 or not 0 <= a.port < 65536 or a.prefill_chunk < 0:
+    p.error("--max-queue >= 0, --max-positions >= 2, --max-body-mb > 0, --prefill-chunk >= 0 and a port in "
+            "[0, 65535] are needed")
   try:
     import fastapi  # noqa: F401
     import uvicorn  # noqa: F401
@@ -578,10 +582,11 @@ def main(argv=None) -> None:
   except FileNotFoundError as e:
     sys.exit(f"eval.serve: --ckpt {e}")
   kv = engine_lib.cache_bytes(m.cfg, a.slots, a.max_positions, a.dtype)
+  chunked = f", prompts prefilled {a.prefill_chunk} positions per dispatch" if a.prefill_chunk else ""
   print(f"eval.serve: {name}: {a.slots} slots x {a.max_positions} positions, KV cache {kv / 2 ** 30:.2f} GiB "
-        f"({m.cfg.kv_cache or a.dtype}); compiling the decode step", flush=True)
+        f"({m.cfg.kv_cache or a.dtype}){chunked}; compiling the decode step", flush=True)
   eng = engine_lib.Engine(m, slots=a.slots, max_positions=a.max_positions, decode_chunk=a.decode_chunk,
-                          max_queue=a.max_queue)
+                          max_queue=a.max_queue, prefill_chunk=a.prefill_chunk)
   limits = Limits(media_root=a.media_root, max_frames=a.max_frames, max_tokens=a.max_tokens,
                   max_body=int(a.max_body_mb * 2 ** 20))
   import uvicorn

@@ -22,14 +22,25 @@ seed: step i of a request draws with fold_in(key(seed), i), as `generate.generat
 does for a batch of one, so a request's tokens are those of `Model.generate([req])`
 with the same arguments, greedy or sampled, whatever else runs beside it.
 
-Compiles are bounded: the decode step compiles once; a prefill compiles once per
-(video_mode, media kind, text bucket, frame bucket, Q-Former bucket), the buckets
-being `generate.batch_requests`'s (powers of two unless given), all capped by
-`max_positions`. `compiles` counts the distinct shapes run so far.
+Compiles are bounded: the decode step compiles once; a prefill (a chunked prefill's
+embedding) compiles once per (video_mode, media kind, text bucket, frame bucket,
+Q-Former bucket), the buckets being `generate.batch_requests`'s (powers of two unless
+given), all capped by `max_positions`. `compiles` counts the distinct shapes run so
+far (`shapes`).
 
-Not here: chunked prefill interleaved with decode steps (a long movie's prefill runs
-whole while the other rows wait), and paged attention (every row attends over all
-`max_positions` slots, masked).
+Chunked prefill (`prefill_chunk` C > 0): a request's prompt is first embedded (ViT /
+Q-Former / token generator and the splice, one dispatch) into a stage of its own, then
+run through the LLM C positions per dispatch (`LlamaVid.prefill_step`), one loop turn
+at a time with a decode dispatch of the running rows between turns, and written into
+its row after its last chunk; so a long movie's prompt no longer stalls the other
+streams for its whole prefill, only for one chunk at a time (the visual encoding still
+runs whole). A turn's chunks hold at most C positions in all (short prompts share a
+turn). The last chunk of a prompt is the power of two (at most C) that covers what is
+left, so the chunk step compiles once per size: at most 1 + log2(C) shapes, whatever
+the prompts' lengths. The stage holds ceil(max_positions / C) * C slots of one request
+(its keys and values, its embeddings), about one slot's cache more than the rows.
+
+Not here: paged attention (every row attends over all `max_positions` slots, masked).
 """
 
 from __future__ import annotations
@@ -97,7 +108,8 @@ class Handle:
   """One submitted request: its text pieces as they come (iterate, or `on_event`),
   `result()`, `cancel()`, and the engine's timestamps (time.monotonic()): submitted,
   started (prefilled into its slot), first_token, finished; `start_step` /
-  `finish_step`: the engine's decode-step count then."""
+  `finish_step`: the engine's decode-step count then; `prefill_steps`: that count at
+  each chunk of a chunked prefill."""
 
   def __init__(self, rid: int, request: dict, sampling: Sampling, positions: int,
                on_event: Callable[[str, object], None] | None):
@@ -107,6 +119,7 @@ class Handle:
     self.submitted = time.monotonic()
     self.started = self.first_token = self.finished = None
     self.start_step = self.finish_step = None
+    self.prefill_steps: list[int] = []
     self.slot: int | None = None
     self.batch: dict | None = None   # its prefill batch (`Engine.batch`)
     self.prompt_tokens = 0
@@ -160,6 +173,14 @@ class Handle:
     return self.completion
 
 
+@dataclasses.dataclass
+class _Filling:
+  """A request being prefilled chunk by chunk: its stage (`_stage`), the next slot to fill."""
+  h: Handle
+  stage: dict
+  start: int = 0
+
+
 # --- the jitted steps ---------------------------------------------------------------------
 def _sample_rows(logits, key_data, steps, temperature, top_p):
   """float32[B, V] logits, uint32[B, 2] keys, int32[B] steps, float32[B] temperature /
@@ -211,20 +232,64 @@ def _decode(model, params, st, n: int, eos_id: int):
   return st, toks.T
 
 
-def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len: int, prefill_chunk: int):
-  """Prefills one request (a batch of one) into a fresh cache of `max_len` slots and
-  writes it into row `row` of the state -> (state, int32[] its prompt positions)."""
-  inputs = {k: v for k, v in batch.items() if k in _INPUTS}
-  logits, c = model.apply({"params": params}, **inputs, max_len=max_len, chunk=prefill_chunk,
-                          method="prefill_cache")
+def _write_row(st, row, logits, c, key_data, temperature, top_p):
+  """Row `row` of the state <- a prefilled request: float32[V] logits, c a batch-of-one
+  cache of the state's slots (k, v [layers, 1, T, K, Dh], valid [1, T], index int32[],
+  pos [1]), its sampling; its step count starts at 0."""
   cache = st["cache"]
   kv = {n: cache[n].at[:, row].set(c[n][:, 0].astype(cache[n].dtype)) for n in KV_ARRAYS if n in cache}
   cache = dict(kv, valid=cache["valid"].at[row].set(c["valid"][0]), index=cache["index"].at[row].set(c["index"]),
                pos=cache["pos"].at[row].set(c["pos"][0]))
-  st = dict(st, cache=cache, logits=st["logits"].at[row].set(logits[0]), done=st["done"].at[row].set(False),
-            step=st["step"].at[row].set(0), key=st["key"].at[row].set(key_data),
-            temperature=st["temperature"].at[row].set(temperature), top_p=st["top_p"].at[row].set(top_p))
-  return st, c["pos"][0]
+  return dict(st, cache=cache, logits=st["logits"].at[row].set(logits), done=st["done"].at[row].set(False),
+              step=st["step"].at[row].set(0), key=st["key"].at[row].set(key_data),
+              temperature=st["temperature"].at[row].set(temperature), top_p=st["top_p"].at[row].set(top_p))
+
+
+def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len: int):
+  """Prefills one request (a batch of one) into a fresh cache of `max_len` slots and
+  writes it into row `row` of the state -> (state, int32[] its prompt positions)."""
+  inputs = {k: v for k, v in batch.items() if k in _INPUTS}
+  logits, c = model.apply({"params": params}, **inputs, max_len=max_len, method="prefill_cache")
+  return _write_row(st, row, logits[0], c, key_data, temperature, top_p), c["pos"][0]
+
+
+# --- chunked prefill: a request's prompt over several dispatches, decode steps between ---
+def _stage(model, params, batch, length: int):
+  """One request's prompt embedded (its visual tokens spliced in) into a prefill stage
+  of `length` slots: dict(x float[1, length, D], positions int32[1, length], valid
+  bool[1, length], last int32[1] the last real slot, index int32[] S' its slots, pos
+  int32[1] its positions, kv dict(k, v) zeros [layers, 1, length, K, Dh], logits
+  float32[1, V]); slots past S' are zero and not valid."""
+  inputs = {k: v for k, v in batch.items() if k in _INPUTS}
+  x, layout, _ = model.apply({"params": params}, **inputs, method=LlamaVid.embed_inputs)
+  b, s = layout.valid.shape
+  pad = lambda a: jnp.pad(a, [(0, 0), (0, length - s)] + [(0, 0)] * (a.ndim - 2))
+  positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0).astype(jnp.int32)
+  last = jnp.max(jnp.where(layout.valid, jnp.arange(s), 0), axis=1).astype(jnp.int32)
+  llm = model.cfg.llm
+  kv = jnp.zeros((llm.num_layers, b, length, llm.num_kv_heads, llm.head_dim), x.dtype)
+  return dict(x=pad(x), positions=pad(positions), valid=pad(layout.valid), last=last, index=jnp.int32(s),
+              pos=layout.valid.sum(axis=1).astype(jnp.int32), kv=dict(k=kv, v=kv),
+              logits=jnp.zeros((b, llm.vocab_size), jnp.float32))
+
+
+def _fill(model, params, stage, start, size: int):
+  """The LLM over the stage's slots start .. start + size - 1 (`LlamaVid.prefill_step`)
+  -> the stage with their keys and values written (and the logits, once `last` is in)."""
+  x = jax.lax.dynamic_slice_in_dim(stage["x"], start, size, axis=1)
+  positions = jax.lax.dynamic_slice_in_dim(stage["positions"], start, size, axis=1)
+  logits, kv = model.apply({"params": params}, x, positions, stage["valid"], stage["kv"], start, stage["last"],
+                           method="prefill_step")   # by name: a quantized model wraps it
+  mine = (stage["last"] >= start) & (stage["last"] < start + size)
+  return dict(stage, kv=kv, logits=jnp.where(mine[:, None], logits, stage["logits"]))
+
+
+def _install(st, stage, row, key_data, temperature, top_p, max_len: int):
+  """A fully prefilled stage written into row `row` of the state (its first `max_len` slots)."""
+  cut = lambda a: a[:, :, :max_len]
+  c = dict(k=cut(stage["kv"]["k"]), v=cut(stage["kv"]["v"]), valid=stage["valid"][:, :max_len],
+           index=stage["index"], pos=stage["pos"])
+  return _write_row(st, row, stage["logits"][0], c, key_data, temperature, top_p)
 
 
 def cache_bytes(cfg, slots: int, max_positions: int, dtype: str) -> int:
@@ -246,22 +311,28 @@ def prompt_positions(model: inference.Model, request: dict) -> int:
 # one jit each for every engine of the process: engines of the same model and shapes share
 # their compiles (eval.chat makes one per call)
 _decode_jit = jax.jit(_decode, static_argnums=(0, 3, 4), donate_argnums=(2,))
-_admit_jit = jax.jit(_admit, static_argnums=(0, 8, 9), donate_argnums=(2,))
+_admit_jit = jax.jit(_admit, static_argnums=(0, 8), donate_argnums=(2,))
+_stage_jit = jax.jit(_stage, static_argnums=(0, 3))
+_fill_jit = jax.jit(_fill, static_argnums=(0, 4), donate_argnums=(2,))
+_install_jit = jax.jit(_install, static_argnums=(6,), donate_argnums=(0,))
 
 
 class Engine:
   """`slots` decode rows of `max_positions` cache slots each (prompt, spliced and
   bucketed, plus answer) over one `inference.Model`; at most `max_queue` requests wait.
   `decode_chunk` steps run per dispatch (a request joins or leaves between them).
+  `prefill_chunk` C > 0: a request's prompt is prefilled C positions per dispatch,
+  with a decode dispatch of the running rows between (0: each prompt in one dispatch).
   text / frame / qformer buckets: `generate.batch_requests`'s (None: powers of two)."""
 
   def __init__(self, model: inference.Model, *, slots: int = 16, max_positions: int = 2048,
                decode_chunk: int = 4, max_queue: int = 64, prefill_chunk: int = 0,
                text_buckets: Sequence[int] | None = None, frame_buckets: Sequence[int] | None = None,
                qformer_buckets: Sequence[int] | None = None, start: bool = True):
-    if slots < 1 or max_positions < 2 or decode_chunk < 1 or max_queue < 0:
+    if slots < 1 or max_positions < 2 or decode_chunk < 1 or max_queue < 0 or prefill_chunk < 0:
       raise ValueError(f"engine: slots {slots}, max_positions {max_positions}, decode_chunk {decode_chunk}, "
-                       f"max_queue {max_queue}: need slots >= 1, max_positions >= 2, decode_chunk >= 1, max_queue >= 0")
+                       f"max_queue {max_queue}, prefill_chunk {prefill_chunk}: need slots >= 1, max_positions >= 2, "
+                       "decode_chunk >= 1, max_queue >= 0, prefill_chunk >= 0")
     self.m, self.slots, self.max_positions = model, slots, max_positions
     self.decode_chunk, self.max_queue, self.prefill_chunk = decode_chunk, max_queue, prefill_chunk
     self.buckets = dict(text_buckets=text_buckets, frame_buckets=frame_buckets, qformer_buckets=qformer_buckets)
@@ -275,6 +346,9 @@ class Engine:
       self._models[mode] = base.clone(cfg=dataclasses.replace(base.cfg, dtype=model.dtype))
     self._decode_model = self._models[model.cfg.video_mode]
     self._decode_jit, self._admit_jit = _decode_jit, _admit_jit
+    # a chunked prefill's stage: whole chunks of slots, so no chunk's write is clamped
+    self._stage_len = -(-max_positions // prefill_chunk) * prefill_chunk if prefill_chunk else 0
+    self._filling: _Filling | None = None   # the request being prefilled chunk by chunk
     self._state = self._init_state()
     self._rows: list[Handle | None] = [None] * slots
     self._queue: collections.deque[Handle] = collections.deque()
@@ -333,10 +407,15 @@ class Engine:
       self._cv.notify_all()
     if self._thread.is_alive():
       self._thread.join(timeout)
-    for h in list(self._queue) + [r for r in self._rows if r is not None]:
+    for h in self._handles():
       h._finish(None, EngineStopped("the engine stopped"))
     self._queue.clear()
-    self._rows = [None] * self.slots
+    self._rows, self._filling = [None] * self.slots, None
+
+  def _handles(self) -> list[Handle]:
+    """Every request not ended: queued, being prefilled, decoding."""
+    filling = [self._filling.h] if self._filling is not None else []
+    return list(self._queue) + filling + [r for r in self._rows if r is not None]
 
   # --- requests ---------------------------------------------------------------------
   def batch(self, request: dict) -> dict:
@@ -386,13 +465,16 @@ class Engine:
     try:
       while True:
         with self._cv:
-          while not self._stop and not self._queue and all(r is None for r in self._rows):
+          while not self._stop and not self._queue and self._filling is None and all(r is None for r in self._rows):
             self._cv.wait()
           if self._stop:
             return
         self._free_cancelled()
         self._drop_cancelled()
-        self._admit_waiting()
+        if self.prefill_chunk:
+          self._prefill_chunks()
+        else:
+          self._admit_waiting()
         if any(r is not None for r in self._rows):
           self._step()
     except BaseException as e:   # a bug, not a bad request (those fail alone): every request learns of it
@@ -400,7 +482,7 @@ class Engine:
       traceback.print_exc()
       with self._cv:
         self._stop = True
-      for h in list(self._queue) + [r for r in self._rows if r is not None]:
+      for h in self._handles():
         h._finish(None, EngineStopped(f"the engine's loop failed: {e!r}"))
 
   def _free_cancelled(self) -> None:
@@ -417,16 +499,23 @@ class Engine:
       self.finished["cancelled"] += 1
       h._finish(self._completion(h, "cancelled"))
 
-  def _admit_waiting(self) -> None:
-    while None in self._rows:
+  def _pop_queued(self) -> Handle | None:
+    """The next queued request not cancelled (those before it end), or None."""
+    while True:
       with self._cv:
         if not self._queue:
-          return
+          return None
         h = self._queue.popleft()
-      if h.cancelled:
-        h._finish(self._completion(h, "cancelled"))
-        self.finished["cancelled"] += 1
-        continue
+      if not h.cancelled:
+        return h
+      h._finish(self._completion(h, "cancelled"))
+      self.finished["cancelled"] += 1
+
+  def _admit_waiting(self) -> None:
+    while None in self._rows:
+      h = self._pop_queued()
+      if h is None:
+        return
       row = self._rows.index(None)
       try:
         self._prefill(h, row)
@@ -442,10 +531,72 @@ class Engine:
     s = h.sampling
     key = jax.random.key_data(jax.random.key(s.seed))
     self._state, n = self._admit_jit(self._models[mode], self.m.params, self._state, batch, jnp.int32(row), key,
-                                     jnp.float32(s.temperature), jnp.float32(s.top_p), self.max_positions,
-                                     self.prefill_chunk)
-    h.prompt_tokens, h.slot = int(n), row
+                                     jnp.float32(s.temperature), jnp.float32(s.top_p), self.max_positions)
+    h.prompt_tokens, h.slot = n, row   # a device scalar, read when the request ends: no wait here
     h.started, h.start_step = time.monotonic(), self.steps
+
+  # --- chunked prefill --------------------------------------------------------------
+  def _prefill_chunks(self) -> None:
+    """Prefill work of one loop turn: chunks of at most `prefill_chunk` positions in all,
+    of the request being prefilled and then of the next queued ones while rows are free
+    (a request installed in its row after its last chunk). A long prompt thus takes one
+    chunk per turn, and the running rows decode between its chunks."""
+    budget = self.prefill_chunk
+    while True:
+      f = self._filling
+      if f is not None and f.h.cancelled:
+        self._filling = None
+        self.finished["cancelled"] += 1
+        f.h._finish(self._completion(f.h, "cancelled"))
+        continue
+      if f is None:
+        if None not in self._rows:
+          return
+        h = self._pop_queued()
+        if h is None:
+          return
+      size = min(self.prefill_chunk, gen.bucket((f.h.positions - f.start) if f else h.positions))
+      if size > budget:
+        if f is None:   # it starts next turn
+          with self._cv:
+            self._queue.appendleft(h)
+        return
+      try:
+        f = f or self._begin(h)
+        self._fill_chunk(f, size)
+        if f.start >= f.h.positions:
+          self._install(f)
+      except Exception as e:   # this request's failure (a shape the model refuses): it alone ends
+        self._filling = None
+        (f.h if f else h)._finish(None, e)
+        self.finished["error"] += 1
+      budget -= size
+
+  def _begin(self, h: Handle) -> "_Filling":
+    """Embeds the request's prompt into a stage (`_stage`) -> it, the one being filled."""
+    mode, batch = h.request.get("video_mode", "clip"), h.batch
+    self.shapes.add(("stage", mode, self._stage_len) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
+    self._filling = _Filling(h, _stage_jit(self._models[mode], self.m.params, batch, self._stage_len))
+    return self._filling
+
+  def _fill_chunk(self, f: "_Filling", size: int) -> None:
+    self.shapes.add(("fill", size, self._stage_len))
+    f.stage = _fill_jit(self._decode_model, self.m.params, f.stage, jnp.int32(f.start), size)
+    f.start += size
+    f.h.prefill_steps.append(self.steps)
+
+  def _install(self, f: "_Filling") -> None:
+    """The filled stage into a free row: the request decodes from the next step on."""
+    h, s = f.h, f.h.sampling
+    row = self._rows.index(None)
+    self.shapes.add(("install", self._stage_len, self.max_positions))
+    key = jax.random.key_data(jax.random.key(s.seed))
+    h.prompt_tokens = f.stage["pos"][0]   # read when the request ends
+    self._state = _install_jit(self._state, f.stage, jnp.int32(row), key, jnp.float32(s.temperature),
+                               jnp.float32(s.top_p), self.max_positions)
+    self._filling = None
+    h.slot, h.started, h.start_step = row, time.monotonic(), self.steps
+    self._rows[row] = h
 
   def _run_decode(self) -> np.ndarray:
     self.shapes.add(("decode", self.slots, self.max_positions, self.decode_chunk))
@@ -509,7 +660,7 @@ class Engine:
   def _completion(self, h: Handle, reason: str) -> Completion:
     with self.tokenizer_lock:
       ans = self.m.answer(h.ids, h.sampling.stop)
-    return Completion(ans.text, ans.token_ids, reason, h.prompt_tokens, len(h.ids))
+    return Completion(ans.text, ans.token_ids, reason, int(h.prompt_tokens), len(h.ids))
 
   def _end(self, row: int, reason: str) -> None:
     h = self._rows[row]

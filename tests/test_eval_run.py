@@ -149,3 +149,31 @@ def test_bad_arguments_are_named_before_the_model(tmp_path, monkeypatch, capsys)
   err = capsys.readouterr().err
   assert "--pred" in err and "--question-file is required" in err and "--annotation-dir is required" in err
   assert not os.path.exists(tmp_path / "p.jsonl")
+
+
+@pytest.mark.slow
+def test_the_models_predictions_are_generates_answers(tiny_ckpt, clip28, tmp_path):
+  """eval.run on the tiny checkpoint (batches of 2, 3 questions of other lengths): each
+  prediction is `Model.generate`'s greedy answer to its question alone, and to the
+  questions as one batch (left padding changes no answer)."""
+  import shutil
+  from eval import predict
+  from eval.benchmarks import BENCHMARKS
+  from llamavid_jax import inference
+  vids = tmp_path / "video"
+  vids.mkdir()
+  shutil.copy(clip28, vids / "v0.mp4")
+  qs = [{"video_id": "v0", "question": q, "answer": "x", "id": i}
+        for i, q in enumerate(["What is this?", "Hello What is this?", "Describe it."])]
+  argv = ["msvd_qa", "--ckpt", tiny_ckpt, "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "8",
+          "--batch-size", "2", "--out", str(tmp_path / "pred.jsonl"), "--gt-file", write(tmp_path / "q.json", qs),
+          "--video-folder", str(vids), "--no-progress"]
+  summary = run.main(argv)
+  assert summary["counts"]["predicted"] == 3
+  m = inference.load(tiny_ckpt)
+  args, _ = run.parse_args(argv)
+  reqs = predict.Predictor(m).requests(BENCHMARKS["msvd_qa"].load(args))
+  alone = [m.generate([r], max_new_tokens=8)[0].text for r in reqs]
+  assert [r["pred"] for r in lines(tmp_path / "pred.jsonl")] == alone
+  assert [a.text for a in m.generate(reqs, max_new_tokens=8)] == alone
+  assert any(alone)   # not all empty: the comparison says something

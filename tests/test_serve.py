@@ -454,3 +454,53 @@ def test_main_serves_the_checkpoint_under_its_name(tiny_ckpt, root, monkeypatch)
               "--max-positions", "64", "--media-root", root])
   assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
   assert [d["id"] for d in seen["models"]["data"]] == ["toy"] and seen["outside"] == "media_outside_root"
+
+
+def _served_answer(argv, monkeypatch, content=Q1, budget=NEW) -> tuple[list[int], engine_lib.Engine]:
+  """`eval.serve.main(argv)`'s greedy token ids for one question, asked in-process
+  (uvicorn.run replaced by a TestClient of the app), and the engine that answered."""
+  import uvicorn
+  from fastapi.testclient import TestClient
+  seen, engines = {}, []
+
+  class Recorded(engine_lib.Engine):
+    def __init__(self, *a, **kw):
+      super().__init__(*a, **kw)
+      engines.append(self)
+
+  monkeypatch.setattr(engine_lib, "Engine", Recorded)
+
+  def run(app, host, port, **kw):
+    with TestClient(app) as c:
+      r = c.post("/v1/chat/completions", json={"model": "toy", "messages": [{"role": "user", "content": content}],
+                                               "temperature": 0, "max_tokens": budget, "return_token_ids": True})
+      seen["ids"] = r.json()["choices"][0]["token_ids"]
+
+  monkeypatch.setattr(uvicorn, "run", run)
+  serve.main(argv + ["--served-model-name", "toy", "--slots", "2", "--max-positions", "64"])
+  [eng] = engines
+  return seen["ids"], eng
+
+
+@pytest.mark.slow
+def test_main_with_quant_int8_answers_with_the_quantized_models_tokens(tiny_ckpt, monkeypatch):
+  """--quant int8 (and a chunked prefill: the quantized `prefill_step`): the tokens of
+  `inference.load(..., quant="int8")` + generate."""
+  q = inference.load(tiny_ckpt, quant="int8")
+  [want] = q.generate([q.request(Q1, None)], max_new_tokens=NEW)
+  ids, eng = _served_answer(["--ckpt", tiny_ckpt, "--quant", "int8", "--prefill-chunk", "16"], monkeypatch)
+  assert ids == want.token_ids and len(ids) == NEW
+  kernel = eng.m.params["llm"]["layers"]["q_proj"]["kernel"].array
+  assert eng.m.quant == "int8" and kernel.qvalue.dtype == jax.numpy.int8   # the server's model is quantized
+  assert {k[0] for k in eng.shapes} == {"decode", "stage", "fill", "install"}   # prefilled in chunks
+
+
+@pytest.mark.slow
+def test_main_on_a_mesh_answers_as_one_device(tiny_ckpt, model, monkeypatch):
+  """--mesh data=-1,tensor=2 (8 fake CPU devices: heads and MLP columns over 2): the
+  greedy answer of one device."""
+  [want] = model.generate([model.request(Q1, None)], max_new_tokens=NEW)
+  ids, eng = _served_answer(["--ckpt", tiny_ckpt + "/inference", "--mesh", "data=-1,tensor=2"], monkeypatch)
+  assert ids == want.token_ids and len(ids) == NEW
+  kernel = eng.m.params["llm"]["layers"]["gate_proj"]["kernel"]   # [layers, embed, mlp]: mlp over tensor
+  assert kernel.sharding.spec[2] == "tensor" and kernel.addressable_shards[0].data.shape[2] == kernel.shape[2] // 2

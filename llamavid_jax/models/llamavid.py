@@ -278,6 +278,20 @@ class LlamaVid(nn.Module):
     kv, h_last = carry
     return h_last, kv
 
+  def prefill_step(self, x, positions, valid, cache: dict, start, last):
+    """One chunk of a prefill that runs over several calls (the serving engine puts
+    decode steps between them): x float[B, C, D] embeddings of cache slots start ..
+    start + C - 1 (`embed_inputs`' order), positions int32[B, C] (RoPE), valid bool[B, T]
+    every real prompt slot of the cache (later ones too: the causal mask hides them),
+    cache dict(k, v) float[layers, B, T, K, Dh], start int32[], last int32[B] each
+    sample's last real slot -> (float32[B, V] logits at `last`, meaningful where `last`
+    lies in this chunk; the cache with the chunk's keys and values written)."""
+    b, c = positions.shape
+    slots = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+    h, kv = self.llm(x, positions, slots, valid, cache, start)
+    h = jnp.take_along_axis(h, jnp.clip(last - start, 0, c - 1)[:, None, None], 1)   # [B, 1, D]
+    return self.llm.logits(h)[:, 0], kv
+
   def extend_cache(self, token: jax.Array, cache: dict):
     """token: int32[B] -> (float32[B, V] next-token logits, cache with it appended)."""
     b = token.shape[0]

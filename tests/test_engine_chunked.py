@@ -1,0 +1,102 @@
+"""The engine's chunked prefill (`Engine(prefill_chunk=C)`): a long prompt prefilled C
+positions per dispatch while another request decodes gets exactly its one-at-a-time
+greedy tokens, and so does the decoding one; the running request receives tokens
+between the long prompt's chunks (the engine's step counters); chunk shapes are
+powers of two up to C (a bounded number of compiles)."""
+
+import pytest
+
+from llamavid_jax import engine as engine_lib
+from llamavid_jax import generate as gen
+from llamavid_jax import inference
+
+NEW, C, DECODE = 16, 16, 2
+
+
+def chunks(n: int) -> list[int]:
+  """The chunk sizes of an n-position prompt: C each, the rest in a power of two."""
+  return [C] * (n // C) + ([gen.bucket(n % C)] if n % C else [])
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+  return inference.load(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def reqs(model, clip28):
+  """A short text-only request (32 positions: two chunks) and a long one with a video
+  (its spliced prompt some 70 positions: five chunks), with their one-at-a-time tokens."""
+  short = model.request("Describe it.", None)
+  long = model.request("Hello What is this?", model.media(video=clip28))
+  want = [model.generate([r], max_new_tokens=NEW)[0].token_ids for r in (short, long)]
+  assert len(want[0]) == NEW   # no eos: the short one decodes its whole budget
+  return short, long, want
+
+
+def test_a_long_prompt_prefilled_in_chunks_while_another_decodes(model, reqs, monkeypatch):
+  short, long, want = reqs
+  eng = engine_lib.Engine(model, slots=2, max_positions=128, decode_chunk=DECODE, prefill_chunk=C)
+  try:
+    events, late, step, fill, take = [], [], eng._step, eng._fill_chunk, eng._take
+    first = {}
+
+    def step_then_arrive():   # the long request arrives after the short one's first decode dispatch
+      step()
+      if not late:
+        late.append(eng.submit(long, engine_lib.Sampling(max_tokens=NEW)))
+
+    def fill_logged(f, size):
+      fill(f, size)
+      events.append(("chunk", f.h.id, size, eng.steps))
+
+    def take_logged(h, toks):
+      events.append(("tokens", h.id, len(toks), eng.steps))
+      return take(h, toks)
+
+    monkeypatch.setattr(eng, "_step", step_then_arrive)
+    monkeypatch.setattr(eng, "_fill_chunk", fill_logged)
+    monkeypatch.setattr(eng, "_take", take_logged)
+    h = eng.submit(short, engine_lib.Sampling(max_tokens=NEW))
+    first["short"] = h
+    assert h.result(120).token_ids == want[0]
+    [hl] = late
+    assert hl.result(120).token_ids == want[1]
+  finally:
+    eng.close()
+  n, n_short = eng.positions(long), eng.positions(short)
+  sizes = [e[2] for e in events if e[:2] == ("chunk", hl.id)]
+  assert n > 4 * C and sizes == chunks(n)
+  assert [e[2] for e in events if e[:2] == ("chunk", h.id)] == chunks(n_short)
+  # between every two chunks of the long prompt, one decode dispatch of the short request
+  order = [e for e in events if e[:2] in (("chunk", hl.id), ("tokens", h.id))]
+  first_chunk = order.index(("chunk", hl.id, C, DECODE))
+  chunks_and_tokens = [e[0] for e in order[first_chunk:first_chunk + 2 * len(sizes)]]
+  assert chunks_and_tokens == ["chunk", "tokens"] * len(sizes)
+  assert hl.prefill_steps == [DECODE * (k + 1) for k in range(len(sizes))]   # decode steps run before each chunk
+  assert h.start_step == 0 and hl.start_step == hl.prefill_steps[-1] and h.finish_step > hl.start_step
+  # compiles: the decode step, one stage per (text, frame) bucket, a chunk step per size, one install
+  fills = {k[1] for k in eng.shapes if k[0] == "fill"}
+  assert fills == set(chunks(n) + chunks(n_short)) and all(s <= C and s & (s - 1) == 0 for s in fills)
+  assert sorted(k[0] for k in eng.shapes if k[0] != "fill") == ["decode", "install", "stage", "stage"]
+
+
+def test_a_request_cancelled_while_it_is_prefilled_ends_and_the_engine_goes_on(model, reqs, monkeypatch):
+  short, long, want = reqs
+  eng = engine_lib.Engine(model, slots=1, max_positions=128, decode_chunk=DECODE, prefill_chunk=C)
+  try:
+    fill = eng._fill_chunk
+
+    def fill_then_cancel(f, size):
+      fill(f, size)
+      if f.h.request is long:
+        f.h.cancel()
+
+    monkeypatch.setattr(eng, "_fill_chunk", fill_then_cancel)
+    hl = eng.submit(long, engine_lib.Sampling(max_tokens=NEW))
+    done = hl.result(120)
+    assert (done.finish_reason, done.token_ids, len(hl.prefill_steps)) == ("cancelled", [], 1)
+    assert eng.submit(short, engine_lib.Sampling(max_tokens=NEW)).result(120).token_ids == want[0]
+    assert eng.finished == {"cancelled": 1, "length": 1} and eng.slots_in_use == 0
+  finally:
+    eng.close()
