@@ -122,6 +122,7 @@ def _assert_same(a, b):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.slow
 def test_restore_mid_epoch_yields_exactly_the_rest(root, good, workers):
   cfg = _config(root, good, worker_count=workers, seed=3)
   p = pl.make_pipeline(cfg, fx.SPEC, shard_index=0, shard_count=1)

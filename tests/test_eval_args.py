@@ -43,6 +43,7 @@ def test_parse_mesh_fills_a_minus_one_axis():
 
 @pytest.mark.parametrize("mesh", [pytest.param("tensor=8", marks=pytest.mark.slow), "fsdp=4,tensor=2",
                                   pytest.param("tensor=2,sequence=4", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_chat_and_score_on_a_mesh_equal_one_device(mesh, tiny_ckpt, tmp_path, capsys):
   """Greedy ids (eval.chat --json) and answer log-probs (eval.score) with the model split
   over the 8 devices: the one-device ids, log-probs within 1e-5."""

@@ -151,6 +151,7 @@ def evil_checkpoint(tiny_ckpt, tmp_path):
   return ckpt, cfg, marker
 
 
+@pytest.mark.slow
 def test_an_auto_map_checkpoint_is_refused_even_with_yes_on_stdin(tiny_ckpt, tmp_path, video):
   ckpt, cfg, marker = evil_checkpoint(tiny_ckpt, tmp_path)
   before = digest(ckpt, video)

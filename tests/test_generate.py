@@ -40,6 +40,7 @@ def right_padded(batch):
   return out
 
 
+@pytest.mark.slow
 def test_cached_greedy_equals_argmax_of_full_forward_left_padded(setup):
   model, params, reqs = setup
   batch = G.batch_requests(reqs)
@@ -56,6 +57,7 @@ def test_cached_greedy_equals_argmax_of_full_forward_left_padded(setup):
     np.testing.assert_array_equal(np.argmax(np.asarray(logits)[np.arange(3), last], -1), new[:, k])
 
 
+@pytest.mark.slow
 def test_batched_equals_one_at_a_time_and_right_padding(setup):
   model, params, reqs = setup
   batch = G.batch_requests(reqs)
@@ -82,6 +84,7 @@ def first_index(rows, tok):
   return [list(r).index(tok) if tok in r else len(r) for r in rows]
 
 
+@pytest.mark.slow
 def test_early_stop_equals_a_full_decode_cut_at_eos(setup, monkeypatch):
   """Rows ending at different steps: decoding stops after the chunk where the last one
   ends, and every row's ids equal the full-length decode's up to its eos (eos after)."""
@@ -115,6 +118,7 @@ def test_early_stop_equals_a_full_decode_cut_at_eos(setup, monkeypatch):
     assert (s[e:] == tok).all() or e == 24
 
 
+@pytest.mark.slow
 def test_stop_strings_end_decoding(setup):
   """`ended` (a stop string) ends rows as eos does: decoding stops when every row ended."""
   model, params, reqs = setup
@@ -214,6 +218,7 @@ def test_stream_equals_generate(setup):
                                   np.asarray(G.generate(model, params, batch, eos_id=-1, **kw)))
 
 
+@pytest.mark.slow
 def test_stream_stops_when_every_row_ended(setup):
   model, params, reqs = setup
   batch = G.batch_requests(reqs[:1])
@@ -222,6 +227,7 @@ def test_stream_stops_when_every_row_ended(setup):
   assert len(chunks) == 1 and chunks[0].tolist() == [[first] * 4]
 
 
+@pytest.mark.slow
 def test_chunked_prefill_equals_one_shot(setup):
   model, params, reqs = setup
   batch = G.batch_requests(reqs)

@@ -25,6 +25,7 @@ def run(m, batch):
 
 
 @pytest.mark.parametrize("shape", [{"tensor": 8}, {"fsdp": 4, "tensor": 2}, {"tensor": 2, "sequence": 4}])
+@pytest.mark.slow
 def test_sharded_decoding_equals_one_device(one, tiny_ckpt, shape):
   m, batch = one
   want_ids, want_lp = run(m, batch)

@@ -105,6 +105,7 @@ def _placement_inputs(cfg, mode, rng):
 
 
 @pytest.mark.parametrize("mode,mesh_shape", [("two", {"fsdp": 2, "sequence": 4}), ("movie", {"fsdp": 1, "sequence": 8})])
+@pytest.mark.slow
 def test_frame_tokens_placed_round_the_ring_equal_the_gather(tiny_cfg, mode, mesh_shape):
   """With the LLM length split over `sequence`, the frame tokens reach their positions
   by blocks sent round the ring (no all-gather of the K frame tokens): the spliced
@@ -188,6 +189,7 @@ def test_ring_placement_reaches_the_farthest_source_in_the_fewest_rounds():
 
 
 @pytest.mark.parametrize("mesh_shape", [None, {"fsdp": 2, "sequence": 4}])
+@pytest.mark.slow
 def test_mlp_in_sequence_chunks_equals_the_whole_mlp(mesh_shape):
   """mlp_chunk: the same parameters (tree and values) and the same outputs and
   gradients as the whole-sequence MLP, one device or the sequence split over 4 (S = 44:

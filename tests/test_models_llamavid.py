@@ -41,6 +41,7 @@ def video(tiny_cfg):
   return model, params, batch
 
 
+@pytest.mark.slow
 def test_video_logits_have_two_tokens_per_frame(video, tiny_cfg):
   model, params, batch = video
   logits, out = jax.jit(model.apply)({"params": params}, **batch)
@@ -76,6 +77,7 @@ def test_splice_matches_python_loop_reference(video, tiny_cfg):
     assert not np.asarray(x[b, len(want):]).any()
 
 
+@pytest.mark.slow
 def test_one_placeholder_per_turn_each_with_its_own_instruction(video, tiny_cfg):
   """imgsp_v1: every human turn has an <image> and its own Q-Former instruction; the
   r-th placeholder gets the frame tokens made with the r-th instruction. Sample 0 has
@@ -142,6 +144,7 @@ def test_content_only_gives_every_placeholder_the_same_frame_tokens(tiny_cfg):
   assert np.isfinite(np.asarray(logits)).all()
 
 
+@pytest.mark.slow
 def test_padding_frames_do_not_change_the_answer(video, tiny_cfg):
   """Sample 1 (2 valid of 3 frames) gives the same logits as alone with T=2."""
   model, params, batch = video
@@ -245,6 +248,7 @@ def test_every_parameter_has_logical_axis_names(tiny_cfg):
       assert leaf.names[0] == "layers", jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow
 def test_sharded_forward_on_2x4_mesh_equals_one_device(video, tiny_cfg):
   model, params, batch = video
   mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
@@ -261,6 +265,7 @@ def test_sharded_forward_on_2x4_mesh_equals_one_device(video, tiny_cfg):
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_fp32(video, tiny_cfg):
   model, params, batch = video
   want, _ = model.apply({"params": params}, **batch)

@@ -70,6 +70,7 @@ def ref():
   return r, cfg, params
 
 
+@pytest.mark.slow
 def test_movie_logits_match_the_release_long_video_path(ref):
   """Two movies in one batch (3 and 2 frames of 3 slots), subtitles of 2, 0 and 3 ids
   after the frames (0: two placeholders side by side), instructions of 5 and 3 ids;

@@ -114,6 +114,7 @@ LLM_VARIANTS = {"mha": dict(num_kv_heads=4), "gqa": dict(num_kv_heads=2),
 
 
 @pytest.mark.parametrize("variant", sorted(LLM_VARIANTS))
+@pytest.mark.slow
 def test_llama_forward_and_cached_decoding(tiny_cfg, variant):
   cfg = dataclasses.replace(tiny_cfg, llm=dataclasses.replace(tiny_cfg.llm, **LLM_VARIANTS[variant]))
   ref = torch_ref.hf_llama(cfg)

@@ -53,6 +53,7 @@ def run2(root, data, mode, fault="none"):
   return out
 
 
+@pytest.mark.slow
 def test_a_transient_error_on_one_host_is_retried_to_the_same_plan(root):
   (rc0, out0, r0), (rc1, out1, r1) = run2(root, ["a.json", "a.json"], "independent", "transient:1")
   assert rc0 == 0 and rc1 == 0, out0[-2000:] + out1[-2000:]
@@ -60,6 +61,7 @@ def test_a_transient_error_on_one_host_is_retried_to_the_same_plan(root):
   assert "(attempt 1 of 3); retrying" in out1 and "retrying" not in out0
 
 
+@pytest.mark.slow
 def test_a_persistent_error_is_the_same_skip_on_every_host(root):
   for on, skips in (("1", []), ("0", ["v1", "v4", "v7"])):   # process 0 plans for both
     data = pf.write_videos_json(root, 40, name=f"persistent{on}.json")   # no manifest yet

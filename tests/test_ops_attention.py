@@ -36,6 +36,7 @@ def assert_close(got, want, tol=2e-5):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("block", [4, 5])    # 5: keys padded to whole blocks
+@pytest.mark.slow
 def test_chunked_matches_reference(causal, block, monkeypatch):
   q, k, v, kv_valid, slots = inputs()
   slots = slots if causal else None
@@ -55,6 +56,7 @@ def _on_mesh(mesh, q, k, v):
 @pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
 @pytest.mark.parametrize("n", [2, 4, 8])
 @pytest.mark.parametrize("impl", ["chunked", "ring", "zigzag"])
+@pytest.mark.slow
 def test_blockwise_ring_and_zigzag_equal_dense_attention(impl, n, padded):
   """n blocks (chunked) or n ring shards over `sequence` (contiguous, or zig-zag: the
   inputs, slots and padding permuted once, the output permuted back), against the fp32

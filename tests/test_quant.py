@@ -51,6 +51,7 @@ def test_unknown_quant_is_refused_before_loading():
 
 
 @pytest.mark.parametrize("mode, bits, mean_max", [("int8", 8, 0.05), ("int4", 4, 0.3)])
+@pytest.mark.slow
 def test_kernels_are_stored_quantized_and_logprobs_stay_close(setup, mode, bits, mean_max):
   model, params, batch = setup
   qmodel, qparams = quant.quantize(model, params, mode)
@@ -96,6 +97,7 @@ def test_quantizing_in_slices_changes_no_value(setup, monkeypatch):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_quantized_generation_in_bfloat16(setup):
   """Greedy decoding runs on the quantized model (its first ids are the quantized
   model's argmax, checked against its own full forward), also quantized for bf16."""

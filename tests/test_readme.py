@@ -5,6 +5,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 from llamavid_jax.models.splice import spliced_length
 
@@ -23,6 +24,7 @@ def _section(text, title):
   return text[start:end if end != -1 else len(text)]
 
 
+@pytest.mark.slow
 def test_model_in_code_example_runs_and_its_shapes_hold():
   section = _section(_read("README.md"), "The model in code")
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)

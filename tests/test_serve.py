@@ -148,6 +148,7 @@ def _health(server):
   assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_the_openai_client_gets_generates_greedy_answer_streaming_and_not(client, server, model, cases):
   msgs, want, budget = cases[0]
   ids, r = _ask(client, msgs, budget)
@@ -199,6 +200,7 @@ def test_a_movie_feature_file_is_answered_with_the_movie_prompt(client, model, r
   assert r.usage.prompt_tokens > 3 * model.cfg.tokens_per_frame   # the subtitles and the frames' tokens
 
 
+@pytest.mark.slow
 def test_concurrent_requests_get_their_one_at_a_time_tokens_and_compile_once(client, server, cases):
   eng = server.engine
 

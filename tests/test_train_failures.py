@@ -119,6 +119,7 @@ def test_a_resume_with_other_model_shapes_is_refused_before_building(tiny_ckpt):
                            "(3 arrays, e.g. ['llm']['layers']['down_proj']['kernel'] (2, 64, 32) -> (2, 128, 32); ")
 
 
+@pytest.mark.slow
 def test_resume_with_another_global_batch_size_is_refused(tmp_path):
   """The global batch is the data's: a resume may change the process count, not it."""
   train(config(tmp_path, total_steps=1))
