@@ -127,24 +127,6 @@ def rss(chunk: int, dtype: str) -> tuple[int, float, float]:
   return s, base / 2**20, peak / 2**20                   # ru_maxrss is KiB on Linux -> GiB
 
 
-def decode_logprobs(model, params, x, teacher) -> np.ndarray:
-  """float32[B, n]: log p(teacher[:, i]) at decode step i (prefill, then extend_cache with
-  the teacher's tokens)."""
-  max_len = G.prompt_length(model, x) + teacher.shape[1]
-
-  def run(p):
-    logits, cache = model.apply({"params": p}, **x, max_len=max_len, method="prefill_cache")
-
-    def step(carry, tok):
-      logits, cache = carry
-      lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], 1)[:, 0]
-      return model.apply({"params": p}, tok, cache, method="extend_cache"), lp
-
-    return jax.lax.scan(step, (logits, cache), teacher.T)[1].T
-
-  return np.asarray(jax.jit(run)(params))
-
-
 def kv_int8(kind: str, dtype: str, steps: int) -> None:
   """The int8 KV cache against the `dtype` cache: bytes, log-prob deltas, greedy ids."""
   model, params = model_and_params(kind, dtype, std=0.15 if kind == "tiny" else None)
@@ -153,8 +135,8 @@ def kv_int8(kind: str, dtype: str, steps: int) -> None:
   size = lambda c, kv: sum(a.size * a.dtype.itemsize for a in cache_spec(c, 1, 4096, dtype, kv).values())
   x = batch(model.cfg, 4, 8, 32)
   teacher = G.generate(model, params, x, max_new_tokens=steps, eos_id=-1)
-  want = decode_logprobs(model, params, x, teacher)
-  got = decode_logprobs(q, params, x, teacher)
+  want = G.teacher_logprobs(model, params, x, teacher)
+  got = G.teacher_logprobs(q, params, x, teacher)
   ids = G.generate(q, params, x, max_new_tokens=steps, eos_id=-1)
   same = (ids == teacher).cumprod(1).sum(1)        # leading ids equal, per row
   d = np.abs(got - want)

@@ -161,6 +161,25 @@ def generate(model: LlamaVid, params, batch: dict, rng: jax.Array | None = None,
   return np.pad(toks, ((0, 0), (0, max_new_tokens - toks.shape[1])), constant_values=eos_id)
 
 
+def teacher_logprobs(model: LlamaVid, params, batch: dict, teacher: jax.Array, chunk: int = 0) -> np.ndarray:
+  """float32[B, n]: log p(teacher[:, i]) at decode step i through the cached path (prefill
+  in `chunk`-position pieces, then `extend_cache` with the teacher's tokens): how a KV
+  cache or weight format changes what decoding sees (bench/generate.py, the tests)."""
+  max_len = prompt_length(model, batch) + teacher.shape[1]
+
+  def run(p):
+    logits, cache = model.apply({"params": p}, **batch, max_len=max_len, chunk=chunk, method="prefill_cache")
+
+    def step(carry, tok):
+      logits, cache = carry
+      lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], 1)[:, 0]
+      return model.apply({"params": p}, tok, cache, method="extend_cache"), lp
+
+    return jax.lax.scan(step, (logits, cache), teacher.T)[1].T
+
+  return np.asarray(jax.jit(run)(params))
+
+
 def stream(model: LlamaVid, params, batch: dict, rng: jax.Array | None = None, *, max_new_tokens: int,
            eos_id: int, chunk: int = 8, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            prefill_chunk: int = 0, dtype: str | None = None) -> Iterator[np.ndarray]:

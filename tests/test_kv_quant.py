@@ -24,24 +24,6 @@ def int8(model: LlamaVid) -> LlamaVid:
   return model.clone(cfg=dataclasses.replace(model.cfg, kv_cache="int8"))
 
 
-def decode_logprobs(model, params, batch, teacher, chunk=0) -> np.ndarray:
-  """float32[B, n]: log p(teacher[:, i]) at decode step i (prefill, then `extend_cache`
-  with the teacher's tokens): what the cached path gives, prefill and decode both."""
-  max_len = G.prompt_length(model, batch) + teacher.shape[1]
-
-  def run(p):
-    logits, cache = model.apply({"params": p}, **batch, max_len=max_len, chunk=chunk, method="prefill_cache")
-
-    def step(carry, tok):
-      logits, cache = carry
-      lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], 1)[:, 0]
-      return model.apply({"params": p}, tok, cache, method="extend_cache"), lp
-
-    return jax.lax.scan(step, (logits, cache), teacher.T)[1].T
-
-  return np.asarray(jax.jit(run)(params))
-
-
 def test_unknown_kv_cache_is_refused_before_loading():
   with pytest.raises(ValueError, match=r"kv_cache 'int4' is not one of \('int8',\) \(or None: the compute dtype\)"):
     inference.load("/no/such/checkpoint", kv_cache="int4")
@@ -81,14 +63,14 @@ def test_int8_decoding_stays_close_to_the_float_cache(setup):
   printed line); greedy ids equal; chunked prefill gives the one-shot prefill's numbers."""
   model, params, batch = setup
   teacher = G.generate(model, params, batch, max_new_tokens=STEPS, eos_id=-1)
-  want = decode_logprobs(model, params, batch, teacher)
+  want = G.teacher_logprobs(model, params, batch, teacher)
   # peaked: the greedy token is ~6x likelier than uniform (-log V = -4.85), so the deltas can fail
   assert want.mean() > -np.log(model.cfg.llm.vocab_size) + 1.5, want
-  got = decode_logprobs(int8(model), params, batch, teacher)
+  got = G.teacher_logprobs(int8(model), params, batch, teacher)
   delta = np.abs(got - want)
   print(f"int8 KV cache: mean |delta logprob| {delta.mean():.5f}, max {delta.max():.5f} over {delta.size} tokens")
   assert 0 < delta.mean() <= 0.01 and delta.max() <= 0.03, (delta.mean(), delta.max())
-  np.testing.assert_allclose(decode_logprobs(int8(model), params, batch, teacher, chunk=4), got, atol=1e-5)
+  np.testing.assert_allclose(G.teacher_logprobs(int8(model), params, batch, teacher, chunk=4), got, atol=1e-5)
   np.testing.assert_array_equal(G.generate(int8(model), params, batch, max_new_tokens=STEPS, eos_id=-1), teacher)
 
 
