@@ -263,7 +263,7 @@ def inference_main(f) -> None:
     model_cfg, name = from_dict(c.model), f["config"].config_filename
   else:
     from llamavid_jax.checkpoint import orbax_io
-    model_cfg, name = orbax_io.load_config(f.ckpt), f.ckpt
+    model_cfg, name = orbax_io.load_model_config(f.ckpt), f.ckpt
   mesh = None
   if f.mesh:
     try:
@@ -277,7 +277,8 @@ def inference_main(f) -> None:
     row = I.prompt_row(model_cfg, s, c, f.frames)
     p = I.plan_inference(model_cfg, tgt, row, rows=f.batch or 1, new_tokens=f["new-tokens"].value, quant=f.quant,
                          kv_cache=f["kv-cache"].value, mesh=mesh, prefill_chunk=f["prefill-chunk"].value,
-                         features=(c is not None and bool(c.data.get("use_features"))) or model_cfg.movie)
+                         features=(c is not None and bool(c.data.get("use_features"))) or model_cfg.movie,
+                         dtype=f.dtype)
     plans.append(p)
     print(json_record(p) if f.json else I.describe(p, name), flush=True)
     if not f.json and len(seq_lens) > 1:
@@ -333,6 +334,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("quant", None, "--inference: int8 | int4 LLM weights (llamavid_jax/quant.py)")
   flags.DEFINE_string("kv-cache", None, "--inference: int8 KV cache (counted from shapes); default the compute dtype")
   flags.DEFINE_string("mesh", None, "--inference: axis sizes, e.g. tensor=4 (default: tensor over the heads)")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "--inference: weights and compute (inference.load's)")
   flags.DEFINE_integer("new-tokens", 512, "--inference: answer tokens the cache has room for")
   flags.DEFINE_integer("prefill-chunk", 0, "--inference: prefill C positions at a time (generate's prefill_chunk)")
   from llamavid_jax.cli import parse_flags, run

@@ -181,36 +181,42 @@ def _oom_temps(message: str) -> int | None:
   return int(float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1)) if m else None
 
 
+def _compile(lowered) -> tuple[int | None, int, str | None, object]:
+  """-> (XLA's temporaries, aliased bytes, the first line of an over-HBM refusal, the
+  output shardings or None). A refused program's temporaries are the refusal's own
+  figure ("HLO temporaries (64.09G)"), None where it gives none."""
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return _oom_temps(str(e)), 0, str(e).split("\n")[0], None
+  mem = compiled.memory_analysis()
+  return mem.temp_size_in_bytes, mem.alias_size_in_bytes, None, compiled.output_shardings
+
+
 def compile_phases(model, params, batch, mesh, max_len: int, prefill_chunk: int) -> dict:
   """Lowers and compiles `generate`'s prefill (into a cache of `max_len` slots) and one
-  decode step -> dict(prefill, decode: XLA memory analyses or None, refused: the first
-  line of an over-HBM refusal or None, cache_sharding: the compiled prefill's sharding
-  of the cache's k (None if refused), seconds)."""
+  decode step -> dict(prefill_temp, decode_temp: XLA's temporaries (None: refused
+  without a figure), decode_alias: bytes the decode step aliases (a donated cache),
+  refused: the first over-HBM refusal line or None, cache_sharding: the prefill's
+  sharding of the cache (where refused: its kv heads split as k_proj's), seconds)."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   from llamavid_jax import generate as G
   t0 = time.perf_counter()
-  out = dict(prefill=None, decode=None, refused=None, cache_sharding=None)
   lowered = G._prefill_jit.lower(model, params, batch, max_len, prefill_chunk)
-  try:
-    compiled = lowered.compile()
-    out["prefill"] = compiled.memory_analysis()
-    shardings = compiled.output_shardings
-    out["cache_sharding"] = shardings[1]["k"]
-  except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    out["refused"] = str(e).split("\n")[0]
+  prefill_temp, _, refused, shardings = _compile(lowered)
+  if shardings is None:   # refused: the cache's kv heads split as k_proj's are, the rest replicated
+    heads = getattr(jax.tree.leaves(params["llm"]["layers"]["k_proj"])[0].sharding, "spec", ())
+    kv = NamedSharding(mesh, P(None, None, None, heads[2] if len(heads) > 2 else None))
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), lowered.out_info)
+    shardings = (shardings[0], dict(shardings[1], k=kv, v=kv), shardings[2])
   state = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), lowered.out_info, shardings)
   decode = G._decode_jit.lower(model, params, state, jax.random.key(0), jnp.int32(0), 1, 0, 0.0, 0, 1.0)
-  try:
-    out["decode"] = decode.compile().memory_analysis()
-  except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    out["refused"] = out["refused"] or str(e).split("\n")[0]
-  out["seconds"] = time.perf_counter() - t0
-  return out
+  decode_temp, alias, refused_decode, _ = _compile(decode)
+  return dict(prefill_temp=prefill_temp, decode_temp=decode_temp, decode_alias=alias,
+              refused=refused or refused_decode, cache_sharding=shardings[1]["k"],
+              seconds=time.perf_counter() - t0)
 
 
 def kv_bytes(cache: dict, kv_cache: str | None) -> int:
@@ -252,20 +258,23 @@ def plan_inference(model_cfg, tgt: Target, shape, *, rows: int = 1, new_tokens: 
   batch = abstract_inputs(full, m, rows, shape.text_len, shape.frames, features)
   temps_rule = "the full model compiled for the target"
   ph = None if tgt.estimate else compile_phases(model, params, batch, m, max_len, prefill_chunk)
-  if ph is None or ph["refused"]:
+  if ph is not None and ph["refused"]:
+    temps_rule = f"the full model compiled; over HBM, XLA refused it with its temporaries' size: {ph['refused'][:200]}"
+  if ph is None or ph["prefill_temp"] is None or ph["decode_temp"] is None:
     if ph is None:
       temps_rule = "ESTIMATE: " + tgt.describe.split(" - ESTIMATE: ")[-1]
     else:
-      temps_rule = f"the compiler refused the full model ({ph['refused'][:160]}); temporaries of a 1-layer compile"
+      temps_rule = f"the compiler refused the full model without a figure ({ph['refused'][:160]}); 1-layer temporaries"
     one = model_config(model_cfg, shape.seq_len, new_tokens, dtype, layers=1)
     small_model, small_params = abstract_params(one, m, quant)
     small = compile_phases(small_model, small_params, abstract_inputs(one, m, rows, shape.text_len, shape.frames,
                                                                       features), m, max_len, prefill_chunk)
-    if small["refused"]:
-      raise RuntimeError(f"one layer's prefill / decode is over the compiling device's memory: {small['refused']}")
-    seconds = small["seconds"] + (ph["seconds"] if ph else 0.0)
-    ph = dict(small, refused=ph and ph["refused"], seconds=seconds, cache_sharding=(
-        ph and ph["cache_sharding"]) or small["cache_sharding"], layers=1)
+    if small["prefill_temp"] is None or small["decode_temp"] is None:
+      raise RuntimeError(f"one layer's prefill / decode refused without a size: {small['refused']}")
+    small.update(layers=1, seconds=small["seconds"] + (ph["seconds"] if ph else 0.0))
+    if ph is not None:
+      small.update(refused=ph["refused"], cache_sharding=ph["cache_sharding"])
+    ph = small
   llm = full.llm
   kv = jax.ShapeDtypeStruct((llm.num_layers, rows, max_len, llm.num_kv_heads, llm.head_dim), jnp.dtype(dtype),
                             sharding=ph["cache_sharding"])
@@ -273,8 +282,8 @@ def plan_inference(model_cfg, tgt: Target, shape, *, rows: int = 1, new_tokens: 
   weights = tree_device_bytes(params)
   cache = kv_bytes(ph["cache"], kv_cache)
   inputs = tree_device_bytes(batch)
-  prefill_temp, decode_temp = ph["prefill"].temp_size_in_bytes, ph["decode"].temp_size_in_bytes
-  caches_live = 1 if ph["decode"].alias_size_in_bytes > 0 else 2   # the state donated: the cache updated in place
+  prefill_temp, decode_temp = ph["prefill_temp"], ph["decode_temp"]
+  caches_live = 1 if ph["decode_alias"] > 0 else 2   # the state donated: the cache updated in place
   prefill = weights + inputs + cache + prefill_temp
   decode = weights + caches_live * cache + decode_temp
   total = max(prefill, decode)
