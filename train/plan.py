@@ -30,9 +30,20 @@ not fit, the buffers live at the peak, largest first (from XLA's buffer assignme
 --json: one object per plan per line. Before compiling it prints the run-plan report
 (train/planning/report.py) of each plan, on stderr with --json.
 
+--inference plans inference instead (train/planning/inference.py): the prefill of a
+prompt of --seq-len positions and one decode step, compiled for the slice with the
+parameters sharded as `inference.load(mesh=)` shards them, or estimated for a GPU
+(--gpu 24GB | 80GB | a chip key); per device: weights, KV cache, inputs, temporaries,
+total against HBM, fits, decode time at the HBM roofline. The model is --config's or
+--ckpt's (a checkpoint directory); --quant int8|int4, --kv-cache int8, --batch rows,
+--mesh tensor=4, --new-tokens, --prefill-chunk, --dtype. docs/inference_hardware.md.
+
+  python -m train.plan --inference --config configs/stage3_long_video_7b.py --gpu 24GB --seq-len 11264 --quant int8
+  python -m train.plan --inference --ckpt out/ --topology v5e-4 --seq-len 65536
+
 This module is the CLI and the orchestration; the parts live in train/planning/: aot
 (topologies, the ahead-of-time compile), buffers (XLA dumps), policy (shapes, mesh),
-report (the run-plan report). Chip figures: llamavid_jax/hardware.py.
+report (the run-plan report), inference (--inference). Chip figures: llamavid_jax/hardware.py.
 """
 
 from __future__ import annotations
