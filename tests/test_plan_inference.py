@@ -75,8 +75,9 @@ def _expected_int8_weights(cfg, params) -> int:
 
 def test_gpu_estimate_counts_quantized_weights_and_cache_from_shapes(tiny):
   """--gpu 24GB on the tiny model: weights int8 to the byte by the closed form; int4 as
-  the real quantized arrays of `quant.quantize` take; the bf16 cache of the full depth."""
-  from llamavid_jax import quant as Q
+  the real quantized arrays of `quant.quantize` take; the bf16 cache of the full depth;
+  temporaries of a one-layer compile; the decode roofline at the L4's 300 GB/s."""
+  from llamavid_jax import quant as Q, sharding
   from llamavid_jax.checkpoint import orbax_io
   from llamavid_jax.models import LlamaVid
   c, cfg, row = tiny
@@ -85,14 +86,14 @@ def test_gpu_estimate_counts_quantized_weights_and_cache_from_shapes(tiny):
   full = I.model_config(cfg, row.seq_len, NEW)
   params = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(0).normal(size=a), jnp.bfloat16),
                         orbax_io.shape_tree(full), is_leaf=lambda x: isinstance(x, tuple))
-  p8 = I.plan_inference(cfg, tgt, row, new_tokens=NEW, quant="int8", features=True)
-  assert p8["weight_bytes"] == _expected_int8_weights(cfg, params)
-  assert p8["kv_cache_bytes"] == kv_elements(cfg, 32 + NEW) * 2 == 5120
-  assert p8["layers_compiled"] == 1 and "ESTIMATE" in p8["temps_rule"] and p8["decode_seconds_at_roofline"] > 0
-  assert p8["decode_seconds_at_roofline"] == p8["decode_read_bytes"] / 300e9
+  _, q8 = I.abstract_params(full, sharding.make_mesh({}, tgt.devices), "int8")   # the plan's weight bytes
+  assert I.tree_device_bytes(q8) == _expected_int8_weights(cfg, params)
   _, q4 = Q.quantize(LlamaVid(full), params, "int4")
   p4 = I.plan_inference(cfg, tgt, row, new_tokens=NEW, quant="int4", features=True)
-  assert p4["weight_bytes"] == Q.param_bytes(q4) < p8["weight_bytes"]
+  assert p4["weight_bytes"] == Q.param_bytes(q4) < I.tree_device_bytes(q8)
+  assert p4["kv_cache_bytes"] == kv_elements(cfg, 32 + NEW) * 2 == 5120              # bf16, the full depth
+  assert p4["layers_compiled"] == 1 and "ESTIMATE" in p4["temps_rule"]
+  assert p4["decode_seconds_at_roofline"] == p4["decode_read_bytes"] / 300e9 > 0
   text = I.describe(p4, "tiny")
   assert "[ESTIMATE]" in text and "(int4)" in text
 
