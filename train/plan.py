@@ -269,7 +269,7 @@ def inference_main(f) -> None:
   from train.planning import inference as I
   c = _CONFIG.value if f["config"].present else None
   if (c is None) == (f.ckpt is None):
-    raise ValueError("--inference: give --config (a training config) or --ckpt (a checkpoint directory), not both")
+    raise ValueError("--inference: give exactly one of --config (a training config) and --ckpt (a checkpoint directory)")
   if c is not None:
     model_cfg, name = from_dict(c.model), f["config"].config_filename
   else:
