@@ -350,6 +350,12 @@ def describe(p: dict, name: str) -> str:
       f"total {_size(p['per_device_bytes'])} of {_size(p['hbm_bytes'])} -> fits: {'yes' if p['fits'] else 'NO'}"
       + ("  [ESTIMATE]" if p["estimate"] else ""),
   ]
+  if not p["fits"]:
+    parts = {"weights": p["weight_bytes"], "the KV cache": p["kv_cache_bytes"], "inputs": p["input_bytes"],
+             "prefill temporaries": p["prefill_temp_bytes"], "decode temporaries": p["decode_temp_bytes"]}
+    big = max(parts, key=parts.get)
+    lines.append(f"largest part: {big} ({_size(parts[big])}); the total is {_size(p['per_device_bytes'] - p['hbm_bytes'])} "
+                 "over")
   if p["decode_seconds_at_roofline"]:
     s = p["decode_seconds_at_roofline"]
     lines.append(f"decode at the HBM roofline: {_size(p['decode_read_bytes'])} read a token per device -> "
