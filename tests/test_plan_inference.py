@@ -73,6 +73,7 @@ def _expected_int8_weights(cfg, params) -> int:
   return total
 
 
+@pytest.mark.slow   # ~20 s on 2 cores: a real int4 quantization and a one-layer compile
 def test_gpu_estimate_counts_quantized_weights_and_cache_from_shapes(tiny):
   """--gpu 24GB on the tiny model: weights int8 to the byte by the closed form; int4 as
   the real quantized arrays of `quant.quantize` take; the bf16 cache of the full depth;
