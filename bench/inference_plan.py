@@ -100,29 +100,42 @@ def quant_weight_bytes() -> dict:
   return out
 
 
+def _bf16_cache(p) -> tuple[int, int]:
+  """A single-device plan's (prefill, decode) bytes with a bf16 cache in place of its
+  int8 one (prefill holds one cache, `generate`'s decode two)."""
+  if p["kv_cache"] == p["dtype"]:
+    return p["prefill_bytes"], p["decode_bytes"]
+  llm = from_dict(WORKLOADS[p["workload"]][0].get_config(f"size={p['size']}").model).llm
+  d = 2 * llm.num_layers * p["rows"] * p["cache_slots"] * llm.num_kv_heads * llm.head_dim * 2 - p["kv_cache_bytes"]
+  return p["prefill_bytes"] + d, p["decode_bytes"] + p["caches_live_in_decode"] * d
+
+
 def markdown(lines) -> str:
-  """The docs table from the JSON lines: a cell is `total GiB yes/no`; * an estimate
-  (one device: the GPU estimate's bytes, also for v5e-1); + int8 / int4 weights counted
-  exactly in place of the bf16 plan's (whose temporaries are kept: not compiled quantized)."""
+  """The docs table from the JSON lines: a cell is `fits total-GiB`; * an estimate (one
+  device: the GPU estimate's bytes, for v5e-1 too); + derived from a plan of the same job
+  in another weight format (its weights swapped for these, counted exactly; its
+  temporaries kept) or with an int8 KV cache (a bf16 cache counted in its place)."""
   plans = [p for p in (json.loads(l) for l in lines if l.strip()) if "per_device_bytes" in p]
-  cell = {}
+  cell, base = {}, {}
   for p in plans:
     w = p["quant"] or "bf16"
-    if p["kv_cache"] != p["dtype"]:
-      continue
     if p["estimate"]:
-      for name, hbm in SINGLE.items():
-        cell[(p["size"], p["workload"], w, name)] = (p["per_device_bytes"], p["per_device_bytes"] <= hbm, "*")
-    else:
+      prefill, decode = _bf16_cache(p)
+      derived = "+" if p["kv_cache"] != p["dtype"] else ""
+      if not derived or (p["size"], p["workload"], w) not in base:
+        base[(p["size"], p["workload"], w)] = (prefill, decode, derived)
+    elif p["kv_cache"] == p["dtype"]:
       cell[(p["size"], p["workload"], w, p["target"])] = (p["per_device_bytes"], p["fits"], "")
   weights = quant_weight_bytes()
-  for (size, work, w, name), (total, _, mark) in list(cell.items()):
-    if w != "bf16" or name not in SINGLE:
-      continue
-    for q in ("int8", "int4"):
-      if (size, work, q, name) not in cell:
-        t = total - weights[(size, work, "bf16")] + weights[(size, work, q)]
-        cell[(size, work, q, name)] = (t, t <= SINGLE[name], "*+")
+  for (size, work, w), (prefill, decode, derived) in list(base.items()):
+    for q in ("bf16", "int8", "int4"):
+      dw = weights[(size, work, q)] - weights[(size, work, w)]
+      t = max(prefill, decode) + dw
+      mark = "*" + ("+" if derived or q != w else "")
+      for name, hbm in SINGLE.items():
+        if (size, work, q, name) not in cell or not derived and q == w:
+          if q == w or (size, work, q) not in base:
+            cell[(size, work, q, name)] = (t, t <= hbm, mark)
   cols = list(SINGLE) + list(SLICES)
   out = ["| model | job | weights | " + " | ".join(cols) + " |", "|" + "---|" * (3 + len(cols))]
   for size in ("7b", "13b"):
