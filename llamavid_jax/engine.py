@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llamavid_jax import generate as gen
-from llamavid_jax import inference
+from llamavid_jax import inference, validation
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.llama import KV_ARRAYS, cache_spec
 from llamavid_jax.models.splice import batch_spliced_length
@@ -530,8 +530,9 @@ class Engine:
     self.shapes.add(("prefill", mode) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
     s = h.sampling
     key = jax.random.key_data(jax.random.key(s.seed))
-    self._state, n = self._admit_jit(self._models[mode], self.m.params, self._state, batch, jnp.int32(row), key,
-                                     jnp.float32(s.temperature), jnp.float32(s.top_p), self.max_positions)
+    with self._memory("the engine's prefill"):
+      self._state, n = self._admit_jit(self._models[mode], self.m.params, self._state, batch, jnp.int32(row), key,
+                                       jnp.float32(s.temperature), jnp.float32(s.top_p), self.max_positions)
     h.prompt_tokens, h.slot = n, row   # a device scalar, read when the request ends: no wait here
     h.started, h.start_step = time.monotonic(), self.steps
 
@@ -600,9 +601,16 @@ class Engine:
 
   def _run_decode(self) -> np.ndarray:
     self.shapes.add(("decode", self.slots, self.max_positions, self.decode_chunk))
-    self._state, toks = self._decode_jit(self._decode_model, self.m.params, self._state, self.decode_chunk,
-                                         self.eos_id)
-    return np.asarray(toks)
+    with self._memory("the engine's decode step"):
+      self._state, toks = self._decode_jit(self._decode_model, self.m.params, self._state, self.decode_chunk,
+                                           self.eos_id)
+      return np.asarray(toks)
+
+  def _memory(self, what: str):
+    """An out-of-device-memory error in `what` names the plan of `slots` rows of
+    `max_positions` (validation.device_memory)."""
+    return validation.device_memory(what, ckpt=self.m.ckpt, seq_len=self.max_positions, new_tokens=0, quant=self.m.quant,
+                                    rows=self.slots, dtype=self.m.dtype, kv_cache=self.m.cfg.kv_cache)
 
   def _step(self) -> None:
     toks = self._run_decode()

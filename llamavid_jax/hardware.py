@@ -11,7 +11,8 @@ usual machine (workstation cards).
 
 Look-ups: `chip(name)` by key, `for_device_kind(kind)` by jax's `device.device_kind`
 ("TPU v5", "NVIDIA H100 80GB HBM3", ...), `tpu_generation(prefix)` by a Cloud TPU
-slice name's prefix ("v5p" in v5p-8, "v5litepod" in v5litepod-16).
+slice name's prefix ("v5p" in v5p-8, "v5litepod" in v5litepod-16), `gpu_target(name)`
+by a GPU planning target ("24GB", "gpu-24g", "h100-80g", or a chip key: `GPU_TARGETS`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
 TPU_SLICE_PREFIXES = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
 
 
+# GPU targets of the inference planner (`python -m train.plan --inference --gpu 24GB`): a
+# memory class stands for the cloud card of that size (the L4 is Google Cloud's 24 GB
+# card and the slowest of them: its bandwidth bounds decode time from above).
+GPU_TARGETS = {"24GB": "l4", "gpu-24g": "l4", "48GB": "rtx-a6000", "gpu-48g": "rtx-a6000",
+               "40GB": "a100-40gb", "80GB": "h100", "gpu-80g": "h100", "h100-80g": "h100",
+               "a100-80g": "a100-80gb", "141GB": "h200", "h200-141g": "h200"}
+
+
 def chip(name: str) -> Chip:
   if name not in CHIPS:
     raise KeyError(f"no hardware figures for {name!r}; known: {sorted(CHIPS)}")
@@ -102,6 +111,13 @@ def tpu_generation(prefix: str) -> Chip | None:
   """The TPU chip of a slice-name prefix ("v5p", "v5litepod"); None if unknown."""
   name = TPU_SLICE_PREFIXES.get(prefix)
   return CHIPS[name] if name else None
+
+
+def gpu_target(name: str) -> Chip | None:
+  """The GPU chip a planning target names: an alias of `GPU_TARGETS` ("24GB",
+  "h100-80g") or a GPU chip key ("rtx-4090"); None for anything else (TPU names)."""
+  c = CHIPS.get(GPU_TARGETS.get(name, name))
+  return c if c is not None and not c.is_tpu else None
 
 
 def peak_flops(kind: str) -> float | None:

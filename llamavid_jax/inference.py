@@ -190,6 +190,18 @@ class Model:
     self._attention = jax.jit(lambda model, p, x: model.apply(
         {"params": p}, **x, method=LlamaVid.embed_inputs)[2].get("context_attention"), static_argnums=0)
 
+  ckpt: str | None = None   # where `load` read it (named in the out-of-memory plan command)
+
+  def memory(self, what: str, batch: dict | None = None, max_new_tokens: int | None = None,
+             model: LlamaVid | None = None):
+    """`validation.device_memory` for this model: an out-of-device-memory error in `what`
+    names `python -m train.plan --inference` with its checkpoint, prompt (`batch` run by
+    `model`, default this model's) and quant."""
+    seq = gen.prompt_length(model or self.model, batch) if batch is not None else None
+    rows = len(batch["input_ids"]) if batch is not None else None
+    return validation.device_memory(what, ckpt=self.ckpt, seq_len=seq, new_tokens=max_new_tokens, quant=self.quant,
+                                    rows=rows, dtype=self.dtype, kv_cache=self.cfg.kv_cache)
+
   REPLACEABLE = ("cfg", "dtype", "max_frames", "video_fps", "sample_cap", "image_aspect", "extrapolate")
 
   def replace(self, **changes) -> "Model":
@@ -378,10 +390,11 @@ class Model:
     self.check_generation(requests, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, prefill_chunk=prefill_chunk)
     batch = self._batch(requests, text_buckets, frame_buckets)
-    toks = gen.generate(self.model_for(requests), self.params, batch, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                        eos_id=self.eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                        prefill_chunk=prefill_chunk, dtype=self.dtype,
-                        ended=gen.stop_check(self.tokenizer, self.eos_id, stop))
+    with self.memory("generate", batch, max_new_tokens, self.model_for(requests)):
+      toks = gen.generate(self.model_for(requests), self.params, batch, jax.random.key(seed),
+                          max_new_tokens=max_new_tokens, eos_id=self.eos_id, temperature=temperature, top_k=top_k,
+                          top_p=top_p, prefill_chunk=prefill_chunk, dtype=self.dtype,
+                          ended=gen.stop_check(self.tokenizer, self.eos_id, stop))
     return [self.answer(row, stop) for row in np.asarray(toks).tolist()]
 
   def stream(self, request: dict, *, max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
@@ -396,9 +409,11 @@ class Model:
     ids: list[int] = []
     shown = ""
     self.last_answer = Answer("", [])
-    for toks in gen.stream(self.model_for([request]), self.params, batch, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                           eos_id=self.eos_id, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
-                           prefill_chunk=prefill_chunk, dtype=self.dtype):
+    chunks = gen.stream(self.model_for([request]), self.params, batch, jax.random.key(seed),
+                        max_new_tokens=max_new_tokens, eos_id=self.eos_id, chunk=chunk, temperature=temperature,
+                        top_k=top_k, top_p=top_p, prefill_chunk=prefill_chunk, dtype=self.dtype)
+    memory = lambda: self.memory("generate", batch, max_new_tokens, self.model_for([request]))
+    for toks in _out_of_memory_named(chunks, memory):
       ids += toks[0].tolist()
       ans = self.answer(ids, stop)
       done = self.eos_id in ids or len(ans.token_ids) < len(ids)
@@ -420,6 +435,18 @@ class Model:
       return None
     t = int(batch["frame_mask"][0].sum())
     return np.asarray(w[0, 0, :t].mean(1), np.float32)
+
+
+def _out_of_memory_named(chunks: Iterator, memory) -> Iterator:
+  """`chunks` with an out-of-device-memory error while producing one re-raised by a
+  `memory()` context (`Model.memory`)."""
+  while True:
+    with memory():
+      try:
+        toks = next(chunks)
+      except StopIteration:
+        return
+    yield toks
 
 
 def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_frames: int | None = None,
@@ -448,12 +475,18 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
       orbax_io.load_config(ckpt)
     except Exception as e:   # noqa: BLE001  (JSONDecodeError, TypeError of an unknown field, ...)
       raise CheckpointError(cfg_file, f"not a model config: {type(e).__name__}: {validation.one_line(e, 300)}") from None
+  memory = lambda: validation.device_memory("loading the checkpoint", ckpt=ckpt, quant=quant, dtype=dtype,
+                                            kv_cache=kv_cache)
   try:
-    loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype), mesh=mesh,
-                                         read_params=None if quant is None else Q.reader(quant, dtype))
-  except (FileNotFoundError, RemoteCodeError):   # named already (a missing file, a refused tokenizer)
+    with memory():
+      loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype), mesh=mesh,
+                                           read_params=None if quant is None else Q.reader(quant, dtype))
+  except (FileNotFoundError, RemoteCodeError, validation.DeviceMemoryError):   # named already
     raise
   except Exception as e:   # noqa: BLE001  (orbax / tensorstore on a torn or garbled parameter file)
     raise CheckpointError(ckpt, f"corrupt or unreadable checkpoint (its parameters or their metadata, "
                                 f"e.g. params/_METADATA): {type(e).__name__}: {validation.one_line(e, 300)}") from None
-  return Model(loaded, dtype=dtype, max_frames=max_frames, quant=quant, kv_cache=kv_cache)
+  with memory():
+    m = Model(loaded, dtype=dtype, max_frames=max_frames, quant=quant, kv_cache=kv_cache)
+  m.ckpt = ckpt
+  return m

@@ -15,12 +15,17 @@ before a model is loaded or compiled, and every problem is said in one line.
 - `capped`: a long list of like problems as one summary line ("2,949 videos missing,
   first 5: ...").
 
-Errors: `UsageError` (a flag or config value: exit 2 in `cli.run`) and `BudgetError`
-(a request that does not fit the model: exit 1).
+- `device_memory`: XLA running out of device memory (RESOURCE_EXHAUSTED) in a load,
+  a prefill or a decode becomes one line naming the plan command to run
+  (`plan_command`: `python -m train.plan --inference ...` with what is known filled in).
+
+Errors: `UsageError` (a flag or config value: exit 2 in `cli.run`), `BudgetError`
+(a request that does not fit the model: exit 1) and `DeviceMemoryError` (exit 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -204,3 +209,59 @@ def one_line(text: str, limit: int = 500) -> str:
   """`text` on one line, cut to `limit` characters with the count of the rest."""
   text = " ".join(str(text).split())
   return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
+# --- out of device memory --------------------------------------------------------------
+PLAN_COMMAND = "python -m train.plan --inference"
+
+
+class DeviceMemoryError(RuntimeError):
+  """The device ran out of memory (XLA's RESOURCE_EXHAUSTED): one line naming what ran
+  and the plan command that says what fits (exit 1)."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+  """Whether `e` is XLA's out-of-device-memory error (jax's XlaRuntimeError RESOURCE_EXHAUSTED)."""
+  import jax
+  return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
+
+
+def _device_target() -> str:
+  """--gpu / --topology of the devices this process has, where hardware.py knows them."""
+  import jax
+  from llamavid_jax import hardware
+  devices = jax.devices()
+  chip = hardware.for_device_kind(devices[0].device_kind)
+  if chip is None:
+    return "--topology <slice, or --gpu 24GB|80GB>"
+  if not chip.is_tpu:
+    return f"--gpu {chip.name}"
+  return f"--topology {chip.libtpu}-{len(devices) * chip.cores_per_chip}"
+
+
+def plan_command(*, ckpt: str | None = None, seq_len: int | None = None, new_tokens: int | None = None,
+                 quant: str | None = None, rows: int | None = None, dtype: str | None = None,
+                 target: str | None = None, kv_cache: str | None = None) -> str:
+  """`python -m train.plan --inference ...` with what is known filled in (placeholders
+  for the rest)."""
+  parts = [PLAN_COMMAND, f"--ckpt {ckpt}" if ckpt else "--ckpt <checkpoint>", target or _device_target(),
+           f"--seq-len {seq_len}" if seq_len else "--seq-len <prompt positions>"]
+  parts += [f"--new-tokens {new_tokens}"] if new_tokens is not None else []
+  parts += [f"--batch {rows}"] if rows and rows > 1 else []
+  parts += [f"--quant {quant}"] if quant else []
+  parts += [f"--kv-cache {kv_cache}"] if kv_cache else []
+  parts += [f"--dtype {dtype}"] if dtype and dtype != "bfloat16" else []
+  return " ".join(parts)
+
+
+@contextlib.contextmanager
+def device_memory(what: str, **known):
+  """Re-raises XLA's out-of-device-memory error inside as a one-line DeviceMemoryError
+  naming `what` ran out and the plan command (`plan_command(**known)`)."""
+  try:
+    yield
+  except Exception as e:   # noqa: BLE001  (only RESOURCE_EXHAUSTED is changed)
+    if not is_out_of_memory(e):
+      raise
+    raise DeviceMemoryError(f"{what}: out of device memory ({one_line(str(e).splitlines()[0], 200)}); see what "
+                            f"fits with: {plan_command(**known)}") from e

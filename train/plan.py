@@ -30,9 +30,20 @@ not fit, the buffers live at the peak, largest first (from XLA's buffer assignme
 --json: one object per plan per line. Before compiling it prints the run-plan report
 (train/planning/report.py) of each plan, on stderr with --json.
 
+--inference plans inference instead (train/planning/inference.py): the prefill of a
+prompt of --seq-len positions and one decode step, compiled for the slice with the
+parameters sharded as `inference.load(mesh=)` shards them, or estimated for a GPU
+(--gpu 24GB | 80GB | a chip key); per device: weights, KV cache, inputs, temporaries,
+total against HBM, fits, decode time at the HBM roofline. The model is --config's or
+--ckpt's (a checkpoint directory); --quant int8|int4, --kv-cache int8, --batch rows,
+--mesh tensor=4, --new-tokens, --prefill-chunk, --dtype. docs/inference_hardware.md.
+
+  python -m train.plan --inference --config configs/stage3_long_video_7b.py --gpu 24GB --seq-len 11264 --quant int8
+  python -m train.plan --inference --ckpt out/ --topology v5e-4 --seq-len 65536
+
 This module is the CLI and the orchestration; the parts live in train/planning/: aot
 (topologies, the ahead-of-time compile), buffers (XLA dumps), policy (shapes, mesh),
-report (the run-plan report). Chip figures: llamavid_jax/hardware.py.
+report (the run-plan report), inference (--inference). Chip figures: llamavid_jax/hardware.py.
 """
 
 from __future__ import annotations
@@ -252,10 +263,53 @@ def table(plans: list[dict]) -> str:
   return "\n".join("  ".join(x.rjust(w) for x, w in zip(r, widths)) for r in rows)
 
 
+def inference_main(f) -> None:
+  """--inference: the prefill and decode plan of each --seq-len (train/planning/inference.py)."""
+  from llamavid_jax.models.config import from_dict
+  from train.planning import inference as I
+  c = _CONFIG.value if f["config"].present else None
+  if (c is None) == (f.ckpt is None):
+    raise ValueError("--inference: give exactly one of --config (a training config) and --ckpt (a checkpoint directory)")
+  if c is not None:
+    model_cfg, name = from_dict(c.model), f["config"].config_filename
+  else:
+    from llamavid_jax.checkpoint import orbax_io
+    model_cfg, name = orbax_io.load_model_config(f.ckpt), f.ckpt
+  mesh = None
+  if f.mesh:
+    try:
+      mesh = {k: int(v) for k, v in (kv.split("=") for kv in f.mesh.split(","))}
+    except ValueError:
+      raise ValueError(f"--mesh {f.mesh!r}: expected axis=size pairs, e.g. tensor=4 or tensor=2,sequence=2") from None
+  tgt = I.target(f.topology, f.gpu)
+  seq_lens = [int(s) for s in f["seq-len"].value.split(",")] if f["seq-len"].value else [None]
+  plans = []
+  for s in seq_lens:
+    row = I.prompt_row(model_cfg, s, c, f.frames)
+    p = I.plan_inference(model_cfg, tgt, row, rows=f.batch or 1, new_tokens=f["new-tokens"].value, quant=f.quant,
+                         kv_cache=f["kv-cache"].value, mesh=mesh, prefill_chunk=f["prefill-chunk"].value,
+                         features=(c is not None and bool(c.data.get("use_features"))) or model_cfg.movie,
+                         dtype=f.dtype)
+    plans.append(p)
+    print(json_record(p) if f.json else I.describe(p, name), flush=True)
+    if not f.json and len(seq_lens) > 1:
+      print()
+  if len(plans) > 1 and not f.json:
+    print(f"{name}: inference on {tgt.describe}")
+    print(I.table(plans))
+
+
 def main(argv):
   del argv
   from absl import flags
   f = flags.FLAGS
+  if f.inference:
+    inference_main(f)
+    if _DUMP:
+      shutil.rmtree(_DUMP, ignore_errors=True)
+    return
+  if not f["config"].present:
+    raise ValueError("--config: required (the training config to plan)")
   c = _CONFIG.value
   from train.train import check_config
   check_config(c, planned=True)   # the mesh and the batch are the plan's to choose
@@ -285,6 +339,14 @@ if __name__ == "__main__":
   flags.DEFINE_integer("accum", None, "micro-batches per step (default: one row per batch shard)")
   flags.DEFINE_integer("frames", None, "frames per row (default: the config's longest bucket's share, scaled)")
   flags.DEFINE_bool("json", False, "one JSON object per plan per line")
-  flags.mark_flag_as_required("config")
+  flags.DEFINE_bool("inference", False, "plan inference: prefill of --seq-len positions and a decode step")
+  flags.DEFINE_string("ckpt", None, "--inference: a checkpoint directory's model instead of --config's")
+  flags.DEFINE_string("gpu", None, "--inference: a GPU target (24GB, 80GB, h100-80g, rtx-4090, ...): an estimate")
+  flags.DEFINE_string("quant", None, "--inference: int8 | int4 LLM weights (llamavid_jax/quant.py)")
+  flags.DEFINE_string("kv-cache", None, "--inference: int8 KV cache (counted from shapes); default the compute dtype")
+  flags.DEFINE_string("mesh", None, "--inference: axis sizes, e.g. tensor=4 (default: tensor over the heads)")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "--inference: weights and compute (inference.load's)")
+  flags.DEFINE_integer("new-tokens", 512, "--inference: answer tokens the cache has room for")
+  flags.DEFINE_integer("prefill-chunk", 0, "--inference: prefill C positions at a time (generate's prefill_chunk)")
   from llamavid_jax.cli import parse_flags, run
   run(lambda: app.run(main, flags_parser=parse_flags))

@@ -6,6 +6,7 @@
   aot      slices without a TPU: libtpu's compile-only devices (`topology`), the
            environment libtpu and XLA read before jax starts, the ahead-of-time compile
   buffers  what takes the memory: XLA's dumped buffer assignment (peak, largest buffers)
+  inference  --inference: prefill and decode memory per device, fits, decode roofline
   report   the run-plan report (`run_plan_report`): mesh, attention per tower,
            placements, offloads, remat, fallbacks; printed before compiling
 """
