@@ -301,26 +301,36 @@ def _check_export(c) -> None:
 
 
 def check_resume(c) -> None:
-  """A WORKDIR that holds checkpoints resumes only with the model shapes it was saved
-  with: other shapes raise ConfigError naming the arrays (before anything is built or
-  compiled; a changed lr, schedule or attention impl is allowed). The global batch is
-  checked against the checkpoint's own record (`_check_global_batch`)."""
+  """A WORKDIR that holds checkpoints resumes only with the model shapes and the
+  global batch size it was saved with (any process count): other shapes raise
+  ConfigError naming the arrays, another `batch_size` names the saved one, and a
+  checkpoint without a data position (an older version's) is named too; all before
+  anything is built or compiled (a changed lr, schedule or attention impl is allowed)."""
   from llamavid_jax.checkpoint import layout, orbax_io
   from llamavid_jax.models.config import from_dict
-  old_file = os.path.join(c.workdir, orbax_io.TRAIN_CONFIG)
-  if not layout.saved_steps(c.workdir) or not os.path.isfile(old_file):
+  from train import checkpointing
+  steps = layout.saved_steps(c.workdir)
+  if not steps:
     return
-  with open(old_file) as f:
-    old = json.load(f)
   errors = []
-  was, now = (jax.tree_util.tree_flatten_with_path(orbax_io.shape_tree(from_dict(m)),
-                                                   is_leaf=lambda x: isinstance(x, tuple))[0]
-              for m in (old["model"], c.model.to_dict()))
-  was, now = ({jax.tree_util.keystr(k): v for k, v in t} for t in (was, now))
-  differ = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-  if differ:
-    errors.append(f"config.model: the parameter shapes differ from the checkpoints' in {c.workdir} "
-                  f"({len(differ)} arrays, e.g. {'; '.join(differ[:3])}): use another workdir")
+  old_file = os.path.join(c.workdir, orbax_io.TRAIN_CONFIG)
+  if os.path.isfile(old_file):
+    with open(old_file) as f:
+      old = json.load(f)
+    was, now = (jax.tree_util.tree_flatten_with_path(orbax_io.shape_tree(from_dict(m)),
+                                                     is_leaf=lambda x: isinstance(x, tuple))[0]
+                for m in (old["model"], c.model.to_dict()))
+    was, now = ({jax.tree_util.keystr(k): v for k, v in t} for t in (was, now))
+    differ = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    if differ:
+      errors.append(f"config.model: the parameter shapes differ from the checkpoints' in {c.workdir} "
+                    f"({len(differ)} arrays, e.g. {'; '.join(differ[:3])}): use another workdir")
+  ckdir = os.path.join(c.workdir, layout.TRAIN_CHECKPOINTS)
+  error = _global_batch_error(checkpointing.saved_json(ckdir, steps[-1], checkpointing.SCHEDULE), c, steps[-1])
+  errors += [error] if error else []
+  if checkpointing.saved_json(ckdir, steps[-1], checkpointing.DATA_POSITION) is None:
+    errors.append(f"{layout.step_dir(c.workdir, steps[-1])}: no {checkpointing.DATA_POSITION}/ (a checkpoint "
+                  "of an older version, whose data position was per process): start a new workdir")
   if errors:
     raise ConfigError(*errors)
 
@@ -427,7 +437,6 @@ def train(c) -> dict:
   if c.debug.get("fail_save_process", -1) == jax.process_index():   # fault injection for the tests
     ckpt.inject_errno = errno.ENOSPC
   if ckpt.latest_step() is not None:
-    _check_global_batch(ckpt.schedule(), c, ckpt.latest_step())
     state = ckpt.restore(checkpointing.abstract_like(shardings, nn.unbox(abstract)), data)
     logging.info("resumed from step %d", int(state["step"]))
     _warn_schedule_changes(ckpt.schedule(), schedule)
@@ -537,13 +546,13 @@ def _schedule_config(c) -> dict:
   return dict(total_steps=c.total_steps, optim=c.optim.to_dict(), batch_size=c.batch_size)
 
 
-def _check_global_batch(saved: dict | None, c, step: int) -> None:
-  """A resume with another global batch size would train on other batches: refused."""
+def _global_batch_error(saved: dict | None, c, step: int) -> str | None:
+  """A resume with another global batch size would train on other batches: its message."""
   if saved is not None and "batch_size" in saved and saved["batch_size"] != c.batch_size:
-    raise ConfigError(f"config.batch_size={c.batch_size}: the checkpoint of step {step} in {c.workdir} was "
-                      f"trained with a global batch size of {saved['batch_size']}; a resume keeps it (the "
-                      f"number of processes may change, the global batch may not): set "
-                      f"config.batch_size={saved['batch_size']} or start a new workdir")
+    return (f"config.batch_size={c.batch_size}: the checkpoint of step {step} in {c.workdir} was trained with "
+            f"a global batch size of {saved['batch_size']}; a resume keeps it (the number of processes may "
+            f"change, the global batch may not): set config.batch_size={saved['batch_size']} or start a new workdir")
+  return None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
