@@ -75,12 +75,45 @@ def init_distributed(d) -> None:
     jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **timeouts)
 
 
-def lost_process_message(e: BaseException, last_saved: int | None) -> str:
-  """The one line for a collective that failed under this process (a peer died)."""
+def line_up(c, name: str) -> None:
+  """Returns once every process called it with `name` (one process: at once): the
+  distributed runtime's barrier, no device collective, waiting up to
+  `initialization_timeout_s`. Called before the run's first collective and before
+  the first run of each new step program: the processes then create their CPU
+  collectives' communicators together (gloo gives up after 30 s), however uneven
+  the work before (process 0's plan report, a compilation) was."""
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost
+  timeout_s = int(_dist(c.get("distributed"), "initialization_timeout_s"))
+  multihost.get_barrier_sync_fn()(key=f"llamavid_jax.train.line_up:{name}", timeout_ms=timeout_s * 1000)
+
+
+def unanswered_processes(c) -> list[int]:
+  """After a collective failed: the processes that do not reach a short barrier of the
+  distributed runtime (`heartbeat_timeout_s` / 4, so that this answers before the
+  runtime's own heartbeat check stops this process), named by the runtime's timeout
+  message ([] when every process answered, or the message names none)."""
+  import re
+  from orbax.checkpoint import multihost
+  timeout_s = max(1.0, int(_dist(c.get("distributed"), "heartbeat_timeout_s")) / 4)
+  try:
+    multihost.get_barrier_sync_fn()(key="llamavid_jax.train.lost", timeout_ms=int(timeout_s * 1000))
+  except Exception as e:   # the runtime's error: its text names the tasks (/job:.../task:N)
+    return sorted({int(t) for t in re.findall(r"task:(\d+)", str(e))} - {jax.process_index()})
+  return []
+
+
+def lost_process_message(e: BaseException, last_saved: int | None, lost: list[int] | None = None) -> str:
+  """The one line for a collective that failed under this process (a peer died):
+  `lost` names the processes (`unanswered_processes`), else the error's text does."""
   import re
   text = str(e)
   m = re.search(r"[Tt]ask[ :/_]*(\d+)|process[ _]?(?:id)?[ :=]*(\d+)", text)
-  who = f"process {m.group(1) or m.group(2)}" if m else "another process"
+  if lost:
+    who = f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
+  else:
+    who = f"process {m.group(1) or m.group(2)}" if m else "another process"
   first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
   resume = f"step {last_saved}" if last_saved is not None else "the start (no checkpoint yet)"
   return (f"lost {who} (a collective failed: {first[:300]}); every process stops: restart all of them to "
@@ -401,7 +434,8 @@ def build(c, mesh=None) -> types.SimpleNamespace:
                      "(the ViT output is behind stop_gradient): set model.freeze_vision=False")
   abstract = S.abstract_state(model, tx, inputs)
   shardings = S.state_shardings(abstract, mesh, host_opt_state=c.optim.get("host_state", False))
-  trainer = S.Trainer(model, tx, schedule, labels, mesh, shardings, c.accum_steps, **input_placement(c.data))
+  trainer = S.Trainer(model, tx, schedule, labels, mesh, shardings, c.accum_steps, **input_placement(c.data),
+                      line_up=(lambda name: line_up(c, name)) if jax.process_count() > 1 else None)
   init = lambda seed: S.init_state(model, tx, inputs, jax.random.key(seed), shardings)
   return types.SimpleNamespace(model_cfg=model_cfg, model=model, mesh=mesh, mesh_rule=mesh_rule, tx=tx, schedule=schedule,
                                labels=labels, abstract=abstract, shardings=shardings, trainer=trainer, init=init)
@@ -429,9 +463,11 @@ def train(c) -> dict:
     print("\n".join(run_plan_report(c, b.mesh, b.mesh_rule)), flush=True)
   _write_config(c)
   model_cfg, d, shardings, abstract = b.model_cfg, c.data, b.shardings, b.abstract
+  line_up(c, "data")   # after process 0's plan report; the data's planning may exchange the plan
   data = make_data(c, model_cfg)
 
   schedule = _schedule_config(c)
+  line_up(c, "checkpoints")   # the run's first collective follows (orbax's)
   ckpt = checkpointing.Checkpointer(os.path.join(c.workdir, "checkpoints"), c.ckpt.every, c.ckpt.keep,
                                     c.ckpt.async_save, schedule=schedule)
   if c.debug.get("fail_save_process", -1) == jax.process_index():   # fault injection for the tests
@@ -470,7 +506,7 @@ def train(c) -> dict:
     if jax.process_count() == 1:
       raise
     host_failed = True   # a collective failed: most likely another process died
-    raise HostFailure(lost_process_message(e, ckpt.latest_step())) from e
+    raise HostFailure(lost_process_message(e, ckpt.latest_step(), unanswered_processes(c))) from e
   finally:
     preempt.restore()
     if not host_failed:
