@@ -17,8 +17,11 @@ Several processes (one per host, or 2 x 4 CPU devices on localhost for tests):
   --config.distributed.coordinator=localhost:12345   (auto=True: let JAX detect the cluster)
 
 One host's failure stops every host (docs: DISTRIBUTED_DEFAULTS below):
-  - a process that dies: the distributed runtime's heartbeat (`heartbeat_timeout_s`)
-    notices and stops the others; `shutdown_timeout_s` bounds the exit barrier;
+  - a process that dies: a thread of every process (`PeerWatch`) passes a barrier of the
+    distributed runtime with the others every `heartbeat_timeout_s` / 10; one missed for
+    `heartbeat_timeout_s` / 3 prints one line naming the lost process and the
+    checkpoint to resume from, and exits 1 (before the runtime's own heartbeat check
+    would abort with its dump); `shutdown_timeout_s` bounds the exit barrier;
   - at every `agree_every`-th step boundary the processes exchange a status
     (`multihost_utils.process_allgather`): a failed checkpoint save on any process
     stops every process naming that process and the errno (`HostFailure`), and a
@@ -94,19 +97,72 @@ def unanswered_processes(c) -> list[int]:
   distributed runtime (`heartbeat_timeout_s` / 4, so that this answers before the
   runtime's own heartbeat check stops this process), named by the runtime's timeout
   message ([] when every process answered, or the message names none)."""
-  import re
   from orbax.checkpoint import multihost
   timeout_s = max(1.0, int(_dist(c.get("distributed"), "heartbeat_timeout_s")) / 4)
   try:
     multihost.get_barrier_sync_fn()(key="llamavid_jax.train.lost", timeout_ms=int(timeout_s * 1000))
   except Exception as e:   # the runtime's error: its text names the tasks (/job:.../task:N)
-    return sorted({int(t) for t in re.findall(r"task:(\d+)", str(e))} - {jax.process_index()})
+    return _tasks_named(str(e))
   return []
 
 
-def lost_process_message(e: BaseException, last_saved: int | None, lost: list[int] | None = None) -> str:
-  """The one line for a collective that failed under this process (a peer died):
-  `lost` names the processes (`unanswered_processes`), else the error's text does."""
+class PeerWatch:
+  """A lost process named before the distributed runtime's heartbeat check stops this
+  one: a thread passes barriers of the runtime (orbax's public barrier function) with
+  the other processes' threads, one every `heartbeat_timeout_s` / 10, each allowed
+  `heartbeat_timeout_s` / 3. One that times out names the processes that did not come;
+  the thread prints the line (`lost_process_message`) and exits the process with
+  status 1. (A collective with a dead peer may wait on it for 30 s, and the runtime
+  aborts with its own dump at the heartbeat timeout.) `stop()` at an agreed end (the
+  last step, an agreed stop): a barrier missed after it is a peer that finished."""
+
+  def __init__(self, c, last_saved):
+    import threading
+    self._c, self._last_saved, self.stopping = c, last_saved, False
+    hb = int(_dist(c.get("distributed"), "heartbeat_timeout_s"))
+    self._period_s, self._timeout_ms = hb / 10, int(hb / 3 * 1000)
+    self._thread = threading.Thread(target=self._run, name="PeerWatch", daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    import time
+    from orbax.checkpoint import multihost
+    barrier = multihost.get_barrier_sync_fn()
+    n = 0
+    while not self.stopping:
+      try:
+        barrier(key=f"llamavid_jax.train.alive:{n}", timeout_ms=self._timeout_ms)
+      except Exception as e:   # the runtime's error names the tasks that did not come
+        if self.stopping:
+          return
+        what = f"it missed a barrier of the distributed runtime for {self._timeout_ms / 1000:g} s"
+        print(f"error: {lost_process_message(e, self._last_saved(), _tasks_named(str(e)), what)}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+      n += 1
+      time.sleep(self._period_s)
+
+  def stop(self):
+    self.stopping = True
+
+
+def _tasks_named(text: str) -> list[int]:
+  """The task ids a runtime error lists as missing ("... timed out task names:\n1\n",
+  "... stopped sending heartbeats):\n1\n", or "/job:.../task:1"), without this process."""
+  import re
+  ids = re.findall(r"task:(\d+)", text)
+  for head in ("timed out task names:", "stopped sending heartbeats):"):
+    if head in text:
+      block = text.split(head, 1)[1].strip().split("\n\n")[0]
+      ids += re.findall(r"(\d+)\s*$", block, re.M)
+  return sorted({int(t) for t in ids} - {jax.process_index()})
+
+
+def lost_process_message(e: BaseException, last_saved: int | None, lost: list[int] | None = None,
+                         what: str | None = None) -> str:
+  """The one line for a collective that failed under this process (`e`), or a peer
+  that missed a barrier (`what` says so, instead of `e`'s first line): `lost` names
+  the processes (`unanswered_processes`, `PeerWatch`), else the error's text does."""
   import re
   text = str(e)
   m = re.search(r"[Tt]ask[ :/_]*(\d+)|process[ _]?(?:id)?[ :=]*(\d+)", text)
@@ -116,7 +172,8 @@ def lost_process_message(e: BaseException, last_saved: int | None, lost: list[in
     who = f"process {m.group(1) or m.group(2)}" if m else "another process"
   first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
   resume = f"step {last_saved}" if last_saved is not None else "the start (no checkpoint yet)"
-  return (f"lost {who} (a collective failed: {first[:300]}); every process stops: restart all of them to "
+  what = what or f"a collective failed: {first[:300]}"
+  return (f"lost {who} ({what}); every process stops: restart all of them to "
           f"resume from the last checkpoint, {resume}")
 
 
@@ -497,8 +554,10 @@ def train(c) -> dict:
   trainer = b.trainer
   preempt = _Preemption()
   losses, preempted, evals, host_failed = {}, False, {}, False
+  line_up(c, "watch")   # the watch's first barrier allows heartbeat_timeout_s / 3 of skew
+  watch = PeerWatch(c, ckpt.latest_step) if jax.process_count() > 1 else None
   try:
-    state, preempted = _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators, evals)
+    state, preempted = _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators, evals, watch)
   except HostFailure:
     host_failed = True   # a save of this or another process failed: waiting for ours could hang
     raise
@@ -508,6 +567,8 @@ def train(c) -> dict:
     host_failed = True   # a collective failed: most likely another process died
     raise HostFailure(lost_process_message(e, ckpt.latest_step(), unanswered_processes(c))) from e
   finally:
+    if watch is not None:
+      watch.stop()
     preempt.restore()
     if not host_failed:
       ckpt.close()
@@ -518,7 +579,7 @@ def train(c) -> dict:
   return dict(step=step, losses=losses, state=state, preempted=preempted, evals=evals)
 
 
-def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators=None, evals=None):
+def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators=None, evals=None, watch=None):
   """Steps `start` .. total_steps - 1; fills `losses` and `evals` ({step: {name:
   summary}} of the config's evaluators). -> (state, preempted).
 
@@ -544,6 +605,8 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators
     agreed_stop = False
     if several and ((i + 1) % agree_every == 0 or i + 1 == c.total_steps):
       agreed_stop = agree(i + 1, failure, preempt.requested)   # every process, the same answer
+      if watch is not None and (agreed_stop or i + 1 == c.total_steps):
+        watch.stop()   # every process ends here: a peer that exits first is no loss
     if pending is not None:
       _check_and_log(*pending, losses, log)
     pending = (i + 1, m, batch.get("sample_index"))
@@ -554,6 +617,8 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators
       evals[i + 1] = evaluators.maybe_run(i + 1, state["params"], last, log.scalars)
     kill = i + 1 == c.debug.get("kill_after_save_step", -1)   # fault injection for the resume test
     stop = (agreed_stop if several else preempt.requested) or ckpt.reached_preemption(i + 1)
+    if watch is not None and stop:
+      watch.stop()
     if not (ckpt.due(i + 1) or kill or stop or i + 1 == c.total_steps):
       continue
     if pending is not None:
