@@ -163,6 +163,25 @@ def test_sharding_by_process(root, good):
   assert len(plans[0].batches) == 6
 
 
+def test_a_state_saved_with_two_processes_positions_one(root, good):
+  """The state is the global batch index (+ skip counters): both shards of a 2-process
+  run hold the same one, and a 1-process pipeline (same global batch) set to it yields
+  the rest of the global batches, each the 2 shards' rows side by side."""
+  shards = [iter(pl.make_pipeline(_config(root, good, batch_size=1, seed=5), fx.SPEC, shard_index=k,
+                                  shard_count=2)) for k in range(2)]
+  for it in shards:
+    [next(it) for _ in range(2)]
+  states = [it.get_state() for it in shards]
+  assert states[0] == states[1] == {"batch_index": 2, "seen": states[0]["seen"], "skips": {}}
+  rest = [[b["sample_index"].tolist() for b in it] for it in shards]
+  one = iter(pl.make_pipeline(_config(root, good, batch_size=2, seed=5), fx.SPEC, shard_index=0, shard_count=1))
+  one.set_state(states[0])
+  got = [b["sample_index"].tolist() for b in one]
+  assert got == [a + b for a, b in zip(*rest)] and len(got) == 4
+  with pytest.raises(DataError, match=r"data state batch_index=7: the plan has 6 batches"):
+    one.set_state({**states[0], "batch_index": 7})
+
+
 # ---- bad input --------------------------------------------------------------------------
 
 

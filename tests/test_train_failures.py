@@ -128,3 +128,19 @@ def test_resume_with_another_global_batch_size_is_refused(tmp_path):
                                         r"global batch size of 16; a resume keeps it .*set config.batch_size=16"):
     train(c)
   assert [m["step"] for m in metrics(tmp_path)] == [1]
+
+
+def test_the_data_position_of_several_processes_is_one_global_position():
+  """The saved position: the global batch index (equal on every process) and the skip
+  counters summed; a resume on M processes gives the counters to process 0 only, so
+  they sum to the run's again."""
+  from train.checkpointing import merge_positions, process_share
+  states = [{"batch_index": 5, "seen": 30, "skips": {"io_error": 1}},
+            {"batch_index": 5, "seen": 32, "skips": {"io_error": 2, "unreadable_video": 1}}]
+  position = merge_positions(states)
+  assert position == {"batch_index": 5, "seen": 62, "skips": {"io_error": 3, "unreadable_video": 1}}
+  shares = [process_share(position, i) for i in range(3)]
+  assert shares[1] == shares[2] == {"batch_index": 5, "seen": 0, "skips": {}}
+  assert merge_positions(shares) == position
+  with pytest.raises(RuntimeError, match=r"at different global batches \[5, 6\]"):
+    merge_positions([states[0], {**states[1], "batch_index": 6}])

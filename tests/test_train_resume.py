@@ -120,8 +120,9 @@ def test_sigterm_saves_before_exiting(tmp_path):
   assert last >= 3
   steps = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints")).all_steps()
   assert max(steps) == last, (steps, last)            # saved at the step it stopped, not a periodic one
-  with open(os.path.join(tmp_path, "checkpoints", str(last), "data", "process_0-of-1.json")) as f:
-    assert json.loads(f.read())["index"] == last       # the data iterator's position travels with it
+  from train.checkpointing import DATA_POSITION, saved_json
+  position = saved_json(os.path.join(tmp_path, "checkpoints"), last, DATA_POSITION)
+  assert position == {"batch_index": last}           # the data iterator's position travels with it
 
 
 def test_nan_loss_stops_naming_step_and_samples(tmp_path):

@@ -1,10 +1,20 @@
 """Thin wrapper over `orbax.checkpoint.CheckpointManager`.
 
 One checkpoint = `state` (step, params, optimizer state; sharded arrays, written
-asynchronously by every process) + `data` (the data iterator's position, one JSON file
-per process through grain's orbax handler) + `schedule` (a JSON of the config the
-learning-rate schedule depends on, to warn on a resume that changes it). Saves every
-`every` steps, keeps `keep`.
+asynchronously by every process) + `data_position` (where the data is: one JSON for
+the whole run, `data_position`) + `schedule` (a JSON of the config the learning-rate
+schedule and the data order depend on: a resume that changes it warns, one that
+changes the global batch size is refused). Saves every `every` steps, keeps `keep`.
+
+Nothing in a checkpoint depends on the number of processes: Orbax restores the
+arrays onto any mesh, and the data position is global, so a run saved with N
+processes resumes with M (the same global batch size). A data iterator's contract:
+`get_state()` -> a JSON dict holding `batch_index`, the global index of the next
+batch (the same on every process: every process walks the same global batch list),
+and additive counters of this process's rows (ints, or dicts of ints: e.g. the skip
+counts); `set_state(state)` moves it there. The saved position sums the counters over
+the processes; a resume gives them to process 0 and zeros to the others
+(`process_share`), so their sum stays the run's.
 
 A failed save raises `CheckpointSaveError` naming the step, the directory and the
 errno: synchronously from `save`, or for a background (async) write from `poll` (called
@@ -20,37 +30,72 @@ import os
 import re
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
-import grain
 from absl import logging
 
 from llamavid_jax.checkpoint import layout
 
-
-class IteratorState:
-  """Adapts any iterator with `get_state()/set_state()` (dict or bytes) to grain's
-  orbax handler, which stores non-grain iterators' states as bytes."""
-
-  def __init__(self, it):
-    self.it = it
-
-  def get_state(self) -> bytes:
-    s = self.it.get_state()
-    return s if isinstance(s, bytes) else json.dumps(s).encode()
-
-  def set_state(self, s: bytes):
-    try:
-      self.it.set_state(json.loads(s.decode()))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-      self.it.set_state(s)
-
-  def start_prefetch(self):
-    if hasattr(self.it, "start_prefetch"):
-      self.it.start_prefetch()
+DATA_POSITION = "data_position"   # the item of a step that holds the data position
+SCHEDULE = "schedule"
 
 
-def _data_item(it):
-  return it if isinstance(it, (grain.DatasetIterator, grain.DataLoaderIterator)) else IteratorState(it)
+def _allgather_json(obj) -> list:
+  """Every process's JSON-able `obj`, in process order (a collective)."""
+  from jax.experimental import multihost_utils
+  mine = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+  n = int(np.max(multihost_utils.process_allgather(np.int32(len(mine)))))
+  every = np.asarray(multihost_utils.process_allgather(np.pad(mine, (0, n - len(mine)))))
+  return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in every.reshape(jax.process_count(), n)]
+
+
+def merge_positions(states: list[dict]) -> dict:
+  """The run's data position from every process's iterator state: `batch_index` (equal
+  on every process, else RuntimeError naming them), the counters summed."""
+  indices = [s["batch_index"] for s in states]
+  if len(set(indices)) != 1:
+    raise RuntimeError(f"the processes' data iterators are at different global batches {indices}: "
+                       "they must walk one global batch list")
+  out = {}
+  for s in states:
+    for k, v in s.items():
+      if k == "batch_index":
+        out[k] = v
+      elif isinstance(v, dict):
+        mine = out.setdefault(k, {})
+        for r, n in v.items():
+          mine[r] = mine.get(r, 0) + int(n)
+      elif isinstance(v, int) and not isinstance(v, bool):
+        out[k] = out.get(k, 0) + v
+      else:
+        raise TypeError(f"data iterator state {k}={v!r}: expected batch_index and int (or dict of int) counters")
+  return out
+
+
+def process_share(position: dict, process_index: int) -> dict:
+  """Process `process_index`'s iterator state for the run's `position`: the batch
+  index, and the counters on process 0 only (zeros elsewhere)."""
+  if process_index == 0:
+    return dict(position)
+  return {k: v if k == "batch_index" else ({} if isinstance(v, dict) else 0) for k, v in position.items()}
+
+
+def data_position(data_iter) -> dict:
+  """The run's data position now (`merge_positions` of every process's state; a
+  collective when there are several: every process calls it at the same step)."""
+  state = data_iter.get_state()
+  return merge_positions(_allgather_json(state) if jax.process_count() > 1 else [state])
+
+
+def saved_json(directory: str, step: int, item: str) -> dict | None:
+  """The JSON item `item` (`SCHEDULE`, `DATA_POSITION`) saved with `step` in checkpoint
+  `directory`; None when that step has none (read without a CheckpointManager: the
+  checks before anything is built use it too)."""
+  path = os.path.join(os.path.abspath(directory), str(step), item)
+  if not os.path.isdir(path):
+    return None
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ck:
+    return dict(ck.restore(path, args=ocp.args.JsonRestore()))
 
 
 class CheckpointSaveError(OSError):
@@ -138,29 +183,30 @@ class Checkpointer:
     if step in self.mngr.all_steps():
       return False
     self.wait()   # orbax would too; here a failure of the previous save is named by its step
-    items = {layout.STATE: ocp.args.StandardSave(state), "data": grain.checkpoint.CheckpointSave(_data_item(data_iter))}
+    items = {layout.STATE: ocp.args.StandardSave(state), DATA_POSITION: ocp.args.JsonSave(data_position(data_iter))}
     if self._schedule is not None:
-      items["schedule"] = ocp.args.JsonSave(self._schedule)
+      items[SCHEDULE] = ocp.args.JsonSave(self._schedule)
     with self._failure(step):
       started = self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
     self._saving = step if started else None
     return started
 
   def restore(self, abstract_state, data_iter, step: int | None = None):
-    """abstract_state: jax.ShapeDtypeStruct tree with shardings -> state; the data
-    iterator is set in place."""
+    """abstract_state: jax.ShapeDtypeStruct tree with shardings (any mesh, any process
+    count) -> state; the data iterator is moved to this process's share of the saved
+    data position (`process_share`)."""
     step = self.latest_step() if step is None else step
+    position = saved_json(self.directory, step, DATA_POSITION)
+    if position is None:
+      raise FileNotFoundError(f"{self.directory}/{step}: no {DATA_POSITION} (a checkpoint of an older version)")
     out = self.mngr.restore(step, args=ocp.args.Composite(**{
-        layout.STATE: ocp.args.StandardRestore(abstract_state),
-        "data": grain.checkpoint.CheckpointRestore(_data_item(data_iter))}))
+        layout.STATE: ocp.args.StandardRestore(abstract_state)}))
+    data_iter.set_state(process_share(position, jax.process_index()))
     return out[layout.STATE]
 
   def schedule(self, step: int | None = None) -> dict | None:
     """The `schedule` dict saved with `step` (default: the latest); None if it has none."""
-    step = self.latest_step() if step is None else step
-    if not os.path.isdir(os.path.join(self.directory, str(step), "schedule")):
-      return None
-    return dict(self.mngr.restore(step, args=ocp.args.Composite(schedule=ocp.args.JsonRestore()))["schedule"])
+    return saved_json(self.directory, self.latest_step() if step is None else step, SCHEDULE)
 
   def wait(self):
     """Blocks until a background save is done; raises CheckpointSaveError if it failed."""

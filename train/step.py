@@ -237,10 +237,16 @@ class Trainer:
   """The jitted step bound to a mesh: `trainer(state, local_batch) -> (state, metrics)`.
 
   Each process passes its own rows of the global batch (numpy); they are assembled
-  into global arrays with rows over the mesh axes of `batch`."""
+  into global arrays with rows over the mesh axes of `batch`.
+
+  line_up: None, or a function `line_up(name)` that returns once every process called
+  it with `name` (several processes: a barrier). A step program new to this trainer is
+  then compiled first and run only after `line_up`, so the processes start its first
+  collectives together however long each took to compile (CPU collectives over gloo
+  give up creating their communicator after 30 s)."""
 
   def __init__(self, model, tx, schedule, labels, mesh, shardings, accum_steps: int = 1,
-               host_inputs=(), input_dtypes=None):
+               host_inputs=(), input_dtypes=None, line_up=None):
     self.mesh = mesh
     self.shardings = shardings
     self.accum_steps = accum_steps
@@ -248,6 +254,7 @@ class Trainer:
     self.input_dtypes = dict(input_dtypes or {})    # key -> dtype inputs are cast to on the host
     self._step = make_train_step(model, tx, schedule, labels, accum_steps)
     self._jits = {}   # one per batch signature (frames vs features)
+    self.line_up, self._lined_up = line_up, set()   # the jitted steps compiled and lined up
 
   def check_batch(self, global_batch: int, accum_steps: int):
     rows = sharding.mesh_axes("batch")
@@ -296,4 +303,9 @@ class Trainer:
     batch = self.global_batch(local_batch)
     self.check_batch(batch["input_ids"].shape[0], self.accum_steps)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      return self.jitted(batch)(state, batch)
+      step = self.jitted(batch)
+      if self.line_up is not None and id(step) not in self._lined_up:
+        step.lower(state, batch).compile()   # the call below runs this compilation
+        self.line_up(f"train step program {len(self._lined_up)}")
+        self._lined_up.add(id(step))
+      return step(state, batch)

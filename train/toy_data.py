@@ -2,7 +2,8 @@
 
 Batches are a pure function of (seed, batch index): random prompt ids with one
 `<image>` placeholder, labels on the last 1..2*answer_len text tokens, random frames or
-features. Each process yields its own rows of the global batch. State = next index.
+features. Each process yields its own rows of the global batch. State = the global index
+of the next batch (`batch_index`: the same for any process count).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ class ToyBatches:
     self.nan_batch = nan_batch   # this batch's visual input is NaN (tests of the NaN guard)
 
   def get_state(self) -> dict:
-    return {"index": self.index}
+    return {"batch_index": self.index}
 
   def set_state(self, state: dict):
-    self.index = int(state["index"])
+    self.index = int(state["batch_index"])
 
   def __iter__(self):
     return self

@@ -17,8 +17,11 @@ Several processes (one per host, or 2 x 4 CPU devices on localhost for tests):
   --config.distributed.coordinator=localhost:12345   (auto=True: let JAX detect the cluster)
 
 One host's failure stops every host (docs: DISTRIBUTED_DEFAULTS below):
-  - a process that dies: the distributed runtime's heartbeat (`heartbeat_timeout_s`)
-    notices and stops the others; `shutdown_timeout_s` bounds the exit barrier;
+  - a process that dies: a thread of every process (`PeerWatch`) passes a barrier of the
+    distributed runtime with the others every `heartbeat_timeout_s` / 10; one missed for
+    `heartbeat_timeout_s` / 3 prints one line naming the lost process and the
+    checkpoint to resume from, and exits 1 (before the runtime's own heartbeat check
+    would abort with its dump); `shutdown_timeout_s` bounds the exit barrier;
   - at every `agree_every`-th step boundary the processes exchange a status
     (`multihost_utils.process_allgather`): a failed checkpoint save on any process
     stops every process naming that process and the errno (`HostFailure`), and a
@@ -75,15 +78,102 @@ def init_distributed(d) -> None:
     jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **timeouts)
 
 
-def lost_process_message(e: BaseException, last_saved: int | None) -> str:
-  """The one line for a collective that failed under this process (a peer died)."""
+def line_up(c, name: str) -> None:
+  """Returns once every process called it with `name` (one process: at once): the
+  distributed runtime's barrier, no device collective, waiting up to
+  `initialization_timeout_s`. Called before the run's first collective and before
+  the first run of each new step program: the processes then create their CPU
+  collectives' communicators together (gloo gives up after 30 s), however uneven
+  the work before (process 0's plan report, a compilation) was."""
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost
+  timeout_s = int(_dist(c.get("distributed"), "initialization_timeout_s"))
+  multihost.get_barrier_sync_fn()(key=f"llamavid_jax.train.line_up:{name}", timeout_ms=timeout_s * 1000)
+
+
+def unanswered_processes(c) -> list[int]:
+  """After a collective failed: the processes that do not reach a short barrier of the
+  distributed runtime (`heartbeat_timeout_s` / 4, so that this answers before the
+  runtime's own heartbeat check stops this process), named by the runtime's timeout
+  message ([] when every process answered, or the message names none)."""
+  from orbax.checkpoint import multihost
+  timeout_s = max(1.0, int(_dist(c.get("distributed"), "heartbeat_timeout_s")) / 4)
+  try:
+    multihost.get_barrier_sync_fn()(key="llamavid_jax.train.lost", timeout_ms=int(timeout_s * 1000))
+  except Exception as e:   # the runtime's error: its text names the tasks (/job:.../task:N)
+    return _tasks_named(str(e))
+  return []
+
+
+class PeerWatch:
+  """A lost process named before the distributed runtime's heartbeat check stops this
+  one: a thread passes barriers of the runtime (orbax's public barrier function) with
+  the other processes' threads, one every `heartbeat_timeout_s` / 10, each allowed
+  `heartbeat_timeout_s` / 3. One that times out names the processes that did not come;
+  the thread prints the line (`lost_process_message`) and exits the process with
+  status 1. (A collective with a dead peer may wait on it for 30 s, and the runtime
+  aborts with its own dump at the heartbeat timeout.) `stop()` at an agreed end (the
+  last step, an agreed stop): a barrier missed after it is a peer that finished."""
+
+  def __init__(self, c, last_saved):
+    import threading
+    self._c, self._last_saved, self.stopping = c, last_saved, False
+    hb = int(_dist(c.get("distributed"), "heartbeat_timeout_s"))
+    self._period_s, self._timeout_ms = hb / 10, int(hb / 3 * 1000)
+    self._thread = threading.Thread(target=self._run, name="PeerWatch", daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    import time
+    from orbax.checkpoint import multihost
+    barrier = multihost.get_barrier_sync_fn()
+    n = 0
+    while not self.stopping:
+      try:
+        barrier(key=f"llamavid_jax.train.alive:{n}", timeout_ms=self._timeout_ms)
+      except Exception as e:   # the runtime's error names the tasks that did not come
+        if self.stopping:
+          return
+        what = f"it missed a barrier of the distributed runtime for {self._timeout_ms / 1000:g} s"
+        print(f"error: {lost_process_message(e, self._last_saved(), _tasks_named(str(e)), what)}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+      n += 1
+      time.sleep(self._period_s)
+
+  def stop(self):
+    self.stopping = True
+
+
+def _tasks_named(text: str) -> list[int]:
+  """The task ids a runtime error lists as missing ("... timed out task names:\n1\n",
+  "... stopped sending heartbeats):\n1\n", or "/job:.../task:1"), without this process."""
+  import re
+  ids = re.findall(r"task:(\d+)", text)
+  for head in ("timed out task names:", "stopped sending heartbeats):"):
+    if head in text:
+      block = text.split(head, 1)[1].strip().split("\n\n")[0]
+      ids += re.findall(r"(\d+)\s*$", block, re.M)
+  return sorted({int(t) for t in ids} - {jax.process_index()})
+
+
+def lost_process_message(e: BaseException, last_saved: int | None, lost: list[int] | None = None,
+                         what: str | None = None) -> str:
+  """The one line for a collective that failed under this process (`e`), or a peer
+  that missed a barrier (`what` says so, instead of `e`'s first line): `lost` names
+  the processes (`unanswered_processes`, `PeerWatch`), else the error's text does."""
   import re
   text = str(e)
   m = re.search(r"[Tt]ask[ :/_]*(\d+)|process[ _]?(?:id)?[ :=]*(\d+)", text)
-  who = f"process {m.group(1) or m.group(2)}" if m else "another process"
+  if lost:
+    who = f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
+  else:
+    who = f"process {m.group(1) or m.group(2)}" if m else "another process"
   first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
   resume = f"step {last_saved}" if last_saved is not None else "the start (no checkpoint yet)"
-  return (f"lost {who} (a collective failed: {first[:300]}); every process stops: restart all of them to "
+  what = what or f"a collective failed: {first[:300]}"
+  return (f"lost {who} ({what}); every process stops: restart all of them to "
           f"resume from the last checkpoint, {resume}")
 
 
@@ -301,26 +391,36 @@ def _check_export(c) -> None:
 
 
 def check_resume(c) -> None:
-  """A WORKDIR that holds checkpoints resumes only with the model shapes it was saved
-  with: other shapes raise ConfigError naming the arrays (before anything is built or
-  compiled; a changed lr, schedule or attention impl is allowed). The global batch is
-  checked against the checkpoint's own record (`_check_global_batch`)."""
+  """A WORKDIR that holds checkpoints resumes only with the model shapes and the
+  global batch size it was saved with (any process count): other shapes raise
+  ConfigError naming the arrays, another `batch_size` names the saved one, and a
+  checkpoint without a data position (an older version's) is named too; all before
+  anything is built or compiled (a changed lr, schedule or attention impl is allowed)."""
   from llamavid_jax.checkpoint import layout, orbax_io
   from llamavid_jax.models.config import from_dict
-  old_file = os.path.join(c.workdir, orbax_io.TRAIN_CONFIG)
-  if not layout.saved_steps(c.workdir) or not os.path.isfile(old_file):
+  from train import checkpointing
+  steps = layout.saved_steps(c.workdir)
+  if not steps:
     return
-  with open(old_file) as f:
-    old = json.load(f)
   errors = []
-  was, now = (jax.tree_util.tree_flatten_with_path(orbax_io.shape_tree(from_dict(m)),
-                                                   is_leaf=lambda x: isinstance(x, tuple))[0]
-              for m in (old["model"], c.model.to_dict()))
-  was, now = ({jax.tree_util.keystr(k): v for k, v in t} for t in (was, now))
-  differ = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-  if differ:
-    errors.append(f"config.model: the parameter shapes differ from the checkpoints' in {c.workdir} "
-                  f"({len(differ)} arrays, e.g. {'; '.join(differ[:3])}): use another workdir")
+  old_file = os.path.join(c.workdir, orbax_io.TRAIN_CONFIG)
+  if os.path.isfile(old_file):
+    with open(old_file) as f:
+      old = json.load(f)
+    was, now = (jax.tree_util.tree_flatten_with_path(orbax_io.shape_tree(from_dict(m)),
+                                                     is_leaf=lambda x: isinstance(x, tuple))[0]
+                for m in (old["model"], c.model.to_dict()))
+    was, now = ({jax.tree_util.keystr(k): v for k, v in t} for t in (was, now))
+    differ = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    if differ:
+      errors.append(f"config.model: the parameter shapes differ from the checkpoints' in {c.workdir} "
+                    f"({len(differ)} arrays, e.g. {'; '.join(differ[:3])}): use another workdir")
+  ckdir = os.path.join(c.workdir, layout.TRAIN_CHECKPOINTS)
+  error = _global_batch_error(checkpointing.saved_json(ckdir, steps[-1], checkpointing.SCHEDULE), c, steps[-1])
+  errors += [error] if error else []
+  if checkpointing.saved_json(ckdir, steps[-1], checkpointing.DATA_POSITION) is None:
+    errors.append(f"{layout.step_dir(c.workdir, steps[-1])}: no {checkpointing.DATA_POSITION}/ (a checkpoint "
+                  "of an older version, whose data position was per process): start a new workdir")
   if errors:
     raise ConfigError(*errors)
 
@@ -391,7 +491,8 @@ def build(c, mesh=None) -> types.SimpleNamespace:
                      "(the ViT output is behind stop_gradient): set model.freeze_vision=False")
   abstract = S.abstract_state(model, tx, inputs)
   shardings = S.state_shardings(abstract, mesh, host_opt_state=c.optim.get("host_state", False))
-  trainer = S.Trainer(model, tx, schedule, labels, mesh, shardings, c.accum_steps, **input_placement(c.data))
+  trainer = S.Trainer(model, tx, schedule, labels, mesh, shardings, c.accum_steps, **input_placement(c.data),
+                      line_up=(lambda name: line_up(c, name)) if jax.process_count() > 1 else None)
   init = lambda seed: S.init_state(model, tx, inputs, jax.random.key(seed), shardings)
   return types.SimpleNamespace(model_cfg=model_cfg, model=model, mesh=mesh, mesh_rule=mesh_rule, tx=tx, schedule=schedule,
                                labels=labels, abstract=abstract, shardings=shardings, trainer=trainer, init=init)
@@ -419,15 +520,16 @@ def train(c) -> dict:
     print("\n".join(run_plan_report(c, b.mesh, b.mesh_rule)), flush=True)
   _write_config(c)
   model_cfg, d, shardings, abstract = b.model_cfg, c.data, b.shardings, b.abstract
+  line_up(c, "data")   # after process 0's plan report; the data's planning may exchange the plan
   data = make_data(c, model_cfg)
 
   schedule = _schedule_config(c)
+  line_up(c, "checkpoints")   # the run's first collective follows (orbax's)
   ckpt = checkpointing.Checkpointer(os.path.join(c.workdir, "checkpoints"), c.ckpt.every, c.ckpt.keep,
                                     c.ckpt.async_save, schedule=schedule)
   if c.debug.get("fail_save_process", -1) == jax.process_index():   # fault injection for the tests
     ckpt.inject_errno = errno.ENOSPC
   if ckpt.latest_step() is not None:
-    _check_global_batch(ckpt.schedule(), c, ckpt.latest_step())
     state = ckpt.restore(checkpointing.abstract_like(shardings, nn.unbox(abstract)), data)
     logging.info("resumed from step %d", int(state["step"]))
     _warn_schedule_changes(ckpt.schedule(), schedule)
@@ -452,8 +554,10 @@ def train(c) -> dict:
   trainer = b.trainer
   preempt = _Preemption()
   losses, preempted, evals, host_failed = {}, False, {}, False
+  line_up(c, "watch")   # the watch's first barrier allows heartbeat_timeout_s / 3 of skew
+  watch = PeerWatch(c, ckpt.latest_step) if jax.process_count() > 1 else None
   try:
-    state, preempted = _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators, evals)
+    state, preempted = _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators, evals, watch)
   except HostFailure:
     host_failed = True   # a save of this or another process failed: waiting for ours could hang
     raise
@@ -461,8 +565,10 @@ def train(c) -> dict:
     if jax.process_count() == 1:
       raise
     host_failed = True   # a collective failed: most likely another process died
-    raise HostFailure(lost_process_message(e, ckpt.latest_step())) from e
+    raise HostFailure(lost_process_message(e, ckpt.latest_step(), unanswered_processes(c))) from e
   finally:
+    if watch is not None:
+      watch.stop()
     preempt.restore()
     if not host_failed:
       ckpt.close()
@@ -473,7 +579,7 @@ def train(c) -> dict:
   return dict(step=step, losses=losses, state=state, preempted=preempted, evals=evals)
 
 
-def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators=None, evals=None):
+def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators=None, evals=None, watch=None):
   """Steps `start` .. total_steps - 1; fills `losses` and `evals` ({step: {name:
   summary}} of the config's evaluators). -> (state, preempted).
 
@@ -499,6 +605,8 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators
     agreed_stop = False
     if several and ((i + 1) % agree_every == 0 or i + 1 == c.total_steps):
       agreed_stop = agree(i + 1, failure, preempt.requested)   # every process, the same answer
+      if watch is not None and (agreed_stop or i + 1 == c.total_steps):
+        watch.stop()   # every process ends here: a peer that exits first is no loss
     if pending is not None:
       _check_and_log(*pending, losses, log)
     pending = (i + 1, m, batch.get("sample_index"))
@@ -509,6 +617,8 @@ def _loop(c, trainer, state, data, ckpt, log, preempt, losses, start, evaluators
       evals[i + 1] = evaluators.maybe_run(i + 1, state["params"], last, log.scalars)
     kill = i + 1 == c.debug.get("kill_after_save_step", -1)   # fault injection for the resume test
     stop = (agreed_stop if several else preempt.requested) or ckpt.reached_preemption(i + 1)
+    if watch is not None and stop:
+      watch.stop()
     if not (ckpt.due(i + 1) or kill or stop or i + 1 == c.total_steps):
       continue
     if pending is not None:
@@ -537,13 +647,13 @@ def _schedule_config(c) -> dict:
   return dict(total_steps=c.total_steps, optim=c.optim.to_dict(), batch_size=c.batch_size)
 
 
-def _check_global_batch(saved: dict | None, c, step: int) -> None:
-  """A resume with another global batch size would train on other batches: refused."""
+def _global_batch_error(saved: dict | None, c, step: int) -> str | None:
+  """A resume with another global batch size would train on other batches: its message."""
   if saved is not None and "batch_size" in saved and saved["batch_size"] != c.batch_size:
-    raise ConfigError(f"config.batch_size={c.batch_size}: the checkpoint of step {step} in {c.workdir} was "
-                      f"trained with a global batch size of {saved['batch_size']}; a resume keeps it (the "
-                      f"number of processes may change, the global batch may not): set "
-                      f"config.batch_size={saved['batch_size']} or start a new workdir")
+    return (f"config.batch_size={c.batch_size}: the checkpoint of step {step} in {c.workdir} was trained with "
+            f"a global batch size of {saved['batch_size']}; a resume keeps it (the number of processes may "
+            f"change, the global batch may not): set config.batch_size={saved['batch_size']} or start a new workdir")
+  return None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

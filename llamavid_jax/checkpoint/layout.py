@@ -13,7 +13,7 @@ A train WORKDIR: what `train.train` writes while it runs.
 
     WORKDIR/config.json                  the run's ConfigDict as JSON (written at its start)
     WORKDIR/checkpoints/STEP/state/      step, params, optimizer state (Orbax)
-    WORKDIR/checkpoints/STEP/data/       the data iterator's position (grain)
+    WORKDIR/checkpoints/STEP/data_position/  where the data is (global: any process count)
     WORKDIR/checkpoints/STEP/schedule/   what the learning-rate schedule depends on
     WORKDIR/inference/                   an inference directory of the last step
 

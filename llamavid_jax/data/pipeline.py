@@ -27,7 +27,9 @@ Design (why batches are planned up front):
   change; its skip travels with the batch to the main process, where
   `_AccountingIterator` counts it, logs it and checks the skip budget
   (`skips.SkipBudget`, the same rule as planning's), raising `DataError` past it.
-  Iterator state = grain's state + the budget's counters (`get_state` / `set_state`).
+  Iterator state = the global index of the next batch + the budget's counters
+  (`BatchIterator.get_state` / `set_state`): no process count in it, so a run saved
+  with N processes resumes with M (same global batch size: the same global batches).
 
 The model's side comes in as its `InputSpec` (`LlamaVidConfig.input_spec`: tokens per
 frame, image size, feature shape, video mode), never restated in `PipelineConfig`.
@@ -369,15 +371,29 @@ def skip_budget(config: PipelineConfig) -> SkipBudget:
   return SkipBudget(config.max_skip_rate, config.min_samples_for_skip_rate)
 
 
-class _AccountingIterator(grain.DatasetIterator):
-  """Counts and logs skips of the batches, raises past the skip budget; checkpointable."""
+class BatchIterator:
+  """This process's batches from a global batch index on, counting and logging skips
+  (raising past the skip budget).
 
-  def __init__(self, parent: grain.DatasetIterator, config: PipelineConfig):
-    super().__init__(parent)
-    self._budget = skip_budget(config)
+  State (`get_state` / `set_state`): `batch_index`, the global index of the next batch
+  (the same on every process, for any process count: every process walks the same
+  global batch list), and the skip counters `seen` / `skips` of this process's rows.
+  `set_state` moves to `batch_index` by rebuilding the grain iterator there (nothing
+  before it is read), so a state saved with N processes positions a run of M."""
+
+  def __init__(self, pipeline: Pipeline, batch_index: int = 0):
+    self._pipeline, self.batch_index = pipeline, batch_index
+    self._budget = skip_budget(pipeline.config)
+    self._it = None   # the grain iterator from `batch_index`, made at the first `next`
+
+  def __iter__(self) -> BatchIterator:
+    return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = dict(next(self._parent))
+    if self._it is None:
+      self._it = iter(self._pipeline.dataset_from(self.batch_index))
+    batch = dict(next(self._it))
+    self.batch_index += 1
     skips = [Skip(**s) for s in batch.pop("_skips")]
     self._budget.seen += int(batch.pop("_attempted"))
     for skip in skips:
@@ -396,47 +412,50 @@ class _AccountingIterator(grain.DatasetIterator):
     return self._budget.seen
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), **self._budget.get_state()}
+    return {"batch_index": self.batch_index, **self._budget.get_state()}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state["parent"])
+    if not 0 <= int(state["batch_index"]) <= len(self._pipeline):
+      raise DataError(f"data state batch_index={state['batch_index']}: the plan has {len(self._pipeline)} batches")
+    self.close()
+    self.batch_index = int(state["batch_index"])
     self._budget.set_state(state)
 
-
-class _AccountingDataset(grain.IterDataset):
-
-  def __init__(self, parent: grain.IterDataset, config: PipelineConfig):
-    super().__init__(parent)
-    self._config = config
-
-  def __iter__(self) -> _AccountingIterator:
-    return _AccountingIterator(self._parent.__iter__(), self._config)
+  def close(self) -> None:
+    """Stops the grain iterator's workers (if any); a later `next` starts them again."""
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
 
 
 class Pipeline:
-  """A planned, checkpointable data pipeline. `iter(pipeline)` gives batches.
+  """A planned, checkpointable data pipeline. `iter(pipeline)` gives batches
+  (a `BatchIterator`).
 
   Attributes:
     config: the settings.
     plan: this process's planned batches and the planning-time skips.
-    dataset: the grain `IterDataset` of batches.
   """
 
   def __init__(self, config: PipelineConfig, processor: SampleProcessor, plan: Plan):
     self.config, self.processor, self.plan = config, processor, plan
-    ds = grain.MapDataset.source(plan.batches).map(processor.make_batch)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                              prefetch_buffer_size=max(1, 2 * config.read_threads)))
+    self._batches = grain.MapDataset.source(plan.batches).map(processor.make_batch)
+
+  def dataset_from(self, batch_index: int) -> grain.IterDataset:
+    """The grain `IterDataset` of this process's batches from global batch `batch_index` on."""
+    config = self.config
+    it = self._batches[batch_index:].to_iter_dataset(
+        grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=max(1, 2 * config.read_threads)))
     if config.worker_count > 0:
       _ensure_absl_flags_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
-    self.dataset = _AccountingDataset(it, config)
+    return it
 
   def __len__(self) -> int:
     return len(self.plan.batches)
 
-  def __iter__(self) -> _AccountingIterator:
-    return iter(self.dataset)
+  def __iter__(self) -> BatchIterator:
+    return BatchIterator(self)
 
   @property
   def batch_shapes(self) -> list[dict[str, tuple[int, ...]]]:
@@ -531,5 +550,5 @@ def _check_plan_skips(config: PipelineConfig, plan: Plan) -> None:
   budget.check(" while planning")
 
 
-__all__ = ["PipelineConfig", "Pipeline", "Plan", "Skip", "SampleProcessor", "make_pipeline",
+__all__ = ["PipelineConfig", "Pipeline", "BatchIterator", "Plan", "Skip", "SampleProcessor", "make_pipeline",
            "plan_batches", "skip_budget"]
