@@ -57,8 +57,8 @@ def test_inference_plan_on_cpu_devices_counts_the_int8_cache_exactly(tiny):
 
 
 def _expected_int8_weights(cfg, params) -> int:
-  """bf16 bytes of every parameter, the LLM's kernels (not the embedding table) as int8
-  + one bf16 scale per output feature (n / contracted size)."""
+  """bf16 bytes of every parameter, the LLM's kernels as int8 + one bf16 scale per output
+  feature (n / contracted size), its embedding table as int8 + one bf16 scale a row."""
   llm = cfg.llm
   contracted = dict(q_proj=llm.d_model, k_proj=llm.d_model, v_proj=llm.d_model, o_proj=llm.num_heads * llm.head_dim,
                     gate_proj=llm.d_model, up_proj=llm.d_model, down_proj=llm.mlp_dim, lm_head=llm.d_model)
@@ -68,6 +68,8 @@ def _expected_int8_weights(cfg, params) -> int:
     n = math.prod(x.shape)
     if keys[0] == "llm" and keys[-1] == "kernel" and keys[-2] in contracted:
       total += n + n // contracted[keys[-2]] * 2
+    elif keys[:3] == ["llm", "embed_tokens", "embedding"]:
+      total += n + x.shape[0] * 2
     else:
       total += n * 2
   return total
