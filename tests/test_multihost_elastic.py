@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from tests.test_multihost_failures import wait_all
 from tests.test_multihost_plan import _free_port
 
 pytestmark = pytest.mark.slow
@@ -34,14 +35,7 @@ def run(n, workdir, out):
   procs = [subprocess.Popen([sys.executable, "-m", "tests.elastic_worker", str(port), str(i), str(n), str(workdir),
                              str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(n)]
-  texts = []
-  try:
-    for p in procs:
-      texts.append(p.communicate(timeout=TIMEOUT_S)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  texts = wait_all(procs, TIMEOUT_S)
   assert [p.returncode for p in procs] == [0] * n, "\n".join(t[-3000:] for t in texts)
   result = json.loads(next(l for l in texts[0].splitlines() if l.startswith("RESULT "))[7:])
   return {int(k): v for k, v in result["losses"].items()}
