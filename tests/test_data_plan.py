@@ -27,6 +27,7 @@ def _plan(root, path, **kw):
   return pl.make_pipeline(pf.config(root, path, **kw), fx.SPEC, shard_index=0, shard_count=1)
 
 
+@pytest.mark.slow
 def test_a_second_run_reads_the_manifest_and_opens_no_file(root, monkeypatch):
   path = pf.write_videos_json(root, 20_000, name="big.json", skip_every=1000)
   probe = pf.FakeProbe().install(monkeypatch)

@@ -34,6 +34,7 @@ def reqs(model, clip28):
   return short, long, want
 
 
+@pytest.mark.slow
 def test_a_long_prompt_prefilled_in_chunks_while_another_decodes(model, reqs, monkeypatch):
   short, long, want = reqs
   eng = engine_lib.Engine(model, slots=2, max_positions=128, decode_chunk=DECODE, prefill_chunk=C)

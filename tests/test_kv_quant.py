@@ -31,6 +31,7 @@ def test_unknown_kv_cache_is_refused_before_loading():
     LlamaVidConfig(kv_cache="fp8")
 
 
+@pytest.mark.slow
 def test_int8_cache_stores_int8_and_scales(setup):
   """The prefilled cache holds int8 k, v and float32 scales per (layer, row, slot, head),
   the engine's `cache_bytes` counts exactly those bytes, and layer 0's keys (the same

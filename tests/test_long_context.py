@@ -41,6 +41,7 @@ def temporaries(seq_len: int) -> int:
   return jax.jit(jax.grad(loss)).lower(params, x, pos, valid).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_blockwise_attention_memory_is_linear_under_scanned_layers():
   """Doubling the sequence at most doubles the temporaries (+5 %): the block masks used
   to be stacked per key block as scan residuals, an [S, T] buffer (x2.9 per doubling)."""
@@ -48,6 +49,7 @@ def test_blockwise_attention_memory_is_linear_under_scanned_layers():
   assert b <= 2.1 * a, (a, b)
 
 
+@pytest.mark.slow
 def test_offloaded_layer_inputs_give_the_gradients_of_full_remat():
   """remat_policy "offload_layer_inputs" only moves where each layer's input waits for
   the backward (host memory where the backend has it; CPU's host is its device)."""

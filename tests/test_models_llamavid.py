@@ -118,6 +118,7 @@ def test_one_placeholder_per_turn_each_with_its_own_instruction(video, tiny_cfg)
     assert int(lay.valid[b].sum()) == len(want) and not np.asarray(x[b, len(want):]).any()
 
 
+@pytest.mark.slow
 def test_content_only_gives_every_placeholder_the_same_frame_tokens(tiny_cfg):
   """use_context_token=False with several placeholders (imgsp_v1 multi-turn): each
   placeholder gets the frames' content tokens (the instructions do not matter)."""

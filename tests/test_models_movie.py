@@ -114,6 +114,7 @@ def test_movie_logits_match_the_release_long_video_path(ref):
   report("movie vs release long-video path (frames through the ViT)", diff)
 
 
+@pytest.mark.slow
 def test_one_placeholder_per_frame_is_the_clip_splice_when_frames_sit_together(ref):
   """Without subtitles, T adjacent placeholders of one frame each (movie) splice as one
   placeholder of T frames (clip): the same layout and visual token order with and
@@ -223,6 +224,7 @@ def test_movie_sample_through_the_pipeline_and_a_training_loss(movie_data, ref):
   assert int(n) == int((b["labels"] != -100).sum()) > 0 and np.isfinite(float(s)) and float(s) > 0
 
 
+@pytest.mark.slow
 def test_cached_generation_on_a_movie_prompt(ref):
   """Greedy generate with a chunked prefill on two left-padded movie prompts (3 and 2
   frames among subtitles) = the argmax of the full forward, teacher forced."""

@@ -91,6 +91,7 @@ def W(q):
   return jnp.asarray(np.random.RandomState(9).randn(*q.shape), jnp.float32)
 
 
+@pytest.mark.slow
 def test_ring_on_meshes_with_other_axes():
   """The ring with the batch or heads also split (data x sequence, sequence x tensor)."""
   q, k, v, kv_valid, slots = inputs(s=32)

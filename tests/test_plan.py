@@ -68,6 +68,7 @@ def test_mesh_is_the_configs_where_it_fits_else_sequence_first():
   assert plan.choose_mesh(dict(sequence=8), 4, text, 8, False)[0] == dict(data=1, fsdp=4, tensor=1, sequence=1)
 
 
+@pytest.mark.slow
 def test_plan_on_cpu_devices_gives_the_json_keys():
   """The tiny config on the 8 CPU devices: compiled, measured, fits, FLOPs counted."""
   c = demo.get_config("toy,tiny,content_only")

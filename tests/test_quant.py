@@ -115,6 +115,7 @@ def test_quantized_generation_in_bfloat16(setup):
   assert got.shape == (3, 3) and ((got >= 0) & (got < model.cfg.llm.vocab_size)).all()
 
 
+@pytest.mark.slow
 def test_load_quantized(tiny_ckpt):
   """int4 weights, with the int8 KV cache beside them (the two are independent)."""
   m = inference.load(tiny_ckpt + "/inference", quant="int4", kv_cache="int8")

@@ -188,6 +188,7 @@ def test_stop_strings_cut_the_answer_as_generate_does_streaming_and_not(client, 
   assert "".join(c.choices[0].delta.content or "" for c in chunks) == ans.text
 
 
+@pytest.mark.slow
 def test_a_movie_feature_file_is_answered_with_the_movie_prompt(client, model, root):
   path = f"{root}/movie.safetensors"
   media = model.media(features=path)
@@ -222,6 +223,7 @@ def test_concurrent_requests_get_their_one_at_a_time_tokens_and_compile_once(cli
   assert len(clip) == 4 and ("decode", SLOTS, POSITIONS, 4) in eng.shapes   # a prefill per (text, frame) bucket
 
 
+@pytest.mark.slow
 def test_a_request_arriving_mid_decode_starts_before_the_others_end(server, model, root, monkeypatch):
   """The late request is submitted by the engine's own thread right after a decode step
   in which all three others run, so it arrives while they decode."""
