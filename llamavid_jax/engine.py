@@ -258,18 +258,18 @@ def _stage(model, params, batch, length: int):
   """One request's prompt embedded (its visual tokens spliced in) into a prefill stage
   of `length` slots: dict(x float[1, length, D], positions int32[1, length], valid
   bool[1, length], last int32[1] the last real slot, index int32[] S' its slots, pos
-  int32[1] its positions, kv dict(k, v) zeros [layers, 1, length, K, Dh], logits
+  int32[1] its positions, kv the cache's arrays (`cache_spec`: k, v, int8's scales) zeros, logits
   float32[1, V]); slots past S' are zero and not valid."""
   inputs = {k: v for k, v in batch.items() if k in _INPUTS}
-  x, layout, _ = model.apply({"params": params}, **inputs, method=LlamaVid.embed_inputs)
+  x, layout, _ = model.apply({"params": params}, **inputs, method="embed_inputs")   # by name: a quantized model wraps it
   b, s = layout.valid.shape
   pad = lambda a: jnp.pad(a, [(0, 0), (0, length - s)] + [(0, 0)] * (a.ndim - 2))
   positions = jnp.maximum(jnp.cumsum(layout.valid, axis=1) - 1, 0).astype(jnp.int32)
   last = jnp.max(jnp.where(layout.valid, jnp.arange(s), 0), axis=1).astype(jnp.int32)
   llm = model.cfg.llm
-  kv = jnp.zeros((llm.num_layers, b, length, llm.num_kv_heads, llm.head_dim), x.dtype)
+  kv = {n: jnp.zeros(a.shape, a.dtype) for n, a in cache_spec(llm, b, length, x.dtype, model.cfg.kv_cache).items()}
   return dict(x=pad(x), positions=pad(positions), valid=pad(layout.valid), last=last, index=jnp.int32(s),
-              pos=layout.valid.sum(axis=1).astype(jnp.int32), kv=dict(k=kv, v=kv),
+              pos=layout.valid.sum(axis=1).astype(jnp.int32), kv=kv,
               logits=jnp.zeros((b, llm.vocab_size), jnp.float32))
 
 
@@ -287,7 +287,7 @@ def _fill(model, params, stage, start, size: int):
 def _install(st, stage, row, key_data, temperature, top_p, max_len: int):
   """A fully prefilled stage written into row `row` of the state (its first `max_len` slots)."""
   cut = lambda a: a[:, :, :max_len]
-  c = dict(k=cut(stage["kv"]["k"]), v=cut(stage["kv"]["v"]), valid=stage["valid"][:, :max_len],
+  c = dict({n: cut(a) for n, a in stage["kv"].items()}, valid=stage["valid"][:, :max_len],
            index=stage["index"], pos=stage["pos"])
   return _write_row(st, row, stage["logits"][0], c, key_data, temperature, top_p)
 

@@ -23,7 +23,7 @@ generator are not quantized (not measured: they are a small part of the weights 
 7B model, and the frozen ViT's features feed everything after it).
 
 `qmodel` is the same LlamaVid wrapped by `qwix.quantize_model` (its `__call__`,
-`prefill_cache`, `prefill_step` and `extend_cache` run under the provider), so it must be applied with
+`embed_inputs`, `prefill_cache`, `prefill_step` and `extend_cache` run under the provider), so it must be applied with
 method NAMES ("prefill_cache"), not `LlamaVid.prefill_cache`. `qparams` holds Qwix's
 quantized arrays in place of the kernels; each kernel is quantized on its own and its
 full-precision copy dropped, so the device holds one full-precision kernel at most,
@@ -58,7 +58,7 @@ from llamavid_jax.models.layers import dense
 
 INT4_GROUP = 128   # input features per int4 scale (the usual GPTQ / AWQ group)
 QUANTS = ("int8", "int4")
-METHODS = ("__call__", "prefill_cache", "prefill_step", "extend_cache")
+METHODS = ("__call__", "embed_inputs", "prefill_cache", "prefill_step", "extend_cache")
 _LLM = r"llm/(?!embed_tokens).*"   # every LLM module but the embedding lookup (ours, `Provider`)
 _MLP = ("gate_proj", "up_proj", "down_proj")
 EMBED = ("llm", "embed_tokens", "embedding")

@@ -76,15 +76,17 @@ def test_int8_decoding_stays_close_to_the_float_cache(setup):
 
 
 @pytest.mark.slow
-def test_engine_with_int8_cache_gives_generates_tokens(tiny_ckpt):
+@pytest.mark.parametrize("prefill_chunk", [0, 16])
+def test_engine_with_int8_cache_gives_generates_tokens(tiny_ckpt, prefill_chunk):
   """Continuous batching stays exact under the int8 cache: each request's engine tokens
   are `Model.generate`'s for it alone, with the same int8 cache; the engine's state
   is the int8 cache that `cache_bytes` counts. Two slots, three requests: the third
-  joins when a row frees."""
+  joins when a row frees. Prompts prefilled whole, or 16 positions a dispatch (the
+  stage holds the int8 cache too)."""
   m = inference.load(tiny_ckpt + "/inference", kv_cache="int8")
   reqs = [m.request(q, None) for q in ["What is it?", "Describe the scene in detail.", "Why?"]]   # one bucket
   want = [m.generate([r], max_new_tokens=8)[0].token_ids for r in reqs]
-  eng = engine_lib.Engine(m, slots=2, max_positions=128, decode_chunk=3)
+  eng = engine_lib.Engine(m, slots=2, max_positions=128, decode_chunk=3, prefill_chunk=prefill_chunk)
   try:
     got = [h.result(timeout=300).token_ids for h in [eng.submit(r, engine_lib.Sampling(max_tokens=8)) for r in reqs]]
     cache = eng._state["cache"]
