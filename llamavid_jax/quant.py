@@ -320,11 +320,12 @@ def reader(quant: str, dtype: str):
   """`orbax_io.load_for_inference`'s `read_params` for `quant` at compute `dtype`: a
   quantized checkpoint of that mode is restored as stored (`restore`); any other is
   read a leaf at a time (`orbax_io.iter_params`) and each leaf quantized on the device
-  before the next is read, so its full-precision copy is never all resident."""
+  before the next is read, so its full-precision copy is never all resident. `quant`
+  is the mode `check_stored` settled for the checkpoint (`inference.load`)."""
   def read(path: str, step: int | None, cfg) -> Any:
     model = LlamaVid(dataclasses.replace(cfg, dtype=dtype))
     if stored_quant(path) is not None:
-      return restore(path, model, check_stored(path, quant))[1]
+      return restore(path, model, quant)[1]
     plan = Plan(model, quant)
     out = {}
     for key, w in orbax_io.iter_params(path, step=step, dtype=jnp.dtype(dtype), device=True):
