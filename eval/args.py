@@ -13,7 +13,8 @@ before anything is loaded, the one call that loads it (`load`), and the sampling
 sequence), e.g. `tensor=4,sequence=2`; the sizes must use every device (one size may
 be -1: the rest). Parameters are placed by the training's logical rules
 (`llamavid_jax.sharding`), so `tensor` splits heads and MLP columns, `fsdp` the
-embedding width, `data` replicates the model over request rows.
+embedding width, `data` replicates the model over request rows; with `--quant`, a
+kernel's int values split as the kernel would and its scales with them.
 """
 
 from __future__ import annotations
@@ -93,8 +94,6 @@ def check_model_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None
       a.mesh_sizes = parse_mesh(a.mesh)
     except ValueError as e:
       p.error(f"--mesh {a.mesh}: {e}")
-    if a.quant is not None:
-      p.error(f"--quant {a.quant} with --mesh: quantized parameters are not placed on a mesh yet")
   else:
     a.mesh_sizes = None
 

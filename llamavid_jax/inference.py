@@ -460,14 +460,15 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
   int8 with a float32 scale per (row, slot, head) (`llama.cache_spec`; None: the compute
   dtype), checked before anything is read too. `mesh` (`sharding.make_mesh`)
   restores an inference directory's parameters sharded by the training's logical rules
-  (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh."""
+  (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh. With
+  `quant`, each quantized kernel's int values are placed as its float kernel and its
+  scales along the same output axes (`quant.Plan.placement`; an array that cannot split
+  as its names ask is printed before loading)."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
   from llamavid_jax import quant as Q
   quant = Q.check_stored(ckpt, quant)   # a quantized checkpoint loads in its own mode (another: refused)
   check_kv_cache(kv_cache)
-  if quant is not None and mesh is not None:
-    raise ValueError(f"quant {quant!r} with a mesh: quantized parameters are not placed on a mesh yet")
   import jax.numpy as jnp
   cfg_file = os.path.join(ckpt, orbax_io.MODEL_CONFIG)
   if os.path.isfile(cfg_file):   # a bad config is named before any parameter is read
@@ -480,7 +481,7 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
   try:
     with memory():
       loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype), mesh=mesh,
-                                           read_params=None if quant is None else Q.reader(quant, dtype))
+                                           read_params=None if quant is None else Q.reader(quant, dtype, mesh))
   except (FileNotFoundError, RemoteCodeError, validation.DeviceMemoryError):   # named already
     raise
   except Exception as e:   # noqa: BLE001  (orbax / tensorstore on a torn or garbled parameter file)

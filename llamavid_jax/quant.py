@@ -51,7 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from flax import linen as nn
 
+from llamavid_jax import sharding
 from llamavid_jax.checkpoint import layout, orbax_io
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.layers import dense
@@ -151,23 +153,35 @@ def _chunked(q, w: jax.Array, axis: int):
   return jax.tree.map(lambda *x: jnp.concatenate(x, axis=axis), *parts)
 
 
+def _embed_fn(quant: str, cfg):
+  """The quantization of the embedding table float[V, D] -> QArray (see `quantize_embedding`)."""
+  check(quant)
+  tiles = {} if quant == "int8" else {1: group(cfg)}
+  return lambda t: qwix.quantize(t, jnp.int8 if quant == "int8" else jnp.int4, channelwise_axes=(0,),
+                                 tiled_axes=tiles, scale_dtype=jnp.dtype(cfg.dtype))
+
+
 def quantize_embedding(table: jax.Array, quant: str, cfg) -> qwix.QArray:
   """float[V, D] -> QArray: int8 with one scale a row, or int4 with one a row and group
   of `group(cfg)` features; scales in the compute dtype `cfg.dtype`."""
-  check(quant)
-  tiles = {} if quant == "int8" else {1: group(cfg)}
-  q = lambda t: qwix.quantize(t, jnp.int8 if quant == "int8" else jnp.int4, channelwise_axes=(0,),
-                              tiled_axes=tiles, scale_dtype=jnp.dtype(cfg.dtype))
-  return _chunked(q, table, 0)
+  return _chunked(_embed_fn(quant, cfg), table, 0)
 
 
-def _quantize_leaf(w: jax.Array, how, stacked: bool, scale_dtype):
-  """A kernel (a scanned stack of them: `stacked`, a layer at a time), in slices along
-  its largest channelwise (output) axis."""
+def _leaf_fn(how, shape: tuple[int, ...], stacked: bool, scale_dtype):
+  """(the quantization of a kernel of `shape` (a scanned stack of them: `stacked`, a layer
+  at a time), the axis it may be cut along: its largest channelwise (output) axis)."""
   q = lambda a: qwix.quantize(a, how.qtype, channelwise_axes=how.channelwise_axes, tiled_axes=how.tiled_axes,
                               calibration_method=how.calibration_method, scale_dtype=scale_dtype)
   axes = [a + stacked for a in how.channelwise_axes] + ([0] if stacked else [])
-  return _chunked(jax.vmap(q) if stacked else q, w, max(axes, key=lambda a: w.shape[a]))
+  return (jax.vmap(q) if stacked else q), max(axes, key=lambda a: shape[a])
+
+
+def scale_names(names: tuple, shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple:
+  """Logical axis names of a QArray's scale: its qvalue's (`names`, `shape`: the kernel's),
+  None where the scale has one entry along a longer dim (a contracted axis of int8, an
+  int4 axis of one group). An int4 axis of several groups keeps its name, so its groups
+  split as the qvalue's dim does where the mesh axis divides their count."""
+  return tuple(None if s == 1 and d != 1 else n for n, d, s in zip(names, shape, scale_shape))
 
 
 def _is_aux(x) -> bool:
@@ -206,27 +220,81 @@ class Plan:
   def quantized(self, path) -> bool:
     return (path == EMBED and not self.cfg.llm.tie_embeddings) or self._aux(path) is not None
 
-  def __call__(self, path, w):
+  def _fn(self, path, shape: tuple[int, ...]):
+    """(the pure quantization of the leaf at `path` of `shape` -> QArray, its cut axis)."""
+    if path == EMBED:
+      return _embed_fn(self.quant, self.cfg), 0
+    aux = self._aux(path)
+    # a scanned stack's kernels carry a leading `layers` axis: quantized a layer at a time
+    stacked = len(shape) == 3 if path[-2] in _MLP else getattr(aux.array.qvalue, "names", (None,))[0] == "layers"
+    return _leaf_fn(aux.how, shape, stacked, jnp.dtype(self.cfg.dtype))
+
+  def boxed(self, path, box: nn.Partitioned) -> qwix.QArray:
+    """The quantized leaf at `path` of a boxed float leaf, abstractly: a QArray of boxed
+    ShapeDtypeStructs, its qvalue named as the float leaf, its scale by `scale_names`."""
+    fn, _ = self._fn(path, box.value.shape)
+    q = jax.eval_shape(fn, jax.ShapeDtypeStruct(box.value.shape, jnp.dtype(self.cfg.dtype)))
+    return q.replace(qvalue=nn.Partitioned(q.qvalue, box.names),
+                     scale=nn.Partitioned(q.scale, scale_names(box.names, q.qvalue.shape, q.scale.shape)))
+
+  def _boxed_tree(self, boxed=None) -> tuple[list, dict]:
+    """(the parameter paths, {"a/b/c": boxed float leaf, or the QArray of boxed abstract
+    arrays it is stored as}) of `boxed` (default `orbax_io.abstract_params` of the config)."""
+    flat = flax.traverse_util.flatten_dict(orbax_io.abstract_params(self.cfg) if boxed is None else boxed,
+                                           is_leaf=lambda _, x: isinstance(x, nn.Partitioned))
+    return list(flat), {"/".join(p): self.boxed(p, b) if self.quantized(p) else b for p, b in flat.items()}
+
+  def placement(self, mesh, boxed=None, strict: bool = False) -> tuple[dict, list[str]]:
+    """Where each stored array goes on `mesh`, by the logical rules (`sharding`): ({path:
+    NamedSharding of a float leaf, or a QArray of the qvalue's and the scale's}, one line
+    per array that keeps fewer mesh axes than its names ask: a dim they do not divide is
+    replicated). strict: such an array is an error instead. `boxed`: the model's boxed
+    abstract parameters (default `orbax_io.abstract_params` of the config)."""
+    paths, tree = self._boxed_tree(boxed)
+    lines = sharding.replicated_leaves(tree, mesh)
+    if strict and lines:
+      raise ValueError(f"quant {self.quant} on mesh {dict(mesh.shape)}: " + "; ".join(lines))
+    out = sharding.param_shardings(tree, mesh)
+    return {p: out["/".join(p)] for p in paths}, lines
+
+  def abstract(self, mesh, boxed=None) -> Any:
+    """The parameters as the PTQ model takes them once placed on `mesh` (`placement`),
+    as ShapeDtypeStructs with their shardings: what a memory plan compiles."""
+    paths, tree = self._boxed_tree(boxed)
+    where, _ = self.placement(mesh, boxed)
+    out = {}
+    for p in paths:
+      sds = jax.tree.map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype, sharding=s),
+                         tree["/".join(p)], where[p], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+      out[p] = self.wrap(p, sds) if self.quantized(p) else sds
+    return flax.traverse_util.unflatten_dict(out)
+
+  def wrap(self, path, q: qwix.QArray):
+    """A QArray as the PTQ model takes the leaf at `path` (a kernel: in Qwix's WithAux)."""
+    return q if path == EMBED else self._aux(path).replace(array=q)
+
+  def __call__(self, path, w, place=None):
+    """`w` stored as the PTQ model takes it. `place` (from `placement`): the leaf is
+    placed there (a quantized one quantized where its float leaf lies, whole: per device
+    its shard's temporaries), else on the default device (quantized in slices)."""
     if is_quantized(w):   # already quantized (a quantized checkpoint): kept as it is
       return w
     mine = not isinstance(w, jax.Array)   # a host array: its device copy is ours to drop
-    w = jax.device_put(w)
     if not self.quantized(path):
-      return w
-    if path == EMBED:
-      q = quantize_embedding(w, self.quant, self.cfg)
+      return jax.device_put(w, place)
+    fn, axis = self._fn(path, w.shape)
+    if place is None:
+      w = jax.device_put(w)
+      q = _chunked(fn, w, axis)
     else:
-      aux = self._aux(path)
-      # a scanned stack's kernels carry a leading `layers` axis: quantized a layer at a time
-      stacked = w.ndim == 3 if path[-2] in _MLP else getattr(aux.array.qvalue, "names", (None,))[0] == "layers"
-      q = aux.replace(array=_quantize_leaf(w, aux.how, stacked, jnp.dtype(self.cfg.dtype)))
+      w = jax.device_put(w, place.qvalue)
+      q = jax.jit(fn, out_shardings=place)(w)
     if mine:
       w.delete()
-    return q
+    return self.wrap(path, q)
 
   def rebuild(self, path, qvalue: jax.Array, scale: jax.Array):
-    q = qwix.QArray(qvalue, scale)
-    return q if path == EMBED else self._aux(path).replace(array=q)
+    return self.wrap(path, qwix.QArray(qvalue, scale))
 
 
 def quantize(model: LlamaVid, params: Any, quant: str) -> tuple[LlamaVid, Any]:
@@ -286,11 +354,22 @@ def _to_stored(params: Any) -> dict:
   return flax.traverse_util.unflatten_dict(out)
 
 
-def restore(ckpt: str, model: LlamaVid, quant: str) -> tuple[LlamaVid, Any]:
+def _stored_place(placement: dict):
+  """`placement` (`Plan.placement`) as `orbax_io.iter_params`'s `place` of a stored
+  tree: a quantized leaf's `qvalue` and `scale` go where its QArray's do."""
+  def place(key):
+    if key[-1] in ("qvalue", "scale") and isinstance(placement.get(key[:-1]), qwix.QArray):
+      return getattr(placement[key[:-1]], key[-1])
+    return placement[key]
+  return place
+
+
+def restore(ckpt: str, model: LlamaVid, quant: str, mesh=None) -> tuple[LlamaVid, Any]:
   """A quantized inference directory (`save`) -> (the PTQ model, params) read a leaf
   at a time straight into device arrays, nothing requantized: int values as stored, the float leaves and
   scales cast to the compute dtype `model.cfg.dtype`. The stored tree is checked
-  against the model (one line naming the path) before any array is read."""
+  against the model (one line naming the path) before any array is read. `mesh`: every
+  array read onto its place there (`Plan.placement`, its decisions printed)."""
   plan = Plan(model, quant)
   stored = flax.traverse_util.flatten_dict(orbax_io.stored_metadata(ckpt))
   want = flax.traverse_util.flatten_dict(orbax_io.shape_tree(model.cfg), is_leaf=lambda _, x: isinstance(x, tuple))
@@ -304,8 +383,9 @@ def restore(ckpt: str, model: LlamaVid, quant: str) -> tuple[LlamaVid, Any]:
       kind = lambda quantized: "quantized" if quantized else "float"
       raise ValueError(f"{ckpt}: parameter {'/'.join(path)}: stored {kind(q)} {shape}, the model takes "
                        f"{kind(plan.quantized(path))} {tuple(want[path])}")
+  place = None if mesh is None else _stored_place(placed(plan, mesh))
   out, parts = {}, {}
-  for key, a in orbax_io.iter_params(ckpt, dtype=jnp.dtype(model.cfg.dtype), check=False, device=True):
+  for key, a in orbax_io.iter_params(ckpt, dtype=jnp.dtype(model.cfg.dtype), check=False, device=True, place=place):
     if key[:-1] in keys and plan.quantized(key[:-1]):   # a qvalue or a scale: a leaf once both are read
       parts.setdefault(key[:-1], {})[key[-1]] = a
       if len(parts[key[:-1]]) == 2:
@@ -316,20 +396,35 @@ def restore(ckpt: str, model: LlamaVid, quant: str) -> tuple[LlamaVid, Any]:
   return plan.model, flax.traverse_util.unflatten_dict(out)
 
 
-def reader(quant: str, dtype: str):
+def placed(plan: Plan, mesh) -> dict:
+  """`plan.placement(mesh)`, its decisions printed first (one line each): the arrays that
+  keep fewer mesh axes than their names ask, replicated along those dims."""
+  where, lines = plan.placement(mesh)
+  if lines:
+    print(f"quant {plan.quant} on mesh {dict(mesh.shape)}: {len(lines)} arrays replicated along a dim their mesh "
+          "axes do not divide:\n  " + "\n  ".join(lines))
+  return where
+
+
+def reader(quant: str, dtype: str, mesh=None):
   """`orbax_io.load_for_inference`'s `read_params` for `quant` at compute `dtype`: a
   quantized checkpoint of that mode is restored as stored (`restore`); any other is
   read a leaf at a time (`orbax_io.iter_params`) and each leaf quantized on the device
   before the next is read, so its full-precision copy is never all resident. `quant`
-  is the mode `check_stored` settled for the checkpoint (`inference.load`)."""
+  is the mode `check_stored` settled for the checkpoint (`inference.load`). `mesh`:
+  every leaf read onto its place there by the logical rules (`Plan.placement`: a
+  kernel's qvalue as its float kernel, the scale along its kernel's output axes), each
+  kernel quantized where it lies."""
   def read(path: str, step: int | None, cfg) -> Any:
     model = LlamaVid(dataclasses.replace(cfg, dtype=dtype))
     if stored_quant(path) is not None:
-      return restore(path, model, quant)[1]
+      return restore(path, model, quant, mesh)[1]
     plan = Plan(model, quant)
+    where = None if mesh is None else placed(plan, mesh)
+    place = None if where is None else (lambda key: where[key].qvalue if plan.quantized(key) else where[key])
     out = {}
-    for key, w in orbax_io.iter_params(path, step=step, dtype=jnp.dtype(dtype), device=True):
-      out[key] = plan(key, w)
+    for key, w in orbax_io.iter_params(path, step=step, dtype=jnp.dtype(dtype), device=True, place=place):
+      out[key] = plan(key, w, None if where is None else where[key])
       if plan.quantized(key):   # its float copy goes before the next leaf is read
         w.delete()
       del w

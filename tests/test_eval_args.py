@@ -20,7 +20,6 @@ Q = "What is this?"
     (["--mesh", "tensor=3"], "--mesh tensor=3: 3 devices do not fit the 8 devices there are"),
     (["--mesh", "tensor=x"], "--mesh tensor=x: 'tensor=x': the size is not an integer"),
     (["--mesh", "tensor=4,tensor=2"], "--mesh tensor=4,tensor=2: axis 'tensor' given twice"),
-    (["--mesh", "tensor=8", "--quant", "int8"], "--quant int8 with --mesh: quantized parameters are not placed"),
     (["--quant", "int3"], "argument --quant: invalid choice: 'int3'"),
     (["--kv-cache", "int4"], "argument --kv-cache: invalid choice: 'int4'"),
 ])
@@ -35,6 +34,20 @@ def test_bad_mesh_or_quant_is_refused_before_loading(main, flags, message, tiny_
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert message in err, err
+
+
+def test_quant_with_mesh_is_passed_to_the_load(monkeypatch):
+  """--quant with --mesh: both reach inference.load (quantized kernels placed on the mesh)."""
+  import argparse
+  p = argparse.ArgumentParser()
+  eval_args.add_model_flags(p)
+  a = p.parse_args(["--ckpt", "x", "--mesh", "fsdp=4,tensor=2", "--quant", "int4"])
+  eval_args.check_model_flags(p, a)
+  got = {}
+  monkeypatch.setattr(inference, "load", lambda ckpt, **kw: got.update(kw, ckpt=ckpt))
+  eval_args.load(a)
+  assert got["quant"] == "int4" and got["ckpt"] == "x" and dict(got["mesh"].shape) == dict(
+      data=1, fsdp=4, tensor=2, sequence=1)
 
 
 def test_parse_mesh_fills_a_minus_one_axis():

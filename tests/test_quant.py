@@ -139,7 +139,7 @@ def test_saved_quantized_checkpoint_loads_as_stored(tiny_ckpt, tmp_path, monkeyp
   fresh = inference.load(src, quant="int8")
   base = inference.load(src)
   _, whole = quant.quantize(base.model, base.params, "int8")
-  for fn in ("_quantize_leaf", "quantize_embedding"):   # reading the stored tree quantizes nothing
+  for fn in ("_leaf_fn", "_embed_fn"):   # reading the stored tree quantizes nothing
     monkeypatch.setattr(quant, fn, None)
   m = inference.load(out)
   assert m.quant == "int8" and isinstance(m.params["llm"]["embed_tokens"]["embedding"], qwix.QArray)

@@ -237,13 +237,15 @@ def restore_train_params(workdir: str, step: int, dtype=None) -> dict:
   return params if dtype is None else jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
 
 
-def iter_params(path: str, *, step: int | None = None, dtype=None, check: bool = True, device: bool = False):
+def iter_params(path: str, *, step: int | None = None, dtype=None, check: bool = True, device: bool = False,
+                place=None):
   """(leaf path, array) of every parameter of an inference directory or of a train
   WORKDIR's `step` (default the latest), read one leaf at a time (an Orbax partial
   restore each, the largest first): a caller that keeps only a transformed copy of each
   leaf (quantization) never holds more than one stored leaf. `dtype`: floating leaves cast
   to it (integer leaves, a quantized checkpoint's, never are); `device`: jax.Arrays on
-  the default device, read straight into it, else host numpy. `check`: an inference
+  the default device, read straight into it, else host numpy; `place(leaf path)` -> a
+  Sharding: jax.Arrays read straight onto it (each device reads its slices). `check`: an inference
   directory's tree is checked against its model config first."""
   import flax
   ocp = _ocp()
@@ -265,9 +267,10 @@ def iter_params(path: str, *, step: int | None = None, dtype=None, check: bool =
     leaves = flax.traverse_util.flatten_dict(stored).items()
     for key, meta in sorted(leaves, key=lambda kv: -int(np.prod(kv[1].shape)) * np.dtype(kv[1].dtype).itemsize):
       want = meta.dtype if dtype is None or not jnp.issubdtype(meta.dtype, jnp.floating) else jnp.dtype(dtype)
-      if device:
-        one, args = jax.ShapeDtypeStruct(tuple(meta.shape), want, sharding=dev), ocp.ArrayRestoreArgs(sharding=dev,
-                                                                                                     dtype=want)
+      if device or place is not None:
+        at = dev if place is None else place(key)
+        one, args = jax.ShapeDtypeStruct(tuple(meta.shape), want, sharding=at), ocp.ArrayRestoreArgs(sharding=at,
+                                                                                                    dtype=want)
       else:
         one, args = np.zeros((), meta.dtype), ocp.RestoreArgs(restore_type=np.ndarray, dtype=want)
       tree = flax.traverse_util.unflatten_dict({key: one})
