@@ -13,8 +13,7 @@ Workloads (LLM positions of the prompt, plus 512 answer tokens of cache):
   64K     65536 positions (30720 frames, 8.5 h: the stage-3 recipe's training length)
 Single-device targets (24 GB GPU, 80 GB GPU, v5e-1) share one plan per model x workload
 x weights: the GPU estimate's (exact bytes, temporaries of a one-layer compile by the TPU
-compiler); v5e-4 and v5p-8 are compiled for their slices (bf16 only: quantized weights
-are not placed on a mesh yet).
+compiler); v5e-4 and v5p-8 are compiled for their slices (bf16 only in this grid).
 """
 
 import argparse

@@ -109,8 +109,22 @@ def test_bad_inference_flags_are_refused_before_compiling(tiny):
     I.plan_inference(cfg, I.target("cpu:1"), row, quant="int3")
   with pytest.raises(ValueError, match="--gpu '12GB'"):
     I.target("cpu:1", gpu="12GB")
-  with pytest.raises(ValueError, match="not placed on a mesh"):
-    I.plan_inference(cfg, I.target("cpu:2"), row, quant="int8", features=True)
+
+
+@pytest.mark.slow   # ~15 s of CPU: four compiles (prefill and decode, one device and eight)
+def test_tensor_8_splits_the_compiled_int8_weights_and_cache(tiny_cfg):
+  """bench/inference_mesh_memory.py on a width-256 LLM: XLA's argument bytes of the
+  compiled prefill (less its inputs) are the int8 weights as placed; on tensor 8 they are
+  at most 1/6 of one device's, and the cache exactly 1/8."""
+  import dataclasses
+  from bench import inference_mesh_memory as B
+  llm = dataclasses.replace(tiny_cfg.llm, d_model=256, num_heads=8, num_kv_heads=8, mlp_dim=1024, vocab_size=4096)
+  _, plans = B.table(dataclasses.replace(tiny_cfg, llm=llm), modes=("int8",), seq_len=320, new_tokens=8)
+  one, eight = plans[("int8", "1")], plans[("int8", "tensor 8")]
+  assert one["mesh"]["tensor"] == 1 and eight["mesh"]["tensor"] == 8
+  assert 0 < eight["weight_compiled_bytes"] <= one["weight_compiled_bytes"] / 6, (eight, one)
+  assert eight["kv_cache_bytes"] * 8 == one["kv_cache_bytes"] == kv_elements(
+      dataclasses.replace(tiny_cfg, llm=llm), one["cache_slots"]) * 2
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]'); CI's venv has none")

@@ -138,30 +138,20 @@ def model_config(model_cfg, seq_len: int, new_tokens: int, dtype: str = "bfloat1
 
 def abstract_params(cfg, mesh, quant: str | None):
   """-> (module, params as sharded ShapeDtypeStructs): the model `inference.load` makes.
-  Quantized: Qwix's arrays from `quant.quantize` traced abstractly (one device only,
-  as `inference.load` refuses quantized parameters on a mesh)."""
+  Quantized: Qwix's arrays shaped abstractly and placed as `inference.load` places them
+  (`quant.Plan.abstract`: a kernel's int values as the kernel, its scales with them)."""
   from flax import linen as nn
   from llamavid_jax import quant as Q, sharding
   from llamavid_jax.checkpoint import orbax_io
   from llamavid_jax.models import LlamaVid
   boxed = orbax_io.abstract_params(cfg)
-  shardings = sharding.param_shardings(boxed, mesh)
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
   model = LlamaVid(cfg)
   if quant is None:
-    return model, params
-  if mesh.size > 1:
-    raise ValueError(f"--quant {quant} on {mesh.size} devices: quantized parameters are not placed on a mesh yet "
-                     "(inference.load refuses it); plan one device")
-  made = {}
-
-  def quantize(p):
-    made["model"], q = Q.quantize(model, p, quant)
-    return q
-
-  qparams = jax.eval_shape(quantize, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params))
-  one = jax.sharding.SingleDeviceSharding(mesh.devices.flat[0])
-  return made["model"], jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), qparams)
+    shardings = sharding.param_shardings(boxed, mesh)
+    return model, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+                               shardings)
+  plan = Q.Plan(model, quant)
+  return plan.model, plan.abstract(mesh, boxed)
 
 
 def abstract_inputs(cfg, mesh, rows: int, text_len: int, frames: int, features: bool) -> dict:
@@ -181,18 +171,19 @@ def _oom_temps(message: str) -> int | None:
   return int(float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1)) if m else None
 
 
-def _compile(lowered) -> tuple[int | None, int, str | None, object]:
+def _compile(lowered) -> tuple[int | None, int, str | None, object, int | None]:
   """-> (XLA's temporaries, aliased bytes, the first line of an over-HBM refusal, the
-  output shardings or None). A refused program's temporaries are the refusal's own
-  figure ("HLO temporaries (64.09G)"), None where it gives none."""
+  output shardings or None, XLA's argument bytes per device or None). A refused
+  program's temporaries are the refusal's own figure ("HLO temporaries (64.09G)"),
+  None where it gives none."""
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return _oom_temps(str(e)), 0, str(e).split("\n")[0], None
+    return _oom_temps(str(e)), 0, str(e).split("\n")[0], None, None
   mem = compiled.memory_analysis()
-  return mem.temp_size_in_bytes, mem.alias_size_in_bytes, None, compiled.output_shardings
+  return mem.temp_size_in_bytes, mem.alias_size_in_bytes, None, compiled.output_shardings, mem.argument_size_in_bytes
 
 
 def compile_phases(model, params, batch, mesh, max_len: int, prefill_chunk: int) -> dict:
@@ -200,12 +191,13 @@ def compile_phases(model, params, batch, mesh, max_len: int, prefill_chunk: int)
   decode step -> dict(prefill_temp, decode_temp: XLA's temporaries (None: refused
   without a figure), decode_alias: bytes the decode step aliases (a donated cache),
   refused: the first over-HBM refusal line or None, cache_sharding: the prefill's
-  sharding of the cache (where refused: its kv heads split as k_proj's), seconds)."""
+  sharding of the cache (where refused: its kv heads split as k_proj's), prefill_args /
+  decode_args: XLA's argument bytes per device (None where refused), seconds)."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   from llamavid_jax import generate as G
   t0 = time.perf_counter()
   lowered = G._prefill_jit.lower(model, params, batch, max_len, prefill_chunk)
-  prefill_temp, _, refused, shardings = _compile(lowered)
+  prefill_temp, _, refused, shardings, prefill_args = _compile(lowered)
   if shardings is None:   # refused: the cache's kv heads split as k_proj's are, the rest replicated
     heads = getattr(jax.tree.leaves(params["llm"]["layers"]["k_proj"])[0].sharding, "spec", ())
     kv = NamedSharding(mesh, P(None, None, None, heads[2] if len(heads) > 2 else None))
@@ -213,8 +205,9 @@ def compile_phases(model, params, batch, mesh, max_len: int, prefill_chunk: int)
     shardings = (shardings[0], dict(shardings[1], k=kv, v=kv), shardings[2])
   state = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), lowered.out_info, shardings)
   decode = G._decode_jit.lower(model, params, state, jax.random.key(0), jnp.int32(0), 1, 0, 0.0, 0, 1.0)
-  decode_temp, alias, refused_decode, _ = _compile(decode)
-  return dict(prefill_temp=prefill_temp, decode_temp=decode_temp, decode_alias=alias,
+  decode_temp, alias, refused_decode, _, decode_args = _compile(decode)
+  return dict(prefill_temp=prefill_temp, decode_temp=decode_temp, decode_alias=alias, prefill_args=prefill_args,
+              decode_args=decode_args,
               refused=refused or refused_decode, cache_sharding=shardings[1]["k"],
               seconds=time.perf_counter() - t0)
 
@@ -302,6 +295,9 @@ def plan_inference(model_cfg, tgt: Target, shape, *, rows: int = 1, new_tokens: 
       prefill_bytes=int(prefill), decode_bytes=int(decode), per_device_bytes=int(total), hbm_bytes=int(tgt.hbm_bytes),
       fits=bool(total <= tgt.hbm_bytes), temps_rule=temps_rule, layers_compiled=ph.get("layers", llm.num_layers),
       compile_refused=ph.get("refused"), decode_read_bytes=int(read),
+      # XLA's own argument bytes per device (weights + inputs; weights + decode state) of the full compile
+      prefill_arg_bytes=None if "layers" in ph else ph["prefill_args"],
+      decode_arg_bytes=None if "layers" in ph else ph["decode_args"],
       decode_seconds_at_roofline=read / tgt.bandwidth if tgt.bandwidth else None,
       compile_seconds=round(ph["seconds"], 1))
 
