@@ -74,3 +74,23 @@ def test_quantized_decoding_on_a_mesh_equals_one_device(one, one_quant, tiny_ckp
   ids, lp = run(ms, batch)
   np.testing.assert_array_equal(ids, want_ids)
   np.testing.assert_allclose(lp, want_lp, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_saved_quantized_checkpoint_on_a_mesh(one, one_quant, tiny_ckpt, tmp_path, monkeypatch):
+  """A quantized checkpoint (`quant save`) read onto fsdp 4 x tensor 2 as stored, each
+  qvalue and scale read straight onto its place (nothing requantized): the one-device
+  quantized model's ids and log-probs."""
+  from llamavid_jax import quant
+  out = str(tmp_path / "q4")
+  quant.main(["save", "--ckpt", tiny_ckpt + "/inference", "--quant", "int4", "--out", out, "--dtype", "float32"])
+  real = quant.Plan.__call__
+  monkeypatch.setattr(quant.Plan, "__call__", lambda self, path, w, place=None: (
+      pytest.fail(f"requantized {path}") if self.quantized(path) and not quant.is_quantized(w) else real(self, path, w, place)))
+  ms = inference.load(out, mesh=sharding.make_mesh({"fsdp": 4, "tensor": 2}))
+  up = ms.params["llm"]["layers"]["up_proj"]["kernel"].array               # [layers, embed, mlp]
+  assert ms.quant == "int4" and up.qvalue.sharding.spec[1:] == (("fsdp", "sequence"), "tensor")
+  assert up.qvalue.addressable_shards[0].data.shape == (2, 8, 32) and up.scale.addressable_shards[0].data.shape == (2, 1, 32)
+  ids, lp = run(ms, one[1])
+  np.testing.assert_array_equal(ids, one_quant["int4"][0])
+  np.testing.assert_allclose(lp, one_quant["int4"][1], atol=1e-5)
