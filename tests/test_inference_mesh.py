@@ -40,6 +40,31 @@ def test_sharded_decoding_equals_one_device(one, tiny_ckpt, shape):
   np.testing.assert_allclose(lp, want_lp, atol=1e-5)
 
 
+def test_quantized_placement_splits_scales_with_their_values(tiny_cfg):
+  """`quant.Plan.placement` (no checkpoint): every scale dim with more than one entry is
+  split as its qvalue's dim; int4's 8 groups of down_proj's 64 inputs split over tensor 8
+  with their values; what does not split (the tiny LLM's 4 heads over 8) is listed, and
+  strict=True refuses it."""
+  import flax
+  from llamavid_jax import quant
+  plan = quant.Plan(LlamaVid(tiny_cfg), "int4")
+  mesh = sharding.make_mesh({"tensor": 8})
+  where, lines = plan.placement(mesh)
+  quantized = {p: q for p, q in where.items() if plan.quantized(p)}
+  assert len(quantized) == 9   # 7 kernels of the layer stack, lm_head, the embedding table
+  abstract = flax.traverse_util.flatten_dict(plan.abstract(mesh), is_leaf=lambda _, x: quant.is_quantized(x))
+  for path, q in quantized.items():
+    a = abstract[path].array if path != quant.EMBED else abstract[path]
+    for d, (vs, ss) in enumerate(zip(q.qvalue.spec + (None,) * 4, q.scale.spec + (None,) * 4)):
+      if d < a.scale.ndim and a.scale.shape[d] > 1:
+        assert vs == ss, (path, d, q.qvalue.spec, q.scale.spec)
+  down = quantized[("llm", "layers", "down_proj", "kernel")]
+  assert down.qvalue.spec[1] == down.scale.spec[1] == "tensor"
+  assert "llm/layers/q_proj/kernel/qvalue: dim 2 (4) not split over tensor" in lines
+  with pytest.raises(ValueError, match=r"quant int4 on mesh .*q_proj/kernel/qvalue: dim 2 \(4\) not split"):
+    plan.placement(mesh, strict=True)
+
+
 @pytest.fixture(scope="module")
 def one_quant(tiny_ckpt, one):
   """{mode: (greedy ids, log-probs)} of the model quantized on one device."""
