@@ -72,18 +72,20 @@ def one_quant(tiny_ckpt, one):
   return {q: run(inference.load(tiny_ckpt + "/inference", quant=q), batch) for q in ("int8", "int4")}
 
 
-@pytest.mark.parametrize("quant, shape", [("int8", {"tensor": 8}), ("int8", {"fsdp": 4, "tensor": 2}),
-                                          ("int4", {"tensor": 2})])
+@pytest.mark.parametrize("quant, shape, src", [("int8", {"tensor": 8}, "/inference"),
+                                               ("int8", {"fsdp": 4, "tensor": 2}, ""),   # the train WORKDIR
+                                               ("int4", {"tensor": 2}, "/inference")])
 @pytest.mark.slow
-def test_quantized_decoding_on_a_mesh_equals_one_device(one, one_quant, tiny_ckpt, quant, shape, capsys):
+def test_quantized_decoding_on_a_mesh_equals_one_device(one, one_quant, tiny_ckpt, quant, shape, src, capsys):
   """Qwix's int values placed as their float kernels, scales along the same output axes:
-  the one-device quantized model's greedy ids and fp32 log-probs (within 1e-5). What does
-  not split (tiny's 4 heads over tensor 8) is printed before loading, not replicated silently."""
+  the one-device quantized model's greedy ids and fp32 log-probs (within 1e-5), from an
+  inference directory or the train WORKDIR that exported it. What does not split (tiny's
+  4 heads over tensor 8) is printed before loading, not replicated silently."""
   _, batch = one
   want_ids, want_lp = one_quant[quant]
   n = int(np.prod(list(shape.values())))
   mesh = sharding.make_mesh(shape, jax.devices()[:n])
-  ms = inference.load(tiny_ckpt + "/inference", mesh=mesh, quant=quant)
+  ms = inference.load(tiny_ckpt + src, mesh=mesh, quant=quant)
   printed = capsys.readouterr().out
   assert ("llm/layers/q_proj/kernel/qvalue: dim 2 (4) not split over tensor" in printed) == (shape["tensor"] == 8)
   t = shape["tensor"]
