@@ -35,6 +35,12 @@ quantized before the next is read; a quantized one (`save`: int values and scale
 Orbax, conversion.json's RECORD naming the mode) as stored (`restore`). A quantized
 checkpoint loads in its own mode; another is refused before any parameter is read
 (`check_stored`). Peak host memory of both: bench/quant_memory.py.
+
+On a mesh (`reader(..., mesh)`, `restore(..., mesh)`) every array goes where the logical
+rules put it (`Plan.placement`): a kernel's int values where its float kernel would go,
+its scales along the same axes (`scale_names`), each float kernel read onto its place and
+quantized there; what its mesh axes cannot split is printed before anything is read.
+`Plan.abstract` gives the same placed tree as ShapeDtypeStructs (the memory plan's).
 """
 
 from __future__ import annotations
@@ -250,7 +256,9 @@ class Plan:
     per array that keeps fewer mesh axes than its names ask: a dim they do not divide is
     replicated). strict: such an array is an error instead. `boxed`: the model's boxed
     abstract parameters (default `orbax_io.abstract_params` of the config)."""
-    paths, tree = self._boxed_tree(boxed)
+    return self._placement(*self._boxed_tree(boxed), mesh, strict)
+
+  def _placement(self, paths, tree, mesh, strict: bool = False) -> tuple[dict, list[str]]:
     lines = sharding.replicated_leaves(tree, mesh)
     if strict and lines:
       raise ValueError(f"quant {self.quant} on mesh {dict(mesh.shape)}: " + "; ".join(lines))
@@ -261,7 +269,7 @@ class Plan:
     """The parameters as the PTQ model takes them once placed on `mesh` (`placement`),
     as ShapeDtypeStructs with their shardings: what a memory plan compiles."""
     paths, tree = self._boxed_tree(boxed)
-    where, _ = self.placement(mesh, boxed)
+    where, _ = self._placement(paths, tree, mesh)
     out = {}
     for p in paths:
       sds = jax.tree.map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype, sharding=s),
