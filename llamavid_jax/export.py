@@ -124,4 +124,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from llamavid_jax import cli
+  cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

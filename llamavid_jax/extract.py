@@ -343,4 +343,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from llamavid_jax import cli
+  cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

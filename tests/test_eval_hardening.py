@@ -716,3 +716,50 @@ def test_the_web_demo_refuses_nan_features_naming_the_upload(model, tmp_path):
   with pytest.raises(inference.MediaError, match=rf"^{path}: 1 of {feats.size:,} values are NaN or infinite$"):
     web._media_state(model, str(path))
   assert digest(path) == before
+
+
+# the data layer's CLIs cannot import llamavid_jax.cli (pyproject's layers): they print their
+# own `error: ...` line (features) or take only generated flags (synthetic)
+OWN_ERRORS = {"llamavid_jax/cli.py", "llamavid_jax/data/features.py", "llamavid_jax/data/synthetic.py"}
+
+
+def test_every_cli_ends_through_cli_run():
+  import glob
+  found = []
+  for f in sorted(glob.glob(os.path.join(REPO, "*", "**", "*.py"), recursive=True)):
+    rel = os.path.relpath(f, REPO)
+    if rel.split(os.sep)[0] not in ("eval", "train", "llamavid_jax") or rel in OWN_ERRORS:
+      continue
+    text = open(f, encoding="utf-8").read()
+    if '\nif __name__ == "__main__":' not in text:
+      continue
+    found.append(rel)
+    block = text.rsplit('\nif __name__ == "__main__":', 1)[1]
+    assert re.search(r"\b(cli\.)?run\(", block) and "cli" in block, f"{rel}: its __main__ does not use cli.run"
+  assert {"eval/needle.py", "eval/serve.py", "eval/visualize.py", "llamavid_jax/quant.py",
+          "llamavid_jax/extract.py", "llamavid_jax/export.py", "llamavid_jax/convert.py", "train/train.py"} <= set(found)
+
+
+def test_quant_and_visualize_name_a_broken_checkpoint_in_one_line(tiny_ckpt, tmp_path, capsys):
+  from eval import visualize
+  from llamavid_jax import cli, quant
+  good = os.path.join(tiny_ckpt, "inference")
+  bad_cfg = tmp_path / "cfg"
+  shutil.copytree(good, bad_cfg)
+  (bad_cfg / "model_config.json").write_text('{"llm": {"nonexistent": 1}}')
+  garbled = tmp_path / "meta"
+  shutil.copytree(good, garbled)
+  meta = next(os.path.join(d, f) for d, _, fs in os.walk(garbled / "params") for f in fs if f == "_METADATA")
+  with open(meta, "w") as f:
+    f.write("garbage{")
+  before = digest(bad_cfg, garbled)
+  with pytest.raises(inference.CheckpointError, match=rf"^{bad_cfg}/model_config.json: not a model config: TypeError"):
+    visualize.checkpoint_config(str(bad_cfg))
+  for ckpt, message in [(bad_cfg, f"{bad_cfg}/model_config.json: not a model config: TypeError"),
+                        (garbled, f"{garbled}: corrupt or unreadable checkpoint")]:
+    with pytest.raises(SystemExit) as e:
+      cli.run(lambda: quant.main(["save", "--ckpt", str(ckpt), "--quant", "int8", "--out", str(tmp_path / "q")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith(f"error: {message}"), err
+    assert "Traceback" not in "\n".join(err)
+  assert digest(bad_cfg, garbled) == before and not (tmp_path / "q").exists()
