@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from eval import args as eval_args, chat, overlay
+from llamavid_jax import cli
 from llamavid_jax import inference
 
 DPI = 100
@@ -230,7 +231,7 @@ def visualize(m: inference.Model, *, question: str, out: str, video: str | None 
 
 # --- the command line ----------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m eval.visualize", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m eval.visualize", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   media = p.add_mutually_exclusive_group(required=True)
@@ -322,5 +323,4 @@ def main(argv=None) -> Picture:
 
 
 if __name__ == "__main__":
-  from llamavid_jax import cli
   cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

@@ -50,7 +50,7 @@ BUSY = "The server is busy (every slot and the queue are taken): try again in a 
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
   p.add_argument("--port", type=int, default=7860)

@@ -17,6 +17,7 @@ so this module imports nothing of the project and any layer may use it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -38,6 +39,15 @@ class ConfigError(ValueError):
 
 class UsageError(ValueError):
   """Command-line arguments that cannot run (exit status 2)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser whose errors (a bad flag, and every `p.error` of a check) are one
+  line, `PROG: error: MESSAGE (see --help)`, exit status 2, without argparse's usage block
+  (`--help` prints it)."""
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(USAGE, f"{self.prog}: error: {' '.join(str(message).split())} (see --help)\n")
 
 
 def _last_line(text: str) -> str:

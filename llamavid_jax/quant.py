@@ -39,7 +39,6 @@ checkpoint loads in its own mode; another is refused before any parameter is rea
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
+from llamavid_jax import cli
 from llamavid_jax.checkpoint import layout, orbax_io
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.layers import dense
@@ -372,7 +372,7 @@ def device_bytes(params: Any) -> int:
 
 def main(argv=None) -> None:
   """python -m llamavid_jax.quant save --ckpt IN --quant int8 --out DIR [--dtype bfloat16]"""
-  p = argparse.ArgumentParser(prog="python -m llamavid_jax.quant", description=main.__doc__)
+  p = cli.ArgumentParser(prog="python -m llamavid_jax.quant", description=main.__doc__)
   sub = p.add_subparsers(dest="command", required=True)
   s = sub.add_parser("save", help="quantize an inference directory's LLM and save it (inference.load reads it as is)")
   s.add_argument("--ckpt", required=True, help="a float inference directory (converted or exported)")
@@ -411,5 +411,4 @@ __all__ = ["QUANTS", "INT4_GROUP", "RECORD", "check", "check_stored", "quantize"
 
 
 if __name__ == "__main__":
-  from llamavid_jax import cli
   cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

@@ -223,7 +223,8 @@ def test_sampling_flags_are_refused_before_the_model(tmp_path, video, monkeypatc
     with pytest.raises(SystemExit) as e:
       main(argv + flags)
     assert e.value.code == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()   # one line: no argparse usage block (cli.ArgumentParser)
+    assert len(err) == 1 and message in err[0] and err[0].endswith(" (see --help)"), err
   assert digest(qfile, video) == before and not (tmp_path / "p.jsonl").exists()
 
 
@@ -321,8 +322,8 @@ def test_outputs_over_inputs_are_refused(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
       main(argv)
     assert e.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"{flag} " in last and "refusing to overwrite an input" in last, last
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} " in err[0] and "refusing to overwrite an input" in err[0], err
   assert digest(pred, qfile) == before
 
 
