@@ -46,7 +46,7 @@ DEFAULT_NEW_TOKENS = 512   # the release's chat
 
 
 def parser(description: str = __doc__) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
   eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   media = p.add_mutually_exclusive_group(required=True)
   media.add_argument("--video", help="a video file (frames at 1 fps)")

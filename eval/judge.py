@@ -327,7 +327,7 @@ def run_judge(items: list[dict], task: str, judge: Judge, *, cache: str | None =
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--pred", required=True, help="prediction JSON lines")
   p.add_argument("--out", required=True, help="summary JSON")
   p.add_argument("--task", default="qa", choices=TASKS)

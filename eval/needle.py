@@ -35,6 +35,7 @@ from eval.benchmarks import needle as bench
 from eval.benchmarks.common import Item
 from eval.benchmarks.needle import (CHANCE, DEPTHS, LENGTHS, ModelPredict, clip_specs, heatmap, is_right,  # noqa: F401
                                     items, table, write_clips)
+from llamavid_jax import cli
 from llamavid_jax import inference
 
 log = logging.getLogger("eval.needle")
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace, predict: Callable[[list[Item]], list[str | Non
 
 # --- arguments ----------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m eval.needle", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m eval.needle", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   p.add_argument("--out", default="needle_out", help="folder for needle.json, needle.png and clips/ (the clip cache)")
@@ -139,4 +140,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

@@ -72,7 +72,7 @@ def model_predictor(args):
 
 # --- arguments ----------------------------------------------------------------------
 def build_parser(bench: str | None) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m eval.run", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("benchmark", choices=sorted(BENCHMARKS))
   p.add_argument("inputs", nargs="*", default=[], help="--merge: chunk prediction files (or a quoted glob)")

@@ -161,7 +161,7 @@ def choice_accuracy(records: list[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   media = p.add_mutually_exclusive_group()
   media.add_argument("--video")

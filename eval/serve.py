@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from eval import args as eval_args
+from llamavid_jax import cli
 from llamavid_jax import engine as engine_lib
 from llamavid_jax import inference
 
@@ -537,7 +538,7 @@ class Running:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
   p.add_argument("--port", type=int, default=8000)
@@ -598,4 +599,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from eval import args as eval_args, chat, overlay
+from llamavid_jax import cli
 from llamavid_jax import inference
 
 DPI = 100
@@ -230,7 +231,7 @@ def visualize(m: inference.Model, *, question: str, out: str, video: str | None 
 
 # --- the command line ----------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m eval.visualize", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m eval.visualize", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   media = p.add_mutually_exclusive_group(required=True)
@@ -250,8 +251,12 @@ def checkpoint_config(ckpt: str):
   without its parameters; None when DIR is neither (`inference.load` says why)."""
   from llamavid_jax.checkpoint import orbax_io
   from llamavid_jax.models import config as C
-  if os.path.exists(os.path.join(ckpt, orbax_io.MODEL_CONFIG)):
-    return orbax_io.load_config(ckpt)
+  cfg_file = os.path.join(ckpt, orbax_io.MODEL_CONFIG)
+  if os.path.exists(cfg_file):
+    try:
+      return orbax_io.load_config(ckpt)
+    except Exception as e:   # noqa: BLE001  (named as inference.load names it)
+      raise inference.CheckpointError(cfg_file, f"not a model config: {type(e).__name__}: {e}") from None
   if orbax_io.is_train_workdir(ckpt):
     return C.from_dict(orbax_io.read_train_config(ckpt)["model"])
   return None
@@ -318,4 +323,4 @@ def main(argv=None) -> Picture:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

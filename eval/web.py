@@ -50,7 +50,7 @@ BUSY = "The server is busy (every slot and the queue are taken): try again in a 
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
   p.add_argument("--port", type=int, default=7860)
@@ -172,11 +172,11 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
   def on_ask(question, history, state, temp, tp, budget):
     """Streams (chatbot, textbox, gallery, status) as the answer grows."""
     history = list(history or [])
-    question = (question or "").strip()
+    question = question or ""   # as typed, as the release's demo puts it in the prompt
     number = lambda x: x if x is not None else "nothing"   # noqa: E731  (a cleared slider is refused)
     mnt = int(budget) if isinstance(budget, (int, float)) and math.isfinite(budget) else number(budget)
     errs = validation.check_sampling(temperature=number(temp), top_p=number(tp), max_new_tokens=mnt, prefix="")
-    problem = (NO_QUESTION if not question else NO_MEDIA if state is None else "; ".join(errs) or None)
+    problem = (NO_QUESTION if not question.strip() else NO_MEDIA if state is None else "; ".join(errs) or None)
     request, cut = None, ""
     handle = None
     if not problem:

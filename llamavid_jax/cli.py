@@ -17,6 +17,7 @@ so this module imports nothing of the project and any layer may use it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -38,6 +39,15 @@ class ConfigError(ValueError):
 
 class UsageError(ValueError):
   """Command-line arguments that cannot run (exit status 2)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser whose errors (a bad flag, and every `p.error` of a check) are one
+  line, `PROG: error: MESSAGE (see --help)`, exit status 2, without argparse's usage block
+  (`--help` prints it)."""
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(USAGE, f"{self.prog}: error: {' '.join(str(message).split())} (see --help)\n")
 
 
 def _last_line(text: str) -> str:
@@ -130,7 +140,9 @@ def message(e: BaseException, limit: int = LIMIT) -> str:
 
 
 def run(main: Callable[[], int | None], *, debug_env: str = "LLAMAVID_DEBUG") -> NoReturn:
-  """Calls `main()` and exits with its return value; a known error (`ERRORS`) prints
+  """Calls `main()` and exits with its return value when that is an exit status (an int;
+  None is 0; a result such as a summary dict, which `main` returns for its callers, is 0
+  too: `sys.exit(dict)` would print it on stderr and exit 1); a known error (`ERRORS`) prints
   `error: <message>` lines on stderr and exits 2 (usage, config) or 1 (the run's data,
   media, checkpoints). `--debug` in sys.argv (taken out before `main` runs) or
   `<debug_env>=1` lets every error through with its traceback."""
@@ -139,7 +151,7 @@ def run(main: Callable[[], int | None], *, debug_env: str = "LLAMAVID_DEBUG") ->
     sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
     debug = True
   try:
-    sys.exit(main())
+    status = main()
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     sys.exit(130)
@@ -152,3 +164,4 @@ def run(main: Callable[[], int | None], *, debug_env: str = "LLAMAVID_DEBUG") ->
       print(f"error: {line}", file=sys.stderr)
     sys.stderr.flush()
     sys.exit(code)
+  sys.exit(status if isinstance(status, int) and not isinstance(status, bool) else 0)

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from llamavid_jax import cli
 from llamavid_jax.checkpoint import mapping, orbax_io, release, torch_io
 from llamavid_jax.checkpoint.stream import StreamingConverter, _progress
 from llamavid_jax.models import config as C
@@ -139,7 +140,7 @@ DTYPES = {"source": None, "float32": np.float32, "bfloat16": "bfloat16", "float1
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--model", help="release model directory (config.json, weights, tokenizer)")
   src.add_argument("--llm", help="plain HF LLaMA/Vicuna directory (stage-1 start; needs --instructblip)")
@@ -177,4 +178,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

@@ -35,6 +35,7 @@ import shutil
 
 import numpy as np
 
+from llamavid_jax import cli
 from llamavid_jax.checkpoint import layout, mapping, orbax_io, release, torch_io
 from llamavid_jax.checkpoint.stream import _progress
 
@@ -105,7 +106,7 @@ def from_train(workdir: str, out: str, step: int | None = None) -> int:
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--ckpt", help="converted checkpoint directory (-> release layout)")
   src.add_argument("--from-train", metavar="WORKDIR", help="train.train WORKDIR (-> inference directory)")
@@ -124,4 +125,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

@@ -47,6 +47,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from llamavid_jax import cli
 from llamavid_jax import inference
 from llamavid_jax.data import SampleError
 from llamavid_jax.data import features as ft
@@ -289,7 +290,7 @@ def run(jobs: list[Job], load_model: Callable[[], object], *, dtype: str = "floa
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m llamavid_jax.extract",
+  p = cli.ArgumentParser(prog="python -m llamavid_jax.extract",
                               description="Videos -> ViT features [T, N+1, C] + subtitles -> .safetensors (the "
                               "release's extract_video_features_subtitles.py).")
   src = p.add_mutually_exclusive_group(required=True)
@@ -343,4 +344,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

@@ -45,7 +45,6 @@ quantized there; what its mesh axes cannot split is printed before anything is r
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -59,7 +58,7 @@ import numpy as np
 import qwix
 from flax import linen as nn
 
-from llamavid_jax import sharding
+from llamavid_jax import cli, sharding
 from llamavid_jax.checkpoint import layout, orbax_io
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.layers import dense
@@ -475,7 +474,7 @@ def device_bytes(params: Any) -> int:
 
 def main(argv=None) -> None:
   """python -m llamavid_jax.quant save --ckpt IN --quant int8 --out DIR [--dtype bfloat16]"""
-  p = argparse.ArgumentParser(prog="python -m llamavid_jax.quant", description=main.__doc__)
+  p = cli.ArgumentParser(prog="python -m llamavid_jax.quant", description=main.__doc__)
   sub = p.add_subparsers(dest="command", required=True)
   s = sub.add_parser("save", help="quantize an inference directory's LLM and save it (inference.load reads it as is)")
   s.add_argument("--ckpt", required=True, help="a float inference directory (converted or exported)")
@@ -493,8 +492,18 @@ def main(argv=None) -> None:
     p.error(f"--ckpt {a.ckpt}: already quantized {stored_quant(a.ckpt)}")
   if os.path.abspath(a.out) == os.path.abspath(a.ckpt) or layout.kind(a.out) is not None:
     p.error(f"--out {a.out}: holds a checkpoint already (write a new directory)")
-  cfg = dataclasses.replace(orbax_io.load_config(a.ckpt), dtype=a.dtype)
-  params = reader(a.quant, a.dtype)(a.ckpt, None, cfg)
+  try:   # named in one line as inference.load names them (`cli.run`: exit 1)
+    cfg = dataclasses.replace(orbax_io.load_config(a.ckpt), dtype=a.dtype)
+  except Exception as e:   # noqa: BLE001  (JSONDecodeError, TypeError of an unknown field, ...)
+    raise ValueError(f"{os.path.join(a.ckpt, orbax_io.MODEL_CONFIG)}: not a model config: {type(e).__name__}: "
+                     f"{e}") from None
+  try:
+    params = reader(a.quant, a.dtype)(a.ckpt, None, cfg)
+  except Exception as e:   # noqa: BLE001  (orbax / tensorstore on a torn or garbled parameter file)
+    if "RESOURCE_EXHAUSTED" in str(e):
+      raise
+    raise ValueError(f"{a.ckpt}: corrupt or unreadable checkpoint (its parameters or their metadata, e.g. "
+                     f"params/_METADATA): {type(e).__name__}: {e}") from None
   save(a.out, LlamaVid(cfg), params, a.quant, a.ckpt)
   print(f"{a.out}: LLM quantized {a.quant} ({a.dtype} scales), {param_bytes(params) / 2**20:.1f} MiB of parameters")
 
@@ -504,4 +513,4 @@ __all__ = ["QUANTS", "INT4_GROUP", "RECORD", "check", "check_stored", "quantize"
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)   # a known error: `error: <one line>`, exit 2 / 1 (--debug: the traceback)

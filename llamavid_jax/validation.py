@@ -108,7 +108,7 @@ def check_positions(cfg, *, prompt_ids: int, num_frames: int, max_new_tokens: in
   prompt = request_positions(cfg, prompt_ids, num_frames, movie=movie, placeholders=placeholders)
   need = prompt + max_new_tokens
   if need > budget:
-    frames = prompt - prompt_ids + placeholders
+    frames = prompt - prompt_ids + placeholders if num_frames and placeholders else 0
     detail = (f"{prompt_ids:,} prompt ids, {num_frames:,} frames x {cfg.tokens_per_frame} tokens = "
               f"{frames:,}, {max_new_tokens:,} new tokens")
     err = BudgetError(need, budget, detail)

@@ -223,7 +223,8 @@ def test_sampling_flags_are_refused_before_the_model(tmp_path, video, monkeypatc
     with pytest.raises(SystemExit) as e:
       main(argv + flags)
     assert e.value.code == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()   # one line: no argparse usage block (cli.ArgumentParser)
+    assert len(err) == 1 and message in err[0] and err[0].endswith(" (see --help)"), err
   assert digest(qfile, video) == before and not (tmp_path / "p.jsonl").exists()
 
 
@@ -245,6 +246,7 @@ def test_a_huge_max_new_tokens_is_refused_before_any_compile(model, video, recor
   assert e.value.code == 1
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert "--max-new-tokens: the request needs 1,000,000,001 LLM positions" in err and budget_message(model) in err
+  assert f"(1 prompt ids, 0 frames x {model.cfg.tokens_per_frame} tokens = 0, 1,000,000,000 new tokens)" in err
   assert not recorded and digest(video) == before
 
 
@@ -320,8 +322,8 @@ def test_outputs_over_inputs_are_refused(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
       main(argv)
     assert e.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"{flag} " in last and "refusing to overwrite an input" in last, last
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} " in err[0] and "refusing to overwrite an input" in err[0], err
   assert digest(pred, qfile) == before
 
 
@@ -439,6 +441,13 @@ def test_subtitle_encodings_give_the_same_inputs(tmp_path):
   msg = str(e.value)
   assert msg.startswith(f"{paths['cp1252']}: bad_subtitles: not utf-8 text (byte 35: b'\\xe9'")
   assert "--subtitle-encoding" in msg and "\n" not in msg
+  # cp1250 reads these bytes as well as cp1252 ("crčme"): listed with it, neither offered as the one
+  assert "it reads as any of" in msg and "cp1252" in msg and "cp1250" in msg and "it looks like" not in msg
+  ru = tmp_path / "ru.srt"   # an unambiguous one is offered
+  ru.write_bytes("1\n00:00:00,500 --> 00:00:01,500\nПривет, как дела? Это простой тест субтитров на русском языке.\n".encode("cp1251"))
+  with pytest.raises(subs.SubtitleError, match="it looks like cp1251: give --subtitle-encoding cp1251$"):
+    subs.read_subtitles(str(ru))
+  ru.unlink()
   # the extract CLI's planning reads the cues with --subtitle-encoding
   from llamavid_jax import extract
   (tmp_path / "v.mp4").write_bytes(b"")
@@ -653,3 +662,105 @@ def test_missing_media_and_failures_are_summed_up_in_one_line(tmp_path, monkeypa
   assert len(missing) == 1 and missing[0].startswith("20 of 30 items have no media file, first 5: 1: ")
   failed = [r.message for r in caplog.records if "no answer" in r.message]
   assert len(failed) == 6 and failed[-1].startswith("10 items had no answer")
+
+
+def test_a_cli_whose_main_returns_a_result_exits_0(capsys):
+  """eval.judge / eval.score / eval.run return their summary for callers: `cli.run` exits 0
+  (sys.exit(dict) would print the dict on stderr and exit 1)."""
+  from llamavid_jax import cli
+  for result, code in [({"accuracy": 1.0}, 0), ([1], 0), (None, 0), (0, 0), (3, 3), (True, 0)]:
+    with pytest.raises(SystemExit) as e:
+      cli.run(lambda: result)
+    assert e.value.code == code, result
+  assert capsys.readouterr().err == ""
+
+
+def test_planning_names_five_skips_and_sums_up_the_rest(caplog):
+  from llamavid_jax.data import plan as plan_lib
+  from llamavid_jax.data.buckets import BucketKey
+  from llamavid_jax.data.skips import Skip
+  verdicts = {i: (Skip(i, f"s{i}", "missing_file", "video", "file not found", f"v{i}.mp4") if i % 100 < 98
+                  else Skip(i, f"s{i}", "too_long", "conversations", "too long") if i % 100 == 98
+                  else BucketKey("frames", 0)) for i in range(3000)}
+  with caplog.at_level("WARNING", logger="llamavid_jax.data.plan"):
+    plan_lib.log_skips(verdicts)
+  lines = [r.getMessage() for r in caplog.records]
+  assert lines[:5] == [f"skipped sample 's{i}' (index {i}) field 'video' (file v{i}.mp4): missing_file: file not "
+                       "found" for i in range(5)]
+  assert lines[5:] == ["2,970 of 3,000 samples skipped (missing_file 2,940, too_long 30), first 5 named above"]
+
+
+def test_a_data_file_whose_every_sample_is_skipped_is_refused_before_training():
+  """Fewer samples than `min_samples_for_skip_rate` (the rate bound waits for them): all skipped
+  is still refused while planning, not found out as "the data ran out" after compiling."""
+  from types import SimpleNamespace
+
+  from llamavid_jax.data import DataError
+  from llamavid_jax.data import pipeline as pl
+  from llamavid_jax.data.skips import Skip
+  skips = [Skip(i, str(i), "bad_conversations", "conversations", "expected a list") for i in range(3)]
+  config = SimpleNamespace(max_skip_rate=0.01, min_samples_for_skip_rate=100)
+  with pytest.raises(DataError, match=r"^every one of the 3 samples was skipped while planning; last: sample '2' "
+                     r"\(index 2\) field 'conversations': bad_conversations: expected a list; by reason: "
+                     r"\{'bad_conversations': 3\}$"):
+    pl._check_plan_skips(config, pl.Plan([], skips, 3))
+  pl._check_plan_skips(config, pl.Plan([], skips[:2], 3))   # one left: trains
+
+
+def test_the_web_demo_refuses_nan_features_naming_the_upload(model, tmp_path):
+  from eval import web
+  feats = np.zeros((2, *model.cfg.feature_shape), np.float32)
+  feats[0, 1, 2] = np.inf
+  path = tmp_path / "up.npy"
+  np.save(path, feats)
+  before = digest(path)
+  with pytest.raises(inference.MediaError, match=rf"^{path}: 1 of {feats.size:,} values are NaN or infinite$"):
+    web._media_state(model, str(path))
+  assert digest(path) == before
+
+
+# the data layer's CLIs cannot import llamavid_jax.cli (pyproject's layers): they print their
+# own `error: ...` line (features) or take only generated flags (synthetic)
+OWN_ERRORS = {"llamavid_jax/cli.py", "llamavid_jax/data/features.py", "llamavid_jax/data/synthetic.py"}
+
+
+def test_every_cli_ends_through_cli_run():
+  import glob
+  found = []
+  for f in sorted(glob.glob(os.path.join(REPO, "*", "**", "*.py"), recursive=True)):
+    rel = os.path.relpath(f, REPO)
+    if rel.split(os.sep)[0] not in ("eval", "train", "llamavid_jax") or rel in OWN_ERRORS:
+      continue
+    text = open(f, encoding="utf-8").read()
+    if '\nif __name__ == "__main__":' not in text:
+      continue
+    found.append(rel)
+    block = text.rsplit('\nif __name__ == "__main__":', 1)[1]
+    assert re.search(r"\b(cli\.)?run\(", block) and "cli" in block, f"{rel}: its __main__ does not use cli.run"
+  assert {"eval/needle.py", "eval/serve.py", "eval/visualize.py", "llamavid_jax/quant.py",
+          "llamavid_jax/extract.py", "llamavid_jax/export.py", "llamavid_jax/convert.py", "train/train.py"} <= set(found)
+
+
+def test_quant_and_visualize_name_a_broken_checkpoint_in_one_line(tiny_ckpt, tmp_path, capsys):
+  from eval import visualize
+  from llamavid_jax import cli, quant
+  good = os.path.join(tiny_ckpt, "inference")
+  bad_cfg = tmp_path / "cfg"
+  shutil.copytree(good, bad_cfg)
+  (bad_cfg / "model_config.json").write_text('{"llm": {"nonexistent": 1}}')
+  garbled = tmp_path / "meta"
+  shutil.copytree(good, garbled)
+  meta = next(os.path.join(d, f) for d, _, fs in os.walk(garbled / "params") for f in fs if f == "_METADATA")
+  with open(meta, "w") as f:
+    f.write("garbage{")
+  before = digest(bad_cfg, garbled)
+  with pytest.raises(inference.CheckpointError, match=rf"^{bad_cfg}/model_config.json: not a model config: TypeError"):
+    visualize.checkpoint_config(str(bad_cfg))
+  for ckpt, message in [(bad_cfg, f"{bad_cfg}/model_config.json: not a model config: TypeError"),
+                        (garbled, f"{garbled}: corrupt or unreadable checkpoint")]:
+    with pytest.raises(SystemExit) as e:
+      cli.run(lambda: quant.main(["save", "--ckpt", str(ckpt), "--quant", "int8", "--out", str(tmp_path / "q")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith(f"error: {message}"), err
+    assert "Traceback" not in "\n".join(err)
+  assert digest(bad_cfg, garbled) == before and not (tmp_path / "q").exists()

@@ -66,7 +66,7 @@ def test_an_upload_and_two_questions_stream_the_greedy_answers(demo, tmp_path):
 
   media = m.media(video=clip)
   history, turns = [], []
-  for question in ("What is in the video?", "And then?"):
+  for question in ("What is in the video?", "And then? "):   # a trailing space is kept, as typed
     t0 = time.time()
     outputs, (history, box, gallery, status) = _ask(client, question, history, max_new_tokens=12)
     turns.append(question)
@@ -152,7 +152,7 @@ def test_two_users_at_once_a_clip_and_a_movie_get_their_greedy_answers_in_one_ba
     admit()
 
   histories = {k: [] for k in users}
-  for question in ("What is in the video?", "And then?"):
+  for question in ("What is in the video?", "And then? "):   # a trailing space is kept, as typed
     met.clear()
     steps, busy = eng.steps, eng.busy_row_steps
     monkeypatch.setattr(eng, "_admit_waiting", both_then_admit)

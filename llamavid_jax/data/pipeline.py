@@ -548,6 +548,10 @@ def _check_plan_skips(config: PipelineConfig, plan: Plan) -> None:
   for skip in plan.skips:
     budget.record(skip)
   budget.check(" while planning")
+  if plan.num_samples and len(plan.skips) == plan.num_samples:   # fewer samples than min_skip_samples
+    last = plan.skips[-1]
+    raise DataError(f"every one of the {plan.num_samples:,} samples was skipped while planning; last: "
+                    f"{last.message()}; by reason: {dict(budget.counts)}")
 
 
 __all__ = ["PipelineConfig", "Pipeline", "BatchIterator", "Plan", "Skip", "SampleProcessor", "make_pipeline",

@@ -26,6 +26,7 @@ persists becomes the skip `io_error`.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -44,6 +45,7 @@ from llamavid_jax.data.buckets import BucketKey
 from llamavid_jax.data.skips import Skip
 
 log = logging.getLogger(__name__)
+SKIPS_NAMED = 5   # skips logged one by one while planning; the rest are counted in one line
 
 MANIFEST_VERSION = 1
 CACHE_ENV = "LLAMAVID_PLAN_CACHE"
@@ -100,7 +102,8 @@ def probe_one(processor, index: int, policy: RetryPolicy):
 def compute_verdicts(processor, *, threads: int = 16, progress: bool = True,
                      policy: RetryPolicy = RetryPolicy()) -> dict[int, Verdict]:
   """Every sample's verdict: headers probed by `threads` threads (the I/O), text encoded
-  and bucketed here (tokenizers stay on one thread); skips logged."""
+  and bucketed here (tokenizers stay on one thread); the first `SKIPS_NAMED` skips logged,
+  the rest summed up in one line by reason."""
   from tqdm import tqdm
 
   n = len(processor.source)
@@ -114,9 +117,22 @@ def compute_verdicts(processor, *, threads: int = 16, progress: bool = True,
         verdicts[index] = processor.bucket_of(sample, p)
       except SampleError as e:
         verdicts[index] = Skip.of(sample, e)
-        log.warning("skipped %s", verdicts[index].message())
       bar.update(1)
+  log_skips(verdicts)
   return verdicts
+
+
+def log_skips(verdicts: dict[int, Verdict]) -> None:
+  """Logs the first `SKIPS_NAMED` skips one by one and the rest in one line, by reason
+  ("2,949 of 9,830 samples skipped (missing_file 2,949), first 5 named above")."""
+  skips = [v for _, v in sorted(verdicts.items()) if isinstance(v, Skip)]
+  for v in skips[:SKIPS_NAMED]:
+    log.warning("skipped %s", v.message())
+  if len(skips) > SKIPS_NAMED:
+    reasons = collections.Counter(v.reason for v in skips)
+    by_reason = ", ".join(f"{r} {k:,}" for r, k in reasons.most_common())
+    log.warning("%s of %s samples skipped (%s), first %d named above", f"{len(skips):,}", f"{len(verdicts):,}",
+                by_reason, SKIPS_NAMED)
 
 
 # ---- the manifest -------------------------------------------------------------------------
@@ -216,9 +232,7 @@ def load_or_build(processor, *, cache_dir: str | None = None, threads: int = 16,
     verdicts = read_manifest(path, key, n)
     if verdicts is not None:
       log.info("plan read from %s", path)
-      for v in verdicts.values():   # the skips are reported as if planned now
-        if isinstance(v, Skip):
-          log.warning("skipped %s", v.message())
+      log_skips(verdicts)   # the skips are reported as if planned now
       return verdicts, key, path
   verdicts = compute_verdicts(processor, threads=threads, progress=progress, policy=policy)
   if any(isinstance(v, Skip) and v.reason == IO_ERROR for v in verdicts.values()):

@@ -142,7 +142,8 @@ def decode_subtitles(data: bytes, path: str, encoding: str | None = None) -> str
   """The text of a subtitle file's bytes: a byte order mark decides the encoding (UTF-8,
   UTF-16, UTF-32), else `encoding` (`--subtitle-encoding`), else UTF-8. A file that does not decode raises
   SubtitleError naming the byte; a confident guess (charset-normalizer) is offered in
-  the message, never applied."""
+  the message, never applied (where several encodings read it equally well with other
+  letters, they are listed and none is offered)."""
   for bom, enc in BOMS:
     if data.startswith(bom):
       data, encoding, why = data[len(bom):], enc, "its byte order mark"
@@ -157,21 +158,33 @@ def decode_subtitles(data: bytes, path: str, encoding: str | None = None) -> str
   try:
     return data.decode(encoding)
   except UnicodeDecodeError as e:
-    hint = _guess(data)
-    hint = f"; it looks like {hint}: give --subtitle-encoding {hint}" if hint and hint != encoding else (
-        "; give its encoding with --subtitle-encoding")
+    guesses = [g for g in _guess(data) if g != encoding]
+    if len(guesses) == 1:
+      hint = f"; it looks like {guesses[0]}: give --subtitle-encoding {guesses[0]}"
+    elif guesses:   # several read it equally well, each with other letters: no guess is offered as the one
+      hint = (f"; it reads as any of {', '.join(guesses[:6])}{' ...' if len(guesses) > 6 else ''} (each "
+              "with other letters): give its encoding with --subtitle-encoding")
+    else:
+      hint = "; give its encoding with --subtitle-encoding"
     raise SubtitleError(f"not {encoding} text (byte {e.start}: {data[e.start:e.start + 1]!r}; {encoding} is "
                         f"{why}){hint}", path) from None
 
 
-def _guess(data: bytes) -> str | None:
-  """charset-normalizer's best encoding when it is confident (chaos < 10%), else None."""
+def _guess(data: bytes) -> list[str]:
+  """charset-normalizer's best encoding when it is confident: chaos < 10% and every
+  encoding that reads the bytes as well (same chaos and coherence) gives the same text
+  -> [it]; when such encodings give different texts (cp1250 and cp1252 on French
+  subtitles: "crčme" or "crème") -> all of them; else []."""
   try:
     from charset_normalizer import from_bytes
   except ImportError:
-    return None
-  best = from_bytes(data[:65536]).best()
-  return best.encoding if best is not None and best.chaos < 0.1 else None
+    return []
+  results = from_bytes(data[:65536])
+  best = results.best()
+  if best is None or best.chaos >= 0.1:
+    return []
+  tied = [m for m in results if abs(m.chaos - best.chaos) < 1e-6 and abs(m.coherence - best.coherence) < 1e-6]
+  return [best.encoding] if len({str(m) for m in tied}) <= 1 else [m.encoding for m in tied]
 
 
 def read_subtitles(path: str, encoding: str | None = None) -> list[Cue]:
