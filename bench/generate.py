@@ -2,6 +2,7 @@
 
   python bench/generate.py [--dtype float32] [--steps 16] [--skip_7b]
   python bench/generate.py --kv_int8 [--dtype bfloat16] [--skip_7b]
+  python bench/generate.py --decode fp32,bf16,int8,int4 [--steps 4] [--repeats 2] [--skip_7b]
 
 1. peak RSS (ru_maxrss) of a 16K-token prompt (8192 frames x 2 tokens) on the tiny model,
    prefilled in chunks of 1K positions versus at once, each in a fresh subprocess,
@@ -32,6 +33,35 @@ bf16 0.750x (Dh 8), 0.0071 / 0.0424; 7B slice fp32 0.258x (1056 vs 4096 MiB for 
 MiB), 0.0223 / 0.0799 (log p -5.9 +- 0.4: flat random distributions, greedy ids part
 after 2-8 tokens in some rows).
 
+`--decode MODES`: only a decode table of the 7B slice (`--skip_7b`: the tiny model), after
+the machine's memory bandwidth measured in the same run (`bandwidth`: a STREAM-like copy
+of 512 MiB, best of 5, with numpy and with jax, and a jax sum; the bound takes the
+best). Per mode (`DECODE_MODES`: compute dtype, Qwix weight quant as `inference.load`'s
+`quant=`, KV cache; parameters stored in the compute dtype, as `inference.load` casts
+them) and batch 1 and 8: the bytes a decode step reads (`decode_bytes`: the LLM's weights
+but the embedding table, int4 at 4 bits; the whole cache as allocated), the measured
+tokens/s of a compiled decode chunk of `--steps` tokens (best of `--repeats`, compile and
+a warm-up chunk excluded) and the bound B x bandwidth / (weights + cache bytes).
+Measured (python bench/generate.py --decode fp32,bf16,int8,int4 --steps 4 --repeats 2;
+2-core dev CPU shared with four other jobs, load average 10.7 at the start, 12.8 at the
+end, so every figure is a fraction of two cores and moves 2x between runs):
+  memory bandwidth: numpy copy 7.1 GB/s, jax copy 1.2 GB/s, jax read 3.6 GB/s (an earlier
+  run, load 12.4: 11.9 / 3.8 / 9.1 GB/s); the bound below uses 7.1 GB/s
+  mode  dtype     weights MiB  batch  cache MiB  tokens/s  bound tok/s  of bound
+  fp32  float32          2044      1        3.7      0.43          3.3     0.130
+  fp32  float32          2044      8       29.5      1.70         26.2     0.065
+  bf16  bfloat16         1022      1        1.8      0.26          6.6     0.039
+  bf16  bfloat16         1022      8       14.8      1.06         52.4     0.020
+  int8  float32           512      1        3.7      0.51         13.2     0.039
+  int8  float32           512      8       29.5      1.92        100.4     0.019
+  int4  float32           271      1        3.7      0.52         24.8     0.021
+  int4  float32           271      8       29.5      1.51        181.0     0.008
+  (the earlier run, 11.9 GB/s bound: fp32 0.40 / 1.38, int8 0.46 / 1.86, int4 0.32 / 1.76
+  tokens/s at batch 1 / 8). On this CPU decoding is compute-bound, not bandwidth-bound:
+  bf16 matmuls are slower than fp32 on it, and Qwix's weight-only int8 / int4 read 4x /
+  7.5x fewer weight bytes but are no faster than fp32 here. No GPU was lent to this
+  measurement.
+
 Measured on the 2-core dev CPU, fp32 (best of 3; tiny figures swing 2-5x with the shared
 cores): 16K prompt peak RSS 1.29 GiB in 1K chunks, 14.80 GiB at once (0.46 before);
 tiny decode 10.4K tokens/s at batch 1, 75K at 8, prefill 0.054 s / 1K visual tokens;
@@ -56,7 +86,7 @@ from llamavid_jax import generate as G
 from llamavid_jax import quant as Q
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.config import LlmConfig
-from llamavid_jax.models.llama import cache_spec
+from llamavid_jax.models.llama import KV_ARRAYS, cache_spec
 
 SLICE_7B = LlmConfig(vocab_size=32000, d_model=4096, num_layers=2, num_heads=32, num_kv_heads=32, mlp_dim=11008)
 
@@ -97,12 +127,90 @@ def timed(fn, *args, repeats: int = 3) -> float:
   return min(times)
 
 
-def decode_rate(model, params, b: int, steps: int) -> float:
+def decode_state(model, params, b: int, steps: int, repeats: int = 3):
+  """The prefilled (logits, cache, done) of b prompts (8 frames, 32 text ids), with room
+  for the `steps` tokens of `repeats` + 1 decode chunks (`decode_rate`'s)."""
   x = batch(model.cfg, b, 8, 32)
-  state = G._prefill_jit(model, params, x, G.prompt_length(model, x) + 2 * steps, 0)
-  dt = timed(lambda s: G._decode_jit(model, params, s, jax.random.key(0), jnp.int32(0), steps, -1, 0.0, 0, 1.0),
-             state)
-  return b * steps / dt
+  return G._prefill_jit(model, params, x, G.prompt_length(model, x) + (repeats + 1) * steps, 0)
+
+
+def decode_rate(model, params, b: int, steps: int, repeats: int = 3, state=None) -> float:
+  """Tokens/s of the scanned decode chunk of `steps` tokens alone: best of `repeats`
+  chunks after a compile + warm-up chunk, each continuing the last (the state is
+  donated to the chunk: `generate._decode_jit`)."""
+  state = [decode_state(model, params, b, steps, repeats) if state is None else state]
+
+  def chunk(i: int):
+    state[0] = G._decode_jit(model, params, state[0], jax.random.key(0), jnp.int32(i * steps), steps, -1, 0.0, 0,
+                             1.0)[0]
+    return state[0]
+
+  jax.block_until_ready(chunk(0))
+  times = []
+  for i in range(1, repeats + 1):
+    t0 = time.perf_counter()
+    jax.block_until_ready(chunk(i))
+    times.append(time.perf_counter() - t0)
+  return b * steps / min(times)
+
+
+def bandwidth(mib: int = 512, repeats: int = 5) -> dict[str, float]:
+  """The machine's memory bandwidth, bytes/s, best of `repeats` (STREAM's way: a copy
+  counts the bytes read and the bytes written): `numpy copy` (np.copyto of `mib` MiB of
+  float32), `jax copy` (jit x + 1, read + write) and `jax read` (jit sum, bytes read)."""
+  n = mib * 2**20 // 4
+  src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
+  x = jax.device_put(src)
+  add, total = jax.jit(lambda a: a + 1.0), jax.jit(jnp.sum)
+  out = {"numpy copy": 2 * src.nbytes / timed(lambda: np.copyto(dst, src), repeats=repeats),
+         "jax copy": 2 * x.nbytes / timed(add, x, repeats=repeats),
+         "jax read": x.nbytes / timed(total, x, repeats=repeats)}
+  del src, dst, x
+  return out
+
+
+DECODE_MODES = {   # name -> (compute dtype, quant, kv_cache)
+    "fp32": ("float32", None, None), "bf16": ("bfloat16", None, None),
+    "int8": ("float32", "int8", None), "int4": ("float32", "int4", None),
+    "int8-bf16": ("bfloat16", "int8", None), "int4-bf16": ("bfloat16", "int4", None),
+    "bf16+kv-int8": ("bfloat16", None, "int8"), "fp32+kv-int8": ("float32", None, "int8")}
+
+
+def decode_bytes(params, cache) -> tuple[int, int]:
+  """(weight bytes, KV cache bytes) one decode step reads: every LLM parameter but the
+  embedding table (a lookup reads B of its rows), int4 counted at 4 bits an element (as
+  the CPU holds it packed; `quant.param_bytes`), and the cache's arrays as allocated
+  (attention reads every slot, masked or not)."""
+  llm = {k: v for k, v in params["llm"].items() if k != "embed_tokens"}
+  return Q.param_bytes(llm), Q.param_bytes({k: cache[k] for k in cache if k in KV_ARRAYS})
+
+
+def decode_table(kind: str, modes: list[str], steps: int, repeats: int) -> None:
+  """Decode tokens/s at batch 1 and 8 per mode, each against the bandwidth bound
+  B x bandwidth / (weight bytes + B rows of cache bytes) a step reads."""
+  bw = bandwidth()
+  best = max(bw.values())
+  print("memory bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw.items())
+        + f"; bound below uses {best / 1e9:.1f} GB/s", flush=True)
+  print(f"{'mode':<13} {'dtype':<9} {'weights MiB':>11} {'batch':>5} {'cache MiB':>9} {'tokens/s':>9} "
+        f"{'bound tok/s':>11} {'of bound':>8}", flush=True)
+  for mode in modes:
+    dtype, quant, kv = DECODE_MODES[mode]
+    model, params = model_and_params(kind, dtype)
+    params = jax.tree.map(lambda a: a.astype(dtype), params)   # stored in the compute dtype, as inference.load
+    if kv:
+      model = model.clone(cfg=dataclasses.replace(model.cfg, kv_cache=kv))
+    if quant:
+      model, params = Q.quantize(model, params, quant)
+    for b in (1, 8):
+      state = decode_state(model, params, b, steps, repeats)
+      w, c = decode_bytes(params, state[1])
+      rate = decode_rate(model, params, b, steps, repeats, state)
+      bound = b * best / (w + c)
+      print(f"{mode:<13} {dtype:<9} {w / 2**20:>11.1f} {b:>5} {c / 2**20:>9.1f} {rate:>9.2f} {bound:>11.1f} "
+            f"{rate / bound:>8.3f}", flush=True)
+      del state
+    del model, params
 
 
 def prefill_per_1k(model, params) -> float:
@@ -195,7 +303,21 @@ def main():
   ap.add_argument("--rss_chunk", type=int, default=None, help=argparse.SUPPRESS)
   ap.add_argument("--quant_bytes", action="store_true", help="only the quantized parameter bytes of the 7B slice")
   ap.add_argument("--kv_int8", action="store_true", help="only the int8 KV cache's bytes and log-prob deltas")
+  ap.add_argument("--decode", default=None, metavar="MODE[,MODE]",
+                  help=f"only the decode table of the 7B slice (--skip_7b: the tiny model) for these modes: "
+                       f"{', '.join(DECODE_MODES)}, against the measured bandwidth")
+  ap.add_argument("--repeats", type=int, default=3, help="--decode: best of this many timed calls")
   a = ap.parse_args()
+  if a.decode:
+    modes = a.decode.split(",")
+    bad = [m for m in modes if m not in DECODE_MODES]
+    if bad:
+      ap.error(f"--decode: unknown modes {bad} (known: {', '.join(DECODE_MODES)})")
+    print(f"backend {jax.default_backend()}, {jax.device_count()} devices, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()}; decode chunk of {a.steps} tokens, best of {a.repeats}", flush=True)
+    decode_table("tiny" if a.skip_7b else "7b-slice", modes, a.steps, a.repeats)
+    print(f"load average at the end {os.getloadavg()}")
+    return
   if a.quant_bytes:
     return quant_bytes()
   if a.kv_int8:

@@ -11,8 +11,9 @@ scanned chunk of k tokens (one compile each per (batch shapes, settings)) and ch
 the host between chunks whether every row has emitted `eos_id` (or, for `generate`, hit
 a stop string: `stop_check`); so a budget of 1024 new tokens costs only the chunks the
 answers need. The KV cache starts with room for one chunk and doubles when full (padded
-slots are masked). Step i's sample is drawn with `fold_in(rng, i)`, so the tokens do not
-depend on where decoding stopped: a longer budget's tokens begin with a shorter one's.
+slots are masked); a decode chunk updates it in place (donated), a doubling copies it.
+Step i's sample is drawn with `fold_in(rng, i)`, so the tokens do not depend on where
+decoding stopped: a longer budget's tokens begin with a shorter one's.
 After a row emits `eos_id` every later token is `eos_id`. `answers` cuts the decoded
 text at stop strings on the host. `batch_requests` left-pads requests of different prompt
 lengths and frame counts into one batch whose text length and frame count are rounded
@@ -96,13 +97,15 @@ def _decode(model, params, state, rng, start, n, eos_id, temperature, top_k, top
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 3, 4))
-_decode_jit = jax.jit(_decode, static_argnums=(0, 5, 7, 8, 9))
+# the state is donated: the decode chunk writes the cache in place (one cache live, not two)
+_decode_jit = jax.jit(_decode, static_argnums=(0, 5, 7, 8, 9), donate_argnums=(2,))
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _grow(state, room: int):
   """The cache of `state` with `room` slots more (masked, not yet valid): decoding past
-  the slots it was built with, without a prefill of the whole budget up front."""
+  the slots it was built with, without a prefill of the whole budget up front. A copy:
+  while it runs the old cache and the new one are both live (the only time two are)."""
   logits, cache, done = state
   pad = lambda a, axis: jnp.pad(a, [(0, room if i == axis else 0) for i in range(a.ndim)])
   kv = {n: pad(cache[n], 2) for n in KV_ARRAYS if n in cache}   # [layers, B, T, ...]: slots are axis 2

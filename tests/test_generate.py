@@ -80,6 +80,19 @@ def test_eos_ends_a_row(setup):
   np.testing.assert_array_equal(got[0], list(free[0, :2]) + [eos] * 4)
 
 
+def test_decode_chunk_updates_the_donated_cache_in_place(setup):
+  """The compiled decode chunk aliases its whole state (logits, cache, done) to its
+  output, so one cache is live while decoding, and the state passed in is consumed."""
+  model, params, reqs = setup
+  batch = G.batch_requests(reqs)
+  state = G._prefill_jit(model, params, batch, G.prompt_length(model, batch) + 8, 0)
+  args = (model, params, state, jax.random.key(0), np.int32(0), 4, -1, 0.0, 0, 1.0)
+  mem = G._decode_jit.lower(*args).compile().memory_analysis()
+  assert mem.alias_size_in_bytes == sum(a.nbytes for a in jax.tree.leaves(state))
+  G._decode_jit(*args)
+  assert all(a.is_deleted() for a in jax.tree.leaves(state[1]))
+
+
 def first_index(rows, tok):
   return [list(r).index(tok) if tok in r else len(r) for r in rows]
 

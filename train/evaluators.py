@@ -84,6 +84,28 @@ def _check_files(name: str, mod, args) -> None:
     raise FileNotFoundError(f"config.evals.{name}: " + "; ".join(errs))
 
 
+def prepare(name: str, e) -> tuple[dict, object, argparse.Namespace, list]:
+  """config.evals.NAME -> (its settings, the benchmark module, its arguments, its
+  questions: the files checked, the first `limit` loaded)."""
+  spec = _spec(name, e)
+  mod, args = _args(name, spec)
+  _check_files(name, mod, args)
+  items = mod.load(args)
+  return spec, mod, args, items[:spec["limit"]] if spec["limit"] else items
+
+
+def answer(model, spec: dict, mod, args, items: list) -> tuple[list, list[dict], dict]:
+  """The evaluator's answers to `items` from `model` (an inference.Model) through
+  `eval.predict` with `spec`'s generation settings -> (answers, the benchmark's
+  records, its metric summary)."""
+  from eval.predict import Predictor
+  pred = Predictor(model, batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+                   temperature=spec["temperature"], top_p=spec["top_p"])
+  answers = pred.predict(items)
+  records = [mod.record(it, p) for it, p in zip(items, answers)]
+  return answers, records, mod.score(records, args)
+
+
 class Evaluators:
   """The config's evaluators, their questions loaded once; `maybe_run` after each step."""
 
@@ -92,13 +114,7 @@ class Evaluators:
     self.c, self.workdir = c, c.workdir
     self.evals = []
     for name, e in (c.get("evals") or {}).items():
-      spec = _spec(name, e)
-      mod, args = _args(name, spec)
-      _check_files(name, mod, args)
-      items = mod.load(args)
-      if spec["limit"]:
-        items = items[:spec["limit"]]
-      self.evals.append((name, spec, mod, args, items))
+      self.evals.append((name, *prepare(name, e)))
     self._tokenizers = None
     self.model_cfg = from_dict(c.model)
 
@@ -128,15 +144,11 @@ class Evaluators:
     due = self.due(step, last)
     if not due:
       return {}
-    from eval.predict import Predictor
     model = self._model(params)
     out = {}
     for name, spec, mod, args, items in due:
       t = time.perf_counter()
-      pred = Predictor(model, batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
-                       temperature=spec["temperature"], top_p=spec["top_p"])
-      records = [mod.record(it, p) for it, p in zip(items, pred.predict(items))]
-      summary = mod.score(records, args)
+      _, records, summary = answer(model, spec, mod, args, items)
       seconds = time.perf_counter() - t
       out[name] = summary
       scalars = {f"eval/{name}/{k}": float(v) for k, v in _numbers(summary).items()}

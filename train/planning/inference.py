@@ -22,9 +22,11 @@ Bytes, per device:
   inputs     exact: the prompt's media and ids
   temps      XLA's temporaries of the compiled prefill / decode step
   prefill    weights + inputs + cache (its output) + prefill temps
-  decode     weights + cache x 2 + decode temps: `generate` grows its cache by copying it
-             and its decode step returns a new cache (the old one is not donated), so two
-             caches are live at once (x 1 where the compiled step aliases it)
+  decode     weights + cache x 2 + decode temps: `generate`'s decode step updates its
+             cache in place (donated), but growing the cache (at each doubling of its
+             room) copies it, so the old and the new cache are live together; the last
+             doubling's old cache holds the prompt's slots and half the answer's, about
+             a whole cache for a long prompt (counted as one)
   total      the larger of prefill and decode
 
 Decode time at the roofline: a token reads the LLM's weights (not the embedding table:
@@ -276,7 +278,8 @@ def plan_inference(model_cfg, tgt: Target, shape, *, rows: int = 1, new_tokens: 
   cache = kv_bytes(ph["cache"], kv_cache)
   inputs = tree_device_bytes(batch)
   prefill_temp, decode_temp = ph["prefill_temp"], ph["decode_temp"]
-  caches_live = 1 if ph["decode_alias"] > 0 else 2   # the state donated: the cache updated in place
+  # the decode step's cache is donated (aliased), but `generate._grow` copies it: old + new
+  caches_live = 2
   prefill = weights + inputs + cache + prefill_temp
   decode = weights + caches_live * cache + decode_temp
   total = max(prefill, decode)
