@@ -129,11 +129,11 @@ def main(argv=None, stdin=None, stdout=None) -> None:
   try:
     m = eval_args.load(a)
   except FileNotFoundError as e:   # a directory that holds no checkpoint
-    sys.exit(f"eval.chat: --ckpt {e}")
+    sys.exit(f"error: --ckpt {e}")
   try:
     media = m.media(**{flag: path})
   except inference.MediaError as e:
-    sys.exit(f"eval.chat: {e}")
+    sys.exit(f"error: {e}")
   kw = release_sampling(kw, media)
   engines: list[engine_lib.Engine] = []
   try:
@@ -150,7 +150,7 @@ def _chat(a: argparse.Namespace, m: inference.Model, engines: list, media: infer
     try:
       _turn(engines, m, [a.question], media, kw, a.json, stdout)
     except validation.BudgetError as e:
-      sys.exit(f"eval.chat: {e}")
+      sys.exit(f"error: {e}")
     return
   turns: list[str] = []
   user, bot = "USER", "ASSISTANT"

@@ -356,11 +356,12 @@ def main(argv=None) -> dict:
   errs += validation.check_out(cache, {"--pred": a.pred}, "--cache")
   if errs:
     p.error("; ".join(errs))
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+  logging.getLogger("eval").setLevel(logging.INFO)   # our own progress; libraries' warnings only
   try:
     items = load_predictions(a.pred, a.task)
   except (ValueError, OSError) as e:
-    raise SystemExit(f"eval.judge: {cli.message(e)}")
+    raise SystemExit(f"error: {cli.message(e)}")
   api_base = a.api_base or os.environ.get("OPENAI_API_BASE") or os.environ.get("OPENAI_BASE_URL")
   if not api_base:
     print("eval.judge: no judge endpoint (--api-base, $OPENAI_API_BASE, $OPENAI_BASE_URL); "
@@ -374,7 +375,7 @@ def main(argv=None) -> dict:
       summary = run_judge(items, a.task, judge, cache=cache, workers=a.workers, consistency_q2=a.consistency_q2)
     except JudgeError as e:
       kept = f" (verdicts so far are in {cache}; rerun to resume)" if cache and os.path.exists(cache) else ""
-      raise SystemExit(f"eval.judge: {e}{kept}")
+      raise SystemExit(f"error: {e}{kept}")
   validation.write_atomic(a.out, json.dumps(summary, indent=2))   # beside the predictions, never over them
   print(json.dumps(summary))
   return summary

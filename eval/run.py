@@ -327,7 +327,9 @@ def write_json(path: str, obj) -> None:
 
 
 def main(argv: Sequence[str] | None = None, predictor: Predictor | None = None) -> dict:
-  logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")   # libraries (orbax): warnings
+  for name in ("eval", "llamavid_jax"):   # our own progress at INFO
+    logging.getLogger(name).setLevel(logging.INFO)
   args, p = parse_args(list(sys.argv[1:] if argv is None else argv))
   try:
     if args.merge:
@@ -337,8 +339,12 @@ def main(argv: Sequence[str] | None = None, predictor: Predictor | None = None) 
     else:
       result = run(args, predictor)
   except (OSError, ValueError) as e:
-    p.exit(2 if isinstance(e, validation.UsageError) else 1, f"{p.prog}: error: {cli.message(e)}\n")
+    p.exit(2 if isinstance(e, validation.UsageError) else 1, f"error: {cli.message(e)}\n")
   print(json.dumps(result, indent=2))
+  c = result.get("counts", {})
+  if (c.get("failed") or c.get("missing_media")) and not (c.get("predicted") or c.get("skipped_existing")):
+    p.exit(1, f"error: no item was answered ({c.get('failed', 0):,} failed, {c.get('missing_media', 0):,} without "
+              "media; see the lines above)\n")
   return result
 
 

@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
   try:
     media = scorer.m.media(**{flag: path})
   except inference.MediaError as e:
-    p.exit(1, f"eval.score: {e}\n")
+    p.exit(1, f"error: {e}\n")
   result = scorer.score(a.question, a.answer, with_eos=a.with_eos, media=media)
   print(json.dumps(result))
   return result

@@ -576,12 +576,12 @@ def main(argv=None) -> None:
     import fastapi  # noqa: F401
     import uvicorn  # noqa: F401
   except ImportError as e:
-    sys.exit(f"eval.serve: {e.name} is missing: pip install 'llamavid-jax[serve]'")
+    sys.exit(f"error: {e.name} is missing: pip install 'llamavid-jax[serve]'")
   name = a.served_model_name or os.path.basename(os.path.normpath(a.ckpt))
   try:
     m = eval_args.load(a)
   except FileNotFoundError as e:
-    sys.exit(f"eval.serve: --ckpt {e}")
+    sys.exit(f"error: --ckpt {e}")
   kv = engine_lib.cache_bytes(m.cfg, a.slots, a.max_positions, a.dtype)
   chunked = f", prompts prefilled {a.prefill_chunk} positions per dispatch" if a.prefill_chunk else ""
   print(f"eval.serve: {name}: {a.slots} slots x {a.max_positions} positions, KV cache {kv / 2 ** 30:.2f} GiB "

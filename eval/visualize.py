@@ -304,19 +304,19 @@ def main(argv=None) -> Picture:
     sys.exit("eval.visualize needs matplotlib: pip install 'llamavid-jax[viz]'")
   cfg = checkpoint_config(a.ckpt)
   if cfg is not None and not cfg.use_context_token:
-    sys.exit(f"eval.visualize: {NoContextToken(a.ckpt)}")
+    sys.exit(f"error: {NoContextToken(a.ckpt)}")
   try:
     check_media(kind, path)
   except inference.MediaError as e:
-    sys.exit(f"eval.visualize: --{kind} {e}")
+    sys.exit(f"error: --{kind} {e}")
   m = eval_args.load(a)
   try:
     pic = visualize(m, question=a.question.strip(), out=a.out, frames=a.frames, alpha=a.alpha, answer=a.answer,
                     max_new_tokens=a.max_new_tokens, ckpt=a.ckpt, **{kind: path})
   except NoContextToken as e:
-    sys.exit(f"eval.visualize: {e}")
+    sys.exit(f"error: {e}")
   except inference.MediaError as e:
-    sys.exit(f"eval.visualize: --{kind} {e}")
+    sys.exit(f"error: --{kind} {e}")
   print(f"eval.visualize: wrote {pic.path} ({pic.size[0]}x{pic.size[1]}, {len(pic.frames)} of "
         f"{len(pic.strip)} frames drawn)")
   return pic

@@ -182,7 +182,7 @@ def test_a_file_that_is_no_media_is_named_not_a_traceback(tiny_ckpt, tmp_path, m
   with pytest.raises(SystemExit) as e:
     chat.main(["--ckpt", tiny_ckpt, flag, str(path), "--question", Q1])
   msg = str(e.value.code)
-  assert msg.startswith(f"eval.chat: {path}: unreadable_"), msg
+  assert msg.startswith(f"error: {path}: unreadable_"), msg
 
 
 @pytest.mark.parametrize("main", [chat.main, score.main], ids=["chat", "score"])

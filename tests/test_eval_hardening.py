@@ -348,7 +348,7 @@ def test_nan_features_are_refused_naming_the_file(model, recorded, tmp_path):
   before = digest(path)
   with pytest.raises(SystemExit) as e:
     chat.main(["--ckpt", str(tmp_path), "--features", str(path), "--question", Q])
-  assert str(e.value.code) == f"eval.chat: {path}: 1 of {feats.size:,} values are NaN or infinite"
+  assert str(e.value.code) == f"error: {path}: 1 of {feats.size:,} values are NaN or infinite"
   # features convert: the release's pickle with an infinity is not converted
   pkl = tmp_path / "m.pkl"
   feats[1, 0, 3] = np.inf
@@ -529,7 +529,7 @@ def test_the_judge_deadline_bounds_a_hanging_endpoint(tmp_path):
   pred.write_text(json.dumps({"id": 0, "question": "q", "answer": "a", "pred": "a"}) + "\n")
   s = Server([30])
   try:
-    with pytest.raises(SystemExit, match=r"eval.judge: the overall --deadline of 1 s has passed"):
+    with pytest.raises(SystemExit, match=r"error: the overall --deadline of 1 s has passed"):
       judge.main(["--pred", str(pred), "--out", str(tmp_path / "s.json"), "--api-base", s.url,
                   "--deadline", "1", "--backoff", "0.1"])
   finally:
@@ -642,7 +642,7 @@ def test_cli_run_prints_one_line(tmp_path, capsys, monkeypatch):
     cli.run(usage)
 
 
-def test_missing_media_and_failures_are_summed_up_in_one_line(tmp_path, monkeypatch, caplog):
+def test_missing_media_and_failures_are_summed_up_in_one_line(tmp_path, monkeypatch, caplog, capsys):
   monkeypatch.setattr(run, "model_predictor", lambda args: pytest.fail("a model was loaded"))
   (tmp_path / "video").mkdir()
   for i in range(0, 30, 3):
@@ -654,10 +654,13 @@ def test_missing_media_and_failures_are_summed_up_in_one_line(tmp_path, monkeypa
     def predict(self, items):
       return [None] * len(items)
 
-  with caplog.at_level("WARNING"):
-    s = run.main(["msvd_qa", "--ckpt", str(tmp_path), "--out", str(tmp_path / "p.jsonl"), "--gt-file", str(qfile),
-                  "--video-folder", str(tmp_path / "video"), "--no-progress"], predictor=Failing())
+  with caplog.at_level("WARNING"), pytest.raises(SystemExit) as e:   # nothing answered: the run failed
+    run.main(["msvd_qa", "--ckpt", str(tmp_path), "--out", str(tmp_path / "p.jsonl"), "--gt-file", str(qfile),
+              "--video-folder", str(tmp_path / "video"), "--no-progress"], predictor=Failing())
+  out, err = capsys.readouterr()
+  s = json.loads(out)
   assert (s["counts"]["missing_media"], s["counts"]["failed"]) == (20, 10)
+  assert e.value.code == 1 and err == "error: no item was answered (10 failed, 20 without media; see the lines above)\n"
   missing = [r.message for r in caplog.records if "no media file" in r.message]
   assert len(missing) == 1 and missing[0].startswith("20 of 30 items have no media file, first 5: 1: ")
   failed = [r.message for r in caplog.records if "no answer" in r.message]

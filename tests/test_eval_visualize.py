@@ -154,7 +154,7 @@ def test_a_content_only_checkpoint_is_refused_before_it_loads(train_workdir, tin
   clip = video_fixtures.write_counter_clip(str(tmp_path / "clip.mp4"), 10, 10)
   with pytest.raises(SystemExit) as e:
     visualize.main(["--ckpt", ckpt, "--video", clip, "--question", QUESTION, "--out", str(tmp_path / "a.png")])
-  assert str(e.value) == (f"eval.visualize: {ckpt}: a content-only model (use_context_token=False) has no "
+  assert str(e.value) == (f"error: {ckpt}: a content-only model (use_context_token=False) has no "
                           "context token, so there is no context attention to draw")
 
 
@@ -196,5 +196,5 @@ def test_bad_media_is_named_before_the_model_loads(flag, name, tiny_cfg, tmp_pat
   bad.write_text("a text file, not media")
   with pytest.raises(SystemExit) as e:
     visualize.main(["--ckpt", ckpt, flag, str(bad), "--question", QUESTION, "--out", str(tmp_path / "a.png")])
-  assert str(e.value).startswith(f"eval.visualize: {flag} {bad}: "), e.value
+  assert str(e.value).startswith(f"error: {flag} {bad}: "), e.value
   assert ("unreadable_video" if flag == "--video" else "unreadable_image") in str(e.value)
