@@ -42,3 +42,73 @@ def test_sharded_decoding_equals_one_device(one, tiny_ckpt, shape):
 def test_quant_with_mesh_is_refused_before_loading():
   with pytest.raises(ValueError, match="quant 'int8' with a mesh"):
     inference.load("/no/such/checkpoint", quant="int8", mesh=sharding.make_mesh({"tensor": 8}))
+
+
+@pytest.fixture(scope="module")
+def movie(one, tmp_path_factory):
+  """A movie feature file of 32 frames with a subtitle line each (the release's format,
+  `data/features.py`) and its request batch: 288 spliced LLM positions."""
+  from llamavid_jax.data.features import Movie, write_safetensors
+  m, _ = one
+  t, n, c = 32, m.cfg.vision.num_tokens, m.cfg.vision.width
+  path = str(tmp_path_factory.mktemp("movie") / "m.safetensors")
+  feats = np.random.default_rng(0).standard_normal((t, n, c)).astype(np.float16)
+  write_safetensors(path, Movie(feats, "".join(f"<image>line {i} says hello." for i in range(t))))
+  req = m.request("What happens in the movie?", m.media(features=path))
+  return req, m._batch([req], None, None)
+
+
+def prefill_and_decode(m, req, batch, steps=4):
+  """On m's mesh: (next-token logits float32[1, V] of the prefill, its cache, `steps` greedy ids)."""
+  model = m.model_for([req])
+  with m.on_mesh():
+    s = G.prompt_length(model, batch)
+    max_len = G.split_cache(model.cfg, s, steps) or s + steps
+    logits, cache = jax.jit(lambda p: model.apply({"params": p}, **batch, max_len=max_len,
+                                                  method="prefill_cache"))(m.params)
+    ids = G.generate(model, m.params, batch, max_new_tokens=steps, eos_id=-1)
+  return np.asarray(logits), cache, ids
+
+
+@pytest.mark.parametrize("shape", [{"tensor": 2, "sequence": 4}, {"sequence": 8}])
+@pytest.mark.slow
+def test_long_movie_prefills_split_over_sequence(one, movie, tiny_ckpt, shape):
+  """A 288-position movie prompt on a mesh with `sequence` > 1: the LLM attention runs as
+  a ring (the checkpoint's `xla` replaced, a printed decision), the KV cache is sharded
+  over `sequence` along its length (and its kv heads over `tensor`), the next-token logits
+  equal one device's within 1e-5 and greedy decoding from the sharded cache gives the
+  same ids."""
+  m, _ = one
+  req, batch = movie
+  want_logits, want_cache, want_ids = prefill_and_decode(m, req, batch)
+  ms = inference.load(tiny_ckpt + "/inference", mesh=sharding.make_mesh(shape))
+  assert ms.cfg.attention_impl == "ring" and m.cfg.attention_impl == "xla"
+  logits, cache, ids = prefill_and_decode(ms, req, batch)
+  spec = tuple(cache["k"].sharding.spec) + (None,) * 5                  # [layers, B, T, K, Dh]
+  assert spec[2] == "sequence" and (spec[3] == "tensor") == ("tensor" in shape)
+  assert cache["k"].addressable_shards[0].data.shape[2] == cache["k"].shape[2] // shape["sequence"]
+  assert cache["k"].shape[2] > want_cache["k"].shape[2]                  # whole budget, in n chunks of blocks
+  np.testing.assert_allclose(logits, want_logits, atol=1e-5)
+  np.testing.assert_array_equal(ids, want_ids)
+
+
+def test_decode_attention_reads_a_sharded_cache_in_place():
+  """A decode step's attention (one query) to keys sharded over `sequence` along their
+  length equals the one-device reference, and its compiled program all-gathers no key."""
+  from flax import linen as nn
+  from llamavid_jax.ops import attention
+  rng = np.random.default_rng(1)
+  q = rng.standard_normal((2, 1, 4, 8)).astype(np.float32)
+  k, v = (rng.standard_normal((2, 64, 2, 8)).astype(np.float32) for _ in range(2))
+  valid = np.arange(64)[None] < np.array([[40], [57]])
+  slots = np.array([[39], [56]], np.int32)
+  want = attention.attention(q, k, v, kv_valid=valid, q_slots=slots, impl="reference")
+  mesh = sharding.make_mesh({"tensor": 2, "sequence": 4})
+  f = jax.jit(lambda q, k, v: attention.attention(q, k, v, kv_valid=valid, q_slots=slots, impl="ring"))
+  kv = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "sequence", "tensor"))
+  k, v = jax.device_put(k, kv), jax.device_put(v, kv)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    got = f(q, k, v)
+    hlo = f.lower(q, k, v).compile().as_text()
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert "f32[2,64" not in "".join(ln for ln in hlo.splitlines() if "all-gather" in ln)
