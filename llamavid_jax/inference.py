@@ -383,8 +383,25 @@ class Model:
     mode = modes.pop()
     return self.model if mode == self.cfg.video_mode else self.model.clone(cfg=dataclasses.replace(self.cfg, video_mode=mode))
 
+  @property
+  def batch_shards(self) -> int:
+    """Devices the mesh splits request rows over (the logical `batch`: data x fsdp), the
+    model whole or split (tensor) on each; 1 without a mesh."""
+    if self.mesh is None:
+      return 1
+    from llamavid_jax import sharding
+    return sharding.shards(self.mesh, sharding.logical_to_spec(("batch",))[0])
+
   def _batch(self, requests: Sequence[dict], text_buckets, frame_buckets) -> dict:
-    return gen.batch_requests(requests, text_buckets=text_buckets, frame_buckets=frame_buckets,
+    """One batch of the requests (`generate.batch_requests`), its rows the requests' and,
+    on a mesh that splits rows over n devices, copies of the last one up to a multiple
+    of n (so that every device takes its rows; callers keep the first len(requests))."""
+    requests = list(requests)
+    pad = -len(requests) % self.batch_shards
+    if pad:
+      _decide(f"{len(requests)} request rows on {self.batch_shards} devices: {pad} copies of the last added "
+              f"(computed, dropped) so that the rows split")
+    return gen.batch_requests(requests + requests[-1:] * pad, text_buckets=text_buckets, frame_buckets=frame_buckets,
                               pad_id=self.tokenizer.pad_token_id)
 
   def answer(self, row: Sequence[int], stop: Sequence[str] = ()) -> Answer:
@@ -415,7 +432,7 @@ class Model:
                           max_new_tokens=max_new_tokens, eos_id=self.eos_id, temperature=temperature, top_k=top_k,
                           top_p=top_p, prefill_chunk=prefill_chunk, dtype=self.dtype,
                           ended=gen.stop_check(self.tokenizer, self.eos_id, stop))
-    return [self.answer(row, stop) for row in np.asarray(toks).tolist()]
+    return [self.answer(row, stop) for row in np.asarray(toks)[:len(requests)].tolist()]
 
   def stream(self, request: dict, *, max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), chunk: int = 4,
@@ -458,6 +475,16 @@ class Model:
     return np.asarray(w[0, 0, :t].mean(1), np.float32)
 
 
+_DECIDED: set[str] = set()
+
+
+def _decide(line: str) -> None:
+  """A decision that changes memory or work, printed (logged as a warning) once."""
+  if line not in _DECIDED:
+    _DECIDED.add(line)
+    log.warning("%s", line)
+
+
 def _ring_on(cfg, mesh):
   """cfg with the LLM's attention as a ring where `mesh` splits the LLM length (the
   logical `length` axis: `sequence`), so that a prompt prefills split over those devices
@@ -468,8 +495,8 @@ def _ring_on(cfg, mesh):
   n = 1 if mesh is None else sharding.shards(mesh, sharding.logical_to_spec(("length",))[0])
   if n <= 1 or cfg.attention_impl in attention.RING_IMPLS:
     return cfg
-  log.warning("mesh %s splits the LLM length over %d devices: LLM attention %r -> 'ring' (prefill split over "
-              "them, the KV cache sharded along its length)", dict(mesh.shape), n, cfg.attention_impl)
+  _decide(f"mesh {dict(mesh.shape)} splits the LLM length over {n} devices: LLM attention "
+          f"{cfg.attention_impl!r} -> 'ring' (prefill split over them, the KV cache sharded along its length)")
   return dataclasses.replace(cfg, attention_impl="ring")
 
 

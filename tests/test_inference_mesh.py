@@ -1,6 +1,8 @@
 """inference.load(..., mesh=): parameters sharded by the logical rules; decoding on the
 mesh equals decoding on one device (8 fake CPU devices, tests/conftest.py)."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -112,3 +114,68 @@ def test_decode_attention_reads_a_sharded_cache_in_place():
     hlo = f.lower(q, k, v).compile().as_text()
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert "f32[2,64" not in "".join(ln for ln in hlo.splitlines() if "all-gather" in ln)
+
+
+MESHES = {"tensor=8": {"tensor": 8}, "tensor=2,sequence=4": {"tensor": 2, "sequence": 4},
+          "fsdp=4,tensor=2": {"fsdp": 4, "tensor": 2}, "data=8": {"data": 8}}
+
+
+def entry_points(m, ckpt, clip, tmp, mesh_flag=None):
+  """Greedy results of chat (eval.chat's answer path: the engine), score (eval.score's
+  log-probabilities) and eval.run (msvd_qa predictions on 3 questions, batches of 2) for
+  model m; eval.run loads `ckpt` itself with `--mesh mesh_flag`."""
+  import io
+  import shutil
+  from eval import chat, run, score
+  from tests.test_eval_benchmarks import write
+  media = m.media(video=clip)
+  kw = dict(max_new_tokens=6, temperature=0.0, top_p=1.0, prefill_chunk=0, seed=0)
+  engines = []
+  try:
+    out = io.StringIO()
+    chat._turn(engines, m, ["What is the man doing?"], media, kw, True, out)
+  finally:
+    for e in engines:
+      e.close()
+  sc = score.Scorer(m).score("What is the man doing?", "He is running.", media=media)
+  (tmp / "video").mkdir(exist_ok=True)
+  shutil.copy(clip, tmp / "video" / "v0.mp4")
+  qs = [{"video_id": "v0", "question": q, "answer": "x", "id": i}
+        for i, q in enumerate(["What is this?", "Hello What is this?", "Describe it."])]
+  argv = ["msvd_qa", "--ckpt", ckpt, "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "6",
+          "--batch-size", "2", "--out", str(tmp / "pred.jsonl"), "--gt-file", write(tmp / "q.json", qs),
+          "--video-folder", str(tmp / "video"), "--no-progress"] + (["--mesh", mesh_flag] if mesh_flag else [])
+  run.main(argv)
+  preds = [json.loads(line)["pred"] for line in open(tmp / "pred.jsonl")]
+  return json.loads(out.getvalue())["token_ids"], sc, preds
+
+
+@pytest.fixture(scope="module")
+def one_entry(one, tiny_ckpt, clip28, tmp_path_factory):
+  return entry_points(one[0], tiny_ckpt, clip28, tmp_path_factory.mktemp("one"))
+
+
+@pytest.mark.parametrize("flag", list(MESHES))
+@pytest.mark.slow
+def test_entry_points_on_a_mesh_equal_one_device(one, one_entry, tiny_ckpt, clip28, tmp_path, flag):
+  """chat's greedy ids, score's log-probabilities (within 1e-5) and greedy flag, and
+  eval.run's predictions (`--mesh FLAG`) on the mesh equal one device's. With data=8 the
+  parameters are replicated and the request rows split over the 8 devices (2 rows
+  padded to 8)."""
+  ms = inference.load(tiny_ckpt + "/inference", mesh=sharding.make_mesh(MESHES[flag]))
+  want_ids, want_sc, want_preds = one_entry
+  ids, sc, preds = entry_points(ms, tiny_ckpt, clip28, tmp_path, flag)
+  assert ids == want_ids and preds == want_preds and sc["is_greedy"] == want_sc["is_greedy"]
+  np.testing.assert_allclose(sc["token_logprobs"], want_sc["token_logprobs"], atol=1e-5)
+  assert len(ids) and any(want_preds)   # not empty: the comparison says something
+  if flag == "data=8":
+    reqs = [ms.request(q, ms.media(video=clip28)) for q in ("What is this?", "Describe it.")]
+    batch = ms._batch(reqs, None, None)
+    assert len(batch["input_ids"]) == 8
+    w = ms.params["llm"]["layers"]["gate_proj"]["kernel"]
+    assert w.sharding.is_fully_replicated
+    with ms.on_mesh():
+      _, cache = jax.jit(lambda p: ms.model.apply({"params": p}, **batch, max_len=G.prompt_length(ms.model, batch) + 1,
+                                                  method="prefill_cache"))(ms.params)
+    assert sharding.spec_axes(cache["k"].sharding.spec[1]) == ("data",)   # [layers, B, T, K, Dh]: rows over data
+    assert cache["k"].addressable_shards[0].data.shape[1] == 1
