@@ -117,6 +117,14 @@ def _grow(state, room: int):
 _DECIDED: set[str] = set()
 
 
+def decide(line: str) -> None:
+  """A decision that changes memory or work (a sharded cache's size, padded rows),
+  printed once: logged as a warning, so it shows on the console without configuration."""
+  if line not in _DECIDED:
+    _DECIDED.add(line)
+    log.warning("%s", line)
+
+
 def split_cache(cfg, prompt: int, steps: int) -> int:
   """Under a mesh (`jax.set_mesh` and logical rules) that splits the LLM length over n > 1
   devices: the KV cache's length (0 where the length is whole). The prompt prefills
@@ -134,9 +142,7 @@ def split_cache(cfg, prompt: int, steps: int) -> int:
   length = attention.ring_length(prompt + steps, n)
   line = (f"KV cache: {length} slots sharded over {n} devices along its length ({length // n} a device), for a "
           f"prompt of {prompt} positions and {steps} new tokens, allocated whole (not grown)")
-  if line not in _DECIDED:
-    _DECIDED.add(line)
-    log.warning("%s", line)
+  decide(line)
   return length
 
 

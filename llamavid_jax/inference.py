@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import logging
 import os
 from typing import Iterator, Literal, Sequence
 
@@ -50,8 +49,6 @@ from llamavid_jax.data.tokenizer import RemoteCodeError
 from llamavid_jax.data.conversation import build_prompt, get_template, movie_prompt, tokenize_with_image
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.config import check_kv_cache
-
-log = logging.getLogger(__name__)
 
 CHAT = gen.CHAT   # temperature 0.2, top_p 0.7: the release's chat and video-QA sampling
 MOVIE = dict(temperature=0.6, top_p=0.9)   # the release's movie sampling (run_llamavid_movie.py)
@@ -333,9 +330,12 @@ class Model:
   def check_generation(self, requests: Sequence[dict], *, max_new_tokens: int, temperature: float = 0.0,
                        top_k: int = 0, top_p: float = 1.0, prefill_chunk: int = 0) -> None:
     """Sampling values and every request's positions, checked before anything compiles."""
-    validation.raise_all(validation.check_sampling(
-        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-        prefill_chunk=prefill_chunk, prefix=""))
+    errs = validation.check_sampling(temperature=temperature, top_p=top_p, top_k=top_k,
+                                     max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, prefix="")
+    if prefill_chunk and _length_shards(self.mesh) > 1:
+      errs.append(f"prefill_chunk {prefill_chunk} with the LLM length split over {_length_shards(self.mesh)} devices "
+                  f"(mesh sequence): a split prompt prefills at once (prefill_chunk 0)")
+    validation.raise_all(errs)
     for r in requests:
       self.check_request(r, max_new_tokens)
 
@@ -399,7 +399,7 @@ class Model:
     requests = list(requests)
     pad = -len(requests) % self.batch_shards
     if pad:
-      _decide(f"{len(requests)} request rows on {self.batch_shards} devices: {pad} copies of the last added "
+      gen.decide(f"{len(requests)} request rows on {self.batch_shards} devices: {pad} copies of the last added "
               f"(computed, dropped) so that the rows split")
     return gen.batch_requests(requests + requests[-1:] * pad, text_buckets=text_buckets, frame_buckets=frame_buckets,
                               pad_id=self.tokenizer.pad_token_id)
@@ -475,14 +475,10 @@ class Model:
     return np.asarray(w[0, 0, :t].mean(1), np.float32)
 
 
-_DECIDED: set[str] = set()
-
-
-def _decide(line: str) -> None:
-  """A decision that changes memory or work, printed (logged as a warning) once."""
-  if line not in _DECIDED:
-    _DECIDED.add(line)
-    log.warning("%s", line)
+def _length_shards(mesh) -> int:
+  """Devices `mesh` splits the LLM length over (the logical `length`: sequence); 1 without."""
+  from llamavid_jax import sharding
+  return 1 if mesh is None else sharding.shards(mesh, sharding.logical_to_spec(("length",))[0])
 
 
 def _ring_on(cfg, mesh):
@@ -490,12 +486,11 @@ def _ring_on(cfg, mesh):
   logical `length` axis: `sequence`), so that a prompt prefills split over those devices
   and decoding reads the cache where it lies; printed as a decision. An attention that
   already rings (`attention.RING_IMPLS`: ring, splash, auto) is kept."""
-  from llamavid_jax import sharding
   from llamavid_jax.ops import attention
-  n = 1 if mesh is None else sharding.shards(mesh, sharding.logical_to_spec(("length",))[0])
+  n = _length_shards(mesh)
   if n <= 1 or cfg.attention_impl in attention.RING_IMPLS:
     return cfg
-  _decide(f"mesh {dict(mesh.shape)} splits the LLM length over {n} devices: LLM attention "
+  gen.decide(f"mesh {dict(mesh.shape)} splits the LLM length over {n} devices: LLM attention "
           f"{cfg.attention_impl!r} -> 'ring' (prefill split over them, the KV cache sharded along its length)")
   return dataclasses.replace(cfg, attention_impl="ring")
 

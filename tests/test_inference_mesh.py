@@ -1,5 +1,6 @@
-"""inference.load(..., mesh=): parameters sharded by the logical rules; decoding on the
-mesh equals decoding on one device (8 fake CPU devices, tests/conftest.py)."""
+"""inference.load(..., mesh=): parameters sharded by the logical rules; chat, score and
+eval.run on a mesh equal one device, a long movie prompt prefills split over `sequence`
+into a KV cache sharded along its length (8 fake CPU devices, tests/conftest.py)."""
 
 import json
 
@@ -9,36 +10,11 @@ import pytest
 
 from llamavid_jax import generate as G
 from llamavid_jax import inference, sharding
-from llamavid_jax.models import LlamaVid
 
 
 @pytest.fixture(scope="module")
 def one(tiny_ckpt):
-  m = inference.load(tiny_ckpt + "/inference")
-  reqs = [m.request("What is the man doing?", None), m.request("Describe it in detail.", None)]
-  return m, m._batch(reqs, None, None)
-
-
-def run(m, batch):
-  ids = G.generate(m.model, m.params, batch, max_new_tokens=6, eos_id=-1)
-  s = G.prompt_length(m.model, batch)
-  logits, _ = jax.jit(lambda p: m.model.apply({"params": p}, **batch, max_len=s + 1, method="prefill_cache"))(m.params)
-  return ids, np.asarray(jax.nn.log_softmax(logits, -1))
-
-
-@pytest.mark.parametrize("shape", [{"tensor": 8}, {"fsdp": 4, "tensor": 2}, {"tensor": 2, "sequence": 4}])
-@pytest.mark.slow
-def test_sharded_decoding_equals_one_device(one, tiny_ckpt, shape):
-  m, batch = one
-  want_ids, want_lp = run(m, batch)
-  mesh = sharding.make_mesh(shape)
-  ms = inference.load(tiny_ckpt + "/inference", mesh=mesh)
-  w = ms.params["llm"]["layers"]["gate_proj"]["kernel"]                   # [layers, embed, mlp]: mlp over tensor
-  assert w.sharding.mesh.shape == mesh.shape and w.sharding.spec[2] == "tensor"
-  assert w.addressable_shards[0].data.shape[2] == w.shape[2] // shape["tensor"]
-  ids, lp = run(ms, batch)
-  np.testing.assert_array_equal(ids, want_ids)
-  np.testing.assert_allclose(lp, want_lp, atol=1e-5)
+  return inference.load(tiny_ckpt + "/inference")
 
 
 def test_quant_with_mesh_is_refused_before_loading():
@@ -51,7 +27,7 @@ def movie(one, tmp_path_factory):
   """A movie feature file of 32 frames with a subtitle line each (the release's format,
   `data/features.py`) and its request batch: 288 spliced LLM positions."""
   from llamavid_jax.data.features import Movie, write_safetensors
-  m, _ = one
+  m = one
   t, n, c = 32, m.cfg.vision.num_tokens, m.cfg.vision.width
   path = str(tmp_path_factory.mktemp("movie") / "m.safetensors")
   feats = np.random.default_rng(0).standard_normal((t, n, c)).astype(np.float16)
@@ -79,8 +55,8 @@ def test_long_movie_prefills_split_over_sequence(one, movie, tiny_ckpt, shape):
   a ring (the checkpoint's `xla` replaced, a printed decision), the KV cache is sharded
   over `sequence` along its length (and its kv heads over `tensor`), the next-token logits
   equal one device's within 1e-5 and greedy decoding from the sharded cache gives the
-  same ids."""
-  m, _ = one
+  same ids; a chunked prefill, which cannot split so, is refused before compiling."""
+  m = one
   req, batch = movie
   want_logits, want_cache, want_ids = prefill_and_decode(m, req, batch)
   ms = inference.load(tiny_ckpt + "/inference", mesh=sharding.make_mesh(shape))
@@ -92,6 +68,8 @@ def test_long_movie_prefills_split_over_sequence(one, movie, tiny_ckpt, shape):
   assert cache["k"].shape[2] > want_cache["k"].shape[2]                  # whole budget, in n chunks of blocks
   np.testing.assert_allclose(logits, want_logits, atol=1e-5)
   np.testing.assert_array_equal(ids, want_ids)
+  with pytest.raises(ValueError, match="prefill_chunk 16 with the LLM length split over"):   # before compiling
+    ms.check_generation([req], max_new_tokens=4, prefill_chunk=16)
 
 
 def test_decode_attention_reads_a_sharded_cache_in_place():
@@ -152,7 +130,7 @@ def entry_points(m, ckpt, clip, tmp, mesh_flag=None):
 
 @pytest.fixture(scope="module")
 def one_entry(one, tiny_ckpt, clip28, tmp_path_factory):
-  return entry_points(one[0], tiny_ckpt, clip28, tmp_path_factory.mktemp("one"))
+  return entry_points(one, tiny_ckpt, clip28, tmp_path_factory.mktemp("one"))
 
 
 @pytest.mark.parametrize("flag", list(MESHES))
@@ -162,7 +140,11 @@ def test_entry_points_on_a_mesh_equal_one_device(one, one_entry, tiny_ckpt, clip
   eval.run's predictions (`--mesh FLAG`) on the mesh equal one device's. With data=8 the
   parameters are replicated and the request rows split over the 8 devices (2 rows
   padded to 8)."""
-  ms = inference.load(tiny_ckpt + "/inference", mesh=sharding.make_mesh(MESHES[flag]))
+  shape = MESHES[flag]
+  ms = inference.load(tiny_ckpt + "/inference", mesh=sharding.make_mesh(shape))
+  w = ms.params["llm"]["layers"]["gate_proj"]["kernel"]                   # [layers, embed, mlp]: mlp over tensor
+  assert w.sharding.mesh.shape == ms.mesh.shape and w.sharding.spec[2] == "tensor"
+  assert w.addressable_shards[0].data.shape[2] == w.shape[2] // shape.get("tensor", 1)
   want_ids, want_sc, want_preds = one_entry
   ids, sc, preds = entry_points(ms, tiny_ckpt, clip28, tmp_path, flag)
   assert ids == want_ids and preds == want_preds and sc["is_greedy"] == want_sc["is_greedy"]
@@ -172,7 +154,6 @@ def test_entry_points_on_a_mesh_equal_one_device(one, one_entry, tiny_ckpt, clip
     reqs = [ms.request(q, ms.media(video=clip28)) for q in ("What is this?", "Describe it.")]
     batch = ms._batch(reqs, None, None)
     assert len(batch["input_ids"]) == 8
-    w = ms.params["llm"]["layers"]["gate_proj"]["kernel"]
     assert w.sharding.is_fully_replicated
     with ms.on_mesh():
       _, cache = jax.jit(lambda p: ms.model.apply({"params": p}, **batch, max_len=G.prompt_length(ms.model, batch) + 1,
