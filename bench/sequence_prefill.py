@@ -8,10 +8,13 @@ release's format), asks one question, and for one device and for each mesh (tens
 sequence 4, sequence 8) prints: the spliced prompt length, the KV cache's length and its
 sharding, max |delta| of the prefill's next-token logits (float32) against one device,
 whether `--steps` greedy ids are equal, and the shapes of every all-gather in the
-compiled decode chunk (parameters only: no KV cache slot moves). Measured (CPU, the
-tests' tiny checkpoint, 32 frames = 288 positions): max |delta logits| 7.5e-08 on both
-meshes, greedy ids equal, cache [2, 1, 296, 2, 8] with P(None, None, 'sequence',
-'tensor') (304 slots, P(None, None, 'sequence') on sequence 8).
+compiled decode chunk (no KV-cache-shaped one: no slot moves). Measured (CPU, 8 fake
+devices, the tests' tiny checkpoint, 32 frames = 288 positions, 4 steps): max |delta
+logits| 5.22e-08 on both meshes, greedy ids equal; cache (2, 1, 296, 2, 8) with
+P(None, None, 'sequence', 'tensor') on tensor 2 x sequence 4 (one device: 292 slots),
+(2, 1, 304, 2, 8) with P(None, None, 'sequence') on sequence 8; decode all-gathers
+f32[1,2], f32[2,8,32], f32[32,32], s32[1,2] (tensor 2 x sequence 4) and f32[4,8,32],
+f32[64,32] (sequence 8): parameter slices and [B, 2] values, none of the cache.
 """
 
 from __future__ import annotations
