@@ -518,7 +518,9 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
   int8 with a float32 scale per (row, slot, head) (`llama.cache_spec`; None: the compute
   dtype), checked before anything is read too. `mesh` (`sharding.make_mesh`)
   restores an inference directory's parameters sharded by the training's logical rules
-  (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh."""
+  (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh
+  (`Model.on_mesh`): `data` splits request rows (the model replicated), `sequence` the
+  prompt's positions (ring attention) and the KV cache along its length."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
   from llamavid_jax import quant as Q
