@@ -196,7 +196,9 @@ class Model:
   ckpt: str | None = None   # where `load` read it (named in the out-of-memory plan command)
 
   def on_mesh(self):
-    """The context every computation of this model runs in: its mesh (`jax.set_mesh`)
+    """The context every computation of this model runs in: its mesh (`jax.set_mesh`,
+    `load(mesh=)`: `data` splits request rows, the model replicated; `sequence` the
+    prompt's positions, by ring attention, and the KV cache along its length)
     and the training's logical rules (`sharding.LOGICAL_RULES`), so activations and the
     KV cache are laid out as the parameters are (batch rows over data x fsdp, the LLM
     length and the cache's slots over sequence, heads over tensor); nothing without a mesh."""
@@ -518,9 +520,7 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
   int8 with a float32 scale per (row, slot, head) (`llama.cache_spec`; None: the compute
   dtype), checked before anything is read too. `mesh` (`sharding.make_mesh`)
   restores an inference directory's parameters sharded by the training's logical rules
-  (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh
-  (`Model.on_mesh`): `data` splits request rows (the model replicated), `sequence` the
-  prompt's positions (ring attention) and the KV cache along its length."""
+  (`sharding.LOGICAL_RULES`: tensor and fsdp); decoding then runs on that mesh."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
   from llamavid_jax import quant as Q
