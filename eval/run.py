@@ -22,6 +22,12 @@ A torn last line (a kill mid-write) is dropped, with a warning, before appending
 Items whose media file is missing are named, counted and skipped; so are items the
 predictor could not read (it returns None for them); a rerun retries both.
 
+Devices (`--mesh`, `eval/args.py`): `--mesh data=N` replicates the model and splits
+each batch's questions over the N devices (data parallel: use a --batch-size that is a
+multiple of N; a smaller batch is padded with copies of its last question, dropped
+after); `--mesh tensor=N` (or fsdp=F,tensor=T) splits the model for one that does not
+fit a device; both combine (data=2,tensor=4). Predictions equal one device's (greedy).
+
 Summary (printed, and written to --summary): {benchmark, metric, counts: {items,
 predicted, skipped_existing, missing_media, failed}, missing_media: [[id, path]],
 seconds, questions_per_second, chunk: [I, K], pred}; `metric` scores every record in
@@ -85,7 +91,8 @@ def build_parser(bench: str | None) -> argparse.ArgumentParser:
   p.add_argument("--chunk-idx", type=int, default=0)
   p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() before chunking")
   p.add_argument("--limit", type=int, help="only the first N items of the chunk")
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--batch-size", type=int, default=8,
+                 help="questions per generate call (with --mesh data=N: split over the N devices, best a multiple of N)")
   p.add_argument("--summary", help="where to write the summary JSON (run)")
   p.add_argument("--export", help="also write the release's downstream file (GQA predictions, submissions)")
   eval_args.add_sampling_flags(p, new_tokens="the benchmark's (the release's), or as many as the model's "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -35,6 +36,9 @@ from llamavid_jax import parallel
 from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.llama import KV_ARRAYS
 from llamavid_jax.models.splice import batch_spliced_length
+from llamavid_jax.ops import attention
+
+log = logging.getLogger(__name__)
 
 CHAT = dict(temperature=0.2, top_p=0.7)   # the release's chat sampling
 _INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
@@ -113,6 +117,38 @@ def _grow(state, room: int):
   return logits, cache, done
 
 
+_DECIDED: set[str] = set()
+
+
+def decide(line: str) -> None:
+  """A decision that changes memory or work (a sharded cache's size, padded rows),
+  printed once: logged as a warning, so it shows on the console without configuration."""
+  if line not in _DECIDED:
+    _DECIDED.add(line)
+    log.warning("%s", line)
+
+
+def split_cache(cfg, prompt: int, steps: int) -> int:
+  """Under a mesh (`jax.set_mesh` and logical rules) that splits the LLM length over n > 1
+  devices: the KV cache's length (0 where the length is whole). The prompt prefills
+  with ring attention and the cache is sharded along its length over the same devices,
+  so it is made whole from the start: `prompt + steps` slots rounded up to n chunks of
+  whole attention blocks (`attention.ring_length`), never grown (growing would move
+  slots between devices). Printed once as a decision; an attention without a ring
+  (`cfg.attention_impl`) is an error."""
+  n = attention.ring_shards("ring")
+  if n <= 1:
+    return 0
+  if cfg.attention_impl not in attention.RING_IMPLS:
+    raise ValueError(f"the mesh splits the LLM length over {n} devices but attention_impl "
+                     f"{cfg.attention_impl!r} has no ring: use one of {attention.RING_IMPLS}")
+  length = attention.ring_length(prompt + steps, n)
+  line = (f"KV cache: {length} slots sharded over {n} devices along its length ({length // n} a device), for a "
+          f"prompt of {prompt} positions and {steps} new tokens, allocated whole (not grown)")
+  decide(line)
+  return length
+
+
 def _chunks(model, params, batch, rng, max_new_tokens, eos_id, chunk, temperature, top_k, top_p, prefill_chunk,
             dtype, ended) -> Iterator[np.ndarray]:
   """Decodes `chunk` tokens per dispatch and yields int32[B, k] numpy chunks until every
@@ -125,7 +161,11 @@ def _chunks(model, params, batch, rng, max_new_tokens, eos_id, chunk, temperatur
   chunk = max(1, min(chunk, max_new_tokens))
   steps = -(-max_new_tokens // chunk) * chunk
   room = chunk
-  state = _prefill_jit(model, params, batch, prompt_length(model, batch) + room, prefill_chunk)
+  s = prompt_length(model, batch)
+  split = split_cache(model.cfg, s, steps)
+  if split:
+    room = split - s
+  state = _prefill_jit(model, params, batch, s + room, prefill_chunk)
   rng = jax.random.key(0) if rng is None else rng
   seen: list[np.ndarray] = []
   for start in range(0, max_new_tokens, chunk):

@@ -32,6 +32,7 @@ prompt, up to and without the `</s>`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -158,12 +159,14 @@ class Model:
   """Parameters, config and both tokenizers of one checkpoint (see `load`)."""
 
   def __init__(self, loaded: orbax_io.Inference, dtype: str = "float32", max_frames: int | None = None,
-               quant: str | None = None, kv_cache: str | None = None):
+               quant: str | None = None, kv_cache: str | None = None, mesh: jax.sharding.Mesh | None = None):
     # kv_cache: the decoding cache's stored format ("int8"; None: the config's, by default
-    # the compute dtype)
+    # the compute dtype). mesh: where the parameters lie (`load`); decoding runs on it
     self.cfg, self.meta = loaded.cfg, loaded.meta
     if kv_cache is not None:
       self.cfg = dataclasses.replace(self.cfg, kv_cache=kv_cache)
+    self.mesh = mesh
+    self.cfg = _ring_on(self.cfg, mesh)
     # onto the device once: a jitted call copies numpy arguments on every call (every
     # streamed chunk), which for a 7B model is the whole model each time. Quantized
     # (llamavid_jax/quant.py): the LLM's kernels go over one at a time and only their
@@ -191,6 +194,22 @@ class Model:
         {"params": p}, **x, method=LlamaVid.embed_inputs)[2].get("context_attention"), static_argnums=0)
 
   ckpt: str | None = None   # where `load` read it (named in the out-of-memory plan command)
+
+  def on_mesh(self):
+    """The context every computation of this model runs in: its mesh (`jax.set_mesh`,
+    `load(mesh=)`: `data` splits request rows, the model replicated; `sequence` the
+    prompt's positions, by ring attention, and the KV cache along its length)
+    and the training's logical rules (`sharding.LOGICAL_RULES`), so activations and the
+    KV cache are laid out as the parameters are (batch rows over data x fsdp, the LLM
+    length and the cache's slots over sequence, heads over tensor); nothing without a mesh."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    from flax import linen as nn
+    from llamavid_jax import sharding
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_RULES))
+    return stack
 
   def memory(self, what: str, batch: dict | None = None, max_new_tokens: int | None = None,
              model: LlamaVid | None = None):
@@ -313,9 +332,12 @@ class Model:
   def check_generation(self, requests: Sequence[dict], *, max_new_tokens: int, temperature: float = 0.0,
                        top_k: int = 0, top_p: float = 1.0, prefill_chunk: int = 0) -> None:
     """Sampling values and every request's positions, checked before anything compiles."""
-    validation.raise_all(validation.check_sampling(
-        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-        prefill_chunk=prefill_chunk, prefix=""))
+    errs = validation.check_sampling(temperature=temperature, top_p=top_p, top_k=top_k,
+                                     max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, prefix="")
+    if prefill_chunk and _length_shards(self.mesh) > 1:
+      errs.append(f"prefill_chunk {prefill_chunk} with the LLM length split over {_length_shards(self.mesh)} devices "
+                  f"(mesh sequence): a split prompt prefills at once (prefill_chunk 0)")
+    validation.raise_all(errs)
     for r in requests:
       self.check_request(r, max_new_tokens)
 
@@ -363,8 +385,25 @@ class Model:
     mode = modes.pop()
     return self.model if mode == self.cfg.video_mode else self.model.clone(cfg=dataclasses.replace(self.cfg, video_mode=mode))
 
+  @property
+  def batch_shards(self) -> int:
+    """Devices the mesh splits request rows over (the logical `batch`: data x fsdp), the
+    model whole or split (tensor) on each; 1 without a mesh."""
+    if self.mesh is None:
+      return 1
+    from llamavid_jax import sharding
+    return sharding.shards(self.mesh, sharding.logical_to_spec(("batch",))[0])
+
   def _batch(self, requests: Sequence[dict], text_buckets, frame_buckets) -> dict:
-    return gen.batch_requests(requests, text_buckets=text_buckets, frame_buckets=frame_buckets,
+    """One batch of the requests (`generate.batch_requests`), its rows the requests' and,
+    on a mesh that splits rows over n devices, copies of the last one up to a multiple
+    of n (so that every device takes its rows; callers keep the first len(requests))."""
+    requests = list(requests)
+    pad = -len(requests) % self.batch_shards
+    if pad:
+      gen.decide(f"{len(requests)} request rows on {self.batch_shards} devices: {pad} copies of the last added "
+              f"(computed, dropped) so that the rows split")
+    return gen.batch_requests(requests + requests[-1:] * pad, text_buckets=text_buckets, frame_buckets=frame_buckets,
                               pad_id=self.tokenizer.pad_token_id)
 
   def answer(self, row: Sequence[int], stop: Sequence[str] = ()) -> Answer:
@@ -390,12 +429,12 @@ class Model:
     self.check_generation(requests, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, prefill_chunk=prefill_chunk)
     batch = self._batch(requests, text_buckets, frame_buckets)
-    with self.memory("generate", batch, max_new_tokens, self.model_for(requests)):
+    with self.memory("generate", batch, max_new_tokens, self.model_for(requests)), self.on_mesh():
       toks = gen.generate(self.model_for(requests), self.params, batch, jax.random.key(seed),
                           max_new_tokens=max_new_tokens, eos_id=self.eos_id, temperature=temperature, top_k=top_k,
                           top_p=top_p, prefill_chunk=prefill_chunk, dtype=self.dtype,
                           ended=gen.stop_check(self.tokenizer, self.eos_id, stop))
-    return [self.answer(row, stop) for row in np.asarray(toks).tolist()]
+    return [self.answer(row, stop) for row in np.asarray(toks)[:len(requests)].tolist()]
 
   def stream(self, request: dict, *, max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), chunk: int = 4,
@@ -413,7 +452,7 @@ class Model:
                         max_new_tokens=max_new_tokens, eos_id=self.eos_id, chunk=chunk, temperature=temperature,
                         top_k=top_k, top_p=top_p, prefill_chunk=prefill_chunk, dtype=self.dtype)
     memory = lambda: self.memory("generate", batch, max_new_tokens, self.model_for([request]))
-    for toks in _out_of_memory_named(chunks, memory):
+    for toks in _out_of_memory_named(chunks, memory, self.on_mesh):
       ids += toks[0].tolist()
       ans = self.answer(ids, stop)
       done = self.eos_id in ids or len(ans.token_ids) < len(ids)
@@ -430,18 +469,39 @@ class Model:
     """float32[T, N]: the context token's Eq. 1 attention over each frame's patches
     (mean over the Q-Former queries), or None for a content-only model."""
     batch = self._batch([request], None, None)
-    w = self._attention(self.model_for([request]), self.params, batch)   # [B, P, T, M, N]
+    with self.on_mesh():
+      w = self._attention(self.model_for([request]), self.params, batch)   # [B, P, T, M, N]
     if w is None:
       return None
     t = int(batch["frame_mask"][0].sum())
     return np.asarray(w[0, 0, :t].mean(1), np.float32)
 
 
-def _out_of_memory_named(chunks: Iterator, memory) -> Iterator:
+def _length_shards(mesh) -> int:
+  """Devices `mesh` splits the LLM length over (the logical `length`: sequence); 1 without."""
+  from llamavid_jax import sharding
+  return 1 if mesh is None else sharding.shards(mesh, sharding.logical_to_spec(("length",))[0])
+
+
+def _ring_on(cfg, mesh):
+  """cfg with the LLM's attention as a ring where `mesh` splits the LLM length (the
+  logical `length` axis: `sequence`), so that a prompt prefills split over those devices
+  and decoding reads the cache where it lies; printed as a decision. An attention that
+  already rings (`attention.RING_IMPLS`: ring, splash, auto) is kept."""
+  from llamavid_jax.ops import attention
+  n = _length_shards(mesh)
+  if n <= 1 or cfg.attention_impl in attention.RING_IMPLS:
+    return cfg
+  gen.decide(f"mesh {dict(mesh.shape)} splits the LLM length over {n} devices: LLM attention "
+          f"{cfg.attention_impl!r} -> 'ring' (prefill split over them, the KV cache sharded along its length)")
+  return dataclasses.replace(cfg, attention_impl="ring")
+
+
+def _out_of_memory_named(chunks: Iterator, memory, on_mesh) -> Iterator:
   """`chunks` with an out-of-device-memory error while producing one re-raised by a
-  `memory()` context (`Model.memory`)."""
+  `memory()` context (`Model.memory`), each produced on the model's mesh (`on_mesh()`)."""
   while True:
-    with memory():
+    with memory(), on_mesh():
       try:
         toks = next(chunks)
       except StopIteration:
@@ -488,6 +548,6 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
     raise CheckpointError(ckpt, f"corrupt or unreadable checkpoint (its parameters or their metadata, "
                                 f"e.g. params/_METADATA): {type(e).__name__}: {validation.one_line(e, 300)}") from None
   with memory():
-    m = Model(loaded, dtype=dtype, max_frames=max_frames, quant=quant, kv_cache=kv_cache)
+    m = Model(loaded, dtype=dtype, max_frames=max_frames, quant=quant, kv_cache=kv_cache, mesh=mesh)
   m.ckpt = ckpt
   return m

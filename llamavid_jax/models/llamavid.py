@@ -36,6 +36,7 @@ from flax import linen as nn
 
 from llamavid_jax.models.config import LlamaVidConfig
 from llamavid_jax.models.eva_vit import EvaViT
+from llamavid_jax.models.layers import length_shards
 from llamavid_jax.models.llama import Llama
 from llamavid_jax.models.qformer import QFormer
 from llamavid_jax.models.splice import splice_layout
@@ -233,7 +234,10 @@ class LlamaVid(nn.Module):
     Padding may sit anywhere (left padding included): positions are cumsum(valid) and
     padded slots are masked by `valid`. `chunk` = C > 0 runs the LLM over the S'
     spliced positions C at a time (an nn.scan writing the cache chunk by chunk), so
-    activation memory grows with C, not with S'. place, fetch: as `embed_inputs`'s."""
+    activation memory grows with C, not with S'. place, fetch: as `embed_inputs`'s.
+    Where the logical rules and mesh split the cache's length (`length_shards`), the
+    queries are padded to `max_len` (invalid, unused) so that they and the cache split
+    alike and each device writes its own slots; chunks are then refused."""
     x, layout, _ = self.embed_inputs(input_ids, text_mask, frame_mask, qformer_ids, qformer_mask, frames, features,
                                      place, fetch)
     b, s = layout.valid.shape
@@ -244,14 +248,22 @@ class LlamaVid(nn.Module):
     slots = jnp.broadcast_to(jnp.arange(s), (b, s))
     last = jnp.max(jnp.where(layout.valid, slots, 0), axis=1)              # [B] last real slot
     kv = self.llm.init_cache(b, max_len, x.dtype)
-    if chunk <= 0 or chunk >= s:
+    split = length_shards(max_len)
+    if split > 1 and 0 < chunk < s:
+      raise ValueError(f"a prefill in chunks of {chunk} with the cache's length split over {split} devices: "
+                       f"prefill at once (chunk 0)")
+    if split > 1 and s < max_len:   # queries and the cache split alike: each device writes its own slots
+      pad = ((0, 0), (0, max_len - s))   # the padded queries' outputs and keys are never used (not valid)
+      x, positions = jnp.pad(x, pad + ((0, 0),)), jnp.pad(positions, pad)
+      slots = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
+    if split > 1 or chunk <= 0 or chunk >= s:
       h, kv = self.llm(x, positions, slots, valid, kv, 0)
       h_last = jnp.take_along_axis(h, last[:, None, None], 1)[:, 0]
     else:
       h_last, kv = self._prefill_chunks(x, positions, valid, last, kv, chunk)
     n = layout.valid.sum(axis=1)
     cache = dict(kv, valid=valid, index=jnp.int32(s), pos=n.astype(jnp.int32))
-    return self.llm.logits(h_last), cache
+    return self.llm.logits(h_last[:, None])[:, 0], cache   # [B, 1, D]: the logits' logical axes are 3
 
   def _prefill_chunks(self, x, positions, valid, last, kv, chunk):
     """x: float[B, S', D]; positions int32[B, S']; valid bool[B, max_len]; last int32[B]
@@ -301,4 +313,4 @@ class LlamaVid(nn.Module):
     slots = jnp.full((b, 1), idx)
     h, kv = self.llm(x, cache["pos"][:, None], slots, valid, cache, idx)
     cache = dict(cache, **kv, valid=valid, index=idx + 1, pos=cache["pos"] + 1)
-    return self.llm.logits(h[:, 0]), cache
+    return self.llm.logits(h)[:, 0], cache

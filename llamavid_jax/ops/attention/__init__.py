@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from llamavid_jax import jax_compat
 from llamavid_jax.ops.attention.blockwise import BLOCK, chunked, current_mesh, length_axis, ring, ring_block_counts, \
-    visible_blocks
+    ring_length, visible_blocks
 from llamavid_jax.ops.attention.cudnn import cudnn
 from llamavid_jax.ops.attention.dense import reference, xla
 from llamavid_jax.ops.attention.masks import NEG, dense_mask
@@ -149,5 +149,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid: jax.Array |
 
 
 __all__ = ["attention", "IMPLS", "Impl", "TOWERS", "RING_IMPLS", "BLOCK", "NEG", "auto_impl", "decide", "dense_mask",
-           "ring_block_counts", "ring_order", "ring_shards", "ring_shift", "target_backend", "visible_blocks", "zigzag",
+           "ring_block_counts", "ring_length", "ring_order", "ring_shards", "ring_shift", "target_backend", "visible_blocks", "zigzag",
            "xla", "reference", "chunked", "ring", "cudnn", "splash"]

@@ -6,7 +6,10 @@ backward as a custom VJP), pure JAX on any backend, and its two uses:
            Liu et al. 2023): each device keeps its query chunk while key/value chunks travel
            around the ring; the backward pass sends dK/dV around with them. A step whose
            chunk is wholly in the future does no work; in the zig-zag layout
-           (`parallel.layout`) every device does the same number of blocks.
+           (`parallel.layout`) every device does the same number of blocks. Fewer
+           queries than devices (a decode step on a KV cache sharded along its length):
+           the keys stay where they lie and the partial softmaxes are combined
+           (`_sharded_keys`, forward only).
 
 Layout inside: q float32[b, s, K, G, d] (pre-scaled), k/v float32[b, t, K, d]; statistics
 m, l float32[b, K, G, s]; accumulators as q.
@@ -260,8 +263,46 @@ def ring(q, k, v, kv_valid, q_slots, kv_slots, scale, block=BLOCK):
   kv_valid, q_slots, kv_slots, _ = prepare(q, k, kv_valid, q_slots, kv_slots, block)
   block = min(block, max(k.shape[1] // n // 2, 1))   # a zig-zag chunk is two halves: no block straddles them
   if k.shape[1] % (n * block):
-    raise ValueError(f"ring attention: {k.shape[1]} keys do not split into {n} chunks of blocks of {block}")
+    raise ValueError(f"ring attention: {k.shape[1]} keys do not split into {n} chunks of blocks of {block} "
+                     f"(`ring_length` gives a length that does)")
+  if q.shape[1] < n:   # a decode step: the queries stay whole, the keys (a KV cache) stay where they are
+    return _sharded_keys(q, k, v, kv_valid, q_slots, kv_slots, scale, axis, block, mesh)
   return _blockwise(q, k, v, kv_valid, q_slots, kv_slots, scale, axis, block, mesh)
+
+
+def ring_length(length: int, n: int, block: int = BLOCK) -> int:
+  """The smallest key length >= `length` that `ring` splits over n devices: n chunks
+  of whole blocks (a chunk of up to 2 blocks: an even number of keys; longer: whole
+  `block`s). A KV cache sharded over the ring is sized with it."""
+  if n <= 1:
+    return length
+  per = -(-length // n)
+  step = 2 if per <= 2 * block else block
+  return n * (-(-per // step) * step)
+
+
+def _sharded_keys(q, k, v, kv_valid, q_slots, kv_slots, scale, axis, block, mesh):
+  """Attention of a few queries (a decode step: q [b, s < n, H, d], replicated over the
+  ring) to keys split over the ring (a KV cache sharded along its length): each device
+  folds its own key chunk (no key moves), then the partial softmaxes are combined with
+  one pmax and two psums of [b, s, H, d]-sized values (flash-decoding's split-K).
+  Forward only: decoding is never differentiated."""
+  ks = sharding.fit_spec(sharding.logical_to_spec(("batch", "length", "kv_heads", "kv"), _rules()), k.shape, mesh)
+  if ks[1] != axis:
+    raise ValueError(f"attention to a sharded KV cache: its length must be sharded over {axis!r}, got {ks}")
+  qs, qsl, kvl = P(ks[0], None, ks[2], None), P(ks[0], None), P(ks[0], ks[1])   # q heads split as kv heads
+
+  def local(q, k, v, q_slots, kv_valid, kv_slots):
+    o, lse = local_fwd(q, k, v, q_slots, kv_valid, kv_slots, scale=scale, axis=None, block=block)
+    m = jax.lax.pmax(lse, axis)                                          # [b, K, G, s]
+    w = jnp.exp(lse - m)                                                 # this chunk's share
+    den = jax.lax.psum(w, axis)
+    o = jax.lax.psum(o * jnp.moveaxis(w, -1, 1)[..., None], axis)        # [b, s, K, G, d]
+    return o / jnp.moveaxis(den, -1, 1)[..., None]
+
+  out = jax.shard_map(local, mesh=mesh, in_specs=(qs, ks, ks, qsl, kvl, kvl), out_specs=P(ks[0], None, ks[2]),
+                      check_vma=False)(q, k, v, q_slots, kv_valid, kv_slots)
+  return out.reshape(q.shape).astype(q.dtype)
 
 
 def ring_block_counts(q_slots, kv_slots, n: int, block: int = BLOCK):
