@@ -17,7 +17,10 @@ Endpoints:
   `temperature` (0: greedy; default the release's chat 0.2, or 0.6 for a movie),
   `top_p` (default 0.7, or 0.9), `max_tokens` / `max_completion_tokens`, `stop` (a
   string or up to 4), `seed`, `n` (1 only), and vLLM's `return_token_ids` (the answer's
-  generated ids in the choice). `usage` counts the prompt's LLM positions (text and
+  generated ids in the choice) and `media_io_kwargs: {"video": {"num_frames": N}}` (a
+  video's frames at 1 fps sampled uniformly down to N, as lmms_adapter's max_frames;
+  lmms-eval's `openai` backend sends it with `pass_video_url=True`). Other fields are
+  ignored. `usage` counts the prompt's LLM positions (text and
   visual tokens) and the generated tokens.
 - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text: queue depth, slots in
   use, generated tokens and tokens/s, time to first token, compiles, finished requests).
@@ -57,8 +60,6 @@ import time
 import urllib.parse
 import uuid
 from typing import Any
-
-import numpy as np
 
 from eval import args as eval_args
 from llamavid_jax import engine as engine_lib
@@ -106,6 +107,7 @@ class Chat:
   max_tokens: int | None = None
   stop: tuple[str, ...] = ()
   seed: int | None = None
+  num_frames: int | None = None         # vLLM's media_io_kwargs.video.num_frames: a video's frame cap
 
 
 # --- parsing ----------------------------------------------------------------------------
@@ -216,10 +218,30 @@ def parse_chat(body: Any, model_name: str, limits: Limits) -> Chat:
     raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
   max_tokens = _int(body, "max_completion_tokens", 1, limits.max_tokens)
   max_tokens = _int(body, "max_tokens", 1, limits.max_tokens) if max_tokens is None else max_tokens
+  num_frames = _num_frames(body.get("media_io_kwargs"))
   return Chat([t for _, t in turns], clip, stream=bool(stream), include_usage=bool(opts.get("include_usage")),
               return_token_ids=bool(body.get("return_token_ids")),
               temperature=_number(body, "temperature", 0.0, 2.0), top_p=_number(body, "top_p", 0.0, 1.0, lo_open=True),
-              max_tokens=max_tokens, stop=tuple(s for s in stop if s), seed=_int(body, "seed", 0, 2 ** 31 - 1))
+              max_tokens=max_tokens, stop=tuple(s for s in stop if s), seed=_int(body, "seed", 0, 2 ** 31 - 1),
+              num_frames=num_frames)
+
+
+def _num_frames(mio: Any) -> int | None:
+  """vLLM's `media_io_kwargs: {"video": {"num_frames": N}}` (lmms-eval's `openai` backend
+  sends it with pass_video_url) -> N, or None (absent, or -1: every frame)."""
+  param = "media_io_kwargs.video.num_frames"
+  if mio is None:
+    return None
+  video = mio.get("video") if isinstance(mio, dict) else None
+  if not isinstance(mio, dict) or not isinstance(video, (dict, type(None))):
+    raise ApiError(400, 'media_io_kwargs must be an object such as {"video": {"num_frames": 8}}', "media_io_kwargs",
+                   "invalid_type")
+  n = (video or {}).get("num_frames")
+  if n is None or n == -1:
+    return None
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ApiError(400, f"{param} must be a positive integer (or -1: every frame), got {n!r}", param, "invalid_value")
+  return n
 
 
 # --- media -------------------------------------------------------------------------------
@@ -278,9 +300,7 @@ def load_media(m: inference.Model, chat: Chat, limits: Limits) -> inference.Medi
     imgs = [_image(u, p, limits.media_root) for _, u, p in chat.media]
     if len(imgs) == 1:
       return m.image_media(imgs[0], param)
-    from llamavid_jax.data.image import preprocess_frames
-    arr = preprocess_frames([np.asarray(i) for i in imgs], size=m.cfg.vision.image_size)
-    return inference.Media("frames", np.asarray(arr, np.float32), f"{len(imgs)} image_url frames")
+    return m.frames_media(imgs, f"{len(imgs)} image_url frames")
   tmp = None
   try:
     if url.startswith("data:"):
@@ -303,6 +323,9 @@ def load_media(m: inference.Model, chat: Chat, limits: Limits) -> inference.Medi
   finally:
     if tmp is not None:
       os.unlink(tmp)
+  if media.kind == "frames" and chat.num_frames and media.num_frames > chat.num_frames:
+    from llamavid_jax.data.frames import uniform_cap   # as lmms_adapter's max_frames
+    media = dataclasses.replace(media, array=media.array[uniform_cap(media.num_frames, chat.num_frames)])
   if media.kind == "features":   # the model checks it too, but only once the request has its slot
     want = dataclasses.replace(m.cfg, video_mode="movie" if media.is_movie else "clip").feature_shape
     if tuple(media.array.shape[1:]) != tuple(want):
