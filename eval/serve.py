@@ -18,9 +18,9 @@ Endpoints:
   `top_p` (default 0.7, or 0.9), `max_tokens` / `max_completion_tokens`, `stop` (a
   string or up to 4), `seed`, `n` (1 only), and vLLM's `return_token_ids` (the answer's
   generated ids in the choice) and `media_io_kwargs: {"video": {"num_frames": N}}` (a
-  video's frames at 1 fps sampled uniformly down to N, as lmms_adapter's max_frames;
-  lmms-eval's `openai` backend sends it with `pass_video_url=True`). Other fields are
-  ignored. `usage` counts the prompt's LLM positions (text and
+  clip's frames, a video's at 1 fps or several image_url parts, sampled uniformly down to
+  N, as lmms_adapter's max_frames; lmms-eval's `openai` backend sends it with every
+  request when `pass_video_url=True`). Other fields are ignored. `usage` counts the prompt's LLM positions (text and
   visual tokens) and the generated tokens.
 - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text: queue depth, slots in
   use, generated tokens and tokens/s, time to first token, compiles, finished requests).
@@ -292,9 +292,23 @@ def _image(url: str, param: str, root: str | None):
 
 
 def load_media(m: inference.Model, chat: Chat, limits: Limits) -> inference.Media | None:
-  """The request's clip -> Media (None without media); raises ApiError naming the part."""
+  """The request's clip -> Media (None without media), a clip's frames (a video's at 1 fps,
+  or several image_url parts) sampled uniformly down to media_io_kwargs' num_frames, as
+  lmms_adapter's max_frames does; raises ApiError naming the part."""
   if not chat.media:
     return None
+  media = _load_media(m, chat, limits)
+  if media.kind == "frames" and chat.num_frames and media.num_frames > chat.num_frames:
+    from llamavid_jax.data.frames import uniform_cap
+    media = dataclasses.replace(media, array=media.array[uniform_cap(media.num_frames, chat.num_frames)])
+  if media.num_frames > limits.max_frames:
+    param = chat.media[-1][2]
+    raise ApiError(400, f"{param}: {media.num_frames} frames at {m.sampling}, more than the server's --max-frames "
+                   f"{limits.max_frames}", param, "too_many_frames")
+  return media
+
+
+def _load_media(m: inference.Model, chat: Chat, limits: Limits) -> inference.Media:
   kind, url, param = chat.media[0]
   if kind == "image_url":
     imgs = [_image(u, p, limits.media_root) for _, u, p in chat.media]
@@ -323,17 +337,11 @@ def load_media(m: inference.Model, chat: Chat, limits: Limits) -> inference.Medi
   finally:
     if tmp is not None:
       os.unlink(tmp)
-  if media.kind == "frames" and chat.num_frames and media.num_frames > chat.num_frames:
-    from llamavid_jax.data.frames import uniform_cap   # as lmms_adapter's max_frames
-    media = dataclasses.replace(media, array=media.array[uniform_cap(media.num_frames, chat.num_frames)])
   if media.kind == "features":   # the model checks it too, but only once the request has its slot
     want = dataclasses.replace(m.cfg, video_mode="movie" if media.is_movie else "clip").feature_shape
     if tuple(media.array.shape[1:]) != tuple(want):
       raise ApiError(400, f"{param}: features of shape {list(media.array.shape)}; this model takes "
                      f"[T, {want[0]}, {want[1]}]", param, "invalid_video")
-  if media.num_frames > limits.max_frames:
-    raise ApiError(400, f"{param}: {media.num_frames} frames at {m.sampling}, more than the server's --max-frames "
-                   f"{limits.max_frames}", param, "too_many_frames")
   return media
 
 
