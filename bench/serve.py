@@ -1,11 +1,18 @@
 """Serving throughput: `eval.serve` on 127.0.0.1 driven by the `openai` client.
 
   python bench/serve.py [--ckpt DIR] [--levels 1,8,32] [--requests 64] [--max-tokens 32]
-      [--slots 32] [--dtype float32]
+      [--slots 32] [--dtype float32] [--slice-requests 32] [--slice-max-tokens 4] [--slice-slots 8]
+      [--models tiny,7b-slice]
 
-Without --ckpt the model is the tiny one (configs/tiny.py, random parameters) with a
-word-level tokenizer of the synthetic data's words (llamavid_jax/data/synthetic.py). The
-same `--requests` greedy requests (images, 2- and 4-frame clips as image_url frames, and
+Without --ckpt the models are the demo's tiny one (configs/tiny.py) and then a 7B-shaped
+2-layer slice (its LLM bench/generate.py's SLICE_7B: d_model 4096, 32 heads, mlp 11008,
+vocab 32000; the tiny vision towers), both with random parameters and a word-level
+tokenizer of the synthetic data's words (llamavid_jax/data/synthetic.py). The slice runs
+a smaller load on the shared 2-core CPU, `--slice-requests` requests of <=
+`--slice-max-tokens` tokens in `--slice-slots` slots (a decode step computes every slot,
+busy or not: with 32 slots the slice's one-at-a-time pass had not ended after 4 minutes
+on the shared box), and says so in its header. The
+same greedy requests (images, 2- and 4-frame clips as image_url frames, and
 text-only questions; budgets cycling over 1/2, 3/4 and all of --max-tokens) run at each
 level of concurrent clients, streaming. Printed per level:
 - tokens/s: generated tokens (usage) over the level's wall time;
@@ -20,6 +27,7 @@ is shared: expect them to swing).
 import argparse
 import base64
 import concurrent.futures
+import dataclasses
 import io
 import os
 import sys
@@ -38,8 +46,9 @@ QUESTIONS = ["What color is the object?", "How many objects are there?",
              "Which direction does the shape move? What color is the shape?"]
 
 
-def tiny_model(dtype: str) -> inference.Model:
-  """configs/tiny.py with random parameters and synthetic-word tokenizers."""
+def tiny_model(dtype: str, llm=None) -> inference.Model:
+  """configs/tiny.py (its LLM replaced by `llm`, an LlmConfig, if given) with random
+  parameters and synthetic-word tokenizers."""
   import jax
   from flax import linen as nn
 
@@ -51,6 +60,8 @@ def tiny_model(dtype: str) -> inference.Model:
   from llamavid_jax.models import LlamaVid
 
   cfg = tiny.model_config()
+  if llm is not None:
+    cfg = dataclasses.replace(cfg, llm=llm)
   d = tempfile.mkdtemp(prefix="bench_serve_")
   words = synthetic.vocabulary()
   synthetic.build_llm_tokenizer(os.path.join(d, "llm"), words)
@@ -58,7 +69,12 @@ def tiny_model(dtype: str) -> inference.Model:
   size = cfg.vision.image_size
   req = dict(input_ids=np.array([1, cfg.image_token_id, 5], np.int32), frames=np.zeros((1, size, size, 3), np.float32),
              qformer_ids=np.ones(8, np.int32), qformer_mask=np.ones(8, bool))
-  params = nn.unbox(jax.jit(LlamaVid(cfg).init)(jax.random.key(0), **gen.batch_requests([req]))["params"])
+  if llm is None:
+    params = nn.unbox(jax.jit(LlamaVid(cfg).init)(jax.random.key(0), **gen.batch_requests([req]))["params"])
+  else:   # leaf by leaf, N(0, 0.02): no init temporaries beside the slice's 2.7 GB (the dev box's memory is shared)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jax.numpy.asarray(rng.standard_normal(s, np.float32) * 0.02),
+                          orbax_io.shape_tree(cfg), is_leaf=lambda x: isinstance(x, tuple))
   loaded = orbax_io.Inference(cfg, params, load_llm_tokenizer(os.path.join(d, "llm")),
                               load_qformer_tokenizer(os.path.join(d, "bert")), {})
   return inference.Model(loaded, dtype=dtype)
@@ -106,30 +122,21 @@ def pct(xs, p: float) -> float:
   return float(np.percentile(np.asarray(xs), p)) if len(xs) else float("nan")
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--ckpt", help="a checkpoint directory (default: the tiny model, random parameters)")
-  ap.add_argument("--levels", default="1,8,32", help="concurrent clients, comma separated")
-  ap.add_argument("--requests", type=int, default=64)
-  ap.add_argument("--max-tokens", type=int, default=32)
-  ap.add_argument("--slots", type=int, default=32)
-  ap.add_argument("--max-positions", type=int, default=256)
-  ap.add_argument("--dtype", default="float32", choices=inference.DTYPES)
-  a = ap.parse_args()
-  levels = [int(x) for x in a.levels.split(",")]
+def bench(m: inference.Model, label: str, a, n_requests: int, max_tokens: int, levels: list[int],
+          slots: int) -> None:
+  """One model: the server, a warm-up, then the table (module doc)."""
   import openai
-
-  m = inference.load(a.ckpt, dtype=a.dtype) if a.ckpt else tiny_model(a.dtype)
-  eng = engine_lib.Engine(m, slots=a.slots, max_positions=a.max_positions, max_queue=max(levels) + a.requests)
-  running = serve.Running(serve.make_app(eng, "bench", serve.Limits(max_tokens=a.max_tokens)))
-  client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=600)
-  reqs = requests(a.requests, a.max_tokens)
+  eng = engine_lib.Engine(m, slots=slots, max_positions=a.max_positions, max_queue=max(levels) + n_requests)
+  running = serve.Running(serve.make_app(eng, "bench", serve.Limits(max_tokens=max_tokens)))
+  client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+  reqs = requests(n_requests, max_tokens)
   try:
     t0 = time.perf_counter()
     run_level(client, "bench", reqs[:12], 12)   # every (media, question) pair: every shape compiled
-    print(f"{m.cfg.llm.num_layers}-layer d_model {m.cfg.llm.d_model} LLM, {a.dtype}, {a.slots} slots x "
-          f"{a.max_positions} positions, {a.requests} requests of <= {a.max_tokens} tokens; warm-up "
-          f"{time.perf_counter() - t0:.1f} s, {eng.compiles} compiles")
+    llm = m.cfg.llm
+    print(f"{label}: {llm.num_layers}-layer d_model {llm.d_model} vocab {llm.vocab_size} LLM, {a.dtype}, {slots} "
+          f"slots x {a.max_positions} positions, {n_requests} requests of <= {max_tokens} tokens; warm-up "
+          f"{time.perf_counter() - t0:.1f} s, {eng.compiles} compiles", flush=True)
     print(f"{'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} "
           f"{'slot use':>8} {'x one-at-a-time':>15}")
     base = None
@@ -145,10 +152,44 @@ def main():
       ratio = f"{tps / base:.2f}" if base else "-"
       print(f"{c:>7} {tps:>9.1f} {pct(ttft, 50):>8.3f}s {pct(ttft, 99):>8.3f}s {pct(lat, 50):>7.3f}s "
             f"{pct(lat, 99):>7.3f}s {use:>8.2f} {ratio:>15}", flush=True)
-    print(f"compiles after all levels: {eng.compiles}")
+    print(f"compiles after all levels: {eng.compiles}", flush=True)
   finally:
     running.stop()
     eng.close()
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--ckpt", help="a checkpoint directory (default: the tiny model, then the 7B-shaped slice, "
+                  "random parameters)")
+  ap.add_argument("--levels", default="1,8,32", help="concurrent clients, comma separated")
+  ap.add_argument("--requests", type=int, default=64)
+  ap.add_argument("--max-tokens", type=int, default=32)
+  ap.add_argument("--slots", type=int, default=32)
+  ap.add_argument("--max-positions", type=int, default=256)
+  ap.add_argument("--dtype", default="float32", choices=inference.DTYPES)
+  ap.add_argument("--slice-requests", type=int, default=32, help="the 7B-shaped slice's requests")
+  ap.add_argument("--slice-max-tokens", type=int, default=4, help="the 7B-shaped slice's largest budget")
+  ap.add_argument("--slice-slots", type=int, default=8,
+                  help="the 7B-shaped slice's decode slots (every step computes all of them, busy or not)")
+  ap.add_argument("--models", default="tiny,7b-slice", help="without --ckpt: tiny, 7b-slice or both")
+  a = ap.parse_args()
+  levels = [int(x) for x in a.levels.split(",")]
+  if a.ckpt:
+    bench(inference.load(a.ckpt, dtype=a.dtype), a.ckpt, a, a.requests, a.max_tokens, levels, a.slots)
+    return
+  models = a.models.split(",")
+  if set(models) - {"tiny", "7b-slice"}:
+    ap.error(f"--models: tiny and/or 7b-slice, got {a.models}")
+  if "tiny" in models:
+    bench(tiny_model(a.dtype), "demo model (configs/tiny.py)", a, a.requests, a.max_tokens, levels, a.slots)
+  if "7b-slice" in models:
+    from bench.generate import SLICE_7B
+    print(f"\n7B-shaped 2-layer slice: a small load for the shared 2-core CPU ({a.slice_requests} requests of "
+          f"<= {a.slice_max_tokens} tokens and {a.slice_slots} slots, not the demo's {a.requests} of <= "
+          f"{a.max_tokens} and {a.slots})", flush=True)
+    bench(tiny_model(a.dtype, SLICE_7B), "7B-shaped 2-layer slice", a, a.slice_requests, a.slice_max_tokens,
+          levels, a.slice_slots)
 
 
 if __name__ == "__main__":

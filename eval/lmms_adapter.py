@@ -18,10 +18,13 @@ Requests. The task's context is the question: any `<image>` in it is removed and
 release's prompt (`inference.inference_prompt`: vicuna_v1, `<image>\\n` before the
 question) is built around it; the question alone is the Q-Former instruction.
 `doc_to_visual(doc)` gives the media: one video / image / feature path (by suffix,
-`inference.media_kind`), or PIL images (padded to a square of the mean colour when the
-checkpoint's image_aspect_ratio is `pad`, CLIP-preprocessed at the vision tower's size,
-`visual_media`); several images are the frames of one clip. Text-only requests are refused
-(the model always sees media).
+`inference.media_kind`), or PIL images, `visual_media`: one image is padded to a square of
+the mean colour when the checkpoint's image_aspect_ratio is `pad` and CLIP-preprocessed at
+the vision tower's size (`Model.image_media`); several images (or image paths) are the
+frames of one clip, preprocessed as a video's frames, resized and centre-cropped without
+padding (`Model.frames_media`), as `eval.serve` takes several image_url parts, which is
+how lmms-eval's own `openai` backend sends a clip. Text-only requests are refused (the
+model always sees media).
 
 generate_until: `Model.generate` in left-padded batches of `batch_size` requests with the
 same generation kwargs. Honoured: max_new_tokens, temperature (0, or do_sample false:
@@ -75,7 +78,6 @@ try:
 except ImportError:   # lmms-eval before 0.7 returns tuples as they are
   GenerationResult = None
 
-import numpy as np
 
 log = logging.getLogger("eval.lmms_adapter")
 
@@ -90,11 +92,6 @@ def manifest():
   return ModelManifest(model_id=MODEL_ID, simple_class_path="eval.lmms_adapter.LlamaVidJax")
 
 
-def _frames(m, images: Sequence[Any]) -> np.ndarray:
-  """PIL images -> float32[T, S, S, 3], each as `inference.Model.image_media` prepares one."""
-  return np.concatenate([m.image_media(im).array for im in images])
-
-
 def visual_media(m, visuals: Sequence[Any], max_frames: int | None = None):
   """`doc_to_visual(doc)` (a list) -> inference.Media: PIL images (one, or several as the
   frames of one clip) or one video / image / feature path. Videos with more than
@@ -107,13 +104,13 @@ def visual_media(m, visuals: Sequence[Any], max_frames: int | None = None):
     raise ValueError("no visual for this doc: llamavid_jax answers about a video, image or features, "
                      "text-only requests are not supported")
   if all(isinstance(v, Image.Image) for v in visuals):
-    media = inference.Media("frames", _frames(m, visuals), "<PIL image>")
+    media = m.image_media(visuals[0], "<PIL image>") if len(visuals) == 1 else m.frames_media(visuals, "<PIL frames>")
   elif len(visuals) == 1 and isinstance(visuals[0], str):
     path = visuals[0]
     media = m.media(**{inference.media_kind(path): inference.check_file(path, "doc_to_visual")})
   elif all(isinstance(v, str) and inference.media_kind(v) == "image" for v in visuals):
     from llamavid_jax.data.image import load_image
-    media = inference.Media("frames", _frames(m, [load_image(v) for v in visuals]), visuals[0])
+    media = m.frames_media([load_image(v) for v in visuals], visuals[0])
   else:
     kinds = sorted({type(v).__name__ for v in visuals})
     raise ValueError(f"unsupported visuals {kinds} x {len(visuals)}: expected PIL images or one video / "

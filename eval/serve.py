@@ -17,7 +17,10 @@ Endpoints:
   `temperature` (0: greedy; default the release's chat 0.2, or 0.6 for a movie),
   `top_p` (default 0.7, or 0.9), `max_tokens` / `max_completion_tokens`, `stop` (a
   string or up to 4), `seed`, `n` (1 only), and vLLM's `return_token_ids` (the answer's
-  generated ids in the choice). `usage` counts the prompt's LLM positions (text and
+  generated ids in the choice) and `media_io_kwargs: {"video": {"num_frames": N}}` (a
+  clip's frames, a video's at 1 fps or several image_url parts, sampled uniformly down to
+  N, as lmms_adapter's max_frames; lmms-eval's `openai` backend sends it with every
+  request when `pass_video_url=True`). Other fields are ignored. `usage` counts the prompt's LLM positions (text and
   visual tokens) and the generated tokens.
 - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text: queue depth, slots in
   use, generated tokens and tokens/s, time to first token, compiles, finished requests).
@@ -57,8 +60,6 @@ import time
 import urllib.parse
 import uuid
 from typing import Any
-
-import numpy as np
 
 from eval import args as eval_args
 from llamavid_jax import cli
@@ -107,6 +108,7 @@ class Chat:
   max_tokens: int | None = None
   stop: tuple[str, ...] = ()
   seed: int | None = None
+  num_frames: int | None = None         # vLLM's media_io_kwargs.video.num_frames: a video's frame cap
 
 
 # --- parsing ----------------------------------------------------------------------------
@@ -217,10 +219,30 @@ def parse_chat(body: Any, model_name: str, limits: Limits) -> Chat:
     raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_type")
   max_tokens = _int(body, "max_completion_tokens", 1, limits.max_tokens)
   max_tokens = _int(body, "max_tokens", 1, limits.max_tokens) if max_tokens is None else max_tokens
+  num_frames = _num_frames(body.get("media_io_kwargs"))
   return Chat([t for _, t in turns], clip, stream=bool(stream), include_usage=bool(opts.get("include_usage")),
               return_token_ids=bool(body.get("return_token_ids")),
               temperature=_number(body, "temperature", 0.0, 2.0), top_p=_number(body, "top_p", 0.0, 1.0, lo_open=True),
-              max_tokens=max_tokens, stop=tuple(s for s in stop if s), seed=_int(body, "seed", 0, 2 ** 31 - 1))
+              max_tokens=max_tokens, stop=tuple(s for s in stop if s), seed=_int(body, "seed", 0, 2 ** 31 - 1),
+              num_frames=num_frames)
+
+
+def _num_frames(mio: Any) -> int | None:
+  """vLLM's `media_io_kwargs: {"video": {"num_frames": N}}` (lmms-eval's `openai` backend
+  sends it with pass_video_url) -> N, or None (absent, or -1: every frame)."""
+  param = "media_io_kwargs.video.num_frames"
+  if mio is None:
+    return None
+  video = mio.get("video") if isinstance(mio, dict) else None
+  if not isinstance(mio, dict) or not isinstance(video, (dict, type(None))):
+    raise ApiError(400, 'media_io_kwargs must be an object such as {"video": {"num_frames": 8}}', "media_io_kwargs",
+                   "invalid_type")
+  n = (video or {}).get("num_frames")
+  if n is None or n == -1:
+    return None
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ApiError(400, f"{param} must be a positive integer (or -1: every frame), got {n!r}", param, "invalid_value")
+  return n
 
 
 # --- media -------------------------------------------------------------------------------
@@ -271,17 +293,29 @@ def _image(url: str, param: str, root: str | None):
 
 
 def load_media(m: inference.Model, chat: Chat, limits: Limits) -> inference.Media | None:
-  """The request's clip -> Media (None without media); raises ApiError naming the part."""
+  """The request's clip -> Media (None without media), a clip's frames (a video's at 1 fps,
+  or several image_url parts) sampled uniformly down to media_io_kwargs' num_frames, as
+  lmms_adapter's max_frames does; raises ApiError naming the part."""
   if not chat.media:
     return None
+  media = _load_media(m, chat, limits)
+  if media.kind == "frames" and chat.num_frames and media.num_frames > chat.num_frames:
+    from llamavid_jax.data.frames import uniform_cap
+    media = dataclasses.replace(media, array=media.array[uniform_cap(media.num_frames, chat.num_frames)])
+  if media.num_frames > limits.max_frames:
+    param = chat.media[-1][2]
+    raise ApiError(400, f"{param}: {media.num_frames} frames at {m.sampling}, more than the server's --max-frames "
+                   f"{limits.max_frames}", param, "too_many_frames")
+  return media
+
+
+def _load_media(m: inference.Model, chat: Chat, limits: Limits) -> inference.Media:
   kind, url, param = chat.media[0]
   if kind == "image_url":
     imgs = [_image(u, p, limits.media_root) for _, u, p in chat.media]
     if len(imgs) == 1:
       return m.image_media(imgs[0], param)
-    from llamavid_jax.data.image import preprocess_frames
-    arr = preprocess_frames([np.asarray(i) for i in imgs], size=m.cfg.vision.image_size)
-    return inference.Media("frames", np.asarray(arr, np.float32), f"{len(imgs)} image_url frames")
+    return m.frames_media(imgs, f"{len(imgs)} image_url frames")
   tmp = None
   try:
     if url.startswith("data:"):
@@ -309,9 +343,6 @@ def load_media(m: inference.Model, chat: Chat, limits: Limits) -> inference.Medi
     if tuple(media.array.shape[1:]) != tuple(want):
       raise ApiError(400, f"{param}: features of shape {list(media.array.shape)}; this model takes "
                      f"[T, {want[0]}, {want[1]}]", param, "invalid_video")
-  if media.num_frames > limits.max_frames:
-    raise ApiError(400, f"{param}: {media.num_frames} frames at {m.sampling}, more than the server's --max-frames "
-                   f"{limits.max_frames}", param, "too_many_frames")
   return media
 
 

@@ -348,6 +348,14 @@ class Model:
     arr = preprocess_image(to_rgb(img), size=self.cfg.vision.image_size, aspect=self.image_aspect)[None]
     return self._checked(Media("frames", np.asarray(arr, np.float32), path))
 
+  def frames_media(self, images: Sequence, path: str = "") -> Media:
+    """PIL images, the frames of one clip in order -> Media: each CLIP-preprocessed as a
+    video's frames are (resized and centre-cropped, never padded, as the release's video
+    path); a lone image goes through `image_media` instead."""
+    from llamavid_jax.data.image import preprocess_frames, to_rgb
+    arr = preprocess_frames([np.asarray(to_rgb(im)) for im in images], size=self.cfg.vision.image_size)
+    return self._checked(Media("frames", np.asarray(arr, np.float32), path))
+
   # --- requests -------------------------------------------------------------------
   def prompt(self, turns: Sequence[str] | str, media: Media | None) -> str:
     """The prompt text of `request` (ending in "ASSISTANT:"): a movie's latest turn is

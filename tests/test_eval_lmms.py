@@ -14,6 +14,7 @@ import json
 import os
 import textwrap
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -40,6 +41,11 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
   return doc["question"]
 
 
+def doc_to_visual_clip(doc):
+  """toy_chat: a video path, or PIL images (several: the frames of one clip)."""
+  return [doc["video"]] if doc["video"] else [Image.open(p).convert("RGB") for p in doc["images"]]
+
+
 def doc_to_choice(doc):
   return doc["options"]
 
@@ -58,6 +64,23 @@ doc_to_visual: !function utils.doc_to_visual
 doc_to_text: !function utils.doc_to_text
 doc_to_target: answer
 generation_kwargs: {{max_new_tokens: 8, temperature: 0, do_sample: false, until: ["</s>"]}}
+process_results: !function utils.process_results
+metric_list:
+  - metric: answered
+    aggregation: mean
+    higher_is_better: true
+"""
+
+CHAT_YAML = """
+task: toy_chat
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}, cache_dir: {cache}}}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual_clip
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs: {{max_new_tokens: 8, temperature: 0, do_sample: false}}
 process_results: !function utils.process_results
 metric_list:
   - metric: answered
@@ -93,7 +116,8 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
   """A task dir (YAMLs + utils.py) and the docs: 3 PNG images of different shapes and one
-  3-second MP4 (3 frames at 1 fps)."""
+  3-second MP4 (3 frames at 1 fps). toy_chat's docs (chat.jsonl): two images, a clip of
+  three non-square PNG frames, the MP4."""
   root = tmp_path_factory.mktemp("lmms")
   rng = np.random.default_rng(0)
   docs = []
@@ -108,19 +132,29 @@ def tasks(tmp_path_factory):
                  "options": OPTIONS[i:] + OPTIONS[:i], "label": i % len(OPTIONS)})
   data = root / "docs.jsonl"
   data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+  frames = []
+  for k in range(3):
+    frames.append(str(root / f"frame{k}.png"))
+    Image.fromarray(rng.integers(0, 256, (16, 28, 3), np.uint8)).save(frames[-1])
+  chat = [{"id": 0, "images": [docs[0]["image"]], "video": "", "question": QUESTIONS[0], "answer": "cat."},
+          {"id": 1, "images": [docs[1]["image"]], "video": "", "question": QUESTIONS[1], "answer": "cat."},
+          {"id": 2, "images": frames, "video": "", "question": QUESTIONS[3], "answer": "cat."},
+          {"id": 3, "images": [], "video": docs[3]["video"], "question": QUESTIONS[0], "answer": "cat."}]
+  (root / "chat.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chat))
   tdir = root / "tasks"
   tdir.mkdir()
   (tdir / "utils.py").write_text(textwrap.dedent(UTILS))
-  for name, y in (("toy_gen", GEN_YAML), ("toy_mc", MC_YAML)):
-    (tdir / f"{name}.yaml").write_text(y.format(data=json.dumps(str(data)), cache=json.dumps(str(root / "hf_cache"))))
+  for name, y, d in (("toy_gen", GEN_YAML, data), ("toy_mc", MC_YAML, data), ("toy_chat", CHAT_YAML, root / "chat.jsonl")):
+    (tdir / f"{name}.yaml").write_text(y.format(data=json.dumps(str(d)), cache=json.dumps(str(root / "hf_cache"))))
   return str(tdir), docs
 
 
-def _evaluate(tdir, model_args, tasks):
+def _evaluate(tdir, model_args, tasks, model="llamavid_jax"):
+  """`model`: a registered name (with model_args) or an lmms instance."""
   from lmms_eval import evaluator
   from lmms_eval.tasks import TaskManager
   tm = TaskManager(include_path=tdir, include_defaults=False)
-  return evaluator.simple_evaluate(model="llamavid_jax", model_args=model_args, tasks=tasks, task_manager=tm,
+  return evaluator.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=tm,
                                    log_samples=True, bootstrap_iters=0)
 
 
@@ -194,3 +228,66 @@ def test_adapter_model_args_and_refusals(ckpt, tasks):
     lmms_adapter.LlamaVidJax(ckpt=ckpt, conv_template="vicuna_v1")
   assert lm._sampling({"do_sample": False, "temperature": 0.2, "until": "\n\n", "top_p": None}) == {
       "max_new_tokens": 1024, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": ("\n\n",)}
+
+
+def test_lmms_evals_openai_backend_against_eval_serve_answers_as_the_adapter(ckpt, tasks, monkeypatch):
+  """lmms-eval's own `openai` chat backend (lmms_eval/models/chat/openai.py: an image is
+  one image_url part, a clip of PIL frames several, a video with pass_video_url=True a
+  file:// video_url plus media_io_kwargs.video.num_frames; max_tokens and temperature
+  from the task's generation_kwargs) runs toy_chat against `eval.serve` on 127.0.0.1:
+  its answers are the adapter's on the same task (greedy, max_frames 2 both), and the
+  server's media arrays are exactly the adapter's (the tiny model's answers alone hardly
+  tell an image's padding from a crop)."""
+  from lmms_eval.models import get_model
+
+  from eval import lmms_adapter, serve
+  from llamavid_jax import engine as engine_lib
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  for var in ("OPENAI_API_KEY", "OPENAI_API_BASE"):   # the backend's fallbacks for api_key / base_url
+    monkeypatch.delenv(var, raising=False)
+  tdir, _ = tasks
+  adapter = lmms_adapter.LlamaVidJax(ckpt=ckpt, batch_size=2, max_frames=2)
+  want = {s["doc_id"]: s["filtered_resps"][0] for s in _evaluate(tdir, None, ["toy_chat"], adapter)["samples"]["toy_chat"]}
+  assert len(want) == 4 and all(want.values()) and len(set(want.values())) > 1, want
+
+  seen, load = [], serve.load_media   # what the server made of each request: (Chat, Media)
+
+  def load_and_keep(m, chat, limits):
+    media = load(m, chat, limits)
+    seen.append((chat, media))
+    return media
+
+  monkeypatch.setattr(serve, "load_media", load_and_keep)
+  eng = engine_lib.Engine(adapter.m, slots=4, max_positions=256, max_queue=8)
+  limits = serve.Limits(media_root=os.path.dirname(tdir), max_frames=8, max_tokens=16)
+  responses = []
+  running = serve.Running(serve.make_app(eng, "toy", limits))
+  try:
+    backend = get_model("openai")
+    assert backend.__module__ == "lmms_eval.models.chat.openai"
+    lm = backend.create_from_arg_string(f"model=toy,base_url={running.url}/v1,api_key=unused,pass_video_url=True,"
+                                        "max_frames_num=2,max_retries=1,num_concurrent=4,httpx_trust_env=False")
+    lm.client = lm.client.with_options(timeout=120, max_retries=0)   # bounded: one try of each request
+    out = _evaluate(tdir, None, ["toy_chat"], lm)
+    metrics = httpx.get(running.url + "/metrics", timeout=30).text
+    responses = [line for line in metrics.splitlines() if line.startswith("llamavid_http_responses_total")]
+  finally:
+    running.stop()
+    eng.close()
+  got = {s["doc_id"]: s["filtered_resps"][0] for s in out["samples"]["toy_chat"]}
+  assert got == want
+  assert responses == ['llamavid_http_responses_total{code="200"} 4']   # one request a doc, nothing refused
+  # what the backend sent: image_url data URLs (PNG), 3 of them for the clip, the video as a
+  # file:// video_url; media_io_kwargs' num_frames with every request (it caps the clips to
+  # 2 frames, as the adapter's max_frames); the task's max_new_tokens and temperature
+  sent = sorted(([k for k, _, _ in c.media], c.num_frames, c.temperature, c.max_tokens) for c, _ in seen)
+  assert sent == [(["image_url"], 2, 0.0, 8)] * 2 + [(["image_url"] * 3, 2, 0.0, 8), (["video_url"], 2, 0.0, 8)]
+  assert all(url.startswith("data:image/png;base64,") for c, _ in seen for k, url, _ in c.media if k == "image_url")
+  # and the server's pixels are the adapter's: an image padded, the clip's frames cropped, 2 of 3 frames
+  docs = [json.loads(line) for line in open(os.path.join(os.path.dirname(tdir), "chat.jsonl"))]
+  ref = [lmms_adapter.visual_media(adapter.m, [d["video"]] if d["video"] else
+                                   [Image.open(p).convert("RGB") for p in d["images"]], max_frames=2) for d in docs]
+  assert sorted(x.num_frames for x in ref) == sorted(m.num_frames for _, m in seen) == [1, 1, 2, 2]
+  for _, m in seen:
+    assert sum(np.array_equal(m.array, r.array) for r in ref) == 1
+  print("LMMS openai backend answers:", [got[i] for i in sorted(got)])

@@ -188,6 +188,26 @@ def test_stop_strings_cut_the_answer_as_generate_does_streaming_and_not(client, 
   assert "".join(c.choices[0].delta.content or "" for c in chunks) == ans.text
 
 
+def test_media_io_kwargs_num_frames_samples_a_clip_down(client, model, root, frames):
+  """vLLM's media_io_kwargs.video.num_frames (lmms-eval's `openai` backend with
+  pass_video_url) caps a clip's frames uniformly: clip.mp4's 2 frames at 1 fps -> the
+  first; 3 image_url frames -> 2."""
+  full = model.media(video=f"{root}/clip.mp4")
+  assert full.num_frames == 2
+  [ans] = model.generate([model.request(Q3, inference.Media("frames", full.array[:1]))], max_new_tokens=4)
+  msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{root}/clip.mp4"}},
+                                       {"type": "text", "text": Q3}]}]
+  r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=4, extra_body={
+      "return_token_ids": True, "media_io_kwargs": {"video": {"num_frames": 1}}})
+  assert r.choices[0].model_extra["token_ids"] == ans.token_ids
+  assert r.usage.prompt_tokens == _ask(client, msgs, 1)[1].usage.prompt_tokens - model.cfg.tokens_per_frame
+  clip = [{"type": "image_url", "image_url": {"url": _data_url(f)}} for f in frames]
+  msgs = [{"role": "user", "content": clip + [{"type": "text", "text": Q3}]}]
+  capped = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=1,
+                                          extra_body={"media_io_kwargs": {"video": {"num_frames": 2}}})
+  assert capped.usage.prompt_tokens == _ask(client, msgs, 1)[1].usage.prompt_tokens - model.cfg.tokens_per_frame
+
+
 @pytest.mark.slow
 def test_a_movie_feature_file_is_answered_with_the_movie_prompt(client, model, root):
   path = f"{root}/movie.safetensors"
@@ -264,6 +284,9 @@ BAD = {   # name: (body, status, param, code)
                             400, "messages", "invalid_value"),
     "unknown_part": (dict(messages=[{"role": "user", "content": [{"type": "audio_url"}]}]), 400,
                      "messages[0].content[0].type", "invalid_value"),
+    "num_frames_zero": (dict(media_io_kwargs={"video": {"num_frames": 0}}), 400, "media_io_kwargs.video.num_frames",
+                        "invalid_value"),
+    "media_io_kwargs_a_list": (dict(media_io_kwargs=[8]), 400, "media_io_kwargs", "invalid_type"),
 }
 
 
