@@ -285,7 +285,8 @@ def _image(url: str, param: str, root: str | None):
     else:
       img = Image.open(_file_url(url, param, root))
     img.load()
-    return img.convert("RGB")
+    from llamavid_jax.data.image import to_rgb
+    return to_rgb(img)   # a 16-bit image scaled to 8 bits, not clipped
   except ApiError:
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -372,6 +372,9 @@ def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
   assert (got[..., 0] == np.rint(a16 / 257)).all() and (got[..., 0] == got[..., 2]).all()
   clipped = np.asarray(Image.open(path).convert("RGB"))[..., 0]   # what PIL alone gives: clipped at 255
   assert (clipped == np.minimum(a16, 255)).all() and not (clipped == got[..., 0]).all()
+  pytest.importorskip("fastapi")
+  from eval import serve   # the server's image parts: the same scaling
+  np.testing.assert_array_equal(np.asarray(serve._image(f"file://{path}", "image_url", str(tmp_path))), got)
 
 
 @pytest.mark.parametrize("entries, message", [

@@ -1,6 +1,7 @@
-"""inference.load(..., mesh=): parameters sharded by the logical rules, also quantized
-ones; decoding on the mesh equals decoding on one device (8 fake CPU devices,
-tests/conftest.py)."""
+"""inference.load(..., quant=, mesh=): quantized parameters sharded by the logical rules
+(scales with their values); decoding on the mesh equals the quantized model's decoding on
+one device (8 fake CPU devices, tests/conftest.py). Unquantized parameters on meshes, with
+every entry point: tests/test_inference_shard.py."""
 
 import jax
 import numpy as np
@@ -23,21 +24,6 @@ def run(m, batch):
   s = G.prompt_length(m.model, batch)
   logits, _ = jax.jit(lambda p: m.model.apply({"params": p}, **batch, max_len=s + 1, method="prefill_cache"))(m.params)
   return ids, np.asarray(jax.nn.log_softmax(logits, -1))
-
-
-@pytest.mark.parametrize("shape", [{"tensor": 8}, {"fsdp": 4, "tensor": 2}, {"tensor": 2, "sequence": 4}])
-@pytest.mark.slow
-def test_sharded_decoding_equals_one_device(one, tiny_ckpt, shape):
-  m, batch = one
-  want_ids, want_lp = run(m, batch)
-  mesh = sharding.make_mesh(shape)
-  ms = inference.load(tiny_ckpt + "/inference", mesh=mesh)
-  w = ms.params["llm"]["layers"]["gate_proj"]["kernel"]                   # [layers, embed, mlp]: mlp over tensor
-  assert w.sharding.mesh.shape == mesh.shape and w.sharding.spec[2] == "tensor"
-  assert w.addressable_shards[0].data.shape[2] == w.shape[2] // shape["tensor"]
-  ids, lp = run(ms, batch)
-  np.testing.assert_array_equal(ids, want_ids)
-  np.testing.assert_allclose(lp, want_lp, atol=1e-5)
 
 
 def test_quantized_placement_splits_scales_with_their_values(tiny_cfg):

@@ -2,7 +2,7 @@
 and eval.run --mesh equal one device on tensor 8, tensor 2 x sequence 4, fsdp 4 x
 tensor 2 and data 8 (rows split, model replicated); a long movie prompt prefills split
 over `sequence` into a KV cache sharded along its length, and decoding reads it in place.
-(tests/test_inference_mesh.py: `generate` and quantized parameters on meshes.)"""
+(tests/test_inference_mesh.py: quantized parameters on meshes.)"""
 
 import json
 
