@@ -547,7 +547,7 @@ def load(ckpt: str, *, dtype: str = "float32", step: int | None = None, max_fram
   memory = lambda: validation.device_memory("loading the checkpoint", ckpt=ckpt, quant=quant, dtype=dtype,
                                             kv_cache=kv_cache)
   try:
-    with memory():
+    with memory(), validation.held_logs():   # a torn checkpoint: our one line, not orbax's warning too
       loaded = orbax_io.load_for_inference(ckpt, step=step, dtype=getattr(jnp, dtype), mesh=mesh,
                                            read_params=None if quant is None else Q.reader(quant, dtype, mesh))
   except (FileNotFoundError, RemoteCodeError, validation.DeviceMemoryError):   # named already

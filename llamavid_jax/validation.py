@@ -13,7 +13,8 @@ before a model is loaded or compiled, and every problem is said in one line.
 - `check_out`: an output path that is, or is the same file as, one of the command's
   inputs is refused; `write_atomic` writes through a temporary file and a rename.
 - `capped`: a long list of like problems as one summary line ("2,949 videos missing,
-  first 5: ...").
+  first 5: ..."); `held_logs`: a library's log records held back while a load that may
+  fail runs (a failure is said once, by our error).
 
 - `device_memory`: XLA running out of device memory (RESOURCE_EXHAUSTED) in a load,
   a prefill or a decode becomes one line naming the plan command to run
@@ -26,6 +27,7 @@ Errors: `UsageError` (a flag or config value: exit 2 in `cli.run`), `BudgetError
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -196,6 +198,26 @@ def write_atomic(path: str, text: str) -> None:
 
 
 # --- messages -------------------------------------------------------------------------
+@contextlib.contextmanager
+def held_logs(logger: str = "absl"):
+  """The records `logger` logs while the block runs (orbax logs through absl's) held back:
+  passed on when the block ends well, dropped when it raises, so that a failure is said
+  once, by the error naming it, not also by a library's warning about the same failure."""
+  log, held = logging.getLogger(logger), []
+
+  def hold(record: logging.LogRecord) -> bool:
+    held.append(record)
+    return False
+
+  log.addFilter(hold)
+  try:
+    yield
+  finally:
+    log.removeFilter(hold)
+  for record in held:
+    log.handle(record)
+
+
 def capped(what: str, entries: Iterable[str], first: int = 5) -> str:
   """'{n:,} {what}, first 5: a; b; ...' (all of them when there are no more than `first`)."""
   entries = list(entries)

@@ -598,7 +598,7 @@ class Reduce:
     return self.fn, self.args
 
 
-def test_broken_checkpoints_are_named_in_one_line(tiny_ckpt, tmp_path, video):
+def test_broken_checkpoints_are_named_in_one_line(tiny_ckpt, tmp_path, video, caplog):
   good = os.path.join(tiny_ckpt, "inference")
   bad_cfg = tmp_path / "cfg"
   shutil.copytree(good, bad_cfg)
@@ -611,8 +611,10 @@ def test_broken_checkpoints_are_named_in_one_line(tiny_ckpt, tmp_path, video):
   with open(meta, "w") as f:
     f.write("garbage{")
   before = digest(garbled)
-  with pytest.raises(inference.CheckpointError, match=rf"^{garbled}: corrupt or unreadable checkpoint"):
+  with caplog.at_level("INFO"), pytest.raises(inference.CheckpointError,
+                                              match=rf"^{garbled}: corrupt or unreadable checkpoint"):
     inference.load(str(garbled))
+  assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []   # orbax's warning held back
   assert digest(garbled) == before
   torn = tmp_path / "torn"   # a parameter file cut short (a copy killed mid-way)
   shutil.copytree(good, torn)
