@@ -12,7 +12,10 @@ or a train WORKDIR (its latest step).
 model_args: ckpt, dtype (float32 | bfloat16), batch_size (requests per `Model.generate`
 call; wins over the CLI's --batch_size), max_frames (videos with more frames at 1 fps are
 sampled uniformly down to this many; default all), max_new_tokens (default 1024, when the
-task's generation_kwargs name none), seed (sampling; batch k uses seed + k).
+task's generation_kwargs name none), seed (sampling; batch k uses seed + k), quant (int8 |
+int4 LLM weights), kv_cache (int8), and the mesh one axis a model_arg: mesh_data,
+mesh_fsdp, mesh_tensor, mesh_sequence (`mesh_tensor=8` splits the model, `mesh_data=8`
+replicates it and splits each batch's requests; `eval.run --mesh` says more).
 
 Requests. The task's context is the question: any `<image>` in it is removed and the
 release's prompt (`inference.inference_prompt`: vicuna_v1, `<image>\\n` before the
@@ -127,6 +130,33 @@ def _strip(context) -> str:
   return str(context).replace(IMAGE_TOKEN, "").strip()
 
 
+def model_kwargs(kwargs: dict) -> dict:
+  """Pops the model_args that say how the model is held -> `inference.load`'s keywords:
+  quant (int8 | int4), kv_cache (int8) and the mesh as one model_arg an axis
+  (`mesh_tensor=4,mesh_sequence=2`: lmms-eval splits model_args at ',' and '=', so the
+  CLIs' `--mesh tensor=4,sequence=2` cannot travel whole); a bad value is a ValueError
+  naming it, before anything loads."""
+  from eval import args as eval_args
+  from llamavid_jax import sharding
+  from llamavid_jax.models.config import KV_CACHES
+  out = {}
+  for key, choices in (("quant", eval_args.QUANT), ("kv_cache", KV_CACHES)):
+    value = kwargs.pop(key, None)
+    if value not in (None, "", "None"):
+      if value not in choices:
+        raise ValueError(f"llamavid_jax: model_arg {key}={value!r} is not one of {', '.join(choices)}")
+      out[key] = value
+  axes = {k: kwargs.pop(k) for k in [k for k in kwargs if k.startswith("mesh_")]}
+  if axes:
+    axes = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in axes.items()}   # lmms-eval: "-1" -> -1.0
+    text = ",".join(f"{k[len('mesh_'):]}={v}" for k, v in axes.items())
+    try:
+      out["mesh"] = sharding.make_mesh(eval_args.parse_mesh(text))
+    except ValueError as e:
+      raise ValueError(f"llamavid_jax: model_args {', '.join(f'{k}={v}' for k, v in axes.items())}: {e}") from None
+  return out
+
+
 class LlamaVidJax(lmms):
   """lmms-eval `simple` model over `llamavid_jax.inference.Model` (see the module doc)."""
 
@@ -136,9 +166,10 @@ class LlamaVidJax(lmms):
                max_new_tokens: int | str = 1024, seed: int | str = 0, device: str | None = None, **kwargs) -> None:
     super().__init__()
     kwargs.pop("max_batch_size", None)
+    load_kw = model_kwargs(kwargs)   # mesh_<axis>, quant, kv_cache: checked before anything loads
     if kwargs:
       raise TypeError(f"llamavid_jax: unknown model_args {sorted(kwargs)}; known: ckpt, dtype, batch_size, "
-                      "max_frames, max_new_tokens, seed")
+                      "max_frames, max_new_tokens, seed, quant, kv_cache, mesh_<axis>")
     if str(batch_size).startswith("auto"):
       raise ValueError("llamavid_jax: batch_size 'auto' is not supported; give a number")
     from llamavid_jax import inference
@@ -148,7 +179,7 @@ class LlamaVidJax(lmms):
     self.seed = int(seed)
     if device:
       log.info("llamavid_jax: device %r ignored; JAX uses its default backend (JAX_PLATFORMS)", device)
-    self.m = inference.load(ckpt, dtype=dtype)
+    self.m = inference.load(ckpt, dtype=dtype, **load_kw)
     self._scorer = None
     self._warned: set[str] = set()
     self._batches = 0

@@ -226,6 +226,18 @@ def test_adapter_model_args_and_refusals(ckpt, tasks):
     lm.generate_until_multi_round([])
   with pytest.raises(TypeError, match="unknown model_args"):
     lmms_adapter.LlamaVidJax(ckpt=ckpt, conv_template="vicuna_v1")
+  with pytest.raises(ValueError, match=r"model_args mesh_tensor=3: .*devices"):   # before loading
+    lmms_adapter.LlamaVidJax(ckpt="/no/such/ckpt", mesh_tensor=3)
+  with pytest.raises(ValueError, match="model_arg quant='int3' is not one of int8, int4"):
+    lmms_adapter.LlamaVidJax(ckpt="/no/such/ckpt", quant="int3")
+  import jax
+  sharded = lmms_adapter.LlamaVidJax.create_from_arg_string(f"ckpt={ckpt},mesh_fsdp=4,mesh_tensor=-1")
+  w = sharded.m.params["llm"]["layers"]["gate_proj"]["kernel"]
+  assert dict(sharded.m.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1}
+  assert w.addressable_shards[0].data.shape[2] == w.shape[2] // 2 and jax.device_count() == 8
+  q = lmms_adapter.visual_media(lm.m, [docs[3]["video"]], max_frames=2)
+  req = [lm.m.request("What is in the video?", q)]
+  assert sharded.m.generate(req, max_new_tokens=6) == lm.m.generate(req, max_new_tokens=6)
   assert lm._sampling({"do_sample": False, "temperature": 0.2, "until": "\n\n", "top_p": None}) == {
       "max_new_tokens": 1024, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": ("\n\n",)}
 
