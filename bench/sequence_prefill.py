@@ -42,8 +42,9 @@ def movie_request(m: inference.Model, frames: int, folder: str):
   return req, m._batch([req], None, None)
 
 
-def run(m: inference.Model, req: dict, batch: dict, steps: int):
-  """-> (S', logits float32[1, V], cache, greedy ids int32[1, steps], all-gather shapes of the decode chunk)."""
+def prefill_and_decode(m: inference.Model, req: dict, batch: dict, steps: int):
+  """On m's mesh -> (S', next-token logits float32[1, V] of the prefill, its cache,
+  `steps` greedy ids int32[1, steps]). tests/test_inference_shard.py uses it too."""
   model = m.model_for([req])
   with m.on_mesh():
     s = G.prompt_length(model, batch)
@@ -51,12 +52,21 @@ def run(m: inference.Model, req: dict, batch: dict, steps: int):
     logits, cache = jax.jit(lambda p: model.apply({"params": p}, **batch, max_len=max_len,
                                                   method="prefill_cache"))(m.params)
     ids = G.generate(model, m.params, batch, max_new_tokens=steps, eos_id=-1, chunk=steps)
+  return s, np.asarray(logits), cache, ids
+
+
+def run(m: inference.Model, req: dict, batch: dict, steps: int):
+  """-> (S', logits float32[1, V], cache, greedy ids int32[1, steps], all-gather shapes of the decode chunk)."""
+  s, logits, cache, ids = prefill_and_decode(m, req, batch, steps)
+  model = m.model_for([req])
+  max_len = cache["k"].shape[2]
+  with m.on_mesh():
     state = G._prefill_jit(model, m.params, batch, max_len, 0)
     hlo = G._decode_jit.lower(model, m.params, state, jax.random.key(0), jax.numpy.int32(0), steps, -1, 0.0, 0,
                               1.0).compile().as_text()
   gathers = sorted({ln.split("=", 1)[1].split("all-gather")[0].strip() for ln in hlo.splitlines()
                     if "all-gather(" in ln or "all-gather-start(" in ln})
-  return s, np.asarray(logits), cache, ids, gathers
+  return s, logits, cache, ids, gathers
 
 
 def main() -> None:

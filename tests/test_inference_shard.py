@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from bench.sequence_prefill import movie_request
+from bench.sequence_prefill import prefill_and_decode as bench_prefill_and_decode
 from llamavid_jax import generate as G
 from llamavid_jax import inference, sharding
 
@@ -23,26 +25,12 @@ def one(tiny_ckpt):
 def movie(one, tmp_path_factory):
   """A movie feature file of 32 frames with a subtitle line each (the release's format,
   `data/features.py`) and its request batch: 288 spliced LLM positions."""
-  from llamavid_jax.data.features import Movie, write_safetensors
-  m = one
-  t, n, c = 32, m.cfg.vision.num_tokens, m.cfg.vision.width
-  path = str(tmp_path_factory.mktemp("movie") / "m.safetensors")
-  feats = np.random.default_rng(0).standard_normal((t, n, c)).astype(np.float16)
-  write_safetensors(path, Movie(feats, "".join(f"<image>line {i} says hello." for i in range(t))))
-  req = m.request("What happens in the movie?", m.media(features=path))
-  return req, m._batch([req], None, None)
+  return movie_request(one, 32, str(tmp_path_factory.mktemp("movie")))
 
 
 def prefill_and_decode(m, req, batch, steps=4):
   """On m's mesh: (next-token logits float32[1, V] of the prefill, its cache, `steps` greedy ids)."""
-  model = m.model_for([req])
-  with m.on_mesh():
-    s = G.prompt_length(model, batch)
-    max_len = G.split_cache(model.cfg, s, steps) or s + steps
-    logits, cache = jax.jit(lambda p: model.apply({"params": p}, **batch, max_len=max_len,
-                                                  method="prefill_cache"))(m.params)
-    ids = G.generate(model, m.params, batch, max_new_tokens=steps, eos_id=-1)
-  return np.asarray(logits), cache, ids
+  return bench_prefill_and_decode(m, req, batch, steps)[1:]
 
 
 @pytest.mark.parametrize("shape", [{"tensor": 2, "sequence": 4}, {"sequence": 8}])
