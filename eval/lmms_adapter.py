@@ -65,6 +65,7 @@ lmms-eval 0.7.3 quirks handled here:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from typing import Any, Sequence
@@ -130,14 +131,13 @@ def _strip(context) -> str:
   return str(context).replace(IMAGE_TOKEN, "").strip()
 
 
-def model_kwargs(kwargs: dict) -> dict:
-  """Pops the model_args that say how the model is held -> `inference.load`'s keywords:
-  quant (int8 | int4), kv_cache (int8) and the mesh as one model_arg an axis
-  (`mesh_tensor=4,mesh_sequence=2`: lmms-eval splits model_args at ',' and '=', so the
-  CLIs' `--mesh tensor=4,sequence=2` cannot travel whole); a bad value is a ValueError
-  naming it, before anything loads."""
+def model_flags(kwargs: dict) -> dict:
+  """Pops the model_args that say how the model is held -> the checked model flags as
+  `eval.args.load` takes them (quant, kv_cache, mesh_sizes): quant (int8 | int4),
+  kv_cache (int8) and the mesh as one model_arg an axis (`mesh_tensor=4,mesh_sequence=2`:
+  lmms-eval splits model_args at ',' and '=', so the CLIs' `--mesh tensor=4,sequence=2`
+  cannot travel whole); a bad value is a ValueError naming it, before anything loads."""
   from eval import args as eval_args
-  from llamavid_jax import sharding
   from llamavid_jax.models.config import KV_CACHES
   out = {}
   for key, choices in (("quant", eval_args.QUANT), ("kv_cache", KV_CACHES)):
@@ -151,7 +151,7 @@ def model_kwargs(kwargs: dict) -> dict:
     axes = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in axes.items()}   # lmms-eval: "-1" -> -1.0
     text = ",".join(f"{k[len('mesh_'):]}={v}" for k, v in axes.items())
     try:
-      out["mesh"] = sharding.make_mesh(eval_args.parse_mesh(text))
+      out["mesh_sizes"] = eval_args.parse_mesh(text)
     except ValueError as e:
       raise ValueError(f"llamavid_jax: model_args {', '.join(f'{k}={v}' for k, v in axes.items())}: {e}") from None
   return out
@@ -166,20 +166,20 @@ class LlamaVidJax(lmms):
                max_new_tokens: int | str = 1024, seed: int | str = 0, device: str | None = None, **kwargs) -> None:
     super().__init__()
     kwargs.pop("max_batch_size", None)
-    load_kw = model_kwargs(kwargs)   # mesh_<axis>, quant, kv_cache: checked before anything loads
+    flags = model_flags(kwargs)   # mesh_<axis>, quant, kv_cache: checked before anything loads
     if kwargs:
       raise TypeError(f"llamavid_jax: unknown model_args {sorted(kwargs)}; known: ckpt, dtype, batch_size, "
                       "max_frames, max_new_tokens, seed, quant, kv_cache, mesh_<axis>")
     if str(batch_size).startswith("auto"):
       raise ValueError("llamavid_jax: batch_size 'auto' is not supported; give a number")
-    from llamavid_jax import inference
+    from eval import args as eval_args
     self.batch_size_per_device = int(batch_size)
     self.max_frames = int(max_frames) if max_frames not in (None, "", "None") else None
     self.max_new_tokens = int(max_new_tokens)
     self.seed = int(seed)
     if device:
       log.info("llamavid_jax: device %r ignored; JAX uses its default backend (JAX_PLATFORMS)", device)
-    self.m = inference.load(ckpt, dtype=dtype, **load_kw)
+    self.m = eval_args.load(argparse.Namespace(ckpt=ckpt, dtype=dtype, **flags))   # the CLIs' one load
     self._scorer = None
     self._warned: set[str] = set()
     self._batches = 0
