@@ -356,8 +356,7 @@ def main(argv=None) -> dict:
   errs += validation.check_out(cache, {"--pred": a.pred}, "--cache")
   if errs:
     p.error("; ".join(errs))
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-  logging.getLogger("eval").setLevel(logging.INFO)   # our own progress; libraries' warnings only
+  cli.log_to_console("%(asctime)s %(name)s: %(message)s")
   try:
     items = load_predictions(a.pred, a.task)
   except (ValueError, OSError) as e:

@@ -334,9 +334,7 @@ def write_json(path: str, obj) -> None:
 
 
 def main(argv: Sequence[str] | None = None, predictor: Predictor | None = None) -> dict:
-  logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")   # libraries (orbax): warnings
-  for name in ("eval", "llamavid_jax"):   # our own progress at INFO
-    logging.getLogger(name).setLevel(logging.INFO)
+  cli.log_to_console()
   args, p = parse_args(list(sys.argv[1:] if argv is None else argv))
   try:
     if args.merge:

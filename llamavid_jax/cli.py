@@ -50,6 +50,15 @@ class ArgumentParser(argparse.ArgumentParser):
     self.exit(USAGE, f"{self.prog}: error: {' '.join(str(message).split())} (see --help)\n")
 
 
+def log_to_console(fmt: str = "%(name)s: %(message)s") -> None:
+  """A command's logging: libraries' records (orbax's INFO chatter) at WARNING, the
+  project's own loggers (`eval`, `llamavid_jax`, `train`) at INFO, in `fmt`."""
+  import logging
+  logging.basicConfig(level=logging.WARNING, format=fmt)
+  for name in ("eval", "llamavid_jax", "train"):
+    logging.getLogger(name).setLevel(logging.INFO)
+
+
 def _last_line(text: str) -> str:
   """The last non-empty line of `text`, without a leading "SomeError: "."""
   lines = [l.strip() for l in text.splitlines() if l.strip()]

@@ -117,8 +117,7 @@ def main(argv=None) -> None:
   a = p.parse_args(argv)
   if a.step is not None and not a.from_train:
     p.error("--step needs --from-train")
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("llamavid_jax").setLevel(logging.INFO)   # our own progress; libraries' (orbax) warnings only
+  cli.log_to_console("%(levelname)s %(name)s: %(message)s")
   if a.from_train:
     from_train(a.from_train, a.out, a.step)
   else:
