@@ -7,6 +7,7 @@ in this process: /proc/self/status is the server's)."""
 
 import concurrent.futures
 import gc
+import os
 import time
 
 import numpy as np
@@ -20,7 +21,11 @@ from tests import data_fixtures
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-pytestmark = pytest.mark.slow   # a few seconds on 2 cores, the tiny checkpoint's training and compiles aside
+# Opt-in (LLAMAVID_SOAK_TESTS=1): in 2 of 3 full-suite CI runs on 2026-12-07 its worker died with a
+# segmentation fault in XLA:CPU's executable serialization for jax's persistent compilation
+# cache (engine thread, prefill compile); alone it passes. A crashed worker hangs pytest-xdist.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("LLAMAVID_SOAK_TESTS") != "1",
+                                                   reason="soak: LLAMAVID_SOAK_TESTS=1 (see the comment above)")]
 
 MODEL = "tiny"
 SOAK, CLIENTS, WARMUP = 512, 32, 48
