@@ -178,7 +178,6 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
     errs = validation.check_sampling(temperature=number(temp), top_p=number(tp), max_new_tokens=mnt, prefix="")
     problem = (NO_QUESTION if not question.strip() else NO_MEDIA if state is None else "; ".join(errs) or None)
     request, cut = None, ""
-    handle = None
     if not problem:
       turns = history_turns(history) + [question]
       with eng.tokenizer_lock:   # the engine's thread decodes text with the same tokenizer
@@ -188,25 +187,33 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
         if room < 1:
           raise engine_lib.RequestTooLarge("messages", f"the prompt takes {eng.positions(request)} positions "
                                            f"(bucketed); a slot holds {eng.max_positions}")
-        # the slider's value, or as many as the positions leave (said in the status line)
-        cut = f" (max new tokens cut to {room}: the model's positions end there)" if mnt > room else ""
-        mnt = min(mnt, room)
-        handle = eng.submit(request, engine_lib.Sampling(max_tokens=mnt, temperature=float(temp), top_p=float(tp),
-                                                         seed=seed))
       except (validation.BudgetError, engine_lib.RequestTooLarge) as e:
         problem = str(e)
-      except engine_lib.QueueFull:
-        problem = BUSY
-      except engine_lib.EngineStopped as e:
-        problem = f"The model stopped serving: {e}"
     if problem:
       gr.Warning(problem)
       yield history, question, gr.skip(), problem
       return
+    # the slider's value, or as many as the positions leave (said in the status line)
+    cut = f" (max new tokens cut to {room}: the model's positions end there)" if mnt > room else ""
+    mnt = min(mnt, room)
+    gallery = attention_gallery(model, request, state)
+    asked = history + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+    # Yielded before the engine has the request: gradio can close a generator (a user who
+    # leaves or cancels) only once it has yielded, and closing it is what frees the slot.
+    yield asked, "", gallery, "Answering…"
+    try:
+      handle = eng.submit(request, engine_lib.Sampling(max_tokens=mnt, temperature=float(temp), top_p=float(tp),
+                                                       seed=seed))
+    except engine_lib.QueueFull:
+      problem = BUSY
+    except engine_lib.EngineStopped as e:
+      problem = f"The model stopped serving: {e}"
+    if problem:
+      gr.Warning(problem)
+      yield history, question, gallery, problem
+      return
+    history = asked
     try:   # a user who leaves mid-answer (the generator is closed) frees the slot
-      gallery = attention_gallery(model, request, state)
-      history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-      yield history, "", gallery, "Answering…"
       answer = ""
       for piece in handle:
         answer += piece

@@ -672,9 +672,9 @@ class Engine:
 
   def _end(self, row: int, reason: str) -> None:
     h = self._rows[row]
-    self._rows[row] = None
     h.finish_step = self.steps
-    self.finished[reason] += 1
+    self.finished[reason] += 1   # counted before the row is free: a reader who sees the slot free sees the count
+    self._rows[row] = None
     h._finish(self._completion(h, reason))
 
   # --- figures ----------------------------------------------------------------------
