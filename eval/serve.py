@@ -549,9 +549,7 @@ class Running:
 
   def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
     import uvicorn
-    self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    self.sock.bind((host, port))
+    self.sock = listen(host, port)
     self.port = self.sock.getsockname()[1]
     self.url = f"http://{host}:{self.port}"
     self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
@@ -573,7 +571,7 @@ def parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--port", type=int, default=8000, help="0: an ephemeral port (the serving line names it)")
   p.add_argument("--slots", type=int, default=16, help="requests decoded at once")
   p.add_argument("--media-root", help="file:// URLs are served from under this directory only (default: none)")
   p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
@@ -610,6 +608,7 @@ def main(argv=None) -> None:
   except ImportError as e:
     sys.exit(f"error: {e.name} is missing: pip install 'llamavid-jax[serve]'")
   name = a.served_model_name or os.path.basename(os.path.normpath(a.ckpt))
+  sock = listen(a.host, a.port)   # before the model loads: a port in use fails at once
   try:
     m = eval_args.load(a)
   except FileNotFoundError as e:
@@ -622,12 +621,31 @@ def main(argv=None) -> None:
                           max_queue=a.max_queue, prefill_chunk=a.prefill_chunk)
   limits = Limits(media_root=a.media_root, max_frames=a.max_frames, max_tokens=a.max_tokens,
                   max_body=int(a.max_body_mb * 2 ** 20))
-  import uvicorn
-  print(f"eval.serve: serving {name!r} on http://{a.host}:{a.port}/v1", flush=True)
+  host = f"[{a.host}]" if ":" in a.host else a.host
+  print(f"eval.serve: serving {name!r} on http://{host}:{sock.getsockname()[1]}/v1", flush=True)
   try:
-    uvicorn.run(make_app(eng, name, limits), host=a.host, port=a.port, log_level="info")
+    run_server(make_app(eng, name, limits), sock)
   finally:
     eng.close()
+    sock.close()
+
+
+def run_server(app, sock: socket.socket) -> None:
+  """uvicorn serving `app` on the bound `sock` until SIGINT / SIGTERM."""
+  import uvicorn
+  uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+
+
+def listen(host: str, port: int) -> socket.socket:
+  """A bound socket (`port` 0: an ephemeral one, printed when serving) or a one-line error."""
+  sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind((host, port))
+  except OSError as e:
+    sock.close()
+    sys.exit(f"error: --host {host} --port {port}: {e.strerror}")
+  return sock
 
 
 if __name__ == "__main__":

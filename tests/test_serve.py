@@ -460,33 +460,37 @@ def test_arguments_are_checked_before_the_model_loads(tmp_path, capsys):
   with pytest.raises(SystemExit):
     serve.main(["--ckpt", str(tmp_path), "--slots", "0"])
   assert "--slots must be >= 1" in capsys.readouterr().err
+  with serve.listen("127.0.0.1", 0) as taken:   # a port in use: one line, no model loaded
+    port = taken.getsockname()[1]
+    taken.listen()
+    with pytest.raises(SystemExit, match=f"error: --host 127.0.0.1 --port {port}: Address already in use"):
+      serve.main(["--ckpt", str(tmp_path), "--port", str(port)])
 
 
 def test_main_serves_the_checkpoint_under_its_name(tiny_ckpt, root, monkeypatch):
   """`python -m eval.serve`'s wiring: the model loads, the engine starts, the app goes to
-  uvicorn on the flags' host and port (uvicorn.run replaced: the app is asked in-process)."""
-  import uvicorn
+  uvicorn on a socket bound to the flags' host and port (`serve.run_server` replaced: the
+  app is asked in-process)."""
   from fastapi.testclient import TestClient
   seen = {}
 
-  def run(app, host, port, **kw):
-    seen.update(host=host, port=port)
+  def run(app, sock):
+    seen["host"], seen["port"] = sock.getsockname()
     with TestClient(app) as c:
       seen["models"] = c.get("/v1/models").json()
       seen["outside"] = c.post("/v1/chat/completions", json={"model": "toy", "messages": [{"role": "user", "content": [
           {"type": "video_url", "video_url": {"url": "file:///etc/hostname"}}]}]}).json()["error"]["code"]
 
-  monkeypatch.setattr(uvicorn, "run", run)
-  serve.main(["--ckpt", tiny_ckpt, "--served-model-name", "toy", "--port", "8123", "--slots", "2",
+  monkeypatch.setattr(serve, "run_server", run)
+  serve.main(["--ckpt", tiny_ckpt, "--served-model-name", "toy", "--port", "0", "--slots", "2",
               "--max-positions", "64", "--media-root", root])
-  assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+  assert seen["host"] == "127.0.0.1" and seen["port"] > 0   # port 0: an ephemeral one
   assert [d["id"] for d in seen["models"]["data"]] == ["toy"] and seen["outside"] == "media_outside_root"
 
 
 def _served_answer(argv, monkeypatch, content=Q1, budget=NEW) -> tuple[list[int], engine_lib.Engine]:
   """`eval.serve.main(argv)`'s greedy token ids for one question, asked in-process
-  (uvicorn.run replaced by a TestClient of the app), and the engine that answered."""
-  import uvicorn
+  (`serve.run_server` replaced by a TestClient of the app), and the engine that answered."""
   from fastapi.testclient import TestClient
   seen, engines = {}, []
 
@@ -497,14 +501,14 @@ def _served_answer(argv, monkeypatch, content=Q1, budget=NEW) -> tuple[list[int]
 
   monkeypatch.setattr(engine_lib, "Engine", Recorded)
 
-  def run(app, host, port, **kw):
+  def run(app, sock):
     with TestClient(app) as c:
       r = c.post("/v1/chat/completions", json={"model": "toy", "messages": [{"role": "user", "content": content}],
                                                "temperature": 0, "max_tokens": budget, "return_token_ids": True})
       seen["ids"] = r.json()["choices"][0]["token_ids"]
 
-  monkeypatch.setattr(uvicorn, "run", run)
-  serve.main(argv + ["--served-model-name", "toy", "--slots", "2", "--max-positions", "64"])
+  monkeypatch.setattr(serve, "run_server", run)
+  serve.main(argv + ["--served-model-name", "toy", "--slots", "2", "--max-positions", "64", "--port", "0"])
   [eng] = engines
   return seen["ids"], eng
 

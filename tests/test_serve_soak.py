@@ -1,20 +1,27 @@
-"""A bounded soak of `eval.serve`: SOAK requests from CLIENTS threads of the real `openai`
-client on 127.0.0.1, streaming and not, some of them disconnecting after their first
-chunk. Every request that completes has its one-at-a-time greedy tokens
-(`inference.Model.generate`), the slots in use come back to 0, and the process's resident
-memory after the soak is within 10% of its memory after a warm-up round (the server runs
-in this process: /proc/self/status is the server's)."""
+"""A bounded soak of `eval.serve`, run as users run it (`python -m eval.serve` in its own
+process, on 127.0.0.1, an ephemeral port): SOAK requests from CLIENTS threads of the real
+`openai` client, streaming and not, some of them disconnecting after their first chunk.
+Every request that completes has its one-at-a-time greedy tokens
+(`inference.Model.generate`, in this process), the server's /metrics come back to 0 slots
+in use and an empty queue, its finish counts add up, and the server's resident memory
+(/proc/PID/status) after the soak is within 10% of its memory after a warm-up round.
+
+The server has a process of its own: in the full suite, a server thread inside a pytest
+worker that had run many other test files before it segfaulted in XLA:CPU (a prefill
+compile on the engine thread, 3 of 4 CI runs on 2026-12-07); alone it passes. A crash of
+the server now fails this test with the server's output instead of taking the worker down."""
 
 import concurrent.futures
-import gc
 import os
+import re
+import subprocess
+import sys
 import time
 
+import httpx
 import numpy as np
 import pytest
 
-from eval import serve
-from llamavid_jax import engine as engine_lib
 from llamavid_jax import inference
 from tests import data_fixtures
 
@@ -29,45 +36,72 @@ DROP_EVERY = 16   # every 16th request reads one chunk and disconnects
 NEW = 16
 # Questions of the data fixtures' tokenizer, each with a budget; text only or with an image
 CASES = [("Hello What is this?", 12), ("Describe it.", 5), ("What is this?", 9)]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _rss_kib() -> int:
-  with open("/proc/self/status") as f:
-    return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+class Server:
+  """`python -m eval.serve` on an ephemeral port: `url`, `pid`, `metrics()`, `stop()`."""
+
+  def __init__(self, ckpt: str, media_root: str, log_path: str, start_limit: float = 300.0):
+    self.log_path = log_path
+    self.log = open(log_path, "w")
+    cmd = [sys.executable, "-m", "eval.serve", "--ckpt", ckpt, "--port", "0", "--slots", "8", "--max-positions", "128",
+           "--decode-chunk", "4", "--max-queue", "64", "--max-tokens", "64", "--media-root", media_root,
+           "--served-model-name", MODEL]
+    # as a user runs it: without the suite's persistent compilation cache
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                 env={**env, "PYTHONPATH": ROOT})
+    self.pid, self.url = self.proc.pid, None
+    deadline = time.monotonic() + start_limit   # a bound on the wait, not a timing assertion
+    while not self._healthy():
+      if self.proc.poll() is not None or time.monotonic() > deadline:
+        self.stop()
+        pytest.fail(f"eval.serve did not start:\n{self.output()}")
+      time.sleep(0.2)
+
+  def _healthy(self) -> bool:
+    """Whether the server said where it serves and answers /health there."""
+    if self.url is None:
+      m = re.search(r"serving '[^']*' on (http://\S+)/v1", self.output())
+      self.url = m and m.group(1)
+    try:   # the socket is bound before uvicorn listens on it
+      return self.url is not None and httpx.get(self.url + "/health").status_code == 200
+    except httpx.TransportError:
+      return False
+
+  def output(self) -> str:
+    return open(self.log_path).read()[-6000:]
+
+  def metrics(self) -> dict:
+    """/metrics -> {name{labels}: value}."""
+    text = httpx.get(self.url + "/metrics").text
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))}
+
+  def rss_kib(self) -> int:
+    with open(f"/proc/{self.pid}/status") as f:
+      return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+  def stop(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.terminate()
+      try:
+        self.proc.wait(30)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    self.log.close()
 
 
 @pytest.fixture(scope="module")
 def soak_server(tiny_ckpt, tmp_path_factory):
-  # No persistent compilation cache while the soak runs. In 2 of 3 full-suite CI runs
-  # (2026-12-07) XLA:CPU's executable serialization for that cache (jax's
-  # put_executable_and_time -> executable.serialize) segfaulted on the engine thread, a
-  # prefill compile while its decode steps ran asynchronously; alone it passed. jax checks
-  # whether the cache is used once per process, so turning the flag off takes effect only
-  # through reset_cache (public: jax.experimental.compilation_cache). The soak's compiles
-  # are few and small.
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache
-  was = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()
-  try:
-    yield from _soak_server(tiny_ckpt, tmp_path_factory)
-  finally:
-    jax.config.update("jax_enable_compilation_cache", was)
-    compilation_cache.reset_cache()   # the next compile sets the cache up again
-
-
-def _soak_server(tiny_ckpt, tmp_path_factory):
   root = tmp_path_factory.mktemp("soak_media")
   data_fixtures.random_image(np.random.default_rng(1), 20, 12).save(root / "image.png")
-  m = inference.load(tiny_ckpt)
-  eng = engine_lib.Engine(m, slots=8, max_positions=128, decode_chunk=4, max_queue=64)
-  running = serve.Running(serve.make_app(eng, MODEL, serve.Limits(media_root=str(root), max_tokens=64)))
+  server = Server(tiny_ckpt, str(root), str(root.parent / "soak_server.log"))
   try:
-    yield m, eng, running, str(root)
+    yield inference.load(tiny_ckpt), server, str(root)
   finally:
-    running.stop()
-    eng.close()
+    server.stop()
 
 
 def _requests(m, root):
@@ -102,34 +136,42 @@ def _one(client, m, kinds, i):
   return "ok", r.choices[0].model_extra["token_ids"] == want and r.choices[0].message.content == m.answer(want).text
 
 
-def _idle(eng, limit=60.0):
+def _finished(metrics: dict) -> dict:
+  return {k.split('"')[1]: int(v) for k, v in metrics.items() if k.startswith("llamavid_requests_finished_total{")}
+
+
+def _idle(server, limit=60.0) -> dict:
+  """Waits until the server's engine has no request -> its /metrics."""
   deadline = time.monotonic() + limit   # a bound on the wait, not a timing assertion
-  while (eng.slots_in_use or eng.queue_depth) and time.monotonic() < deadline:
+  while True:
+    m = server.metrics()
+    if not (m["llamavid_slots_in_use"] or m["llamavid_queue_depth"]) or time.monotonic() > deadline:
+      return m
     time.sleep(0.05)
 
 
 def test_a_soak_of_concurrent_clients_loses_nothing_and_leaks_nothing(soak_server):
-  m, eng, running, root = soak_server
+  m, server, root = soak_server
   kinds = _requests(m, root)
-  client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+  client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
   with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
     warm = list(pool.map(lambda i: _one(client, m, kinds, i), range(WARMUP)))
     assert all(right for _, right in warm), warm
-    _idle(eng)
-    gc.collect()
-    rss_warm, finished, t0 = _rss_kib(), dict(eng.finished), time.monotonic()
+    before = _idle(server)
+    rss_warm, finished, t0 = server.rss_kib(), _finished(before), time.monotonic()
     got = list(pool.map(lambda i: _one(client, m, kinds, i), range(SOAK)))
   secs = time.monotonic() - t0
-  _idle(eng)
-  gc.collect()
-  rss_end = _rss_kib()
+  after = _idle(server)
+  rss_end = server.rss_kib()
   done = [right for kind, right in got if kind == "ok"]
   dropped = sum(kind == "dropped" for kind, _ in got)
-  ended = {k: v - finished.get(k, 0) for k, v in eng.finished.items()}
+  ended = {k: v - finished.get(k, 0) for k, v in _finished(after).items()}
   print(f"SOAK {SOAK} requests from {CLIENTS} clients in {secs:.1f} s: {len(done)} completed, {dropped} dropped "
-        f"mid-stream; engine finishes {ended}; RSS {rss_warm / 1024:.0f} -> {rss_end / 1024:.0f} MiB "
-        f"({100 * (rss_end / rss_warm - 1):+.1f}%); compiles {eng.compiles}")
+        f"mid-stream; engine finishes {ended}; server RSS {rss_warm / 1024:.0f} -> {rss_end / 1024:.0f} MiB "
+        f"({100 * (rss_end / rss_warm - 1):+.1f}%); compiles {after['llamavid_compiles_total']:.0f}")
+  assert server.proc.poll() is None, server.output()
   assert len(done) == SOAK - SOAK // DROP_EVERY and all(done), [i for i, (_, r) in enumerate(got) if not r]
-  assert eng.slots_in_use == 0 and eng.queue_depth == 0 and eng.alive
+  assert after["llamavid_slots_in_use"] == 0 and after["llamavid_queue_depth"] == 0
+  assert httpx.get(server.url + "/health").status_code == 200
   assert sum(ended.values()) == SOAK and ended.get("error", 0) == 0, ended
   assert rss_end <= 1.10 * rss_warm, (rss_warm, rss_end)
