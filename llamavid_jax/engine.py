@@ -22,7 +22,7 @@ seed: step i of a request draws with fold_in(key(seed), i), as `generate.generat
 does for a batch of one, so a request's tokens are those of `Model.generate([req])`
 with the same arguments, greedy or sampled, whatever else runs beside it.
 
-Compiles are bounded: the decode step compiles once; a prefill (a chunked prefill's
+Compiles are bounded: the decode step compiles once per span (below); a prefill (a chunked prefill's
 embedding) compiles once per (video_mode, media kind, text bucket, frame bucket,
 Q-Former bucket), the buckets being `generate.batch_requests`'s (powers of two unless
 given), all capped by `max_positions`. `compiles` counts the distinct shapes run so
@@ -40,7 +40,13 @@ left, so the chunk step compiles once per size: at most 1 + log2(C) shapes, what
 the prompts' lengths. The stage holds ceil(max_positions / C) * C slots of one request
 (its keys and values, its embeddings), about one slot's cache more than the rows.
 
-Not here: paged attention (every row attends over all `max_positions` slots, masked).
+Decode spans: a decode dispatch attends over the cache's first `span` slots only, the
+smallest power of two (at least MIN_SPAN, at most max_positions) that holds every row in
+use after the dispatch, and a prompt is prefilled into the power of two of slots that
+holds it. So a step costs what the longest live row needs, not max_positions: an
+engine sized for a 1024-token budget decodes short answers at the cost of short rows.
+Each span's decode step is compiled at start (log2(max_positions / MIN_SPAN) + 1
+compiles). Not here: paged attention (a row still reserves max_positions slots).
 """
 
 from __future__ import annotations
@@ -61,9 +67,11 @@ import numpy as np
 from llamavid_jax import generate as gen
 from llamavid_jax import inference, validation
 from llamavid_jax.models import LlamaVid
+from llamavid_jax.models.layers import length_shards
 from llamavid_jax.models.llama import KV_ARRAYS, cache_spec
 from llamavid_jax.models.splice import batch_spliced_length
 
+MIN_SPAN = 64   # the shortest decode span (`Engine.spans`): below it a dispatch's cost is not the cache's
 _INPUTS = ("input_ids", "text_mask", "frame_mask", "qformer_ids", "qformer_mask", "frames", "features")
 
 
@@ -217,9 +225,16 @@ def _extend_rows(model: LlamaVid, params, tok, cache):
   return logits, dict(kv, valid=valid, index=index, pos=pos)
 
 
-def _decode(model, params, st, n: int, eos_id: int):
-  """n decode steps of every row -> (state, int32[B, n] tokens); a row that emitted eos
-  emits eos after it."""
+def _decode(model, params, st, n: int, eos_id: int, span: int):
+  """n decode steps of every row, attending over the cache's first `span` slots (every
+  row in use ends below it after the n steps; `Engine._span`) -> (state, int32[B, n]
+  tokens); a row that emitted eos emits eos after it. A free row may write past `span`:
+  its write lands on the span's last slot (clamped), and admission rewrites the row."""
+  full = st["cache"]
+  cut = span < full["valid"].shape[1] and length_shards(full["valid"].shape[1]) == 1
+  if cut:
+    st = dict(st, cache=dict(full, valid=full["valid"][:, :span],
+                             **{k: full[k][:, :, :span] for k in KV_ARRAYS if k in full}))
 
   def step(st, _):
     tok = _sample_rows(st["logits"], st["key"], st["step"], st["temperature"], st["top_p"])
@@ -229,16 +244,23 @@ def _decode(model, params, st, n: int, eos_id: int):
     return st, tok
 
   st, toks = jax.lax.scan(step, st, None, length=n)
+  if cut:   # written back in place (the state is donated)
+    part = st["cache"]
+    st = dict(st, cache=dict(part, valid=full["valid"].at[:, :span].set(part["valid"]),
+                             **{k: full[k].at[:, :, :span].set(part[k]) for k in KV_ARRAYS if k in full}))
   return st, toks.T
 
 
 def _write_row(st, row, logits, c, key_data, temperature, top_p):
   """Row `row` of the state <- a prefilled request: float32[V] logits, c a batch-of-one
-  cache of the state's slots (k, v [layers, 1, T, K, Dh], valid [1, T], index int32[],
-  pos [1]), its sampling; its step count starts at 0."""
+  cache of the state's first L <= T slots (k, v [layers, 1, L, K, Dh], valid [1, L],
+  index int32[], pos [1]), its sampling; its step count starts at 0. The row's slots
+  past L keep stale keys, masked (not valid) until the row writes them."""
   cache = st["cache"]
-  kv = {n: cache[n].at[:, row].set(c[n][:, 0].astype(cache[n].dtype)) for n in KV_ARRAYS if n in cache}
-  cache = dict(kv, valid=cache["valid"].at[row].set(c["valid"][0]), index=cache["index"].at[row].set(c["index"]),
+  length = c["valid"].shape[1]
+  kv = {n: cache[n].at[:, row, :length].set(c[n][:, 0].astype(cache[n].dtype)) for n in KV_ARRAYS if n in cache}
+  valid = jnp.zeros_like(cache["valid"][row]).at[:length].set(c["valid"][0])
+  cache = dict(kv, valid=cache["valid"].at[row].set(valid), index=cache["index"].at[row].set(c["index"]),
                pos=cache["pos"].at[row].set(c["pos"][0]))
   return dict(st, cache=cache, logits=st["logits"].at[row].set(logits), done=st["done"].at[row].set(False),
               step=st["step"].at[row].set(0), key=st["key"].at[row].set(key_data),
@@ -246,8 +268,10 @@ def _write_row(st, row, logits, c, key_data, temperature, top_p):
 
 
 def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len: int):
-  """Prefills one request (a batch of one) into a fresh cache of `max_len` slots and
-  writes it into row `row` of the state -> (state, int32[] its prompt positions)."""
+  """Prefills one request (a batch of one) into a fresh cache of `max_len` slots (the
+  power of two that holds its prompt: its attention reads no more) and writes it into
+  the first `max_len` slots of row `row` of the state -> (state, int32[] its prompt
+  positions)."""
   inputs = {k: v for k, v in batch.items() if k in _INPUTS}
   logits, c = model.apply({"params": params}, **inputs, max_len=max_len, method="prefill_cache")
   return _write_row(st, row, logits[0], c, key_data, temperature, top_p), c["pos"][0]
@@ -310,7 +334,7 @@ def prompt_positions(model: inference.Model, request: dict) -> int:
 
 # one jit each for every engine of the process: engines of the same model and shapes share
 # their compiles (eval.chat makes one per call)
-_decode_jit = jax.jit(_decode, static_argnums=(0, 3, 4), donate_argnums=(2,))
+_decode_jit = jax.jit(_decode, static_argnums=(0, 3, 4, 5), donate_argnums=(2,))
 _admit_jit = jax.jit(_admit, static_argnums=(0, 8), donate_argnums=(2,))
 _stage_jit = jax.jit(_stage, static_argnums=(0, 3))
 _fill_jit = jax.jit(_fill, static_argnums=(0, 4), donate_argnums=(2,))
@@ -345,6 +369,11 @@ class Engine:
       base = model.model_for([{"video_mode": mode}])
       self._models[mode] = base.clone(cfg=dataclasses.replace(base.cfg, dtype=model.dtype))
     self._decode_model = self._models[model.cfg.video_mode]
+    # decode spans: a dispatch attends over the first `span` slots, the smallest of these
+    # that the rows in use fit (`_span`), so its cost follows the longest live row, not
+    # max_positions; all are compiled at start
+    self.spans = sorted({max_positions} | {1 << k for k in range(MIN_SPAN.bit_length() - 1, 31)
+                                           if 1 << k < max_positions})
     self._decode_jit, self._admit_jit = _decode_jit, _admit_jit
     # a chunked prefill's stage: whole chunks of slots, so no chunk's write is clamped
     self._stage_len = -(-max_positions // prefill_chunk) * prefill_chunk if prefill_chunk else 0
@@ -396,8 +425,10 @@ class Engine:
     return self._thread.is_alive() and self.error is None
 
   def start(self) -> None:
-    """Compiles the decode step, then starts the step loop."""
-    self._run_decode()
+    """Compiles the decode step of every span (no row is in use: nothing is decoded),
+    then starts the step loop."""
+    for span in self.spans:
+      self._run_decode(span)
     self._thread.start()
 
   def close(self, timeout: float = 30.0) -> None:
@@ -530,9 +561,10 @@ class Engine:
     self.shapes.add(("prefill", mode) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
     s = h.sampling
     key = jax.random.key_data(jax.random.key(s.seed))
+    length = min(self.max_positions, gen.bucket(h.positions))   # the row's slots its prompt fills
     with self._memory("the engine's prefill"):
       self._state, n = self._admit_jit(self._models[mode], self.m.params, self._state, batch, jnp.int32(row), key,
-                                       jnp.float32(s.temperature), jnp.float32(s.top_p), self.max_positions)
+                                       jnp.float32(s.temperature), jnp.float32(s.top_p), length)
     h.prompt_tokens, h.slot = n, row   # a device scalar, read when the request ends: no wait here
     h.started, h.start_step = time.monotonic(), self.steps
 
@@ -599,11 +631,19 @@ class Engine:
     h.slot, h.started, h.start_step = row, time.monotonic(), self.steps
     self._rows[row] = h
 
-  def _run_decode(self) -> np.ndarray:
-    self.shapes.add(("decode", self.slots, self.max_positions, self.decode_chunk))
+  def _span(self) -> int:
+    """The smallest span that holds every row in use after this dispatch: a row's next
+    slot is its prompt's positions plus the steps decoded since it started."""
+    ends = [h.positions + self.steps - h.start_step for h in self._rows if h is not None]
+    need = max(ends, default=0) + self.decode_chunk
+    return next((s for s in self.spans if s >= need), self.max_positions)
+
+  def _run_decode(self, span: int | None = None) -> np.ndarray:
+    span = self._span() if span is None else span
+    self.shapes.add(("decode", self.slots, self.max_positions, self.decode_chunk, span))
     with self._memory("the engine's decode step"):
       self._state, toks = self._decode_jit(self._decode_model, self.m.params, self._state, self.decode_chunk,
-                                           self.eos_id)
+                                           self.eos_id, span)
       return np.asarray(toks)
 
   def _memory(self, what: str):

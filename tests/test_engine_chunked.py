@@ -76,10 +76,12 @@ def test_a_long_prompt_prefilled_in_chunks_while_another_decodes(model, reqs, mo
   assert chunks_and_tokens == ["chunk", "tokens"] * len(sizes)
   assert hl.prefill_steps == [DECODE * (k + 1) for k in range(len(sizes))]   # decode steps run before each chunk
   assert h.start_step == 0 and hl.start_step == hl.prefill_steps[-1] and h.finish_step > hl.start_step
-  # compiles: the decode step, one stage per (text, frame) bucket, a chunk step per size, one install
+  # compiles: the decode step per span (64, 128), one stage per (text, frame) bucket, a
+  # chunk step per size, one install
   fills = {k[1] for k in eng.shapes if k[0] == "fill"}
   assert fills == set(chunks(n) + chunks(n_short)) and all(s <= C and s & (s - 1) == 0 for s in fills)
-  assert sorted(k[0] for k in eng.shapes if k[0] != "fill") == ["decode", "install", "stage", "stage"]
+  assert sorted(k[0] for k in eng.shapes if k[0] not in ("fill", "decode")) == ["install", "stage", "stage"]
+  assert {k[-1] for k in eng.shapes if k[0] == "decode"} == set(eng.spans) == {64, 128}
 
 
 def test_a_request_cancelled_while_it_is_prefilled_ends_and_the_engine_goes_on(model, reqs, monkeypatch):
@@ -101,3 +103,23 @@ def test_a_request_cancelled_while_it_is_prefilled_ends_and_the_engine_goes_on(m
     assert eng.finished == {"cancelled": 1, "length": 1} and eng.slots_in_use == 0
   finally:
     eng.close()
+
+
+def test_a_row_that_outgrows_its_decode_span_moves_to_the_next(model, reqs, monkeypatch):
+  """Decode spans (`Engine.spans`, 64 and 128 here): a dispatch attends over the first
+  span slots that hold the rows in use; an answer that grows past 64 slots moves to 128
+  between dispatches and keeps its one-at-a-time greedy tokens (its prompt prefilled into
+  a 64-slot cache, the rest of its row masked)."""
+  short, _, _ = reqs
+  budget = 48
+  [want] = model.generate([short], max_new_tokens=budget)
+  eng = engine_lib.Engine(model, slots=2, max_positions=128, decode_chunk=DECODE)
+  spans, span = [], eng._span
+  monkeypatch.setattr(eng, "_span", lambda: spans.append(span()) or spans[-1])
+  try:
+    got = eng.submit(short, engine_lib.Sampling(max_tokens=budget)).result(120)
+  finally:
+    eng.close()
+  assert got.token_ids == want.token_ids
+  assert eng.positions(short) + len(want.token_ids) > 64   # the answer outgrew the first span
+  assert eng.spans == [64, 128] and spans[0] == 64 and spans[-1] == 128 and spans == sorted(spans)

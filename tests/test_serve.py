@@ -240,7 +240,7 @@ def test_concurrent_requests_get_their_one_at_a_time_tokens_and_compile_once(cli
     jax.monitoring.unregister_event_duration_listener(listener)
   assert eng.compiles == compiles and not events
   clip = [k for k in eng.shapes if k[:2] == ("prefill", "clip")]
-  assert len(clip) == 4 and ("decode", SLOTS, POSITIONS, 4) in eng.shapes   # a prefill per (text, frame) bucket
+  assert len(clip) == 4 and ("decode", SLOTS, POSITIONS, 4, POSITIONS) in eng.shapes   # a prefill per (text, frame) bucket
 
 
 @pytest.mark.slow
