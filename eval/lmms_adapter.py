@@ -16,7 +16,8 @@ max_new_tokens (default 1024, when the task's generation_kwargs name none), seed
 (sampling; the k-th generate_until request uses seed + k), quant (int8 |
 int4 LLM weights), kv_cache (int8), and the mesh one axis a model_arg: mesh_data,
 mesh_fsdp, mesh_tensor, mesh_sequence (`mesh_tensor=8` splits the model, `mesh_data=8`
-replicates it and splits each batch's requests; `eval.run --mesh` says more).
+replicates it; generate_until's engine does not split its slots over `data` yet;
+`eval.run --mesh` says more).
 
 Requests. The task's context is the question: any `<image>` in it is removed and the
 release's prompt (`inference.inference_prompt`: vicuna_v1, `<image>\\n` before the
