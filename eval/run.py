@@ -59,6 +59,10 @@ log = logging.getLogger("eval.run")
 
 
 class Predictor(Protocol):
+  """`predict` at least; `run` takes `answers(items)` (an iterator of the answers in
+  order, each as soon as it is done) instead when there is one, and calls `close()`
+  on a predictor it made (`answered`)."""
+
   def predict(self, items: list[Item]) -> list[str | None]:
     """One answer per item (None: the item's media could not be used)."""
 
