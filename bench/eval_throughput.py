@@ -1,30 +1,41 @@
 """Questions per second of the video-QA benchmark path (eval.run msvd_qa's predictor),
-with the benchmark's own token budget and with a short one.
+with the benchmark's own defaults and with a short token budget.
 
   PYTHONPATH=. python bench/eval_throughput.py --ckpt workdir/demo/context/inference \
-      --data workdir/demo/data [--batch_sizes 1,8] [--limit 64] [--max_new_tokens 8]
+      --data workdir/demo/data [--batch_sizes 8,1] [--limit 200] [--max_new_tokens 8] [--out preds.json]
 
 Reads DATA/heldout_qa.json (the synthetic generator's MSVD-QA-format held-out file)
 through `eval.benchmarks.video_qa`, and for each batch size answers the first `limit`
-questions with `eval.predict.Predictor` (greedy) twice: with the benchmark's default
-budget (`GENERATION["max_new_tokens"]`: the release's 1024) and with `max_new_tokens`;
-each once untimed (to compile every bucket the questions fall in: timing a pass that
-compiles would charge the budget timed first for both), then timed. Prints questions/s of both, their ratio
-and whether the predictions are identical. The time includes decoding the videos on
-the host, as a benchmark run does. Decoding stops when every row of a batch has emitted
-</s> (`llamavid_jax.generate`), so the long budget costs only the tokens produced.
+questions with `eval.predict.Predictor` (greedy) twice: as `eval.run` does without
+--max-new-tokens (the benchmark's budget, `GENERATION["max_new_tokens"]`: the release's
+1024, cut per question to what the model's positions leave: `fit_max_new_tokens`) and
+with `max_new_tokens`; each once untimed (to compile every shape the questions need),
+then timed. Prints questions/s of both with the load average beside each (the box is
+shared), and whether the two budgets' predictions are identical. The time includes
+decoding the videos on the host, as a benchmark run does. `--out` writes the
+predictions (for comparing two checkouts: run this file with the other's PYTHONPATH).
 
-Measured on the 2-core dev CPU shared with other jobs (figures swing 2x with the load):
-a `configs/demo.py` model trained 400 steps (held-out exact 0.755; answers are one word
-and </s>), the first 40 held-out questions, questions/s:
+Measured 2026-12-07 on the 2-core dev CPU shared with other jobs (figures swing with
+the load, 1.2-1.9 here): the demo model (`configs/demo.py`, 1600 steps, llm.max_positions
+512, so the benchmark budget fits to about 470 new tokens; answers are one word and
+</s>), the 200 held-out questions, questions/s; the engine's and generate's
+predictions identical (200/200 at each batch size and budget):
 
-  batch   1024 new tokens   8 new tokens   time 1024 / 8   predictions identical
-  1       103.0             69.1           0.67x           40/40
-  8       107.0             106.4          0.99x           40/40
-  before the early stop (batch 8, the same model): 0.21 with 1024, 69.2 with 8 (330x)
+  batch   path                                       1024 fit   8 new tokens
+  8       engine (eval.predict now), slots 640 / 128   121.1      145.6
+  8       engine, slots a whole power of two: 1024     91.6      128.2
+  8       generate, left-padded (before this change)   170.1      169.8
+  1       engine                                        96.6      147.6
+  1       generate                                     124.6      117.0
+
+The engine prefills each question alone (generate: a batch of 8 in one dispatch), and
+its slots reserve prompt + budget positions that each decode step attends over (generate
+grows its cache with the answers), hence `eval.predict.slot_positions` rounding to an
+eighth of a power of two rather than to the power of two.
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -34,9 +45,14 @@ from absl import app, flags  # noqa: E402
 
 _CKPT = flags.DEFINE_string("ckpt", None, "inference directory or train WORKDIR", required=True)
 _DATA = flags.DEFINE_string("data", "workdir/demo/data", "synthetic data folder (heldout_qa.json, videos/)")
-_BATCH = flags.DEFINE_list("batch_sizes", ["1", "8"], "batch sizes to time")
-_LIMIT = flags.DEFINE_integer("limit", 64, "questions per timed pass")
+_BATCH = flags.DEFINE_list("batch_sizes", ["8", "1"], "batch sizes to time")
+_LIMIT = flags.DEFINE_integer("limit", 200, "questions per timed pass")
 _TOKENS = flags.DEFINE_integer("max_new_tokens", 8, "the short budget, timed beside the benchmark's default")
+_OUT = flags.DEFINE_string("out", None, "write {batch: {budget: predictions}} here")
+
+
+def load() -> str:
+  return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
 def main(argv):
@@ -49,22 +65,33 @@ def main(argv):
                             video_folder=os.path.join(_DATA.value, "videos"), video_prefix=None, benchmark="msvd_qa")
   items = mod.load(args)[:_LIMIT.value]
   m = inference.load(_CKPT.value)
-  budgets = (mod.GENERATION["max_new_tokens"], _TOKENS.value)
-  print(f"{len(items)} questions, greedy, budgets {budgets[0]} (the benchmark's) and {budgets[1]}", flush=True)
+  default = mod.GENERATION["max_new_tokens"]
+  budgets = {f"{default} fit": dict(max_new_tokens=default, fit_max_new_tokens=True),
+             str(_TOKENS.value): dict(max_new_tokens=_TOKENS.value)}
+  print(f"{len(items)} questions, greedy, budgets: {', '.join(budgets)}; {Predictor.__module__} "
+        f"{'engine' if hasattr(Predictor, 'answers') else 'generate'} path", flush=True)
+  out = {}
   for b in map(int, _BATCH.value):
     rate, preds = {}, {}
-    for n in budgets:
-      p = Predictor(m, batch_size=b, max_new_tokens=n)
-      p.predict(items)   # compile every (text, frame) bucket the questions fall in, for this budget
+    for name, kw in budgets.items():
+      p = Predictor(m, batch_size=b, **kw)
+      p.predict(items)   # compile every shape the questions need, for this budget
       t = time.perf_counter()
-      preds[n] = p.predict(items)
+      preds[name] = p.predict(items)
       dt = time.perf_counter() - t
-      rate[n] = len(items) / dt
-      acc = sum(x.strip().lower() == it.meta["answer"].lower() for x, it in zip(preds[n], items)) / len(items)
-      print(f"batch {b}, {n} new tokens: {rate[n]:.2f} questions/s ({dt:.1f}s, exact {acc:.3f})", flush=True)
-    same = sum(x == y for x, y in zip(*preds.values()))
-    print(f"batch {b}: time with {budgets[0]} / with {budgets[1]} new tokens {rate[budgets[1]] / rate[budgets[0]]:.2f}x, "
-          f"predictions identical {same}/{len(items)}", flush=True)
+      getattr(p, "close", lambda: None)()
+      rate[name] = len(items) / dt
+      acc = sum((x or "").strip().lower() == it.meta["answer"].lower() for x, it in zip(preds[name], items)) / len(items)
+      print(f"batch {b}, {name} new tokens: {rate[name]:.2f} questions/s ({dt:.1f}s, exact {acc:.3f}, "
+            f"answered {sum(x is not None for x in preds[name])}/{len(items)}) [{load()}]", flush=True)
+    a, z = budgets
+    same = sum(x == y for x, y in zip(preds[a], preds[z]))
+    print(f"batch {b}: {z} / {a} new tokens {rate[z] / rate[a]:.2f}x the questions/s, predictions identical "
+          f"{same}/{len(items)}", flush=True)
+    out[b] = preds
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

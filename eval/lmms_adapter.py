@@ -9,13 +9,15 @@ The model registers through the entry point `lmms_eval.models` (pyproject.toml: 
 its code and CUDA. `ckpt` is what `inference.load` takes: a converted / inference directory
 or a train WORKDIR (its latest step).
 
-model_args: ckpt, dtype (float32 | bfloat16), batch_size (requests per `Model.generate`
-call; wins over the CLI's --batch_size), max_frames (videos with more frames at 1 fps are
-sampled uniformly down to this many; default all), max_new_tokens (default 1024, when the
-task's generation_kwargs name none), seed (sampling; batch k uses seed + k), quant (int8 |
+model_args: ckpt, dtype (float32 | bfloat16), batch_size (the serving engine's decode
+slots: requests answered at once; wins over the CLI's --batch_size), max_frames (videos
+with more frames at 1 fps are sampled uniformly down to this many; default all),
+max_new_tokens (default 1024, when the task's generation_kwargs name none), seed
+(sampling; the k-th generate_until request uses seed + k), quant (int8 |
 int4 LLM weights), kv_cache (int8), and the mesh one axis a model_arg: mesh_data,
 mesh_fsdp, mesh_tensor, mesh_sequence (`mesh_tensor=8` splits the model, `mesh_data=8`
-replicates it and splits each batch's requests; `eval.run --mesh` says more).
+replicates it; generate_until's engine does not split its slots over `data` yet;
+`eval.run --mesh` says more).
 
 Requests. The task's context is the question: any `<image>` in it is removed and the
 release's prompt (`inference.inference_prompt`: vicuna_v1, `<image>\\n` before the
@@ -29,11 +31,16 @@ padding (`Model.frames_media`), as `eval.serve` takes several image_url parts, w
 how lmms-eval's own `openai` backend sends a clip. Text-only requests are refused (the
 model always sees media).
 
-generate_until: `Model.generate` in left-padded batches of `batch_size` requests with the
-same generation kwargs. Honoured: max_new_tokens, temperature (0, or do_sample false:
-greedy), top_p, top_k, until (stop strings; the answer is cut before the first). num_beams
-> 1 is not supported (greedy, with a warning). Answers are `Answer.text`: decoded up to `</s>`,
-cut at the stop strings, stripped.
+generate_until: the requests go through `eval.predict.Answerer`, the serving engine
+(`llamavid_jax/engine.py`, continuous batching: `batch_size` decode slots, a slot taking
+the next request as soon as its answer ends) that eval.run's predictor, eval.chat,
+eval.web and eval.serve answer through; each request has its own generation kwargs, and
+its answer is `Model.generate([request])`'s with them. Honoured: max_new_tokens,
+temperature (0, or do_sample false: greedy), top_p, until (stop strings; the answer is cut
+before the first). top_k is not (the engine samples with top_p alone; a warning says so
+when a sampled task sets it), nor num_beams > 1 (greedy, with a warning). Answers are
+`Completion.text`: decoded up to `</s>`, cut at the stop strings, stripped. Media that
+cannot be read, or a prompt and budget over the model's positions, raise as before.
 
 loglikelihood: `eval.score.Scorer.score(question, continuation)` per request (batch of
 one), i.e. the sum of the continuation tokens' log-probabilities after
@@ -66,7 +73,6 @@ lmms-eval 0.7.3 quirks handled here:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from typing import Any, Sequence
 
@@ -182,7 +188,7 @@ class LlamaVidJax(lmms):
     self.m = eval_args.load(argparse.Namespace(ckpt=ckpt, dtype=dtype, **flags))   # the CLIs' one load
     self._scorer = None
     self._warned: set[str] = set()
-    self._batches = 0
+    self._requests = 0   # generate_until requests so far: request k samples with seed + k
 
   @classmethod
   def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -225,6 +231,8 @@ class LlamaVidJax(lmms):
     temperature = float(g.get("temperature") or 0.0)
     if g.get("do_sample") is False:
       temperature = 0.0
+    if int(g.get("top_k") or 0) and temperature > 0:
+      self._warn_once("llamavid_jax: top_k is not supported by the serving engine; sampling with top_p alone")
     return {"max_new_tokens": int(g.get("max_new_tokens") or self.max_new_tokens), "temperature": temperature,
             "top_p": float(g["top_p"]) if g.get("top_p") is not None else 1.0, "top_k": int(g.get("top_k") or 0),
             "stop": tuple(s for s in until if s)}
@@ -232,28 +240,31 @@ class LlamaVidJax(lmms):
   # --- lmms API -------------------------------------------------------------------
   def generate_until(self, requests: list[Instance]) -> list[str]:
     from tqdm import tqdm
-    groups: dict[str, list[int]] = {}
-    kws = []
-    for i, r in enumerate(requests):
-      kw = self._sampling(r.args[1])
-      kws.append(kw)
-      groups.setdefault(json.dumps(kw, sort_keys=True), []).append(i)
-    out: list[str | None] = [None] * len(requests)
-    bar = tqdm(total=len(requests), disable=self.rank != 0, desc="llamavid_jax generate")
-    for idx in groups.values():
-      kw = kws[idx[0]]
-      for s in range(0, len(idx), self.batch_size):
-        chunk = idx[s:s + self.batch_size]
-        reqs = []
-        for i in chunk:
-          context, _, doc_to_visual, doc_id, task, split = requests[i].args
-          reqs.append(self.m.request(_strip(context), self._doc_media(doc_to_visual, doc_id, task, split)[1]))
-        seed = self.seed + self._batches
-        self._batches += 1
-        for i, ans in zip(chunk, self.m.generate(reqs, seed=seed, **kw)):
-          out[i] = ans.text
-        bar.update(len(chunk))
-    bar.close()
+
+    from eval.predict import Answerer
+    from llamavid_jax import engine as engine_lib
+
+    def job(r: Instance):
+      def read():
+        kw = self._sampling(r.args[1])
+        context, _, doc_to_visual, doc_id, task, split = r.args
+        req = self.m.request(_strip(context), self._doc_media(doc_to_visual, doc_id, task, split)[1])
+        self.m.check_generation([req], **{k: kw[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k")})
+        seed, self._requests = self.seed + self._requests, self._requests + 1
+        return req, engine_lib.Sampling(max_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
+                                        top_p=kw["top_p"], seed=seed, stop=kw["stop"])
+      return read
+
+    out: list[str] = []
+    answerer = Answerer(self.m, slots=self.batch_size)
+    try:
+      for got in tqdm(answerer.complete(job(r) for r in requests), total=len(requests), disable=self.rank != 0,
+                      desc="llamavid_jax generate"):
+        if isinstance(got, Exception):   # media that cannot be read, a prompt too long: as generate raised them
+          raise got
+        out.append(got.text)
+    finally:
+      answerer.close()
     return out
 
   def loglikelihood(self, requests: list[Instance]) -> list:

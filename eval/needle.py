@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
   eval_args.add_model_flags(p)   # --ckpt --dtype --mesh --quant
   p.add_argument("--out", default="needle_out", help="folder for needle.json, needle.png and clips/ (the clip cache)")
   p.add_argument("--seed", type=int, default=0, help="draws the needles' colours and shapes")
-  p.add_argument("--batch-size", type=int, default=8, help="clips per generate call (at most)")
+  p.add_argument("--batch-size", type=int, default=8, help="clips decoding at once (the engine's slots; at most)")
   p.add_argument("--max-new-tokens", type=int, default=bench.GENERATION["max_new_tokens"])
   bench.add_arguments(p)
   return p

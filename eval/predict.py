@@ -1,26 +1,127 @@
-"""Benchmark Items -> answers with a loaded model: batched, jitted generation.
+"""Benchmark Items -> answers with a loaded model, through the serving engine.
 
-  p = Predictor(inference.load(ckpt), batch_size=8, max_new_tokens=64, temperature=0.0)
-  texts = p.predict(items)            # one answer per `eval.benchmarks.common.Item`
+  with Predictor(inference.load(ckpt), batch_size=8, max_new_tokens=64) as p:
+    texts = p.predict(items)          # one answer per `eval.benchmarks.common.Item`
 
 Each Item's media (video at 1 fps, image, feature file, or none) is read on the host,
 its prompt becomes the release's single-turn inference prompt (`<image>\\n` + prompt,
 `llamavid_jax/inference.py`) with the Item's `instruction` as the Q-Former text, and
-`batch_size` Items at a time go through one left-padded `generate` call. Prompt lengths
-and frame counts are rounded up to powers of two (`generate.batch_requests`), so a
-benchmark compiles once per (text bucket, frame bucket), not once per question.
-An Item whose media cannot be read (`inference.MediaError`) gets None and a warning
-naming the file; the runner counts it as failed and retries it on the next run.
+the request goes to a continuous-batching engine (`llamavid_jax/engine.py`, the one
+generation loop that eval.chat, eval.web and eval.serve run too) of `batch_size` decode
+slots: a row that ends frees its slot for the next question at once, so one long
+answer no longer holds a whole batch. Items are read at most `2 * batch_size` ahead of
+the answer being waited for (the media of a long benchmark is never all in memory), and
+answers come back in the items' order. Each request samples with its own key (the
+Predictor's seed), so an item's answer is `Model.generate([its request])`'s with the same
+arguments, whatever runs beside it. Frames and feature files mix freely.
+
+The engine's cache holds `max_positions` per slot (`slot_positions`): the largest
+(prompt positions in the engine's buckets + answer budget) of the items read so far,
+rounded up to an eighth of its power of two (a whole power of two would double the cache,
+and with it each decode step's attention, for a benchmark whose prompt + 1024-token budget
+lands just past one); it is made before the first request compiles and kept across
+`predict` calls while it is large enough (re-made larger, after the answers in flight, when
+a later item needs more: at most four sizes an octave). `close()` (or the context manager)
+stops it.
+
+`fit_max_new_tokens` (the benchmark default): each item's budget is
+min(max_new_tokens, what the model's positions leave after its own prompt). An Item
+whose media cannot be read (`inference.MediaError`) or whose prompt does not fit the
+model (`validation.BudgetError`) gets None and a warning naming it; the runner counts it
+as failed and retries it on the next run.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
+from llamavid_jax import engine as engine_lib
 from llamavid_jax import inference, validation
 
 log = logging.getLogger("eval.predict")
+
+Job = Callable[[], "tuple[dict, engine_lib.Sampling]"]   # reads one request (may raise MediaError / BudgetError)
+SKIPPED = (inference.MediaError, validation.BudgetError)   # a job's own failure: named, the run goes on
+
+
+def slot_positions(need: int) -> int:
+  """An engine slot's positions for `need`: `need` rounded up to a multiple of an eighth
+  of the power of two that covers it, and of 64: few sizes (so few compiles), at most a
+  quarter over `need` from 256 on."""
+  step = max(1 << max(need - 1, 1).bit_length() >> 3, 64)
+  return -(-need // step) * step
+
+
+class Answerer:
+  """Requests -> Completions through one engine of `slots` rows (module docstring): the
+  one place where eval.run's Predictor and the lmms-eval adapter generate."""
+
+  def __init__(self, model: inference.Model, *, slots: int = 1, prefill_chunk: int = 0):
+    if slots < 1:
+      raise ValueError(f"batch_size must be >= 1, got {slots}")
+    self.model, self.slots, self.prefill_chunk = model, slots, prefill_chunk
+    self.ahead = 2 * slots               # requests read and submitted beyond the answer waited for
+    self.engine: engine_lib.Engine | None = None
+    self.engines_made = 0
+
+  def close(self) -> None:
+    if self.engine is not None:
+      self.engine.close()
+      self.engine = None
+
+  def need(self, request: dict, sampling: engine_lib.Sampling) -> int:
+    """Cache slots a request needs: its prompt's positions (bucketed) + its budget."""
+    return engine_lib.prompt_positions(self.model, request) + sampling.max_tokens
+
+  def _engine(self, need: int, pending: collections.deque) -> engine_lib.Engine:
+    """The engine, made (again, after the submitted requests end) when it is missing or
+    holds fewer than `need` positions a slot."""
+    if self.engine is not None and self.engine.max_positions >= need:
+      return self.engine
+    for cell in pending:   # the answers in flight end on the old engine first
+      if cell[0] == "run":
+        cell[:] = ["done", cell[1].result()]
+    positions = slot_positions(need)
+    self.close()
+    mib = engine_lib.cache_bytes(self.model.cfg, self.slots, positions, self.model.dtype) / 2 ** 20
+    log.info("engine: %d slots x %d positions (%.0f MiB of KV cache)%s", self.slots, positions, mib,
+             ", re-made for a longer request" if self.engines_made else "")
+    self.engine = engine_lib.Engine(self.model, slots=self.slots, max_positions=positions, max_queue=self.ahead,
+                                    prefill_chunk=self.prefill_chunk)
+    self.engines_made += 1
+    return self.engine
+
+  def complete(self, jobs: Iterable[Job]) -> Iterator[engine_lib.Completion | Exception]:
+    """Each job's Completion in the jobs' order, or the MediaError / BudgetError its
+    reading raised; jobs are read at most `ahead` before the answer waited for."""
+    jobs = iter(jobs)
+    pending: collections.deque = collections.deque()   # [state, object]: "new" (request, Sampling),
+    more = True                                        # "run" its engine handle, "done" Completion | Exception
+    try:
+      while more or pending:
+        while more and len(pending) < self.ahead:
+          job = next(jobs, None)
+          if job is None:
+            more = False
+            break
+          try:
+            pending.append(["new", job()])
+          except SKIPPED as e:
+            pending.append(["done", e])
+        new = [c for c in pending if c[0] == "new"]
+        if new:
+          eng = self._engine(max(self.need(*c[1]) for c in new), pending)
+          for c in new:
+            c[:] = ["run", eng.submit(*c[1])]
+        if pending:
+          state, obj = pending.popleft()
+          yield obj.result() if state == "run" else obj
+    finally:   # a caller that stops early (or an error): what it no longer waits for stops too
+      for state, obj in pending:
+        if state == "run":
+          obj.cancel()
 
 
 class Predictor:
@@ -29,11 +130,27 @@ class Predictor:
                stop: Sequence[str] = (), fit_max_new_tokens: bool = False):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model.check_generation([], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           prefill_chunk=prefill_chunk)   # the values, before anything compiles
     self.model, self.batch_size = model, batch_size
     self.problems: list[str] = []
     self.fit = fit_max_new_tokens   # a default (the benchmark's): cut to what the positions leave
-    self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                   prefill_chunk=prefill_chunk, stop=tuple(stop))
+    self.max_new_tokens = max_new_tokens
+    self.sampling = dict(temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop))
+    self.answerer = Answerer(model, slots=batch_size, prefill_chunk=prefill_chunk)
+
+  def close(self) -> None:
+    self.answerer.close()
+
+  def __enter__(self) -> "Predictor":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  @property
+  def engine(self) -> engine_lib.Engine | None:
+    return self.answerer.engine
 
   SHOWN = 5   # problems logged one by one; the rest are counted (`summary`)
 
@@ -66,29 +183,28 @@ class Predictor:
   def requests(self, items) -> list[dict]:
     return [self.request(it) for it in items]
 
-  def predict(self, items) -> list[str | None]:
-    """Items -> answers, `batch_size` at a time (the last batch may be smaller); None
-    for an item whose media cannot be read (logged with the file and why)."""
-    out: list[str | None] = []
-    for i in range(0, len(items), self.batch_size):
-      batch = items[i:i + self.batch_size]
-      reqs: list[dict | None] = []
-      for it in batch:
-        try:
-          req = self.request(it)
-          self.model.check_request(req, 1 if self.fit else self.kw["max_new_tokens"], what=f"item {it.id}")
-          reqs.append(req)
-        except (inference.MediaError, validation.BudgetError) as e:   # failed, named, the run goes on
-          self.problem(f"{it.id}: {e}")
-          reqs.append(None)
-      ok = [r for r in reqs if r is not None]
-      kw = self.kw
-      if self.fit and ok:
-        kw = {**kw, "max_new_tokens": min([kw["max_new_tokens"]] + [self.model.room(r) for r in ok])}
-      kinds = {("features" if "features" in r else "frames") for r in ok}
-      if len(kinds) > 1:   # frames and feature files cannot share a batch
-        texts = iter([self.model.generate([r], **kw)[0].text for r in ok])
+  def budget(self, request: dict, what: str) -> int:
+    """The request's answer budget (BudgetError when it does not fit the model's positions)."""
+    self.model.check_request(request, 1 if self.fit else self.max_new_tokens, what=what)
+    return min(self.max_new_tokens, self.model.room(request)) if self.fit else self.max_new_tokens
+
+  def job(self, item) -> Job:
+    def read():
+      req = self.request(item)
+      return req, engine_lib.Sampling(max_tokens=self.budget(req, f"item {item.id}"), **self.sampling)
+    return read
+
+  def answers(self, items) -> Iterator[str | None]:
+    """Items -> their answers in order, each as soon as it and those before it are done;
+    None for an item whose media cannot be read or does not fit (logged, named)."""
+    items = list(items)
+    for it, got in zip(items, self.answerer.complete(self.job(it) for it in items)):
+      if isinstance(got, Exception):
+        self.problem(f"{it.id}: {got}")
+        yield None
       else:
-        texts = iter([a.text for a in self.model.generate(ok, **kw)] if ok else [])
-      out += [None if r is None else next(texts) for r in reqs]
-    return out
+        yield got.text
+
+  def predict(self, items) -> list[str | None]:
+    """Items -> answers (`answers`), as a list."""
+    return list(self.answers(items))

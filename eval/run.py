@@ -17,16 +17,19 @@ files in the order given (a glob: in natural order of its names) and keeps the f
 record of each key.
 
 Resume: the records already in PRED are kept and their items skipped; each new record
-is appended and flushed as it is produced, so a kill loses at most the batch in flight.
+is appended and flushed as it is produced, so a kill loses at most the answers in flight
+(the model's predictor answers through the serving engine, `eval/predict.py`: `--batch-size`
+decode slots, each taking the next question as soon as its answer ends; answers are
+written in the items' order).
 A torn last line (a kill mid-write) is dropped, with a warning, before appending.
 Items whose media file is missing are named, counted and skipped; so are items the
 predictor could not read (it returns None for them); a rerun retries both.
 
-Devices (`--mesh`, `eval/args.py`): `--mesh data=N` replicates the model and splits
-each batch's questions over the N devices (data parallel: use a --batch-size that is a
-multiple of N; a smaller batch is padded with copies of its last question, dropped
-after); `--mesh tensor=N` (or fsdp=F,tensor=T) splits the model for one that does not
-fit a device; both combine (data=2,tensor=4). Predictions equal one device's (greedy).
+Devices (`--mesh`, `eval/args.py`): `--mesh tensor=N` (or fsdp=F,tensor=T) splits the
+model for one that does not fit a device; `--mesh data=N` replicates it, but the
+engine's decode slots are not split over the N devices (each runs every slot), so data
+parallelism buys eval.run no speed yet; both combine (data=2,tensor=4). Predictions
+equal one device's (greedy).
 
 Summary (printed, and written to --summary): {benchmark, metric, counts: {items,
 predicted, skipped_existing, missing_media, failed}, missing_media: [[id, path]],
@@ -56,6 +59,10 @@ log = logging.getLogger("eval.run")
 
 
 class Predictor(Protocol):
+  """`predict` at least; `run` takes `answers(items)` (an iterator of the answers in
+  order, each as soon as it is done) instead when there is one, and calls `close()`
+  on a predictor it made (`answered`)."""
+
   def predict(self, items: list[Item]) -> list[str | None]:
     """One answer per item (None: the item's media could not be used)."""
 
@@ -64,8 +71,9 @@ class Predictor(Protocol):
 def model_predictor(args):
   """The checkpoint as a Predictor (`eval.predict`): each item's media read, its prompt
   asked with `<image>\\n` before it (none for a text-only item) and its instruction as
-  the Q-Former text, `--batch-size` items per generate call with the benchmark's (or
-  the flags') sampling; an unreadable media file gives None (counted as failed)."""
+  the Q-Former text, through an engine of `--batch-size` decode slots with the
+  benchmark's (or the flags') sampling; an unreadable media file gives None (counted as
+  failed). `run` closes it."""
   from eval.predict import Predictor as ModelPredictor
   m = eval_args.load(args)
   given = getattr(args, "max_new_tokens_given", True)
@@ -92,7 +100,7 @@ def build_parser(bench: str | None) -> argparse.ArgumentParser:
   p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() before chunking")
   p.add_argument("--limit", type=int, help="only the first N items of the chunk")
   p.add_argument("--batch-size", type=int, default=8,
-                 help="questions per generate call (with --mesh data=N: split over the N devices, best a multiple of N)")
+                 help="the engine's decode slots: questions answered at once, a freed slot taking the next")
   p.add_argument("--summary", help="where to write the summary JSON (run)")
   p.add_argument("--export", help="also write the release's downstream file (GQA predictions, submissions)")
   eval_args.add_sampling_flags(p, new_tokens="the benchmark's (the release's), or as many as the model's "
@@ -267,31 +275,32 @@ def run(args, predictor: Predictor | None = None) -> dict:
   predicted = failed = 0
   seconds = 0.0
   if todo:
+    own = predictor is None   # made here: closed here
     predictor = predictor or (mod.predictor(args) if hasattr(mod, "predictor") else model_predictor(args))
     from tqdm import tqdm
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     start = time.perf_counter()
-    with open(out, "a") as f, tqdm(total=len(todo), unit="q", disable=args.no_progress,
-                                   desc=args.benchmark) as bar:
-      for b in range(0, len(todo), args.batch_size):
-        batch = todo[b:b + args.batch_size]
-        preds = predictor.predict(batch)
-        if len(preds) != len(batch):
-          raise RuntimeError(f"predictor gave {len(preds)} answers for {len(batch)} items")
-        for it, pred in zip(batch, preds):
+    try:
+      with open(out, "a") as f, tqdm(total=len(todo), unit="q", disable=args.no_progress,
+                                     desc=args.benchmark) as bar:
+        for n, (it, pred) in enumerate(answered(predictor, todo, args.batch_size), 1):
+          bar.update(1)
           if pred is None:
             failed += 1
             if failed <= 5:
               log.warning("%s: no answer (media unreadable or too long), skipped", it.id)
-            continue
-          rec = mod.record(it, pred, model_id=args.model_id)
-          if record_key(mod, rec) != it.id:
-            raise RuntimeError(f"{args.benchmark}: record key {record_key(mod, rec)!r} != item id {it.id!r}")
-          f.write(json.dumps(rec) + "\n")
-          f.flush()
-          predicted += 1
-        os.fsync(f.fileno())
-        bar.update(len(batch))
+          else:
+            rec = mod.record(it, pred, model_id=args.model_id)
+            if record_key(mod, rec) != it.id:
+              raise RuntimeError(f"{args.benchmark}: record key {record_key(mod, rec)!r} != item id {it.id!r}")
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            predicted += 1
+          if n % args.batch_size == 0 or n == len(todo):
+            os.fsync(f.fileno())
+    finally:
+      if own and hasattr(predictor, "close"):
+        predictor.close()
     seconds = time.perf_counter() - start
     if failed > 5:   # one line for the rest
       said = getattr(predictor, "summary", lambda: None)()
@@ -309,6 +318,21 @@ def run(args, predictor: Predictor | None = None) -> dict:
   if args.summary:
     write_json(args.summary, summary)
   return summary
+
+
+def answered(predictor: Predictor, items: list[Item], batch_size: int):
+  """(item, answer) in the items' order: from the predictor's `answers(items)` when it
+  has one (eval.predict's: each answer as soon as it is done, the engine kept full),
+  else from `predict` on `batch_size` items at a time."""
+  if hasattr(predictor, "answers"):
+    yield from zip(items, predictor.answers(items), strict=True)
+    return
+  for b in range(0, len(items), batch_size):
+    batch = items[b:b + batch_size]
+    preds = predictor.predict(batch)
+    if len(preds) != len(batch):
+      raise RuntimeError(f"predictor gave {len(preds)} answers for {len(batch)} items")
+    yield from zip(batch, preds)
 
 
 def score_only(args) -> dict:

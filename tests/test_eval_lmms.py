@@ -181,7 +181,7 @@ def test_lmms_eval_answers_are_generate_and_score(ckpt, tasks, monkeypatch):
   m = inference.load(ckpt)
   media = [_media(m, d) for d in docs]
   assert [x.num_frames for x in media] == [1, 1, 1, 3]
-  # one request at a time: the batches of two (left padded, frames padded) give the same tokens
+  # one request at a time: the engine's two slots give each request its own tokens
   want = [m.generate([m.request(d["question"], x)], max_new_tokens=8)[0] for d, x in zip(docs, media)]
   got = {s["doc_id"]: s["filtered_resps"][0] for s in out["samples"]["toy_gen"]}
   assert got == {i: a.text for i, a in enumerate(want)}

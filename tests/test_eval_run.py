@@ -153,9 +153,8 @@ def test_bad_arguments_are_named_before_the_model(tmp_path, monkeypatch, capsys)
 
 @pytest.mark.slow
 def test_the_models_predictions_are_generates_answers(tiny_ckpt, clip28, tmp_path):
-  """eval.run on the tiny checkpoint (batches of 2, 3 questions of other lengths): each
-  prediction is `Model.generate`'s greedy answer to its question alone, and to the
-  questions as one batch (left padding changes no answer)."""
+  """eval.run on the tiny checkpoint (the engine's 2 slots, 3 questions of other
+  lengths): each prediction is `Model.generate`'s greedy answer to its question alone."""
   import shutil
   from eval import predict
   from eval.benchmarks import BENCHMARKS
@@ -175,5 +174,50 @@ def test_the_models_predictions_are_generates_answers(tiny_ckpt, clip28, tmp_pat
   reqs = predict.Predictor(m).requests(BENCHMARKS["msvd_qa"].load(args))
   alone = [m.generate([r], max_new_tokens=8)[0].text for r in reqs]
   assert [r["pred"] for r in lines(tmp_path / "pred.jsonl")] == alone
-  assert [a.text for a in m.generate(reqs, max_new_tokens=8)] == alone
   assert any(alone)   # not all empty: the comparison says something
+
+
+@pytest.mark.slow
+def test_the_predictor_answers_through_one_engine_as_generate_alone(tiny_ckpt, clip28, tmp_path, monkeypatch):
+  """eval.predict.Predictor (batch 2, the benchmark's fitted 1024-token budget) on a video,
+  text-only, image, unreadable video, video and text-only question: each answer is
+  `Model.generate([its request])`'s greedy tokens with its own budget (what the model's
+  positions leave: unequal here, as the untrained model runs to its budget); the
+  unreadable one is None and a named problem. A slot freed by a shorter answer takes the
+  next question while the other slot still decodes, and the engine's compiles are one
+  decode step and one prefill per shape: a second call on it compiles nothing."""
+  from eval import predict
+  from llamavid_jax import engine as engine_lib
+  from llamavid_jax import inference
+  from tests import data_fixtures
+  import numpy as np
+  data_fixtures.random_image(np.random.default_rng(1), 20, 12).save(tmp_path / "image.png")
+  (tmp_path / "bad.mp4").write_text("not a video\n")
+  item = lambda i, q, media, kind: common.Item(i, q, q, None if media is None else str(media), kind)
+  items = [item("v0", "What is this?", clip28, "video"), item("t1", "Hello What is this?", None, "none"),
+           item("bad", "Describe it.", tmp_path / "bad.mp4", "video"),
+           item("i3", "Describe it.", tmp_path / "image.png", "image"),
+           item("v4", "Hello What is this?", clip28, "video"), item("t5", "What is this?", None, "none")]
+  handles = []
+  submit = engine_lib.Engine.submit
+  monkeypatch.setattr(engine_lib.Engine, "submit", lambda self, *a, **k: handles.append(submit(self, *a, **k)) or handles[-1])
+  m = inference.load(tiny_ckpt)
+  with predict.Predictor(m, batch_size=2, max_new_tokens=1024, fit_max_new_tokens=True) as p:
+    preds = p.predict(items)
+    eng, compiles = p.engine, p.engine.compiles
+    assert p.predict(items[3:5]) == preds[3:5] and p.engine is eng and eng.compiles == compiles
+  assert not eng.alive
+  assert preds[2] is None and len(p.problems) == 1 and p.problems[0].startswith("bad: ")
+  ok = [it for it in items if it.id != "bad"]
+  reqs = [p.request(it) for it in ok]
+  budgets = [min(1024, m.room(r)) for r in reqs]
+  alone = [m.generate([r], max_new_tokens=n)[0] for r, n in zip(reqs, budgets)]
+  got = [h.result() for h in handles[:len(ok)]]
+  assert [g.token_ids for g in got] == [a.token_ids for a in alone]
+  assert [g.text for g in got] == [preds[items.index(it)] for it in ok] and any(g.text for g in got)
+  assert len(set(budgets)) > 1 and [g.completion_tokens for g in got] == budgets   # run to unequal budgets
+  h = handles[:len(ok)]
+  assert any(h[k].start_step < h[j].finish_step for k in range(2, len(h)) for j in range(k))   # joined mid-decode
+  prefills = {(r.get("video_mode", "clip"),) + tuple((k, v.shape) for k, v in sorted(eng.batch(r).items()))
+              for r in reqs}
+  assert compiles <= 1 + len(prefills) < len(items)

@@ -18,8 +18,9 @@ The predictor (`predictor(args)`, which `eval.run` takes instead of its default)
 checkpoint on every frame at 1 fps (the training frame cap is lifted), the Q-Former and
 token generator over chunks of `--frame-chunk` frames (default: the checkpoint's
 `frame_chunk`, or 256 where it has none; 0 = all at once), the LLM prefill over chunks of
-`--prefill-chunk` positions, at most `--max-batch-frames` frames a generate call (at least
-one clip), one clip length a call.
+`--prefill-chunk` positions, through the serving engine (`eval.predict`) with decode slots
+for at most `--max-batch-frames` frames of clips at once (at least one clip; each clip is
+prefilled alone), one clip length a call.
 
 Positions: a clip of L frames puts S' = prompt + L * tokens_per_frame - 1 positions before
 the answer, far more than a model trained on short clips has seen. `--rope-scaling auto`
@@ -74,7 +75,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--prefill-chunk", type=int, default=1024, help="LLM prefill positions per step (0: all at once)")
   parser.add_argument("--frame-chunk", type=int, default=None,
                       help=f"frames per Q-Former step (default: the checkpoint's, or {DEFAULT_FRAME_CHUNK}; 0: all)")
-  parser.add_argument("--max-batch-frames", type=int, default=4096, help="frames per generate call (at least one clip)")
+  parser.add_argument("--max-batch-frames", type=int, default=4096, help="frames of the clips decoding at once (at least one clip)")
   parser.add_argument("--rope-scaling", default="", help="linear RoPE factor: a number, or auto (per length: "
                       "ceil(positions / the checkpoint's llm.max_positions)); default: the checkpoint's")
 
@@ -332,10 +333,10 @@ class ModelPredict:
     from eval.predict import Predictor
     length = max(it.meta["length"] for it in its)
     cap = max(1, min(self.args.batch_size, self.args.max_batch_frames // length))
-    bs = -(-len(its) // -(-len(its) // cap))   # equal batches: a smaller last one would compile again
-    p = Predictor(self.model(length), batch_size=bs, max_new_tokens=self.args.max_new_tokens, temperature=0.0,
-                  prefill_chunk=self.args.prefill_chunk)
-    return p.predict(its)
+    bs = min(cap, len(its))   # the engine's decode slots (prefill is one clip at a time)
+    with Predictor(self.model(length), batch_size=bs, max_new_tokens=self.args.max_new_tokens, temperature=0.0,
+                   prefill_chunk=self.args.prefill_chunk) as p:
+      return p.predict(its)
 
   def predict(self, its: list[Item]) -> list[str | None]:
     """Clips of any lengths -> answers in their order, one length a call."""
