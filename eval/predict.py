@@ -17,9 +17,9 @@ arguments, whatever runs beside it. Frames and feature files mix freely.
 
 The engine's cache holds `max_positions` per slot (`slot_positions`): the largest
 (prompt positions in the engine's buckets + answer budget) of the items read so far,
-rounded up to an eighth of its power of two (a whole power of two would double the cache,
-and with it each decode step's attention, for a benchmark whose prompt + 1024-token budget
-lands just past one); it is made before the first request compiles and kept across
+rounded up to an eighth of its power of two (a whole power of two would nearly double the
+cache's memory for a benchmark whose prompt + 1024-token budget lands just past one; a
+decode step's attention reads only the span its rows use, `engine`'s decode spans); it is made before the first request compiles and kept across
 `predict` calls while it is large enough (re-made larger, after the answers in flight, when
 a later item needs more: at most four sizes an octave). `close()` (or the context manager)
 stops it.
