@@ -615,8 +615,10 @@ def main(argv=None) -> None:
     sys.exit(f"error: --ckpt {e}")
   kv = engine_lib.cache_bytes(m.cfg, a.slots, a.max_positions, a.dtype)
   chunked = f", prompts prefilled {a.prefill_chunk} positions per dispatch" if a.prefill_chunk else ""
+  spans = engine_lib.decode_spans(a.max_positions)
   print(f"eval.serve: {name}: {a.slots} slots x {a.max_positions} positions, KV cache {kv / 2 ** 30:.2f} GiB "
-        f"({m.cfg.kv_cache or a.dtype}){chunked}; compiling the decode step", flush=True)
+        f"({m.cfg.kv_cache or a.dtype}){chunked}; compiling the decode step for {len(spans)} spans (attention over "
+        f"{spans[0]} .. {spans[-1]} slots, the longest row in use deciding)", flush=True)
   eng = engine_lib.Engine(m, slots=a.slots, max_positions=a.max_positions, decode_chunk=a.decode_chunk,
                           max_queue=a.max_queue, prefill_chunk=a.prefill_chunk)
   limits = Limits(media_root=a.media_root, max_frames=a.max_frames, max_tokens=a.max_tokens,

@@ -316,6 +316,12 @@ def _install(st, stage, row, key_data, temperature, top_p, max_len: int):
   return _write_row(st, row, stage["logits"][0], c, key_data, temperature, top_p)
 
 
+def decode_spans(max_positions: int) -> list[int]:
+  """The decode spans of an engine of `max_positions` slots a row: the powers of two from
+  MIN_SPAN below it, and itself (one decode compile each)."""
+  return sorted({max_positions} | {1 << k for k in range(MIN_SPAN.bit_length() - 1, 31) if 1 << k < max_positions})
+
+
 def cache_bytes(cfg, slots: int, max_positions: int, dtype: str) -> int:
   """Bytes of the engine's KV cache: K and V of every LLM layer for `slots` rows of
   `max_positions` positions in `dtype`, or in `cfg.kv_cache`'s format (int8 and its
@@ -372,8 +378,7 @@ class Engine:
     # decode spans: a dispatch attends over the first `span` slots, the smallest of these
     # that the rows in use fit (`_span`), so its cost follows the longest live row, not
     # max_positions; all are compiled at start
-    self.spans = sorted({max_positions} | {1 << k for k in range(MIN_SPAN.bit_length() - 1, 31)
-                                           if 1 << k < max_positions})
+    self.spans = decode_spans(max_positions)
     self._decode_jit, self._admit_jit = _decode_jit, _admit_jit
     # a chunked prefill's stage: whole chunks of slots, so no chunk's write is clamped
     self._stage_len = -(-max_positions // prefill_chunk) * prefill_chunk if prefill_chunk else 0
