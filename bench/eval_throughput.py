@@ -15,23 +15,26 @@ shared), and whether the two budgets' predictions are identical. The time includ
 decoding the videos on the host, as a benchmark run does. `--out` writes the
 predictions (for comparing two checkouts: run this file with the other's PYTHONPATH).
 
-Measured 2026-12-07 on the 2-core dev CPU shared with other jobs (figures swing with
-the load, 1.2-1.9 here): the demo model (`configs/demo.py`, 1600 steps, llm.max_positions
-512, so the benchmark budget fits to about 470 new tokens; answers are one word and
-</s>), the 200 held-out questions, questions/s; the engine's and generate's
-predictions identical (200/200 at each batch size and budget):
+Measured 2026-12-07 on the 2-core dev CPU (load average 1.2-2.0; passes of 1.3-1.8 s, so
+figures swing by about 10%: two runs of a row differ that much): the demo model
+(`configs/demo.py`, 1600 steps, llm.max_positions 512, so the benchmark budget fits to
+about 470 new tokens; answers are one word and </s>), the 200 held-out questions,
+questions/s; predictions identical for both budgets and both paths (200/200; the two
+paths' --out files equal):
 
-  batch   path                                       1024 fit   8 new tokens
-  8       engine (eval.predict now), slots 640 / 128   121.1      145.6
-  8       engine, slots a whole power of two: 1024     91.6      128.2
-  8       generate, left-padded (before this change)   170.1      169.8
-  1       engine                                        96.6      147.6
-  1       generate                                     124.6      117.0
+  batch   path                                          1024 fit   8 new tokens
+  8       engine with decode spans (eval.predict now)    137.8      135.1
+  8       engine, every step over the whole slot         121.1      145.6
+  8       generate, left-padded (before the engine)      152.5      144.5
+  1       engine with decode spans                       142.2      148.3
+  1       engine, every step over the whole slot          96.6      147.6
+  1       generate                                       110.0      113.3
 
-The engine prefills each question alone (generate: a batch of 8 in one dispatch), and
-its slots reserve prompt + budget positions that each decode step attends over (generate
-grows its cache with the answers), hence `eval.predict.slot_positions` rounding to an
-eighth of a power of two rather than to the power of two.
+With decode spans (`llamavid_jax/engine.py`) a step attends over what its rows use, so
+the fitted 1024-token budget costs what 8 tokens cost (0.98x at batch 8, 1.04x at batch
+1); before them a slot's whole prompt + budget was read each step. The engine prefills
+each question alone where generate prefills a batch of 8 in one dispatch, which is most
+of what is left between them at batch 8 (0.90x).
 """
 
 import argparse
