@@ -2,6 +2,7 @@
 sharded restore, the whole EVA-CLIP tower (one block less, as LAVIS; --vit-depth),
 refused pickles against corrupt files, and the error messages."""
 
+import copy
 import json
 import os
 import shutil
@@ -363,3 +364,36 @@ def test_release_names_come_from_the_registries():
                                 "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
   assert mapping.projector_rules(C.LlamaVidConfig())["model.mm_projector.2.weight"].path == \
       ("token_gen", "mm_projector", "fc2", "kernel")
+
+
+@pytest.fixture(scope="module")
+def peaked(release, tmp_path_factory):
+  """The release fixture's model with its LM head scaled by 24, written in the release
+  layout and converted: next-token distributions peaked as a trained model's (the
+  fixture's own log-probs sit within 0.05 of -log V, which no quantization moves)."""
+  ref = copy.deepcopy(release["ref"])
+  with torch.no_grad():
+    ref.llama.lm_head.weight.mul_(24)
+  root = tmp_path_factory.mktemp("peaked")
+  src = tl.write_release(str(root / "bin"), ref, release["tok"], fmt="bin")
+  out = str(root / "out")
+  return out, convert.convert_release(src, release["vit"], release["bert"], out, image_size=42)
+
+
+@pytest.mark.parametrize("mode, mean_max", [("int8", 0.05), ("int4", 0.3)])
+@pytest.mark.slow
+def test_a_converted_release_checkpoint_quantized_stays_close_to_fp32(peaked, mode, mean_max):
+  """Qwix weights (`inference.load(quant=)`, as served) of a converted release-layout
+  checkpoint: the log-prob of each next text token, teacher-forced on `_batch`, moves
+  from fp32's by at most 0.05 on average in int8 and 0.3 in int4 (the max is printed)."""
+  from llamavid_jax import inference
+  from tests.test_quant import token_logprobs
+  out, cfg = peaked
+  batch = _batch(cfg, np.random.RandomState(0))
+  logprobs = lambda m: token_logprobs(m.model_for([{}]), m.params, batch)
+  want = logprobs(inference.load(out))
+  assert want.std() > 0.8, want   # spread out (not a uniform -log V that nothing moves)
+  delta = np.abs(logprobs(inference.load(out, quant=mode)) - want)
+  print(f"QUANT converted release checkpoint, {mode}: mean |delta logprob| {delta.mean():.4f}, "
+        f"max {delta.max():.4f} over {delta.size} tokens (fp32 log-probs {want.mean():.2f} +- {want.std():.2f})")
+  assert 0 < delta.mean() <= mean_max, (delta.mean(), delta.max())
