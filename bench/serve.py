@@ -21,7 +21,8 @@ level of concurrent clients, streaming. Printed per level:
 - slot use: mean slots in use per decode step, as a fraction of --slots;
 - x one-at-a-time: tokens/s over the 1-client level's (the same requests one at a time).
 Every shape is compiled by a warm-up pass first; the figures are of one run (the dev CPU
-is shared: expect them to swing).
+is shared: expect them to swing). The clients run in a process of their own (as on
+another machine), the server and its engine in this one.
 """
 
 import argparse
@@ -29,6 +30,7 @@ import base64
 import concurrent.futures
 import dataclasses
 import io
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -101,8 +103,12 @@ def requests(n: int, max_tokens: int) -> list[dict]:
   return out
 
 
-def run_level(client, model_name: str, reqs: list[dict], clients: int):
-  """-> (wall s, [(latency s, completion tokens)])."""
+def run_level(url: str, model_name: str, reqs: list[dict], clients: int):
+  """`clients` threads of the openai client sending `reqs` to the server at `url`
+  -> (wall s, [(latency s, completion tokens)])."""
+  import openai
+  client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+
   def one(body):
     t0 = time.perf_counter()
     tokens = 0
@@ -125,14 +131,16 @@ def pct(xs, p: float) -> float:
 def bench(m: inference.Model, label: str, a, n_requests: int, max_tokens: int, levels: list[int],
           slots: int) -> None:
   """One model: the server, a warm-up, then the table (module doc)."""
-  import openai
   eng = engine_lib.Engine(m, slots=slots, max_positions=a.max_positions, max_queue=max(levels) + n_requests)
   running = serve.Running(serve.make_app(eng, "bench", serve.Limits(max_tokens=max_tokens)))
-  client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+  # the clients in a process of their own, as on another machine: 32 client threads in the
+  # server's interpreter would share its GIL, and the figure would be theirs as much as the server's
+  clients = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+  run = lambda reqs, c: clients.submit(run_level, running.url, "bench", reqs, c).result()
   reqs = requests(n_requests, max_tokens)
   try:
     t0 = time.perf_counter()
-    run_level(client, "bench", reqs[:12], 12)   # every (media, question) pair: every shape compiled
+    run(reqs[:12], 12)   # every (media, question) pair: every shape compiled
     llm = m.cfg.llm
     print(f"{label}: {llm.num_layers}-layer d_model {llm.d_model} vocab {llm.vocab_size} LLM, {a.dtype}, {slots} "
           f"slots x {a.max_positions} positions, {n_requests} requests of <= {max_tokens} tokens; warm-up "
@@ -142,7 +150,7 @@ def bench(m: inference.Model, label: str, a, n_requests: int, max_tokens: int, l
     base = None
     for c in levels:
       ttft0, steps0, busy0 = eng.ttft_count, eng.steps, eng.busy_row_steps
-      wall, out = run_level(client, "bench", reqs, c)
+      wall, out = run(reqs, c)
       tps = sum(t for _, t in out) / wall
       ttft = list(eng.ttft)[-(eng.ttft_count - ttft0):] if eng.ttft_count > ttft0 else []
       steps = eng.steps - steps0
@@ -154,6 +162,7 @@ def bench(m: inference.Model, label: str, a, n_requests: int, max_tokens: int, l
             f"{pct(lat, 99):>7.3f}s {use:>8.2f} {ratio:>15}", flush=True)
     print(f"compiles after all levels: {eng.compiles}", flush=True)
   finally:
+    clients.shutdown()
     running.stop()
     eng.close()
 
