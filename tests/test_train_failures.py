@@ -119,6 +119,19 @@ def test_a_resume_with_other_model_shapes_is_refused_before_building(tiny_ckpt):
                            "(3 arrays, e.g. ['llm']['layers']['down_proj']['kernel'] (2, 64, 32) -> (2, 128, 32); ")
 
 
+def test_evaluators_in_a_multi_process_run_are_refused_before_anything_is_built(tmp_path, monkeypatch):
+  """config.evals answers through the serving engine, a loop of one process: a run of
+  several processes is refused in one line naming the way out, before any file is read."""
+  import jax
+  c = config(tmp_path)
+  c.evals = dict(heldout=dict(bench="msvd_qa", args=dict(question_file=str(tmp_path / "none.json"))))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ConfigError, match=r"^config.evals: evaluators run in single-process runs only .* this run has "
+                                        r"2 processes: set config.evals=\{\} and run python -m eval.run"):
+    train(c)
+  assert not os.listdir(tmp_path)
+
+
 @pytest.mark.slow
 def test_resume_with_another_global_batch_size_is_refused(tmp_path):
   """The global batch is the data's: a resume may change the process count, not it."""

@@ -25,7 +25,6 @@ import logging
 import os
 import time
 
-import jax
 
 log = logging.getLogger("train.evaluators")
 
@@ -99,9 +98,9 @@ def answer(model, spec: dict, mod, args, items: list) -> tuple[list, list[dict],
   `eval.predict` with `spec`'s generation settings -> (answers, the benchmark's
   records, its metric summary)."""
   from eval.predict import Predictor
-  pred = Predictor(model, batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
-                   temperature=spec["temperature"], top_p=spec["top_p"])
-  answers = pred.predict(items)
+  with Predictor(model, batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+                 temperature=spec["temperature"], top_p=spec["top_p"]) as pred:   # its engine (and cache) freed after
+    answers = pred.predict(items)
   records = [mod.record(it, p) for it, p in zip(items, answers)]
   return answers, records, mod.score(records, args)
 
@@ -153,8 +152,6 @@ class Evaluators:
       out[name] = summary
       scalars = {f"eval/{name}/{k}": float(v) for k, v in _numbers(summary).items()}
       log_scalars(step, scalars)
-      if jax.process_index():   # every process generates (the parameters may span hosts); one writes
-        continue
       folder = os.path.join(self.workdir, "evals", name)
       os.makedirs(folder, exist_ok=True)
       with open(os.path.join(folder, f"step_{step}.jsonl"), "w") as f:

@@ -510,6 +510,10 @@ def train(c) -> dict:
   from train import checkpointing, metrics, optim
 
   _check_export(c)
+  if c.get("evals") and jax.process_count() > 1:
+    raise ConfigError(f"config.evals: evaluators run in single-process runs only (their answers come from the "
+                      f"serving engine, one process's loop), this run has {jax.process_count()} processes: set "
+                      "config.evals={} and run python -m eval.run on WORKDIR/inference")
   # the evaluators' question files are read (and missing ones named) before anything compiles
   check_config(c)
   check_resume(c)
