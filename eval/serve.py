@@ -608,7 +608,10 @@ def main(argv=None) -> None:
   except ImportError as e:
     sys.exit(f"error: {e.name} is missing: pip install 'llamavid-jax[serve]'")
   name = a.served_model_name or os.path.basename(os.path.normpath(a.ckpt))
-  sock = listen(a.host, a.port)   # before the model loads: a port in use fails at once
+  try:
+    sock = listen(a.host, a.port)   # before the model loads: a port in use fails at once
+  except OSError as e:
+    sys.exit(f"error: --host {a.host} --port {a.port}: {e.strerror}")
   try:
     m = eval_args.load(a)
   except FileNotFoundError as e:
@@ -639,14 +642,14 @@ def run_server(app, sock: socket.socket) -> None:
 
 
 def listen(host: str, port: int) -> socket.socket:
-  """A bound socket (`port` 0: an ephemeral one, printed when serving) or a one-line error."""
+  """A socket bound to `host`:`port` (0: an ephemeral port); OSError when it cannot be."""
   sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   try:
     sock.bind((host, port))
-  except OSError as e:
+  except OSError:
     sock.close()
-    sys.exit(f"error: --host {host} --port {port}: {e.strerror}")
+    raise
   return sock
 
 

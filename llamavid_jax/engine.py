@@ -67,7 +67,6 @@ import numpy as np
 from llamavid_jax import generate as gen
 from llamavid_jax import inference, validation
 from llamavid_jax.models import LlamaVid
-from llamavid_jax.models.layers import length_shards
 from llamavid_jax.models.llama import KV_ARRAYS, cache_spec
 from llamavid_jax.models.splice import batch_spliced_length
 
@@ -230,8 +229,8 @@ def _decode(model, params, st, n: int, eos_id: int, span: int):
   row in use ends below it after the n steps; `Engine._span`) -> (state, int32[B, n]
   tokens); a row that emitted eos emits eos after it. A free row may write past `span`:
   its write lands on the span's last slot (clamped), and admission rewrites the row."""
-  full = st["cache"]
-  cut = span < full["valid"].shape[1] and length_shards(full["valid"].shape[1]) == 1
+  full = st["cache"]   # the engine's own state: never split along its length
+  cut = span < full["valid"].shape[1]
   if cut:
     st = dict(st, cache=dict(full, valid=full["valid"][:, :span],
                              **{k: full[k][:, :, :span] for k in KV_ARRAYS if k in full}))

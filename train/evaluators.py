@@ -25,7 +25,6 @@ import logging
 import os
 import time
 
-
 log = logging.getLogger("train.evaluators")
 
 DEFAULTS = dict(every=0, args={}, batch_size=8, max_new_tokens=64, temperature=0.0, top_p=1.0, limit=0)
