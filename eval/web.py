@@ -33,7 +33,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -136,6 +138,22 @@ def attention_gallery(model: inference.Model, request: dict, state: dict) -> lis
   return [(pic, f"{where(t)} · peak {r:.1f}×") for pic, t, r in zip(pictures, state["times"], peaks)]
 
 
+def write_gallery(gallery: list[tuple[np.ndarray, str]], folder: str) -> list[tuple[str, str]]:
+  """-> the gallery as (PNG path, caption), each picture written once into `folder`.
+
+  The page is given files, not arrays: gradio writes an array's picture to its cache
+  afresh at every streamed output, truncating the file a browser or client may still be
+  reading (seen as `Too little data for declared Content-Length`); a file is copied into
+  its cache once, atomically."""
+  from PIL import Image
+  out = []
+  for i, (pic, caption) in enumerate(gallery):
+    path = os.path.join(folder, f"frame{i:02d}.png")
+    Image.fromarray(pic).save(path)
+    out.append((path, caption))
+  return out
+
+
 def build_app(model: inference.Model, max_frames: int | None = 600, *, temperature: float = inference.CHAT["temperature"],
               top_p: float = inference.CHAT["top_p"], max_new_tokens: int = 512, seed: int = 0,
               prefill_chunk: int = 0, engine: engine_lib.Engine | None = None):
@@ -196,14 +214,21 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
     # the slider's value, or as many as the positions leave (said in the status line)
     cut = f" (max new tokens cut to {room}: the model's positions end there)" if mnt > room else ""
     mnt = min(mnt, room)
-    gallery = attention_gallery(model, request, state)
+    folder = tempfile.mkdtemp(prefix="llamavid-web-")   # this answer's pictures, gone when it ends
+    try:
+      yield from answer(request, history, question, folder, state, mnt, float(temp), float(tp), cut)
+    finally:
+      shutil.rmtree(folder, ignore_errors=True)
+
+  def answer(request, history, question, folder, state, mnt, temp, tp, cut):
+    gallery = write_gallery(attention_gallery(model, request, state), folder)
     asked = history + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
     # Yielded before the engine has the request: gradio can close a generator (a user who
     # leaves or cancels) only once it has yielded, and closing it is what frees the slot.
     yield asked, "", gallery, "Answering…"
+    problem = None
     try:
-      handle = eng.submit(request, engine_lib.Sampling(max_tokens=mnt, temperature=float(temp), top_p=float(tp),
-                                                       seed=seed))
+      handle = eng.submit(request, engine_lib.Sampling(max_tokens=mnt, temperature=temp, top_p=tp, seed=seed))
     except engine_lib.QueueFull:
       problem = BUSY
     except engine_lib.EngineStopped as e:
@@ -214,11 +239,11 @@ def build_app(model: inference.Model, max_frames: int | None = 600, *, temperatu
       return
     history = asked
     try:   # a user who leaves mid-answer (the generator is closed) frees the slot
-      answer = ""
-      for piece in handle:
-        answer += piece
-        history[-1] = {"role": "assistant", "content": answer}
-        yield history, "", gallery, "Answering…"
+      text = ""
+      for piece in handle:   # the gallery is unchanged while the answer streams
+        text += piece
+        history[-1] = {"role": "assistant", "content": text}
+        yield history, "", gr.skip(), "Answering…"
       final = handle.result()
     finally:
       handle.cancel()

@@ -75,6 +75,10 @@ def test_an_upload_and_two_questions_stream_the_greedy_answers(demo, tmp_path):
     assert want.text and [_text(h) for h in history[-2:]] == [question, want.text], (history, want)
     assert [h["role"] for h in history] == ["user", "assistant"] * (len(turns) // 2)
     assert box == "" and status == f"`clip.mp4`: answered in {len(want.token_ids)} tokens."
+    # the pictures are sent with the first and last outputs only, as the same cached files
+    # (re-sent with every token, gradio rewrote them under a client still reading them)
+    assert all(o[2] == {"__type__": "update"} for o in outputs[1:-1]), [o[2] for o in outputs]
+    assert [g["image"] for g in outputs[0][2]] == [g["image"] for g in gallery], (outputs[0][2], gallery)
     partial = [_text(o[0][-1]) for o in outputs]    # the answer as it grew
     assert partial[0] == "" and len(set(partial)) > 2 and all(want.text.startswith(p) for p in partial), partial
     assert [g["caption"].split(" · ")[0] for g in gallery] == ["0 s", "1 s", "2 s"], gallery
