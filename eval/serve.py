@@ -3,7 +3,7 @@
   python -m eval.serve --ckpt DIR [--host 127.0.0.1] [--port 8000] [--slots 16]
       [--media-root DIR] [--max-queue 64] [--max-positions 2048] [--max-frames 256]
       [--max-tokens 1024] [--max-body-mb 64] [--dtype float32|bfloat16] [--decode-chunk 4]
-      [--prefill-chunk C] [--mesh AXIS=N,...] [--quant int8|int4] [--served-model-name NAME]
+      [--prefill-chunk C] [--prefill-batch 1] [--mesh AXIS=N,...] [--quant int8|int4] [--served-model-name NAME]
 
 Endpoints:
 - `POST /v1/chat/completions`: `messages` whose `content` is a string or a list of parts:
@@ -584,6 +584,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--prefill-chunk", type=int, default=0,
                  help="prefill a prompt C positions per dispatch, the running requests decoding between "
                       "(0: each prompt in one dispatch)")
+  p.add_argument("--prefill-batch", type=int, default=1,
+                 help="queued requests of one prompt shape (buckets) prefilled together in one dispatch, at most "
+                      "(unchunked prefill only; each group size compiles when a load first forms it)")
   p.add_argument("--served-model-name", help="the model id clients name (default: the --ckpt directory's name)")
   return p
 
@@ -596,7 +599,7 @@ def main(argv=None) -> None:
     p.error(f"--ckpt {a.ckpt}: no such directory")
   if a.media_root is not None and not os.path.isdir(a.media_root):
     p.error(f"--media-root {a.media_root}: no such directory")
-  for flag in ("slots", "max_frames", "max_tokens", "decode_chunk"):
+  for flag in ("slots", "max_frames", "max_tokens", "decode_chunk", "prefill_batch"):
     if getattr(a, flag) < 1:
       p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
   if a.max_queue < 0 or a.max_positions < 2 or a.max_body_mb <= 0 or not 0 <= a.port < 65536 or a.prefill_chunk < 0:
@@ -618,12 +621,15 @@ def main(argv=None) -> None:
     sys.exit(f"error: --ckpt {e}")
   kv = engine_lib.cache_bytes(m.cfg, a.slots, a.max_positions, a.dtype)
   chunked = f", prompts prefilled {a.prefill_chunk} positions per dispatch" if a.prefill_chunk else ""
+  if a.prefill_batch > 1 and not a.prefill_chunk:
+    chunked += (f", up to {a.prefill_batch} queued prompts of one shape prefilled together (each group size "
+                "compiles when a load first forms it)")
   spans = engine_lib.decode_spans(a.max_positions)
   print(f"eval.serve: {name}: {a.slots} slots x {a.max_positions} positions, KV cache {kv / 2 ** 30:.2f} GiB "
         f"({m.cfg.kv_cache or a.dtype}){chunked}; compiling the decode step for {len(spans)} spans (attention over "
         f"{spans[0]} .. {spans[-1]} slots, the longest row in use deciding)", flush=True)
   eng = engine_lib.Engine(m, slots=a.slots, max_positions=a.max_positions, decode_chunk=a.decode_chunk,
-                          max_queue=a.max_queue, prefill_chunk=a.prefill_chunk)
+                          max_queue=a.max_queue, prefill_chunk=a.prefill_chunk, prefill_batch=a.prefill_batch)
   limits = Limits(media_root=a.media_root, max_frames=a.max_frames, max_tokens=a.max_tokens,
                   max_body=int(a.max_body_mb * 2 ** 20))
   host = f"[{a.host}]" if ":" in a.host else a.host

@@ -8,7 +8,7 @@ join and leave the running batch at step boundaries.
   eng.close()
 
 A background thread runs the step loop: it admits queued requests into free slots
-(prefill of one request, its KV cache written into its slot's row), then runs
+(their prefill, each one's KV cache written into its slot's row), then runs
 `decode_chunk` decode steps of every slot in one dispatch, hands each row's new tokens
 to its request (text pieces, cut at eos, at the token budget and before stop strings,
 as `inference.Model.generate` cuts them) and frees the slot of every row that ended.
@@ -22,11 +22,20 @@ seed: step i of a request draws with fold_in(key(seed), i), as `generate.generat
 does for a batch of one, so a request's tokens are those of `Model.generate([req])`
 with the same arguments, greedy or sampled, whatever else runs beside it.
 
+Batched prefill (`prefill_batch` > 1; default 1, one request a dispatch): queued
+requests of one prefill shape (the same mode and buckets: the same arrays' shapes) are
+prefilled together, as a batch of k rows in one dispatch, k the power of two (at most
+`prefill_batch` and the free slots) that the waiting ones of that shape fill; a row's
+cache, logits and tokens are those of its prefill alone (a chunked prefill, below,
+takes one request at a time). Each group size of a shape compiles the first time a load
+forms it, which stalls every stream for that compile: on the 2-core CPU its gain on short
+answers was within the run-to-run spread (bench/serve.py --prefill-batch).
+
 Compiles are bounded: the decode step compiles once per span (below); a prefill (a chunked prefill's
 embedding) compiles once per (video_mode, media kind, text bucket, frame bucket,
-Q-Former bucket), the buckets being `generate.batch_requests`'s (powers of two unless
-given), all capped by `max_positions`. `compiles` counts the distinct shapes run so
-far (`shapes`).
+Q-Former bucket, rows k: 1, 2, 4, .. up to prefill_batch), the buckets being
+`generate.batch_requests`'s (powers of two unless given), all capped by
+`max_positions`. `compiles` counts the distinct shapes run so far (`shapes`).
 
 Chunked prefill (`prefill_chunk` C > 0): a request's prompt is first embedded (ViT /
 Q-Former / token generator and the splice, one dispatch) into a stage of its own, then
@@ -129,7 +138,9 @@ class Handle:
     self.prefill_steps: list[int] = []
     self.slot: int | None = None
     self.batch: dict | None = None   # its prefill batch (`Engine.batch`)
-    self.prompt_tokens = 0
+    self.shape: tuple = ()           # its prefill's shape (requests of one shape prefill together)
+    self.key_data: np.ndarray | None = None   # uint32[2]: its sampling seed's key
+    self.prompt_tokens = (0, 0)   # (array of int, index): its prompt positions, read when it ends
     self.ids: list[int] = []
     self.shown = ""
     self.completion: Completion | None = None
@@ -205,7 +216,10 @@ def _sample_rows(logits, key_data, steps, temperature, top_p):
     drawn = jax.random.categorical(key, scaled[None])[0]
     return jnp.where(t > 0, drawn, jnp.argmax(lg)).astype(jnp.int32)
 
-  return jax.vmap(one)(logits, key_data, steps, temperature, top_p)
+  # a batch of greedy rows takes the argmax alone: the sort for top_p is most of a
+  # small model's step (a sampled row takes the same argmax in `one` when its t is 0)
+  return jax.lax.cond(jnp.any(temperature > 0), lambda: jax.vmap(one)(logits, key_data, steps, temperature, top_p),
+                      lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 def _extend_rows(model: LlamaVid, params, tok, cache):
@@ -266,14 +280,19 @@ def _write_row(st, row, logits, c, key_data, temperature, top_p):
               temperature=st["temperature"].at[row].set(temperature), top_p=st["top_p"].at[row].set(top_p))
 
 
-def _admit(model, params, st, batch, row, key_data, temperature, top_p, max_len: int):
-  """Prefills one request (a batch of one) into a fresh cache of `max_len` slots (the
-  power of two that holds its prompt: its attention reads no more) and writes it into
-  the first `max_len` slots of row `row` of the state -> (state, int32[] its prompt
+def _admit(model, params, st, batch, rows, key_data, temperature, top_p, max_len: int):
+  """Prefills k requests of one shape (a batch of k; int32[k] rows, uint32[k, 2] keys,
+  float32[k] temperature / top_p) into a fresh cache of `max_len` slots (the power of two
+  that holds their prompts: their attention reads no more) and writes request i into
+  the first `max_len` slots of row rows[i] of the state -> (state, int32[k] their prompt
   positions)."""
   inputs = {k: v for k, v in batch.items() if k in _INPUTS}
   logits, c = model.apply({"params": params}, **inputs, max_len=max_len, method="prefill_cache")
-  return _write_row(st, row, logits[0], c, key_data, temperature, top_p), c["pos"][0]
+  for i in range(logits.shape[0]):
+    one = dict({n: c[n][:, i:i + 1] for n in KV_ARRAYS if n in c}, valid=c["valid"][i:i + 1], index=c["index"],
+               pos=c["pos"][i:i + 1])
+    st = _write_row(st, rows[i], logits[i], one, key_data[i], temperature[i], top_p[i])
+  return st, c["pos"]
 
 
 # --- chunked prefill: a request's prompt over several dispatches, decode steps between ---
@@ -352,18 +371,22 @@ class Engine:
   `decode_chunk` steps run per dispatch (a request joins or leaves between them).
   `prefill_chunk` C > 0: a request's prompt is prefilled C positions per dispatch,
   with a decode dispatch of the running rows between (0: each prompt in one dispatch).
-  text / frame / qformer buckets: `generate.batch_requests`'s (None: powers of two)."""
+  `prefill_batch`: at most this many queued requests of one shape are prefilled in one
+  dispatch (1: one at a time). text / frame / qformer buckets:
+  `generate.batch_requests`'s (None: powers of two)."""
 
   def __init__(self, model: inference.Model, *, slots: int = 16, max_positions: int = 2048,
-               decode_chunk: int = 4, max_queue: int = 64, prefill_chunk: int = 0,
+               decode_chunk: int = 4, max_queue: int = 64, prefill_chunk: int = 0, prefill_batch: int = 1,
                text_buckets: Sequence[int] | None = None, frame_buckets: Sequence[int] | None = None,
                qformer_buckets: Sequence[int] | None = None, start: bool = True):
-    if slots < 1 or max_positions < 2 or decode_chunk < 1 or max_queue < 0 or prefill_chunk < 0:
+    if slots < 1 or max_positions < 2 or decode_chunk < 1 or max_queue < 0 or prefill_chunk < 0 or prefill_batch < 1:
       raise ValueError(f"engine: slots {slots}, max_positions {max_positions}, decode_chunk {decode_chunk}, "
-                       f"max_queue {max_queue}, prefill_chunk {prefill_chunk}: need slots >= 1, max_positions >= 2, "
-                       "decode_chunk >= 1, max_queue >= 0, prefill_chunk >= 0")
+                       f"max_queue {max_queue}, prefill_chunk {prefill_chunk}, prefill_batch {prefill_batch}: need "
+                       "slots >= 1, max_positions >= 2, decode_chunk >= 1, max_queue >= 0, prefill_chunk >= 0, "
+                       "prefill_batch >= 1")
     self.m, self.slots, self.max_positions = model, slots, max_positions
     self.decode_chunk, self.max_queue, self.prefill_chunk = decode_chunk, max_queue, prefill_chunk
+    self.prefill_batch = prefill_batch
     self.buckets = dict(text_buckets=text_buckets, frame_buckets=frame_buckets, qformer_buckets=qformer_buckets)
     self.eos_id = model.eos_id
     self.tokenizer_lock = threading.Lock()   # fast tokenizers are not safe to call from two threads at once
@@ -382,6 +405,7 @@ class Engine:
     # a chunked prefill's stage: whole chunks of slots, so no chunk's write is clamped
     self._stage_len = -(-max_positions // prefill_chunk) * prefill_chunk if prefill_chunk else 0
     self._filling: _Filling | None = None   # the request being prefilled chunk by chunk
+    self._prefill_alone = 0   # after a group's prefill failed: its requests are prefilled one at a time
     self._state = self._init_state()
     self._rows: list[Handle | None] = [None] * slots
     self._queue: collections.deque[Handle] = collections.deque()
@@ -484,13 +508,15 @@ class Engine:
       raise RequestTooLarge("max_tokens", f"max_tokens must be >= 1, got {sampling.max_tokens}")
     batch = self.batch(request)   # here, in the caller's thread: the engine's thread only runs the model
     n = self.check(request, sampling.max_tokens, batch)
+    shape = (request.get("video_mode", "clip"),) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+    key_data = np.asarray(jax.random.key_data(jax.random.key(sampling.seed)))
     with self._cv:
       if self._stop or not self.alive:
         raise EngineStopped("the engine is not running" + (f": {self.error!r}" if self.error else ""))
       if len(self._queue) >= self.max_queue:
         raise QueueFull(f"{len(self._queue)} requests are queued (max_queue {self.max_queue})")
       h = Handle(next(self._ids), request, sampling, n, on_event)
-      h.batch = batch
+      h.batch, h.shape, h.key_data = batch, shape, key_data
       self._queue.append(h)
       self._cv.notify_all()
     return h
@@ -551,26 +577,54 @@ class Engine:
       h = self._pop_queued()
       if h is None:
         return
-      row = self._rows.index(None)
+      free = [i for i, r in enumerate(self._rows) if r is None]
+      group = [h] + self._pop_alike(h, min(len(free), self.prefill_batch) - 1)
+      k = 1 << (len(group).bit_length() - 1)   # a power of two: a bounded number of prefill compiles
+      with self._cv:
+        self._queue.extendleft(reversed(group[k:]))   # the rest wait at the front, in order
+      group = group[:k]
       try:
-        self._prefill(h, row)
-      except Exception as e:   # this request's failure (a shape the model refuses): it alone ends
+        self._prefill(group, free[:k])
+      except Exception as e:   # a shape the model refuses: the request fails alone (a group: each alone)
+        if k > 1:
+          with self._cv:
+            self._queue.extendleft(reversed(group))
+          self._prefill_alone = len(group)
+          continue
         h._finish(None, e)
         self.finished["error"] += 1
         continue
-      self._rows[row] = h
+      for g, row in zip(group, free):
+        self._rows[row] = g
 
-  def _prefill(self, h: Handle, row: int) -> None:
-    mode, batch = h.request.get("video_mode", "clip"), h.batch
-    self.shapes.add(("prefill", mode) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
-    s = h.sampling
-    key = jax.random.key_data(jax.random.key(s.seed))
-    length = min(self.max_positions, gen.bucket(h.positions))   # the row's slots its prompt fills
+  def _pop_alike(self, h: Handle, n: int) -> list[Handle]:
+    """Up to n queued requests (in order, not cancelled) of h's prefill shape, taken off the queue."""
+    if n < 1 or self._prefill_alone:
+      self._prefill_alone = max(self._prefill_alone - 1, 0)
+      return []
+    with self._cv:
+      alike = [q for q in self._queue if q.shape == h.shape and not q.cancelled][:n]
+      for q in alike:
+        self._queue.remove(q)
+    return alike
+
+  def _prefill(self, group: list[Handle], rows: list[int]) -> None:
+    """Prefills the requests of one shape into their rows, in one dispatch."""
+    h = group[0]
+    mode, k = h.request.get("video_mode", "clip"), len(group)
+    batch = h.batch if k == 1 else {n: np.concatenate([g.batch[n] for g in group]) for n in h.batch}
+    self.shapes.add(("prefill", k) + h.shape)
+    keys = np.stack([g.key_data for g in group])
+    temps = np.asarray([g.sampling.temperature for g in group], np.float32)
+    top_ps = np.asarray([g.sampling.top_p for g in group], np.float32)
+    length = min(self.max_positions, gen.bucket(h.positions))   # the rows' slots their prompts fill
     with self._memory("the engine's prefill"):
-      self._state, n = self._admit_jit(self._models[mode], self.m.params, self._state, batch, jnp.int32(row), key,
-                                       jnp.float32(s.temperature), jnp.float32(s.top_p), length)
-    h.prompt_tokens, h.slot = n, row   # a device scalar, read when the request ends: no wait here
-    h.started, h.start_step = time.monotonic(), self.steps
+      self._state, n = self._admit_jit(self._models[mode], self.m.params, self._state, batch,
+                                       np.asarray(rows, np.int32), keys, temps, top_ps, length)
+    now = time.monotonic()
+    for i, (g, row) in enumerate(zip(group, rows)):
+      g.prompt_tokens, g.slot = (n, i), row   # a device array, read when the request ends: no wait here
+      g.started, g.start_step = now, self.steps
 
   # --- chunked prefill --------------------------------------------------------------
   def _prefill_chunks(self) -> None:
@@ -628,7 +682,7 @@ class Engine:
     row = self._rows.index(None)
     self.shapes.add(("install", self._stage_len, self.max_positions))
     key = jax.random.key_data(jax.random.key(s.seed))
-    h.prompt_tokens = f.stage["pos"][0]   # read when the request ends
+    h.prompt_tokens = (f.stage["pos"], 0)   # read when the request ends
     self._state = _install_jit(self._state, f.stage, jnp.int32(row), key, jnp.float32(s.temperature),
                                jnp.float32(s.top_p), self.max_positions)
     self._filling = None
@@ -712,7 +766,8 @@ class Engine:
   def _completion(self, h: Handle, reason: str) -> Completion:
     with self.tokenizer_lock:
       ans = self.m.answer(h.ids, h.sampling.stop)
-    return Completion(ans.text, ans.token_ids, reason, int(h.prompt_tokens), len(h.ids))
+    n, i = h.prompt_tokens
+    return Completion(ans.text, ans.token_ids, reason, int(np.asarray(n)[i]) if np.ndim(n) else int(n), len(h.ids))
 
   def _end(self, row: int, reason: str) -> None:
     h = self._rows[row]

@@ -2,7 +2,9 @@
 positions per dispatch while another request decodes gets exactly its one-at-a-time
 greedy tokens, and so does the decoding one; the running request receives tokens
 between the long prompt's chunks (the engine's step counters); chunk shapes are
-powers of two up to C (a bounded number of compiles)."""
+powers of two up to C (a bounded number of compiles). Batched prefill
+(`Engine(prefill_batch=K)`): queued requests of one shape prefill together, each with its
+tokens alone."""
 
 import pytest
 
@@ -123,3 +125,36 @@ def test_a_row_that_outgrows_its_decode_span_moves_to_the_next(model, reqs, monk
   assert got.token_ids == want.token_ids
   assert eng.positions(short) + len(want.token_ids) > 64   # the answer outgrew the first span
   assert eng.spans == [64, 128] and spans[0] == 64 and spans[-1] == 128 and spans == sorted(spans)
+
+
+def test_queued_requests_of_one_shape_are_prefilled_together_with_their_own_tokens(model, clip28):
+  """Seven requests queued at once (the engine's lock held while they are submitted):
+  five of one prefill shape (a clip, questions in one text bucket; greedy and sampled,
+  other budgets) and two text-only ones. The five go in a batch of 4 and one alone (a
+  power of two), the two in a batch of 2; every request gets `Model.generate`'s tokens
+  alone, with its own sampling."""
+  media = model.media(video=clip28)
+  asks = [("What is this?", media, dict()), ("Describe it.", media, dict(temperature=0.9, top_p=0.8, seed=3)),
+          ("Describe this.", media, dict()), ("What is this?", media, dict(temperature=0.7, top_p=1.0, seed=1)),
+          ("Describe it.", media, dict()), ("What is this?", None, dict()),
+          ("Describe it.", None, dict(temperature=0.9, top_p=0.7, seed=2))]
+  budgets = [NEW, 6, 9, NEW, 3, NEW, 7]
+  reqs = [model.request(q, m) for q, m, _ in asks]
+  want = [model.generate([r], max_new_tokens=n, **kw)[0].token_ids for r, (_, _, kw), n in zip(reqs, asks, budgets)]
+  eng = engine_lib.Engine(model, slots=8, max_positions=128, decode_chunk=DECODE, prefill_batch=8)
+  try:
+    shapes = [eng.batch(r) for r in reqs]
+    key = lambda b: tuple((k, v.shape) for k, v in sorted(b.items()))   # noqa: E731
+    assert len({key(b) for b in shapes[:5]}) == 1 and len({key(b) for b in shapes}) == 2   # two shapes
+    with eng._cv:   # the engine's thread waits for the lock: it finds all seven queued
+      hs = [eng.submit(r, engine_lib.Sampling(max_tokens=n, **kw)) for r, (_, _, kw), n in zip(reqs, asks, budgets)]
+    assert [h.result(120).token_ids for h in hs] == want
+  finally:
+    eng.close()
+  prefills = sorted(k[1] for k in eng.shapes if k[0] == "prefill")
+  assert prefills == [1, 2, 4]
+  assert [h.slot for h in hs[:4]] == [0, 1, 2, 3] and len({h.started for h in hs[:4]}) == 1   # one dispatch
+  # each row's prompt count is its own: its text, less the image placeholder, and 2 tokens a frame
+  n_frames = media.num_frames
+  assert [h.result().prompt_tokens for h in hs] == [
+      len(r["input_ids"]) + (model.cfg.tokens_per_frame * n_frames - 1 if m else 0) for r, (_, m, _) in zip(reqs, asks)]

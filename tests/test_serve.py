@@ -239,8 +239,9 @@ def test_concurrent_requests_get_their_one_at_a_time_tokens_and_compile_once(cli
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert eng.compiles == compiles and not events
-  clip = [k for k in eng.shapes if k[:2] == ("prefill", "clip")]
+  clip = [k for k in eng.shapes if k[0] == "prefill" and k[2] == "clip"]
   assert len(clip) == 4 and ("decode", SLOTS, POSITIONS, 4, POSITIONS) in eng.shapes   # a prefill per (text, frame) bucket
+  assert {k[1] for k in clip} == {1}   # one request a prefill (prefill_batch 1, the default)
 
 
 @pytest.mark.slow
