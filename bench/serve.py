@@ -47,7 +47,8 @@ all decode of 32 slots for one request), so the ratio fell: it is a ratio to a b
 that itself got faster. Where answers are a token or two (the trained demo model, the
 slice's budgets), the work under load is mostly prefill and the server's own Python;
 `--prefill-batch 8` (same-shaped queued requests prefilled together) gave 4.45-5.08x
-against 3.94x in single A/B runs, within the spread of this shared box. With the clients
+against 3.94x for 1 on the trained model, in single runs before the argmax change: within
+the spread of this shared box. With the clients
 in the server's process (before), the tiny model's 32 clients gave 4.20x.
 """
 
