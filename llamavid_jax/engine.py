@@ -406,6 +406,9 @@ class Engine:
     self._stage_len = -(-max_positions // prefill_chunk) * prefill_chunk if prefill_chunk else 0
     self._filling: _Filling | None = None   # the request being prefilled chunk by chunk
     self._prefill_alone = 0   # after a group's prefill failed: its requests are prefilled one at a time
+    self._state_spec = None   # the state's abstract shapes, once started
+    self._compile_lock = threading.Lock()
+    self._compiled: set = set()   # prefill shapes compiled by a submitting thread
     self._state = self._init_state()
     self._rows: list[Handle | None] = [None] * slots
     self._queue: collections.deque[Handle] = collections.deque()
@@ -457,7 +460,31 @@ class Engine:
     then starts the step loop."""
     for span in self.spans:
       self._run_decode(span)
+    # the state's shapes never change (nor its placement: never put anywhere, as a call
+    # without shardings sees it): what `_compile_prefill` lowers against
+    self._state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._state)
     self._thread.start()
+
+  def _compile_prefill(self, shape: tuple, batch: dict, positions: int) -> None:
+    """Compiles a new shape's one-request prefill in the submitting thread (the engine's
+    thread then finds it compiled): XLA:CPU compiles on the engine's thread aborted the
+    process now and then in the test suite (in compiling and in writing the persistent
+    compile cache), never on a caller's thread. A group's prefill (prefill_batch > 1) and
+    a chunked prefill still compile on the engine's thread."""
+    if self.prefill_chunk or self._state_spec is None:
+      return
+    key = ("prefill", 1) + shape
+    with self._compile_lock:
+      if key in self._compiled:
+        return
+      length = min(self.max_positions, gen.bucket(positions))
+      one = lambda dtype, *dims: jax.ShapeDtypeStruct((1,) + dims, dtype)   # noqa: E731
+      try:
+        self._admit_jit.lower(self._models[shape[0]], self.m.params, self._state_spec, batch, one(np.int32),
+                              one(np.uint32, 2), one(np.float32), one(np.float32), length).compile()
+      except Exception:   # noqa: BLE001  the engine's own prefill meets the same error and gives it to the request
+        return
+      self._compiled.add(key)
 
   def close(self, timeout: float = 30.0) -> None:
     """Stops the loop; requests still queued or running end with EngineStopped."""
@@ -510,6 +537,7 @@ class Engine:
     n = self.check(request, sampling.max_tokens, batch)
     shape = (request.get("video_mode", "clip"),) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
     key_data = np.asarray(jax.random.key_data(jax.random.key(sampling.seed)))
+    self._compile_prefill(shape, batch, n)   # here, not on the engine's thread (see there)
     with self._cv:
       if self._stop or not self.alive:
         raise EngineStopped("the engine is not running" + (f": {self.error!r}" if self.error else ""))
