@@ -127,6 +127,7 @@ def test_a_row_that_outgrows_its_decode_span_moves_to_the_next(model, reqs, monk
   assert eng.spans == [64, 128] and spans[0] == 64 and spans[-1] == 128 and spans == sorted(spans)
 
 
+@pytest.mark.slow   # seven references and three prefill group compiles
 def test_queued_requests_of_one_shape_are_prefilled_together_with_their_own_tokens(model, clip28):
   """Seven requests queued at once (the engine's lock held while they are submitted):
   five of one prefill shape (a clip, questions in one text bucket; greedy and sampled,
