@@ -27,15 +27,19 @@ requests of one prefill shape (the same mode and buckets: the same arrays' shape
 prefilled together, as a batch of k rows in one dispatch, k the power of two (at most
 `prefill_batch` and the free slots) that the waiting ones of that shape fill; a row's
 cache, logits and tokens are those of its prefill alone (a chunked prefill, below,
-takes one request at a time). Each group size of a shape compiles the first time a load
-forms it, which stalls every stream for that compile: on the 2-core CPU its gain on short
-answers was within the run-to-run spread (bench/serve.py --prefill-batch).
+takes one request at a time). Every group size of a shape compiles when the first
+request of that shape is submitted (below): on the 2-core CPU the gain on short answers
+was within the run-to-run spread (bench/serve.py --prefill-batch).
 
 Compiles are bounded: the decode step compiles once per span (below); a prefill (a chunked prefill's
 embedding) compiles once per (video_mode, media kind, text bucket, frame bucket,
 Q-Former bucket, rows k: 1, 2, 4, .. up to prefill_batch), the buckets being
 `generate.batch_requests`'s (powers of two unless given), all capped by
-`max_positions`. `compiles` counts the distinct shapes run so far (`shapes`).
+`max_positions`. `compiles` counts the distinct shapes run so far (`shapes`). The
+engine's thread only runs compiled programs: the decode steps compile at start, and the
+thread that submits a request of a new shape compiles, ahead of time, all its prefill
+will run (`_compile_ahead`) before it is queued; that request waits for it, the running
+streams do not.
 
 Chunked prefill (`prefill_chunk` C > 0): a request's prompt is first embedded (ViT /
 Q-Former / token generator and the splice, one dispatch) into a stage of its own, then
@@ -334,6 +338,11 @@ def _install(st, stage, row, key_data, temperature, top_p, max_len: int):
   return _write_row(st, row, stage["logits"][0], c, key_data, temperature, top_p)
 
 
+def _group_sizes(n: int) -> list[int]:
+  """The prefill group sizes an engine of prefill_batch n forms: the powers of two up to n."""
+  return [1 << i for i in range(n.bit_length())]
+
+
 def decode_spans(max_positions: int) -> list[int]:
   """The decode spans of an engine of `max_positions` slots a row: the powers of two from
   MIN_SPAN below it, and itself (one decode compile each)."""
@@ -408,7 +417,7 @@ class Engine:
     self._prefill_alone = 0   # after a group's prefill failed: its requests are prefilled one at a time
     self._state_spec = None   # the state's abstract shapes, once started
     self._compile_lock = threading.Lock()
-    self._compiled: set = set()   # prefill shapes compiled by a submitting thread
+    self._compiled: set = set()   # request shapes whose programs a submitting thread compiled
     self._state = self._init_state()
     self._rows: list[Handle | None] = [None] * slots
     self._queue: collections.deque[Handle] = collections.deque()
@@ -461,30 +470,53 @@ class Engine:
     for span in self.spans:
       self._run_decode(span)
     # the state's shapes never change (nor its placement: never put anywhere, as a call
-    # without shardings sees it): what `_compile_prefill` lowers against
+    # without shardings sees it): what `_compile_ahead` lowers against
     self._state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._state)
     self._thread.start()
 
-  def _compile_prefill(self, shape: tuple, batch: dict, positions: int) -> None:
-    """Compiles a new shape's one-request prefill in the submitting thread (the engine's
-    thread then finds it compiled): XLA:CPU compiles on the engine's thread aborted the
-    process now and then in the test suite (in compiling and in writing the persistent
-    compile cache), never on a caller's thread. A group's prefill (prefill_batch > 1) and
-    a chunked prefill still compile on the engine's thread."""
-    if self.prefill_chunk or self._state_spec is None:
+  def _compile_ahead(self, shape: tuple, batch: dict, positions: int) -> None:
+    """Compiles what a request of a new shape will run, in the submitting thread, so
+    that the engine's thread only runs compiled programs: its prefill (one request, and
+    every group size `_admit_waiting` can form of that shape: the powers of two up to
+    prefill_batch) or, with prefill_chunk, its stage, each chunk size its prompt takes and
+    the install. (XLA:CPU compiles on the engine's thread, beside the caller's own,
+    aborted the process now and then in the test suite, in compiling and in writing the
+    persistent compile cache.) A shape the model refuses is left to the engine, which
+    gives that request its error."""
+    if self._state_spec is None:
       return
-    key = ("prefill", 1) + shape
     with self._compile_lock:
-      if key in self._compiled:
+      if shape in self._compiled:
         return
-      length = min(self.max_positions, gen.bucket(positions))
-      one = lambda dtype, *dims: jax.ShapeDtypeStruct((1,) + dims, dtype)   # noqa: E731
       try:
-        self._admit_jit.lower(self._models[shape[0]], self.m.params, self._state_spec, batch, one(np.int32),
-                              one(np.uint32, 2), one(np.float32), one(np.float32), length).compile()
+        if self.prefill_chunk:
+          self._compile_chunked(shape, batch, positions)
+        else:
+          length = min(self.max_positions, gen.bucket(positions))
+          for k in _group_sizes(min(self.prefill_batch, self.slots)):
+            rows = lambda dtype, *dims: jax.ShapeDtypeStruct((k,) + dims, dtype)   # noqa: B023, E731
+            group = {n: jax.ShapeDtypeStruct((k,) + v.shape[1:], v.dtype) for n, v in batch.items()}
+            self._admit_jit.lower(self._models[shape[0]], self.m.params, self._state_spec, group, rows(np.int32),
+                                  rows(np.uint32, 2), rows(np.float32), rows(np.float32), length).compile()
       except Exception:   # noqa: BLE001  the engine's own prefill meets the same error and gives it to the request
         return
-      self._compiled.add(key)
+      self._compiled.add(shape)
+
+  def _compile_chunked(self, shape: tuple, batch: dict, positions: int) -> None:
+    """A chunked prefill's programs for one shape: its stage, a fill of each chunk size
+    its prompt takes (`_prefill_chunks`'s sizes) and the install into a row."""
+    model, params = self._models[shape[0]], self.m.params
+    _stage_jit.lower(model, params, batch, self._stage_len).compile()
+    stage = jax.eval_shape(lambda p, b: _stage(model, p, b, self._stage_len), params, batch)
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)   # noqa: E731
+    start, sizes = 0, set()
+    while start < positions:
+      sizes.add(min(self.prefill_chunk, gen.bucket(positions - start)))
+      start += min(self.prefill_chunk, gen.bucket(positions - start))
+    for size in sorted(sizes):
+      _fill_jit.lower(self._decode_model, params, stage, scalar(np.int32), size).compile()
+    _install_jit.lower(self._state_spec, stage, scalar(np.int32), jax.ShapeDtypeStruct((2,), np.uint32),
+                       scalar(np.float32), scalar(np.float32), self.max_positions).compile()
 
   def close(self, timeout: float = 30.0) -> None:
     """Stops the loop; requests still queued or running end with EngineStopped."""
@@ -537,7 +569,7 @@ class Engine:
     n = self.check(request, sampling.max_tokens, batch)
     shape = (request.get("video_mode", "clip"),) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
     key_data = np.asarray(jax.random.key_data(jax.random.key(sampling.seed)))
-    self._compile_prefill(shape, batch, n)   # here, not on the engine's thread (see there)
+    self._compile_ahead(shape, batch, n)   # here, not on the engine's thread (see there)
     with self._cv:
       if self._stop or not self.alive:
         raise EngineStopped("the engine is not running" + (f": {self.error!r}" if self.error else ""))

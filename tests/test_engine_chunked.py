@@ -159,3 +159,31 @@ def test_queued_requests_of_one_shape_are_prefilled_together_with_their_own_toke
   n_frames = media.num_frames
   assert [h.result().prompt_tokens for h in hs] == [
       len(r["input_ids"]) + (model.cfg.tokens_per_frame * n_frames - 1 if m else 0) for r, (_, m, _) in zip(reqs, asks)]
+
+
+@pytest.mark.parametrize("kw", [dict(prefill_chunk=C), dict(prefill_batch=2)], ids=["chunked", "batched"])
+def test_the_engines_thread_compiles_nothing(model, reqs, kw):
+  """Everything a request runs (its prefill, every group size of its shape, or its stage,
+  chunks and install) is compiled ahead in the submitting thread: the engine's thread
+  (`llamavid-engine`) meets no compile and no persistent-cache read, and the answers are
+  the one-at-a-time tokens. Two requests of one shape at once form a group of 2."""
+  import threading
+
+  import jax
+
+  from tests.conftest import COMPILE_EVENTS
+  short, long, want = reqs
+  threads = []
+  listen = lambda name, *a, **k: threads.append(threading.current_thread().name) if name in COMPILE_EVENTS else None
+  eng = engine_lib.Engine(model, slots=4, max_positions=128, decode_chunk=DECODE, **kw)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    with eng._cv:   # the engine's thread finds all three queued
+      hs = [eng.submit(r, engine_lib.Sampling(max_tokens=NEW)) for r in (short, short, long)]
+    assert [h.result(120).token_ids for h in hs] == [want[0], want[0], want[1]]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+    eng.close()
+  assert threads and "llamavid-engine" not in threads, threads
+  if "prefill_batch" in kw:
+    assert sorted(k[1] for k in eng.shapes if k[0] == "prefill") == [1, 2]   # the two short ones together
