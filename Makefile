@@ -22,9 +22,10 @@ lint-imports: venv
 	$(BIN)/lint-imports --no-logo
 
 # Two pytest workers (pytest-xdist; the machines have 2 cores), whole files to a worker so that
-# module fixtures are built once; the persistent compile cache (tests/conftest.py) is shared.
+# module fixtures are built once, longest files first (tests/conftest.py's FILE_SECONDS, kept in
+# that order by --no-loadscope-reorder); the persistent compile cache (tests/conftest.py) is shared.
 PYTEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: lint-imports
 	$(PYTEST) tests

@@ -5,6 +5,20 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The tests' programs are tiny and compiled hundreds of times, run a few steps each: XLA:CPU
+# without LLVM's optimisation passes compiles them about a third faster (the tiny train step
+# of tests/test_train_step.py: 23.3 -> 15.6 s). Numerics differ from the default in the last
+# bits only; no test compares against a figure computed under other flags (subprocesses
+# inherit these; those that set their own device count take `xla_flags`).
+# LLAMAVID_TEST_XLA_OPT=1 keeps the default.
+FAST_COMPILE = "" if os.environ.get("LLAMAVID_TEST_XLA_OPT") == "1" else "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {FAST_COMPILE}".strip()
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a test's subprocess with `devices` CPU devices, compiling as this one does."""
+  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}".strip()
 
 # One persistent compilation cache per test session, shared by the subprocesses the tests
 # start (they inherit these variables): the same tiny train step or decode loop, built
@@ -76,3 +90,26 @@ def _train_tiny(root):
   c.data.qformer_tokenizer = data_fixtures.make_bert_tokenizer(str(root / "bert"))
   out = train(c)
   assert out["step"] == c.total_steps and not out["preempted"]
+
+
+# Seconds each slow file took on one pytest-xdist worker (a fresh-clone `make test` on the
+# 2-core machine, 2026-12-07). The Makefile hands whole files to the two workers
+# (`--dist loadfile --no-loadscope-reorder`) in collection order: longest first, so that
+# no worker is left running a long file alone at the end. Files not named take ~10 s or
+# less and follow in their usual order.
+FILE_SECONDS = {
+    "test_train_step": 217, "test_inference_shard": 164, "test_serve": 105, "test_train_resume": 92,
+    "test_ops_attention": 107, "test_eval_chat": 86, "test_generate": 84, "test_models_llamavid": 84,
+    "test_inference_mesh": 80, "test_multihost_elastic": 72, "test_configs": 58, "test_quant": 56,
+    "test_kv_quant": 56, "test_long_context": 50, "test_eval_needle": 46, "test_engine_chunked": 44,
+    "test_checkpoint": 43, "test_eval_web": 37, "test_train_failures": 36, "test_multihost_plan": 31,
+    "test_eval_hardening": 26, "test_eval_run": 24, "test_models_parity": 23, "test_plan_inference": 22,
+    "test_data_pipeline": 22, "test_models_movie": 20, "test_serve_soak": 18, "test_eval_args": 17,
+    "test_inference_dir": 16, "test_eval_choice": 14, "test_data_plan": 13, "test_readme": 13,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  """Longest files first (FILE_SECONDS), each file's tests in their own order."""
+  seconds = lambda item: FILE_SECONDS.get(item.path.stem, 0)   # noqa: E731
+  items[:] = sorted(items, key=lambda item: -seconds(item))   # stable: a file's tests stay in order

@@ -12,6 +12,7 @@ import pytest
 
 from configs import common, demo, image_336_7b, needle, stage1_align_7b, stage2_instruct_7b, stage3_long_video_7b, tiny
 from train.train import ConfigError, check_config, train
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +76,7 @@ def test_documented_train_command_runs_on_generated_demo_data(tmp_path):
   """README: `python -m train.demo --data_only` writes workdir/demo/data, then
   `python -m train.train --config configs/demo.py --config.total_steps=3` trains on it
   (here a small dataset in the same place, made by the same generator arguments)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   data = tmp_path / demo.DATA
   gen = [sys.executable, "-m", "llamavid_jax.data.synthetic", "--out", str(data), *demo.SYNTHETIC_ARGS.split(),

@@ -19,6 +19,7 @@ from llamavid_jax import generate as gen
 from llamavid_jax import inference
 from llamavid_jax.data import IMAGE_TOKEN_INDEX
 from tests.conftest import COMPILE_EVENTS
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Words of the data fixtures' tokenizers. Q1's prompt is 33 ids, the follow-ups' longer:
@@ -141,7 +142,7 @@ def test_the_json_loop_prints_only_json_lines_and_compiles_once(args, model):
 @pytest.mark.slow   # a subprocess
 def test_the_command_reads_a_runs_inference_directory_on_other_devices(tiny_ckpt, args):
   """`python -m eval.chat` (one device) on WORKDIR/inference that the run saved from 8."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   cmd = [sys.executable, "-m", "eval.chat", *args, "--question", Q1, "--json", *GREEDY]
   cmd[cmd.index("--ckpt") + 1] = os.path.join(tiny_ckpt, "inference")
@@ -208,7 +209,7 @@ TRAIN_OVERRIDES = ("total_steps=200 batch_size=16 accum_steps=1 optim.lr=8e-3 mo
 
 @pytest.mark.slow
 def test_a_model_trained_on_synthetic_clips_answers_held_out_clips_through_eval_chat(tmp_path, monkeypatch):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   data, wd = tmp_path / "data", tmp_path / "wd"
   subprocess.run([sys.executable, "-m", "llamavid_jax.data.synthetic", "--out", str(data), "--workers", "2",

@@ -35,6 +35,7 @@ from llamavid_jax import inference, validation
 from llamavid_jax.data import features as ft
 from llamavid_jax.data import subtitles as subs
 from llamavid_jax.data import tokenizer as tok_lib
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = "What is this?"
@@ -155,7 +156,7 @@ def evil_checkpoint(tiny_ckpt, tmp_path):
 def test_an_auto_map_checkpoint_is_refused_even_with_yes_on_stdin(tiny_ckpt, tmp_path, video):
   ckpt, cfg, marker = evil_checkpoint(tiny_ckpt, tmp_path)
   before = digest(ckpt, video)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   p = subprocess.run([sys.executable, "-m", "eval.chat", "--ckpt", str(ckpt), "--video", video],
                      input="y\nWhat shape?\n", env=env, capture_output=True, text=True, timeout=300)

@@ -14,6 +14,7 @@ from PIL import Image
 from eval import needle
 from llamavid_jax.data import synthetic
 from llamavid_jax.data.video import load_video
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +115,7 @@ def test_tiny_model_end_to_end(tmp_path):
   and a compile."""
   from configs import needle as needle_config
   data, wd, ev = str(tmp_path / "data"), str(tmp_path / "wd"), str(tmp_path / "eval")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   synthetic.main(["--out", data, *needle_config.TINY_SYNTHETIC_ARGS.split(), "--workers", "1"])
   run = lambda *cmd: subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=env, capture_output=True, text=True,
                                     timeout=900)

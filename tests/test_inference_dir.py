@@ -17,6 +17,7 @@ from llamavid_jax.checkpoint import orbax_io
 from llamavid_jax.models.config import from_dict
 from tests import data_fixtures
 from train.train import ConfigError, InferenceExportError, export_inference, train
+from tests.conftest import xla_flags
 
 pytestmark = pytest.mark.slow   # a 6-step training run
 
@@ -132,7 +133,7 @@ def test_a_checkpoint_of_8_devices_loads_in_a_1_device_process(run):
   import sys
   code = ("import sys; from llamavid_jax import inference\n"
           "for d in sys.argv[1:]:\n  m = inference.load(d); print(d, len(m.params))\n")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", code, os.path.join(run.workdir, "inference"), run.workdir],
                      env=env, capture_output=True, text=True, timeout=300,
                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -13,6 +13,7 @@ import pytest
 
 from tests import data_fixtures as fx
 from tests import plan_fixtures as pf
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 120
@@ -34,7 +35,7 @@ def _free_port():
 
 def run2(root, data, mode, fault="none"):
   """Both processes' (return code, output, RESULT dict or None); data: one name per process."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, "-m", "tests.plan_worker", str(port), str(i), root, data[i], mode, fault],

@@ -60,7 +60,7 @@ def _on_mesh(mesh, q, k, v):
 def test_blockwise_ring_and_zigzag_equal_dense_attention(impl, n, padded):
   """n blocks (chunked) or n ring shards over `sequence` (contiguous, or zig-zag: the
   inputs, slots and padding permuted once, the output permuted back), against the fp32
-  dense reference: forward <= 1e-5, gradients <= 1e-4; GQA, causal, right padding."""
+  dense reference: forward <= 5e-5, gradients <= 1e-4; GQA, causal, right padding."""
   s = 32
   q, k, v, kv_valid, slots = inputs(s=s)
   kv_valid = kv_valid if padded else None
@@ -82,7 +82,9 @@ def test_blockwise_ring_and_zigzag_equal_dense_attention(impl, n, padded):
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
       got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*_on_mesh(mesh, q, k, v))
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+  # the loss sums 2048 weighted outputs: fp32 sums in another order (unoptimised XLA:CPU, as
+  # the tests compile) differ by up to 1.8e-5
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=5e-5)
   for g, w in zip(got[1], want[1]):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
 
