@@ -1,7 +1,8 @@
 """One process of the elastic resume tests (tests/test_multihost_elastic.py):
   python -m tests.elastic_worker PORT PROCESS_ID NUM_PROCESSES WORKDIR OUT_DIR
 
-Trains configs/demo.py:toy,tiny (6 steps, a checkpoint every 2, all kept) through
+Trains configs/demo.py:toy,tiny (6 steps, a checkpoint every 2, all kept) on a data 2 x
+fsdp 2 mesh (with two processes: data across them, fsdp within each) through
 `train.train.train`, resuming WORKDIR's latest checkpoint if any. Each process appends
 its rows of every batch it takes to OUT_DIR/ids_<NUM_PROCESSES>_<PROCESS_ID>.jsonl
 ({"batch_index", "ids"}: the sample ids); process 0 prints `RESULT {"losses": ...}`."""
@@ -42,6 +43,7 @@ class _Logged:
 def main(port, pid, n, workdir, out):
   c = demo.get_config("toy,tiny")
   c.workdir, c.ckpt.keep, c.ckpt.async_save = workdir, 10, False
+  c.mesh.update(data=2, fsdp=-1)   # parameters over fsdp, within each process of two
   if int(n) > 1:
     c.distributed.update(num_processes=int(n), process_id=int(pid), coordinator=f"localhost:{port}",
                          heartbeat_timeout_s=10, shutdown_timeout_s=10, initialization_timeout_s=120)

@@ -1,6 +1,7 @@
 """Elastic resume: a run saved with 2 processes resumes with 1, and one saved with 1
 resumes with 2 (jax.distributed over gloo, 4 CPU devices in all, the same global
-batch), from the same step on the same global batches (by sample id) to the losses of
+batch and mesh: data 2 x fsdp 2, with 2 processes data across them and the parameters
+split over each one's 2 devices), from the same step on the same global batches (by sample id) to the losses of
 the uninterrupted run. Orbax reshards the arrays; the data position is global
 (train/checkpointing.py)."""
 
@@ -14,12 +15,13 @@ import pytest
 
 from tests.test_multihost_failures import wait_all
 from tests.test_multihost_plan import _free_port
+from tests.conftest import xla_flags
 
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300   # one run: start, compile the tiny model, 6 steps (a loaded 2-core box)
-DEVICES = 4       # in all: 2 processes x 2, or 1 x 4 (the same mesh, data=4)
+DEVICES = 4       # in all: 2 processes x 2, or 1 x 4 (the same mesh, data 2 x fsdp 2)
 
 
 def run(n, workdir, out):
@@ -29,7 +31,7 @@ def run(n, workdir, out):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
              JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // n}",
+             XLA_FLAGS=xla_flags(DEVICES // n),
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, "-m", "tests.elastic_worker", str(port), str(i), str(n), str(workdir),

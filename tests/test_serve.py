@@ -514,15 +514,14 @@ def _served_answer(argv, monkeypatch, content=Q1, budget=NEW) -> tuple[list[int]
   return seen["ids"], eng
 
 
-@pytest.mark.parametrize("mesh", [[], ["--mesh", "data=-1,tensor=2"]], ids=["one-device", "mesh"])
 @pytest.mark.slow
-def test_main_with_quant_int8_answers_with_the_quantized_models_tokens(tiny_ckpt, monkeypatch, mesh):
-  """--quant int8 (and a chunked prefill: the quantized `prefill_step`), also with the
-  quantized model split over a mesh: the tokens of `inference.load(..., quant="int8")` +
-  generate on one device."""
+def test_main_with_quant_int8_answers_with_the_quantized_models_tokens(tiny_ckpt, monkeypatch):
+  """--quant int8 (and a chunked prefill: the quantized `prefill_step`): the tokens of
+  `inference.load(..., quant="int8")` + generate. (A quantized model split over meshes:
+  tests/test_inference_mesh.py; --mesh here: the next test.)"""
   q = inference.load(tiny_ckpt, quant="int8")
   [want] = q.generate([q.request(Q1, None)], max_new_tokens=NEW)
-  ids, eng = _served_answer(["--ckpt", tiny_ckpt, "--quant", "int8", "--prefill-chunk", "16", *mesh], monkeypatch)
+  ids, eng = _served_answer(["--ckpt", tiny_ckpt, "--quant", "int8", "--prefill-chunk", "16"], monkeypatch)
   assert ids == want.token_ids and len(ids) == NEW
   kernel = eng.m.params["llm"]["layers"]["q_proj"]["kernel"].array
   assert eng.m.quant == "int8" and kernel.qvalue.dtype == jax.numpy.int8   # the server's model is quantized
