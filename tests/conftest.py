@@ -88,10 +88,10 @@ def _train_tiny(root):
 
 
 # Seconds each slow file took on one pytest-xdist worker (a fresh-clone `make test` on the
-# 2-core machine, 2026-12-07). The Makefile hands whole files to the two workers
-# (`--dist loadfile --no-loadscope-reorder`) in collection order: longest first, so that
-# no worker is left running a long file alone at the end. Files not named take ~10 s or
-# less and follow in their usual order.
+# 2-core machine, 2026-12-07). The Makefile's two workers take runs of consecutive tests
+# (`--dist load`) in collection order: longest files first, so that the end of the run is
+# short tests both workers share, not one long file on one worker. Files not named take
+# ~10 s or less and follow in their usual order.
 FILE_SECONDS = {
     "test_train_step": 217, "test_inference_shard": 164, "test_serve": 105, "test_train_resume": 92,
     "test_ops_attention": 107, "test_eval_chat": 86, "test_generate": 84, "test_models_llamavid": 84,
