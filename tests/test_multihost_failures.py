@@ -13,7 +13,8 @@ import time
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.test_train_resume import _free_port, launch, metrics
+from tests.test_multihost_plan import _free_port
+from tests.test_train_resume import launch, metrics
 
 # Fault injection over 2 processes x 4 devices, minutes each and sensitive to a loaded
 # machine (the SIGTERM case failed twice in 10 runs on a busy 2-core box): opt-in, as
