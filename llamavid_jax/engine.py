@@ -511,8 +511,9 @@ class Engine:
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)   # noqa: E731
     start, sizes = 0, set()
     while start < positions:
-      sizes.add(min(self.prefill_chunk, gen.bucket(positions - start)))
-      start += min(self.prefill_chunk, gen.bucket(positions - start))
+      size = self._chunk(positions - start)
+      sizes.add(size)
+      start += size
     for size in sorted(sizes):
       _fill_jit.lower(self._decode_model, params, stage, scalar(np.int32), size).compile()
     _install_jit.lower(self._state_spec, stage, scalar(np.int32), jax.ShapeDtypeStruct((2,), np.uint32),
@@ -706,7 +707,7 @@ class Engine:
         h = self._pop_queued()
         if h is None:
           return
-      size = min(self.prefill_chunk, gen.bucket((f.h.positions - f.start) if f else h.positions))
+      size = self._chunk((f.h.positions - f.start) if f else h.positions)
       if size > budget:
         if f is None:   # it starts next turn
           with self._cv:
@@ -722,6 +723,11 @@ class Engine:
         (f.h if f else h)._finish(None, e)
         self.finished["error"] += 1
       budget -= size
+
+  def _chunk(self, left: int) -> int:
+    """The next chunk's size for a prompt with `left` positions still to fill: C, or the
+    power of two that covers what is left."""
+    return min(self.prefill_chunk, gen.bucket(left))
 
   def _begin(self, h: Handle) -> "_Filling":
     """Embeds the request's prompt into a stage (`_stage`) -> it, the one being filled."""
@@ -741,9 +747,8 @@ class Engine:
     h, s = f.h, f.h.sampling
     row = self._rows.index(None)
     self.shapes.add(("install", self._stage_len, self.max_positions))
-    key = jax.random.key_data(jax.random.key(s.seed))
     h.prompt_tokens = (f.stage["pos"], 0)   # read when the request ends
-    self._state = _install_jit(self._state, f.stage, jnp.int32(row), key, jnp.float32(s.temperature),
+    self._state = _install_jit(self._state, f.stage, jnp.int32(row), h.key_data, jnp.float32(s.temperature),
                                jnp.float32(s.top_p), self.max_positions)
     self._filling = None
     h.slot, h.started, h.start_step = row, time.monotonic(), self.steps
