@@ -5,13 +5,16 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-# The tests' programs are tiny and compiled hundreds of times, run a few steps each: XLA:CPU
-# without LLVM's optimisation passes compiles them about a third faster (the tiny train step
-# of tests/test_train_step.py: 23.3 -> 15.6 s). Numerics differ from the default in the last
-# bits only; no test compares against a figure computed under other flags (subprocesses
-# inherit these; those that set their own device count take `xla_flags`).
+# The tests' programs are tiny and compiled hundreds of times, run a few steps each (compiling
+# is about 70% of the suite's time): XLA:CPU compiles them without LLVM's optimisation passes
+# and with its older elementwise-fusion emitters instead of the MLIR ones (the tiny train step
+# of tests/test_train_step.py, built and run 2 steps on fsdp 8: 19.6 s by default, 13.0 s at
+# opt level 0, 9.2 s with the old emitters too, whose losses are bitwise opt level 0's). Numerics differ from the default
+# in the last bits only; no test compares against a figure computed under other flags
+# (subprocesses inherit these; those that set their own device count take `xla_flags`).
 # LLAMAVID_TEST_XLA_OPT=1 keeps the default.
-FAST_COMPILE = "" if os.environ.get("LLAMAVID_TEST_XLA_OPT") == "1" else "--xla_backend_optimization_level=0"
+FAST_COMPILE = ("" if os.environ.get("LLAMAVID_TEST_XLA_OPT") == "1"
+                else "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {FAST_COMPILE}".strip()
 
@@ -93,14 +96,14 @@ def _train_tiny(root):
 # short tests both workers share, not one long file on one worker. Files not named take
 # ~10 s or less and follow in their usual order.
 FILE_SECONDS = {
-    "test_train_step": 217, "test_inference_shard": 164, "test_serve": 105, "test_train_resume": 92,
-    "test_ops_attention": 107, "test_eval_chat": 86, "test_generate": 84, "test_models_llamavid": 84,
-    "test_inference_mesh": 80, "test_multihost_elastic": 72, "test_configs": 58, "test_quant": 56,
-    "test_kv_quant": 56, "test_long_context": 50, "test_eval_needle": 46, "test_engine_chunked": 44,
-    "test_checkpoint": 43, "test_eval_web": 37, "test_train_failures": 36, "test_multihost_plan": 31,
-    "test_eval_hardening": 26, "test_eval_run": 24, "test_models_parity": 23, "test_plan_inference": 22,
-    "test_data_pipeline": 22, "test_models_movie": 20, "test_serve_soak": 18, "test_eval_args": 17,
-    "test_inference_dir": 16, "test_eval_choice": 14, "test_data_plan": 13, "test_readme": 13,
+    "test_train_step": 119, "test_train_resume": 78, "test_inference_shard": 68,
+    "test_eval_chat": 61, "test_multihost_elastic": 59, "test_serve": 51,
+    "test_models_llamavid": 45, "test_generate": 37, "test_configs": 37, "test_inference_mesh": 36,
+    "test_ops_attention": 33, "test_checkpoint": 32, "test_long_context": 32, "test_quant": 31,
+    "test_eval_needle": 29, "test_kv_quant": 27, "test_multihost_plan": 27,
+    "test_engine_chunked": 25, "test_train_failures": 25, "test_eval_web": 22,
+    "test_inference_dir": 14, "test_data_pipeline": 14, "test_serve_soak": 11,
+    "test_models_parity": 11, "test_eval_run": 10,
 }
 
 
