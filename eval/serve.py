@@ -586,7 +586,8 @@ def parser() -> argparse.ArgumentParser:
                       "(0: each prompt in one dispatch)")
   p.add_argument("--prefill-batch", type=int, default=1,
                  help="queued requests of one prompt shape (buckets) prefilled together in one dispatch, at most "
-                      "(unchunked prefill only; every group size of a shape compiles when its first request arrives)")
+                      "(unchunked prefill only; a group size of a shape compiles when that many of its requests first "
+                      "wait at once)")
   p.add_argument("--served-model-name", help="the model id clients name (default: the --ckpt directory's name)")
   return p
 
@@ -622,8 +623,8 @@ def main(argv=None) -> None:
   kv = engine_lib.cache_bytes(m.cfg, a.slots, a.max_positions, a.dtype)
   chunked = f", prompts prefilled {a.prefill_chunk} positions per dispatch" if a.prefill_chunk else ""
   if a.prefill_batch > 1 and not a.prefill_chunk:
-    chunked += (f", up to {a.prefill_batch} queued prompts of one shape prefilled together (every group size "
-                "of a shape compiles when its first request arrives)")
+    chunked += (f", up to {a.prefill_batch} queued prompts of one shape prefilled together (a group size of a "
+                "shape compiles when that many of its requests first wait at once)")
   spans = engine_lib.decode_spans(a.max_positions)
   print(f"eval.serve: {name}: {a.slots} slots x {a.max_positions} positions, KV cache {kv / 2 ** 30:.2f} GiB "
         f"({m.cfg.kv_cache or a.dtype}){chunked}; compiling the decode step for {len(spans)} spans (attention over "

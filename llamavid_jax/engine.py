@@ -27,9 +27,9 @@ requests of one prefill shape (the same mode and buckets: the same arrays' shape
 prefilled together, as a batch of k rows in one dispatch, k the power of two (at most
 `prefill_batch` and the free slots) that the waiting ones of that shape fill; a row's
 cache, logits and tokens are those of its prefill alone (a chunked prefill, below,
-takes one request at a time). Every group size of a shape compiles when the first
-request of that shape is submitted (below): on the 2-core CPU the gain on short answers
-was within the run-to-run spread (bench/serve.py --prefill-batch).
+takes one request at a time). A group size k of a shape compiles when a k-th request of
+that shape waits at once with the others (below), so a lone request compiles one
+prefill, and only a load that can form a group compiles its size.
 
 Compiles are bounded: the decode step compiles once per span (below); a prefill (a chunked prefill's
 embedding) compiles once per (video_mode, media kind, text bucket, frame bucket,
@@ -37,9 +37,10 @@ Q-Former bucket, rows k: 1, 2, 4, .. up to prefill_batch), the buckets being
 `generate.batch_requests`'s (powers of two unless given), all capped by
 `max_positions`. `compiles` counts the distinct shapes run so far (`shapes`). The
 engine's thread only runs compiled programs: the decode steps compile at start, and the
-thread that submits a request of a new shape compiles, ahead of time, all its prefill
-will run (`_compile_ahead`) before it is queued; that request waits for it, the running
-streams do not.
+thread that submits a request compiles, ahead of time, what its prefill can run that is
+not compiled yet (`_compile_ahead`) before it is queued: the prefill of its shape alone,
+and each group size its shape's waiting requests, it among them, could now form. That
+request waits for it; the running streams do not.
 
 Chunked prefill (`prefill_chunk` C > 0): a request's prompt is first embedded (ViT /
 Q-Former / token generator and the splice, one dispatch) into a stage of its own, then
@@ -144,6 +145,7 @@ class Handle:
     self.batch: dict | None = None   # its prefill batch (`Engine.batch`)
     self.shape: tuple = ()           # its prefill's shape (requests of one shape prefill together)
     self.key_data: np.ndarray | None = None   # uint32[2]: its sampling seed's key
+    self.waiting = False             # counted in its engine's `_waiting` (queued, not yet prefilled)
     self.prompt_tokens = (0, 0)   # (array of int, index): its prompt positions, read when it ends
     self.ids: list[int] = []
     self.shown = ""
@@ -417,7 +419,10 @@ class Engine:
     self._prefill_alone = 0   # after a group's prefill failed: its requests are prefilled one at a time
     self._state_spec = None   # the state's abstract shapes, once started
     self._compile_lock = threading.Lock()
-    self._compiled: set = set()   # request shapes whose programs a submitting thread compiled
+    self._compiled: set = set()   # (shape, group size) (chunked: shape) a submitting thread compiled
+    # requests of each prefill shape submitted and not yet prefilled (nor ended): a group
+    # of k can form only once k of them wait, and the k-th compiles its size before it queues
+    self._waiting: collections.Counter = collections.Counter()
     self._state = self._init_state()
     self._rows: list[Handle | None] = [None] * slots
     self._queue: collections.deque[Handle] = collections.deque()
@@ -474,33 +479,35 @@ class Engine:
     self._state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._state)
     self._thread.start()
 
-  def _compile_ahead(self, shape: tuple, batch: dict, positions: int) -> None:
-    """Compiles what a request of a new shape will run, in the submitting thread, so
-    that the engine's thread only runs compiled programs: its prefill (one request, and
-    every group size `_admit_waiting` can form of that shape: the powers of two up to
-    prefill_batch) or, with prefill_chunk, its stage, each chunk size its prompt takes and
-    the install. (XLA:CPU compiles on the engine's thread, beside the caller's own,
-    aborted the process now and then in the test suite, in compiling and in writing the
-    persistent compile cache.) A shape the model refuses is left to the engine, which
-    gives that request its error."""
+  def _compile_ahead(self, shape: tuple, batch: dict, positions: int, waiting: int) -> None:
+    """Compiles, in the submitting thread, what a request of `shape` can run that is not
+    compiled yet, so that the engine's thread only runs compiled programs: its prefill at
+    every group size `_admit_waiting` can form of the `waiting` requests of that shape
+    (it among them; the powers of two up to prefill_batch and the slots), or, with
+    prefill_chunk, its stage, each chunk size its prompt takes and the install. (XLA:CPU
+    compiles on the engine's thread, beside the caller's own, aborted the process now and
+    then in the test suite, in compiling and in writing the persistent compile cache.) A
+    shape the model refuses is left to the engine, which gives that request its error."""
     if self._state_spec is None:
       return
     with self._compile_lock:
-      if shape in self._compiled:
-        return
       try:
         if self.prefill_chunk:
-          self._compile_chunked(shape, batch, positions)
-        else:
-          length = min(self.max_positions, gen.bucket(positions))
-          for k in _group_sizes(min(self.prefill_batch, self.slots)):
-            rows = lambda dtype, *dims: jax.ShapeDtypeStruct((k,) + dims, dtype)   # noqa: B023, E731
-            group = {n: jax.ShapeDtypeStruct((k,) + v.shape[1:], v.dtype) for n, v in batch.items()}
-            self._admit_jit.lower(self._models[shape[0]], self.m.params, self._state_spec, group, rows(np.int32),
-                                  rows(np.uint32, 2), rows(np.float32), rows(np.float32), length).compile()
+          if shape not in self._compiled:
+            self._compile_chunked(shape, batch, positions)
+            self._compiled.add(shape)
+          return
+        length = min(self.max_positions, gen.bucket(positions))
+        for k in _group_sizes(min(self.prefill_batch, self.slots, waiting)):
+          if (shape, k) in self._compiled:
+            continue
+          rows = lambda dtype, *dims: jax.ShapeDtypeStruct((k,) + dims, dtype)   # noqa: B023, E731
+          group = {n: jax.ShapeDtypeStruct((k,) + v.shape[1:], v.dtype) for n, v in batch.items()}
+          self._admit_jit.lower(self._models[shape[0]], self.m.params, self._state_spec, group, rows(np.int32),
+                                rows(np.uint32, 2), rows(np.float32), rows(np.float32), length).compile()
+          self._compiled.add((shape, k))
       except Exception:   # noqa: BLE001  the engine's own prefill meets the same error and gives it to the request
         return
-      self._compiled.add(shape)
 
   def _compile_chunked(self, shape: tuple, batch: dict, positions: int) -> None:
     """A chunked prefill's programs for one shape: its stage, a fill of each chunk size
@@ -570,17 +577,37 @@ class Engine:
     n = self.check(request, sampling.max_tokens, batch)
     shape = (request.get("video_mode", "clip"),) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
     key_data = np.asarray(jax.random.key_data(jax.random.key(sampling.seed)))
-    self._compile_ahead(shape, batch, n)   # here, not on the engine's thread (see there)
     with self._cv:
-      if self._stop or not self.alive:
-        raise EngineStopped("the engine is not running" + (f": {self.error!r}" if self.error else ""))
-      if len(self._queue) >= self.max_queue:
-        raise QueueFull(f"{len(self._queue)} requests are queued (max_queue {self.max_queue})")
-      h = Handle(next(self._ids), request, sampling, n, on_event)
-      h.batch, h.shape, h.key_data = batch, shape, key_data
-      self._queue.append(h)
-      self._cv.notify_all()
+      self._waiting[shape] += 1
+      waiting = self._waiting[shape]
+    queued = False
+    try:
+      self._compile_ahead(shape, batch, n, waiting)   # here, not on the engine's thread (see there)
+      with self._cv:
+        if self._stop or not self.alive:
+          raise EngineStopped("the engine is not running" + (f": {self.error!r}" if self.error else ""))
+        if len(self._queue) >= self.max_queue:
+          raise QueueFull(f"{len(self._queue)} requests are queued (max_queue {self.max_queue})")
+        h = Handle(next(self._ids), request, sampling, n, on_event)
+        h.batch, h.shape, h.key_data, h.waiting = batch, shape, key_data, True
+        self._queue.append(h)
+        queued = True
+        self._cv.notify_all()
+    finally:
+      if not queued:
+        with self._cv:
+          self._waiting[shape] -= 1
     return h
+
+  def _settle(self, *hs: Handle) -> None:
+    """These requests no longer wait for their prefill (prefilled, or ended in the queue)."""
+    with self._cv:
+      for h in hs:
+        if h.waiting:
+          h.waiting = False
+          self._waiting[h.shape] -= 1
+          if not self._waiting[h.shape]:
+            del self._waiting[h.shape]
 
   # --- the loop ---------------------------------------------------------------------
   def _loop(self) -> None:
@@ -617,6 +644,7 @@ class Engine:
       gone = [h for h in self._queue if h.cancelled]
       for h in gone:
         self._queue.remove(h)
+    self._settle(*gone)
     for h in gone:
       self.finished["cancelled"] += 1
       h._finish(self._completion(h, "cancelled"))
@@ -630,6 +658,7 @@ class Engine:
         h = self._queue.popleft()
       if not h.cancelled:
         return h
+      self._settle(h)
       h._finish(self._completion(h, "cancelled"))
       self.finished["cancelled"] += 1
 
@@ -652,6 +681,7 @@ class Engine:
             self._queue.extendleft(reversed(group))
           self._prefill_alone = len(group)
           continue
+        self._settle(h)
         h._finish(None, e)
         self.finished["error"] += 1
         continue
@@ -682,6 +712,7 @@ class Engine:
     with self._memory("the engine's prefill"):
       self._state, n = self._admit_jit(self._models[mode], self.m.params, self._state, batch,
                                        np.asarray(rows, np.int32), keys, temps, top_ps, length)
+    self._settle(*group)
     now = time.monotonic()
     for i, (g, row) in enumerate(zip(group, rows)):
       g.prompt_tokens, g.slot = (n, i), row   # a device array, read when the request ends: no wait here
@@ -720,6 +751,7 @@ class Engine:
           self._install(f)
       except Exception as e:   # this request's failure (a shape the model refuses): it alone ends
         self._filling = None
+        self._settle(f.h if f else h)
         (f.h if f else h)._finish(None, e)
         self.finished["error"] += 1
       budget -= size
@@ -732,6 +764,7 @@ class Engine:
   def _begin(self, h: Handle) -> "_Filling":
     """Embeds the request's prompt into a stage (`_stage`) -> it, the one being filled."""
     mode, batch = h.request.get("video_mode", "clip"), h.batch
+    self._settle(h)
     self.shapes.add(("stage", mode, self._stage_len) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
     self._filling = _Filling(h, _stage_jit(self._models[mode], self.m.params, batch, self._stage_len))
     return self._filling

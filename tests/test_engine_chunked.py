@@ -127,7 +127,7 @@ def test_a_row_that_outgrows_its_decode_span_moves_to_the_next(model, reqs, monk
   assert eng.spans == [64, 128] and spans[0] == 64 and spans[-1] == 128 and spans == sorted(spans)
 
 
-@pytest.mark.slow   # seven references and three prefill group compiles
+@pytest.mark.slow   # seven references and five prefill group compiles
 def test_queued_requests_of_one_shape_are_prefilled_together_with_their_own_tokens(model, clip28):
   """Seven requests queued at once (the engine's lock held while they are submitted):
   five of one prefill shape (a clip, questions in one text bucket; greedy and sampled,
@@ -154,6 +154,9 @@ def test_queued_requests_of_one_shape_are_prefilled_together_with_their_own_toke
     eng.close()
   prefills = sorted(k[1] for k in eng.shapes if k[0] == "prefill")
   assert prefills == [1, 2, 4]
+  # compiled ahead: the group sizes each shape's waiting requests could form (5: 1, 2, 4;
+  # 2: 1, 2), not every size up to prefill_batch 8
+  assert sorted(k for _, k in eng._compiled) == [1, 1, 2, 2, 4]
   assert [h.slot for h in hs[:4]] == [0, 1, 2, 3] and len({h.started for h in hs[:4]}) == 1   # one dispatch
   # each row's prompt count is its own: its text, less the image placeholder, and 2 tokens a frame
   n_frames = media.num_frames
