@@ -1,8 +1,8 @@
 """Serving throughput: `eval.serve` on 127.0.0.1 driven by the `openai` client.
 
-  python bench/serve.py [--ckpt DIR] [--levels 1,8,32] [--requests 64] [--max-tokens 32]
-      [--slots 32] [--dtype float32] [--prefill-batch 1] [--slice-requests 32] [--slice-max-tokens 4] [--slice-slots 8]
-      [--models tiny,7b-slice]
+  python bench/serve.py [--ckpt DIR] [--levels 1,8,32] [--requests 256] [--max-tokens 32]
+      [--slots 32] [--dtype float32] [--prefill-batch 1] [--decode-chunk 4] [--slice-requests 32]
+      [--slice-max-tokens 4] [--slice-slots 8] [--models tiny,7b-slice]
 
 Without --ckpt the models are the demo's tiny one (configs/tiny.py) and then a 7B-shaped
 2-layer slice (its LLM bench/generate.py's SLICE_7B: d_model 4096, 32 heads, mlp 11008,
@@ -21,10 +21,32 @@ level of concurrent clients, streaming. Printed per level:
 - slot use: mean slots in use per decode step, as a fraction of --slots;
 - x one-at-a-time: tokens/s over the 1-client level's (the same requests one at a time);
 - compiles: shapes compiled during the level (0: the warm-up compiled them all).
-Every shape is compiled by a warm-up pass of every level first (the compiles column
-shows any that a level still met); the figures are of one run (the dev CPU
-is shared: expect them to swing). The clients run in a process of their own (as on
-another machine), the server and its engine in this one.
+Warm-up passes of every level come first, until one compiles nothing (at most 3: a
+prefill group size compiles when a load first forms it); the compiles column shows any
+that a level still met. The figures are of one run (the dev CPU is shared: expect them to
+swing). The clients run in a process of their own (as on another machine), the server and
+its engine in this one, with eval.serve's thread switch interval (`serve.SWITCH_INTERVAL_S`).
+
+Measured 2026-12-07 (stop 32) on the 2-core dev CPU, 256 requests a level, greedy, streaming:
+
+  model, prefill batch                 clients  tokens/s  TTFT p50  lat p50  slot use  x one-at-a-time
+  tiny, random (to its budgets), 1        1       836.0    0.006s   0.030s    0.03        1.00
+                                          8      2850.5    0.012s   0.066s    0.18        3.41
+                                         32      3607.6    0.044s   0.199s    0.47        4.32
+  tiny, random, 8                        32      3381.4    0.047s   0.216s    0.53        4.52
+  make demo's trained model, 1            1        72.5    0.025s   0.032s    0.03        1.00
+    (1-2 token answers)                   8       209.5    0.062s   0.085s    0.12        2.89
+                                         32       336.3    0.115s   0.209s    0.46        4.64
+  make demo's trained model, 8           32       365.7    0.113s   0.188s    0.46        5.24
+    the same again (--levels 1,32)       32       255.6    0.131s   0.214s    0.46        3.69
+
+At 32 clients the server process is at ~107% CPU and the clients' at ~53% (top): its
+Python (media decoding, tokenizing, SSE, the engine's dispatches; one GIL) is what bounds
+the level, and it is also most of the one-client latency, so the ratio moves little with
+what makes both faster (decode chunk 8, tiny model, prefill batch 8: 944 / 3774 tokens/s,
+4.00x).
+
+Earlier (stop 31), 64 requests a level, default switch interval:
 
 Measured 2026-12-07 on the 2-core dev CPU (load 1.7-2.6), greedy, streaming, prefill batch 1:
 
@@ -159,7 +181,7 @@ def bench(m: inference.Model, label: str, a, n_requests: int, max_tokens: int, l
           slots: int) -> None:
   """One model: the server, a warm-up, then the table (module doc)."""
   eng = engine_lib.Engine(m, slots=slots, max_positions=a.max_positions, max_queue=max(levels) + n_requests,
-                          prefill_batch=a.prefill_batch)
+                          prefill_batch=a.prefill_batch, decode_chunk=a.decode_chunk)
   running = serve.Running(serve.make_app(eng, "bench", serve.Limits(max_tokens=max_tokens)))
   # the clients in a process of their own, as on another machine: 32 client threads in the
   # server's interpreter would share its GIL, and the figure would be theirs as much as the server's
@@ -168,8 +190,12 @@ def bench(m: inference.Model, label: str, a, n_requests: int, max_tokens: int, l
   reqs = requests(n_requests, max_tokens)
   try:
     t0 = time.perf_counter()
-    for c in levels:   # every shape alone, and the prefill groups (requests of one shape together) each load forms
-      run(reqs, c)
+    for _ in range(3):   # every shape, and the prefill groups each load forms (a pass that compiles nothing ends it)
+      before = eng.compiles
+      for c in levels:
+        run(reqs, c)
+      if eng.compiles == before:
+        break
     llm = m.cfg.llm
     print(f"{label}: {llm.num_layers}-layer d_model {llm.d_model} vocab {llm.vocab_size} LLM, {a.dtype}, {slots} "
           f"slots x {a.max_positions} positions, prefill batch {a.prefill_batch}, {n_requests} requests of <= "
@@ -202,19 +228,21 @@ def main():
   ap.add_argument("--ckpt", help="a checkpoint directory (default: the tiny model, then the 7B-shaped slice, "
                   "random parameters)")
   ap.add_argument("--levels", default="1,8,32", help="concurrent clients, comma separated")
-  ap.add_argument("--requests", type=int, default=64)
+  ap.add_argument("--requests", type=int, default=256, help="requests a level (enough for a steady state at 32 clients)")
   ap.add_argument("--max-tokens", type=int, default=32)
   ap.add_argument("--slots", type=int, default=32)
   ap.add_argument("--max-positions", type=int, default=256)
   ap.add_argument("--dtype", default="float32", choices=inference.DTYPES)
   ap.add_argument("--prefill-batch", type=int, default=1,
                   help="queued requests of one shape prefilled in one dispatch, at most (the engine's prefill_batch)")
+  ap.add_argument("--decode-chunk", type=int, default=4, help="decode steps per dispatch (eval.serve --decode-chunk)")
   ap.add_argument("--slice-requests", type=int, default=32, help="the 7B-shaped slice's requests")
   ap.add_argument("--slice-max-tokens", type=int, default=4, help="the 7B-shaped slice's largest budget")
   ap.add_argument("--slice-slots", type=int, default=8,
                   help="the 7B-shaped slice's decode slots (every step computes all of them, busy or not)")
   ap.add_argument("--models", default="tiny,7b-slice", help="without --ckpt: tiny, 7b-slice or both")
   a = ap.parse_args()
+  sys.setswitchinterval(serve.SWITCH_INTERVAL_S)   # as eval.serve's main sets it
   levels = [int(x) for x in a.levels.split(",")]
   if a.ckpt:
     bench(inference.load(a.ckpt, dtype=a.dtype), a.ckpt, a, a.requests, a.max_tokens, levels, a.slots)

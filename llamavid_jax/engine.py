@@ -490,6 +490,9 @@ class Engine:
     shape the model refuses is left to the engine, which gives that request its error."""
     if self._state_spec is None:
       return
+    sizes = _group_sizes(min(self.prefill_batch, self.slots, waiting))
+    if (shape in self._compiled if self.prefill_chunk else all((shape, k) in self._compiled for k in sizes)):
+      return   # compiled: no wait behind another shape's compile
     with self._compile_lock:
       try:
         if self.prefill_chunk:
@@ -498,7 +501,7 @@ class Engine:
             self._compiled.add(shape)
           return
         length = min(self.max_positions, gen.bucket(positions))
-        for k in _group_sizes(min(self.prefill_batch, self.slots, waiting)):
+        for k in sizes:
           if (shape, k) in self._compiled:
             continue
           rows = lambda dtype, *dims: jax.ShapeDtypeStruct((k,) + dims, dtype)   # noqa: B023, E731

@@ -169,7 +169,8 @@ def test_the_engines_thread_compiles_nothing(model, reqs, kw):
   """Everything a request runs (its prefill, every group size of its shape, or its stage,
   chunks and install) is compiled ahead in the submitting thread: the engine's thread
   (`llamavid-engine`) meets no compile and no persistent-cache read, and the answers are
-  the one-at-a-time tokens. Two requests of one shape at once form a group of 2."""
+  the one-at-a-time tokens. Two requests of one shape at once form a group of 2. A later
+  request of a compiled shape is queued while another thread holds the compile lock."""
   import threading
 
   import jax
@@ -184,9 +185,18 @@ def test_the_engines_thread_compiles_nothing(model, reqs, kw):
     with eng._cv:   # the engine's thread finds all three queued
       hs = [eng.submit(r, engine_lib.Sampling(max_tokens=NEW)) for r in (short, short, long)]
     assert [h.result(120).token_ids for h in hs] == [want[0], want[0], want[1]]
+    # a request of a compiled shape does not wait behind another shape's compile (the lock held here)
+    with eng._compile_lock:
+      again = []
+      t = threading.Thread(target=lambda: again.append(eng.submit(short, engine_lib.Sampling(max_tokens=NEW))))
+      t.start()
+      t.join(60)
+      assert again, "a submit of a compiled shape waited for the compile lock"
+    assert again[0].result(120).token_ids == want[0]
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
     eng.close()
   assert threads and "llamavid-engine" not in threads, threads
   if "prefill_batch" in kw:
-    assert sorted(k[1] for k in eng.shapes if k[0] == "prefill") == [1, 2]   # the two short ones together
+    # the two short ones together, the long one alone, the later short one alone
+    assert sorted(k[1] for k in eng.shapes if k[0] == "prefill") == [1, 1, 2]
