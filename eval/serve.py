@@ -635,10 +635,12 @@ def main(argv=None) -> None:
                   max_body=int(a.max_body_mb * 2 ** 20))
   host = f"[{a.host}]" if ":" in a.host else a.host
   print(f"eval.serve: serving {name!r} on http://{host}:{sock.getsockname()[1]}/v1", flush=True)
+  interval = sys.getswitchinterval()
   sys.setswitchinterval(SWITCH_INTERVAL_S)
   try:
     run_server(make_app(eng, name, limits), sock)
   finally:
+    sys.setswitchinterval(interval)   # the caller's again (tests run main in their own process)
     eng.close()
     sock.close()
 

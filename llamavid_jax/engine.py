@@ -768,7 +768,7 @@ class Engine:
     """Embeds the request's prompt into a stage (`_stage`) -> it, the one being filled."""
     mode, batch = h.request.get("video_mode", "clip"), h.batch
     self._settle(h)
-    self.shapes.add(("stage", mode, self._stage_len) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
+    self.shapes.add(("stage", self._stage_len) + h.shape)
     self._filling = _Filling(h, _stage_jit(self._models[mode], self.m.params, batch, self._stage_len))
     return self._filling
 
