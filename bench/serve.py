@@ -39,6 +39,7 @@ Measured 2026-12-07 (stop 32) on the 2-core dev CPU, 256 requests a level, greed
                                          32       336.3    0.115s   0.209s    0.46        4.64
   make demo's trained model, 8           32       365.7    0.113s   0.188s    0.46        5.24
     the same again (--levels 1,32)       32       255.6    0.131s   0.214s    0.46        3.69
+    and a third time (--levels 1,32)     32       373.2    0.115s   0.182s    0.46        5.01
 
 At 32 clients the server process is at ~107% CPU and the clients' at ~53% (top): its
 Python (media decoding, tokenizing, SSE, the engine's dispatches; one GIL) is what bounds
