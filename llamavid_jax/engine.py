@@ -598,19 +598,22 @@ class Engine:
         self._cv.notify_all()
     finally:
       if not queued:
-        with self._cv:
-          self._waiting[shape] -= 1
+        self._unwait(shape)
     return h
+
+  def _unwait(self, shape: tuple) -> None:
+    """One request of `shape` no longer waits for its prefill (`_waiting`)."""
+    with self._cv:
+      self._waiting[shape] -= 1
+      if not self._waiting[shape]:
+        del self._waiting[shape]
 
   def _settle(self, *hs: Handle) -> None:
     """These requests no longer wait for their prefill (prefilled, or ended in the queue)."""
-    with self._cv:
-      for h in hs:
-        if h.waiting:
-          h.waiting = False
-          self._waiting[h.shape] -= 1
-          if not self._waiting[h.shape]:
-            del self._waiting[h.shape]
+    for h in hs:
+      if h.waiting:
+        h.waiting = False
+        self._unwait(h.shape)
 
   # --- the loop ---------------------------------------------------------------------
   def _loop(self) -> None:

@@ -9,9 +9,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # is about 70% of the suite's time): XLA:CPU compiles them without LLVM's optimisation passes
 # and with its older elementwise-fusion emitters instead of the MLIR ones (the tiny train step
 # of tests/test_train_step.py, built and run 2 steps on fsdp 8: 19.6 s by default, 13.0 s at
-# opt level 0, 9.2 s with the old emitters too, whose losses are bitwise opt level 0's). Numerics differ from the default
-# in the last bits only; no test compares against a figure computed under other flags
-# (subprocesses inherit these; those that set their own device count take `xla_flags`).
+# opt level 0, 9.2 s with the old emitters too, whose losses are bitwise opt level 0's).
+# Numerics differ from the default in the last bits only; no test compares against a figure
+# computed under other flags (subprocesses inherit these; those that set their own device
+# count take `xla_flags`).
 # LLAMAVID_TEST_XLA_OPT=1 keeps the default.
 FAST_COMPILE = ("" if os.environ.get("LLAMAVID_TEST_XLA_OPT") == "1"
                 else "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
