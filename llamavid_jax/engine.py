@@ -16,8 +16,9 @@ as `inference.Model.generate` cuts them) and frees the slot of every row that en
 The KV cache is float[layers, slots, max_positions, K, Dh] (with `kv_cache="int8"`:
 int8 plus a float32 scale per slot and head, `llama.cache_spec`); each row keeps its own
 write index, positions and slot mask (`valid`), so rows of different prompt lengths
-and ages decode together: one decode step is `LlamaVid.extend_cache` vmapped over the
-rows (a row is a batch of one). A row samples with its own temperature, top_p and
+and ages decode together: one decode step is `LlamaVid.extend_cache` of all rows, each
+writing at its own index and attending over its own valid slots (a row's logits are
+those of it as a batch of one), with no copy of the cache. A row samples with its own temperature, top_p and
 seed: step i of a request draws with fold_in(key(seed), i), as `generate.generate`
 does for a batch of one, so a request's tokens are those of `Model.generate([req])`
 with the same arguments, greedy or sampled, whatever else runs beside it.
@@ -144,7 +145,6 @@ class Handle:
     self.slot: int | None = None
     self.batch: dict | None = None   # its prefill batch (`Engine.batch`)
     self.shape: tuple = ()           # its prefill's shape (requests of one shape prefill together)
-    self.key_data: np.ndarray | None = None   # uint32[2]: its sampling seed's key
     self.waiting = False             # counted in its engine's `_waiting` (queued, not yet prefilled)
     self.prompt_tokens = (0, 0)   # (array of int, index): its prompt positions, read when it ends
     self.ids: list[int] = []
@@ -228,53 +228,32 @@ def _sample_rows(logits, key_data, steps, temperature, top_p):
                       lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
-def _extend_rows(model: LlamaVid, params, tok, cache):
-  """int32[B] tokens appended to each row of the cache at the row's own index: the
-  model's `extend_cache` on each row as a batch of one -> (float32[B, V], cache)."""
-
-  def one(t, kv, valid, index, pos):
-    c = dict({n: a[:, None] for n, a in kv.items()}, valid=valid[None], index=index, pos=pos[None])
-    logits, c = model.apply({"params": params}, t[None], c, method="extend_cache")   # by name: a quantized model wraps it
-    return logits[0], {n: c[n][:, 0] for n in kv}, c["valid"][0], c["index"], c["pos"][0]
-
-  kv = {n: cache[n] for n in KV_ARRAYS if n in cache}   # [layers, B, T, ...]: rows are axis 1
-  axes = (0, 1, 0, 0, 0)
-  logits, kv, valid, index, pos = jax.vmap(one, in_axes=axes, out_axes=axes)(
-      tok, kv, cache["valid"], cache["index"], cache["pos"])
-  return logits, dict(kv, valid=valid, index=index, pos=pos)
-
-
 def _decode(model, params, st, n: int, eos_id: int, span: int):
   """n decode steps of every row, attending over the cache's first `span` slots (every
   row in use ends below it after the n steps; `Engine._span`) -> (state, int32[B, n]
-  tokens); a row that emitted eos emits eos after it. A free row may write past `span`:
-  its write lands on the span's last slot (clamped), and admission rewrites the row."""
-  full = st["cache"]   # the engine's own state: never split along its length
-  cut = span < full["valid"].shape[1]
-  if cut:
-    st = dict(st, cache=dict(full, valid=full["valid"][:, :span],
-                             **{k: full[k][:, :, :span] for k in KV_ARRAYS if k in full}))
+  tokens); a row that emitted eos emits eos after it. Each row writes at its own slot
+  (`LlamaVid.extend_cache` with int32[B] indices: a row's logits are those of it decoded
+  as a batch of one); a free row's writes past the cache's end are dropped, and
+  admission rewrites the row."""
 
   def step(st, _):
     tok = _sample_rows(st["logits"], st["key"], st["step"], st["temperature"], st["top_p"])
     tok = jnp.where(st["done"], eos_id, tok)
-    logits, cache = _extend_rows(model, params, tok, st["cache"])
+    # by name: a quantized model wraps it
+    logits, cache = model.apply({"params": params}, tok, st["cache"], span, method="extend_cache")
     st = dict(st, logits=logits, cache=cache, done=st["done"] | (tok == eos_id), step=st["step"] + 1)
     return st, tok
 
   st, toks = jax.lax.scan(step, st, None, length=n)
-  if cut:   # written back in place (the state is donated)
-    part = st["cache"]
-    st = dict(st, cache=dict(part, valid=full["valid"].at[:, :span].set(part["valid"]),
-                             **{k: full[k].at[:, :, :span].set(part[k]) for k in KV_ARRAYS if k in full}))
   return st, toks.T
 
 
-def _write_row(st, row, logits, c, key_data, temperature, top_p):
+def _write_row(st, row, logits, c, seed, temperature, top_p):
   """Row `row` of the state <- a prefilled request: float32[V] logits, c a batch-of-one
   cache of the state's first L <= T slots (k, v [layers, 1, L, K, Dh], valid [1, L],
-  index int32[], pos [1]), its sampling; its step count starts at 0. The row's slots
-  past L keep stale keys, masked (not valid) until the row writes them."""
+  index int32[], pos [1]), its sampling (uint32 seed: its key is key(seed), made here,
+  in the compiled program, not by eager ops per request); its step count starts at 0.
+  The row's slots past L keep stale keys, masked (not valid) until the row writes them."""
   cache = st["cache"]
   length = c["valid"].shape[1]
   kv = {n: cache[n].at[:, row, :length].set(c[n][:, 0].astype(cache[n].dtype)) for n in KV_ARRAYS if n in cache}
@@ -282,12 +261,12 @@ def _write_row(st, row, logits, c, key_data, temperature, top_p):
   cache = dict(kv, valid=cache["valid"].at[row].set(valid), index=cache["index"].at[row].set(c["index"]),
                pos=cache["pos"].at[row].set(c["pos"][0]))
   return dict(st, cache=cache, logits=st["logits"].at[row].set(logits), done=st["done"].at[row].set(False),
-              step=st["step"].at[row].set(0), key=st["key"].at[row].set(key_data),
+              step=st["step"].at[row].set(0), key=st["key"].at[row].set(jax.random.key_data(jax.random.key(seed))),
               temperature=st["temperature"].at[row].set(temperature), top_p=st["top_p"].at[row].set(top_p))
 
 
-def _admit(model, params, st, batch, rows, key_data, temperature, top_p, max_len: int):
-  """Prefills k requests of one shape (a batch of k; int32[k] rows, uint32[k, 2] keys,
+def _admit(model, params, st, batch, rows, seeds, temperature, top_p, max_len: int):
+  """Prefills k requests of one shape (a batch of k; int32[k] rows, uint32[k] seeds,
   float32[k] temperature / top_p) into a fresh cache of `max_len` slots (the power of two
   that holds their prompts: their attention reads no more) and writes request i into
   the first `max_len` slots of row rows[i] of the state -> (state, int32[k] their prompt
@@ -297,7 +276,7 @@ def _admit(model, params, st, batch, rows, key_data, temperature, top_p, max_len
   for i in range(logits.shape[0]):
     one = dict({n: c[n][:, i:i + 1] for n in KV_ARRAYS if n in c}, valid=c["valid"][i:i + 1], index=c["index"],
                pos=c["pos"][i:i + 1])
-    st = _write_row(st, rows[i], logits[i], one, key_data[i], temperature[i], top_p[i])
+    st = _write_row(st, rows[i], logits[i], one, seeds[i], temperature[i], top_p[i])
   return st, c["pos"]
 
 
@@ -332,12 +311,18 @@ def _fill(model, params, stage, start, size: int):
   return dict(stage, kv=kv, logits=jnp.where(mine[:, None], logits, stage["logits"]))
 
 
-def _install(st, stage, row, key_data, temperature, top_p, max_len: int):
+def _install(st, stage, row, seed, temperature, top_p, max_len: int):
   """A fully prefilled stage written into row `row` of the state (its first `max_len` slots)."""
   cut = lambda a: a[:, :, :max_len]
   c = dict({n: cut(a) for n, a in stage["kv"].items()}, valid=stage["valid"][:, :max_len],
            index=stage["index"], pos=stage["pos"])
-  return _write_row(st, row, stage["logits"][0], c, key_data, temperature, top_p)
+  return _write_row(st, row, stage["logits"][0], c, seed, temperature, top_p)
+
+
+def _seed32(seed: int) -> np.uint32:
+  """A sampling seed as the uint32 that `jax.random.key` takes it as (with x64 off, a
+  Python int's low 32 bits: key(seed) == key(_seed32(seed)))."""
+  return np.uint32(seed % 2 ** 32)
 
 
 def _group_sizes(n: int) -> list[int]:
@@ -507,7 +492,7 @@ class Engine:
           rows = lambda dtype, *dims: jax.ShapeDtypeStruct((k,) + dims, dtype)   # noqa: B023, E731
           group = {n: jax.ShapeDtypeStruct((k,) + v.shape[1:], v.dtype) for n, v in batch.items()}
           self._admit_jit.lower(self._models[shape[0]], self.m.params, self._state_spec, group, rows(np.int32),
-                                rows(np.uint32, 2), rows(np.float32), rows(np.float32), length).compile()
+                                rows(np.uint32), rows(np.float32), rows(np.float32), length).compile()
           self._compiled.add((shape, k))
       except Exception:   # noqa: BLE001  the engine's own prefill meets the same error and gives it to the request
         return
@@ -526,7 +511,7 @@ class Engine:
       start += size
     for size in sorted(sizes):
       _fill_jit.lower(self._decode_model, params, stage, scalar(np.int32), size).compile()
-    _install_jit.lower(self._state_spec, stage, scalar(np.int32), jax.ShapeDtypeStruct((2,), np.uint32),
+    _install_jit.lower(self._state_spec, stage, scalar(np.int32), scalar(np.uint32),
                        scalar(np.float32), scalar(np.float32), self.max_positions).compile()
 
   def close(self, timeout: float = 30.0) -> None:
@@ -579,7 +564,6 @@ class Engine:
     batch = self.batch(request)   # here, in the caller's thread: the engine's thread only runs the model
     n = self.check(request, sampling.max_tokens, batch)
     shape = (request.get("video_mode", "clip"),) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
-    key_data = np.asarray(jax.random.key_data(jax.random.key(sampling.seed)))
     with self._cv:
       self._waiting[shape] += 1
       waiting = self._waiting[shape]
@@ -592,7 +576,7 @@ class Engine:
         if len(self._queue) >= self.max_queue:
           raise QueueFull(f"{len(self._queue)} requests are queued (max_queue {self.max_queue})")
         h = Handle(next(self._ids), request, sampling, n, on_event)
-        h.batch, h.shape, h.key_data, h.waiting = batch, shape, key_data, True
+        h.batch, h.shape, h.waiting = batch, shape, True
         self._queue.append(h)
         queued = True
         self._cv.notify_all()
@@ -711,13 +695,13 @@ class Engine:
     mode, k = h.request.get("video_mode", "clip"), len(group)
     batch = h.batch if k == 1 else {n: np.concatenate([g.batch[n] for g in group]) for n in h.batch}
     self.shapes.add(("prefill", k) + h.shape)
-    keys = np.stack([g.key_data for g in group])
+    seeds = np.asarray([_seed32(g.sampling.seed) for g in group], np.uint32)
     temps = np.asarray([g.sampling.temperature for g in group], np.float32)
     top_ps = np.asarray([g.sampling.top_p for g in group], np.float32)
     length = min(self.max_positions, gen.bucket(h.positions))   # the rows' slots their prompts fill
     with self._memory("the engine's prefill"):
       self._state, n = self._admit_jit(self._models[mode], self.m.params, self._state, batch,
-                                       np.asarray(rows, np.int32), keys, temps, top_ps, length)
+                                       np.asarray(rows, np.int32), seeds, temps, top_ps, length)
     self._settle(*group)
     now = time.monotonic()
     for i, (g, row) in enumerate(zip(group, rows)):
@@ -787,7 +771,7 @@ class Engine:
     row = self._rows.index(None)
     self.shapes.add(("install", self._stage_len, self.max_positions))
     h.prompt_tokens = (f.stage["pos"], 0)   # read when the request ends
-    self._state = _install_jit(self._state, f.stage, jnp.int32(row), h.key_data, jnp.float32(s.temperature),
+    self._state = _install_jit(self._state, f.stage, jnp.int32(row), _seed32(s.seed), jnp.float32(s.temperature),
                                jnp.float32(s.top_p), self.max_positions)
     self._filling = None
     h.slot, h.started, h.start_step = row, time.monotonic(), self.steps

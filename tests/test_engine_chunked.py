@@ -200,3 +200,28 @@ def test_the_engines_thread_compiles_nothing(model, reqs, kw):
   if "prefill_batch" in kw:
     # the two short ones together, the long one alone, the later short one alone
     assert sorted(k[1] for k in eng.shapes if k[0] == "prefill") == [1, 1, 2]
+
+
+def test_a_decode_step_copies_no_cache(model):
+  """The compiled decode dispatch (every row at its own slot, a span shorter than the
+  cache and the whole cache) writes its rows' new slots in place: no copy or transpose of
+  the size of a whole K or V cache (the layers read their slots as values, and the
+  stack's new keys and values go in with one scatter). The engine before (the cache a
+  scanned input and output of the layer stack, a batch of one vmapped over the rows)
+  copied and transposed it several times a step."""
+  import re
+
+  eng = engine_lib.Engine(model, slots=4, max_positions=128, decode_chunk=DECODE, start=False)
+  k = eng._state["cache"]["k"]
+  assert k.shape[0] >= 2   # a layer's slice is smaller than the cache: what the count tells apart
+  for span in eng.spans:
+    hlo = engine_lib._decode_jit.lower(eng._decode_model, model.params, eng._state, DECODE, eng.eos_id,
+                                       span).compile().as_text()
+    big = []
+    for m in re.finditer(r"(%\S+) = \w+\[([\d,]*)\]\S* (copy|transpose)\(", hlo):
+      n = 1
+      for d in m.group(2).split(",") if m.group(2) else []:
+        n *= int(d)
+      if n >= k.size * span // k.shape[2]:
+        big.append(m.group(0))
+    assert not big, f"span {span}: {big}"

@@ -81,20 +81,51 @@ def dequantize_kv(q: jax.Array, scale: jax.Array) -> jax.Array:
   return q.astype(jnp.float32) * scale[..., None]
 
 
-def write_cache(cache: dict, k: jax.Array, v: jax.Array, index) -> tuple[dict, jax.Array, jax.Array]:
-  """One layer's cache (`cache_spec` without the layers axis) with k, v float[B, S, K, Dh]
-  written at slot `index` -> (the cache, the keys and values attention reads
-  [B, T, K, Dh]): the stored ones, dequantized to float32 for an int8 cache (the new
-  positions too, so prefill and decode see the same keys)."""
-  put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), index, axis=1)
+def put_slots(buf: jax.Array, x: jax.Array, index, axis: int = 1) -> jax.Array:
+  """x written into buf from slot `index` on along `axis` (the rows on the axis before
+  it): index int32[] (every row at one slot; clamped into buf) or int32[B] (each row at
+  its own, as the serving engine's rows: one scatter in place, slots past the end
+  dropped)."""
+  x = x.astype(buf.dtype)
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buf, x, index, axis=axis)
+  rows = jnp.arange(buf.shape[axis - 1])[:, None]                                  # [B, 1]
+  slots = index[:, None] + jnp.arange(x.shape[axis])                               # [B, S]
+  return buf.at[(slice(None),) * (axis - 1) + (rows, slots)].set(x, mode="drop")
+
+
+def new_kv(cache: dict, k: jax.Array, v: jax.Array) -> dict:
+  """k, v float[B, S, K, Dh] of new positions in the cache's stored format (`cache_spec`
+  without the layers and slots: k, v [B, S, K, Dh]; int8 ones with k_scale, v_scale [B, S, K])."""
   if "k_scale" not in cache:
-    cache = {"k": put(cache["k"], k), "v": put(cache["v"], v)}
-    return cache, cache["k"], cache["v"]
-  out = {}
-  for n, x in (("k", k), ("v", v)):
-    q, scale = quantize_kv(x)
-    out[n], out[n + "_scale"] = put(cache[n], q), put(cache[n + "_scale"], scale)
-  return out, dequantize_kv(out["k"], out["k_scale"]), dequantize_kv(out["v"], out["v_scale"])
+    return {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
+  (qk, sk), (qv, sv) = quantize_kv(k), quantize_kv(v)
+  return {"k": qk, "k_scale": sk, "v": qv, "v_scale": sv}
+
+
+def read_cache(cache: dict, layer, new: dict, index, length: int) -> tuple[jax.Array, jax.Array]:
+  """The keys and values layer `layer` attends over, [B, length, K, Dh]: its first
+  `length` stored slots (`cache`, the whole stack's [layers, B, T, ...], read only) with
+  the new positions' (`new_kv`) at slot `index` (`put_slots`), dequantized to float32
+  for an int8 cache (the new positions too, so prefill and decode see the same keys).
+  A value: the stack writes every layer's new positions after its last layer
+  (`Llama.__call__`), so a decode step writes its B slots and copies no cache."""
+  def one(n):
+    mine = jax.lax.dynamic_index_in_dim(cache[n], layer, 0, keepdims=False)[:, :length]   # [B, length, ...]
+    if new[n].shape[1] == 1:   # decode: a select where the slot is the row's own (fuses into the reads)
+      at = jnp.arange(mine.shape[1]) == jnp.reshape(index, (-1, 1))                  # [B or 1, T]
+      return jnp.where(at.reshape(at.shape + (1,) * (mine.ndim - 2)), new[n].astype(mine.dtype), mine)
+    return put_slots(mine, new[n], index)
+  if "k_scale" not in cache:
+    return one("k"), one("v")
+  return dequantize_kv(one("k"), one("k_scale")), dequantize_kv(one("v"), one("v_scale"))
+
+
+def write_cache(cache: dict, new: dict, index) -> dict:
+  """The stack's cache ([layers, B, T, ...]) with every layer's new positions (`new_kv`
+  per layer, [layers, B, S, ...]) written at slot `index` (`put_slots`): one write, in
+  place where the cache is the caller's to give (a decode step's state)."""
+  return {n: put_slots(cache[n], new[n], index, axis=2) for n in cache}
 
 
 class LlamaBlock(nn.Module):
@@ -105,13 +136,14 @@ class LlamaBlock(nn.Module):
   mlp_chunk: int = 0
 
   @nn.compact
-  def __call__(self, x, positions, q_slots, kv_valid, kv_slots, cache, cache_index):
+  def __call__(self, x, positions, q_slots, kv_valid, kv_slots, cache, cache_index, layer):
     """x: float[B, S, D]; positions: int32[B, S] (RoPE); q_slots: int32[B, S] each
     query's slot (causal: it sees key slots <= its own); kv_valid: bool[B, T]; kv_slots:
     int32[B, T] each key's slot, or None for its index (a ring's zig-zag order sets it);
-    cache: None or this layer's cache dict (`cache_spec` without the layers axis: k, v
-    [B, T, K, Dh], int8 ones with k_scale, v_scale [B, T, K]), written at slot
-    `cache_index` (T = S without cache) -> (x, updated cache or None)."""
+    cache: None or the whole stack's KV arrays (`cache_spec`: [layers, B, T', ...]),
+    its first T slots read at int32[] `layer` with this layer's new positions at slot
+    `cache_index` (`read_cache`; T = S without cache) -> (x, this layer's new
+    positions' KV (`new_kv`) or None)."""
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     proj = dict(kw, use_bias=False, std=c.initializer_range)
     x = checkpoint_name(x, LAYER_INPUT)   # what remat_policy "offload_layer_inputs" keeps on the host
@@ -121,8 +153,10 @@ class LlamaBlock(nn.Module):
     v = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), name="v_proj", **proj)(h)
     q = rope(q, positions, c.rope_theta, c.rope_scaling)
     k = rope(k, positions, c.rope_theta, c.rope_scaling)
+    new = None
     if cache is not None:
-      cache, k, v = write_cache(cache, k, v, cache_index)
+      new = new_kv(cache, k, v)
+      k, v = read_cache(cache, layer, new, cache_index, kv_valid.shape[1])
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     y = attention(q, k.astype(self.dtype), v.astype(self.dtype), kv_valid=kv_valid, q_slots=q_slots,
                   kv_slots=kv_slots, impl=self.attention_impl)
@@ -130,7 +164,7 @@ class LlamaBlock(nn.Module):
     h = RMSNorm(c.rms_eps, name="post_attention_norm", **kw)(x)
     x = x + self.mlp(h)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    return x, cache
+    return x, new
 
   def mlp(self, h):
     """SwiGLU: float[B, S, D] -> float[B, S, D]. Longer than `mlp_chunk` positions (per
@@ -170,7 +204,7 @@ class Llama(nn.Module):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     init = nn.initializers.normal(c.initializer_range)
     self.embed_tokens = nn.Embed(c.vocab_size, c.d_model, **kw, embedding_init=partitioned(init, ("vocab", "embed")))
-    self.layers = scan_stack(LlamaBlock, c.num_layers, self.remat_policy, (nn.broadcast,) * 4 + (0, nn.broadcast),
+    self.layers = scan_stack(LlamaBlock, c.num_layers, self.remat_policy, (nn.broadcast,) * 6 + (0,),
                              cfg=c, attention_impl=self.attention_impl, mlp_chunk=self.mlp_chunk, **kw)
     self.norm = RMSNorm(c.rms_eps, **kw)
     if not c.tie_embeddings:
@@ -183,13 +217,15 @@ class Llama(nn.Module):
   def __call__(self, x, positions, q_slots, kv_valid, cache=None, cache_index=0, kv_slots=None):
     """x: float[B, S, D]; positions: int32[B, S]; q_slots: int32[B, S]; kv_valid: bool[B, T];
     kv_slots: int32[B, T] or None (`LlamaBlock`);
-    cache: None or a dict holding the KV arrays of `cache_spec` ([layers, B, T, ...];
-    other entries are ignored) -> (final-normed hidden float[B, S, D], the updated KV
-    arrays or None)."""
+    cache: None or a dict holding the KV arrays of `cache_spec` ([layers, B, T', ...],
+    T' >= T: attention reads the first T slots; other entries are ignored), the new
+    positions written at slot `cache_index` (int32[], or int32[B] each row's own) ->
+    (final-normed hidden float[B, S, D], the updated KV arrays or None)."""
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
     kv = None if cache is None else {n: cache[n] for n in KV_ARRAYS if n in cache}
-    x, kv = self.layers(x, positions, q_slots, kv_valid, kv_slots, kv, cache_index)
-    return self.norm(x), kv
+    layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+    x, new = self.layers(x, positions, q_slots, kv_valid, kv_slots, kv, cache_index, layers)
+    return self.norm(x), (None if kv is None else write_cache(kv, new, cache_index))
 
   def logits(self, h: jax.Array) -> jax.Array:
     """float[B, S, D] -> float32[B, S, V]."""

@@ -37,7 +37,7 @@ from flax import linen as nn
 from llamavid_jax.models.config import LlamaVidConfig
 from llamavid_jax.models.eva_vit import EvaViT
 from llamavid_jax.models.layers import length_shards
-from llamavid_jax.models.llama import Llama
+from llamavid_jax.models.llama import Llama, put_slots
 from llamavid_jax.models.qformer import QFormer
 from llamavid_jax.models.splice import splice_layout
 from llamavid_jax.models.token_gen import TokenGenerator
@@ -304,13 +304,16 @@ class LlamaVid(nn.Module):
     h = jnp.take_along_axis(h, jnp.clip(last - start, 0, c - 1)[:, None, None], 1)   # [B, 1, D]
     return self.llm.logits(h)[:, 0], kv
 
-  def extend_cache(self, token: jax.Array, cache: dict):
-    """token: int32[B] -> (float32[B, V] next-token logits, cache with it appended)."""
+  def extend_cache(self, token: jax.Array, cache: dict, span: int | None = None):
+    """token: int32[B] -> (float32[B, V] next-token logits, cache with it appended at
+    cache["index"]: int32[] the slot of every row, or int32[B] each row's own, as the
+    serving engine's rows of different lengths and ages have them). span: attend over
+    the cache's first `span` slots only (every row's slots in use lie below it; None: all)."""
     b = token.shape[0]
     idx = cache["index"]
-    valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], jnp.ones((b, 1), bool), idx, axis=1)
+    valid = put_slots(cache["valid"], jnp.ones((b, 1), bool), idx)
     x = self.llm.embed(token[:, None])
-    slots = jnp.full((b, 1), idx)
-    h, kv = self.llm(x, cache["pos"][:, None], slots, valid, cache, idx)
+    slots = jnp.broadcast_to(jnp.reshape(idx, (-1, 1)), (b, 1))
+    h, kv = self.llm(x, cache["pos"][:, None], slots, valid[:, :span], cache, idx)
     cache = dict(cache, **kv, valid=valid, index=idx + 1, pos=cache["pos"] + 1)
     return self.llm.logits(h)[:, 0], cache
