@@ -491,22 +491,30 @@ def make_app(engine: engine_lib.Engine, model_name: str, limits: Limits):
     return await _complete(request, handle, events, rid, now, chat)
 
   async def _stream(handle, events, rid, now, chat):
+    """The request's SSE events. Those ready together go out in one write (a decode
+    dispatch yields several tokens, and a short answer ends with them): one send each
+    would cost the server's one event loop a write per event."""
+    out = [_chunk(rid, now, model_name, {"role": "assistant", "content": ""})]
     try:
-      yield _chunk(rid, now, model_name, {"role": "assistant", "content": ""})
       while True:
+        if events.empty():
+          yield "".join(out)
+          out = []
         kind, payload = await events.get()
         if kind == "delta":
-          yield _chunk(rid, now, model_name, {"content": payload})
+          out.append(_chunk(rid, now, model_name, {"content": payload}))
           continue
         if kind == "done":
           extra = {"token_ids": payload.token_ids} if chat.return_token_ids else {}
-          yield _chunk(rid, now, model_name, {}, payload.finish_reason, **extra)
+          out.append(_chunk(rid, now, model_name, {}, payload.finish_reason, **extra))
           if chat.include_usage:
-            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                        "choices": [], "usage": _usage(payload)})
+            out.append(_sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                             "choices": [], "usage": _usage(payload)}))
         else:
-          yield _sse(ApiError(500, f"generation failed: {payload}", None, "internal_error", "server_error").body())
-        yield "data: [DONE]\n\n"
+          out.append(_sse(ApiError(500, f"generation failed: {payload}", None, "internal_error",
+                                   "server_error").body()))
+        out.append("data: [DONE]\n\n")
+        yield "".join(out)
         return
     finally:   # the client went away (or the stream ended): the slot is freed at the next step
       handle.cancel()
