@@ -18,10 +18,11 @@ int8 plus a float32 scale per slot and head, `llama.cache_spec`); each row keeps
 write index, positions and slot mask (`valid`), so rows of different prompt lengths
 and ages decode together: one decode step is `LlamaVid.extend_cache` of all rows, each
 writing at its own index and attending over its own valid slots (a row's logits are
-those of it as a batch of one), with no copy of the cache. A row samples with its own temperature, top_p and
-seed: step i of a request draws with fold_in(key(seed), i), as `generate.generate`
-does for a batch of one, so a request's tokens are those of `Model.generate([req])`
-with the same arguments, greedy or sampled, whatever else runs beside it.
+those of it as a batch of one), with no copy of the cache. A row samples with its own
+temperature, top_p and seed: step i of a request draws with fold_in(key(seed), i), as
+`generate.generate` does for a batch of one, so a request's tokens are those of
+`Model.generate([req])` with the same arguments, greedy or sampled, whatever else runs
+beside it.
 
 Batched prefill (`prefill_batch` > 1; default 1, one request a dispatch): queued
 requests of one prefill shape (the same mode and buckets: the same arrays' shapes) are
