@@ -82,7 +82,6 @@ import numpy as np
 
 from llamavid_jax import generate as gen
 from llamavid_jax import inference, validation
-from llamavid_jax.models import LlamaVid
 from llamavid_jax.models.llama import KV_ARRAYS, cache_spec
 from llamavid_jax.models.splice import batch_spliced_length
 
